@@ -1,0 +1,785 @@
+//! `fieldmq-bench`: throughput and latency of the embedded broker against Mosquitto.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --bin fieldmq-bench -- broker --target both --messages 100000 \
+//!     --publishers 1 --subscribers 1 --qos both
+//! ```
+//!
+//! Each target broker is started here on a free 127.0.0.1 port (fieldmq from
+//! `target/release/fieldmq run -c <temp config>`, Mosquitto from a temp `mosquitto.conf`),
+//! loaded with the same traffic by rumqttc clients in this process, and stopped again.
+//! N publishers each send M/N messages to `bench/<i>`; with as many subscribers as
+//! publishers (N > 1) subscriber i takes `bench/<i>`, otherwise every subscriber takes
+//! `bench/#`. Every payload starts with its send time, so each delivery gives a latency.
+//! Everything is bounded: the run of one row stops at `--timeout` and reports what is missing.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::Barrier;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fieldmq-bench",
+    about = "Benchmarks for fieldmq's embedded MQTT broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Publish/subscribe throughput and latency, fieldmq and/or Mosquitto back to back.
+    Broker(BrokerArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct BrokerArgs {
+    /// Which broker(s) to start and load.
+    #[arg(long, value_enum, default_value_t = TargetArg::Both)]
+    target: TargetArg,
+    /// Messages published per row, in total over all publishers.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 1)]
+    publishers: u32,
+    #[arg(long, default_value_t = 1)]
+    subscribers: u32,
+    /// QoS of publishes and subscriptions.
+    #[arg(long, value_enum, default_value_t = QosArg::Both)]
+    qos: QosArg,
+    /// Payload size in bytes (at least 16: send time and sequence number).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Total publish rate in messages/s, spread over the publishers; 0 = as fast as possible.
+    /// A rate below saturation gives a latency that is not just queueing.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Longest time one row may take, seconds; then what has not arrived counts as missing.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// The fieldmq binary.
+    #[arg(long, default_value = "target/release/fieldmq")]
+    fieldmq_bin: PathBuf,
+    /// The Mosquitto binary.
+    #[arg(long, default_value = "mosquitto")]
+    mosquitto_bin: PathBuf,
+    /// Also run Mosquitto with `persistence true` (temp persistence_location) as its own row.
+    #[arg(long)]
+    mosquitto_persistence: bool,
+    /// Keep the started brokers' logs and configs in this directory instead of a temp dir
+    /// that is removed afterwards.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetArg {
+    Fieldmq,
+    Mosquitto,
+    Both,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum QosArg {
+    #[value(name = "0")]
+    Zero,
+    #[value(name = "1")]
+    One,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Fieldmq,
+    Mosquitto,
+    MosquittoPersist,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Fieldmq => "fieldmq",
+            Target::Mosquitto => "mosquitto",
+            Target::MosquittoPersist => "mosquitto+persist",
+        }
+    }
+}
+
+/// Header in front of every payload: send time (ns since the bench's epoch) and sequence.
+const HEADER: usize = 16;
+/// How long a started broker may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a broker may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the last publish, how long the subscribers may stay silent before the row ends.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cli.command {
+        Cmd::Broker(args) => rt.block_on(run_broker_bench(args)),
+    }
+}
+
+async fn run_broker_bench(args: BrokerArgs) -> Result<()> {
+    if args.payload < HEADER {
+        bail!("--payload must be at least {HEADER} bytes");
+    }
+    if args.publishers == 0 || args.subscribers == 0 {
+        bail!("--publishers and --subscribers must be at least 1");
+    }
+    if args.messages < u64::from(args.publishers) {
+        bail!("--messages must be at least --publishers");
+    }
+    let mut targets = Vec::new();
+    if matches!(args.target, TargetArg::Fieldmq | TargetArg::Both) {
+        targets.push(Target::Fieldmq);
+    }
+    if matches!(args.target, TargetArg::Mosquitto | TargetArg::Both) {
+        targets.push(Target::Mosquitto);
+        if args.mosquitto_persistence {
+            targets.push(Target::MosquittoPersist);
+        }
+    }
+    let qoss: Vec<QoS> = match args.qos {
+        QosArg::Zero => vec![QoS::AtMostOnce],
+        QosArg::One => vec![QoS::AtLeastOnce],
+        QosArg::Both => vec![QoS::AtMostOnce, QoS::AtLeastOnce],
+    };
+
+    let work = WorkDir::new(args.keep_dir.clone())?;
+    let mut rows = Vec::new();
+    for &qos in &qoss {
+        for &target in &targets {
+            let dir = work
+                .path()
+                .join(format!("{}-qos{}", target.name(), qos as u8));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            eprintln!(
+                "== {} qos {} {}x{} {} messages",
+                target.name(),
+                qos as u8,
+                args.publishers,
+                args.subscribers,
+                args.messages
+            );
+            let broker = match BrokerProcess::start(target, &args, &dir) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("   cannot start: {e:#}");
+                    rows.push((target, qos, LoadResult::failed(&args)));
+                    continue;
+                }
+            };
+            let res = run_load(broker.addr, qos, &args).await;
+            let log = broker.log_path.clone();
+            broker.stop();
+            match res {
+                Ok(row) => {
+                    eprintln!(
+                        "   {:.0} msgs/s, {} missing",
+                        row.rate(),
+                        row.expected.saturating_sub(row.received)
+                    );
+                    rows.push((target, qos, row));
+                }
+                Err(e) => {
+                    eprintln!(
+                        "   failed: {e:#} (broker log: {})",
+                        if work.keep {
+                            log.display().to_string()
+                        } else {
+                            tail(&log, 10)
+                        }
+                    );
+                    rows.push((target, qos, LoadResult::failed(&args)));
+                }
+            }
+        }
+    }
+    print!("{}", render(&rows, &args));
+    Ok(())
+}
+
+/// A started broker; stopped (SIGTERM, then SIGKILL) on `stop` or drop.
+struct BrokerProcess {
+    child: Option<Child>,
+    addr: SocketAddr,
+    log_path: PathBuf,
+}
+
+impl BrokerProcess {
+    fn start(target: Target, args: &BrokerArgs, dir: &Path) -> Result<BrokerProcess> {
+        let port = free_port()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let log_path = dir.join("broker.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .context("cannot duplicate the log file handle")?;
+        let mut cmd = match target {
+            Target::Fieldmq => {
+                let data = dir.join("data");
+                std::fs::create_dir_all(&data)
+                    .with_context(|| format!("cannot create {}", data.display()))?;
+                let conf = dir.join("fieldmq.toml");
+                let text = format!(
+                    "[gateway]\nid = \"bench\"\ndata_dir = {data:?}\n\n[broker]\n\
+                     allow_anonymous = true\n\n[[broker.listeners]]\nbind = \"{addr}\"\n",
+                    data = data.display().to_string()
+                );
+                std::fs::write(&conf, text)
+                    .with_context(|| format!("cannot write {}", conf.display()))?;
+                if !args.fieldmq_bin.exists() {
+                    bail!(
+                        "{} not found: run `cargo build --release` or pass --fieldmq-bin",
+                        args.fieldmq_bin.display()
+                    );
+                }
+                let mut c = Command::new(&args.fieldmq_bin);
+                c.arg("run").arg("-c").arg(&conf);
+                c
+            }
+            Target::Mosquitto | Target::MosquittoPersist => {
+                let conf = dir.join("mosquitto.conf");
+                let mut text = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
+                if is_root() {
+                    // Started as root, mosquitto drops to user "mosquitto", which cannot
+                    // write our temp dir.
+                    text.push_str("user root\n");
+                }
+                if target == Target::MosquittoPersist {
+                    let data = dir.join("persist");
+                    std::fs::create_dir_all(&data)
+                        .with_context(|| format!("cannot create {}", data.display()))?;
+                    let _ = writeln!(
+                        text,
+                        "persistence true\npersistence_location {}/",
+                        data.display()
+                    );
+                } else {
+                    text.push_str("persistence false\n");
+                }
+                std::fs::write(&conf, text)
+                    .with_context(|| format!("cannot write {}", conf.display()))?;
+                let mut c = Command::new(&args.mosquitto_bin);
+                c.arg("-c").arg(&conf);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .env("RUST_LOG", "warn");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", target.name()))?;
+        let mut broker = BrokerProcess {
+            child: Some(child),
+            addr,
+            log_path,
+        };
+        broker.wait_ready(target)?;
+        Ok(broker)
+    }
+
+    /// Connect in a loop until the listener accepts, the process exits, or the time is up.
+    fn wait_ready(&mut self, target: Target) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().context("cannot poll the broker")? {
+                    bail!(
+                        "{} exited ({status}) before accepting connections:\n{}",
+                        target.name(),
+                        tail(&self.log_path, 20)
+                    );
+                }
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not accept connections on {} within {:?}:\n{}",
+                    target.name(),
+                    self.addr,
+                    READY_TIMEOUT,
+                    tail(&self.log_path, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Graceful first, so fieldmq can close its SQLite files.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// The directory for configs, logs and broker data: removed on drop unless `--keep-dir`.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn new(keep_dir: Option<PathBuf>) -> Result<WorkDir> {
+        let (path, keep) = match keep_dir {
+            Some(p) => (p, true),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_nanos())
+                    .unwrap_or(0);
+                let name = format!("fieldmq-bench-{}-{nanos}", std::process::id());
+                (std::env::temp_dir().join(name), false)
+            }
+        };
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(WorkDir { path, keep })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
+    Ok(l.local_addr().context("no local address")?.port())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// What one row measured.
+struct LoadResult {
+    published: u64,
+    expected: u64,
+    received: u64,
+    /// From the first publish to the last delivery (or the end of the row).
+    elapsed: Duration,
+    /// Sorted latencies, microseconds.
+    latencies_us: Vec<u64>,
+    failed: bool,
+}
+
+impl LoadResult {
+    fn failed(args: &BrokerArgs) -> LoadResult {
+        LoadResult {
+            published: 0,
+            expected: args.messages * expected_fanout(args),
+            received: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+            failed: true,
+        }
+    }
+
+    /// Deliveries per second.
+    fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.received as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn percentile(&self, p: f64) -> Option<u64> {
+        if self.latencies_us.is_empty() {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.latencies_us.len() as f64).ceil() as usize;
+        let idx = rank.clamp(1, self.latencies_us.len()) - 1;
+        Some(self.latencies_us[idx])
+    }
+}
+
+/// How many subscribers get each message.
+fn expected_fanout(args: &BrokerArgs) -> u64 {
+    if paired(args) {
+        1
+    } else {
+        u64::from(args.subscribers)
+    }
+}
+
+/// N publishers → N subscribers, subscriber i on `bench/<i>`.
+fn paired(args: &BrokerArgs) -> bool {
+    args.publishers > 1 && args.publishers == args.subscribers
+}
+
+fn options(id: String, addr: SocketAddr, args: &BrokerArgs) -> MqttOptions {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_clean_session(true);
+    o.set_max_packet_size(args.payload + 1024, args.payload + 1024);
+    o.set_inflight(100);
+    o
+}
+
+fn new_client(id: String, addr: SocketAddr, args: &BrokerArgs) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options(id, addr, args), 1024);
+    eventloop.network_options.set_tcp_nodelay(true);
+    (client, eventloop)
+}
+
+/// Poll until CONNACK (bounded).
+async fn connect(eventloop: &mut EventLoop, who: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .with_context(|| format!("{who}: no CONNACK within 10 s"))?
+            .with_context(|| format!("{who}: connection failed"))?;
+        if let Event::Incoming(Packet::ConnAck(ack)) = ev {
+            if ack.code != rumqttc::ConnectReturnCode::Success {
+                bail!("{who}: connection refused: {:?}", ack.code);
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn now_ns(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn run_load(addr: SocketAddr, qos: QoS, args: &BrokerArgs) -> Result<LoadResult> {
+    let epoch = Instant::now();
+    let row_deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let per_pub = args.messages / u64::from(args.publishers);
+    let published_total = per_pub * u64::from(args.publishers);
+    let fanout = expected_fanout(args);
+    let per_sub = if paired(args) {
+        per_pub
+    } else {
+        published_total
+    };
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let published_count = Arc::new(AtomicU64::new(0));
+
+    // Subscribers first; each reports ready once its SUBACK is in.
+    let ready = Arc::new(Barrier::new(args.subscribers as usize + 1));
+    let mut subs = Vec::new();
+    for i in 0..args.subscribers {
+        let (client, mut eventloop) = new_client(format!("bench-sub-{i}"), addr, args);
+        let filter = if paired(args) {
+            format!("bench/{i}")
+        } else {
+            "bench/#".to_string()
+        };
+        let ready = ready.clone();
+        let last_rx = last_rx.clone();
+        let published_count = published_count.clone();
+        subs.push(tokio::spawn(async move {
+            let who = format!("subscriber {i}");
+            let mut lat = Vec::with_capacity(usize::try_from(per_sub).unwrap_or(0));
+            let setup = async {
+                connect(&mut eventloop, &who).await?;
+                client.subscribe(filter, qos).await?;
+                loop {
+                    let ev = tokio::time::timeout_at(row_deadline, eventloop.poll())
+                        .await
+                        .with_context(|| format!("{who}: no SUBACK"))??;
+                    if let Event::Incoming(Packet::SubAck(ack)) = ev {
+                        if ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
+                            bail!("{who}: subscription refused");
+                        }
+                        return anyhow::Ok(());
+                    }
+                }
+            };
+            let setup_res = setup.await;
+            ready.wait().await;
+            setup_res?;
+            let mut idle_since = tokio::time::Instant::now();
+            while (lat.len() as u64) < per_sub {
+                // End when the row's time is up, or when publishing has finished and
+                // nothing has arrived for IDLE_TIMEOUT (the rest is lost, not late).
+                let idle_deadline = idle_since + IDLE_TIMEOUT;
+                let pubs_done = published_count.load(Ordering::Acquire) >= published_total;
+                let deadline = if pubs_done {
+                    row_deadline.min(idle_deadline)
+                } else {
+                    // Wake up now and then to notice that publishing has finished.
+                    row_deadline.min(tokio::time::Instant::now() + Duration::from_millis(500))
+                };
+                let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                    Ok(ev) => ev.with_context(|| format!("{who}: connection lost"))?,
+                    Err(_) if tokio::time::Instant::now() >= row_deadline => break,
+                    Err(_) if pubs_done => break,
+                    Err(_) => continue,
+                };
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    let now = now_ns(epoch);
+                    idle_since = tokio::time::Instant::now();
+                    if let Some(ts) = p.payload.get(..8) {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(ts);
+                        let sent = u64::from_be_bytes(b);
+                        lat.push(now.saturating_sub(sent) / 1000);
+                    }
+                    last_rx.fetch_max(now, Ordering::AcqRel);
+                }
+            }
+            let _ = client.try_disconnect();
+            // Flush the DISCONNECT (bounded).
+            let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+            anyhow::Ok(lat)
+        }));
+    }
+    ready.wait().await;
+
+    // Publishers: all connect, then start together.
+    let go = Arc::new(Barrier::new(args.publishers as usize + 1));
+    let mut pubs = Vec::new();
+    for i in 0..args.publishers {
+        let (client, mut eventloop) = new_client(format!("bench-pub-{i}"), addr, args);
+        let go = go.clone();
+        let published_count = published_count.clone();
+        let topic = format!("bench/{i}");
+        let payload_len = args.payload;
+        let rate_per_pub = args.rate as f64 / f64::from(args.publishers);
+        pubs.push(tokio::spawn(async move {
+            let who = format!("publisher {i}");
+            let conn = connect(&mut eventloop, &who).await;
+            go.wait().await;
+            conn?;
+            // Drive the event loop in its own task; count PUBACKs for QoS 1.
+            let acked = Arc::new(AtomicU64::new(0));
+            let acked2 = acked.clone();
+            let driver = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            acked2.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break Ok(()),
+                        Ok(_) => {}
+                        Err(e) => break Err(e),
+                    }
+                }
+            });
+            let start = tokio::time::Instant::now();
+            let mut buf = vec![0u8; payload_len];
+            for seq in 0..per_pub {
+                if rate_per_pub > 0.0 {
+                    let at = start + Duration::from_secs_f64(seq as f64 / rate_per_pub);
+                    if tokio::time::Instant::now() < at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                }
+                if tokio::time::Instant::now() >= row_deadline {
+                    break;
+                }
+                buf[..8].copy_from_slice(&now_ns(epoch).to_be_bytes());
+                buf[8..16].copy_from_slice(&seq.to_be_bytes());
+                client
+                    .publish(topic.clone(), qos, false, buf.clone())
+                    .await
+                    .with_context(|| format!("{who}: publish"))?;
+                published_count.fetch_add(1, Ordering::AcqRel);
+            }
+            if qos == QoS::AtLeastOnce {
+                while acked.load(Ordering::Acquire) < per_pub
+                    && tokio::time::Instant::now() < row_deadline
+                    && !driver.is_finished()
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            anyhow::Ok((client, driver))
+        }));
+    }
+    go.wait().await;
+    let t0 = now_ns(epoch);
+
+    let mut pub_clients = Vec::new();
+    let mut errors = Vec::new();
+    for p in pubs {
+        match p.await.context("publisher task panicked")? {
+            Ok(c) => pub_clients.push(c),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    // Make sure the subscribers stop waiting for messages that were never published.
+    published_count.fetch_max(published_total, Ordering::AcqRel);
+    let published = published_total;
+
+    let mut latencies = Vec::new();
+    let mut received = 0u64;
+    for s in subs {
+        match s.await.context("subscriber task panicked")? {
+            Ok(lat) => {
+                received += lat.len() as u64;
+                latencies.extend(lat);
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    for (client, driver) in pub_clients {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    latencies.sort_unstable();
+    let end = last_rx.load(Ordering::Acquire).max(t0);
+    Ok(LoadResult {
+        published,
+        expected: published_total * fanout,
+        received,
+        elapsed: Duration::from_nanos(end - t0),
+        latencies_us: latencies,
+        failed: false,
+    })
+}
+
+fn fmt_us(v: Option<u64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(us) if us >= 10_000 => format!("{:.0} ms", us as f64 / 1000.0),
+        Some(us) if us >= 1000 => format!("{:.1} ms", us as f64 / 1000.0),
+        Some(us) => format!("{us} µs"),
+    }
+}
+
+fn render(rows: &[(Target, QoS, LoadResult)], args: &BrokerArgs) -> String {
+    let mut out = String::new();
+    let shape = format!("{}x{}", args.publishers, args.subscribers);
+    let _ = writeln!(
+        out,
+        "\n| target | qos | pubs×subs | messages | delivered | missing | msgs/s | p50 | p99 |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for (target, qos, r) in rows {
+        if r.failed {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {shape} | {} | failed | - | - | - | - |",
+                target.name(),
+                *qos as u8,
+                args.messages
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {shape} | {} | {} | {} | {:.0} | {} | {} |",
+            target.name(),
+            *qos as u8,
+            r.published,
+            r.received,
+            r.expected.saturating_sub(r.received),
+            r.rate(),
+            fmt_us(r.percentile(50.0)),
+            fmt_us(r.percentile(99.0)),
+        );
+    }
+    let mut ratios = String::new();
+    for (target, qos, r) in rows {
+        if *target != Target::Fieldmq || r.failed {
+            continue;
+        }
+        let mosq = rows
+            .iter()
+            .find(|(t, q, m)| *t == Target::Mosquitto && q == qos && !m.failed);
+        if let Some((_, _, m)) = mosq {
+            let thr = if m.rate() > 0.0 {
+                format!("{:.2}", r.rate() / m.rate())
+            } else {
+                "-".to_string()
+            };
+            let p99 = match (r.percentile(99.0), m.percentile(99.0)) {
+                (Some(a), Some(b)) if b > 0 => format!("{:.2}", a as f64 / b as f64),
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(ratios, "| {} | {shape} | {thr} | {p99} |", *qos as u8);
+        }
+    }
+    if !ratios.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| qos | pubs×subs | fieldmq/mosquitto msgs/s | fieldmq/mosquitto p99 |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|");
+        out.push_str(&ratios);
+    }
+    out
+}

@@ -1,0 +1,661 @@
+//! One task per client connection: reads packets, answers them, and sends what the
+//! router queued in the client's session, within the client's Receive Maximum.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::auth::PasswordFile;
+use super::protocol::{
+    self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming,
+    Outgoing, PublishIn, PublishOut, ReadError, Version,
+};
+use super::router::{ConnectReply, RouterRequest};
+use super::session::{Inflight, InflightState, Session};
+use super::topic;
+use crate::config::BrokerConfig;
+use crate::model::{Message, Origin, QoS};
+
+/// A client must send CONNECT within this time.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take our bytes within this time is cut off.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Topic aliases a client may use towards us.
+const TOPIC_ALIAS_MAX: u16 = 64;
+
+/// Counters shared by all connections (atomics: no lock on the hot path).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+}
+
+/// What every connection needs to know, fixed at start.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    allow_anonymous: bool,
+    passwords: Option<Arc<PasswordFile>>,
+    max_packet_size: u32,
+    max_inflight: u16,
+    next_connection: AtomicU64,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Settings {
+    pub(crate) fn from_config(
+        config: &BrokerConfig,
+        passwords: Option<Arc<PasswordFile>>,
+        counters: Arc<Counters>,
+    ) -> Settings {
+        Settings {
+            allow_anonymous: config.allow_anonymous,
+            passwords,
+            max_packet_size: config.max_packet_size,
+            max_inflight: config.max_inflight.max(1),
+            next_connection: AtomicU64::new(1),
+            counters,
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Close {
+    /// The client sent DISCONNECT.
+    Clean {
+        session_expiry: Option<u32>,
+        with_will: bool,
+    },
+    /// Anything else: the will is published.
+    Abnormal(String),
+    /// Another connection took the session over.
+    TakenOver,
+    /// The broker is stopping.
+    Shutdown,
+}
+
+/// Serve one client until it disconnects, misbehaves, is taken over or the broker stops.
+pub(crate) async fn serve<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    router: mpsc::Sender<RouterRequest>,
+    shutdown: CancellationToken,
+    over_quota: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let connect = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        read = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut stream, &mut read_buf, &settings)) => read,
+    };
+    let connect = match connect {
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time, closing");
+            return;
+        }
+        Ok(Err(ReadError::UnsupportedProtocol(level))) => {
+            tracing::info!(%peer, level, "refused: unsupported protocol level");
+            let refusal = refusal(ConnackCode::UnsupportedProtocol);
+            let _ = send_now(&mut stream, Version::V311, &refusal).await;
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::info!(%peer, %error, "bad CONNECT, closing");
+            return;
+        }
+        Ok(Ok(connect)) => connect,
+    };
+
+    let mut connect = connect;
+    let mut assigned_client_id = None;
+    if let Err(code) = admit(&mut connect, &settings, over_quota, &mut assigned_client_id) {
+        tracing::info!(%peer, client = %connect.client_id, ?code, "connection refused");
+        let _ = send_now(&mut stream, connect.version, &refusal(code)).await;
+        return;
+    }
+
+    let connection_id = settings.next_connection.fetch_add(1, Ordering::Relaxed);
+    let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
+    let takeover = CancellationToken::new();
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let registered = router
+        .send(RouterRequest::Connect {
+            client_id: client_id.clone(),
+            connection: connection_id,
+            clean_start: connect.clean_start,
+            session_expiry: connect.session_expiry,
+            takeover: takeover.clone(),
+            reply: reply_tx,
+        })
+        .await;
+    let Ok(ConnectReply {
+        session,
+        session_present,
+    }) = (match registered {
+        Ok(()) => reply_rx.await.map_err(|_| ()),
+        Err(_) => Err(()),
+    })
+    else {
+        let _ = send_now(&mut stream, connect.version, &refusal(ConnackCode::ServerUnavailable)).await;
+        return;
+    };
+
+    tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
+    let mut conn = Connection {
+        version: connect.version,
+        client_id: client_id.clone(),
+        id: connection_id,
+        session,
+        settings: settings.clone(),
+        router: router.clone(),
+        keep_alive: connect.keep_alive,
+        receive_maximum: connect.receive_maximum,
+        client_max_packet: connect.max_packet_size,
+        session_expiry: connect.session_expiry,
+        topic_aliases: HashMap::new(),
+        out: BytesMut::with_capacity(4096),
+    };
+    conn.queue(&Outgoing::ConnAck(ConnAckOut {
+        session_present,
+        code: ConnackCode::Accepted,
+        assigned_client_id,
+        receive_maximum: settings.max_inflight,
+        max_packet_size: settings.max_packet_size,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        server_keep_alive: None,
+        reason: None,
+    }));
+    conn.resend_inflight();
+
+    let close = conn
+        .run(&mut stream, &mut read_buf, &takeover, &shutdown)
+        .await;
+    let session_expiry = match &close {
+        Close::Clean {
+            session_expiry: Some(expiry),
+            ..
+        } => *expiry,
+        _ => conn.session_expiry,
+    };
+    let publish_will = match &close {
+        Close::Clean { with_will, .. } => *with_will,
+        Close::Abnormal(_) | Close::TakenOver => true,
+        Close::Shutdown => false,
+    };
+    match &close {
+        Close::Abnormal(reason) => {
+            tracing::info!(%peer, client = %client_id, %reason, "connection closed")
+        }
+        other => tracing::debug!(%peer, client = %client_id, ?other, "connection closed"),
+    }
+    let will = connect
+        .will
+        .filter(|_| publish_will)
+        .map(|will| {
+            let message = Message {
+                topic: Arc::from(will.topic.as_str()),
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                properties: will.properties.map(Arc::new),
+                origin: Origin::Client(client_id.clone()),
+                received: Instant::now(),
+            };
+            (message, will.delay)
+        });
+    let _ = router
+        .send(RouterRequest::Disconnected {
+            client_id,
+            connection: connection_id,
+            will,
+            session_expiry,
+        })
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    settings: &Settings,
+) -> Result<ConnectRequest, ReadError> {
+    loop {
+        match protocol::read_connect(buf, settings.max_packet_size) {
+            Err(ReadError::Incomplete) => {}
+            other => return other,
+        }
+        let read = stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| ReadError::Malformed(e.to_string()))?;
+        if read == 0 {
+            return Err(ReadError::Malformed("closed before CONNECT".into()));
+        }
+        settings
+            .counters
+            .bytes_received
+            .fetch_add(read as u64, Ordering::Relaxed);
+    }
+}
+
+/// Check a CONNECT: capacity, client id, credentials, will topic.
+fn admit(
+    connect: &mut ConnectRequest,
+    settings: &Settings,
+    over_quota: bool,
+    assigned: &mut Option<String>,
+) -> Result<(), ConnackCode> {
+    if over_quota {
+        return Err(if connect.version == Version::V5 {
+            ConnackCode::QuotaExceeded
+        } else {
+            ConnackCode::ServerUnavailable
+        });
+    }
+    if connect.authentication_method.is_some() {
+        return Err(ConnackCode::BadAuthenticationMethod);
+    }
+    if connect.client_id.is_empty() {
+        if connect.version == Version::V311 && !connect.clean_start {
+            return Err(ConnackCode::IdentifierRejected);
+        }
+        let id = format!("fieldmq-{:016x}", rand::random::<u64>());
+        connect.client_id = id.clone();
+        if connect.version == Version::V5 {
+            *assigned = Some(id);
+        }
+    }
+    if let Some(will) = &connect.will {
+        if !topic::valid_topic_name(&will.topic) {
+            return Err(ConnackCode::ProtocolError);
+        }
+    }
+    match (&connect.username, &settings.passwords) {
+        (Some(user), Some(passwords)) => {
+            let password = connect.password.as_deref().unwrap_or("");
+            if passwords.verify(user, password) {
+                Ok(())
+            } else {
+                Err(ConnackCode::BadCredentials)
+            }
+        }
+        _ if settings.allow_anonymous => Ok(()),
+        (Some(_), None) => Err(ConnackCode::BadCredentials),
+        (None, _) => Err(ConnackCode::NotAuthorized),
+    }
+}
+
+fn refusal(code: ConnackCode) -> Outgoing {
+    Outgoing::ConnAck(ConnAckOut {
+        session_present: false,
+        code,
+        assigned_client_id: None,
+        receive_maximum: 0,
+        max_packet_size: 0,
+        topic_alias_max: 0,
+        server_keep_alive: None,
+        reason: None,
+    })
+}
+
+async fn send_now<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    version: Version,
+    packet: &Outgoing,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    if protocol::write(version, packet, &mut buf, None).is_ok() {
+        stream.write_all(&buf).await?;
+        stream.flush().await?;
+    }
+    Ok(())
+}
+
+struct Connection {
+    version: Version,
+    client_id: Arc<str>,
+    id: u64,
+    session: Arc<Session>,
+    settings: Arc<Settings>,
+    router: mpsc::Sender<RouterRequest>,
+    keep_alive: u16,
+    receive_maximum: u16,
+    client_max_packet: Option<u32>,
+    session_expiry: u32,
+    topic_aliases: HashMap<u16, String>,
+    out: BytesMut,
+}
+
+impl Connection {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        read_buf: &mut BytesMut,
+        takeover: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Close {
+        // MQTT: the server allows one and a half keep-alive periods of silence.
+        let keep_alive = (self.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        loop {
+            // Process whatever complete packets are already buffered.
+            loop {
+                match protocol::read(self.version, read_buf, self.settings.max_packet_size) {
+                    Ok(packet) => {
+                        if let Some(k) = keep_alive {
+                            deadline = Some(tokio::time::Instant::now() + k);
+                        }
+                        if let Some(close) = self.handle(packet).await {
+                            let _ = self.flush(stream).await;
+                            return close;
+                        }
+                    }
+                    Err(ReadError::Incomplete) => break,
+                    Err(ReadError::TooLarge(size)) => {
+                        self.queue(&Outgoing::Disconnect(DisconnectReason::PacketTooLarge));
+                        let _ = self.flush(stream).await;
+                        return Close::Abnormal(format!(
+                            "packet of {size} bytes exceeds max_packet_size {}",
+                            self.settings.max_packet_size
+                        ));
+                    }
+                    Err(error) => {
+                        self.queue(&Outgoing::Disconnect(DisconnectReason::MalformedPacket));
+                        let _ = self.flush(stream).await;
+                        return Close::Abnormal(error.to_string());
+                    }
+                }
+            }
+            self.pump();
+            if let Err(error) = self.flush(stream).await {
+                return Close::Abnormal(format!("write failed: {error}"));
+            }
+
+            let keep_alive_expired = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = stream.read_buf(read_buf) => match read {
+                    Ok(0) => return Close::Abnormal("connection closed by client without DISCONNECT".into()),
+                    Ok(n) => {
+                        self.settings.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(error) => return Close::Abnormal(format!("read failed: {error}")),
+                },
+                _ = self.session.wake.notified() => {}
+                _ = keep_alive_expired => {
+                    self.queue(&Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout));
+                    let _ = self.flush(stream).await;
+                    return Close::Abnormal("keep-alive timeout".into());
+                }
+                _ = takeover.cancelled() => {
+                    self.queue(&Outgoing::Disconnect(DisconnectReason::SessionTakenOver));
+                    let _ = self.flush(stream).await;
+                    return Close::TakenOver;
+                }
+                _ = shutdown.cancelled() => {
+                    // Deliver what is already queued (the gateway's `offline` status) first.
+                    self.pump();
+                    self.queue(&Outgoing::Disconnect(DisconnectReason::ServerShuttingDown));
+                    let _ = self.flush(stream).await;
+                    return Close::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Handle one packet; `Some` ends the connection.
+    async fn handle(&mut self, packet: Incoming) -> Option<Close> {
+        match packet {
+            Incoming::Publish(publish) => return self.on_publish(publish).await,
+            Incoming::PubAck(pkid) => {
+                self.session.ack(pkid);
+            }
+            Incoming::PubRec(pkid) => {
+                if self.session.received(pkid) {
+                    self.queue(&Outgoing::PubRel(pkid));
+                } else {
+                    self.queue(&Outgoing::PubRelNotFound(pkid));
+                }
+            }
+            Incoming::PubRel(pkid) => {
+                let known = self.session.lock().incoming_qos2.remove(&pkid);
+                self.queue(&if known {
+                    Outgoing::PubComp(pkid)
+                } else {
+                    Outgoing::PubCompNotFound(pkid)
+                });
+            }
+            Incoming::PubComp(pkid) => {
+                self.session.completed(pkid);
+            }
+            Incoming::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => {
+                if filters.is_empty() {
+                    return Some(self.protocol_error("SUBSCRIBE without filters"));
+                }
+                let (reply, codes) = oneshot::channel();
+                let request = RouterRequest::Subscribe {
+                    client_id: self.client_id.clone(),
+                    filters,
+                    subscription_id,
+                    reply,
+                };
+                if self.router.send(request).await.is_err() {
+                    return Some(Close::Shutdown);
+                }
+                let Ok(codes) = codes.await else {
+                    return Some(Close::Shutdown);
+                };
+                self.queue(&Outgoing::SubAck(pkid, codes));
+            }
+            Incoming::Unsubscribe { pkid, filters } => {
+                let (reply, found) = oneshot::channel();
+                let request = RouterRequest::Unsubscribe {
+                    client_id: self.client_id.clone(),
+                    filters,
+                    reply,
+                };
+                if self.router.send(request).await.is_err() {
+                    return Some(Close::Shutdown);
+                }
+                let Ok(found) = found.await else {
+                    return Some(Close::Shutdown);
+                };
+                self.queue(&Outgoing::UnsubAck(pkid, found));
+            }
+            Incoming::PingReq => self.queue(&Outgoing::PingResp),
+            Incoming::Disconnect {
+                session_expiry,
+                with_will,
+            } => {
+                if self.session_expiry == 0 && session_expiry.is_some_and(|e| e > 0) {
+                    // MQTT 5 3.14.2.2.2: a session created without expiry cannot gain one.
+                    return Some(self.protocol_error("session expiry set at DISCONNECT"));
+                }
+                return Some(Close::Clean {
+                    session_expiry,
+                    with_will,
+                });
+            }
+            Incoming::Unexpected(what) => {
+                return Some(self.protocol_error(&format!("unexpected {what}")))
+            }
+        }
+        None
+    }
+
+    async fn on_publish(&mut self, mut publish: PublishIn) -> Option<Close> {
+        if let Some(alias) = publish.topic_alias {
+            if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                self.queue(&Outgoing::Disconnect(DisconnectReason::TopicAliasInvalid));
+                return Some(Close::Abnormal(format!("topic alias {alias} out of range")));
+            }
+            if publish.topic.is_empty() {
+                match self.topic_aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone(),
+                    None => return Some(self.protocol_error("unknown topic alias")),
+                }
+            } else {
+                self.topic_aliases.insert(alias, publish.topic.clone());
+            }
+        }
+        if !topic::valid_topic_name(&publish.topic) {
+            self.queue(&Outgoing::Disconnect(DisconnectReason::TopicNameInvalid));
+            return Some(Close::Abnormal(format!(
+                "invalid topic name {:?} in PUBLISH",
+                publish.topic
+            )));
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            let mut state = self.session.lock();
+            if state.incoming_qos2.contains(&publish.pkid) {
+                // A retransmission of a message already routed: only acknowledge it again.
+                drop(state);
+                self.queue(&Outgoing::PubRec(publish.pkid, AckReason::Success));
+                return None;
+            }
+            if state.incoming_qos2.len() >= usize::from(self.settings.max_inflight) {
+                drop(state);
+                self.queue(&Outgoing::Disconnect(DisconnectReason::ReceiveMaximumExceeded));
+                return Some(Close::Abnormal("receive maximum exceeded".into()));
+            }
+            state.incoming_qos2.insert(publish.pkid);
+        }
+        let pkid = publish.pkid;
+        let qos = publish.qos;
+        let message = Message {
+            topic: Arc::from(publish.topic.as_str()),
+            payload: publish.payload,
+            qos,
+            retain: publish.retain,
+            properties: publish.properties.map(Arc::new),
+            origin: Origin::Client(self.client_id.clone()),
+            received: Instant::now(),
+        };
+        let routed = self
+            .router
+            .send(RouterRequest::Publish {
+                message,
+                done: None,
+            })
+            .await;
+        if routed.is_err() {
+            return Some(Close::Shutdown);
+        }
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck(pkid, AckReason::Success)),
+            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec(pkid, AckReason::Success)),
+        }
+        None
+    }
+
+    fn protocol_error(&mut self, what: &str) -> Close {
+        self.queue(&Outgoing::Disconnect(DisconnectReason::ProtocolError));
+        Close::Abnormal(format!("protocol error: {what}"))
+    }
+
+    /// After a reconnect with a session: resend unacknowledged publishes (DUP set) and
+    /// PUBRELs, in their original order.
+    fn resend_inflight(&mut self) {
+        for entry in self.session.inflight_snapshot() {
+            match entry.state {
+                InflightState::AwaitingPubComp => self.queue(&Outgoing::PubRel(entry.pkid)),
+                _ => self.queue_publish(&entry, true),
+            }
+        }
+    }
+
+    /// Move what the session may send now into the write buffer.
+    fn pump(&mut self) {
+        let window = usize::from(self.receive_maximum);
+        let sendable = self.session.take_sendable(self.id, window, Instant::now());
+        if sendable.is_empty() {
+            return;
+        }
+        self.settings
+            .counters
+            .messages_sent
+            .fetch_add(sendable.len() as u64, Ordering::Relaxed);
+        for entry in &sendable {
+            self.queue_publish(entry, false);
+        }
+    }
+
+    fn queue_publish(&mut self, entry: &Inflight, dup: bool) {
+        let message = &entry.delivery.message;
+        let packet = Outgoing::Publish(PublishOut {
+            topic: message.topic.clone(),
+            payload: message.payload.clone(),
+            qos: entry.delivery.qos,
+            retain: entry.delivery.retain,
+            dup,
+            pkid: entry.pkid,
+            properties: message.properties.clone(),
+            message_expiry: message.remaining_expiry(Instant::now()),
+            subscription_ids: entry.delivery.subscription_ids.clone(),
+        });
+        if let Err(error) =
+            protocol::write(self.version, &packet, &mut self.out, self.client_max_packet)
+        {
+            // MQTT 5: a message the client cannot take is dropped as if delivered.
+            tracing::debug!(client = %self.client_id, %error, "message dropped");
+            match entry.delivery.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    self.session.ack(entry.pkid);
+                }
+                QoS::ExactlyOnce => {
+                    self.session.received(entry.pkid);
+                    self.session.completed(entry.pkid);
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: &Outgoing) {
+        if matches!(packet, Outgoing::Disconnect(_)) && self.version == Version::V311 {
+            return; // 3.1.1 has no server DISCONNECT: closing the socket says it.
+        }
+        if let Err(error) = protocol::write(self.version, packet, &mut self.out, self.client_max_packet)
+        {
+            tracing::debug!(client = %self.client_id, %error, "packet not sent");
+        }
+    }
+
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.out.split();
+        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+            stream.write_all(&bytes).await?;
+            stream.flush().await
+        })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))?;
+        self.settings
+            .counters
+            .bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        written
+    }
+}

@@ -1,0 +1,275 @@
+//! The embedded MQTT broker: listeners, one task per client connection, and one router task
+//! that owns subscriptions, sessions and retained messages.
+//!
+//! In-process publishers and subscribers (drivers, uplinks, the gateway status) talk to the
+//! same router through a [`BrokerHandle`]: no loopback socket.
+
+mod auth;
+mod connection;
+mod listener;
+mod protocol;
+mod router;
+mod session;
+pub mod topic;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::model::{Message, QoS};
+
+pub use auth::{hash_password, AuthError, PasswordFile};
+pub use router::BrokerStats;
+use router::{Router, RouterRequest};
+
+/// Capacity of the router's request channel. Publishers wait when it is full (backpressure
+/// rather than loss).
+const ROUTER_QUEUE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid topic filter {filter:?}")]
+    InvalidFilter { filter: String },
+    #[error("invalid topic {topic:?} for a publish")]
+    InvalidTopic { topic: String },
+    #[error("{what} is not supported yet")]
+    Unsupported { what: String },
+    #[error("the broker is shutting down")]
+    Closed,
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// How an in-process subscriber wants its messages.
+#[derive(Debug, Clone)]
+pub struct InternalSubscribeOptions {
+    /// Channel capacity. When full, the router waits: internal subscribers get every
+    /// message (they are the outbox and the drivers' command inputs), and a slow one slows
+    /// publishers rather than losing data.
+    pub capacity: usize,
+    /// Deliver matching retained messages right after subscribing.
+    pub send_retained: bool,
+}
+
+impl Default for InternalSubscribeOptions {
+    fn default() -> Self {
+        InternalSubscribeOptions {
+            capacity: 1024,
+            send_retained: false,
+        }
+    }
+}
+
+/// Messages for one in-process subscriber. Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct InternalSubscription {
+    id: u64,
+    rx: mpsc::Receiver<Message>,
+    router: mpsc::Sender<RouterRequest>,
+}
+
+impl InternalSubscription {
+    /// The next matching message; `None` once the broker has stopped.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// Up to `max` messages already waiting, without blocking.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for InternalSubscription {
+    fn drop(&mut self) {
+        // Best effort: when the router is gone there is nothing to unsubscribe from.
+        let _ = self
+            .router
+            .try_send(RouterRequest::InternalUnsubscribe { id: self.id });
+    }
+}
+
+/// A cheap, cloneable handle into the router for in-process publishers and subscribers.
+#[derive(Debug, Clone)]
+pub struct BrokerHandle {
+    router: mpsc::Sender<RouterRequest>,
+}
+
+impl BrokerHandle {
+    /// Route a message to every matching subscriber (and store it if retained). Returns
+    /// once the router has taken it.
+    pub async fn publish(&self, message: Message) -> Result<(), BrokerError> {
+        if !topic::valid_topic_name(&message.topic) {
+            return Err(BrokerError::InvalidTopic {
+                topic: message.topic.to_string(),
+            });
+        }
+        self.router
+            .send(RouterRequest::Publish {
+                message,
+                done: None,
+            })
+            .await
+            .map_err(|_| BrokerError::Closed)
+    }
+
+    /// Like [`publish`](Self::publish), but returns only once the router has delivered the
+    /// message to every matching session queue; answers whether anything matched.
+    pub async fn publish_and_wait(&self, message: Message) -> Result<bool, BrokerError> {
+        if !topic::valid_topic_name(&message.topic) {
+            return Err(BrokerError::InvalidTopic {
+                topic: message.topic.to_string(),
+            });
+        }
+        let (done, matched) = oneshot::channel();
+        self.router
+            .send(RouterRequest::Publish {
+                message,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        matched.await.map_err(|_| BrokerError::Closed)
+    }
+
+    /// Subscribe an in-process consumer named `name` to `filters`. The subscriber never
+    /// receives messages it published itself under the same name (no bridge loops).
+    pub async fn subscribe(
+        &self,
+        name: &str,
+        filters: Vec<(String, QoS)>,
+        options: InternalSubscribeOptions,
+    ) -> Result<InternalSubscription, BrokerError> {
+        for (filter, _) in &filters {
+            if !topic::valid_filter(filter) {
+                return Err(BrokerError::InvalidFilter {
+                    filter: filter.clone(),
+                });
+            }
+        }
+        let (tx, rx) = mpsc::channel(options.capacity.max(1));
+        let (reply, id) = oneshot::channel();
+        self.router
+            .send(RouterRequest::InternalSubscribe {
+                name: Arc::from(name),
+                filters,
+                send_retained: options.send_retained,
+                tx,
+                reply,
+            })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        let id = id.await.map_err(|_| BrokerError::Closed)?;
+        Ok(InternalSubscription {
+            id,
+            rx,
+            router: self.router.clone(),
+        })
+    }
+
+    /// Counters for status and `$SYS`.
+    pub async fn stats(&self) -> Result<BrokerStats, BrokerError> {
+        let (reply, stats) = oneshot::channel();
+        self.router
+            .send(RouterRequest::Stats { reply })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        stats.await.map_err(|_| BrokerError::Closed)
+    }
+}
+
+/// A started broker: its handle, the addresses it listens on, and its tasks.
+pub struct RunningBroker {
+    pub handle: BrokerHandle,
+    /// Actual bound addresses, in config order (useful with port 0).
+    pub local_addrs: Vec<SocketAddr>,
+    listeners: JoinSet<()>,
+    router: tokio::task::JoinHandle<()>,
+    router_stop: CancellationToken,
+}
+
+impl RunningBroker {
+    /// Wait until every listener and connection has stopped, then stop the router. Call
+    /// after cancelling the shutdown token given to [`start`].
+    pub async fn wait(mut self) {
+        while self.listeners.join_next().await.is_some() {}
+        self.router_stop.cancel();
+        let _ = self.router.await;
+    }
+}
+
+/// Bind every listener and start the router. Fails before accepting anything when a
+/// listener cannot bind or the password file cannot be read.
+pub async fn start(
+    config: &BrokerConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningBroker, BrokerError> {
+    let passwords = match &config.password_file {
+        Some(path) => Some(Arc::new(PasswordFile::load(path)?)),
+        None => None,
+    };
+    let counters = Arc::new(connection::Counters::default());
+    let settings = Arc::new(connection::Settings::from_config(
+        config,
+        passwords,
+        counters.clone(),
+    ));
+
+    let mut bound = Vec::new();
+    for listener in &config.listeners {
+        if listener.websocket {
+            return Err(BrokerError::Unsupported {
+                what: format!("websocket listener on {}", listener.bind),
+            });
+        }
+        let socket = tokio::net::TcpListener::bind(listener.bind)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: listener.bind,
+                source,
+            })?;
+        bound.push((socket, listener.clone()));
+    }
+
+    let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
+    let handle = BrokerHandle { router: router_tx };
+    let mut listeners = JoinSet::new();
+    let router_stop = CancellationToken::new();
+    let router = tokio::spawn(
+        Router::new(config.max_queued_messages, counters).run(router_rx, router_stop.clone()),
+    );
+
+    let mut local_addrs = Vec::new();
+    for (socket, listener_config) in bound {
+        let addr = socket.local_addr().map_err(|source| BrokerError::Bind {
+            addr: listener_config.bind,
+            source,
+        })?;
+        tracing::info!(%addr, websocket = listener_config.websocket, "broker listening");
+        local_addrs.push(addr);
+        listeners.spawn(listener::run(
+            socket,
+            listener_config,
+            settings.clone(),
+            handle.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    Ok(RunningBroker {
+        handle,
+        local_addrs,
+        listeners,
+        router,
+        router_stop,
+    })
+}

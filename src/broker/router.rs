@@ -1,0 +1,596 @@
+//! The router task: owns the subscription table, the sessions, the retained messages and
+//! the broker counters. Connections and in-process clients talk to it through one bounded
+//! channel; it never waits on a network client (deliveries go into session queues), only on
+//! in-process subscribers, which must not lose messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::connection::Counters;
+use super::protocol::{SubAckCode, SubscriptionRequest};
+use super::session::{Delivery, Session};
+use super::topic;
+use crate::model::{Message, Origin, QoS};
+
+/// How often expired sessions and delayed wills are looked at.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    pub clients_connected: usize,
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub messages_dropped: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+pub(crate) struct ConnectReply {
+    pub(crate) session: Arc<Session>,
+    pub(crate) session_present: bool,
+}
+
+pub(crate) enum RouterRequest {
+    Connect {
+        client_id: Arc<str>,
+        connection: u64,
+        clean_start: bool,
+        session_expiry: u32,
+        /// Cancelled by the router when another connection takes the session over.
+        takeover: CancellationToken,
+        reply: oneshot::Sender<ConnectReply>,
+    },
+    Disconnected {
+        client_id: Arc<str>,
+        connection: u64,
+        /// Will to publish (abnormal close), with its delay in seconds.
+        will: Option<(Message, u32)>,
+        session_expiry: u32,
+    },
+    Subscribe {
+        client_id: Arc<str>,
+        filters: Vec<SubscriptionRequest>,
+        subscription_id: Option<usize>,
+        reply: oneshot::Sender<Vec<SubAckCode>>,
+    },
+    Unsubscribe {
+        client_id: Arc<str>,
+        filters: Vec<String>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    Publish {
+        message: Message,
+        /// Answered with whether any subscriber matched.
+        done: Option<oneshot::Sender<bool>>,
+    },
+    InternalSubscribe {
+        name: Arc<str>,
+        filters: Vec<(String, QoS)>,
+        send_retained: bool,
+        tx: mpsc::Sender<Message>,
+        reply: oneshot::Sender<u64>,
+    },
+    InternalUnsubscribe {
+        id: u64,
+    },
+    Stats {
+        reply: oneshot::Sender<BrokerStats>,
+    },
+}
+
+impl std::fmt::Debug for RouterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouterRequest")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subscriber {
+    Client(Arc<str>),
+    Internal(u64),
+}
+
+#[derive(Debug, Clone)]
+struct Subscription {
+    filter: String,
+    share_group: Option<String>,
+    subscriber: Subscriber,
+    qos: QoS,
+    no_local: bool,
+    retain_as_published: bool,
+    subscription_id: Option<usize>,
+}
+
+struct SessionEntry {
+    session: Arc<Session>,
+    connection: Option<(u64, CancellationToken)>,
+    session_expiry: u32,
+    disconnected_at: Option<Instant>,
+}
+
+struct InternalSubscriber {
+    name: Arc<str>,
+    tx: mpsc::Sender<Message>,
+}
+
+struct DelayedWill {
+    client_id: Arc<str>,
+    message: Message,
+    due: Instant,
+}
+
+pub(crate) struct Router {
+    max_queued: usize,
+    sessions: HashMap<Arc<str>, SessionEntry>,
+    subscriptions: Vec<Subscription>,
+    internal: HashMap<u64, InternalSubscriber>,
+    next_internal_id: u64,
+    retained: BTreeMap<Arc<str>, Message>,
+    delayed_wills: Vec<DelayedWill>,
+    /// Round-robin position per shared subscription group.
+    share_cursor: HashMap<(String, String), usize>,
+    stats: BrokerStats,
+    counters: Arc<Counters>,
+}
+
+impl Router {
+    pub(crate) fn new(max_queued: usize, counters: Arc<Counters>) -> Router {
+        Router {
+            max_queued,
+            sessions: HashMap::new(),
+            subscriptions: Vec::new(),
+            internal: HashMap::new(),
+            next_internal_id: 1,
+            retained: BTreeMap::new(),
+            delayed_wills: Vec::new(),
+            share_cursor: HashMap::new(),
+            stats: BrokerStats::default(),
+            counters,
+        }
+    }
+
+    /// Serve requests until every handle has gone or `stop` is cancelled (after the
+    /// listeners and their connections have finished).
+    pub(crate) async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<RouterRequest>,
+        stop: CancellationToken,
+    ) {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                request = requests.recv() => match request {
+                    Some(request) => self.handle(request).await,
+                    None => break,
+                },
+                _ = housekeeping.tick() => self.housekeeping(Instant::now()).await,
+                _ = stop.cancelled() => break,
+            }
+        }
+        tracing::debug!("router stopped");
+    }
+
+    async fn handle(&mut self, request: RouterRequest) {
+        match request {
+            RouterRequest::Connect {
+                client_id,
+                connection,
+                clean_start,
+                session_expiry,
+                takeover,
+                reply,
+            } => {
+                let reply_value = self.connect(client_id, connection, clean_start, session_expiry, takeover);
+                let _ = reply.send(reply_value);
+            }
+            RouterRequest::Disconnected {
+                client_id,
+                connection,
+                will,
+                session_expiry,
+            } => self.disconnected(client_id, connection, will, session_expiry).await,
+            RouterRequest::Subscribe {
+                client_id,
+                filters,
+                subscription_id,
+                reply,
+            } => {
+                let codes = self.subscribe_client(&client_id, filters, subscription_id);
+                let _ = reply.send(codes);
+            }
+            RouterRequest::Unsubscribe {
+                client_id,
+                filters,
+                reply,
+            } => {
+                let subscriber = Subscriber::Client(client_id);
+                let found = filters
+                    .iter()
+                    .map(|raw| self.remove_subscription(&subscriber, raw))
+                    .collect();
+                let _ = reply.send(found);
+            }
+            RouterRequest::Publish { message, done } => {
+                let matched = self.publish(message).await;
+                if let Some(done) = done {
+                    let _ = done.send(matched);
+                }
+            }
+            RouterRequest::InternalSubscribe {
+                name,
+                filters,
+                send_retained,
+                tx,
+                reply,
+            } => {
+                let id = self.next_internal_id;
+                self.next_internal_id += 1;
+                for (filter, qos) in &filters {
+                    self.subscriptions.push(Subscription {
+                        filter: filter.clone(),
+                        share_group: None,
+                        subscriber: Subscriber::Internal(id),
+                        qos: *qos,
+                        no_local: true,
+                        retain_as_published: true,
+                        subscription_id: None,
+                    });
+                }
+                if send_retained {
+                    let retained: Vec<Message> = self
+                        .retained
+                        .values()
+                        .filter(|m| filters.iter().any(|(f, _)| topic::matches(&m.topic, f)))
+                        .cloned()
+                        .collect();
+                    for message in retained {
+                        if tx.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                self.internal.insert(id, InternalSubscriber { name, tx });
+                let _ = reply.send(id);
+            }
+            RouterRequest::InternalUnsubscribe { id } => self.drop_internal(id),
+            RouterRequest::Stats { reply } => {
+                let _ = reply.send(self.current_stats());
+            }
+        }
+    }
+
+    fn current_stats(&self) -> BrokerStats {
+        let mut stats = self.stats.clone();
+        stats.clients_connected = self
+            .sessions
+            .values()
+            .filter(|e| e.connection.is_some())
+            .count();
+        stats.sessions = self.sessions.len();
+        stats.subscriptions = self.subscriptions.len();
+        stats.retained = self.retained.len();
+        stats.messages_sent = self.counters.messages_sent.load(Ordering::Relaxed);
+        stats.bytes_received = self.counters.bytes_received.load(Ordering::Relaxed);
+        stats.bytes_sent = self.counters.bytes_sent.load(Ordering::Relaxed);
+        stats.messages_dropped = self
+            .sessions
+            .values()
+            .map(|e| e.session.lock().dropped)
+            .sum();
+        stats
+    }
+
+    fn connect(
+        &mut self,
+        client_id: Arc<str>,
+        connection: u64,
+        clean_start: bool,
+        session_expiry: u32,
+        takeover: CancellationToken,
+    ) -> ConnectReply {
+        // A reconnect cancels a pending delayed will.
+        self.delayed_wills.retain(|w| w.client_id != client_id);
+        let existing = self.sessions.remove(&client_id);
+        if let Some((_, old)) = existing.as_ref().and_then(|e| e.connection.as_ref()) {
+            old.cancel();
+        }
+        let (session, session_present) = match existing {
+            Some(entry) if !clean_start => (entry.session, true),
+            _ => {
+                self.subscriptions
+                    .retain(|s| s.subscriber != Subscriber::Client(client_id.clone()));
+                (
+                    Arc::new(Session::new(client_id.clone(), self.max_queued)),
+                    false,
+                )
+            }
+        };
+        session.set_owner(connection);
+        self.sessions.insert(
+            client_id,
+            SessionEntry {
+                session: session.clone(),
+                connection: Some((connection, takeover)),
+                session_expiry,
+                disconnected_at: None,
+            },
+        );
+        ConnectReply {
+            session,
+            session_present,
+        }
+    }
+
+    async fn disconnected(
+        &mut self,
+        client_id: Arc<str>,
+        connection: u64,
+        will: Option<(Message, u32)>,
+        session_expiry: u32,
+    ) {
+        let mut remove = false;
+        if let Some(entry) = self.sessions.get_mut(&client_id) {
+            if entry.connection.as_ref().map(|(id, _)| *id) == Some(connection) {
+                entry.connection = None;
+                entry.session_expiry = session_expiry;
+                entry.disconnected_at = Some(Instant::now());
+                entry.session.set_owner(0);
+                remove = session_expiry == 0;
+            }
+        }
+        if let Some((message, delay)) = will {
+            let delay = delay.min(session_expiry);
+            if delay == 0 || remove {
+                self.publish(message).await;
+            } else {
+                self.delayed_wills.push(DelayedWill {
+                    client_id: client_id.clone(),
+                    message,
+                    due: Instant::now() + Duration::from_secs(u64::from(delay)),
+                });
+            }
+        }
+        if remove {
+            self.remove_session(&client_id);
+        }
+    }
+
+    fn remove_session(&mut self, client_id: &Arc<str>) {
+        self.sessions.remove(client_id);
+        let subscriber = Subscriber::Client(client_id.clone());
+        self.subscriptions.retain(|s| s.subscriber != subscriber);
+    }
+
+    async fn housekeeping(&mut self, now: Instant) {
+        let expired: Vec<Arc<str>> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| {
+                e.session_expiry != u32::MAX
+                    && e.disconnected_at.is_some_and(|at| {
+                        now.saturating_duration_since(at)
+                            >= Duration::from_secs(u64::from(e.session_expiry))
+                    })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for client_id in expired {
+            tracing::debug!(client = %client_id, "session expired");
+            // A will whose delay outlasts the session is published when the session ends.
+            let wills: Vec<DelayedWill> = {
+                let (due, keep) = std::mem::take(&mut self.delayed_wills)
+                    .into_iter()
+                    .partition(|w| w.client_id == client_id);
+                self.delayed_wills = keep;
+                due
+            };
+            for will in wills {
+                self.publish(will.message).await;
+            }
+            self.remove_session(&client_id);
+        }
+        let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed_wills)
+            .into_iter()
+            .partition(|w| w.due <= now);
+        self.delayed_wills = pending;
+        for will in due {
+            self.publish(will.message).await;
+        }
+        self.retained.retain(|_, m| !m.is_expired(now));
+    }
+
+    fn subscribe_client(
+        &mut self,
+        client_id: &Arc<str>,
+        filters: Vec<SubscriptionRequest>,
+        subscription_id: Option<usize>,
+    ) -> Vec<SubAckCode> {
+        let Some(session) = self.sessions.get(client_id).map(|e| e.session.clone()) else {
+            return vec![SubAckCode::TopicFilterInvalid; filters.len()];
+        };
+        let subscriber = Subscriber::Client(client_id.clone());
+        let mut codes = Vec::with_capacity(filters.len());
+        for request in filters {
+            let Some(parsed) = topic::parse_filter(&request.filter) else {
+                codes.push(SubAckCode::TopicFilterInvalid);
+                continue;
+            };
+            let share_group = parsed.share_group.map(str::to_owned);
+            let filter = parsed.filter.to_owned();
+            let existed = self.remove_subscription(&subscriber, &request.filter);
+            self.subscriptions.push(Subscription {
+                filter: filter.clone(),
+                share_group: share_group.clone(),
+                subscriber: subscriber.clone(),
+                qos: request.qos,
+                no_local: request.no_local,
+                retain_as_published: request.retain_as_published,
+                subscription_id,
+            });
+            codes.push(SubAckCode::Granted(request.qos));
+
+            let send_retained = share_group.is_none()
+                && match request.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                let now = Instant::now();
+                for message in self.retained.values() {
+                    if message.is_expired(now) || !topic::matches(&message.topic, &filter) {
+                        continue;
+                    }
+                    session.enqueue(Delivery {
+                        qos: message.qos.min(request.qos),
+                        retain: true,
+                        message: message.clone(),
+                        subscription_ids: subscription_id.into_iter().collect(),
+                    });
+                }
+            }
+        }
+        codes
+    }
+
+    /// Remove the subscription `raw` (which may be `$share/group/filter`) of `subscriber`.
+    fn remove_subscription(&mut self, subscriber: &Subscriber, raw: &str) -> bool {
+        let Some(parsed) = topic::parse_filter(raw) else {
+            return false;
+        };
+        let before = self.subscriptions.len();
+        self.subscriptions.retain(|s| {
+            !(&s.subscriber == subscriber
+                && s.filter == parsed.filter
+                && s.share_group.as_deref() == parsed.share_group)
+        });
+        self.subscriptions.len() != before
+    }
+
+    fn drop_internal(&mut self, id: u64) {
+        self.internal.remove(&id);
+        self.subscriptions
+            .retain(|s| s.subscriber != Subscriber::Internal(id));
+    }
+
+    /// Deliver to every matching subscriber; store or clear a retained message. Returns
+    /// whether anything matched.
+    async fn publish(&mut self, message: Message) -> bool {
+        self.stats.messages_received += 1;
+        if message.retain {
+            if message.payload.is_empty() {
+                self.retained.remove(&message.topic);
+            } else {
+                self.retained.insert(message.topic.clone(), message.clone());
+            }
+        }
+
+        // One delivery per client: the highest granted QoS of its matching subscriptions,
+        // with every matching subscription identifier.
+        let mut per_client: Vec<(Arc<str>, Delivery)> = Vec::new();
+        let mut internal_targets: Vec<u64> = Vec::new();
+        let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+
+        for (index, sub) in self.subscriptions.iter().enumerate() {
+            if !topic::matches(&message.topic, &sub.filter) {
+                continue;
+            }
+            if let Some(group) = &sub.share_group {
+                groups
+                    .entry((group.clone(), sub.filter.clone()))
+                    .or_default()
+                    .push(index);
+                continue;
+            }
+            match &sub.subscriber {
+                Subscriber::Internal(id) => internal_targets.push(*id),
+                Subscriber::Client(client) => {
+                    if sub.no_local && message.origin == Origin::Client(client.clone()) {
+                        continue;
+                    }
+                    add_client_delivery(&mut per_client, client, sub, &message);
+                }
+            }
+        }
+
+        for (key, members) in groups {
+            let cursor = self.share_cursor.entry(key).or_insert(0);
+            // Prefer a connected member; fall back to any (its session queues the message).
+            let pick = (0..members.len())
+                .map(|offset| members[(*cursor + offset) % members.len()])
+                .find(|&index| match &self.subscriptions[index].subscriber {
+                    Subscriber::Client(c) => self
+                        .sessions
+                        .get(c)
+                        .is_some_and(|e| e.connection.is_some()),
+                    Subscriber::Internal(_) => true,
+                })
+                .unwrap_or(members[*cursor % members.len()]);
+            *cursor = cursor.wrapping_add(1);
+            let sub = &self.subscriptions[pick];
+            match &sub.subscriber {
+                Subscriber::Internal(id) => internal_targets.push(*id),
+                Subscriber::Client(client) => {
+                    add_client_delivery(&mut per_client, client, sub, &message)
+                }
+            }
+        }
+
+        let matched = !per_client.is_empty() || !internal_targets.is_empty();
+        for (client, delivery) in per_client {
+            if let Some(entry) = self.sessions.get(&client) {
+                entry.session.enqueue(delivery);
+            }
+        }
+
+        internal_targets.sort_unstable();
+        internal_targets.dedup();
+        for id in internal_targets {
+            let Some(subscriber) = self.internal.get(&id) else {
+                continue;
+            };
+            if message.origin == Origin::Internal(subscriber.name.clone()) {
+                continue;
+            }
+            // Wait when full: in-process subscribers (outbox, drivers) must get everything.
+            if subscriber.tx.send(message.clone()).await.is_err() {
+                self.drop_internal(id);
+            }
+        }
+        matched
+    }
+}
+
+fn add_client_delivery(
+    per_client: &mut Vec<(Arc<str>, Delivery)>,
+    client: &Arc<str>,
+    sub: &Subscription,
+    message: &Message,
+) {
+    let qos = message.qos.min(sub.qos);
+    let retain = sub.retain_as_published && message.retain;
+    if let Some((_, existing)) = per_client.iter_mut().find(|(c, _)| c == client) {
+        existing.qos = existing.qos.max(qos);
+        existing.retain |= retain;
+        existing.subscription_ids.extend(sub.subscription_id);
+        return;
+    }
+    per_client.push((
+        client.clone(),
+        Delivery {
+            message: message.clone(),
+            qos,
+            retain,
+            subscription_ids: sub.subscription_id.into_iter().collect(),
+        },
+    ));
+}

@@ -1,0 +1,324 @@
+//! Configuration: one TOML file, parsed in two steps (raw serde structs with spans, then
+//! validation into the types below, which the rest of the gateway uses). All errors are
+//! collected and reported together, each with file, line, column and key path.
+
+mod error;
+mod raw;
+mod validate;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::model::{QoS, Value};
+
+pub use error::{ConfigError, Diagnostic};
+
+/// The validated configuration of a whole gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (or `<embedded demo>`).
+    pub source: PathBuf,
+    pub gateway: GatewayConfig,
+    pub broker: BrokerConfig,
+    pub devices: Vec<DeviceConfig>,
+    pub uplinks: Vec<UplinkConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Default cloud client id and the `{gateway}` topic variable.
+    pub id: String,
+    /// Where SQLite files live.
+    pub data_dir: PathBuf,
+    /// `tracing` filter, e.g. "info" or "fieldmq=debug"; `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Retained gateway status topic, `{gateway}` already substituted.
+    /// Default `fieldmq/{gateway}/status`.
+    pub status_topic: String,
+    /// How long a graceful stop may take before the gateway exits anyway. Default 10s.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listeners: Vec<ListenerConfig>,
+    pub allow_anonymous: bool,
+    /// Mosquitto-format password file.
+    pub password_file: Option<PathBuf>,
+    /// Largest packet accepted from a client, bytes. Default 1 MiB.
+    pub max_packet_size: u32,
+    /// Per-client queue of messages waiting for delivery (QoS 1/2 while offline or slow).
+    /// Default 1000; past it the oldest is dropped and counted.
+    pub max_queued_messages: usize,
+    /// QoS 1/2 messages in flight to one client (our Receive Maximum). Default 20.
+    pub max_inflight: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub bind: SocketAddr,
+    pub websocket: bool,
+    /// Default 1000.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub name: String,
+    /// Topic template with `{gateway}`, `{device}`, `{point}`; default
+    /// `{gateway}/{device}/{point}`. The gateway id is NOT substituted yet (drivers do it).
+    pub topic: String,
+    pub payload: PayloadFormat,
+    /// Poll / sample interval. Default 1s.
+    pub poll: Duration,
+    pub driver: DriverConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// `{"value":..,"ts":"RFC 3339","quality":"good"}`
+    Json,
+    /// The bare value as text.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub enum DriverConfig {
+    Simulated(SimulatedConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatedConfig {
+    pub points: Vec<SimulatedPoint>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatedPoint {
+    pub name: String,
+    pub waveform: Waveform,
+    pub writable: bool,
+    pub unit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Waveform {
+    Sine { min: f64, max: f64, period: Duration },
+    Ramp { min: f64, max: f64, period: Duration },
+    RandomWalk { min: f64, max: f64, step: f64 },
+    Constant { value: Value },
+}
+
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    pub name: String,
+    pub url: UplinkUrl,
+    pub protocol: MqttVersion,
+    /// Default: the gateway id.
+    pub client_id: String,
+    /// Default 30s.
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password: Option<SecretSource>,
+    pub tls: Option<TlsConfig>,
+    /// Default false: the cloud keeps subscriptions and queued commands.
+    pub clean_start: bool,
+    /// MQTT 5 session expiry. Default 1h.
+    pub session_expiry: Duration,
+    pub will: Option<WillConfig>,
+    /// Published on every connect. Default: `online` retained on the will topic when a will
+    /// is set.
+    pub birth: Option<WillConfig>,
+    pub queue: QueueConfig,
+    /// QoS 1 messages in flight to the cloud. Default 100.
+    pub inflight: u16,
+    /// Optional cap on messages per second sent to the cloud.
+    pub max_rate: Option<u32>,
+    pub routes_out: Vec<OutRoute>,
+    pub routes_in: Vec<InRoute>,
+    /// Reconnect backoff bounds. Default 1s..60s.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkUrl {
+    pub scheme: UrlScheme,
+    pub host: String,
+    pub port: u16,
+    /// Path for ws/wss, default `/mqtt`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlScheme {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttVersion {
+    V311,
+    V5,
+}
+
+/// Where a secret comes from, so it stays out of the TOML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// CA bundle; `None` means the system roots.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WillConfig {
+    /// `{gateway}` already substituted.
+    pub topic: String,
+    pub payload: String,
+    pub qos: QoS,
+    pub retain: bool,
+    /// MQTT 5 will delay.
+    pub delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Default 1,000,000.
+    pub max_messages: u64,
+    /// Default 256 MiB.
+    pub max_bytes: u64,
+    /// Default 7 days.
+    pub max_age: Duration,
+    pub when_full: WhenFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    DropOldest,
+    DropNew,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutRoute {
+    /// Local topic filter.
+    pub filter: String,
+    /// Replaces the filter's literal prefix (the levels before the first wildcard).
+    /// `{gateway}` already substituted.
+    pub remote_prefix: Option<String>,
+    /// Alternative to a prefix: a template with `{gateway}` substituted and `{topic}` left
+    /// for the full local topic.
+    pub remote_template: Option<String>,
+    /// Default 1.
+    pub qos: QoS,
+    /// Whether the retain flag is kept on the remote publish. Default false.
+    pub retain: bool,
+    /// Default true. Only QoS 0 routes may set false (best effort, not queued on disk).
+    pub durable: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct InRoute {
+    /// Remote topic filter, `{gateway}` already substituted.
+    pub filter: String,
+    /// Replaces the filter's literal prefix on the local side.
+    pub local_prefix: Option<String>,
+    /// Default 1.
+    pub qos: QoS,
+}
+
+/// The demo configuration embedded in the binary: one simulated device, no uplinks.
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| ConfigError::whole_file(path, format!("cannot read: {error}")))?;
+    parse(&text, path)
+}
+
+/// Parses and validates configuration text. `source` names the file in diagnostics, and
+/// relative paths in the file are resolved against its directory.
+pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+    validate::parse(text, source)
+}
+
+/// The embedded demo configuration ([`DEMO_CONFIG`]).
+pub fn demo() -> Config {
+    parse(DEMO_CONFIG, Path::new("<embedded demo>"))
+        .expect("the embedded demo config is valid (tests/config.rs checks it)")
+}
+
+impl Config {
+    /// A short multi-line description for `fieldmq check`.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let g = &self.gateway;
+        let _ = writeln!(out, "gateway {:?}, data in {}", g.id, g.data_dir.display());
+        let b = &self.broker;
+        let auth = match (&b.password_file, b.allow_anonymous) {
+            (Some(file), true) => format!("password file {} and anonymous", file.display()),
+            (Some(file), false) => format!("password file {}", file.display()),
+            (None, _) => "anonymous".to_owned(),
+        };
+        let _ = writeln!(out, "broker: {} listener(s), auth: {auth}", b.listeners.len());
+        for listener in &b.listeners {
+            let kind = if listener.websocket { "ws" } else { "mqtt" };
+            let _ = writeln!(
+                out,
+                "  {kind} on {} (max {} connections)",
+                listener.bind, listener.max_connections
+            );
+        }
+        let _ = writeln!(out, "devices: {}", self.devices.len());
+        for device in &self.devices {
+            let (driver, points) = match &device.driver {
+                DriverConfig::Simulated(sim) => ("simulated", sim.points.len()),
+            };
+            let _ = writeln!(
+                out,
+                "  {}: {driver}, {points} point(s), poll {}",
+                device.name,
+                humantime::format_duration(device.poll)
+            );
+        }
+        let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
+        for uplink in &self.uplinks {
+            let _ = writeln!(
+                out,
+                "  {}: {}, {} out route(s), {} in route(s)",
+                uplink.name,
+                uplink.url,
+                uplink.routes_out.len(),
+                uplink.routes_in.len()
+            );
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for UplinkUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = match self.scheme {
+            UrlScheme::Mqtt => "mqtt",
+            UrlScheme::Mqtts => "mqtts",
+            UrlScheme::Ws => "ws",
+            UrlScheme::Wss => "wss",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}{}", self.host, self.port, self.path)
+        } else {
+            write!(f, "{scheme}://{}:{}{}", self.host, self.port, self.path)
+        }
+    }
+}

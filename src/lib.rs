@@ -1,0 +1,28 @@
+//! fieldmq: an edge gateway.
+//!
+//! ```text
+//!  Modbus RTU/TCP ─┐                                  ┌─ LAN clients (TCP, WS, TLS)
+//!  serial lines ───┤ drivers ── publish ──► broker (router) ◄──┘
+//!  simulated ──────┘    ▲                        │  ▲
+//!                       └── <point>/set ◄────────┘  │ commands from the cloud
+//!                                                │  │
+//!                             egress routes ◄────┘  │
+//!                                   ▼               │
+//!                       store (SQLite outbox)       │
+//!                                   ▼               │
+//!                           uplink (rumqttc) ───────┴──► cloud broker(s)
+//! ```
+//!
+//! - [`config`]: the TOML file, parsed and validated.
+//! - [`model`]: messages, readings, values, write requests.
+//! - [`broker`]: the embedded MQTT broker and the in-process [`broker::BrokerHandle`].
+//! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then
+//!   a [`model::Message`] in [`drivers::publish_reading`].
+//! - [`service`]: wiring, signals, shutdown.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod drivers;
+pub mod model;
+pub mod service;

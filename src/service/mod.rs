@@ -1,0 +1,178 @@
+//! Wiring: starts the broker, the devices and the uplinks from a [`Config`], publishes the
+//! gateway status, and stops everything in order on shutdown under a deadline.
+//!
+//! Shutdown order: devices and uplinks stop (uplinks flush and say `offline` to their
+//! cloud), the gateway publishes `offline` retained on the local broker, then the broker
+//! closes client connections after delivering what is queued for them.
+
+mod notify;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, BrokerError, BrokerHandle};
+use crate::config::Config;
+use crate::drivers::{self, DeviceContext};
+use crate::model::{Message, QoS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// A gateway that has started: its broker addresses and its stop switch.
+pub struct Gateway {
+    pub local_addrs: Vec<SocketAddr>,
+    pub broker: BrokerHandle,
+    shutdown: CancellationToken,
+    finished: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Ask everything to stop and wait until it has (bounded by the shutdown timeout).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.finished.await;
+    }
+}
+
+/// Start the gateway described by `config`. It runs until `shutdown` is cancelled.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gateway, ServiceError> {
+    std::fs::create_dir_all(&config.gateway.data_dir).map_err(|source| ServiceError::DataDir {
+        path: config.gateway.data_dir.clone(),
+        source,
+    })?;
+
+    // The broker has its own token: it must outlive devices and uplinks so their last
+    // words (the `offline` status) reach local clients.
+    let broker_shutdown = CancellationToken::new();
+    let running = broker::start(&config.broker, broker_shutdown.clone()).await?;
+    let handle = running.handle.clone();
+    let local_addrs = running.local_addrs.clone();
+
+    let status_topic = config.gateway.status_topic.clone();
+    publish_status(&handle, &status_topic, "online").await;
+
+    let mut sources = JoinSet::new();
+    for device in config.devices.iter().cloned() {
+        let context = DeviceContext::new(
+            &config.gateway.id,
+            &status_topic,
+            &device,
+            handle.clone(),
+        );
+        sources.spawn(drivers::run_device(device, context, shutdown.clone()));
+    }
+
+    let deadline = config.gateway.shutdown_timeout;
+    let finished = tokio::spawn(supervise(
+        running,
+        handle.clone(),
+        sources,
+        status_topic,
+        shutdown.clone(),
+        broker_shutdown,
+        deadline,
+    ));
+
+    Ok(Gateway {
+        local_addrs,
+        broker: handle,
+        shutdown,
+        finished,
+    })
+}
+
+async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
+    let message = Message::internal("gateway", topic, status.to_owned(), QoS::AtLeastOnce, true);
+    if let Err(error) = handle.publish_and_wait(message).await {
+        tracing::warn!(%error, topic, "cannot publish gateway status");
+    }
+}
+
+async fn supervise(
+    running: broker::RunningBroker,
+    handle: BrokerHandle,
+    mut sources: JoinSet<()>,
+    status_topic: String,
+    shutdown: CancellationToken,
+    broker_shutdown: CancellationToken,
+    deadline: Duration,
+) {
+    shutdown.cancelled().await;
+    tracing::info!("stopping");
+    let stopped = tokio::time::timeout(deadline, async {
+        while sources.join_next().await.is_some() {}
+        publish_status(&handle, &status_topic, "offline").await;
+        drop(handle);
+        broker_shutdown.cancel();
+        running.wait().await;
+    })
+    .await;
+    match stopped {
+        Ok(()) => tracing::info!("stopped"),
+        Err(_) => {
+            tracing::warn!(
+                devices_left = sources.len(),
+                "shutdown deadline of {deadline:?} reached; exiting anyway"
+            );
+            broker_shutdown.cancel();
+        }
+    }
+}
+
+/// Run until SIGINT or SIGTERM, then stop gracefully. Tells systemd when ready.
+pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServiceError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(ServiceError::Signal)?;
+
+    let shutdown = CancellationToken::new();
+    let summary = ready_message(&config);
+    let gateway = start(config, shutdown.clone()).await?;
+    for addr in &gateway.local_addrs {
+        tracing::info!(%addr, "MQTT listener ready");
+    }
+    let notifier = notify::Notifier::from_env();
+    notifier.ready_with_status(&summary);
+    let watchdog = tokio::spawn(
+        notify::Notifier::from_env().run_watchdog(|| true, shutdown.clone()),
+    );
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = sighup.recv() => {
+                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart the service to apply changes");
+            }
+        }
+    }
+    notifier.stopping();
+    gateway.stop().await;
+    watchdog.abort();
+    Ok(())
+}
+
+/// The one-line status systemd shows.
+pub fn ready_message(config: &Config) -> String {
+    format!(
+        "gateway {}: {} listener(s), {} device(s), {} uplink(s)",
+        config.gateway.id,
+        config.broker.listeners.len(),
+        config.devices.len(),
+        config.uplinks.len()
+    )
+}

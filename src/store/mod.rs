@@ -1,0 +1,333 @@
+//! The durable outbox of one uplink: an SQLite file that holds every message an out-route
+//! accepted until the cloud has acknowledged it.
+//!
+//! One dedicated OS thread owns the `rusqlite::Connection` ([`writer`]); async code talks to
+//! it through a bounded channel with a oneshot reply per request ([`Outbox`]). The thread
+//! drains every request that is waiting and executes all writes of that batch in ONE
+//! transaction (group commit), then answers reads.
+//!
+//! # Invariants
+//!
+//! 1. **Accepted means committed.** [`Outbox::append`] returns only after the transaction
+//!    holding the rows has committed. The file runs in WAL mode with `synchronous = FULL`:
+//!    a committed transaction is on disk (fsync of the WAL) before the call returns, so an
+//!    accepted message survives a crash, `kill -9` and a power cut.
+//! 2. **Order is `seq`.** Every row gets a `seq` from an `AUTOINCREMENT` key: strictly
+//!    increasing, never reused, also after the table was empty. The sender reads in `seq`
+//!    order ([`Outbox::read_after`]) and publishes in that order.
+//! 3. **Rows are deleted only after the cloud acknowledged them** ([`Outbox::delete`] with
+//!    the PUBACK/PUBCOMP'd seqs), or by a bound (below), which is always counted.
+//! 4. **At least once.** A row sent but not yet deleted is sent again after a reconnect or
+//!    a restart. Duplicates are bounded by the sender's in-flight window: a window slot is
+//!    only freed once the deletion of the acknowledged row has committed.
+//! 5. **Bounded.** `max_messages`, `max_bytes` (topic + payload + properties) and `max_age`
+//!    (see [`QueueConfig`]). When a bound is reached, `when_full = drop_oldest` deletes the
+//!    oldest rows, `drop_new` refuses the new ones; rows older than `max_age` are deleted.
+//!    Every drop is counted in the file itself (the `counters` table, committed in the same
+//!    transaction as the drop) and logged with its count.
+//! 6. **No silent empty start.** A file that is not a database, is damaged, cannot be
+//!    written or is used by another process gives a [`StoreError`] at [`Outbox::open`] that
+//!    names the file and what to do. fieldmq never moves or recreates such a file on its
+//!    own: the operator moves it aside (`mv outbox.db outbox.db.corrupt`) to start with an
+//!    empty queue.
+//! 7. **One process per file.** The connection uses `locking_mode = EXCLUSIVE`: a second
+//!    gateway on the same data directory fails at open instead of sending the same rows.
+
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::QueueConfig;
+use crate::model::{MessageProperties, QoS};
+
+/// Requests waiting for the writer thread. Callers wait when it is full (backpressure:
+/// nothing that must be stored is dropped here).
+const REQUEST_QUEUE: usize = 1024;
+
+/// Errors of the outbox. Open errors name the file and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "outbox database {path} is not a valid SQLite database or is damaged ({source}); \
+         fieldmq will not start this uplink with an empty queue on its own: move the file \
+         aside (for example `mv {path} {path}.corrupt`, together with any -wal file) to \
+         start with an empty queue, or restore it from a backup",
+        path = path.display()
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "outbox database {path} cannot be created or written ({source}): check that \
+         {dir} exists, is a directory, is writable by the fieldmq user and that the disk \
+         is not full or mounted read-only",
+        path = path.display(),
+        dir = path.parent().map(|d| d.display().to_string()).unwrap_or_default()
+    )]
+    Unwritable {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "outbox database {path} is locked by another process ({source}): is a second \
+         fieldmq running with the same data_dir?",
+        path = path.display()
+    )]
+    Locked {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the directory for outbox {path}: {source}", path = path.display())]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox database {path}: {source}", path = path.display())]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("outbox {path} is closed (its thread stopped)", path = path.display())]
+    Closed { path: PathBuf },
+}
+
+impl StoreError {
+    fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
+        use rusqlite::ErrorCode;
+        let path = path.to_path_buf();
+        match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                StoreError::Corrupt { path, source }
+            }
+            Some(
+                ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::PermissionDenied
+                | ErrorCode::DiskFull,
+            ) => StoreError::Unwritable { path, source },
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                StoreError::Locked { path, source }
+            }
+            _ => StoreError::Sqlite { path, source },
+        }
+    }
+}
+
+/// One message to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// The remote topic (already remapped).
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<Arc<MessageProperties>>,
+}
+
+impl OutboxRecord {
+    /// What the record counts against `max_bytes`.
+    pub fn size(&self) -> u64 {
+        let props = self
+            .properties
+            .as_deref()
+            .map(writer::encode_properties)
+            .map_or(0, |p| p.len());
+        (self.topic.len() + self.payload.len() + props) as u64
+    }
+}
+
+/// A stored message with its position in the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub record: OutboxRecord,
+    /// When it was appended (wall clock).
+    pub enqueued_at: SystemTime,
+}
+
+/// What happened to one [`Outbox::append`] call's records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendReport {
+    /// Records now stored (committed).
+    pub accepted: usize,
+    /// Records of this call refused by `drop_new` or because one alone exceeds `max_bytes`.
+    pub dropped_new: usize,
+    /// Older rows deleted to make room (`drop_oldest`).
+    pub dropped_oldest: usize,
+    /// The seq of the last stored record of this call.
+    pub last_seq: Option<u64>,
+}
+
+/// Why rows left the queue without an acknowledgement. Each has its own persistent counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `drop_oldest` made room.
+    Oldest,
+    /// `drop_new` refused it, or it alone exceeds `max_bytes`.
+    New,
+    /// Older than `max_age`, or its MQTT 5 message expiry passed while queued.
+    Expired,
+    /// The cloud refused it (PUBACK with an error reason code) or it exceeds the cloud's
+    /// maximum packet size: sending it again cannot succeed.
+    Rejected,
+}
+
+/// Persistent drop counters (since the file was created).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    pub oldest: u64,
+    pub new: u64,
+    pub expired: u64,
+    pub rejected: u64,
+}
+
+impl DropCounters {
+    pub fn total(&self) -> u64 {
+        self.oldest + self.new + self.expired + self.rejected
+    }
+}
+
+/// A snapshot of the queue.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutboxStats {
+    /// Rows waiting (including rows in flight).
+    pub depth: u64,
+    /// Their size as counted against `max_bytes`.
+    pub bytes: u64,
+    /// When the oldest row was appended.
+    pub oldest_enqueued: Option<SystemTime>,
+    pub dropped: DropCounters,
+    /// Rows deleted after an acknowledgement (since the file was created).
+    pub acked: u64,
+}
+
+impl OutboxStats {
+    /// Age of the oldest row (backlog age); zero when empty.
+    pub fn oldest_age(&self, now: SystemTime) -> Duration {
+        self.oldest_enqueued
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Handle to the outbox thread. Cheap to clone; the thread stops when the last handle is
+/// dropped or [`Outbox::close`] is called.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<writer::Request>,
+    path: Arc<PathBuf>,
+}
+
+impl Outbox {
+    /// Open (or create) the outbox at `path` and start its thread. Fails with a clear
+    /// [`StoreError`] when the file is damaged, not a database, unwritable or locked.
+    pub async fn open(path: &Path, bounds: QueueConfig) -> Result<Outbox, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+        }
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("fieldmq-outbox".into())
+            .spawn(move || writer::run(thread_path, bounds, rx, ready_tx))
+            .map_err(|source| StoreError::Directory {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        ready_rx.await.map_err(|_| StoreError::Closed {
+            path: path.to_path_buf(),
+        })??;
+        Ok(Outbox {
+            tx,
+            path: Arc::new(path.to_path_buf()),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Store `records` in one transaction (together with whatever else is waiting). Returns
+    /// after the commit; only then do the records count as accepted.
+    pub async fn append(&self, records: Vec<OutboxRecord>) -> Result<AppendReport, StoreError> {
+        self.call(|reply| writer::Request::Append { records, reply })
+            .await
+    }
+
+    /// Up to `limit` rows with `seq > after`, in `seq` order.
+    pub async fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.call(|reply| writer::Request::ReadAfter {
+            after,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Delete rows the cloud acknowledged. Returns after the commit. Unknown seqs (already
+    /// dropped by a bound) are ignored.
+    pub async fn delete(&self, seqs: Vec<u64>) -> Result<(), StoreError> {
+        self.call(|reply| writer::Request::Delete {
+            seqs,
+            reason: None,
+            reply,
+        })
+        .await
+    }
+
+    /// Delete rows that will never be acknowledged, counting them under `reason`.
+    pub async fn discard(&self, seqs: Vec<u64>, reason: DropReason) -> Result<(), StoreError> {
+        self.call(|reply| writer::Request::Delete {
+            seqs,
+            reason: Some(reason),
+            reply,
+        })
+        .await
+    }
+
+    /// Depth, bytes, backlog age and counters. Also applies `max_age` (at most once a second).
+    pub async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        self.call(|reply| writer::Request::Stats { reply }).await
+    }
+
+    /// Checkpoint the WAL and stop the thread. Other clones of this handle get
+    /// [`StoreError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.call(|reply| writer::Request::Close { reply }).await
+    }
+
+    async fn call<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> writer::Request,
+    ) -> Result<T, StoreError> {
+        let (reply, response) = oneshot::channel();
+        let closed = || StoreError::Closed {
+            path: self.path.to_path_buf(),
+        };
+        self.tx
+            .send(request(reply))
+            .await
+            .map_err(|_| closed())?;
+        response.await.map_err(|_| closed())?
+    }
+}
+
+#[cfg(test)]
+mod tests;

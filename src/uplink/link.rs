@@ -1,0 +1,628 @@
+//! The rumqttc side of an uplink: MQTT 5 (`rumqttc::v5`) or 3.1.1 (`rumqttc`) behind one
+//! [`Client`] and one event stream, and the poll task that drives the event loop.
+//!
+//! The poll task only polls: it never awaits a client call (rumqttc's request channel is
+//! drained by the very loop it runs). It turns rumqttc events into [`LinkEvent`]s for the
+//! sender, cloud messages into [`Inbound`]s for the in-route task, and owns reconnects with
+//! exponential backoff and jitter.
+//!
+//! **Reconnect reset.** rumqttc would retransmit unacknowledged publishes itself after a
+//! reconnect; the outbox does that instead (it knows which rows are not yet acknowledged),
+//! so the poll task removes every publish from rumqttc's pending queue after a connection
+//! error, once the sender has confirmed (through [`LinkEvent::Down`]'s `reset` reply) that
+//! it forgot its in-flight mapping and submits nothing until the next
+//! [`LinkEvent::Connected`]. The FIFO of `Outgoing::Publish` events then matches the
+//! sender's FIFO of submissions again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use rumqttc::v5::mqttbytes::v5 as m5;
+use rumqttc::Outgoing;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MqttVersion, UplinkConfig, UrlScheme};
+use crate::model::{MessageProperties, QoS};
+
+/// Largest packet we accept from the cloud.
+const MAX_INCOMING_PACKET: u32 = 1024 * 1024;
+/// Largest packet we send when the cloud sets no limit (MQTT's own limit is 256 MiB).
+const MAX_OUTGOING_PACKET: usize = 16 * 1024 * 1024;
+/// TCP connect + TLS handshake + CONNACK.
+const CONNECT_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug)]
+pub(super) enum LinkEvent {
+    Connected {
+        session_present: bool,
+        /// The cloud's maximum packet size (MQTT 5), if it set one.
+        max_packet_size: Option<u32>,
+    },
+    /// rumqttc wrote a PUBLISH with this packet id (0 for QoS 0), in submission order.
+    Published(u16),
+    /// The final acknowledgement of a QoS 1 (PUBACK) or QoS 2 (PUBCOMP, or a failed PUBREC).
+    Acked {
+        pkid: u16,
+        /// `Some(reason)` when the cloud refused the message (MQTT 5 reason code).
+        refused: Option<String>,
+    },
+    /// The connection failed or could not be made. The sender must forget its in-flight
+    /// mapping, stop submitting until `Connected`, and then reply on `reset`.
+    Down {
+        error: String,
+        reset: oneshot::Sender<()>,
+    },
+    /// DISCONNECT was written (clean shutdown), or the client handles are gone.
+    Stopped,
+}
+
+/// A message from the cloud on one of our subscriptions.
+#[derive(Debug)]
+pub(super) struct Inbound {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    pub properties: Option<MessageProperties>,
+}
+
+#[derive(Debug)]
+pub(super) enum SubmitError {
+    /// rumqttc's request channel is full: try again after the next event.
+    Full,
+    /// The event loop is gone.
+    Closed,
+}
+
+/// A publish, subscribe or disconnect request for rumqttc.
+#[derive(Clone)]
+pub(super) enum Client {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+fn v4_qos(qos: QoS) -> rumqttc::QoS {
+    match qos {
+        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn v5_qos(qos: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match qos {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+fn from_v4_qos(qos: rumqttc::QoS) -> QoS {
+    match qos {
+        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+        rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn from_v5_qos(qos: rumqttc::v5::mqttbytes::QoS) -> QoS {
+    match qos {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn to_v5_properties(p: &MessageProperties) -> m5::PublishProperties {
+    m5::PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type.clone(),
+    }
+}
+
+fn from_v5_properties(p: m5::PublishProperties) -> Option<MessageProperties> {
+    let properties = MessageProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+    };
+    (properties != MessageProperties::default()).then_some(properties)
+}
+
+impl Client {
+    /// Queue a publish without waiting (never blocks the caller on rumqttc's progress).
+    pub(super) fn try_publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+        properties: Option<&MessageProperties>,
+    ) -> Result<(), SubmitError> {
+        let result = match self {
+            Client::V311(client) => client
+                .try_publish(topic, v4_qos(qos), retain, payload.to_vec())
+                .map_err(v4_error),
+            Client::V5(client) => match properties {
+                Some(p) => client.try_publish_with_properties(
+                    topic,
+                    v5_qos(qos),
+                    retain,
+                    payload,
+                    to_v5_properties(p),
+                ),
+                None => client.try_publish(topic, v5_qos(qos), retain, payload),
+            }
+            .map_err(v5_error),
+        };
+        result
+    }
+
+    pub(super) fn try_subscribe(&self, filters: &[(String, QoS)]) -> Result<(), SubmitError> {
+        match self {
+            Client::V311(client) => client
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(*q))),
+                )
+                .map_err(v4_error),
+            Client::V5(client) => client
+                .try_subscribe_many(filters.iter().map(|(f, q)| m5::Filter::new(f, v5_qos(*q))))
+                .map_err(v5_error),
+        }
+    }
+
+    pub(super) fn try_disconnect(&self) -> Result<(), SubmitError> {
+        match self {
+            Client::V311(client) => client.try_disconnect().map_err(v4_error),
+            Client::V5(client) => client.try_disconnect().map_err(v5_error),
+        }
+    }
+}
+
+fn v4_error(e: rumqttc::ClientError) -> SubmitError {
+    match e {
+        rumqttc::ClientError::TryRequest(_) => SubmitError::Full,
+        rumqttc::ClientError::Request(_) => SubmitError::Closed,
+    }
+}
+
+fn v5_error(e: rumqttc::v5::ClientError) -> SubmitError {
+    match e {
+        rumqttc::v5::ClientError::TryRequest(_) => SubmitError::Full,
+        rumqttc::v5::ClientError::Request(_) => SubmitError::Closed,
+    }
+}
+
+/// Everything the poll task needs besides the event loop.
+pub(super) struct PollContext {
+    pub name: Arc<str>,
+    pub events: mpsc::Sender<LinkEvent>,
+    pub inbound: mpsc::Sender<Inbound>,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Stops reconnecting (the poll task then ends at the next error or backoff).
+    pub stop: CancellationToken,
+}
+
+/// Connection settings resolved at start (secrets read, TLS built).
+pub(super) struct LinkSettings {
+    pub password: Option<String>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Build the client and its poll task.
+pub(super) fn connect(
+    config: &UplinkConfig,
+    settings: LinkSettings,
+    window: u16,
+    context: PollContext,
+) -> (Client, tokio::task::JoinHandle<()>) {
+    let host = config.url.host.clone();
+    let port = config.url.port;
+    let transport = match (config.url.scheme, settings.tls) {
+        (UrlScheme::Mqtts | UrlScheme::Wss, Some(tls)) => {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls))
+        }
+        _ => rumqttc::Transport::tcp(),
+    };
+    // Room for the whole window plus subscribes and the final offline/disconnect, so that
+    // `try_*` rarely finds the channel full.
+    let capacity = usize::from(window) + 64;
+    match config.protocol {
+        MqttVersion::V5 => {
+            let mut options =
+                rumqttc::v5::MqttOptions::new(config.client_id.clone(), host.clone(), port);
+            options
+                .set_transport(transport)
+                .set_keep_alive(config.keep_alive.max(Duration::from_secs(1)))
+                .set_clean_start(config.clean_start)
+                .set_request_channel_capacity(capacity)
+                .set_outgoing_inflight_upper_limit(window)
+                .set_max_packet_size(Some(MAX_INCOMING_PACKET))
+                .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+            let expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
+            options.set_session_expiry_interval((expiry > 0).then_some(expiry));
+            if let Some(username) = &config.username {
+                options.set_credentials(
+                    username.clone(),
+                    settings.password.clone().unwrap_or_default(),
+                );
+            }
+            if let Some(will) = &config.will {
+                let delay = u32::try_from(will.delay.as_secs()).unwrap_or(u32::MAX);
+                let properties = (delay > 0).then(|| m5::LastWillProperties {
+                    delay_interval: Some(delay),
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                });
+                options.set_last_will(m5::LastWill::new(
+                    will.topic.clone(),
+                    will.payload.clone().into_bytes(),
+                    v5_qos(will.qos),
+                    will.retain,
+                    properties,
+                ));
+            }
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
+            let task = tokio::spawn(poll_v5(eventloop, context));
+            (Client::V5(client), task)
+        }
+        MqttVersion::V311 => {
+            let mut options = rumqttc::MqttOptions::new(config.client_id.clone(), host, port);
+            options
+                .set_transport(transport)
+                .set_keep_alive(config.keep_alive.max(Duration::from_secs(5)))
+                .set_clean_session(config.clean_start)
+                .set_request_channel_capacity(capacity)
+                .set_inflight(window)
+                .set_max_packet_size(MAX_INCOMING_PACKET as usize, MAX_OUTGOING_PACKET);
+            if let Some(username) = &config.username {
+                options.set_credentials(
+                    username.clone(),
+                    settings.password.clone().unwrap_or_default(),
+                );
+            }
+            if let Some(will) = &config.will {
+                options.set_last_will(rumqttc::LastWill::new(
+                    will.topic.clone(),
+                    will.payload.clone().into_bytes(),
+                    v4_qos(will.qos),
+                    will.retain,
+                ));
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
+            eventloop.set_network_options(network);
+            let task = tokio::spawn(poll_v4(eventloop, context));
+            (Client::V311(client), task)
+        }
+    }
+}
+
+/// Reconnect delays: exponential from `min` to `max`, each drawn uniformly from
+/// `[d/2, d]` so that gateways restarted together do not reconnect together.
+pub(super) struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(super) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min: min.max(Duration::from_millis(10)),
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    pub(super) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub(super) fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        let ceiling = self.min.saturating_mul(factor).min(self.max);
+        let floor = ceiling / 2;
+        let jitter = rand::rng().random_range(0..=(ceiling - floor).as_millis() as u64);
+        floor + Duration::from_millis(jitter)
+    }
+}
+
+/// Logs connection errors once per change of error, not once per attempt.
+struct ErrorLog {
+    name: Arc<str>,
+    last: Option<String>,
+}
+
+impl ErrorLog {
+    fn failed(&mut self, error: &str, retry_in: Duration) {
+        if self.last.as_deref() == Some(error) {
+            tracing::debug!(uplink = %self.name, error, ?retry_in, "uplink still failing");
+        } else {
+            tracing::warn!(uplink = %self.name, error, ?retry_in, "uplink connection failed; retrying with backoff");
+            self.last = Some(error.to_string());
+        }
+    }
+
+    fn connected(&mut self, session_present: bool) {
+        tracing::info!(uplink = %self.name, session_present, "uplink connected");
+        self.last = None;
+    }
+}
+
+/// Add a hint to errors whose cause is not obvious from rumqttc's text.
+pub(super) fn explain(error: String) -> String {
+    let hint = if error.contains("CertificateRequired") {
+        Some("the broker requires a client certificate: set `cert` and `key`")
+    } else if error.contains("UnknownIssuer") {
+        Some("the broker's certificate is not signed by a trusted CA: check `ca`")
+    } else if error.contains("NotValidForName") {
+        Some("the broker's certificate does not name the host in `url`")
+    } else if error.contains("UnknownCA") || error.contains("BadCertificate") {
+        Some("the broker refused our client certificate: is it signed by a CA the broker trusts?")
+    } else if error.contains("BadUserNamePassword") || error.contains("NotAuthorized") {
+        Some("check `username` and the password")
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => format!("{error} ({hint})"),
+        None => error,
+    }
+}
+
+/// What the poll loops do after a connection error: wait for the sender's reset, remove
+/// queued publishes from rumqttc, back off. Returns false when the task must end.
+async fn after_error(
+    context: &PollContext,
+    backoff: &mut Backoff,
+    log: &mut ErrorLog,
+    error: String,
+) -> bool {
+    let error = explain(error);
+    let (reset, done) = oneshot::channel();
+    if context
+        .events
+        .send(LinkEvent::Down {
+            error: error.clone(),
+            reset,
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    // The sender has forgotten its in-flight rows once this resolves (or it is gone).
+    if done.await.is_err() {
+        return false;
+    }
+    let delay = backoff.next_delay();
+    log.failed(&error, delay);
+    tokio::select! {
+        _ = context.stop.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
+}
+
+async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
+    use rumqttc::v5::{ConnectionError, Event, Incoming};
+    let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
+    let mut log = ErrorLog {
+        name: context.name.clone(),
+        last: None,
+    };
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(event) => event,
+            Err(ConnectionError::RequestsDone) => break,
+            Err(e) => {
+                let error = e.to_string();
+                let error = match e {
+                    ConnectionError::ConnectionRefused(code) => {
+                        format!("connection refused by the broker: {code:?}")
+                    }
+                    ConnectionError::Tls(tls) => format!("TLS: {tls}"),
+                    _ => error,
+                };
+                if !after_error(&context, &mut backoff, &mut log, error).await {
+                    break;
+                }
+                // Requests submitted before the sender's reset may still sit in rumqttc's
+                // channel: move them into `pending` and drop every publish (the outbox resends).
+                eventloop.clean();
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, rumqttc::v5::Request::Publish(_)));
+                continue;
+            }
+        };
+        let link_event = match event {
+            Event::Incoming(Incoming::ConnAck(connack)) => {
+                backoff.reset();
+                log.connected(connack.session_present);
+                Some(LinkEvent::Connected {
+                    session_present: connack.session_present,
+                    max_packet_size: connack.properties.and_then(|p| p.max_packet_size),
+                })
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                let refused = !matches!(
+                    ack.reason,
+                    m5::PubAckReason::Success | m5::PubAckReason::NoMatchingSubscribers
+                );
+                Some(LinkEvent::Acked {
+                    pkid: ack.pkid,
+                    refused: refused.then(|| format!("{:?}", ack.reason)),
+                })
+            }
+            Event::Incoming(Incoming::PubRec(rec))
+                if !matches!(
+                    rec.reason,
+                    m5::PubRecReason::Success | m5::PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                Some(LinkEvent::Acked {
+                    pkid: rec.pkid,
+                    refused: Some(format!("{:?}", rec.reason)),
+                })
+            }
+            Event::Incoming(Incoming::PubComp(comp)) => Some(LinkEvent::Acked {
+                pkid: comp.pkid,
+                refused: None,
+            }),
+            Event::Incoming(Incoming::Publish(publish)) => {
+                let inbound = Inbound {
+                    topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                    payload: publish.payload,
+                    qos: from_v5_qos(publish.qos),
+                    retain: publish.retain,
+                    properties: publish.properties.and_then(from_v5_properties),
+                };
+                if context.inbound.send(inbound).await.is_err() {
+                    break;
+                }
+                None
+            }
+            Event::Incoming(Incoming::SubAck(suback)) => {
+                for code in &suback.return_codes {
+                    if !matches!(code, m5::SubscribeReasonCode::Success(_)) {
+                        tracing::warn!(uplink = %context.name, reason = ?code, "cloud refused an in-route subscription");
+                    }
+                }
+                None
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => Some(LinkEvent::Published(pkid)),
+            Event::Outgoing(Outgoing::Disconnect) => {
+                let _ = context.events.send(LinkEvent::Stopped).await;
+                return;
+            }
+            _ => None,
+        };
+        if let Some(link_event) = link_event {
+            if context.events.send(link_event).await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = context.events.send(LinkEvent::Stopped).await;
+}
+
+async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
+    use rumqttc::{ConnectionError, Event, Incoming};
+    let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
+    let mut log = ErrorLog {
+        name: context.name.clone(),
+        last: None,
+    };
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(event) => event,
+            Err(ConnectionError::RequestsDone) => break,
+            Err(e) => {
+                let error = match e {
+                    ConnectionError::ConnectionRefused(code) => {
+                        format!("connection refused by the broker: {code:?}")
+                    }
+                    ConnectionError::Tls(tls) => format!("TLS: {tls}"),
+                    other => other.to_string(),
+                };
+                if !after_error(&context, &mut backoff, &mut log, error).await {
+                    break;
+                }
+                eventloop.clean();
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
+                continue;
+            }
+        };
+        let link_event = match event {
+            Event::Incoming(Incoming::ConnAck(connack)) => {
+                backoff.reset();
+                log.connected(connack.session_present);
+                Some(LinkEvent::Connected {
+                    session_present: connack.session_present,
+                    max_packet_size: None,
+                })
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => Some(LinkEvent::Acked {
+                pkid: ack.pkid,
+                refused: None,
+            }),
+            Event::Incoming(Incoming::PubComp(comp)) => Some(LinkEvent::Acked {
+                pkid: comp.pkid,
+                refused: None,
+            }),
+            Event::Incoming(Incoming::Publish(publish)) => {
+                let inbound = Inbound {
+                    topic: publish.topic,
+                    payload: publish.payload,
+                    qos: from_v4_qos(publish.qos),
+                    retain: publish.retain,
+                    properties: None,
+                };
+                if context.inbound.send(inbound).await.is_err() {
+                    break;
+                }
+                None
+            }
+            Event::Incoming(Incoming::SubAck(suback)) => {
+                for code in &suback.return_codes {
+                    if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
+                        tracing::warn!(uplink = %context.name, "cloud refused an in-route subscription");
+                    }
+                }
+                None
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => Some(LinkEvent::Published(pkid)),
+            Event::Outgoing(Outgoing::Disconnect) => {
+                let _ = context.events.send(LinkEvent::Stopped).await;
+                return;
+            }
+            _ => None,
+        };
+        if let Some(link_event) = link_event {
+            if context.events.send(link_event).await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = context.events.send(LinkEvent::Stopped).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let delays: Vec<Duration> = (0..6).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
+        assert!(delays[3] >= Duration::from_secs(4) && delays[3] <= Duration::from_secs(8));
+        assert!(delays[5] <= Duration::from_secs(8));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,426 @@
+//! Uplinks: one connection per `[[uplinks]]` entry to a cloud broker, with its own SQLite
+//! outbox ([`crate::store`]), routes and status.
+//!
+//! ```text
+//!  local broker ──(out-route subscription "uplink:<name>")──► ingest ──append──► outbox
+//!                                                                  │ (QoS 0, durable = false)
+//!                                                                  ▼
+//!  outbox ──read in seq order──► sender ──try_publish──► rumqttc ──► cloud
+//!                 ▲                 ▲                       │
+//!                 └── delete ◄──────┴──── LinkEvent ◄── poll task (link.rs)
+//!                                                           │ cloud messages
+//!  local broker ◄── publish as "uplink:<name>" ◄── inbound ◄┘
+//! ```
+//!
+//! Tasks per uplink: `ingest` (local → outbox), `sender` (outbox → cloud, acks, birth,
+//! status, clean shutdown), the rumqttc poll task, and `inbound` (cloud → local). The
+//! out-route subscription and the in-route publishes use the same internal name
+//! `uplink:<name>`, and the broker never delivers a message to the subscriber that
+//! published it: a command that came in through an in-route is never sent back out by an
+//! out-route of the same uplink (no bridge loop).
+//!
+//! The queue's invariants are in [`crate::store`]; the ack mapping in `inflight`.
+
+mod ingest;
+mod inflight;
+mod link;
+pub mod route;
+mod sender;
+mod status;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions};
+use crate::config::{GatewayConfig, SecretSource, UplinkConfig, UrlScheme};
+use crate::store::{Outbox, StoreError};
+
+pub use status::UplinkStatus;
+pub use tls::{validate_files, TlsError};
+
+/// Messages waiting between the local broker and the ingest task (the router waits when it
+/// is full: backpressure, no loss).
+const LOCAL_QUEUE: usize = 4096;
+/// Non-durable (QoS 0, `durable = false`) messages waiting for the sender; past it they are
+/// dropped and counted.
+const DIRECT_QUEUE: usize = 1024;
+/// Events from the poll task and cloud messages for the inbound task.
+const EVENT_QUEUE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("uplink {uplink}: {source}")]
+    Outbox { uplink: String, source: StoreError },
+    #[error("uplink {uplink}: {source}")]
+    Tls { uplink: String, source: TlsError },
+    #[error("uplink {uplink}: cannot read the password file {path}: {source}", path = path.display())]
+    PasswordFile {
+        uplink: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("uplink {uplink}: the password variable {var} is not set in the environment")]
+    PasswordEnv { uplink: String, var: String },
+    #[error("uplink {uplink}: {what}")]
+    Unsupported { uplink: String, what: String },
+    #[error("uplink {uplink}: local broker: {source}")]
+    Broker { uplink: String, source: BrokerError },
+    #[error("uplink {uplink}: the MQTT event loop stopped unexpectedly")]
+    LinkStopped { uplink: String },
+    #[error("uplink {uplink}: shutdown deadline passed before {unfinished} finished")]
+    ShutdownDeadline { uplink: String, unfinished: String },
+}
+
+/// The internal name of an uplink on the local broker (subscriber and publisher).
+pub fn internal_name(uplink: &str) -> String {
+    format!("uplink:{uplink}")
+}
+
+/// The outbox file of an uplink: `<data_dir>/uplink-<name>.db` (characters other than
+/// letters, digits, `-`, `_` and `.` in the name become `_`).
+pub fn outbox_path(data_dir: &Path, uplink: &str) -> PathBuf {
+    let safe: String = uplink
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    data_dir.join(format!("uplink-{safe}.db"))
+}
+
+/// The retained status topic of an uplink: `<gateway status topic>/uplinks/<name>`.
+pub fn status_topic(gateway_status_topic: &str, uplink: &str) -> String {
+    format!(
+        "{}/uplinks/{uplink}",
+        gateway_status_topic.trim_end_matches('/')
+    )
+}
+
+/// Problems `fieldmq check` can find without connecting: unusable TLS files, an unreadable
+/// password file, an unsupported URL scheme. A missing password environment variable is
+/// not reported here (systemd may set it only for the service).
+pub fn check(config: &UplinkConfig) -> Vec<UplinkError> {
+    let mut errors = Vec::new();
+    if let Err(e) = transport_supported(config) {
+        errors.push(e);
+    }
+    if let Some(tls) = &config.tls {
+        if let Err(source) = tls::validate_files(tls) {
+            errors.push(UplinkError::Tls {
+                uplink: config.name.clone(),
+                source,
+            });
+        }
+    }
+    if let Some(SecretSource::File(path)) = &config.password {
+        if let Err(e) = read_password(config, &SecretSource::File(path.clone())) {
+            errors.push(e);
+        }
+    }
+    errors
+}
+
+fn transport_supported(config: &UplinkConfig) -> Result<(), UplinkError> {
+    match config.url.scheme {
+        UrlScheme::Mqtt | UrlScheme::Mqtts => Ok(()),
+        UrlScheme::Ws | UrlScheme::Wss => Err(UplinkError::Unsupported {
+            uplink: config.name.clone(),
+            what: "ws:// and wss:// are not supported by this build (rumqttc without its \
+                   `websocket` feature); use mqtt:// or mqtts://"
+                .into(),
+        }),
+    }
+}
+
+fn read_password(config: &UplinkConfig, source: &SecretSource) -> Result<String, UplinkError> {
+    match source {
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
+            .map_err(|source| UplinkError::PasswordFile {
+                uplink: config.name.clone(),
+                path: path.clone(),
+                source,
+            }),
+        SecretSource::Env(var) => std::env::var(var).map_err(|_| UplinkError::PasswordEnv {
+            uplink: config.name.clone(),
+            var: var.clone(),
+        }),
+    }
+}
+
+/// Counters shared between the tasks of one uplink (not persistent).
+#[derive(Debug, Default)]
+struct SharedCounters {
+    /// Non-durable messages dropped (sender busy or disconnected).
+    dropped_not_durable: AtomicU64,
+}
+
+/// A started uplink.
+pub struct RunningUplink {
+    name: String,
+    task: JoinHandle<Result<(), UplinkError>>,
+}
+
+impl RunningUplink {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Wait until the uplink has stopped (after the shutdown token was cancelled, or on a
+    /// fatal error).
+    pub async fn wait(self) -> Result<(), UplinkError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(uplink = %self.name, error = %e, "uplink task panicked");
+                Err(UplinkError::LinkStopped { uplink: self.name })
+            }
+        }
+    }
+}
+
+/// Run one uplink until `shutdown` is cancelled. Convenience for [`start`] + `wait`.
+pub async fn run(
+    config: UplinkConfig,
+    gateway: GatewayConfig,
+    broker: BrokerHandle,
+    shutdown: CancellationToken,
+) -> Result<(), UplinkError> {
+    start(config, &gateway, broker, shutdown).await?.wait().await
+}
+
+/// Open the outbox, build TLS, read the password, subscribe the out-routes locally and
+/// start the uplink's tasks. Errors here (a damaged outbox, a bad certificate, a missing
+/// password) are fatal for this uplink and name the file or setting.
+pub async fn start(
+    config: UplinkConfig,
+    gateway: &GatewayConfig,
+    broker: BrokerHandle,
+    shutdown: CancellationToken,
+) -> Result<RunningUplink, UplinkError> {
+    let name = config.name.clone();
+    transport_supported(&config)?;
+    let tls = match (&config.url.scheme, &config.tls) {
+        (UrlScheme::Mqtts | UrlScheme::Wss, Some(tls)) => Some(tls.clone()),
+        (UrlScheme::Mqtts | UrlScheme::Wss, None) => Some(crate::config::TlsConfig {
+            ca: None,
+            cert: None,
+            key: None,
+            alpn: Vec::new(),
+        }),
+        _ => None,
+    };
+    let tls = match tls {
+        Some(tls) => Some(Arc::new(tls::client_config(&tls).map_err(|source| {
+            UplinkError::Tls {
+                uplink: name.clone(),
+                source,
+            }
+        })?)),
+        None => None,
+    };
+    let password = match &config.password {
+        Some(source) => Some(read_password(&config, source)?),
+        None => None,
+    };
+    let outbox = Outbox::open(&outbox_path(&gateway.data_dir, &name), config.queue.clone())
+        .await
+        .map_err(|source| UplinkError::Outbox {
+            uplink: name.clone(),
+            source,
+        })?;
+
+    let internal = internal_name(&name);
+    let local = if config.routes_out.is_empty() {
+        None
+    } else {
+        let filters = config
+            .routes_out
+            .iter()
+            .map(|r| (r.filter.clone(), r.qos))
+            .collect();
+        Some(
+            broker
+                .subscribe(
+                    &internal,
+                    filters,
+                    InternalSubscribeOptions {
+                        capacity: LOCAL_QUEUE,
+                        send_retained: false,
+                    },
+                )
+                .await
+                .map_err(|source| UplinkError::Broker {
+                    uplink: name.clone(),
+                    source,
+                })?,
+        )
+    };
+
+    let counters = Arc::new(SharedCounters::default());
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (inbound_tx, inbound_rx) = mpsc::channel(EVENT_QUEUE);
+    let (direct_tx, direct_rx) = mpsc::channel(DIRECT_QUEUE);
+    let (appended_tx, appended_rx) = watch::channel(0u64);
+    let poll_stop = CancellationToken::new();
+    let window = config.inflight.max(1);
+    let (client, poll_task) = link::connect(
+        &config,
+        link::LinkSettings { password, tls },
+        window,
+        link::PollContext {
+            name: Arc::from(name.as_str()),
+            events: events_tx,
+            inbound: inbound_tx,
+            reconnect_min: config.reconnect_min,
+            reconnect_max: config.reconnect_max,
+            stop: poll_stop.clone(),
+        },
+    );
+
+    let ingest_task = local.map(|subscription| {
+        tokio::spawn(ingest::run_ingest(ingest::IngestContext {
+            name: name.clone(),
+            routes: config.routes_out.clone(),
+            subscription,
+            outbox: outbox.clone(),
+            direct: direct_tx,
+            appended: appended_tx,
+            counters: counters.clone(),
+            stop: shutdown.clone(),
+        }))
+    });
+    let inbound_task = tokio::spawn(ingest::run_inbound(
+        name.clone(),
+        internal.clone(),
+        config.routes_in.clone(),
+        inbound_rx,
+        broker.clone(),
+    ));
+    let sender_stop = CancellationToken::new();
+    let budget = (gateway.shutdown_timeout * 3 / 4).max(Duration::from_secs(1));
+    let sender_task = tokio::spawn(
+        sender::Sender::new(sender::SenderContext {
+            config: config.clone(),
+            client,
+            outbox: outbox.clone(),
+            broker: broker.clone(),
+            status_topic: status_topic(&gateway.status_topic, &name),
+            internal_name: internal,
+            events: events_rx,
+            direct: direct_rx,
+            appended: appended_rx,
+            counters,
+            stop: sender_stop.clone(),
+            stop_budget: budget / 2,
+        })
+        .run(),
+    );
+
+    let supervisor_name = name.clone();
+    let task = tokio::spawn(async move {
+        let mut sender_task = sender_task;
+        let early = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            result = &mut sender_task => Some(result),
+        };
+        if let Some(result) = early {
+            // The sender ended without a shutdown: the link is gone for good.
+            poll_stop.cancel();
+            poll_task.abort();
+            inbound_task.abort();
+            if let Some(task) = ingest_task {
+                task.abort();
+            }
+            let _ = outbox.close().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(UplinkError::LinkStopped {
+                    uplink: supervisor_name,
+                }),
+            };
+        }
+        shutdown_tasks(
+            &supervisor_name,
+            budget,
+            ingest_task,
+            sender_task,
+            sender_stop,
+            poll_stop,
+            poll_task,
+            inbound_task,
+            outbox,
+        )
+        .await
+    });
+    Ok(RunningUplink { name, task })
+}
+
+/// Stop taking local messages, let the sender flush and say `offline`, close the outbox,
+/// all under `budget`. The error names what did not finish in time.
+#[allow(clippy::too_many_arguments)]
+async fn shutdown_tasks(
+    name: &str,
+    budget: Duration,
+    ingest_task: Option<JoinHandle<()>>,
+    mut sender_task: JoinHandle<Result<(), UplinkError>>,
+    sender_stop: CancellationToken,
+    poll_stop: CancellationToken,
+    mut poll_task: JoinHandle<()>,
+    inbound_task: JoinHandle<()>,
+    outbox: Outbox,
+) -> Result<(), UplinkError> {
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut unfinished = Vec::new();
+    if let Some(mut task) = ingest_task {
+        // Ingest stores what the local broker already handed over, then ends.
+        if tokio::time::timeout_at(deadline - budget / 2, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            unfinished.push("storing the last local messages");
+        }
+    }
+    sender_stop.cancel();
+    let mut result = Ok(());
+    match tokio::time::timeout_at(deadline, &mut sender_task).await {
+        Ok(Ok(r)) => result = r,
+        Ok(Err(_)) => {}
+        Err(_) => {
+            sender_task.abort();
+            unfinished.push("the sender (flush, offline status, disconnect)");
+        }
+    }
+    poll_stop.cancel();
+    if tokio::time::timeout(Duration::from_millis(200), &mut poll_task)
+        .await
+        .is_err()
+    {
+        poll_task.abort();
+    }
+    inbound_task.abort();
+    if let Err(e) = outbox.close().await {
+        tracing::debug!(uplink = name, error = %e, "outbox already closed");
+    }
+    tracing::info!(uplink = name, "uplink stopped");
+    if !unfinished.is_empty() {
+        return Err(UplinkError::ShutdownDeadline {
+            uplink: name.to_string(),
+            unfinished: unfinished.join(", "),
+        });
+    }
+    result
+}

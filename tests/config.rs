@@ -1,0 +1,648 @@
+//! The configuration file: every shipped example is valid, and every kind of mistake is
+//! reported with its line and key path, all at once.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fieldmq::config::{
+    self, ConfigError, DriverConfig, MqttVersion, PayloadFormat, SecretSource, UrlScheme,
+    Waveform, WhenFull,
+};
+use fieldmq::model::{QoS, Value};
+
+/// A valid start for bad configs: lines 1 to 4.
+const HEAD: &str = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n";
+
+/// A valid uplink to append (3 lines).
+const UPLINK: &str = "[[uplinks]]\nname = \"cloud\"\nurl = \"mqtts://broker.example.com:8883\"\n";
+
+fn parse_in(dir: &Path, text: &str) -> Result<config::Config, ConfigError> {
+    config::parse(text, &dir.join("bad.toml"))
+}
+
+fn errors(text: &str) -> ConfigError {
+    let dir = tempfile::tempdir().expect("tempdir");
+    match parse_in(dir.path(), text) {
+        Ok(config) => panic!("expected errors, got a valid config: {config:?}\n{text}"),
+        Err(error) => error,
+    }
+}
+
+fn config_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+fn toml_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("config/ is readable") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            toml_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            found.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let mut files = Vec::new();
+    toml_files(&config_dir(), &mut files);
+    assert!(files.len() >= 2, "expected example configs, found {files:?}");
+    for file in files {
+        if let Err(error) = config::load(&file) {
+            panic!("{} is invalid:\n{error}", file.display());
+        }
+    }
+}
+
+#[test]
+fn the_embedded_demo_runs_without_a_cloud() {
+    let demo = config::demo();
+    assert_eq!(demo.gateway.id, "demo");
+    assert!(demo.gateway.data_dir.ends_with("fieldmq-data"));
+    assert!(demo.gateway.data_dir.is_absolute());
+    assert!(demo.uplinks.is_empty());
+    assert!(demo.broker.allow_anonymous);
+    assert_eq!(demo.broker.listeners.len(), 1);
+    assert_eq!(demo.broker.listeners[0].bind.to_string(), "127.0.0.1:1883");
+    assert_eq!(demo.devices.len(), 1);
+    let device = &demo.devices[0];
+    assert_eq!(device.name, "sim");
+    assert_eq!(device.topic, "{gateway}/{device}/{point}");
+    let DriverConfig::Simulated(sim) = &device.driver;
+    let kinds: Vec<&str> = sim
+        .points
+        .iter()
+        .map(|p| match p.waveform {
+            Waveform::Sine { .. } => "sine",
+            Waveform::Ramp { .. } => "ramp",
+            Waveform::RandomWalk { .. } => "random_walk",
+            Waveform::Constant { .. } => "constant",
+        })
+        .collect();
+    assert_eq!(kinds, ["sine", "ramp", "random_walk", "constant"]);
+    let setpoint = &sim.points[3];
+    assert!(setpoint.writable);
+    assert_eq!(
+        setpoint.waveform,
+        Waveform::Constant {
+            value: Value::Float(21.5)
+        }
+    );
+    assert_eq!(sim.points[0].unit.as_deref(), Some("°C"));
+
+    let summary = demo.summary();
+    assert!(summary.contains("\"demo\""), "{summary}");
+    assert!(summary.contains("127.0.0.1:1883"), "{summary}");
+    assert!(summary.contains("sim: simulated, 4 point(s)"), "{summary}");
+    assert!(summary.contains("uplinks: 0"), "{summary}");
+}
+
+#[test]
+fn a_minimal_config_gets_every_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = parse_in(dir.path(), HEAD).expect("valid");
+    assert_eq!(config.gateway.data_dir, Path::new("/var/lib/fieldmq"));
+    assert_eq!(config.gateway.log_level, "info");
+    assert_eq!(config.gateway.status_topic, "fieldmq/gw/status");
+    assert_eq!(config.gateway.shutdown_timeout, Duration::from_secs(10));
+    assert_eq!(config.broker.listeners.len(), 1);
+    assert_eq!(config.broker.listeners[0].bind.to_string(), "127.0.0.1:1883");
+    assert!(!config.broker.listeners[0].websocket);
+    assert_eq!(config.broker.listeners[0].max_connections, 1000);
+    assert_eq!(config.broker.max_packet_size, 1024 * 1024);
+    assert_eq!(config.broker.max_queued_messages, 1000);
+    assert_eq!(config.broker.max_inflight, 20);
+
+    let text = format!(
+        "{HEAD}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\npoints = [{{ name = \"p\", waveform = \"random_walk\", min = 0, max = 10 }}]\n{UPLINK}"
+    );
+    let config = parse_in(dir.path(), &text).expect("valid");
+    let device = &config.devices[0];
+    assert_eq!(device.poll, Duration::from_secs(1));
+    assert_eq!(device.payload, PayloadFormat::Json);
+    let DriverConfig::Simulated(sim) = &device.driver;
+    assert_eq!(
+        sim.points[0].waveform,
+        Waveform::RandomWalk {
+            min: 0.0,
+            max: 10.0,
+            step: 0.1
+        }
+    );
+    let uplink = &config.uplinks[0];
+    assert_eq!(uplink.protocol, MqttVersion::V5);
+    assert_eq!(uplink.client_id, "gw");
+    assert_eq!(uplink.keep_alive, Duration::from_secs(30));
+    assert_eq!(uplink.session_expiry, Duration::from_secs(3600));
+    assert!(!uplink.clean_start);
+    assert_eq!(uplink.inflight, 100);
+    assert_eq!(uplink.max_rate, None);
+    assert_eq!(uplink.queue.max_messages, 1_000_000);
+    assert_eq!(uplink.queue.max_bytes, 256 * 1024 * 1024);
+    assert_eq!(uplink.queue.max_age, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(uplink.queue.when_full, WhenFull::DropOldest);
+    assert_eq!(
+        (uplink.reconnect_min, uplink.reconnect_max),
+        (Duration::from_secs(1), Duration::from_secs(60))
+    );
+    assert!(uplink.will.is_none() && uplink.birth.is_none());
+    let tls = uplink.tls.as_ref().expect("mqtts has TLS");
+    assert!(tls.ca.is_none() && tls.cert.is_none() && tls.alpn.is_empty());
+    assert_eq!(uplink.url.port, 8883);
+}
+
+#[test]
+fn gateway_id_is_substituted_in_uplink_topics_but_not_in_device_topics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"{HEAD}[[devices]]
+name = "d"
+driver = "simulated"
+points = [{{ name = "p", waveform = "constant", value = true }}]
+{UPLINK}will = {{ topic = "gateways/{{gateway}}/status", delay = "5s" }}
+routes = [
+  {{ out = "plant/#", remote_prefix = "sites/{{gateway}}/", qos = 0, retain = true, durable = false }},
+  {{ out = "fast/#", remote_template = "sites/{{gateway}}/{{topic}}" }},
+  {{ in = "sites/{{gateway}}/cmd/#", local_prefix = "plant/", qos = 2 }},
+]
+"#
+    );
+    let config = parse_in(dir.path(), &text).expect("valid");
+    assert_eq!(config.devices[0].topic, "{gateway}/{device}/{point}");
+    let uplink = &config.uplinks[0];
+    let will = uplink.will.as_ref().expect("will");
+    assert_eq!(will.topic, "gateways/gw/status");
+    assert_eq!(
+        (will.payload.as_str(), will.qos, will.retain, will.delay),
+        ("offline", QoS::AtLeastOnce, true, Duration::from_secs(5))
+    );
+    let birth = uplink.birth.as_ref().expect("birth defaults from the will");
+    assert_eq!(
+        (birth.topic.as_str(), birth.payload.as_str(), birth.retain),
+        ("gateways/gw/status", "online", true)
+    );
+    assert_eq!(uplink.routes_out.len(), 2);
+    let best_effort = &uplink.routes_out[0];
+    assert_eq!(best_effort.remote_prefix.as_deref(), Some("sites/gw/"));
+    assert!(!best_effort.durable && best_effort.retain);
+    assert_eq!(best_effort.qos, QoS::AtMostOnce);
+    let templated = &uplink.routes_out[1];
+    assert_eq!(
+        templated.remote_template.as_deref(),
+        Some("sites/gw/{topic}")
+    );
+    assert!(templated.durable && !templated.retain);
+    assert_eq!(templated.qos, QoS::AtLeastOnce);
+    assert_eq!(uplink.routes_in[0].filter, "sites/gw/cmd/#");
+    assert_eq!(uplink.routes_in[0].local_prefix.as_deref(), Some("plant/"));
+    assert_eq!(uplink.routes_in[0].qos, QoS::ExactlyOnce);
+}
+
+#[test]
+fn relative_files_are_resolved_against_the_config_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/cloud.pass"), "pw\n").expect("write");
+    std::fs::write(dir.path().join("passwd"), "u:hash\n").expect("write");
+    let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n[broker]\npassword_file = \"passwd\"\n\
+                [[uplinks]]\nname = \"c\"\nurl = \"mqtt://h\"\nusername = \"u\"\n\
+                password_file = \"secrets/cloud.pass\"\n";
+    let file = dir.path().join("fieldmq.toml");
+    std::fs::write(&file, text).expect("write");
+    let config = config::load(&file).expect("valid");
+    assert_eq!(config.gateway.data_dir, dir.path().join("data"));
+    assert_eq!(config.broker.password_file, Some(dir.path().join("passwd")));
+    assert!(!config.broker.allow_anonymous);
+    assert_eq!(
+        config.uplinks[0].password,
+        Some(SecretSource::File(dir.path().join("secrets/cloud.pass")))
+    );
+    assert_eq!(config.uplinks[0].url.scheme, UrlScheme::Mqtt);
+    assert!(config.uplinks[0].tls.is_none());
+}
+
+#[test]
+fn an_unreadable_file_is_named_in_the_error() {
+    let error = config::load(Path::new("/nonexistent/fieldmq.toml")).expect_err("missing");
+    let text = error.to_string();
+    assert!(text.starts_with("/nonexistent/fieldmq.toml: cannot read"), "{text}");
+}
+
+#[test]
+fn a_config_with_three_independent_errors_reports_all_three() {
+    let text = format!(
+        r#"[gateway]
+id = "bad/id"
+[broker]
+allow_anonymous = true
+max_inflight = "many"
+[[devices]]
+name = "d"
+driver = "simulated"
+points = [{{ name = "p", waveform = "sinus", min = 0, max = 1 }}]
+{UPLINK}routes = [{{ out = "a/#/b" }}]
+"#
+    );
+    let error = errors(&text);
+    let found: Vec<(Option<usize>, &str)> = error
+        .diagnostics
+        .iter()
+        .map(|d| (d.line, d.key_path.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (Some(2), "gateway.id"),
+            (Some(5), "broker.max_inflight"),
+            (Some(9), "devices[0].points[0].waveform"),
+            (Some(13), "uplinks[0].routes[0].out"),
+        ],
+        "{error}"
+    );
+    assert_eq!(error.to_string().lines().filter(|l| l.contains("bad.toml:")).count(), 4);
+}
+
+#[test]
+fn a_missing_gateway_table_is_reported_without_a_line() {
+    let error = errors("[broker]\nallow_anonymous = true\n");
+    assert_eq!(error.diagnostics.len(), 1, "{error}");
+    assert_eq!(error.diagnostics[0].key_path, "gateway");
+    assert_eq!(error.diagnostics[0].line, None);
+}
+
+/// One bad config: its text, then the line, key path and a piece of the message (and of
+/// the hint) that must be reported.
+struct Case {
+    name: &'static str,
+    text: String,
+    line: usize,
+    key_path: &'static str,
+    message: &'static str,
+    hint: Option<&'static str>,
+}
+
+fn device(points: &str, extra: &str) -> String {
+    format!("{HEAD}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\n{extra}points = [\n{points}\n]\n")
+}
+
+const POINT: &str = "{ name = \"p\", waveform = \"sine\", min = 0.0, max = 1.0 }";
+
+fn cases() -> Vec<Case> {
+    // Any file that exists, where a check needs one.
+    let existing = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let case = |name, text: String, line, key_path, message, hint| Case {
+        name,
+        text,
+        line,
+        key_path,
+        message,
+        hint,
+    };
+    vec![
+        case(
+            "syntax error",
+            "[gateway]\nid = \"gw\"\nlog_level = info\n".into(),
+            3,
+            "gateway.log_level",
+            "expected a value, found the bare word `info`",
+            Some("strings must be quoted: \"info\""),
+        ),
+        case(
+            "unclosed string",
+            format!("{HEAD}[[devices]]\nname = \"d\n"),
+            6,
+            "devices[0].name",
+            "invalid basic string",
+            None,
+        ),
+        case(
+            "unknown key with a hint",
+            device(POINT, "pol = \"1s\"\n"),
+            8,
+            "devices[0].pol",
+            "unknown key `pol`",
+            Some("did you mean `poll`?"),
+        ),
+        case(
+            "unknown top-level table",
+            format!("{HEAD}[[uplink]]\nname = \"x\"\n"),
+            5,
+            "uplink",
+            "unknown key `uplink`",
+            Some("did you mean `uplinks`?"),
+        ),
+        case(
+            "bad duration",
+            device(POINT, "poll = \"1 parsec\"\n"),
+            8,
+            "devices[0].poll",
+            "invalid duration \"1 parsec\"",
+            Some("500ms"),
+        ),
+        case(
+            "bad size",
+            format!("{HEAD}max_packet_size = \"12 parsecs\"\n"),
+            5,
+            "broker.max_packet_size",
+            "invalid size \"12 parsecs\"",
+            Some("256MiB"),
+        ),
+        case(
+            "negative size",
+            format!("{UPLINK}queue = {{ max_bytes = -5 }}\n{HEAD}"),
+            4,
+            "uplinks[0].queue.max_bytes",
+            "invalid size -5",
+            None,
+        ),
+        case(
+            "unknown waveform",
+            device(&format!("{POINT},\n{{ name = \"q\", waveform = \"sinus\" }}"), ""),
+            10,
+            "devices[0].points[1].waveform",
+            "unknown waveform \"sinus\", expected one of sine, ramp, random_walk, constant",
+            Some("did you mean `sine`?"),
+        ),
+        case(
+            "wrong type",
+            format!("{HEAD}max_inflight = \"20\"\n"),
+            5,
+            "broker.max_inflight",
+            "invalid type: string \"20\", expected an integer",
+            None,
+        ),
+        case(
+            "wrong type in a point",
+            device("{ name = \"p\", waveform = \"sine\", min = \"low\", max = 1.0 }", ""),
+            9,
+            "devices[0].points[0].min",
+            "expected a number",
+            None,
+        ),
+        case(
+            "duplicate device",
+            format!("{}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\npoints = [{POINT}]\n", device(POINT, "")),
+            12,
+            "devices[1].name",
+            "duplicate device name \"d\", already used by devices[0] (line 6)",
+            None,
+        ),
+        case(
+            "duplicate point",
+            device(&format!("{POINT},\n{POINT}"), ""),
+            10,
+            "devices[0].points[1].name",
+            "duplicate point name \"p\"",
+            None,
+        ),
+        case(
+            "duplicate listener address",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\n[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nwebsocket = true\n"),
+            8,
+            "broker.listeners[1].bind",
+            "127.0.0.1:1883 is already used by broker.listeners[0] (line 6)",
+            None,
+        ),
+        case(
+            "listener overlapping a wildcard address",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"0.0.0.0:1883\"\n[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\n"),
+            8,
+            "broker.listeners[1].bind",
+            "overlaps 0.0.0.0:1883",
+            None,
+        ),
+        case(
+            "invalid route filter",
+            format!("{HEAD}{UPLINK}routes = [\n  {{ out = \"plant/#/x\" }},\n]\n"),
+            9,
+            "uplinks[0].routes[0].out",
+            "invalid topic filter \"plant/#/x\"",
+            Some("`#` must be the last level"),
+        ),
+        case(
+            "missing password file",
+            format!("[gateway]\nid = \"gw\"\n[broker]\npassword_file = \"passwd\"\n"),
+            4,
+            "broker.password_file",
+            "file not found: ",
+            Some("relative paths are resolved against the config file's directory"),
+        ),
+        case(
+            "missing uplink password file",
+            format!("{HEAD}{UPLINK}username = \"u\"\npassword_file = \"secrets/cloud.pass\"\n"),
+            9,
+            "uplinks[0].password_file",
+            "file not found: ",
+            None,
+        ),
+        case(
+            "cert without key",
+            format!("{HEAD}{UPLINK}cert = \"{existing}\"\n"),
+            8,
+            "uplinks[0].cert",
+            "cert is set without key",
+            Some("both cert and key"),
+        ),
+        case(
+            "durable false with qos 1",
+            format!("{HEAD}{UPLINK}routes = [\n  {{ out = \"fast/#\", qos = 1, durable = false }},\n]\n"),
+            9,
+            "uplinks[0].routes[0].durable",
+            "durable = false is only allowed on QoS 0 routes",
+            Some("qos = 0"),
+        ),
+        case(
+            "bad url scheme",
+            format!("{HEAD}[[uplinks]]\nname = \"cloud\"\nurl = \"https://broker.example.com\"\n"),
+            7,
+            "uplinks[0].url",
+            "unsupported url scheme \"https\"",
+            Some("mqtts://host:8883"),
+        ),
+        case(
+            "empty gateway id",
+            "[gateway]\nid = \"\"\n[broker]\nallow_anonymous = true\n".into(),
+            2,
+            "gateway.id",
+            "must not be empty",
+            None,
+        ),
+        case(
+            "gateway id with a topic wildcard",
+            "[broker]\nallow_anonymous = true\n[gateway]\nid = \"a+b\"\n".into(),
+            4,
+            "gateway.id",
+            "\"a+b\" contains characters other than",
+            None,
+        ),
+        case(
+            "both password_file and password_env",
+            format!("{HEAD}{UPLINK}password_file = \"{existing}\"\npassword_env = \"PW\"\n"),
+            9,
+            "uplinks[0].password_env",
+            "password_file and password_env are both set",
+            None,
+        ),
+        case(
+            "unknown driver",
+            format!("{HEAD}[[devices]]\nname = \"d\"\ndriver = \"simulatd\"\n"),
+            7,
+            "devices[0].driver",
+            "unknown driver \"simulatd\", expected one of simulated",
+            Some("did you mean `simulated`?"),
+        ),
+        case(
+            "min greater than max",
+            device("{ name = \"p\", waveform = \"ramp\", min = 5.0, max = 1.0 }", ""),
+            9,
+            "devices[0].points[0].min",
+            "min (5) is greater than max (1)",
+            None,
+        ),
+        case(
+            "qos out of range",
+            format!("{HEAD}{UPLINK}will = {{ topic = \"s\", qos = 3 }}\n"),
+            8,
+            "uplinks[0].will.qos",
+            "invalid QoS 3, expected 0, 1 or 2",
+            None,
+        ),
+        case(
+            "wildcard in a device topic template",
+            device(POINT, "topic = \"{gateway}/+/{point}\"\n"),
+            8,
+            "devices[0].topic",
+            "contains a wildcard",
+            None,
+        ),
+        case(
+            "route with both directions",
+            format!("{HEAD}{UPLINK}routes = [{{ out = \"a/#\", in = \"b/#\" }}]\n"),
+            8,
+            "uplinks[0].routes[0].in",
+            "either `out` or `in`, not both",
+            None,
+        ),
+        case(
+            "TLS settings on a plain url",
+            format!("{HEAD}[[uplinks]]\nname = \"c\"\nurl = \"mqtt://h\"\n\nca = \"{existing}\"\n"),
+            9,
+            "uplinks[0].ca",
+            "TLS settings need an mqtts:// or wss:// url",
+            None,
+        ),
+        case(
+            "duplicate uplink",
+            format!("{HEAD}{UPLINK}{UPLINK}"),
+            9,
+            "uplinks[1].name",
+            "duplicate uplink name \"cloud\"",
+            None,
+        ),
+        case(
+            "unknown placeholder",
+            format!("{HEAD}{UPLINK}routes = [{{ out = \"a/#\", remote_prefix = \"{{site}}/\" }}]\n"),
+            8,
+            "uplinks[0].routes[0].remote_prefix",
+            "unknown placeholder {site}",
+            Some("{gateway}"),
+        ),
+        case(
+            "missing required key",
+            format!("{HEAD}[[devices]]\ndriver = \"simulated\"\npoints = [{POINT}]\n"),
+            5,
+            "devices[0].name",
+            "missing required key",
+            None,
+        ),
+        case(
+            "no way for clients to connect",
+            "[gateway]\nid = \"gw\"\n[broker]\nmax_inflight = 5\n".into(),
+            3,
+            "broker.allow_anonymous",
+            "no client could connect",
+            Some("allow_anonymous = true"),
+        ),
+        case(
+            "sub-second keep alive",
+            format!("{HEAD}{UPLINK}keep_alive = \"500ms\"\n"),
+            8,
+            "uplinks[0].keep_alive",
+            "not a whole number of seconds",
+            None,
+        ),
+        case(
+            "unknown when_full policy",
+            format!("{HEAD}{UPLINK}queue = {{ when_full = \"drop_olest\" }}\n"),
+            8,
+            "uplinks[0].queue.when_full",
+            "unknown policy \"drop_olest\"",
+            Some("did you mean `drop_oldest`?"),
+        ),
+    ]
+}
+
+#[test]
+fn every_bad_config_is_reported_with_its_line_and_key_path() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let error = errors(&case.text);
+        let rendered = error.to_string();
+        let hit = error.diagnostics.iter().find(|d| {
+            d.line == Some(case.line)
+                && d.key_path == case.key_path
+                && d.message.contains(case.message)
+                && case
+                    .hint
+                    .map_or(true, |hint| d.hint.as_deref().is_some_and(|h| h.contains(hint)))
+        });
+        match hit {
+            Some(diagnostic) => {
+                let shown = diagnostic.to_string();
+                let place = format!("bad.toml:{}:", case.line);
+                assert!(shown.contains(&place), "{}: {shown}", case.name);
+                assert!(shown.contains(&format!(": {}: ", case.key_path)), "{}: {shown}", case.name);
+                assert!(rendered.contains(&shown), "{}: {rendered}", case.name);
+            }
+            None => failures.push(format!(
+                "{}: wanted line {} {} {:?} (hint {:?}), got:\n{rendered}\n--- config:\n{}",
+                case.name, case.line, case.key_path, case.message, case.hint, case.text
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn zz_show() {
+    let text = r#"[gateway]
+id = "bad/id"
+shutdown_timeout = "10 sec"
+colour = 3
+[broker]
+max_packet_size = "1 MiBB"
+[[broker.listeners]]
+bind = "localhost:1883"
+[[devices]]
+name = "d"
+driver = "simulated"
+topic = "{gw}/{point}"
+points = [{ name = "p", waveform = "sinus", min = 0, max = 1, step = 3 }, { name = "c", waveform = "constant", min = 1 }]
+[[devices]]
+name = "e"
+driver = "modbus"
+[[uplinks]]
+name = "c"
+url = "mqtt://u:p@host"
+protocol = 4
+will = { payload = "x" }
+birth = { topic = "t" , delay = "1s"}
+reconnect = { min = "10s", max = "1s" }
+routes = [{ in = "a/+", remote_prefix = "x/" }, { qos = 1 }, {out = "x/#", wat = 1}]
+"#;
+    eprintln!("{}", errors(text));
+    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[[devices]]\nname = 1\n"));
+    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[devices]\nname = 1\n"));
+    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[broker]\nallow_anonymous=true\nlisteners = [{bind='1.2.3.4:1', max_connections=0}]\n[[uplinks]]\nname='u'\nurl='mqtts://x'\nwill = {topic='a'}\ninflight = 0\nqueue = {max_messages=0, max_age='0s', max_bytes=0}\nalpn=[1]\n"));
+}
