@@ -125,7 +125,7 @@ subscribe_one() {
     if [ "${sub_cmd[0]}" = mosquitto_sub ]; then
         timeout 60 mosquitto_sub -h 127.0.0.1 -p "$port" -t "$topic" -C 1 -v
     else
-        timeout 60 "${sub_cmd[@]}" -h 127.0.0.1 -p "$port" "$topic" --count 1
+        timeout 60 "${sub_cmd[@]}" --host 127.0.0.1 --port "$port" "$topic" --count 1
     fi
 }
 

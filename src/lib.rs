@@ -26,3 +26,5 @@ pub mod config;
 pub mod drivers;
 pub mod model;
 pub mod service;
+pub mod store;
+pub mod uplink;

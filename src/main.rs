@@ -10,7 +10,11 @@ use fieldmq::cli::{self, Endpoint};
 use fieldmq::config;
 
 #[derive(Parser)]
-#[command(name = "fieldmq", version, about = "Edge gateway: field devices to MQTT, with durable cloud uplinks")]
+#[command(
+    name = "fieldmq",
+    version,
+    about = "Edge gateway: field devices to MQTT, with durable cloud uplinks"
+)]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -192,11 +196,12 @@ fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(!under_journald);
+        .with_ansi(!under_journald && std::io::stderr().is_terminal());
     if under_journald {
         builder.without_time().init();
     } else {

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fieldmq::config::{
-    self, ConfigError, DriverConfig, MqttVersion, PayloadFormat, SecretSource, UrlScheme,
-    Waveform, WhenFull,
+    self, ConfigError, DriverConfig, MqttVersion, PayloadFormat, SecretSource, UrlScheme, Waveform,
+    WhenFull,
 };
 use fieldmq::model::{QoS, Value};
 
@@ -47,7 +47,10 @@ fn toml_files(dir: &Path, found: &mut Vec<PathBuf>) {
 fn every_example_config_is_valid() {
     let mut files = Vec::new();
     toml_files(&config_dir(), &mut files);
-    assert!(files.len() >= 2, "expected example configs, found {files:?}");
+    assert!(
+        files.len() >= 2,
+        "expected example configs, found {files:?}"
+    );
     for file in files {
         if let Err(error) = config::load(&file) {
             panic!("{} is invalid:\n{error}", file.display());
@@ -107,7 +110,10 @@ fn a_minimal_config_gets_every_default() {
     assert_eq!(config.gateway.status_topic, "fieldmq/gw/status");
     assert_eq!(config.gateway.shutdown_timeout, Duration::from_secs(10));
     assert_eq!(config.broker.listeners.len(), 1);
-    assert_eq!(config.broker.listeners[0].bind.to_string(), "127.0.0.1:1883");
+    assert_eq!(
+        config.broker.listeners[0].bind.to_string(),
+        "127.0.0.1:1883"
+    );
     assert!(!config.broker.listeners[0].websocket);
     assert_eq!(config.broker.listeners[0].max_connections, 1000);
     assert_eq!(config.broker.max_packet_size, 1024 * 1024);
@@ -205,7 +211,8 @@ fn relative_files_are_resolved_against_the_config_directory() {
     std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
     std::fs::write(dir.path().join("secrets/cloud.pass"), "pw\n").expect("write");
     std::fs::write(dir.path().join("passwd"), "u:hash\n").expect("write");
-    let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n[broker]\npassword_file = \"passwd\"\n\
+    let text =
+        "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n[broker]\npassword_file = \"passwd\"\n\
                 [[uplinks]]\nname = \"c\"\nurl = \"mqtt://h\"\nusername = \"u\"\n\
                 password_file = \"secrets/cloud.pass\"\n";
     let file = dir.path().join("fieldmq.toml");
@@ -226,7 +233,10 @@ fn relative_files_are_resolved_against_the_config_directory() {
 fn an_unreadable_file_is_named_in_the_error() {
     let error = config::load(Path::new("/nonexistent/fieldmq.toml")).expect_err("missing");
     let text = error.to_string();
-    assert!(text.starts_with("/nonexistent/fieldmq.toml: cannot read"), "{text}");
+    assert!(
+        text.starts_with("/nonexistent/fieldmq.toml: cannot read"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -260,7 +270,39 @@ points = [{{ name = "p", waveform = "sinus", min = 0, max = 1 }}]
         ],
         "{error}"
     );
-    assert_eq!(error.to_string().lines().filter(|l| l.contains("bad.toml:")).count(), 4);
+    assert_eq!(
+        error
+            .to_string()
+            .lines()
+            .filter(|l| l.contains("bad.toml:"))
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn a_bad_key_does_not_hide_the_rest_of_its_table() {
+    let text = format!(
+        "[gateway]\ncolour = 3\nid = \"bad/id\"\n[broker]\nallow_anonymous = true\n\
+         [[devices]]\nname = 1\ndriver = \"simulated\"\npoll = \"soon\"\npoints = [{POINT}]\n"
+    );
+    let error = errors(&text);
+    let found: Vec<(Option<usize>, &str)> = error
+        .diagnostics
+        .iter()
+        .map(|d| (d.line, d.key_path.as_str()))
+        .collect();
+    // The wrong-typed name is reported once, not again as missing.
+    assert_eq!(
+        found,
+        [
+            (Some(2), "gateway.colour"),
+            (Some(3), "gateway.id"),
+            (Some(7), "devices[0].name"),
+            (Some(9), "devices[0].poll"),
+        ],
+        "{error}"
+    );
 }
 
 #[test]
@@ -283,7 +325,9 @@ struct Case {
 }
 
 fn device(points: &str, extra: &str) -> String {
-    format!("{HEAD}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\n{extra}points = [\n{points}\n]\n")
+    format!(
+        "{HEAD}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\n{extra}points = [\n{points}\n]\n"
+    )
 }
 
 const POINT: &str = "{ name = \"p\", waveform = \"sine\", min = 0.0, max = 1.0 }";
@@ -593,16 +637,20 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
             d.line == Some(case.line)
                 && d.key_path == case.key_path
                 && d.message.contains(case.message)
-                && case
-                    .hint
-                    .map_or(true, |hint| d.hint.as_deref().is_some_and(|h| h.contains(hint)))
+                && case.hint.map_or(true, |hint| {
+                    d.hint.as_deref().is_some_and(|h| h.contains(hint))
+                })
         });
         match hit {
             Some(diagnostic) => {
                 let shown = diagnostic.to_string();
                 let place = format!("bad.toml:{}:", case.line);
                 assert!(shown.contains(&place), "{}: {shown}", case.name);
-                assert!(shown.contains(&format!(": {}: ", case.key_path)), "{}: {shown}", case.name);
+                assert!(
+                    shown.contains(&format!(": {}: ", case.key_path)),
+                    "{}: {shown}",
+                    case.name
+                );
                 assert!(rendered.contains(&shown), "{}: {rendered}", case.name);
             }
             None => failures.push(format!(
@@ -612,37 +660,4 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-}
-
-#[test]
-fn zz_show() {
-    let text = r#"[gateway]
-id = "bad/id"
-shutdown_timeout = "10 sec"
-colour = 3
-[broker]
-max_packet_size = "1 MiBB"
-[[broker.listeners]]
-bind = "localhost:1883"
-[[devices]]
-name = "d"
-driver = "simulated"
-topic = "{gw}/{point}"
-points = [{ name = "p", waveform = "sinus", min = 0, max = 1, step = 3 }, { name = "c", waveform = "constant", min = 1 }]
-[[devices]]
-name = "e"
-driver = "modbus"
-[[uplinks]]
-name = "c"
-url = "mqtt://u:p@host"
-protocol = 4
-will = { payload = "x" }
-birth = { topic = "t" , delay = "1s"}
-reconnect = { min = "10s", max = "1s" }
-routes = [{ in = "a/+", remote_prefix = "x/" }, { qos = 1 }, {out = "x/#", wat = 1}]
-"#;
-    eprintln!("{}", errors(text));
-    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[[devices]]\nname = 1\n"));
-    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[devices]\nname = 1\n"));
-    eprintln!("---\n{}", errors("[gateway]\nid = 'x'\n[broker]\nallow_anonymous=true\nlisteners = [{bind='1.2.3.4:1', max_connections=0}]\n[[uplinks]]\nname='u'\nurl='mqtts://x'\nwill = {topic='a'}\ninflight = 0\nqueue = {max_messages=0, max_age='0s', max_bytes=0}\nalpn=[1]\n"));
 }

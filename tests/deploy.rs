@@ -70,7 +70,11 @@ fn unit_settings(text: &str) -> Vec<(String, String, String)> {
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = name.to_owned();
         } else if let Some((key, value)) = line.split_once('=') {
-            settings.push((section.clone(), key.trim().to_owned(), value.trim().to_owned()));
+            settings.push((
+                section.clone(),
+                key.trim().to_owned(),
+                value.trim().to_owned(),
+            ));
         }
     }
     settings
@@ -84,7 +88,10 @@ fn unit_file_passes_systemd_analyze_verify_without_any_output() {
     let unit = read(repo().join("systemd/fieldmq.service"));
     // verify insists that ExecStart's binary exists: point it at the one cargo built.
     let unit = unit.replace("ExecStart=/usr/bin/fieldmq ", &format!("ExecStart={BIN} "));
-    assert!(unit.contains(BIN), "ExecStart should start with /usr/bin/fieldmq");
+    assert!(
+        unit.contains(BIN),
+        "ExecStart should start with /usr/bin/fieldmq"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fieldmq.service");
     fs::write(&path, unit).expect("write unit copy");
@@ -143,15 +150,25 @@ fn unit_file_has_the_settings_the_gateway_relies_on() {
     assert_eq!(one("StateDirectory"), "fieldmq");
     assert_eq!(one("ConfigurationDirectory"), "fieldmq");
     // systemd must outwait the gateway's own 10 s shutdown deadline.
-    let stop: u64 = one("TimeoutStopSec").parse().expect("TimeoutStopSec in seconds");
-    assert!(stop > 10, "TimeoutStopSec={stop} must exceed the 10 s shutdown deadline");
+    let stop: u64 = one("TimeoutStopSec")
+        .parse()
+        .expect("TimeoutStopSec in seconds");
+    assert!(
+        stop > 10,
+        "TimeoutStopSec={stop} must exceed the 10 s shutdown deadline"
+    );
     assert_eq!(one("ProtectSystem"), "strict");
     assert_eq!(one("CapabilityBoundingSet"), "");
     assert_eq!(one("DevicePolicy"), "closed");
     assert_eq!(one("PrivateDevices"), "no", "serial ports live in /dev");
     assert_eq!(
         get("DeviceAllow"),
-        ["char-ttyUSB rw", "char-ttyACM rw", "char-ttyAMA rw", "char-ttyS rw"]
+        [
+            "char-ttyUSB rw",
+            "char-ttyACM rw",
+            "char-ttyAMA rw",
+            "char-ttyS rw"
+        ]
     );
     assert_eq!(
         one("RestrictAddressFamilies"),
@@ -214,7 +231,10 @@ fn install_script_installs_every_file_with_its_mode_into_destdir() {
     for (path, want) in expected {
         let got = mode(&root.join(path));
         assert_eq!(got, want, "/{path}: mode {got:o}, want {want:o}");
-        assert!(printed.contains(&format!("/{path}")), "install.sh should print /{path}:\n{printed}");
+        assert!(
+            printed.contains(&format!("/{path}")),
+            "install.sh should print /{path}:\n{printed}"
+        );
     }
     assert_eq!(mode(&root.join("etc/fieldmq")), 0o750);
     assert_eq!(
@@ -318,7 +338,8 @@ fn free_port() -> u16 {
 /// MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s, client id "deploy-test") and the
 /// CONNACK that accepts it: proof that READY=1 came from a broker that serves clients.
 fn mqtt_connect_is_accepted(port: u16) -> Result<(), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -328,7 +349,9 @@ fn mqtt_connect_is_accepted(port: u16) -> Result<(), String> {
     variable.extend_from_slice(client_id);
     let mut packet = vec![0x10, variable.len() as u8];
     packet.extend_from_slice(&variable);
-    stream.write_all(&packet).map_err(|e| format!("send CONNECT: {e}"))?;
+    stream
+        .write_all(&packet)
+        .map_err(|e| format!("send CONNECT: {e}"))?;
     let mut connack = [0u8; 4];
     stream
         .read_exact(&mut connack)
@@ -389,7 +412,10 @@ fn gateway_speaks_the_systemd_notify_protocol() {
             .expect("timeout");
         let mut buf = [0u8; 4096];
         let n = manager.recv(&mut buf).ok()?;
-        Some((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()))
+        Some((
+            Instant::now(),
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+        ))
     };
     let mut received: Vec<(Instant, String)> = Vec::new();
 
@@ -412,7 +438,10 @@ fn gateway_speaks_the_systemd_notify_protocol() {
         }
     };
     if let Err(e) = mqtt_connect_is_accepted(port) {
-        panic!("READY=1 was sent but the broker does not serve: {e}\n{}", context(&gateway));
+        panic!(
+            "READY=1 was sent but the broker does not serve: {e}\n{}",
+            context(&gateway)
+        );
     }
 
     // 2. WATCHDOG=1 every WATCHDOG_USEC/2, so never a gap systemd would punish.
@@ -443,7 +472,9 @@ fn gateway_speaks_the_systemd_notify_protocol() {
         "a {longest_gap:?} gap between WATCHDOG=1 pings would have had systemd kill the gateway"
     );
     assert!(
-        received.iter().any(|(_, m)| m.lines().any(|l| l.starts_with("STATUS="))),
+        received
+            .iter()
+            .any(|(_, m)| m.lines().any(|l| l.starts_with("STATUS="))),
         "expected a STATUS= line for `systemctl status`; got {:?}",
         received.iter().map(|(_, m)| m).collect::<Vec<_>>()
     );
@@ -462,7 +493,11 @@ fn gateway_speaks_the_systemd_notify_protocol() {
             break;
         }
     }
-    assert!(stopping, "no STOPPING=1 after SIGTERM\n{}", context(&gateway));
+    assert!(
+        stopping,
+        "no STOPPING=1 after SIGTERM\n{}",
+        context(&gateway)
+    );
     let exit = loop {
         if let Some(exit) = gateway.child.try_wait().expect("try_wait") {
             break exit;

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::PasswordFile;
 use super::protocol::{
-    self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming,
-    Outgoing, PublishIn, PublishOut, ReadError, Version,
+    self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
+    PublishIn, PublishOut, ReadError, Version,
 };
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Inflight, InflightState, Session};
@@ -146,7 +146,12 @@ pub(crate) async fn serve<S>(
         Err(_) => Err(()),
     })
     else {
-        let _ = send_now(&mut stream, connect.version, &refusal(ConnackCode::ServerUnavailable)).await;
+        let _ = send_now(
+            &mut stream,
+            connect.version,
+            &refusal(ConnackCode::ServerUnavailable),
+        )
+        .await;
         return;
     };
 
@@ -198,21 +203,18 @@ pub(crate) async fn serve<S>(
         }
         other => tracing::debug!(%peer, client = %client_id, ?other, "connection closed"),
     }
-    let will = connect
-        .will
-        .filter(|_| publish_will)
-        .map(|will| {
-            let message = Message {
-                topic: Arc::from(will.topic.as_str()),
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-                properties: will.properties.map(Arc::new),
-                origin: Origin::Client(client_id.clone()),
-                received: Instant::now(),
-            };
-            (message, will.delay)
-        });
+    let will = connect.will.filter(|_| publish_will).map(|will| {
+        let message = Message {
+            topic: Arc::from(will.topic.as_str()),
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties: will.properties.map(Arc::new),
+            origin: Origin::Client(client_id.clone()),
+            received: Instant::now(),
+        };
+        (message, will.delay)
+    });
     let _ = router
         .send(RouterRequest::Disconnected {
             client_id,
@@ -221,7 +223,26 @@ pub(crate) async fn serve<S>(
             session_expiry,
         })
         .await;
+    linger_close(&mut stream, &mut read_buf).await;
+}
+
+/// Close our side, then read and discard until the client closes too (briefly). Closing a
+/// socket with unread input makes the kernel send a reset, which can destroy the last
+/// packets we sent (a DISCONNECT reason, the gateway's `offline` status) before the client
+/// reads them.
+async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) {
+    const LINGER: Duration = Duration::from_millis(500);
     let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(LINGER, async {
+        loop {
+            buf.clear();
+            match stream.read_buf(buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_connect<S: AsyncRead + Unpin>(
@@ -345,8 +366,8 @@ impl Connection {
         shutdown: &CancellationToken,
     ) -> Close {
         // MQTT: the server allows one and a half keep-alive periods of silence.
-        let keep_alive = (self.keep_alive > 0)
-            .then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let keep_alive =
+            (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
         loop {
             // Process whatever complete packets are already buffered.
@@ -534,7 +555,9 @@ impl Connection {
             }
             if state.incoming_qos2.len() >= usize::from(self.settings.max_inflight) {
                 drop(state);
-                self.queue(&Outgoing::Disconnect(DisconnectReason::ReceiveMaximumExceeded));
+                self.queue(&Outgoing::Disconnect(
+                    DisconnectReason::ReceiveMaximumExceeded,
+                ));
                 return Some(Close::Abnormal("receive maximum exceeded".into()));
             }
             state.incoming_qos2.insert(publish.pkid);
@@ -635,7 +658,8 @@ impl Connection {
         if matches!(packet, Outgoing::Disconnect(_)) && self.version == Version::V311 {
             return; // 3.1.1 has no server DISCONNECT: closing the socket says it.
         }
-        if let Err(error) = protocol::write(self.version, packet, &mut self.out, self.client_max_packet)
+        if let Err(error) =
+            protocol::write(self.version, packet, &mut self.out, self.client_max_packet)
         {
             tracing::debug!(client = %self.client_id, %error, "packet not sent");
         }

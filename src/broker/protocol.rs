@@ -152,6 +152,22 @@ pub(crate) enum DisconnectReason {
     PacketTooLarge,
 }
 
+impl DisconnectReason {
+    fn text(self) -> &'static str {
+        match self {
+            DisconnectReason::MalformedPacket => "malformed packet",
+            DisconnectReason::ProtocolError => "protocol error",
+            DisconnectReason::ServerShuttingDown => "server shutting down",
+            DisconnectReason::KeepAliveTimeout => "keep alive timeout",
+            DisconnectReason::SessionTakenOver => "session taken over by a new connection",
+            DisconnectReason::TopicNameInvalid => "invalid topic name",
+            DisconnectReason::ReceiveMaximumExceeded => "receive maximum exceeded",
+            DisconnectReason::TopicAliasInvalid => "invalid topic alias",
+            DisconnectReason::PacketTooLarge => "packet too large",
+        }
+    }
+}
+
 /// PUBACK/PUBREC reason codes we send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckReason {
@@ -197,10 +213,7 @@ pub(crate) struct TooLargeForClient {
 }
 
 /// Read the first packet of a connection, choosing the protocol from CONNECT.
-pub(crate) fn read_connect(
-    buf: &mut BytesMut,
-    max_size: u32,
-) -> Result<ConnectRequest, ReadError> {
+pub(crate) fn read_connect(buf: &mut BytesMut, max_size: u32) -> Result<ConnectRequest, ReadError> {
     // Try MQTT 5 first on a copy: its codec names the protocol level it found.
     let mut probe = buf.clone();
     match v5::Packet::read(&mut probe, Some(max_size)) {
@@ -684,9 +697,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 .iter()
                 .map(|c| match c {
                     SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
-                    SubAckCode::TopicFilterInvalid => {
-                        v5::SubscribeReasonCode::TopicFilterInvalid
-                    }
+                    SubAckCode::TopicFilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
                 })
                 .collect(),
             properties: None,
@@ -706,6 +717,8 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
             properties: None,
         }),
         Outgoing::PingResp => v5::Packet::PingResp(v5::PingResp),
+        // Always with properties (a reason string): rumqttc's own decoder cannot read a
+        // DISCONNECT that has a reason code but no property length, which MQTT 5 allows.
         Outgoing::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect {
             reason_code: match reason {
                 DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
@@ -724,7 +737,12 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 }
                 DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
             },
-            properties: None,
+            properties: Some(v5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(reason.text().to_owned()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
         }),
     }
 }

@@ -189,7 +189,8 @@ impl Router {
                 takeover,
                 reply,
             } => {
-                let reply_value = self.connect(client_id, connection, clean_start, session_expiry, takeover);
+                let reply_value =
+                    self.connect(client_id, connection, clean_start, session_expiry, takeover);
                 let _ = reply.send(reply_value);
             }
             RouterRequest::Disconnected {
@@ -197,7 +198,10 @@ impl Router {
                 connection,
                 will,
                 session_expiry,
-            } => self.disconnected(client_id, connection, will, session_expiry).await,
+            } => {
+                self.disconnected(client_id, connection, will, session_expiry)
+                    .await
+            }
             RouterRequest::Subscribe {
                 client_id,
                 filters,
@@ -528,10 +532,9 @@ impl Router {
             let pick = (0..members.len())
                 .map(|offset| members[(*cursor + offset) % members.len()])
                 .find(|&index| match &self.subscriptions[index].subscriber {
-                    Subscriber::Client(c) => self
-                        .sessions
-                        .get(c)
-                        .is_some_and(|e| e.connection.is_some()),
+                    Subscriber::Client(c) => {
+                        self.sessions.get(c).is_some_and(|e| e.connection.is_some())
+                    }
                     Subscriber::Internal(_) => true,
                 })
                 .unwrap_or(members[*cursor % members.len()]);

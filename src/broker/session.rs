@@ -118,7 +118,12 @@ impl Session {
     /// Take the deliveries that may be sent now: QoS 0 always, QoS 1/2 while fewer than
     /// `window` are in flight. Assigns packet ids and records them in flight. Expired
     /// messages are discarded.
-    pub(crate) fn take_sendable(&self, connection: u64, window: usize, now: Instant) -> Vec<Inflight> {
+    pub(crate) fn take_sendable(
+        &self,
+        connection: u64,
+        window: usize,
+        now: Instant,
+    ) -> Vec<Inflight> {
         let mut out = Vec::new();
         if !self.is_owner(connection) {
             return out;

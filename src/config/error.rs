@@ -170,12 +170,14 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// The closest candidate within edit distance 2, if any.
+/// The closest candidate within edit distance 2 (and at most half the word, so that a
+/// short word is not "corrected" into an unrelated one), if any.
 pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    let length = word.chars().count();
     candidates
         .iter()
         .map(|c| (edit_distance(word, c), *c))
-        .filter(|(distance, _)| *distance <= 2)
+        .filter(|(distance, _)| *distance <= 2 && distance * 2 <= length)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, c)| c)
 }
@@ -198,8 +200,8 @@ mod tests {
     #[test]
     fn display_shows_file_line_column_key_path_and_hint() {
         let mut d = Diagnostics::new(Path::new("config/x.toml"), "\n\nab");
-        d.error(Some(3..4), "devices[0].pol", "unknown key `pol`").hint =
-            Some("did you mean `poll`?".into());
+        d.error(Some(3..4), "devices[0].pol", "unknown key `pol`")
+            .hint = Some("did you mean `poll`?".into());
         let e = d.into_error();
         assert_eq!(
             e.to_string(),
@@ -212,6 +214,8 @@ mod tests {
         assert_eq!(closest("pol", &["name", "poll", "points"]), Some("poll"));
         assert_eq!(closest("wavefrom", &["waveform", "min"]), Some("waveform"));
         assert_eq!(closest("colour", &["name", "poll"]), None);
+        assert_eq!(closest("wat", &["out", "in"]), None);
+        assert_eq!(closest("sinus", &["sine", "ramp"]), Some("sine"));
         assert_eq!(edit_distance("", "abc"), 3);
     }
 }

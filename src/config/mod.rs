@@ -104,10 +104,24 @@ pub struct SimulatedPoint {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Waveform {
-    Sine { min: f64, max: f64, period: Duration },
-    Ramp { min: f64, max: f64, period: Duration },
-    RandomWalk { min: f64, max: f64, step: f64 },
-    Constant { value: Value },
+    Sine {
+        min: f64,
+        max: f64,
+        period: Duration,
+    },
+    Ramp {
+        min: f64,
+        max: f64,
+        period: Duration,
+    },
+    RandomWalk {
+        min: f64,
+        max: f64,
+        step: f64,
+    },
+    Constant {
+        value: Value,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -271,7 +285,11 @@ impl Config {
             (Some(file), false) => format!("password file {}", file.display()),
             (None, _) => "anonymous".to_owned(),
         };
-        let _ = writeln!(out, "broker: {} listener(s), auth: {auth}", b.listeners.len());
+        let _ = writeln!(
+            out,
+            "broker: {} listener(s), auth: {auth}",
+            b.listeners.len()
+        );
         for listener in &b.listeners {
             let kind = if listener.websocket { "ws" } else { "mqtt" };
             let _ = writeln!(

@@ -7,7 +7,7 @@
 //!
 //! [`Diagnostic`]: super::Diagnostic
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -28,8 +28,7 @@ use super::raw::{
 use super::{
     BrokerConfig, Config, DeviceConfig, DriverConfig, GatewayConfig, InRoute, ListenerConfig,
     MqttVersion, OutRoute, PayloadFormat, QueueConfig, SecretSource, SimulatedConfig,
-    SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform, WhenFull,
-    WillConfig,
+    SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform, WhenFull, WillConfig,
 };
 use crate::model::{QoS, Value};
 
@@ -96,6 +95,7 @@ pub(crate) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
         d: diagnostics,
         base_dir: base_dir(source),
         gateway_id: String::from("gateway"),
+        reported: HashSet::new(),
     };
     let config = v.document(root, source);
     if v.d.is_empty() {
@@ -170,9 +170,8 @@ fn key_path_from_text(text: &str, offset: usize) -> Option<String> {
     let key_re = KEY.get_or_init(|| {
         Regex::new(r"^\s*([A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_-]+)*)\s*=").expect("key regex")
     });
-    let header_re = HEADER.get_or_init(|| {
-        Regex::new(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]").expect("header regex")
-    });
+    let header_re = HEADER
+        .get_or_init(|| Regex::new(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]").expect("header regex"));
     let before = text.get(..offset)?;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text.get(line_start..)?.lines().next().unwrap_or_default();
@@ -199,6 +198,34 @@ fn key_path_from_text(text: &str, offset: usize) -> Option<String> {
         }
     }
     Some(key)
+}
+
+/// Removes the deepest table entry whose key or value holds `offset`; false when no entry
+/// does (the offset is on the part's own header).
+fn remove_entry_at(value: &mut Spanned<DeValue<'_>>, offset: usize) -> bool {
+    match value.get_mut() {
+        DeValue::Table(table) => {
+            for (_, child) in table.iter_mut() {
+                if remove_entry_at(child, offset) {
+                    return true;
+                }
+            }
+            let found = table
+                .iter()
+                .find(|(key, child)| {
+                    let span = key.span();
+                    (span.start <= offset && offset < span.end)
+                        || key_path_at(child, offset).is_some()
+                })
+                .map(|(key, _)| key.get_ref().to_string());
+            match found {
+                Some(key) => table.remove(key.as_str()).is_some(),
+                None => false,
+            }
+        }
+        DeValue::Array(array) => array.iter_mut().any(|child| remove_entry_at(child, offset)),
+        _ => false,
+    }
 }
 
 fn join_path(prefix: &str, rest: &str) -> String {
@@ -279,9 +306,7 @@ pub(crate) fn parse_url(text: &str) -> Result<UplinkUrl, (String, Option<String>
         "wss" => UrlScheme::Wss,
         other => {
             return Err((
-                format!(
-                    "unsupported url scheme {other:?}, expected one of mqtt, mqtts, ws, wss"
-                ),
+                format!("unsupported url scheme {other:?}, expected one of mqtt, mqtts, ws, wss"),
                 Some(SCHEMES_HINT.into()),
             ))
         }
@@ -371,6 +396,9 @@ struct Validator<'a> {
     base_dir: PathBuf,
     /// Substituted for `{gateway}`; a harmless stand-in while the id itself is invalid.
     gateway_id: String,
+    /// Key paths serde already reported (and removed), so a removed required key is not
+    /// reported again as missing.
+    reported: HashSet<String>,
 }
 
 impl Validator<'_> {
@@ -422,38 +450,45 @@ impl Validator<'_> {
     }
 
     /// Deserializes one part of the document; a serde error becomes a diagnostic whose key
-    /// path starts with `prefix`.
+    /// path starts with `prefix`. The offending key is then removed and serde runs again,
+    /// so every bad key of the part is reported and validation still sees the good ones.
     fn deserialize<T: DeserializeOwned>(
         &mut self,
-        value: Spanned<DeValue<'_>>,
+        mut value: Spanned<DeValue<'_>>,
         prefix: &str,
     ) -> Option<T> {
-        let tree = value.clone();
-        match T::deserialize(value.into_deserializer()) {
-            Ok(raw) => Some(raw),
-            Err(error) => {
-                let span = error.span();
-                let relative = span
-                    .as_ref()
-                    .and_then(|span| key_path_at(&tree, span.start))
-                    .unwrap_or_default();
-                let key_path = join_path(prefix, &relative);
-                let message = error.message();
-                if let Some(rest) = message.strip_prefix("unknown field `") {
-                    let names = backticked(message);
-                    let unknown = rest.split('`').next().unwrap_or_default();
-                    let known: Vec<&str> = names.iter().skip(1).copied().collect();
-                    self.unknown_key(span, &key_path, unknown, &known);
-                } else if message.starts_with("missing field `") {
-                    let field = backticked(message).first().copied().unwrap_or_default();
-                    let key_path = join_path(&key_path, field);
-                    self.d.error(span, key_path, "missing required key");
-                } else {
-                    self.d.error(span, key_path, friendly(message));
-                }
-                None
+        // Bounded: each round removes one key, and a part has few keys.
+        for _ in 0..64 {
+            let error = match T::deserialize(value.clone().into_deserializer()) {
+                Ok(raw) => return Some(raw),
+                Err(error) => error,
+            };
+            let span = error.span();
+            let relative = span
+                .as_ref()
+                .and_then(|span| key_path_at(&value, span.start))
+                .unwrap_or_default();
+            let key_path = join_path(prefix, &relative);
+            let message = error.message();
+            if let Some(rest) = message.strip_prefix("unknown field `") {
+                let names = backticked(message);
+                let unknown = rest.split('`').next().unwrap_or_default();
+                let known: Vec<&str> = names.iter().skip(1).copied().collect();
+                self.unknown_key(span.clone(), &key_path, unknown, &known);
+            } else if message.starts_with("missing field `") {
+                let field = backticked(message).first().copied().unwrap_or_default();
+                let key_path = join_path(&key_path, field);
+                self.d.error(span.clone(), key_path, "missing required key");
+            } else {
+                self.d.error(span.clone(), &key_path, friendly(message));
+            }
+            self.reported.insert(key_path);
+            let removed = span.is_some_and(|span| remove_entry_at(&mut value, span.start));
+            if !removed {
+                return None;
             }
         }
+        None
     }
 
     fn unknown_key(
@@ -474,7 +509,13 @@ impl Validator<'_> {
     }
 
     fn missing(&mut self, span: Range<usize>, key_path: String, hint: Option<&str>) {
-        self.d.error(Some(span), key_path, "missing required key").hint = hint.map(Into::into);
+        if self.reported.contains(&key_path) {
+            // Present but of the wrong type: already reported by serde.
+            return;
+        }
+        self.d
+            .error(Some(span), key_path, "missing required key")
+            .hint = hint.map(Into::into);
     }
 
     fn duration(&mut self, value: &S<String>, key_path: &str) -> Option<Duration> {
@@ -487,7 +528,10 @@ impl Validator<'_> {
                         key_path,
                         format!("invalid duration {:?}: {error}", value.get_ref()),
                     )
-                    .hint = Some("write a number and a unit, like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\"".into());
+                    .hint = Some(
+                    "write a number and a unit, like \"500ms\", \"30s\", \"5m\", \"1h\" or \"7d\""
+                        .into(),
+                );
                 None
             }
         }
@@ -515,7 +559,12 @@ impl Validator<'_> {
     }
 
     /// A duration in whole seconds that fits a `u32` (MQTT intervals).
-    fn seconds_u32(&mut self, value: &Option<S<String>>, key_path: &str, default: Duration) -> Duration {
+    fn seconds_u32(
+        &mut self,
+        value: &Option<S<String>>,
+        key_path: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(value) = value else {
             return default;
         };
@@ -526,7 +575,11 @@ impl Validator<'_> {
             self.d.error(
                 Some(value.span()),
                 key_path,
-                format!("{:?} is too long, the most MQTT allows is {}s", value.get_ref(), u32::MAX),
+                format!(
+                    "{:?} is too long, the most MQTT allows is {}s",
+                    value.get_ref(),
+                    u32::MAX
+                ),
             );
             return default;
         }
@@ -548,7 +601,8 @@ impl Validator<'_> {
         };
         match result {
             Ok(0) => {
-                self.d.error(Some(value.span()), key_path, "must be more than zero");
+                self.d
+                    .error(Some(value.span()), key_path, "must be more than zero");
                 None
             }
             Ok(bytes) => Some(bytes),
@@ -563,7 +617,10 @@ impl Validator<'_> {
                         key_path,
                         format!("invalid size {shown}: {why}"),
                     )
-                    .hint = Some("write bytes as an integer, or a string like \"512KiB\", \"256MiB\" or \"1MB\"".into());
+                    .hint = Some(
+                    "write bytes as an integer, or a string like \"512KiB\", \"256MiB\" or \"1MB\""
+                        .into(),
+                );
                 None
             }
         }
@@ -583,11 +640,12 @@ impl Validator<'_> {
         };
         let n = *value.get_ref();
         if n < min || n > max {
-            self.d.error(
-                Some(value.span()),
-                key_path,
-                format!("{n} is out of range, expected {min} to {max}"),
-            );
+            let message = if max == i64::MAX {
+                format!("{n} is out of range, expected at least {min}")
+            } else {
+                format!("{n} is out of range, expected {min} to {max}")
+            };
+            self.d.error(Some(value.span()), key_path, message);
             return default;
         }
         n
@@ -614,7 +672,8 @@ impl Validator<'_> {
     fn name(&mut self, value: &S<String>, key_path: &str) -> bool {
         let name = value.get_ref();
         if name.is_empty() {
-            self.d.error(Some(value.span()), key_path, "must not be empty");
+            self.d
+                .error(Some(value.span()), key_path, "must not be empty");
             false
         } else if !name_regex().is_match(name) {
             self.d
@@ -663,12 +722,16 @@ impl Validator<'_> {
         self.placeholders(value, key_path, &["gateway"]);
         let topic = self.substitute(value.get_ref());
         if topic.is_empty() {
-            self.d.error(Some(value.span()), key_path, "topic must not be empty");
+            self.d
+                .error(Some(value.span()), key_path, "topic must not be empty");
         } else if topic.contains(['+', '#']) {
             self.d.error(
                 Some(value.span()),
                 key_path,
-                format!("topic {:?} contains a wildcard (`+` or `#`)", value.get_ref()),
+                format!(
+                    "topic {:?} contains a wildcard (`+` or `#`)",
+                    value.get_ref()
+                ),
             );
         }
         topic
@@ -682,7 +745,10 @@ impl Validator<'_> {
             self.d.error(
                 Some(value.span()),
                 key_path,
-                format!("prefix {:?} contains a wildcard (`+` or `#`)", value.get_ref()),
+                format!(
+                    "prefix {:?} contains a wildcard (`+` or `#`)",
+                    value.get_ref()
+                ),
             );
         }
         prefix
@@ -751,7 +817,8 @@ impl Validator<'_> {
         };
         let data_dir = match &raw.data_dir {
             Some(dir) if dir.get_ref().is_empty() => {
-                self.d.error(Some(dir.span()), "gateway.data_dir", "must not be empty");
+                self.d
+                    .error(Some(dir.span()), "gateway.data_dir", "must not be empty");
                 PathBuf::from(DEFAULT_DATA_DIR)
             }
             Some(dir) => self.path(dir.get_ref()),
@@ -884,7 +951,11 @@ impl Validator<'_> {
             DEFAULT_MAX_CONNECTIONS as i64,
         ) as usize;
         let Some(bind) = &raw.get_ref().bind else {
-            self.missing(raw.span(), format!("{prefix}.bind"), Some("e.g. bind = \"0.0.0.0:1883\""));
+            self.missing(
+                raw.span(),
+                format!("{prefix}.bind"),
+                Some("e.g. bind = \"0.0.0.0:1883\""),
+            );
             return None;
         };
         let key_path = format!("{prefix}.bind");
@@ -909,10 +980,14 @@ impl Validator<'_> {
         let (line, _) = self.d.position(bind.span().start);
         if let Some((other, other_index, other_line)) = seen.iter().find(|(other, _, _)| {
             other.port() == addr.port()
-                && (other.ip() == addr.ip() || other.ip().is_unspecified() || addr.ip().is_unspecified())
+                && (other.ip() == addr.ip()
+                    || other.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
         }) {
             let message = if *other == addr {
-                format!("{addr} is already used by broker.listeners[{other_index}] (line {other_line})")
+                format!(
+                    "{addr} is already used by broker.listeners[{other_index}] (line {other_line})"
+                )
             } else {
                 format!("{addr} overlaps {other} of broker.listeners[{other_index}] (line {other_line})")
             };
@@ -958,7 +1033,8 @@ impl Validator<'_> {
                     None
                 }
                 Some((None, span)) => {
-                    self.d.error(Some(span), format!("{prefix}.driver"), "expected a string");
+                    self.d
+                        .error(Some(span), format!("{prefix}.driver"), "expected a string");
                     None
                 }
                 Some((Some(driver), _)) if driver == "simulated" => self
@@ -968,7 +1044,10 @@ impl Validator<'_> {
                     let diagnostic = self.d.error(
                         Some(span),
                         format!("{prefix}.driver"),
-                        format!("unknown driver {driver:?}, expected one of {}", DRIVERS.join(", ")),
+                        format!(
+                            "unknown driver {driver:?}, expected one of {}",
+                            DRIVERS.join(", ")
+                        ),
                     );
                     if let Some(close) = closest(&driver, DRIVERS) {
                         diagnostic.hint = Some(format!("did you mean `{close}`?"));
@@ -1142,7 +1221,11 @@ impl Validator<'_> {
     ) -> Option<Waveform> {
         let key_path = format!("{prefix}.waveform");
         let Some(kind) = &raw.waveform else {
-            self.missing(span, key_path, Some("one of sine, ramp, random_walk, constant"));
+            self.missing(
+                span,
+                key_path,
+                Some("one of sine, ramp, random_walk, constant"),
+            );
             return None;
         };
         let kind_name = kind.get_ref().as_str();
@@ -1192,7 +1275,11 @@ impl Validator<'_> {
 
         if kind_name == "constant" {
             let Some(value) = &raw.value else {
-                self.missing(span, format!("{prefix}.value"), Some("a constant needs value = <number, boolean or string>"));
+                self.missing(
+                    span,
+                    format!("{prefix}.value"),
+                    Some("a constant needs value = <number, boolean or string>"),
+                );
                 return None;
             };
             let value = match value.get_ref() {
@@ -1223,7 +1310,11 @@ impl Validator<'_> {
                 let step = match &raw.step {
                     None => (max - min) / 100.0,
                     Some(step) if !(step.get_ref().is_finite() && *step.get_ref() > 0.0) => {
-                        self.d.error(Some(step.span()), format!("{prefix}.step"), format!("step must be a positive number, found {}", step.get_ref()));
+                        self.d.error(
+                            Some(step.span()),
+                            format!("{prefix}.step"),
+                            format!("step must be a positive number, found {}", step.get_ref()),
+                        );
                         ok = false;
                         0.0
                     }
@@ -1232,7 +1323,11 @@ impl Validator<'_> {
                 Waveform::RandomWalk { min, max, step }
             }
             kind => {
-                let period = self.positive_duration(&raw.period, &format!("{prefix}.period"), DEFAULT_PERIOD);
+                let period = self.positive_duration(
+                    &raw.period,
+                    &format!("{prefix}.period"),
+                    DEFAULT_PERIOD,
+                );
                 if kind == "sine" {
                     Waveform::Sine { min, max, period }
                 } else {
@@ -1243,13 +1338,19 @@ impl Validator<'_> {
         ok.then_some(waveform)
     }
 
-    fn finite(&mut self, value: &Option<S<f64>>, span: Range<usize>, key_path: &str) -> Option<f64> {
+    fn finite(
+        &mut self,
+        value: &Option<S<f64>>,
+        span: Range<usize>,
+        key_path: &str,
+    ) -> Option<f64> {
         let Some(value) = value else {
             self.missing(span, key_path.to_owned(), None);
             return None;
         };
         if !value.get_ref().is_finite() {
-            self.d.error(Some(value.span()), key_path, "must be a finite number");
+            self.d
+                .error(Some(value.span()), key_path, "must be a finite number");
             return None;
         }
         Some(*value.get_ref())
@@ -1310,7 +1411,11 @@ impl Validator<'_> {
 
         let url = match &raw.url {
             None => {
-                self.missing(span.clone(), key("url"), Some("e.g. url = \"mqtts://broker.example.com:8883\""));
+                self.missing(
+                    span.clone(),
+                    key("url"),
+                    Some("e.g. url = \"mqtts://broker.example.com:8883\""),
+                );
                 None
             }
             Some(url) => match parse_url(url.get_ref()) {
@@ -1324,25 +1429,27 @@ impl Validator<'_> {
 
         let protocol = match &raw.protocol {
             None => MqttVersion::V5,
-            Some(protocol) => match protocol.get_ref() {
-                RawScalar::Int(5) => MqttVersion::V5,
-                RawScalar::Text(text) if text == "5" || text == "5.0" => MqttVersion::V5,
-                RawScalar::Text(text) if text == "3.1.1" => MqttVersion::V311,
-                other => {
-                    let shown = match other {
-                        RawScalar::Text(text) => format!("{text:?}"),
-                        RawScalar::Int(i) => i.to_string(),
-                        RawScalar::Float(x) => x.to_string(),
-                        RawScalar::Bool(b) => b.to_string(),
-                    };
-                    self.d.error(
+            Some(protocol) => {
+                match protocol.get_ref() {
+                    RawScalar::Int(5) => MqttVersion::V5,
+                    RawScalar::Text(text) if text == "5" || text == "5.0" => MqttVersion::V5,
+                    RawScalar::Text(text) if text == "3.1.1" => MqttVersion::V311,
+                    other => {
+                        let shown = match other {
+                            RawScalar::Text(text) => format!("{text:?}"),
+                            RawScalar::Int(i) => i.to_string(),
+                            RawScalar::Float(x) => x.to_string(),
+                            RawScalar::Bool(b) => b.to_string(),
+                        };
+                        self.d.error(
                         Some(protocol.span()),
                         key("protocol"),
                         format!("unknown MQTT protocol version {shown}, expected \"5\" or \"3.1.1\""),
                     );
-                    MqttVersion::V5
+                        MqttVersion::V5
+                    }
                 }
-            },
+            }
         };
 
         let client_id = match &raw.client_id {
@@ -1351,7 +1458,8 @@ impl Validator<'_> {
                 self.placeholders(id, &key("client_id"), &["gateway"]);
                 let id_text = self.substitute(id.get_ref());
                 if id_text.is_empty() {
-                    self.d.error(Some(id.span()), key("client_id"), "must not be empty");
+                    self.d
+                        .error(Some(id.span()), key("client_id"), "must not be empty");
                 }
                 id_text
             }
@@ -1363,7 +1471,11 @@ impl Validator<'_> {
                 self.d.error(
                     Some(value.span()),
                     key("keep_alive"),
-                    format!("{:?} is too long, the most MQTT allows is {}s", value.get_ref(), u16::MAX),
+                    format!(
+                        "{:?} is too long, the most MQTT allows is {}s",
+                        value.get_ref(),
+                        u16::MAX
+                    ),
                 );
             }
         }
@@ -1388,7 +1500,10 @@ impl Validator<'_> {
                     self.d.error(
                         Some(env.span()),
                         key("password_env"),
-                        format!("{:?} is not a valid environment variable name", env.get_ref()),
+                        format!(
+                            "{:?} is not a valid environment variable name",
+                            env.get_ref()
+                        ),
                     );
                 }
                 Some(SecretSource::Env(env.get_ref().clone()))
@@ -1402,14 +1517,21 @@ impl Validator<'_> {
                 .or(raw.password_env.as_ref())
                 .map(Spanned::span);
             self.d
-                .error(span, key("username"), "MQTT 3.1.1 does not allow a password without a username")
+                .error(
+                    span,
+                    key("username"),
+                    "MQTT 3.1.1 does not allow a password without a username",
+                )
                 .hint = Some("set username, or use protocol = \"5\"".into());
         }
 
         let tls = self.tls(&raw, url.as_ref(), prefix);
 
-        let session_expiry =
-            self.seconds_u32(&raw.session_expiry, &key("session_expiry"), DEFAULT_SESSION_EXPIRY);
+        let session_expiry = self.seconds_u32(
+            &raw.session_expiry,
+            &key("session_expiry"),
+            DEFAULT_SESSION_EXPIRY,
+        );
 
         let will = raw
             .will
@@ -1491,7 +1613,9 @@ impl Validator<'_> {
                             format!("{prefix}.{name}"),
                             "TLS settings need an mqtts:// or wss:// url",
                         )
-                        .hint = Some(format!("change the url to mqtts:// (port 8883) or wss://, or remove `{name}`"));
+                        .hint = Some(format!(
+                        "change the url to mqtts:// (port 8883) or wss://, or remove `{name}`"
+                    ));
                 }
             }
             return None;
@@ -1511,13 +1635,25 @@ impl Validator<'_> {
         match (&raw.cert, &raw.key) {
             (Some(cert), None) => {
                 self.d
-                    .error(Some(cert.span()), format!("{prefix}.cert"), "cert is set without key")
-                    .hint = Some("client certificate authentication needs both cert and key (its private key)".into());
+                    .error(
+                        Some(cert.span()),
+                        format!("{prefix}.cert"),
+                        "cert is set without key",
+                    )
+                    .hint = Some(
+                    "client certificate authentication needs both cert and key (its private key)"
+                        .into(),
+                );
             }
             (None, Some(key)) => {
                 self.d
-                    .error(Some(key.span()), format!("{prefix}.key"), "key is set without cert")
-                    .hint = Some("client certificate authentication needs both cert and key".into());
+                    .error(
+                        Some(key.span()),
+                        format!("{prefix}.key"),
+                        "key is set without cert",
+                    )
+                    .hint =
+                    Some("client certificate authentication needs both cert and key".into());
             }
             _ => {}
         }
@@ -1528,15 +1664,29 @@ impl Validator<'_> {
             .unwrap_or_default();
         if let Some(list) = &raw.alpn {
             if list.get_ref().iter().any(String::is_empty) {
-                self.d.error(Some(list.span()), format!("{prefix}.alpn"), "ALPN protocol names must not be empty");
+                self.d.error(
+                    Some(list.span()),
+                    format!("{prefix}.alpn"),
+                    "ALPN protocol names must not be empty",
+                );
             }
         }
-        Some(TlsConfig { ca, cert, key, alpn })
+        Some(TlsConfig {
+            ca,
+            cert,
+            key,
+            alpn,
+        })
     }
 
     /// A will (`default` is None) or a birth message (`default` is the will, whose topic
     /// and QoS it takes when they are not set).
-    fn will(&mut self, raw: &S<RawWill>, prefix: &str, will: Option<&WillConfig>) -> Option<WillConfig> {
+    fn will(
+        &mut self,
+        raw: &S<RawWill>,
+        prefix: &str,
+        will: Option<&WillConfig>,
+    ) -> Option<WillConfig> {
         let span = raw.span();
         let raw = raw.get_ref();
         let is_birth = prefix.ends_with("birth");
@@ -1555,7 +1705,11 @@ impl Validator<'_> {
         };
         let delay = if is_birth {
             if let Some(delay) = &raw.delay {
-                self.d.error(Some(delay.span()), format!("{prefix}.delay"), "delay applies only to the will");
+                self.d.error(
+                    Some(delay.span()),
+                    format!("{prefix}.delay"),
+                    "delay applies only to the will",
+                );
             }
             Duration::ZERO
         } else {
@@ -1580,13 +1734,21 @@ impl Validator<'_> {
         };
         let r = raw.get_ref();
         let min = self.positive_duration(&r.min, &format!("{prefix}.min"), DEFAULT_RECONNECT_MIN);
-        let max = self.positive_duration(&r.max, &format!("{prefix}.max"), DEFAULT_RECONNECT_MAX.max(min));
+        let max = self.positive_duration(
+            &r.max,
+            &format!("{prefix}.max"),
+            DEFAULT_RECONNECT_MAX.max(min),
+        );
         if min > max {
             let span = r.min.as_ref().map(Spanned::span).unwrap_or(raw.span());
             self.d.error(
                 Some(span),
                 format!("{prefix}.min"),
-                format!("min ({}) is greater than max ({})", humantime::format_duration(min), humantime::format_duration(max)),
+                format!(
+                    "min ({}) is greater than max ({})",
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ),
             );
         }
         (min, max)
@@ -1615,7 +1777,11 @@ impl Validator<'_> {
                 .size(bytes, &format!("{prefix}.max_bytes"))
                 .unwrap_or(DEFAULT_QUEUE_BYTES);
         }
-        queue.max_age = self.positive_duration(&raw.max_age, &format!("{prefix}.max_age"), DEFAULT_QUEUE_AGE);
+        queue.max_age = self.positive_duration(
+            &raw.max_age,
+            &format!("{prefix}.max_age"),
+            DEFAULT_QUEUE_AGE,
+        );
         if let Some(when_full) = &raw.when_full {
             queue.when_full = match when_full.get_ref().as_str() {
                 "drop_oldest" => WhenFull::DropOldest,
@@ -1643,40 +1809,63 @@ impl Validator<'_> {
         match (&r.out_filter, &r.in_filter) {
             (Some(_), Some(in_filter)) => {
                 self.d
-                    .error(Some(in_filter.span()), key("in"), "a route has either `out` or `in`, not both")
+                    .error(
+                        Some(in_filter.span()),
+                        key("in"),
+                        "a route has either `out` or `in`, not both",
+                    )
                     .hint = Some("write two routes".into());
                 None
             }
             (None, None) => {
                 self.d
-                    .error(Some(span), prefix, "a route needs `out` (local to cloud) or `in` (cloud to local)")
-                    .hint = Some("e.g. { out = \"plant/#\", remote_prefix = \"sites/{gateway}/\" }".into());
+                    .error(
+                        Some(span),
+                        prefix,
+                        "a route needs `out` (local to cloud) or `in` (cloud to local)",
+                    )
+                    .hint =
+                    Some("e.g. { out = \"plant/#\", remote_prefix = \"sites/{gateway}/\" }".into());
                 None
             }
             (Some(filter), None) => {
                 let mut ok = true;
                 if let Some(local) = &r.local_prefix {
                     self.d
-                        .error(Some(local.span()), key("local_prefix"), "local_prefix belongs to `in` routes")
+                        .error(
+                            Some(local.span()),
+                            key("local_prefix"),
+                            "local_prefix belongs to `in` routes",
+                        )
                         .hint = Some("did you mean `remote_prefix`?".into());
                     ok = false;
                 }
                 let filter = self.filter(filter, &key("out"));
-                let remote_prefix = r.remote_prefix.as_ref().map(|p| self.prefix(p, &key("remote_prefix")));
+                let remote_prefix = r
+                    .remote_prefix
+                    .as_ref()
+                    .map(|p| self.prefix(p, &key("remote_prefix")));
                 let remote_template = r.remote_template.as_ref().map(|template| {
                     self.placeholders(template, &key("remote_template"), &["gateway", "topic"]);
                     if template.get_ref().contains(['+', '#']) {
                         self.d.error(
                             Some(template.span()),
                             key("remote_template"),
-                            format!("topic template {:?} contains a wildcard (`+` or `#`)", template.get_ref()),
+                            format!(
+                                "topic template {:?} contains a wildcard (`+` or `#`)",
+                                template.get_ref()
+                            ),
                         );
                     }
                     self.substitute(template.get_ref())
                 });
                 if let (Some(_), Some(template)) = (&r.remote_prefix, &r.remote_template) {
                     self.d
-                        .error(Some(template.span()), key("remote_template"), "remote_prefix and remote_template are both set")
+                        .error(
+                            Some(template.span()),
+                            key("remote_template"),
+                            "remote_prefix and remote_template are both set",
+                        )
                         .hint = Some("keep one of them".into());
                     ok = false;
                 }
@@ -1709,13 +1898,20 @@ impl Validator<'_> {
                 let mut ok = true;
                 let out_only = [
                     ("remote_prefix", r.remote_prefix.as_ref().map(Spanned::span)),
-                    ("remote_template", r.remote_template.as_ref().map(Spanned::span)),
+                    (
+                        "remote_template",
+                        r.remote_template.as_ref().map(Spanned::span),
+                    ),
                     ("retain", r.retain.as_ref().map(Spanned::span)),
                     ("durable", r.durable.as_ref().map(Spanned::span)),
                 ];
                 for (name, span) in out_only {
                     if let Some(span) = span {
-                        let diagnostic = self.d.error(Some(span), key(name), format!("{name} belongs to `out` routes"));
+                        let diagnostic = self.d.error(
+                            Some(span),
+                            key(name),
+                            format!("{name} belongs to `out` routes"),
+                        );
                         if name == "remote_prefix" {
                             diagnostic.hint = Some("did you mean `local_prefix`?".into());
                         }
@@ -1723,7 +1919,10 @@ impl Validator<'_> {
                     }
                 }
                 let filter = self.filter(filter, &key("in"));
-                let local_prefix = r.local_prefix.as_ref().map(|p| self.prefix(p, &key("local_prefix")));
+                let local_prefix = r
+                    .local_prefix
+                    .as_ref()
+                    .map(|p| self.prefix(p, &key("local_prefix")));
                 let qos = self.qos(&r.qos, &key("qos"), QoS::AtLeastOnce);
                 ok.then_some(Route::In(InRoute {
                     filter,
@@ -1760,11 +1959,17 @@ mod tests {
     #[test]
     fn urls_get_default_ports_and_paths() {
         let url = parse_url("mqtts://broker.example.com").expect("valid url");
-        assert_eq!((url.scheme, url.port, url.path.as_str()), (UrlScheme::Mqtts, 8883, ""));
+        assert_eq!(
+            (url.scheme, url.port, url.path.as_str()),
+            (UrlScheme::Mqtts, 8883, "")
+        );
         let url = parse_url("wss://h.example.com").expect("valid url");
         assert_eq!((url.port, url.path.as_str()), (443, "/mqtt"));
         let url = parse_url("ws://[::1]:8080/ws").expect("valid url");
-        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("::1", 8080, "/ws"));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("::1", 8080, "/ws")
+        );
         let url = parse_url("mqtt://10.0.0.1:1884").expect("valid url");
         assert_eq!((url.host.as_str(), url.port), ("10.0.0.1", 1884));
         assert!(parse_url("https://x").is_err());
@@ -1781,9 +1986,15 @@ mod tests {
         let document = DeTable::parse(text).expect("valid toml");
         let root = Spanned::new(document.span(), DeValue::Table(document.into_inner()));
         let offset = text.find("min").expect("min in text");
-        assert_eq!(key_path_at(&root, offset).as_deref(), Some("devices[0].points[0].min"));
+        assert_eq!(
+            key_path_at(&root, offset).as_deref(),
+            Some("devices[0].points[0].min")
+        );
         let offset = text.find("1 }").expect("1 in text");
-        assert_eq!(key_path_at(&root, offset).as_deref(), Some("devices[0].points[0].min"));
+        assert_eq!(
+            key_path_at(&root, offset).as_deref(),
+            Some("devices[0].points[0].min")
+        );
         let offset = text.find("\"x\"").expect("x in text");
         assert_eq!(key_path_at(&root, offset).as_deref(), Some("gateway.id"));
     }

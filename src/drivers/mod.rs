@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
 use crate::config::{DeviceConfig, DriverConfig, PayloadFormat};
-use crate::model::{Message, MessageProperties, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest};
+use crate::model::{
+    Message, MessageProperties, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest,
+};
 
 /// Everything a driver needs to talk to the bus for one device.
 #[derive(Debug, Clone)]
@@ -143,9 +145,8 @@ impl DeviceContext {
         request: &WriteRequest,
         outcome: &WriteOutcome,
     ) -> Result<(), BrokerError> {
-        let payload = serde_json::to_string(outcome).unwrap_or_else(|e| {
-            json!({"status": "error", "reason": e.to_string()}).to_string()
-        });
+        let payload = serde_json::to_string(outcome)
+            .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
         let result_topic = format!("{}/set/result", self.point_topic(&request.point));
         self.broker
             .publish(Message::internal(
@@ -240,11 +241,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Run one device until shutdown.
-pub async fn run_device(
-    device: DeviceConfig,
-    context: DeviceContext,
-    shutdown: CancellationToken,
-) {
+pub async fn run_device(device: DeviceConfig, context: DeviceContext, shutdown: CancellationToken) {
     match &device.driver {
         DriverConfig::Simulated(config) => {
             simulated::run(config.clone(), device.poll, context, shutdown).await

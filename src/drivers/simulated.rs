@@ -40,9 +40,9 @@ impl Generator {
                 let phase = fraction_of_period(elapsed, *period) * std::f64::consts::TAU;
                 Value::Float(round3(min + (max - min) * (0.5 + 0.5 * phase.sin())))
             }
-            Waveform::Ramp { min, max, period } => {
-                Value::Float(round3(min + (max - min) * fraction_of_period(elapsed, *period)))
-            }
+            Waveform::Ramp { min, max, period } => Value::Float(round3(
+                min + (max - min) * fraction_of_period(elapsed, *period),
+            )),
             Waveform::RandomWalk { min, max, step } => {
                 let delta = rng.random_range(-1.0..=1.0) * step;
                 self.walk = (self.walk + delta).clamp(*min, *max);
@@ -173,9 +173,21 @@ mod tests {
     fn waveforms_stay_within_their_bounds() {
         let mut rng = rand::rng();
         let period = Duration::from_secs(10);
-        let mut sine = Generator::new(&point(Waveform::Sine { min: 1.0, max: 3.0, period }));
-        let mut ramp = Generator::new(&point(Waveform::Ramp { min: 0.0, max: 10.0, period }));
-        let mut walk = Generator::new(&point(Waveform::RandomWalk { min: 0.0, max: 1.0, step: 0.5 }));
+        let mut sine = Generator::new(&point(Waveform::Sine {
+            min: 1.0,
+            max: 3.0,
+            period,
+        }));
+        let mut ramp = Generator::new(&point(Waveform::Ramp {
+            min: 0.0,
+            max: 10.0,
+            period,
+        }));
+        let mut walk = Generator::new(&point(Waveform::RandomWalk {
+            min: 0.0,
+            max: 1.0,
+            step: 0.5,
+        }));
         for second in 0..100 {
             let at = Duration::from_millis(second * 370);
             let s = sine.sample(at, &mut rng).as_f64().expect("number");
@@ -185,7 +197,13 @@ mod tests {
             assert!((0.0..10.0).contains(&r), "ramp {r}");
             assert!((0.0..=1.0).contains(&w), "walk {w}");
         }
-        assert_eq!(ramp.sample(Duration::from_secs(5), &mut rng), Value::Float(5.0));
-        assert_eq!(sine.sample(Duration::from_millis(2500), &mut rng), Value::Float(3.0));
+        assert_eq!(
+            ramp.sample(Duration::from_secs(5), &mut rng),
+            Value::Float(5.0)
+        );
+        assert_eq!(
+            sine.sample(Duration::from_millis(2500), &mut rng),
+            Value::Float(3.0)
+        );
     }
 }

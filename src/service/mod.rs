@@ -66,12 +66,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
 
     let mut sources = JoinSet::new();
     for device in config.devices.iter().cloned() {
-        let context = DeviceContext::new(
-            &config.gateway.id,
-            &status_topic,
-            &device,
-            handle.clone(),
-        );
+        let context =
+            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
         sources.spawn(drivers::run_device(device, context, shutdown.clone()));
     }
 
@@ -147,9 +143,8 @@ pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
     }
     let notifier = notify::Notifier::from_env();
     notifier.ready_with_status(&summary);
-    let watchdog = tokio::spawn(
-        notify::Notifier::from_env().run_watchdog(|| true, shutdown.clone()),
-    );
+    let watchdog =
+        tokio::spawn(notify::Notifier::from_env().run_watchdog(|| true, shutdown.clone()));
 
     loop {
         tokio::select! {

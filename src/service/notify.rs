@@ -144,6 +144,7 @@ impl Notifier {
 
     /// A one-line summary shown by `systemctl status fieldmq` ("Status: ..."). Newlines
     /// would end the field, so they are replaced by spaces.
+    #[allow(dead_code)] // for runtime summaries (an uplink going down); unused so far
     pub(crate) fn status(&self, line: &str) {
         let line = self.remember_status(line);
         self.send(&[NotifyState::Status(&line)]);
@@ -360,7 +361,9 @@ mod tests {
     #[test]
     fn ready_with_status_is_one_datagram() {
         let manager = FakeManager::new();
-        manager.notifier().ready_with_status("listening on 127.0.0.1:1883");
+        manager
+            .notifier()
+            .ready_with_status("listening on 127.0.0.1:1883");
         assert_eq!(
             manager.recv(),
             "READY=1\nSTATUS=listening on 127.0.0.1:1883\n"
@@ -498,7 +501,11 @@ mod tests {
         healthy.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(10)).await; // tick at 30 s
         assert_eq!(manager.recv(), "WATCHDOG=1\n");
-        assert_eq!(manager.recv(), "STATUS=2 devices\n", "the service's status is back");
+        assert_eq!(
+            manager.recv(),
+            "STATUS=2 devices\n",
+            "the service's status is back"
+        );
         shutdown.cancel();
         task.await.expect("watchdog task");
     }

@@ -12,7 +12,7 @@ use super::link::Inbound;
 use super::{route, SharedCounters};
 use crate::broker::{BrokerHandle, InternalSubscription};
 use crate::config::{InRoute, OutRoute};
-use crate::model::{Message, Origin, QoS};
+use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
 
 /// Messages stored per append (one transaction may hold several appends).
@@ -127,10 +127,7 @@ pub(super) async fn run_inbound(
             tracing::debug!(uplink = %name, topic = %message.topic, "cloud message matches no in-route");
             continue;
         };
-        let qos = match (message.qos, route.qos) {
-            (a, b) if a <= b => a,
-            (_, b) => b,
-        };
+        let qos = message.qos.min(route.qos);
         let local_message = Message {
             topic: Arc::from(local.as_str()),
             payload: message.payload,
@@ -144,10 +141,4 @@ pub(super) async fn run_inbound(
             tracing::warn!(uplink = %name, topic = %local, error = %e, "cannot publish a cloud message locally");
         }
     }
-}
-
-/// QoS for tests and docs: the lower of two.
-#[allow(dead_code)]
-fn min_qos(a: QoS, b: QoS) -> QoS {
-    a.min(b)
 }

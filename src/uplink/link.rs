@@ -151,7 +151,7 @@ impl Client {
         payload: Bytes,
         properties: Option<&MessageProperties>,
     ) -> Result<(), SubmitError> {
-        let result = match self {
+        match self {
             Client::V311(client) => client
                 .try_publish(topic, v4_qos(qos), retain, payload.to_vec())
                 .map_err(v4_error),
@@ -166,8 +166,7 @@ impl Client {
                 None => client.try_publish(topic, v5_qos(qos), retain, payload),
             }
             .map_err(v5_error),
-        };
-        result
+        }
     }
 
     pub(super) fn try_subscribe(&self, filters: &[(String, QoS)]) -> Result<(), SubmitError> {

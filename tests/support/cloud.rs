@@ -1,0 +1,274 @@
+//! A cloud broker for tests: Mosquitto on a free loopback port, with or without TLS, plus
+//! certificates made with rcgen and a small rumqttc subscriber.
+//!
+//! Tests that need Mosquitto call [`mosquitto_available`] first: on a machine without it
+//! they skip with a message, unless `CI` is set, where a missing Mosquitto is a failure.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// Whether `mosquitto` can be run. Panics in CI when it cannot.
+pub(crate) fn mosquitto_available(test: &str) -> bool {
+    let found = Command::new("mosquitto")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: mosquitto is not installed (required in CI; `apt-get install -y mosquitto`)");
+        }
+        eprintln!("SKIPPED {test}: mosquitto is not on PATH (`apt-get install -y mosquitto`)");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable in tests).
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Certificates for one test: a CA, a server certificate for `localhost`/`127.0.0.1`, a
+/// client certificate signed by the CA, and a second, unrelated CA with its own client.
+pub(crate) struct Certs {
+    pub(crate) dir: PathBuf,
+    pub(crate) ca: PathBuf,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
+    pub(crate) other_ca: PathBuf,
+    pub(crate) other_client_cert: PathBuf,
+    pub(crate) other_client_key: PathBuf,
+}
+
+fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().expect("ca key");
+    let cert = params.self_signed(&key).expect("ca cert");
+    (cert.pem(), Issuer::new(params, key))
+}
+
+fn leaf(
+    name: &str,
+    sans: Vec<SanType>,
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'static, KeyPair>,
+) -> (String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().expect("leaf key");
+    let cert = params.signed_by(&key, issuer).expect("leaf cert");
+    (cert.pem(), key.serialize_pem())
+}
+
+pub(crate) fn make_certs(dir: &Path) -> Certs {
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    let (ca_pem, issuer) = new_ca("fieldmq test CA");
+    let (server_pem, server_key) = leaf(
+        "localhost",
+        vec![
+            SanType::DnsName("localhost".try_into().expect("dns name")),
+            SanType::IpAddress([127, 0, 0, 1].into()),
+        ],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &issuer,
+    );
+    let (client_pem, client_key) = leaf(
+        "line1-pi",
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &issuer,
+    );
+    let (other_pem, other_issuer) = new_ca("some other CA");
+    let (other_client_pem, other_client_key) = leaf(
+        "intruder",
+        Vec::new(),
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &other_issuer,
+    );
+    Certs {
+        dir: dir.to_path_buf(),
+        ca: write("ca.pem", &ca_pem),
+        server_cert: write("server.pem", &server_pem),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_pem),
+        client_key: write("client.key", &client_key),
+        other_ca: write("other-ca.pem", &other_pem),
+        other_client_cert: write("other-client.pem", &other_client_pem),
+        other_client_key: write("other-client.key", &other_client_key),
+    }
+}
+
+/// How to run the cloud broker.
+#[derive(Default, Clone)]
+pub(crate) struct CloudOptions {
+    /// Add a TLS listener that requires a client certificate signed by `certs.ca`.
+    pub(crate) mtls: Option<(PathBufs, bool)>,
+    /// Extra lines for mosquitto.conf.
+    pub(crate) extra: Vec<String>,
+}
+
+/// The certificate files a TLS listener needs.
+#[derive(Clone)]
+pub(crate) struct PathBufs {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+impl From<&Certs> for PathBufs {
+    fn from(c: &Certs) -> Self {
+        PathBufs {
+            ca: c.ca.clone(),
+            cert: c.server_cert.clone(),
+            key: c.server_key.clone(),
+        }
+    }
+}
+
+/// A running Mosquitto. Killed when dropped.
+pub(crate) struct Cloud {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// Plain MQTT listener.
+    pub(crate) port: u16,
+    /// TLS listener, when configured.
+    pub(crate) tls_port: Option<u16>,
+    config: PathBuf,
+}
+
+impl Cloud {
+    pub(crate) fn start(options: CloudOptions) -> Cloud {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let tls_port = options.mtls.as_ref().map(|_| free_port());
+        let mut conf = vec![
+            // Run as root so the test's key files are readable (mosquitto drops to its own
+            // user otherwise).
+            "user root".to_string(),
+            "per_listener_settings false".to_string(),
+            "allow_anonymous true".to_string(),
+            "persistence false".to_string(),
+            "max_queued_messages 0".to_string(),
+            "max_inflight_messages 0".to_string(),
+            "log_type error".to_string(),
+            "log_type warning".to_string(),
+            "log_type notice".to_string(),
+            "log_dest stderr".to_string(),
+            format!("listener {port} 127.0.0.1"),
+        ];
+        if let (Some((files, require_certificate)), Some(tls_port)) = (&options.mtls, tls_port) {
+            conf.push(format!("listener {tls_port} 127.0.0.1"));
+            conf.push(format!("cafile {}", files.ca.display()));
+            conf.push(format!("certfile {}", files.cert.display()));
+            conf.push(format!("keyfile {}", files.key.display()));
+            conf.push(format!("require_certificate {require_certificate}"));
+        }
+        conf.extend(options.extra.iter().cloned());
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(&config, conf.join("\n") + "\n").expect("write mosquitto.conf");
+        let mut cloud = Cloud {
+            child: None,
+            dir,
+            port,
+            tls_port,
+            config,
+        };
+        cloud.restart();
+        cloud
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Start (again) on the same ports and wait until it accepts connections.
+    pub(crate) fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .expect("log file");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(self.addr()).is_ok() {
+                break;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("mosquitto exited at start ({status}): {}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen within 10 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stop it cleanly (SIGTERM: with `persistence true` it saves its sessions).
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop it (SIGKILL: the cloud disappears without goodbye).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
