@@ -105,7 +105,10 @@ async fn one_port_serves_mqtt_3_1_1_and_mqtt_5_clients_that_talk_to_each_other()
 
     let at_v5 = v5.recv().await;
     let at_v3 = v3.recv().await;
-    assert_eq!(message(&at_v5), ("to/new".into(), "hello from 3.1.1".into()));
+    assert_eq!(
+        message(&at_v5),
+        ("to/new".into(), "hello from 3.1.1".into())
+    );
     assert_eq!(message(&at_v3), ("to/old".into(), "hello from 5".into()));
 }
 
@@ -129,11 +132,12 @@ async fn connack_refuses_protocol_level_3_with_return_code_1_and_closes() {
     }
 }
 
-/// MQTT 5 names 0x84 (Unsupported Protocol Version) for a refused *version 5* CONNECT;
-/// there is no version 5 CONNECT we refuse for its version. For a level we do not know
-/// (6) the client may not understand a version 5 CONNACK, so the broker answers like
-/// Mosquitto: a 3.1.1-format CONNACK with return code 1, then closes. MQTT 5 3.1.2.2
-/// allows exactly this ("MAY send a CONNACK with 0x84 ... or a 3.1.1 return code").
+/// MQTT 5 3.1.2.2: a server that does not accept the Protocol Version MAY answer with
+/// 0x84 (Unsupported Protocol Version) and MUST close. We never refuse a version 5
+/// CONNECT for its version, so 0x84 has no use; for a level we do not know (6) we cannot
+/// know which CONNACK format the client reads, and answer in 3.1.1 format with return
+/// code 1 (unacceptable protocol version), which 3.1.1 requires [MQTT-3.1.2-2] and which
+/// any client reads as a refusal, then close.
 #[tokio::test]
 async fn connack_answers_an_unknown_protocol_level_6_with_a_3_1_1_refusal_code_1() {
     let broker = start_default().await;
@@ -175,7 +179,10 @@ async fn connack_refuses_a_connection_over_max_connections_with_3_in_3_1_1_and_0
 
     // The first connection is untouched by the refusals.
     first.send(&packet::pingreq()).await;
-    assert_eq!(first.recv().await.expect("PINGRESP").bytes, vec![0xD0, 0x00]);
+    assert_eq!(
+        first.recv().await.expect("PINGRESP").bytes,
+        vec![0xD0, 0x00]
+    );
 }
 
 #[tokio::test]
@@ -207,8 +214,7 @@ async fn connack_refuses_a_wrong_password_with_4_in_3_1_1_and_0x86_in_5() {
 }
 
 #[tokio::test]
-async fn connack_refuses_anonymous_clients_when_anonymous_is_off_with_5_in_3_1_1_and_0x87_in_5()
-{
+async fn connack_refuses_anonymous_clients_when_anonymous_is_off_with_5_in_3_1_1_and_0x87_in_5() {
     let broker = mqtt::start_with_password("user", "pw").await;
     for (version, refused) in [(Version::V311, 5), (Version::V5, 0x87)] {
         let (mut raw, connack) = Raw::connect(broker.addr, &connect_for(version, "anon")).await;
@@ -257,8 +263,12 @@ async fn an_empty_client_id_gets_an_assigned_client_identifier_in_mqtt_5() {
 async fn an_empty_client_id_with_clean_session_is_accepted_in_3_1_1_and_works() {
     let broker = start_default().await;
     let mut raw = Raw::connected(broker.addr, &Connect::v311("")).await;
-    raw.send(&packet::subscribe(false, 1, &[("anon/t", 0)])).await;
-    assert_eq!(raw.recv().await.expect("SUBACK").bytes, vec![0x90, 0x03, 0x00, 0x01, 0x00]);
+    raw.send(&packet::subscribe(false, 1, &[("anon/t", 0)]))
+        .await;
+    assert_eq!(
+        raw.recv().await.expect("SUBACK").bytes,
+        vec![0x90, 0x03, 0x00, 0x01, 0x00]
+    );
     raw.send(&packet::publish(false, b"anon/t", 0, false, 0, b"me"))
         .await;
     let (received, _) = raw.recv().await.expect("PUBLISH").publish(Version::V311);
@@ -274,7 +284,14 @@ async fn keep_alive_0_keeps_a_silent_connection_open() {
     let broker = start_default().await;
     let connect = |version| Connect {
         keep_alive: 0,
-        ..connect_for(version, if version == Version::V5 { "quiet5" } else { "quiet3" })
+        ..connect_for(
+            version,
+            if version == Version::V5 {
+                "quiet5"
+            } else {
+                "quiet3"
+            },
+        )
     };
     let mut v3 = Raw::connected(broker.addr, &connect(Version::V311)).await;
     let mut v5 = Raw::connected(broker.addr, &connect(Version::V5)).await;
@@ -468,7 +485,14 @@ async fn a_second_connection_with_the_same_client_id_takes_the_session_over() {
             .await;
         assert_eq!(second.recv().await.expect("SUBACK").kind(), 9);
         second
-            .send(&packet::publish(v5, topic.as_bytes(), 0, false, 0, b"still here"))
+            .send(&packet::publish(
+                v5,
+                topic.as_bytes(),
+                0,
+                false,
+                0,
+                b"still here",
+            ))
             .await;
         let (received, _) = second.recv().await.expect("PUBLISH").publish(version);
         assert_eq!(message(&received), (topic, "still here".into()));
@@ -506,7 +530,8 @@ async fn persistent_session_queues_while_away(version: Version) {
 
     // A new persistent session is not present yet.
     let mut away = Raw::connected(broker.addr, &first_connect).await;
-    away.send(&packet::subscribe(v5, 1, &[("durable/#", 1)])).await;
+    away.send(&packet::subscribe(v5, 1, &[("durable/#", 1)]))
+        .await;
     assert_eq!(away.recv().await.expect("SUBACK").kind(), 9);
     away.send(&packet::disconnect()).await;
     assert!(away.expect_closed().await.is_empty());
@@ -514,13 +539,26 @@ async fn persistent_session_queues_while_away(version: Version) {
     let mut publisher = Client::connect(Version::V311, broker.addr, "publisher").await;
     for n in 0..3 {
         publisher
-            .publish(&format!("durable/{n}"), 1, false, format!("m{n}").as_bytes())
+            .publish(
+                &format!("durable/{n}"),
+                1,
+                false,
+                format!("m{n}").as_bytes(),
+            )
             .await;
     }
-    publisher.publish("durable/qos0", 0, false, b"not kept").await;
+    publisher
+        .publish("durable/qos0", 0, false, b"not kept")
+        .await;
     let stats = broker.handle.stats().await.expect("stats");
-    assert_eq!(stats.clients_connected, 1, "only the publisher is connected");
-    assert_eq!(stats.sessions, 2, "the away client's session is kept in memory");
+    assert_eq!(
+        stats.clients_connected, 1,
+        "only the publisher is connected"
+    );
+    assert_eq!(
+        stats.sessions, 2,
+        "the away client's session is kept in memory"
+    );
 
     let (mut back, connack) = Raw::connect(broker.addr, &reconnect).await;
     assert_eq!(connack.connack(), (true, 0), "session present on reconnect");
@@ -556,7 +594,8 @@ async fn an_mqtt_5_session_with_expiry_queues_qos_1_while_away_and_delivers_on_r
 async fn an_mqtt_5_session_without_expiry_ends_with_the_connection() {
     let broker = start_default().await;
     let mut away = Raw::connected(broker.addr, &Connect::v5("fleeting")).await;
-    away.send(&packet::subscribe(true, 1, &[("fleeting/#", 1)])).await;
+    away.send(&packet::subscribe(true, 1, &[("fleeting/#", 1)]))
+        .await;
     assert_eq!(away.recv().await.expect("SUBACK").kind(), 9);
     away.send(&packet::disconnect()).await;
     assert!(away.expect_closed().await.is_empty());
@@ -635,8 +674,7 @@ async fn qos_matrix(version: Version) {
     let broker = start_default().await;
     let mut subscribers = Vec::new();
     for sub_qos in 0..3u8 {
-        let mut client =
-            Client::connect(version, broker.addr, &format!("sub-qos{sub_qos}")).await;
+        let mut client = Client::connect(version, broker.addr, &format!("sub-qos{sub_qos}")).await;
         assert_eq!(client.subscribe("m/#", sub_qos).await, Some(sub_qos));
         subscribers.push(client);
     }
@@ -968,7 +1006,10 @@ async fn broker_handle_publish_reaches_a_network_subscriber() {
         .await
         .expect("publish");
     let received = client.recv().await;
-    assert_eq!(message(&received), ("plant/boiler/temp".into(), "81.5".into()));
+    assert_eq!(
+        message(&received),
+        ("plant/boiler/temp".into(), "81.5".into())
+    );
     assert_eq!(received.qos, 1);
 }
 
@@ -1000,7 +1041,11 @@ async fn an_internal_subscriber_does_not_receive_what_it_published_under_its_own
     let filters = vec![("loop/#".to_owned(), QoS::AtLeastOnce)];
     let mut bridge = broker
         .handle
-        .subscribe("bridge", filters.clone(), InternalSubscribeOptions::default())
+        .subscribe(
+            "bridge",
+            filters.clone(),
+            InternalSubscribeOptions::default(),
+        )
         .await
         .expect("subscribe");
     let mut observer = broker
@@ -1012,7 +1057,13 @@ async fn an_internal_subscriber_does_not_receive_what_it_published_under_its_own
     for (origin, topic) in [("bridge", "loop/own"), ("driver", "loop/other")] {
         let matched = broker
             .handle
-            .publish_and_wait(Message::internal(origin, topic, "x", QoS::AtLeastOnce, false))
+            .publish_and_wait(Message::internal(
+                origin,
+                topic,
+                "x",
+                QoS::AtLeastOnce,
+                false,
+            ))
             .await
             .expect("publish");
         assert!(matched, "{topic} matched a subscriber");
@@ -1025,7 +1076,10 @@ async fn an_internal_subscriber_does_not_receive_what_it_published_under_its_own
     assert!(bridge.try_recv().is_none());
     // Someone else does get it.
     assert_eq!(topic(within("observer", observer.recv()).await), "loop/own");
-    assert_eq!(topic(within("observer", observer.recv()).await), "loop/other");
+    assert_eq!(
+        topic(within("observer", observer.recv()).await),
+        "loop/other"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1040,7 +1094,8 @@ async fn mqtt_5_receive_maximum_caps_unacknowledged_publishes_to_the_client() {
         ..Connect::v5("slow")
     };
     let mut slow = Raw::connected(broker.addr, &connect).await;
-    slow.send(&packet::subscribe(true, 1, &[("flow/#", 1)])).await;
+    slow.send(&packet::subscribe(true, 1, &[("flow/#", 1)]))
+        .await;
     assert_eq!(slow.recv().await.expect("SUBACK").kind(), 9);
 
     let mut publisher = Client::connect(Version::V311, broker.addr, "fast").await;
@@ -1087,4 +1142,3 @@ async fn mqtt_5_receive_maximum_caps_unacknowledged_publishes_to_the_client() {
     }
     assert_eq!(slow.until_ping_barrier().await, Vec::<Frame>::new());
 }
-

@@ -466,7 +466,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "missing password file",
-            format!("[gateway]\nid = \"gw\"\n[broker]\npassword_file = \"passwd\"\n"),
+            "[gateway]\nid = \"gw\"\n[broker]\npassword_file = \"passwd\"\n".into(),
             4,
             "broker.password_file",
             "file not found: ",

@@ -72,8 +72,11 @@ pub(crate) async fn start(config: BrokerConfig) -> TestBroker {
 pub(crate) async fn start_with_password(user: &str, password: &str) -> TestBroker {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("passwd");
-    std::fs::write(&path, format!("{}\n", broker::hash_password(user, password)))
-        .expect("write password file");
+    std::fs::write(
+        &path,
+        format!("{}\n", broker::hash_password(user, password)),
+    )
+    .expect("write password file");
     let mut config = config();
     config.allow_anonymous = false;
     config.password_file = Some(path);
@@ -116,7 +119,10 @@ pub(crate) struct Received {
 /// The events the tests care about, the same for both protocol versions.
 #[derive(Debug)]
 enum Ev {
-    ConnAck { accepted: bool, session_present: bool },
+    ConnAck {
+        accepted: bool,
+        session_present: bool,
+    },
     /// Granted QoS per filter; `None` for a failure code.
     SubAck(Vec<Option<u8>>),
     PubAck,
@@ -305,7 +311,9 @@ impl Client {
                         accepted: true,
                         session_present,
                     } => return session_present,
-                    Ev::ConnAck { accepted: false, .. } => panic!("connection refused"),
+                    Ev::ConnAck {
+                        accepted: false, ..
+                    } => panic!("connection refused"),
                     _ => {}
                 }
             }
