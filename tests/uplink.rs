@@ -238,7 +238,13 @@ async fn start_uplink(
 
 async fn publish_local(broker: &BrokerHandle, topic: &str, payload: &str, qos: QoS) {
     broker
-        .publish(Message::internal("test", topic, payload.to_string(), qos, false))
+        .publish(Message::internal(
+            "test",
+            topic,
+            payload.to_string(),
+            qos,
+            false,
+        ))
         .await
         .unwrap();
 }
@@ -372,7 +378,13 @@ async fn mqtt_3_1_1_and_5_uplinks_work_with_fieldmqs_own_broker_as_the_cloud() {
         .await
         .unwrap();
     for name in ["v311", "v5"] {
-        publish_local(&local.handle, &format!("plant/{name}/t"), name, QoS::AtLeastOnce).await;
+        publish_local(
+            &local.handle,
+            &format!("plant/{name}/t"),
+            name,
+            QoS::AtLeastOnce,
+        )
+        .await;
         assert_eq!(
             watcher.next(Duration::from_secs(10)).await,
             Some((format!("sites/{name}/t"), name.to_string()))
@@ -474,7 +486,11 @@ async fn mtls_is_refused_with_a_wrong_ca_or_no_client_certificate_with_a_clear_e
                 &certs.ca,
                 Some((&certs.other_client_cert, &certs.other_client_key)),
             ),
-            &["refused our client certificate", "UnknownCA", "BadCertificate"],
+            &[
+                "refused our client certificate",
+                "UnknownCA",
+                "BadCertificate",
+            ],
         ),
         (
             "no-client-cert",
@@ -537,7 +553,10 @@ fn bad_tls_files_are_reported_with_the_file_name() {
     assert!(err.to_string().contains("garbage.pem"), "{err}");
     let err = uplink::validate_files(&tls(&certs.ca, Some(&certs.client_cert), Some(&garbage)))
         .unwrap_err();
-    assert!(err.to_string().contains("garbage.pem") && err.to_string().contains("private key"), "{err}");
+    assert!(
+        err.to_string().contains("garbage.pem") && err.to_string().contains("private key"),
+        "{err}"
+    );
     let err = uplink::validate_files(&tls(&certs.ca, Some(&certs.client_cert), None)).unwrap_err();
     assert!(err.to_string().contains("needs both"), "{err}");
     let missing = dir.path().join("missing.pem");
@@ -596,7 +615,9 @@ async fn a_command_published_while_the_gateway_is_away_is_delivered_when_it_reco
         }
     }
     assert!(delivered, "the in-route works before the gateway goes away");
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), local_cmds.recv()).await {}
+    while let Ok(Some(_)) =
+        tokio::time::timeout(Duration::from_millis(300), local_cmds.recv()).await
+    {}
     first.cancel();
     running.wait().await.unwrap();
 
@@ -659,7 +680,10 @@ fn assert_complete_in_order(received: &[u64], count: u64) -> usize {
     for &n in received {
         if seen.insert(n) {
             if let Some(last) = last {
-                assert!(n > last, "{n} arrived after {last} (first arrivals must be in order)");
+                assert!(
+                    n > last,
+                    "{n} arrived after {last} (first arrivals must be in order)"
+                );
             }
             last = Some(n);
         }
@@ -678,10 +702,15 @@ async fn after_an_outage_100000_queued_messages_all_arrive_in_order() {
     const COUNT: u64 = 100_000;
     let mut cloud = persistent_cloud();
     // Register the subscriber's session, then take the cloud down.
-    CloudClient::connect(cloud.addr(), "subscriber", &[&format!("sites/{GATEWAY}/seq")], true)
-        .await
-        .disconnect()
-        .await;
+    CloudClient::connect(
+        cloud.addr(),
+        "subscriber",
+        &[&format!("sites/{GATEWAY}/seq")],
+        true,
+    )
+    .await
+    .disconnect()
+    .await;
     cloud.stop();
 
     let dir = tempfile::tempdir().unwrap();
@@ -702,9 +731,13 @@ async fn after_an_outage_100000_queued_messages_all_arrive_in_order() {
 
     cloud.restart();
     let mut subscriber = CloudClient::connect(cloud.addr(), "subscriber", &[], true).await;
-    let received = collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(120)).await;
+    let received =
+        collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(120)).await;
     let duplicates = assert_complete_in_order(&received, COUNT);
-    assert_eq!(duplicates, 0, "no restart, no reconnect during the drain: no duplicates");
+    assert_eq!(
+        duplicates, 0,
+        "no restart, no reconnect during the drain: no duplicates"
+    );
     wait_status(&local.handle, "cloud", Duration::from_secs(20), |s| {
         s["queue_depth"] == 0
     })
@@ -720,10 +753,15 @@ async fn max_messages_drops_the_oldest_counts_them_and_the_status_shows_it() {
     }
     init_logs();
     let mut cloud = persistent_cloud();
-    CloudClient::connect(cloud.addr(), "subscriber", &[&format!("sites/{GATEWAY}/seq")], true)
-        .await
-        .disconnect()
-        .await;
+    CloudClient::connect(
+        cloud.addr(),
+        "subscriber",
+        &[&format!("sites/{GATEWAY}/seq")],
+        true,
+    )
+    .await
+    .disconnect()
+    .await;
     cloud.stop();
 
     let dir = tempfile::tempdir().unwrap();
@@ -747,7 +785,11 @@ async fn max_messages_drops_the_oldest_counts_them_and_the_status_shows_it() {
     cloud.restart();
     let mut subscriber = CloudClient::connect(cloud.addr(), "subscriber", &[], true).await;
     let received = collect_sequence(&mut subscriber, 100, Duration::from_secs(30)).await;
-    assert_eq!(received, (50..150).collect::<Vec<u64>>(), "the oldest 50 were dropped");
+    assert_eq!(
+        received,
+        (50..150).collect::<Vec<u64>>(),
+        "the oldest 50 were dropped"
+    );
     shutdown.cancel();
     running.wait().await.unwrap();
 }
@@ -760,14 +802,25 @@ async fn a_corrupt_outbox_stops_the_uplink_at_start_with_an_error_naming_the_fil
     let shutdown = CancellationToken::new();
     let local = local_broker(false, &shutdown).await;
     let config = uplink_config("cloud", cloud::free_port());
-    let err = match uplink::start(config, &gateway(dir.path()), local.handle.clone(), shutdown.clone()).await {
+    let err = match uplink::start(
+        config,
+        &gateway(dir.path()),
+        local.handle.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
         Ok(_) => panic!("a corrupt outbox must not start"),
         Err(err) => err,
     };
     let text = err.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("move the file aside"), "{text}");
-    assert_eq!(std::fs::read(&path).unwrap(), vec![0xa5u8; 4096], "the file is left alone");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        vec![0xa5u8; 4096],
+        "the file is left alone"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -864,7 +917,10 @@ impl GatewayProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "the gateway did not exit");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not exit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -944,18 +1000,23 @@ async fn sigterm_sends_offline_before_disconnect_and_no_will() {
 }
 
 #[tokio::test]
-async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_most_the_window_per_kill()
-{
+async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_most_the_window_per_kill(
+) {
     if !mosquitto_available("ten_kills") {
         return;
     }
     const COUNT: u64 = 100_000;
     const INFLIGHT: usize = 100;
     let mut cloud = persistent_cloud();
-    CloudClient::connect(cloud.addr(), "subscriber", &[&format!("sites/{GATEWAY}/seq")], true)
-        .await
-        .disconnect()
-        .await;
+    CloudClient::connect(
+        cloud.addr(),
+        "subscriber",
+        &[&format!("sites/{GATEWAY}/seq")],
+        true,
+    )
+    .await
+    .disconnect()
+    .await;
     cloud.stop();
     let dir = tempfile::tempdir().unwrap();
     let config = gateway_toml(dir.path(), cloud.port, "");
@@ -992,7 +1053,10 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
         if status["queue_depth"] == COUNT {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "queue never reached {COUNT}: {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue never reached {COUNT}: {status}"
+        );
     }
     drop(status_sub);
     publisher.disconnect().await;
@@ -1005,7 +1069,8 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
         gateway.kill9();
         gateway = GatewayProcess::start(&gateway.config.clone());
     }
-    let received = collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(180)).await;
+    let received =
+        collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(180)).await;
     let duplicates = assert_complete_in_order(&received, COUNT);
     assert!(
         duplicates <= 10 * INFLIGHT,

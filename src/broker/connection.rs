@@ -601,7 +601,7 @@ impl Connection {
     fn resend_inflight(&mut self) {
         for entry in self.session.inflight_snapshot() {
             match entry.state {
-                InflightState::AwaitingPubComp => self.queue(&Outgoing::PubRel(entry.pkid)),
+                InflightState::Released => self.queue(&Outgoing::PubRel(entry.pkid)),
                 _ => self.queue_publish(&entry, true),
             }
         }

@@ -24,13 +24,14 @@ pub(crate) struct Delivery {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an in-flight message waits for.
 pub(crate) enum InflightState {
     /// QoS 1 sent, waiting for PUBACK.
-    AwaitingPubAck,
+    Qos1Sent,
     /// QoS 2 sent, waiting for PUBREC.
-    AwaitingPubRec,
+    Qos2Sent,
     /// PUBREL sent, waiting for PUBCOMP.
-    AwaitingPubComp,
+    Released,
 }
 
 #[derive(Debug, Clone)]
@@ -144,7 +145,7 @@ impl Session {
                 out.push(Inflight {
                     pkid: 0,
                     delivery,
-                    state: InflightState::AwaitingPubAck,
+                    state: InflightState::Qos1Sent,
                 });
                 continue;
             }
@@ -155,9 +156,9 @@ impl Session {
             let entry = Inflight {
                 pkid,
                 state: if delivery.qos == QoS::AtLeastOnce {
-                    InflightState::AwaitingPubAck
+                    InflightState::Qos1Sent
                 } else {
-                    InflightState::AwaitingPubRec
+                    InflightState::Qos2Sent
                 },
                 delivery,
             };
@@ -178,7 +179,7 @@ impl Session {
         let position = state
             .inflight
             .iter()
-            .position(|i| i.pkid == pkid && i.state == InflightState::AwaitingPubAck);
+            .position(|i| i.pkid == pkid && i.state == InflightState::Qos1Sent);
         match position {
             Some(index) => {
                 state.inflight.remove(index);
@@ -194,10 +195,10 @@ impl Session {
         match state
             .inflight
             .iter_mut()
-            .find(|i| i.pkid == pkid && i.state != InflightState::AwaitingPubAck)
+            .find(|i| i.pkid == pkid && i.state != InflightState::Qos1Sent)
         {
             Some(entry) => {
-                entry.state = InflightState::AwaitingPubComp;
+                entry.state = InflightState::Released;
                 true
             }
             None => false,
@@ -210,7 +211,7 @@ impl Session {
         let position = state
             .inflight
             .iter()
-            .position(|i| i.pkid == pkid && i.state == InflightState::AwaitingPubComp);
+            .position(|i| i.pkid == pkid && i.state == InflightState::Released);
         match position {
             Some(index) => {
                 state.inflight.remove(index);

@@ -321,10 +321,7 @@ impl Outbox {
         let closed = || StoreError::Closed {
             path: self.path.to_path_buf(),
         };
-        self.tx
-            .send(request(reply))
-            .await
-            .map_err(|_| closed())?;
+        self.tx.send(request(reply)).await.map_err(|_| closed())?;
         response.await.map_err(|_| closed())?
     }
 }

@@ -42,7 +42,10 @@ async fn appended_rows_are_read_back_in_order_and_survive_a_reopen() {
     let report = outbox.append(records(0..10)).await.unwrap();
     assert_eq!(report.accepted, 10);
     let rows = outbox.read_after(0, 100).await.unwrap();
-    assert_eq!(payloads(&rows), (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        payloads(&rows),
+        (0..10).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
     assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
     let after_third = outbox.read_after(rows[2].seq, 3).await.unwrap();
     assert_eq!(payloads(&after_third), ["3", "4", "5"]);
@@ -157,7 +160,10 @@ async fn discarded_rows_count_as_rejected() {
         .await
         .unwrap();
     let stats = outbox.stats().await.unwrap();
-    assert_eq!((stats.depth, stats.dropped.rejected, stats.acked), (1, 1, 0));
+    assert_eq!(
+        (stats.depth, stats.dropped.rejected, stats.acked),
+        (1, 1, 0)
+    );
 }
 
 #[tokio::test]
@@ -196,7 +202,10 @@ async fn concurrent_appends_are_group_committed_and_all_accepted() {
         let outbox = outbox.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                outbox.append(records(t * 1000 + i..t * 1000 + i + 1)).await.unwrap();
+                outbox
+                    .append(records(t * 1000 + i..t * 1000 + i + 1))
+                    .await
+                    .unwrap();
             }
         }));
     }

@@ -191,7 +191,9 @@ impl Writer {
                 .prepare("SELECT name, value FROM counters")
                 .map_err(err)?;
             let rows = stmt
-                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
                 .map_err(err)?;
             for row in rows {
                 let (name, value) = row.map_err(err)?;
@@ -210,16 +212,16 @@ impl Writer {
         let mut writer = Writer {
             conn,
             queue: Queue {
-            path: path.to_path_buf(),
-            bounds,
-            depth: u64::try_from(depth).unwrap_or(0),
-            bytes: u64::try_from(bytes).unwrap_or(0),
-            oldest_enqueued_ms: None,
-            dropped,
-            acked,
-            counters_dirty: false,
-            last_expiry: None,
-            drop_log: DropLog::default(),
+                path: path.to_path_buf(),
+                bounds,
+                depth: u64::try_from(depth).unwrap_or(0),
+                bytes: u64::try_from(bytes).unwrap_or(0),
+                oldest_enqueued_ms: None,
+                dropped,
+                acked,
+                counters_dirty: false,
+                last_expiry: None,
+                drop_log: DropLog::default(),
             },
         };
         writer.queue.oldest_enqueued_ms = writer.query_oldest().map_err(err)?;
@@ -300,12 +302,12 @@ impl Writer {
                     limit,
                     reply,
                 } => {
-                    let result = self.read_after(after, limit).map_err(|source| {
-                        StoreError::Sqlite {
-                            path: self.queue.path.clone(),
-                            source,
-                        }
-                    });
+                    let result =
+                        self.read_after(after, limit)
+                            .map_err(|source| StoreError::Sqlite {
+                                path: self.queue.path.clone(),
+                                source,
+                            });
                     let _ = reply.send(result);
                 }
                 Request::Stats { reply } => {
@@ -352,11 +354,7 @@ impl Writer {
             }
         }
 
-        if expire
-            && queue
-                .last_expiry
-                .is_none_or_elapsed(EXPIRY_INTERVAL)
-        {
+        if expire && queue.last_expiry.is_none_or_elapsed(EXPIRY_INTERVAL) {
             queue.last_expiry = Some(Instant::now());
             let expired = queue.expire(&tx)?;
             changed_front |= expired > 0;
@@ -522,7 +520,10 @@ impl Queue {
         let (total, pending) = match reason {
             DropReason::Oldest => (&mut self.dropped.oldest, &mut self.drop_log.pending.oldest),
             DropReason::New => (&mut self.dropped.new, &mut self.drop_log.pending.new),
-            DropReason::Expired => (&mut self.dropped.expired, &mut self.drop_log.pending.expired),
+            DropReason::Expired => (
+                &mut self.dropped.expired,
+                &mut self.drop_log.pending.expired,
+            ),
             DropReason::Rejected => (
                 &mut self.dropped.rejected,
                 &mut self.drop_log.pending.rejected,
@@ -600,11 +601,7 @@ impl Queue {
         if pending.total() == 0 {
             return;
         }
-        let due = force
-            || self
-                .drop_log
-                .last
-                .is_none_or_elapsed(DROP_LOG_INTERVAL);
+        let due = force || self.drop_log.last.is_none_or_elapsed(DROP_LOG_INTERVAL);
         if !due {
             return;
         }
@@ -664,7 +661,10 @@ pub(super) fn decode_properties(text: &str) -> Option<MessageProperties> {
         .and_then(|hex| {
             (0..hex.len())
                 .step_by(2)
-                .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|b| u8::from_str_radix(b, 16).ok())
+                })
                 .collect::<Option<Vec<u8>>>()
         })
         .map(Bytes::from);

@@ -122,7 +122,11 @@ mod tests {
         assert_eq!(inflight.acked(1), Some(None));
         assert_eq!(inflight.acked(2), Some(Some(10)));
         assert_eq!(inflight.acked(2), None);
-        assert_eq!(inflight.rows(), 3, "rows count until their deletion commits");
+        assert_eq!(
+            inflight.rows(),
+            3,
+            "rows count until their deletion commits"
+        );
         inflight.settled(3);
         assert_eq!(inflight.rows(), 0);
     }

@@ -21,8 +21,8 @@
 //!
 //! The queue's invariants are in [`crate::store`]; the ack mapping in `inflight`.
 
-mod ingest;
 mod inflight;
+mod ingest;
 mod link;
 pub mod route;
 mod sender;
@@ -197,7 +197,10 @@ pub async fn run(
     broker: BrokerHandle,
     shutdown: CancellationToken,
 ) -> Result<(), UplinkError> {
-    start(config, &gateway, broker, shutdown).await?.wait().await
+    start(config, &gateway, broker, shutdown)
+        .await?
+        .wait()
+        .await
 }
 
 /// Open the outbox, build TLS, read the password, subscribe the out-routes locally and

@@ -34,7 +34,10 @@ pub fn replace_prefix(topic: &str, filter: &str, new_prefix: &str) -> String {
 }
 
 /// The remote topic of a local message, or `None` when no out-route matches.
-pub fn remote_topic<'a>(routes: &'a [OutRoute], local: &str) -> Option<(usize, &'a OutRoute, String)> {
+pub fn remote_topic<'a>(
+    routes: &'a [OutRoute],
+    local: &str,
+) -> Option<(usize, &'a OutRoute, String)> {
     routes
         .iter()
         .enumerate()
@@ -120,7 +123,9 @@ mod tests {
             qos: QoS::AtLeastOnce,
         }];
         assert_eq!(
-            local_topic(&routes, "sites/l1/cmd/boiler/pump_on/set").unwrap().1,
+            local_topic(&routes, "sites/l1/cmd/boiler/pump_on/set")
+                .unwrap()
+                .1,
             "plant/boiler/pump_on/set"
         );
         assert!(local_topic(&routes, "sites/l2/cmd/x").is_none());

@@ -276,7 +276,9 @@ impl Sender {
                         tracing::warn!(uplink = %self.name(), %reason, "the cloud refused a status message");
                     }
                 }
-                None => tracing::debug!(uplink = %self.name(), pkid, "ack for an unknown packet id"),
+                None => {
+                    tracing::debug!(uplink = %self.name(), pkid, "ack for an unknown packet id")
+                }
             },
             LinkEvent::Stopped => self.link_stopped = true,
         }
@@ -318,7 +320,9 @@ impl Sender {
             if self.buffer.is_empty() && !self.fill().await {
                 break;
             }
-            let Some(row) = self.buffer.front() else { break };
+            let Some(row) = self.buffer.front() else {
+                break;
+            };
             let seq = row.seq;
             // Rows that can never be delivered leave the queue, counted.
             if let Some(limit) = self.max_packet {
@@ -443,7 +447,11 @@ impl Sender {
         }
     }
 
-    fn publish_status_message(&mut self, will: &WillConfig, payload: Vec<u8>) -> Result<(), SubmitError> {
+    fn publish_status_message(
+        &mut self,
+        will: &WillConfig,
+        payload: Vec<u8>,
+    ) -> Result<(), SubmitError> {
         self.cx
             .client
             .try_publish(&will.topic, will.qos, will.retain, payload.into(), None)?;
@@ -466,13 +474,19 @@ impl Sender {
                     outbox.delete(settling.acked).await?;
                 }
                 if !settling.refused.is_empty() {
-                    outbox.discard(settling.refused, DropReason::Rejected).await?;
+                    outbox
+                        .discard(settling.refused, DropReason::Rejected)
+                        .await?;
                 }
                 if !settling.too_large.is_empty() {
-                    outbox.discard(settling.too_large, DropReason::Rejected).await?;
+                    outbox
+                        .discard(settling.too_large, DropReason::Rejected)
+                        .await?;
                 }
                 if !settling.expired.is_empty() {
-                    outbox.discard(settling.expired, DropReason::Expired).await?;
+                    outbox
+                        .discard(settling.expired, DropReason::Expired)
+                        .await?;
                 }
                 Ok(())
             }
@@ -552,7 +566,11 @@ impl Sender {
                     }
                 }
                 let until = deadline - self.cx.stop_budget / 5;
-                while submitted && self.connected && self.inflight.unacknowledged() > 0 && Instant::now() < until {
+                while submitted
+                    && self.connected
+                    && self.inflight.unacknowledged() > 0
+                    && Instant::now() < until
+                {
                     if !self.step(until).await {
                         break;
                     }
