@@ -65,7 +65,8 @@ impl fmt::Display for Origin {
 }
 
 /// MQTT 5 properties that travel with a message and are forwarded unchanged.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MessageProperties {
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,

@@ -90,6 +90,8 @@ async fn local_broker(listen: bool, shutdown: &CancellationToken) -> RunningBrok
         vec![ListenerConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
             websocket: false,
+            websocket_path: "/mqtt".into(),
+            tls: None,
             max_connections: 100,
         }]
     } else {
@@ -102,6 +104,7 @@ async fn local_broker(listen: bool, shutdown: &CancellationToken) -> RunningBrok
         max_packet_size: 1024 * 1024,
         max_queued_messages: 1_000_000,
         max_inflight: 100,
+        ..BrokerConfig::default()
     };
     broker::start(&config, shutdown.clone())
         .await
@@ -1077,4 +1080,22 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
         "{duplicates} duplicates for 10 kills with a window of {INFLIGHT}"
     );
     drop(gateway);
+}
+
+#[test]
+fn the_uplink_examples_in_config_pass_the_uplink_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    for name in [
+        "uplink-aws-iot.toml",
+        "uplink-hivemq-cloud.toml",
+        "uplink-selfhosted-mosquitto.toml",
+    ] {
+        let config =
+            fieldmq::config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(config.uplinks.len(), 1, "{name}");
+        for uplink in &config.uplinks {
+            let errors = uplink::check(uplink);
+            assert!(errors.is_empty(), "{name}: {errors:?}");
+        }
+    }
 }

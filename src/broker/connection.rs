@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
     PublishIn, PublishOut, ReadError, Version,
 };
+use super::persist::{Op, Persist};
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Inflight, InflightState, Session};
 use super::topic;
@@ -27,6 +29,10 @@ use crate::model::{Message, Origin, QoS};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not take our bytes within this time is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages read from disk at a time when a persistent session's queue has run dry.
+const PAGE_SIZE: usize = 500;
+/// How long a closing connection waits for acknowledgements still being committed.
+const ACK_DRAIN: Duration = Duration::from_secs(2);
 /// Topic aliases a client may use towards us.
 const TOPIC_ALIAS_MAX: u16 = 64;
 
@@ -141,6 +147,7 @@ pub(crate) async fn serve<S>(
     let Ok(ConnectReply {
         session,
         session_present,
+        persist,
     }) = (match registered {
         Ok(()) => reply_rx.await.map_err(|_| ()),
         Err(_) => Err(()),
@@ -169,6 +176,8 @@ pub(crate) async fn serve<S>(
         session_expiry: connect.session_expiry,
         topic_aliases: HashMap::new(),
         out: BytesMut::with_capacity(4096),
+        persist,
+        pending_acks: FuturesOrdered::new(),
     };
     conn.queue(&Outgoing::ConnAck(ConnAckOut {
         session_present,
@@ -355,6 +364,23 @@ struct Connection {
     session_expiry: u32,
     topic_aliases: HashMap<u16, String>,
     out: BytesMut,
+    /// The store, when the session is persistent: acks delete rows, sends record pkids.
+    persist: Option<Persist>,
+    /// Publishes routed but not yet acknowledged (waiting for their commit), in order.
+    pending_acks: FuturesOrdered<AckFuture>,
+}
+
+/// `Sync` so that `&Connection` may be held across an await.
+type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send + Sync>>;
+
+/// A PUBACK/PUBREC to send once the router (and, with `sync` durability, the disk) has
+/// taken the message.
+struct PendingAck {
+    pkid: u16,
+    qos: QoS,
+    /// False when the store could not commit: the client gets no acknowledgement and
+    /// resends.
+    stored: bool,
 }
 
 impl Connection {
@@ -378,6 +404,9 @@ impl Connection {
                             deadline = Some(tokio::time::Instant::now() + k);
                         }
                         if let Some(close) = self.handle(packet).await {
+                            if matches!(close, Close::Clean { .. }) {
+                                self.drain_acks().await;
+                            }
                             let _ = self.flush(stream).await;
                             return close;
                         }
@@ -398,7 +427,7 @@ impl Connection {
                     }
                 }
             }
-            self.pump();
+            self.pump().await;
             if let Err(error) = self.flush(stream).await {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
@@ -418,6 +447,11 @@ impl Connection {
                     Err(error) => return Close::Abnormal(format!("read failed: {error}")),
                 },
                 _ = self.session.wake.notified() => {}
+                Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
+                    if !self.acknowledge(ack) {
+                        return Close::Abnormal("the broker store could not commit a message".into());
+                    }
+                }
                 _ = keep_alive_expired => {
                     self.queue(&Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout));
                     let _ = self.flush(stream).await;
@@ -430,7 +464,8 @@ impl Connection {
                 }
                 _ = shutdown.cancelled() => {
                     // Deliver what is already queued (the gateway's `offline` status) first.
-                    self.pump();
+                    self.drain_acks().await;
+                    self.pump().await;
                     self.queue(&Outgoing::Disconnect(DisconnectReason::ServerShuttingDown));
                     let _ = self.flush(stream).await;
                     return Close::Shutdown;
@@ -444,15 +479,24 @@ impl Connection {
         match packet {
             Incoming::Publish(publish) => return self.on_publish(publish).await,
             Incoming::PubAck(pkid) => {
-                self.session.ack(pkid);
-            }
-            Incoming::PubRec(pkid) => {
-                if self.session.received(pkid) {
-                    self.queue(&Outgoing::PubRel(pkid));
-                } else {
-                    self.queue(&Outgoing::PubRelNotFound(pkid));
+                if let Some(Some(seq)) = self.session.ack(pkid) {
+                    self.store(Op::Remove { seq }).await;
                 }
             }
+            Incoming::PubRec(pkid) => match self.session.received(pkid) {
+                Some(seq) => {
+                    self.queue(&Outgoing::PubRel(pkid));
+                    if let Some(seq) = seq {
+                        self.store(Op::Inflight {
+                            seq,
+                            pkid,
+                            state: InflightState::Released,
+                        })
+                        .await;
+                    }
+                }
+                None => self.queue(&Outgoing::PubRelNotFound(pkid)),
+            },
             Incoming::PubRel(pkid) => {
                 let known = self.session.lock().incoming_qos2.remove(&pkid);
                 self.queue(&if known {
@@ -462,7 +506,9 @@ impl Connection {
                 });
             }
             Incoming::PubComp(pkid) => {
-                self.session.completed(pkid);
+                if let Some(Some(seq)) = self.session.completed(pkid) {
+                    self.store(Op::Remove { seq }).await;
+                }
             }
             Incoming::Subscribe {
                 pkid,
@@ -573,22 +619,57 @@ impl Connection {
             origin: Origin::Client(self.client_id.clone()),
             received: Instant::now(),
         };
-        let routed = self
+        let (done, routed) = if qos == QoS::AtMostOnce {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let sent = self
             .router
-            .send(RouterRequest::Publish {
-                message,
-                done: None,
-            })
+            .send(RouterRequest::Publish { message, done })
             .await;
-        if routed.is_err() {
+        if sent.is_err() {
             return Some(Close::Shutdown);
         }
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck(pkid, AckReason::Success)),
-            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec(pkid, AckReason::Success)),
+        if let Some(routed) = routed {
+            // Acknowledged when the router (and with `sync` durability, the disk) has it;
+            // later publishes keep flowing meanwhile, acks go out in order.
+            self.pending_acks.push_back(Box::pin(async move {
+                PendingAck {
+                    pkid,
+                    qos,
+                    stored: routed.await.is_ok(),
+                }
+            }));
         }
         None
+    }
+
+    /// Queue the acknowledgement of a publish whose message is safe. Returns false when it
+    /// could not be stored (the connection then closes so the client resends).
+    fn acknowledge(&mut self, ack: PendingAck) -> bool {
+        if !ack.stored {
+            return false;
+        }
+        match ack.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck(ack.pkid, AckReason::Success)),
+            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec(ack.pkid, AckReason::Success)),
+        }
+        true
+    }
+
+    /// Before closing: acknowledge what is still being committed (bounded).
+    async fn drain_acks(&mut self) {
+        let _ = tokio::time::timeout(ACK_DRAIN, async {
+            while let Some(ack) = self.pending_acks.next().await {
+                if !self.acknowledge(ack) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     fn protocol_error(&mut self, what: &str) -> Close {
@@ -602,28 +683,67 @@ impl Connection {
         for entry in self.session.inflight_snapshot() {
             match entry.state {
                 InflightState::Released => self.queue(&Outgoing::PubRel(entry.pkid)),
-                _ => self.queue_publish(&entry, true),
+                _ => {
+                    // A resend the client can no longer take is dropped like a first send.
+                    let _ = self.queue_publish(&entry, true);
+                }
             }
         }
     }
 
-    /// Move what the session may send now into the write buffer.
-    fn pump(&mut self) {
-        let window = usize::from(self.receive_maximum);
-        let sendable = self.session.take_sendable(self.id, window, Instant::now());
-        if sendable.is_empty() {
-            return;
-        }
-        self.settings
-            .counters
-            .messages_sent
-            .fetch_add(sendable.len() as u64, Ordering::Relaxed);
-        for entry in &sendable {
-            self.queue_publish(entry, false);
+    async fn store(&self, op: Op) {
+        if let Some(persist) = &self.persist {
+            persist.send(op).await;
         }
     }
 
-    fn queue_publish(&mut self, entry: &Inflight, dup: bool) {
+    /// Move what the session may send now into the write buffer, paging messages in from
+    /// disk when the in-memory queue has run dry.
+    async fn pump(&mut self) {
+        let window = usize::from(self.receive_maximum);
+        loop {
+            if let (Some(after_seq), Some(persist)) = (self.session.page_needed(), &self.persist)
+            {
+                let rows = persist
+                    .page(self.client_id.clone(), after_seq, PAGE_SIZE)
+                    .await;
+                self.session
+                    .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
+            }
+            let (sendable, expired) = self.session.take_sendable(self.id, window, Instant::now());
+            for seq in expired {
+                self.store(Op::Remove { seq }).await;
+            }
+            if sendable.is_empty() {
+                return;
+            }
+            self.settings
+                .counters
+                .messages_sent
+                .fetch_add(sendable.len() as u64, Ordering::Relaxed);
+            for entry in &sendable {
+                if let Some(seq) = self.queue_publish(entry, false) {
+                    self.store(Op::Remove { seq }).await;
+                    continue;
+                }
+                if let (Some(seq), true) = (entry.delivery.seq, entry.pkid != 0) {
+                    self.store(Op::Inflight {
+                        seq,
+                        pkid: entry.pkid,
+                        state: entry.state,
+                    })
+                    .await;
+                }
+            }
+            if self.session.page_needed().is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Encode one publish. Returns the row to delete when the message was dropped because
+    /// the client cannot take it.
+    fn queue_publish(&mut self, entry: &Inflight, dup: bool) -> Option<u64> {
         let message = &entry.delivery.message;
         let packet = Outgoing::Publish(PublishOut {
             topic: message.topic.clone(),
@@ -641,17 +761,16 @@ impl Connection {
         {
             // MQTT 5: a message the client cannot take is dropped as if delivered.
             tracing::debug!(client = %self.client_id, %error, "message dropped");
-            match entry.delivery.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    self.session.ack(entry.pkid);
-                }
+            return match entry.delivery.qos {
+                QoS::AtMostOnce => None,
+                QoS::AtLeastOnce => self.session.ack(entry.pkid).flatten(),
                 QoS::ExactlyOnce => {
                     self.session.received(entry.pkid);
-                    self.session.completed(entry.pkid);
+                    self.session.completed(entry.pkid).flatten()
                 }
-            }
+            };
         }
+        None
     }
 
     fn queue(&mut self, packet: &Outgoing) {

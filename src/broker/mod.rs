@@ -7,6 +7,7 @@
 mod auth;
 mod connection;
 mod listener;
+mod persist;
 mod protocol;
 mod router;
 mod session;
@@ -19,12 +20,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, Durability};
 use crate::model::{Message, QoS};
 
 pub use auth::{hash_password, AuthError, PasswordFile};
+pub use persist::PersistError;
 pub use router::BrokerStats;
 use router::{Router, RouterRequest};
+
+/// Persistent messages per session kept in memory; the rest wait on disk.
+const MEMORY_WINDOW: usize = 1000;
 
 /// Capacity of the router's request channel. Publishers wait when it is full (backpressure
 /// rather than loss).
@@ -47,6 +52,8 @@ pub enum BrokerError {
     Closed,
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Store(#[from] PersistError),
 }
 
 /// How an in-process subscriber wants its messages.
@@ -224,6 +231,16 @@ pub async fn start(
         counters.clone(),
     ));
 
+    let store = match config.durability {
+        Durability::Memory => None,
+        durability => Some(persist::Persist::open(
+            &config.store_path,
+            durability,
+            config.commit_window,
+            MEMORY_WINDOW,
+        )?),
+    };
+
     let mut bound = Vec::new();
     for listener in &config.listeners {
         if listener.websocket {
@@ -244,8 +261,13 @@ pub async fn start(
     let handle = BrokerHandle { router: router_tx };
     let mut listeners = JoinSet::new();
     let router_stop = CancellationToken::new();
+    let limits = session::Limits {
+        max_messages: config.max_queued_messages,
+        max_bytes: config.max_queued_bytes,
+        memory_window: MEMORY_WINDOW,
+    };
     let router = tokio::spawn(
-        Router::new(config.max_queued_messages, counters).run(router_rx, router_stop.clone()),
+        Router::new(limits, counters, config.durability, store).run(router_rx, router_stop.clone()),
     );
 
     let mut local_addrs = Vec::new();

@@ -12,9 +12,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::Counters;
+use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
-use super::session::{Delivery, Session};
+use super::session::{Delivery, Inflight, Limits, Session};
 use super::topic;
+use crate::config::Durability;
 use crate::model::{Message, Origin, QoS};
 
 /// How often expired sessions and delayed wills are looked at.
@@ -31,11 +33,15 @@ pub struct BrokerStats {
     pub messages_dropped: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
+    /// Size of the broker's database on disk (0 with `durability = "memory"`).
+    pub store_bytes: u64,
 }
 
 pub(crate) struct ConnectReply {
     pub(crate) session: Arc<Session>,
     pub(crate) session_present: bool,
+    /// The store, when this session is persistent (its rows must follow its acks).
+    pub(crate) persist: Option<Persist>,
 }
 
 pub(crate) enum RouterRequest {
@@ -114,6 +120,8 @@ struct SessionEntry {
     connection: Option<(u64, CancellationToken)>,
     session_expiry: u32,
     disconnected_at: Option<Instant>,
+    /// Whether this session's state is on disk.
+    persisted: bool,
 }
 
 struct InternalSubscriber {
@@ -128,7 +136,11 @@ struct DelayedWill {
 }
 
 pub(crate) struct Router {
-    max_queued: usize,
+    limits: Limits,
+    persist: Option<Persist>,
+    durability: Durability,
+    /// Next queue row id.
+    next_seq: u64,
     sessions: HashMap<Arc<str>, SessionEntry>,
     subscriptions: Vec<Subscription>,
     internal: HashMap<u64, InternalSubscriber>,
@@ -142,9 +154,21 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    pub(crate) fn new(max_queued: usize, counters: Arc<Counters>) -> Router {
-        Router {
-            max_queued,
+    pub(crate) fn new(
+        limits: Limits,
+        counters: Arc<Counters>,
+        durability: Durability,
+        persist: Option<(Persist, Snapshot)>,
+    ) -> Router {
+        let (persist, snapshot) = match persist {
+            Some((persist, snapshot)) => (Some(persist), snapshot),
+            None => (None, Snapshot::default()),
+        };
+        let mut router = Router {
+            limits,
+            persist,
+            durability,
+            next_seq: snapshot.next_seq.max(1),
             sessions: HashMap::new(),
             subscriptions: Vec::new(),
             internal: HashMap::new(),
@@ -154,7 +178,143 @@ impl Router {
             share_cursor: HashMap::new(),
             stats: BrokerStats::default(),
             counters,
+        };
+        router.restore(snapshot);
+        router
+    }
+
+    /// Rebuild sessions, subscriptions and retained messages from disk.
+    fn restore(&mut self, snapshot: Snapshot) {
+        let now = Instant::now();
+        let (sessions, queued) = (snapshot.sessions.len(), snapshot
+            .sessions
+            .iter()
+            .map(|s| s.queue.len() as u64 + s.spilled)
+            .sum::<u64>());
+        for stored in snapshot.sessions {
+            let client_id: Arc<str> = Arc::from(stored.client_id.as_str());
+            let session = Arc::new(Session::new(client_id.clone(), self.limits));
+            let mut inflight = Vec::new();
+            let mut queue = Vec::new();
+            for row in stored.queue {
+                match row.inflight {
+                    Some((pkid, state)) => inflight.push(Inflight {
+                        pkid,
+                        delivery: row.delivery,
+                        state,
+                    }),
+                    None => queue.push(row.delivery),
+                }
+            }
+            session.restore(inflight, queue, stored.spilled);
+            for sub in stored.subscriptions {
+                let Some(parsed) = topic::parse_filter(&sub.filter) else {
+                    continue;
+                };
+                self.subscriptions.push(Subscription {
+                    filter: parsed.filter.to_owned(),
+                    share_group: parsed.share_group.map(str::to_owned),
+                    subscriber: Subscriber::Client(client_id.clone()),
+                    qos: sub.qos,
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    subscription_id: sub.subscription_id,
+                });
+            }
+            let disconnected_at = stored
+                .disconnected_for
+                .map(|ago| now.checked_sub(ago).unwrap_or(now));
+            self.sessions.insert(
+                client_id,
+                SessionEntry {
+                    session,
+                    connection: None,
+                    session_expiry: stored.expiry,
+                    disconnected_at,
+                    persisted: true,
+                },
+            );
         }
+        for message in snapshot.retained {
+            self.retained.insert(message.topic.clone(), message);
+        }
+        if sessions > 0 || !self.retained.is_empty() {
+            tracing::info!(
+                sessions,
+                queued,
+                retained = self.retained.len(),
+                "broker state restored from disk"
+            );
+        }
+    }
+
+    async fn persist(&self, op: Op) {
+        if let Some(persist) = &self.persist {
+            persist.send(op).await;
+        }
+    }
+
+    /// The subscriptions of a client as they are stored.
+    fn stored_subscriptions(&self, client_id: &Arc<str>) -> Vec<StoredSubscription> {
+        let subscriber = Subscriber::Client(client_id.clone());
+        self.subscriptions
+            .iter()
+            .filter(|s| s.subscriber == subscriber)
+            .map(|s| StoredSubscription {
+                filter: match &s.share_group {
+                    Some(group) => format!("$share/{group}/{}", s.filter),
+                    None => s.filter.clone(),
+                },
+                qos: s.qos,
+                no_local: s.no_local,
+                retain_as_published: s.retain_as_published,
+                subscription_id: s.subscription_id,
+            })
+            .collect()
+    }
+
+    async fn save_subscriptions(&self, client_id: &Arc<str>) {
+        if self.sessions.get(client_id).is_some_and(|e| e.persisted) {
+            let subscriptions = self.stored_subscriptions(client_id);
+            self.persist(Op::Subscriptions {
+                client_id: client_id.clone(),
+                subscriptions,
+            })
+            .await;
+        }
+    }
+
+    /// Queue a delivery for a client, on disk first when its session is persistent.
+    /// Returns whether a row was written.
+    async fn deliver(&mut self, client_id: &Arc<str>, mut delivery: Delivery) -> bool {
+        let Some(entry) = self.sessions.get(client_id) else {
+            return false;
+        };
+        let session = entry.session.clone();
+        let durable = entry.persisted && delivery.qos != QoS::AtMostOnce;
+        if durable {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            delivery.seq = Some(seq);
+            self.persist(Op::Enqueue {
+                seq,
+                client_id: client_id.clone(),
+                delivery: delivery.clone(),
+            })
+            .await;
+        }
+        let outcome = session.enqueue(delivery);
+        if let Some(seq) = outcome.dropped_seq {
+            self.persist(Op::Remove { seq }).await;
+        }
+        if let Some(after_seq) = outcome.dropped_on_disk_after {
+            self.persist(Op::RemoveOldest {
+                client_id: client_id.clone(),
+                after_seq,
+            })
+            .await;
+        }
+        durable
     }
 
     /// Serve requests until every handle has gone or `stop` is cancelled (after the
@@ -189,8 +349,9 @@ impl Router {
                 takeover,
                 reply,
             } => {
-                let reply_value =
-                    self.connect(client_id, connection, clean_start, session_expiry, takeover);
+                let reply_value = self
+                    .connect(client_id, connection, clean_start, session_expiry, takeover)
+                    .await;
                 let _ = reply.send(reply_value);
             }
             RouterRequest::Disconnected {
@@ -208,7 +369,10 @@ impl Router {
                 subscription_id,
                 reply,
             } => {
-                let codes = self.subscribe_client(&client_id, filters, subscription_id);
+                let codes = self
+                    .subscribe_client(&client_id, filters, subscription_id)
+                    .await;
+                self.save_subscriptions(&client_id).await;
                 let _ = reply.send(codes);
             }
             RouterRequest::Unsubscribe {
@@ -216,17 +380,24 @@ impl Router {
                 filters,
                 reply,
             } => {
-                let subscriber = Subscriber::Client(client_id);
+                let subscriber = Subscriber::Client(client_id.clone());
                 let found = filters
                     .iter()
                     .map(|raw| self.remove_subscription(&subscriber, raw))
                     .collect();
+                self.save_subscriptions(&client_id).await;
                 let _ = reply.send(found);
             }
             RouterRequest::Publish { message, done } => {
-                let matched = self.publish(message).await;
+                let (matched, wrote) = self.publish(message).await;
                 if let Some(done) = done {
-                    let _ = done.send(matched);
+                    if wrote && self.durability == Durability::Sync && self.persist.is_some() {
+                        // Acknowledge only once the rows holding this message are on disk.
+                        self.persist(Op::Barrier(Waiter::Publish(done, matched)))
+                            .await;
+                    } else {
+                        let _ = done.send(matched);
+                    }
                 }
             }
             RouterRequest::InternalSubscribe {
@@ -285,6 +456,7 @@ impl Router {
         stats.messages_sent = self.counters.messages_sent.load(Ordering::Relaxed);
         stats.bytes_received = self.counters.bytes_received.load(Ordering::Relaxed);
         stats.bytes_sent = self.counters.bytes_sent.load(Ordering::Relaxed);
+        stats.store_bytes = self.persist.as_ref().map_or(0, Persist::size);
         stats.messages_dropped = self
             .sessions
             .values()
@@ -293,7 +465,7 @@ impl Router {
         stats
     }
 
-    fn connect(
+    async fn connect(
         &mut self,
         client_id: Arc<str>,
         connection: u64,
@@ -307,30 +479,53 @@ impl Router {
         if let Some((_, old)) = existing.as_ref().and_then(|e| e.connection.as_ref()) {
             old.cancel();
         }
+        let was_persisted = existing.as_ref().is_some_and(|e| e.persisted);
         let (session, session_present) = match existing {
             Some(entry) if !clean_start => (entry.session, true),
             _ => {
                 self.subscriptions
                     .retain(|s| s.subscriber != Subscriber::Client(client_id.clone()));
-                (
-                    Arc::new(Session::new(client_id.clone(), self.max_queued)),
-                    false,
-                )
+                if was_persisted {
+                    self.persist(Op::DropSession {
+                        client_id: client_id.clone(),
+                    })
+                    .await;
+                }
+                (Arc::new(Session::new(client_id.clone(), self.limits)), false)
             }
         };
+        let persisted = session_expiry > 0 && self.persist.is_some();
+        if persisted {
+            self.persist(Op::Session {
+                client_id: client_id.clone(),
+                expiry: session_expiry,
+                connected: true,
+            })
+            .await;
+        } else if was_persisted && session_present {
+            self.persist(Op::DropSession {
+                client_id: client_id.clone(),
+            })
+            .await;
+        }
         session.set_owner(connection);
         self.sessions.insert(
-            client_id,
+            client_id.clone(),
             SessionEntry {
                 session: session.clone(),
                 connection: Some((connection, takeover)),
                 session_expiry,
                 disconnected_at: None,
+                persisted,
             },
         );
+        if persisted && session_present && !was_persisted {
+            self.save_subscriptions(&client_id).await;
+        }
         ConnectReply {
             session,
             session_present,
+            persist: self.persist.clone().filter(|_| persisted),
         }
     }
 
@@ -342,6 +537,7 @@ impl Router {
         session_expiry: u32,
     ) {
         let mut remove = false;
+        let mut persisted = false;
         if let Some(entry) = self.sessions.get_mut(&client_id) {
             if entry.connection.as_ref().map(|(id, _)| *id) == Some(connection) {
                 entry.connection = None;
@@ -349,7 +545,16 @@ impl Router {
                 entry.disconnected_at = Some(Instant::now());
                 entry.session.set_owner(0);
                 remove = session_expiry == 0;
+                persisted = entry.persisted;
             }
+        }
+        if persisted && !remove {
+            self.persist(Op::Session {
+                client_id: client_id.clone(),
+                expiry: session_expiry,
+                connected: false,
+            })
+            .await;
         }
         if let Some((message, delay)) = will {
             let delay = delay.min(session_expiry);
@@ -364,12 +569,19 @@ impl Router {
             }
         }
         if remove {
-            self.remove_session(&client_id);
+            self.remove_session(&client_id).await;
         }
     }
 
-    fn remove_session(&mut self, client_id: &Arc<str>) {
-        self.sessions.remove(client_id);
+    async fn remove_session(&mut self, client_id: &Arc<str>) {
+        if let Some(entry) = self.sessions.remove(client_id) {
+            if entry.persisted {
+                self.persist(Op::DropSession {
+                    client_id: client_id.clone(),
+                })
+                .await;
+            }
+        }
         let subscriber = Subscriber::Client(client_id.clone());
         self.subscriptions.retain(|s| s.subscriber != subscriber);
     }
@@ -400,7 +612,7 @@ impl Router {
             for will in wills {
                 self.publish(will.message).await;
             }
-            self.remove_session(&client_id);
+            self.remove_session(&client_id).await;
         }
         let (due, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed_wills)
             .into_iter()
@@ -409,18 +621,31 @@ impl Router {
         for will in due {
             self.publish(will.message).await;
         }
-        self.retained.retain(|_, m| !m.is_expired(now));
+        let expired: Vec<Arc<str>> = self
+            .retained
+            .iter()
+            .filter(|(_, m)| m.is_expired(now))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in expired {
+            self.retained.remove(&topic);
+            self.persist(Op::Retain {
+                topic,
+                message: None,
+            })
+            .await;
+        }
     }
 
-    fn subscribe_client(
+    async fn subscribe_client(
         &mut self,
         client_id: &Arc<str>,
         filters: Vec<SubscriptionRequest>,
         subscription_id: Option<usize>,
     ) -> Vec<SubAckCode> {
-        let Some(session) = self.sessions.get(client_id).map(|e| e.session.clone()) else {
+        if !self.sessions.contains_key(client_id) {
             return vec![SubAckCode::TopicFilterInvalid; filters.len()];
-        };
+        }
         let subscriber = Subscriber::Client(client_id.clone());
         let mut codes = Vec::with_capacity(filters.len());
         for request in filters {
@@ -450,16 +675,21 @@ impl Router {
                 };
             if send_retained {
                 let now = Instant::now();
-                for message in self.retained.values() {
-                    if message.is_expired(now) || !topic::matches(&message.topic, &filter) {
-                        continue;
-                    }
-                    session.enqueue(Delivery {
+                let matching: Vec<Message> = self
+                    .retained
+                    .values()
+                    .filter(|m| !m.is_expired(now) && topic::matches(&m.topic, &filter))
+                    .cloned()
+                    .collect();
+                for message in matching {
+                    let delivery = Delivery {
                         qos: message.qos.min(request.qos),
                         retain: true,
-                        message: message.clone(),
+                        message,
                         subscription_ids: subscription_id.into_iter().collect(),
-                    });
+                        seq: None,
+                    };
+                    self.deliver(client_id, delivery).await;
                 }
             }
         }
@@ -487,14 +717,25 @@ impl Router {
     }
 
     /// Deliver to every matching subscriber; store or clear a retained message. Returns
-    /// whether anything matched.
-    async fn publish(&mut self, message: Message) -> bool {
+    /// whether anything matched and whether anything was written to disk.
+    async fn publish(&mut self, message: Message) -> (bool, bool) {
         self.stats.messages_received += 1;
+        let mut wrote = false;
         if message.retain {
-            if message.payload.is_empty() {
+            let stored = if message.payload.is_empty() {
                 self.retained.remove(&message.topic);
+                None
             } else {
                 self.retained.insert(message.topic.clone(), message.clone());
+                Some(message.clone())
+            };
+            if self.persist.is_some() {
+                self.persist(Op::Retain {
+                    topic: message.topic.clone(),
+                    message: stored,
+                })
+                .await;
+                wrote = true;
             }
         }
 
@@ -550,9 +791,7 @@ impl Router {
 
         let matched = !per_client.is_empty() || !internal_targets.is_empty();
         for (client, delivery) in per_client {
-            if let Some(entry) = self.sessions.get(&client) {
-                entry.session.enqueue(delivery);
-            }
+            wrote |= self.deliver(&client, delivery).await;
         }
 
         internal_targets.sort_unstable();
@@ -569,7 +808,7 @@ impl Router {
                 self.drop_internal(id);
             }
         }
-        matched
+        (matched, wrote)
     }
 }
 
@@ -594,6 +833,7 @@ fn add_client_delivery(
             qos,
             retain,
             subscription_ids: sub.subscription_id.into_iter().collect(),
+            seq: None,
         },
     ));
 }

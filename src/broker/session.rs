@@ -4,6 +4,11 @@
 //! The router pushes deliveries into the queue; the connection that currently owns the
 //! session pulls from it as its in-flight window allows. The lock is a std mutex that is
 //! never held across an `.await`.
+//!
+//! A persistent session's messages also live on disk (see `persist`), each under a `seq`.
+//! Only a window of them is kept in memory: past it, new messages stay on disk only
+//! (`spilled`) and are paged back in, in order, as the client takes them. That keeps memory
+//! bounded however long a client is away.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +26,18 @@ pub(crate) struct Delivery {
     pub(crate) qos: QoS,
     pub(crate) retain: bool,
     pub(crate) subscription_ids: Vec<usize>,
+    /// The row on disk, for a persistent session.
+    pub(crate) seq: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl Delivery {
+    fn size(&self) -> u64 {
+        (self.message.topic.len() + self.message.payload.len()) as u64
+    }
+}
+
 /// What an in-flight message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InflightState {
     /// QoS 1 sent, waiting for PUBACK.
     Qos1Sent,
@@ -41,10 +54,25 @@ pub(crate) struct Inflight {
     pub(crate) state: InflightState,
 }
 
+/// What queueing one delivery did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Enqueued {
+    pub(crate) queued: bool,
+    /// The row of a dropped in-memory delivery, to delete.
+    pub(crate) dropped_seq: Option<u64>,
+    /// The oldest message on disk was dropped: delete the oldest row after this seq.
+    pub(crate) dropped_on_disk_after: Option<u64>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct SessionState {
     /// Waiting to be sent, oldest first.
     pub(crate) queue: VecDeque<Delivery>,
+    queued_bytes: u64,
+    /// Messages on disk only, newer than everything in `queue`.
+    pub(crate) spilled: u64,
+    /// The highest seq that has been in memory: where the next page starts.
+    disk_cursor: u64,
     /// Sent and not yet fully acknowledged, in send order.
     pub(crate) inflight: VecDeque<Inflight>,
     next_pkid: u16,
@@ -55,10 +83,19 @@ pub(crate) struct SessionState {
     pub(crate) connected: bool,
 }
 
+/// Bounds of one session's queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: u64,
+    /// Persistent messages kept in memory before the rest stays on disk.
+    pub(crate) memory_window: usize,
+}
+
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) client_id: Arc<str>,
-    max_queued: usize,
+    limits: Limits,
     state: Mutex<SessionState>,
     /// The connection currently allowed to send from this session (0: none).
     owner: AtomicU64,
@@ -66,10 +103,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(client_id: Arc<str>, max_queued: usize) -> Session {
+    pub(crate) fn new(client_id: Arc<str>, limits: Limits) -> Session {
         Session {
             client_id,
-            max_queued: max_queued.max(1),
+            limits: Limits {
+                max_messages: limits.max_messages.max(1),
+                max_bytes: limits.max_bytes.max(1),
+                memory_window: limits.memory_window.max(1),
+            },
             state: Mutex::new(SessionState::default()),
             owner: AtomicU64::new(0),
             wake: Notify::new(),
@@ -91,56 +132,126 @@ impl Session {
         self.owner.load(Ordering::SeqCst) == connection
     }
 
+    /// Restore what was on disk at start: in-flight entries, queued ones, and how many more
+    /// wait on disk.
+    pub(crate) fn restore(&self, inflight: Vec<Inflight>, queued: Vec<Delivery>, spilled: u64) {
+        let mut state = self.lock();
+        for entry in &inflight {
+            state.next_pkid = state.next_pkid.max(entry.pkid);
+            if let Some(seq) = entry.delivery.seq {
+                state.disk_cursor = state.disk_cursor.max(seq);
+            }
+        }
+        state.inflight = inflight.into();
+        for delivery in queued {
+            if let Some(seq) = delivery.seq {
+                state.disk_cursor = state.disk_cursor.max(seq);
+            }
+            state.queued_bytes += delivery.size();
+            state.queue.push_back(delivery);
+        }
+        state.spilled = spilled;
+    }
+
     /// Queue a delivery. QoS 0 is not queued for a disconnected client. When the queue is
-    /// full the oldest entry is dropped and counted. Returns false if nothing was queued.
-    pub(crate) fn enqueue(&self, delivery: Delivery) -> bool {
+    /// full the oldest entry is dropped and counted.
+    pub(crate) fn enqueue(&self, delivery: Delivery) -> Enqueued {
+        let mut outcome = Enqueued::default();
         let mut state = self.lock();
         if !state.connected && delivery.qos == QoS::AtMostOnce {
-            return false;
+            return outcome;
         }
-        if state.queue.len() >= self.max_queued {
-            state.queue.pop_front();
+        let total = state.queue.len() as u64 + state.spilled;
+        if total >= self.limits.max_messages as u64
+            || (state.queued_bytes + delivery.size() > self.limits.max_bytes
+                && !state.queue.is_empty())
+        {
+            if let Some(oldest) = state.queue.pop_front() {
+                state.queued_bytes = state.queued_bytes.saturating_sub(oldest.size());
+                outcome.dropped_seq = oldest.seq;
+            } else if state.spilled > 0 {
+                state.spilled -= 1;
+                outcome.dropped_on_disk_after = Some(state.disk_cursor);
+            }
             state.dropped += 1;
             if state.dropped.is_power_of_two() {
                 tracing::warn!(
                     client = %self.client_id,
                     dropped = state.dropped,
-                    limit = self.max_queued,
+                    max_messages = self.limits.max_messages,
+                    max_bytes = self.limits.max_bytes,
                     "client queue full, dropping oldest messages"
                 );
             }
         }
-        state.queue.push_back(delivery);
+        let on_disk_only = delivery.seq.is_some()
+            && (state.spilled > 0 || state.queue.len() >= self.limits.memory_window);
+        if on_disk_only {
+            state.spilled += 1;
+        } else {
+            if let Some(seq) = delivery.seq {
+                state.disk_cursor = state.disk_cursor.max(seq);
+            }
+            state.queued_bytes += delivery.size();
+            state.queue.push_back(delivery);
+        }
+        outcome.queued = true;
         drop(state);
         self.wake.notify_one();
-        true
+        outcome
+    }
+
+    /// When the memory queue is empty and messages wait on disk: the seq to page after.
+    pub(crate) fn page_needed(&self) -> Option<u64> {
+        let state = self.lock();
+        (state.queue.is_empty() && state.spilled > 0).then_some(state.disk_cursor)
+    }
+
+    /// Add a page read from disk (rows after the cursor, oldest first).
+    pub(crate) fn add_page(&self, rows: Vec<Delivery>) {
+        let mut state = self.lock();
+        for delivery in rows {
+            let Some(seq) = delivery.seq else { continue };
+            if seq <= state.disk_cursor {
+                continue;
+            }
+            state.disk_cursor = seq;
+            state.spilled = state.spilled.saturating_sub(1);
+            state.queued_bytes += delivery.size();
+            state.queue.push_back(delivery);
+        }
     }
 
     /// Take the deliveries that may be sent now: QoS 0 always, QoS 1/2 while fewer than
     /// `window` are in flight. Assigns packet ids and records them in flight. Expired
-    /// messages are discarded.
+    /// messages are discarded; their rows are returned for deletion.
     pub(crate) fn take_sendable(
         &self,
         connection: u64,
         window: usize,
         now: Instant,
-    ) -> Vec<Inflight> {
+    ) -> (Vec<Inflight>, Vec<u64>) {
         let mut out = Vec::new();
+        let mut expired = Vec::new();
         if !self.is_owner(connection) {
-            return out;
+            return (out, expired);
         }
         let mut state = self.lock();
         while let Some(front) = state.queue.front() {
-            if front.message.is_expired(now) {
-                state.queue.pop_front();
-                continue;
-            }
-            if front.qos != QoS::AtMostOnce && state.inflight.len() >= window {
+            if front.qos != QoS::AtMostOnce
+                && !front.message.is_expired(now)
+                && state.inflight.len() >= window
+            {
                 break;
             }
             let Some(delivery) = state.queue.pop_front() else {
                 break;
             };
+            state.queued_bytes = state.queued_bytes.saturating_sub(delivery.size());
+            if delivery.message.is_expired(now) {
+                expired.extend(delivery.seq);
+                continue;
+            }
             if delivery.qos == QoS::AtMostOnce {
                 out.push(Inflight {
                     pkid: 0,
@@ -150,6 +261,7 @@ impl Session {
                 continue;
             }
             let Some(pkid) = state.allocate_pkid() else {
+                state.queued_bytes += delivery.size();
                 state.queue.push_front(delivery);
                 break;
             };
@@ -165,7 +277,7 @@ impl Session {
             state.inflight.push_back(entry.clone());
             out.push(entry);
         }
-        out
+        (out, expired)
     }
 
     /// Everything in flight, to resend after a reconnect.
@@ -173,52 +285,35 @@ impl Session {
         self.lock().inflight.iter().cloned().collect()
     }
 
-    /// PUBACK received. Returns false for an unknown packet id.
-    pub(crate) fn ack(&self, pkid: u16) -> bool {
-        let mut state = self.lock();
-        let position = state
-            .inflight
-            .iter()
-            .position(|i| i.pkid == pkid && i.state == InflightState::Qos1Sent);
-        match position {
-            Some(index) => {
-                state.inflight.remove(index);
-                true
-            }
-            None => false,
-        }
+    /// PUBACK received: `Some(row)` (the row may be `None` for a non-persistent message)
+    /// when the packet id was in flight.
+    pub(crate) fn ack(&self, pkid: u16) -> Option<Option<u64>> {
+        self.remove_inflight(pkid, InflightState::Qos1Sent)
     }
 
-    /// PUBREC received: the message is now waiting for PUBCOMP.
-    pub(crate) fn received(&self, pkid: u16) -> bool {
+    /// PUBREC received: the message now waits for PUBCOMP.
+    pub(crate) fn received(&self, pkid: u16) -> Option<Option<u64>> {
         let mut state = self.lock();
-        match state
+        let entry = state
             .inflight
             .iter_mut()
-            .find(|i| i.pkid == pkid && i.state != InflightState::Qos1Sent)
-        {
-            Some(entry) => {
-                entry.state = InflightState::Released;
-                true
-            }
-            None => false,
-        }
+            .find(|i| i.pkid == pkid && i.state != InflightState::Qos1Sent)?;
+        entry.state = InflightState::Released;
+        Some(entry.delivery.seq)
     }
 
     /// PUBCOMP received.
-    pub(crate) fn completed(&self, pkid: u16) -> bool {
+    pub(crate) fn completed(&self, pkid: u16) -> Option<Option<u64>> {
+        self.remove_inflight(pkid, InflightState::Released)
+    }
+
+    fn remove_inflight(&self, pkid: u16, state_wanted: InflightState) -> Option<Option<u64>> {
         let mut state = self.lock();
-        let position = state
+        let index = state
             .inflight
             .iter()
-            .position(|i| i.pkid == pkid && i.state == InflightState::Released);
-        match position {
-            Some(index) => {
-                state.inflight.remove(index);
-                true
-            }
-            None => false,
-        }
+            .position(|i| i.pkid == pkid && i.state == state_wanted)?;
+        state.inflight.remove(index).map(|entry| entry.delivery.seq)
     }
 
     #[cfg(test)]
@@ -245,37 +340,50 @@ impl SessionState {
 mod tests {
     use super::*;
 
-    fn delivery(n: u32, qos: QoS) -> Delivery {
+    const LIMITS: Limits = Limits {
+        max_messages: 100,
+        max_bytes: 1 << 20,
+        memory_window: 4,
+    };
+
+    fn delivery(n: u64, qos: QoS, seq: Option<u64>) -> Delivery {
         Delivery {
             message: Message::internal("test", format!("t/{n}"), "x", qos, false),
             qos,
             retain: false,
             subscription_ids: Vec::new(),
+            seq,
         }
     }
 
     #[test]
     fn the_in_flight_window_is_never_exceeded() {
-        let session = Session::new(Arc::from("c"), 100);
+        let session = Session::new(Arc::from("c"), LIMITS);
         session.set_owner(7);
-        for n in 0..10 {
-            session.enqueue(delivery(n, QoS::AtLeastOnce));
+        for n in 0..4 {
+            session.enqueue(delivery(n, QoS::AtLeastOnce, None));
         }
-        let first = session.take_sendable(7, 3, Instant::now());
+        let (first, _) = session.take_sendable(7, 3, Instant::now());
         assert_eq!(first.len(), 3);
-        assert!(session.take_sendable(7, 3, Instant::now()).is_empty());
-        assert!(session.ack(first[0].pkid));
-        assert_eq!(session.take_sendable(7, 3, Instant::now()).len(), 1);
-        assert_eq!(session.queued_len(), 6);
+        assert!(session.take_sendable(7, 3, Instant::now()).0.is_empty());
+        assert!(session.ack(first[0].pkid).is_some());
+        assert_eq!(session.take_sendable(7, 3, Instant::now()).0.len(), 1);
+        assert_eq!(session.queued_len(), 0);
     }
 
     #[test]
     fn a_full_queue_drops_the_oldest_and_counts_it() {
-        let session = Session::new(Arc::from("c"), 2);
+        let limits = Limits {
+            max_messages: 2,
+            ..LIMITS
+        };
+        let session = Session::new(Arc::from("c"), limits);
         session.set_owner(1);
-        for n in 0..3 {
-            session.enqueue(delivery(n, QoS::AtLeastOnce));
+        for n in 0..2 {
+            session.enqueue(delivery(n, QoS::AtLeastOnce, Some(n + 1)));
         }
+        let outcome = session.enqueue(delivery(2, QoS::AtLeastOnce, Some(3)));
+        assert_eq!(outcome.dropped_seq, Some(1));
         let state = session.lock();
         assert_eq!(state.dropped, 1);
         assert_eq!(&*state.queue[0].message.topic, "t/1");
@@ -283,18 +391,40 @@ mod tests {
 
     #[test]
     fn qos0_is_not_queued_for_an_offline_client() {
-        let session = Session::new(Arc::from("c"), 10);
-        assert!(!session.enqueue(delivery(0, QoS::AtMostOnce)));
-        assert!(session.enqueue(delivery(1, QoS::AtLeastOnce)));
+        let session = Session::new(Arc::from("c"), LIMITS);
+        assert!(!session.enqueue(delivery(0, QoS::AtMostOnce, None)).queued);
+        assert!(session.enqueue(delivery(1, QoS::AtLeastOnce, None)).queued);
     }
 
     #[test]
     fn a_connection_that_lost_ownership_takes_nothing() {
-        let session = Session::new(Arc::from("c"), 10);
+        let session = Session::new(Arc::from("c"), LIMITS);
         session.set_owner(1);
-        session.enqueue(delivery(0, QoS::AtLeastOnce));
+        session.enqueue(delivery(0, QoS::AtLeastOnce, None));
         session.set_owner(2);
-        assert!(session.take_sendable(1, 10, Instant::now()).is_empty());
-        assert_eq!(session.take_sendable(2, 10, Instant::now()).len(), 1);
+        assert!(session.take_sendable(1, 10, Instant::now()).0.is_empty());
+        assert_eq!(session.take_sendable(2, 10, Instant::now()).0.len(), 1);
+    }
+
+    #[test]
+    fn persistent_messages_past_the_memory_window_stay_on_disk_and_page_in_in_order() {
+        let session = Session::new(Arc::from("c"), LIMITS);
+        for seq in 1..=10 {
+            session.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
+        }
+        {
+            let state = session.lock();
+            assert_eq!(state.queue.len(), 4);
+            assert_eq!(state.spilled, 6);
+        }
+        session.set_owner(1);
+        let (sent, _) = session.take_sendable(1, 100, Instant::now());
+        assert_eq!(sent.len(), 4);
+        assert_eq!(session.page_needed(), Some(4));
+        session.add_page((5..=7).map(|s| delivery(s, QoS::AtLeastOnce, Some(s))).collect());
+        let (sent, _) = session.take_sendable(1, 100, Instant::now());
+        let seqs: Vec<u64> = sent.iter().filter_map(|i| i.delivery.seq).collect();
+        assert_eq!(seqs, vec![5, 6, 7]);
+        assert_eq!(session.page_needed(), Some(7));
     }
 }

@@ -54,14 +54,90 @@ pub struct BrokerConfig {
     pub max_queued_messages: usize,
     /// QoS 1/2 messages in flight to one client (our Receive Maximum). Default 20.
     pub max_inflight: u16,
+    /// Per-client queue bound in bytes (payload + topic). Default 64 MiB.
+    pub max_queued_bytes: u64,
+    /// What survives a crash or power cut. Default `Sync`.
+    pub durability: Durability,
+    /// With `Batched`: the longest a publish waits for its commit. Default 10ms.
+    pub commit_window: Duration,
+    /// The broker's SQLite file (sessions, queues, retained). Default `<data_dir>/broker.db`.
+    pub store_path: PathBuf,
+    /// Mosquitto-format ACL file.
+    pub acl_file: Option<PathBuf>,
+    /// `$SYS/broker/...` publish interval; `None` disables. Default 10s.
+    pub sys_interval: Option<Duration>,
+}
+
+impl Default for BrokerConfig {
+    /// No listeners, anonymous clients refused, nothing on disk (`Durability::Memory`):
+    /// a base for in-process brokers and tests; files use the validated defaults.
+    fn default() -> Self {
+        BrokerConfig {
+            listeners: Vec::new(),
+            allow_anonymous: false,
+            password_file: None,
+            max_packet_size: 1024 * 1024,
+            max_queued_messages: 1000,
+            max_inflight: 20,
+            max_queued_bytes: 64 * 1024 * 1024,
+            durability: Durability::Memory,
+            commit_window: Duration::from_millis(10),
+            store_path: PathBuf::from("broker.db"),
+            acl_file: None,
+            sys_interval: None,
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// A plain TCP listener with default limits.
+    pub fn tcp(bind: SocketAddr) -> ListenerConfig {
+        ListenerConfig {
+            bind,
+            websocket: false,
+            websocket_path: "/mqtt".to_owned(),
+            tls: None,
+            max_connections: 1000,
+        }
+    }
+}
+
+/// What the broker keeps on disk, and when a publisher is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge a QoS 1/2 publish that is queued for a persistent session, or retained,
+    /// only after the transaction holding it has committed. Nothing acknowledged is lost.
+    Sync,
+    /// Acknowledge at once, commit within `commit_window`. A power cut loses at most that
+    /// window.
+    Batched,
+    /// No disk: sessions and retained messages live only in memory.
+    Memory,
 }
 
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub bind: SocketAddr,
+    /// MQTT over WebSocket (subprotocol `mqtt`) at `websocket_path`.
     pub websocket: bool,
+    /// Default `/mqtt`.
+    pub websocket_path: String,
+    /// TLS (or, with `websocket`, secure WebSocket).
+    pub tls: Option<ListenerTls>,
     /// Default 1000.
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA for client certificates; with it, clients may present one.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+    /// Use the client certificate's CN as the username.
+    pub identity_as_username: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -922,6 +922,8 @@ impl Validator<'_> {
                     .parse()
                     .expect("the default listener address is valid"),
                 websocket: false,
+                websocket_path: "/mqtt".to_owned(),
+                tls: None,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
             }),
         }
@@ -933,6 +935,12 @@ impl Validator<'_> {
             max_packet_size,
             max_queued_messages,
             max_inflight,
+            max_queued_bytes: 64 * 1024 * 1024,
+            durability: crate::config::Durability::Sync,
+            commit_window: std::time::Duration::from_millis(10),
+            store_path: std::path::PathBuf::from("broker.db"),
+            acl_file: None,
+            sys_interval: Some(std::time::Duration::from_secs(10)),
         })
     }
 
@@ -998,6 +1006,8 @@ impl Validator<'_> {
         Some(ListenerConfig {
             bind: addr,
             websocket: raw.get_ref().websocket.unwrap_or(false),
+            websocket_path: "/mqtt".to_owned(),
+            tls: None,
             max_connections,
         })
     }

@@ -39,6 +39,8 @@ pub(crate) fn config() -> BrokerConfig {
         listeners: vec![ListenerConfig {
             bind: "127.0.0.1:0".parse().expect("address"),
             websocket: false,
+            websocket_path: "/mqtt".into(),
+            tls: None,
             max_connections: 100,
         }],
         allow_anonymous: true,
@@ -46,6 +48,7 @@ pub(crate) fn config() -> BrokerConfig {
         max_packet_size: 1024 * 1024,
         max_queued_messages: 1000,
         max_inflight: 20,
+        ..BrokerConfig::default()
     }
 }
 

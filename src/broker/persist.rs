@@ -1,0 +1,748 @@
+//! The broker's durable state in SQLite: sessions that outlive their connection, their
+//! subscriptions, their queued and in-flight messages, and retained messages.
+//!
+//! One OS thread owns the connection. The router and the connections send it [`Op`]s over a
+//! bounded channel (a full channel makes them wait: the disk sets the pace, nothing is
+//! dropped). The thread applies everything waiting in one transaction (group commit) and
+//! then answers the acknowledgements that waited for that commit.
+//!
+//! Invariants:
+//! - A queue row exists from the moment the router queues a QoS 1/2 message for a
+//!   persistent session until the client acknowledges it (PUBACK, or PUBCOMP for QoS 2).
+//! - With `Durability::Sync` a publisher is acknowledged only after the commit that holds
+//!   every row its message produced (queue rows, retained row).
+//! - Rows of one client are delivered in `seq` order; `pkid`/`state` record what was in
+//!   flight so a restart resends it with the same packet id.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::session::{Delivery, InflightState};
+use crate::config::Durability;
+use crate::model::{Message, MessageProperties, Origin, QoS};
+
+/// Ops waiting before a writer blocks.
+const CHANNEL: usize = 8192;
+/// Most ops applied in one transaction.
+const MAX_BATCH: usize = 4096;
+/// Schema version in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(
+        "broker database {path} is damaged or not a SQLite database ({reason}); fieldmq does \
+         not start with an empty store on its own: move the file aside (`mv {path} {path}.corrupt`, \
+         with its -wal and -shm files) to start empty, or restore a backup",
+        path = path.display()
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "broker database {path} cannot be opened for writing ({reason}): check that the \
+         directory exists and is writable by the fieldmq user and the disk is not full",
+        path = path.display()
+    )]
+    Unwritable { path: PathBuf, reason: String },
+    #[error("broker database {path}: {reason}", path = path.display())]
+    Other { path: PathBuf, reason: String },
+}
+
+impl PersistError {
+    fn classify(path: &Path, error: rusqlite::Error) -> PersistError {
+        use rusqlite::ErrorCode;
+        let path = path.to_path_buf();
+        let reason = error.to_string();
+        match error.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+                PersistError::Corrupt { path, reason }
+            }
+            Some(
+                ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::PermissionDenied
+                | ErrorCode::DiskFull,
+            ) => PersistError::Unwritable { path, reason },
+            _ => PersistError::Other { path, reason },
+        }
+    }
+}
+
+/// A subscription as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredSubscription {
+    /// As the client sent it (may be `$share/group/filter`).
+    pub(crate) filter: String,
+    pub(crate) qos: QoS,
+    pub(crate) no_local: bool,
+    pub(crate) retain_as_published: bool,
+    pub(crate) subscription_id: Option<usize>,
+}
+
+/// One queued message of one session, as loaded at start.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredDelivery {
+    pub(crate) delivery: Delivery,
+    /// Packet id and state when it was in flight.
+    pub(crate) inflight: Option<(u16, InflightState)>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct StoredSession {
+    pub(crate) client_id: String,
+    pub(crate) expiry: u32,
+    /// How long ago it disconnected (`None`: it was connected when the broker stopped).
+    pub(crate) disconnected_for: Option<Duration>,
+    pub(crate) subscriptions: Vec<StoredSubscription>,
+    /// Oldest first, at most the in-memory window; `spilled` more wait on disk.
+    pub(crate) queue: Vec<StoredDelivery>,
+    pub(crate) spilled: u64,
+}
+
+/// Everything loaded at start.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub(crate) sessions: Vec<StoredSession>,
+    pub(crate) retained: Vec<Message>,
+    pub(crate) next_seq: u64,
+}
+
+pub(crate) enum Op {
+    /// Create or update a session (expiry, connected state).
+    Session {
+        client_id: Arc<str>,
+        expiry: u32,
+        connected: bool,
+    },
+    /// Remove a session with its subscriptions and queue.
+    DropSession { client_id: Arc<str> },
+    /// Replace the subscriptions of a session.
+    Subscriptions {
+        client_id: Arc<str>,
+        subscriptions: Vec<StoredSubscription>,
+    },
+    Enqueue {
+        seq: u64,
+        client_id: Arc<str>,
+        delivery: Delivery,
+    },
+    Inflight {
+        seq: u64,
+        pkid: u16,
+        state: InflightState,
+    },
+    Remove { seq: u64 },
+    /// Remove the oldest row of a client above `after_seq` (drop-oldest on a spilled queue).
+    RemoveOldest { client_id: Arc<str>, after_seq: u64 },
+    Retain { topic: Arc<str>, message: Option<Message> },
+    /// Answered after the commit that holds every op sent before it.
+    Barrier(Waiter),
+    /// Rows of a client with `seq > after_seq`, oldest first.
+    Page {
+        client_id: Arc<str>,
+        after_seq: u64,
+        limit: usize,
+        reply: oneshot::Sender<Vec<(u64, StoredDelivery)>>,
+    },
+}
+
+/// Who waits for a commit.
+pub(crate) enum Waiter {
+    #[cfg(test)]
+    Plain(oneshot::Sender<()>),
+    /// A publisher's acknowledgement, with whether its message matched a subscriber.
+    Publish(oneshot::Sender<bool>, bool),
+}
+
+impl Waiter {
+    fn wake(self) {
+        match self {
+            #[cfg(test)]
+            Waiter::Plain(tx) => {
+                let _ = tx.send(());
+            }
+            Waiter::Publish(tx, matched) => {
+                let _ = tx.send(matched);
+            }
+        }
+    }
+}
+
+/// The async side: where ops go.
+#[derive(Debug, Clone)]
+pub(crate) struct Persist {
+    tx: mpsc::Sender<Op>,
+    size: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("persist::Op")
+    }
+}
+
+impl Persist {
+    /// Open (or create) the database, load what it holds, and start the writer thread.
+    /// `memory_window` is how many queued messages per session are loaded into memory.
+    pub(crate) fn open(
+        path: &Path,
+        durability: Durability,
+        commit_window: Duration,
+        memory_window: usize,
+    ) -> Result<(Persist, Snapshot), PersistError> {
+        let mut conn = open_connection(path, durability)?;
+        let snapshot = load(&mut conn, memory_window).map_err(|e| PersistError::classify(path, e))?;
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let size = Arc::new(AtomicU64::new(file_size(path)));
+        let writer = Writer {
+            conn,
+            path: path.to_path_buf(),
+            window: match durability {
+                Durability::Batched => commit_window,
+                _ => Duration::ZERO,
+            },
+            size: size.clone(),
+            commits: 0,
+        };
+        std::thread::Builder::new()
+            .name("broker-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| PersistError::Other {
+                path: path.to_path_buf(),
+                reason: format!("cannot start the store thread: {e}"),
+            })?;
+        Ok((Persist { tx, size }, snapshot))
+    }
+
+    pub(crate) async fn send(&self, op: Op) {
+        // The writer only stops when every sender is gone; a failed send means shutdown.
+        let _ = self.tx.send(op).await;
+    }
+
+    /// Resolves once everything sent before has been committed.
+    #[cfg(test)]
+    pub(crate) async fn barrier(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Barrier(Waiter::Plain(tx))).await;
+        rx
+    }
+
+    pub(crate) async fn page(
+        &self,
+        client_id: Arc<str>,
+        after_seq: u64,
+        limit: usize,
+    ) -> Vec<(u64, StoredDelivery)> {
+        let (reply, rows) = oneshot::channel();
+        self.send(Op::Page {
+            client_id,
+            after_seq,
+            limit,
+            reply,
+        })
+        .await;
+        rows.await.unwrap_or_default()
+    }
+
+    /// Bytes on disk (database and WAL), refreshed after commits.
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    [path.to_path_buf(), wal]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn open_connection(path: &Path, durability: Durability) -> Result<Connection, PersistError> {
+    let err = |e| PersistError::classify(path, e);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| PersistError::Unwritable {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(err)?;
+    conn.busy_timeout(Duration::from_millis(200)).map_err(err)?;
+    // Must precede table creation to take effect on a new file.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(err)?;
+    let _: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(err)?;
+    let synchronous = match durability {
+        Durability::Sync => "FULL",
+        _ => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(err)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |row| row.get(0))
+        .map_err(err)?;
+    if check != "ok" {
+        return Err(PersistError::Corrupt {
+            path: path.to_path_buf(),
+            reason: check,
+        });
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(PersistError::Other {
+            path: path.to_path_buf(),
+            reason: format!(
+                "schema version {version} was written by a newer fieldmq (this one knows {SCHEMA_VERSION})"
+            ),
+        });
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS sessions (
+             client_id TEXT PRIMARY KEY,
+             expiry INTEGER NOT NULL,
+             disconnected_ms INTEGER
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS subscriptions (
+             client_id TEXT NOT NULL,
+             filter TEXT NOT NULL,
+             qos INTEGER NOT NULL,
+             no_local INTEGER NOT NULL,
+             retain_as_published INTEGER NOT NULL,
+             subscription_id INTEGER,
+             PRIMARY KEY (client_id, filter)
+         ) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS queue (
+             seq INTEGER PRIMARY KEY,
+             client_id TEXT NOT NULL,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             retain INTEGER NOT NULL,
+             subscription_ids TEXT,
+             properties TEXT,
+             received_ms INTEGER NOT NULL,
+             pkid INTEGER,
+             state INTEGER
+         );
+         CREATE INDEX IF NOT EXISTS queue_by_client ON queue (client_id, seq);
+         CREATE TABLE IF NOT EXISTS retained (
+             topic TEXT PRIMARY KEY,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             properties TEXT,
+             received_ms INTEGER NOT NULL
+         ) WITHOUT ROWID;
+         PRAGMA user_version = 1;
+         COMMIT;",
+    )
+    .map_err(err)?;
+    Ok(conn)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The `Instant` a message stored at `received_ms` (wall clock) was received.
+fn instant_from_ms(received_ms: i64, now: Instant) -> Instant {
+    let age = u64::try_from(now_ms().saturating_sub(received_ms)).unwrap_or(0);
+    now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
+}
+
+fn ms_from_instant(received: Instant) -> i64 {
+    let age = i64::try_from(received.elapsed().as_millis()).unwrap_or(0);
+    now_ms().saturating_sub(age)
+}
+
+fn state_code(state: InflightState) -> i64 {
+    match state {
+        InflightState::Qos1Sent => 1,
+        InflightState::Qos2Sent => 2,
+        InflightState::Released => 3,
+    }
+}
+
+fn state_from_code(code: i64) -> Option<InflightState> {
+    match code {
+        1 => Some(InflightState::Qos1Sent),
+        2 => Some(InflightState::Qos2Sent),
+        3 => Some(InflightState::Released),
+        _ => None,
+    }
+}
+
+fn encode_properties(properties: &Option<Arc<MessageProperties>>) -> Option<String> {
+    properties
+        .as_deref()
+        .and_then(|p| serde_json::to_string(p).ok())
+}
+
+fn decode_properties(text: Option<String>) -> Option<Arc<MessageProperties>> {
+    text.and_then(|t| serde_json::from_str(&t).ok()).map(Arc::new)
+}
+
+fn qos_from(code: i64) -> QoS {
+    u8::try_from(code)
+        .ok()
+        .and_then(QoS::from_u8)
+        .unwrap_or(QoS::AtLeastOnce)
+}
+
+const QUEUE_COLUMNS: &str =
+    "seq, topic, payload, qos, retain, subscription_ids, properties, received_ms, pkid, state";
+
+fn queue_row(row: &rusqlite::Row<'_>, now: Instant) -> rusqlite::Result<(u64, StoredDelivery)> {
+    let seq: i64 = row.get(0)?;
+    let topic: String = row.get(1)?;
+    let payload: Vec<u8> = row.get(2)?;
+    let qos = qos_from(row.get(3)?);
+    let retain: bool = row.get(4)?;
+    let subscription_ids: Option<String> = row.get(5)?;
+    let properties: Option<String> = row.get(6)?;
+    let received_ms: i64 = row.get(7)?;
+    let pkid: Option<i64> = row.get(8)?;
+    let state: Option<i64> = row.get(9)?;
+    let subscription_ids = subscription_ids
+        .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    let message = Message {
+        topic: Arc::from(topic.as_str()),
+        payload: Bytes::from(payload),
+        qos,
+        retain,
+        properties: decode_properties(properties),
+        origin: Origin::Internal(Arc::from("store")),
+        received: instant_from_ms(received_ms, now),
+    };
+    let inflight = match (pkid, state.and_then(state_from_code)) {
+        (Some(pkid), Some(state)) => u16::try_from(pkid).ok().map(|p| (p, state)),
+        _ => None,
+    };
+    Ok((
+        u64::try_from(seq).unwrap_or(0),
+        StoredDelivery {
+            delivery: Delivery {
+                message,
+                qos,
+                retain,
+                subscription_ids,
+                seq: Some(u64::try_from(seq).unwrap_or(0)),
+            },
+            inflight,
+        },
+    ))
+}
+
+fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapshot> {
+    let now = Instant::now();
+    let now_wall = now_ms();
+    let mut snapshot = Snapshot::default();
+    let next_seq: Option<i64> = conn
+        .query_row("SELECT max(seq) FROM queue", [], |row| row.get(0))
+        .optional()?
+        .flatten();
+    snapshot.next_seq = u64::try_from(next_seq.unwrap_or(0)).unwrap_or(0) + 1;
+
+    let mut sessions = conn.prepare("SELECT client_id, expiry, disconnected_ms FROM sessions")?;
+    let rows = sessions.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, Option<i64>>(2)?,
+        ))
+    })?;
+    let mut subscriptions = conn.prepare(
+        "SELECT filter, qos, no_local, retain_as_published, subscription_id
+         FROM subscriptions WHERE client_id = ?1",
+    )?;
+    let mut queue = conn.prepare(&format!(
+        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 ORDER BY seq LIMIT ?2"
+    ))?;
+    let mut count = conn.prepare("SELECT count(*) FROM queue WHERE client_id = ?1")?;
+    for row in rows {
+        let (client_id, expiry, disconnected_ms) = row?;
+        let subs = subscriptions
+            .query_map([&client_id], |row| {
+                Ok(StoredSubscription {
+                    filter: row.get(0)?,
+                    qos: qos_from(row.get(1)?),
+                    no_local: row.get(2)?,
+                    retain_as_published: row.get(3)?,
+                    subscription_id: row
+                        .get::<_, Option<i64>>(4)?
+                        .and_then(|n| usize::try_from(n).ok()),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let window = i64::try_from(memory_window).unwrap_or(i64::MAX);
+        let queued = queue
+            .query_map(params![&client_id, window], |row| queue_row(row, now))?
+            .map(|r| r.map(|(_, d)| d))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let total: i64 = count.query_row([&client_id], |row| row.get(0))?;
+        let spilled = u64::try_from(total).unwrap_or(0) - queued.len() as u64;
+        // A session that was connected when the broker died counts as disconnected now.
+        let disconnected_for = Some(Duration::from_millis(
+            u64::try_from(now_wall.saturating_sub(disconnected_ms.unwrap_or(now_wall)))
+                .unwrap_or(0),
+        ));
+        snapshot.sessions.push(StoredSession {
+            client_id,
+            expiry: u32::try_from(expiry).unwrap_or(u32::MAX),
+            disconnected_for,
+            subscriptions: subs,
+            queue: queued,
+            spilled,
+        });
+    }
+    drop((sessions, subscriptions, queue, count));
+
+    let mut retained =
+        conn.prepare("SELECT topic, payload, qos, properties, received_ms FROM retained")?;
+    snapshot.retained = retained
+        .query_map([], |row| {
+            let topic: String = row.get(0)?;
+            let payload: Vec<u8> = row.get(1)?;
+            Ok(Message {
+                topic: Arc::from(topic.as_str()),
+                payload: Bytes::from(payload),
+                qos: qos_from(row.get(2)?),
+                retain: true,
+                properties: decode_properties(row.get(3)?),
+                origin: Origin::Internal(Arc::from("store")),
+                received: instant_from_ms(row.get(4)?, now),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(snapshot)
+}
+
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    /// Extra time to gather ops before a commit (`Batched`), zero otherwise.
+    window: Duration,
+    size: Arc<AtomicU64>,
+    commits: u64,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            if !self.window.is_zero() {
+                std::thread::sleep(self.window);
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+        }
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    fn apply(&mut self, batch: Vec<Op>) {
+        let mut barriers = Vec::new();
+        let mut pages = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for op in batch {
+                match op {
+                    Op::Barrier(done) => barriers.push(done),
+                    Op::Page {
+                        client_id,
+                        after_seq,
+                        limit,
+                        reply,
+                    } => {
+                        let rows = page(&tx, &client_id, after_seq, limit)?;
+                        pages.push((reply, rows));
+                    }
+                    other => apply_op(&tx, other)?,
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(error) = result {
+            // The ops of this batch are lost from disk (memory still has them); waiters are
+            // not answered, so publishers see no acknowledgement for what was not stored.
+            tracing::error!(database = %self.path.display(), %error, "broker store commit failed");
+            return;
+        }
+        for waiter in barriers {
+            waiter.wake();
+        }
+        for (reply, rows) in pages {
+            let _ = reply.send(rows);
+        }
+        self.commits += 1;
+        if self.commits % 256 == 0 {
+            // Give freed pages back a little at a time so the file stays bounded.
+            let _ = self.conn.execute_batch("PRAGMA incremental_vacuum(256);");
+        }
+        self.size.store(file_size(&self.path), Ordering::Relaxed);
+    }
+}
+
+fn page(
+    tx: &rusqlite::Transaction<'_>,
+    client_id: &str,
+    after_seq: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(u64, StoredDelivery)>> {
+    let now = Instant::now();
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+    ))?;
+    let rows = stmt
+        .query_map(
+            params![
+                client_id,
+                i64::try_from(after_seq).unwrap_or(i64::MAX),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |row| queue_row(row, now),
+        )?
+        .collect();
+    rows
+}
+
+fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Session {
+            client_id,
+            expiry,
+            connected,
+        } => {
+            let disconnected = (!connected).then(now_ms);
+            tx.prepare_cached(
+                "INSERT INTO sessions (client_id, expiry, disconnected_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (client_id) DO UPDATE SET expiry = ?2, disconnected_ms = ?3",
+            )?
+            .execute(params![&*client_id, i64::from(expiry), disconnected])?;
+        }
+        Op::DropSession { client_id } => {
+            tx.prepare_cached("DELETE FROM sessions WHERE client_id = ?1")?
+                .execute([&*client_id])?;
+            tx.prepare_cached("DELETE FROM subscriptions WHERE client_id = ?1")?
+                .execute([&*client_id])?;
+            tx.prepare_cached("DELETE FROM queue WHERE client_id = ?1")?
+                .execute([&*client_id])?;
+        }
+        Op::Subscriptions {
+            client_id,
+            subscriptions,
+        } => {
+            tx.prepare_cached("DELETE FROM subscriptions WHERE client_id = ?1")?
+                .execute([&*client_id])?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO subscriptions
+                 (client_id, filter, qos, no_local, retain_as_published, subscription_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for sub in subscriptions {
+                insert.execute(params![
+                    &*client_id,
+                    sub.filter,
+                    sub.qos as u8,
+                    sub.no_local,
+                    sub.retain_as_published,
+                    sub.subscription_id.and_then(|n| i64::try_from(n).ok()),
+                ])?;
+            }
+        }
+        Op::Enqueue {
+            seq,
+            client_id,
+            delivery,
+        } => {
+            let ids: Vec<String> = delivery
+                .subscription_ids
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO queue
+                 (seq, client_id, topic, payload, qos, retain, subscription_ids, properties, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                i64::try_from(seq).unwrap_or(i64::MAX),
+                &*client_id,
+                &*delivery.message.topic,
+                &delivery.message.payload[..],
+                delivery.qos as u8,
+                delivery.retain,
+                (!ids.is_empty()).then(|| ids.join(",")),
+                encode_properties(&delivery.message.properties),
+                ms_from_instant(delivery.message.received),
+            ])?;
+        }
+        Op::Inflight { seq, pkid, state } => {
+            tx.prepare_cached("UPDATE queue SET pkid = ?2, state = ?3 WHERE seq = ?1")?
+                .execute(params![
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                    pkid,
+                    state_code(state)
+                ])?;
+        }
+        Op::Remove { seq } => {
+            tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?
+                .execute([i64::try_from(seq).unwrap_or(i64::MAX)])?;
+        }
+        Op::RemoveOldest {
+            client_id,
+            after_seq,
+        } => {
+            tx.prepare_cached(
+                "DELETE FROM queue WHERE seq = (SELECT min(seq) FROM queue
+                 WHERE client_id = ?1 AND seq > ?2)",
+            )?
+            .execute(params![&*client_id, i64::try_from(after_seq).unwrap_or(i64::MAX)])?;
+        }
+        Op::Retain { topic, message } => match message {
+            Some(message) => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO retained (topic, payload, qos, properties, received_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    &*topic,
+                    &message.payload[..],
+                    message.qos as u8,
+                    encode_properties(&message.properties),
+                    ms_from_instant(message.received),
+                ])?;
+            }
+            None => {
+                tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+                    .execute([&*topic])?;
+            }
+        },
+        Op::Barrier(_) | Op::Page { .. } => {}
+    }
+    Ok(())
+}

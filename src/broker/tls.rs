@@ -1,0 +1,315 @@
+//! TLS for broker listeners: the rustls server configuration built once per listener at
+//! start (certificate chain and key, optionally a CA for client certificates, required or
+//! optional), and the client certificate's common name for `identity_as_username`.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::config::ListenerTls;
+
+/// A listener's TLS files cannot be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsError {
+    #[error("cannot read TLS {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS {what} file {path} is not valid PEM: {reason}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("TLS {what} file {path} holds no certificate (expected a PEM `BEGIN CERTIFICATE` block)")]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("TLS key file {path} holds no private key (expected a PEM `BEGIN PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block)")]
+    NoKey { path: PathBuf },
+    #[error("TLS client_ca file {path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("TLS cert {cert} and key {key} cannot be used together: {reason}")]
+    CertKey {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// The rustls server configuration for one listener (ring provider, TLS 1.2 and 1.3).
+pub(crate) fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = certificates("cert", &tls.cert)?;
+    let key = private_key(&tls.key)?;
+    let verifier = match &tls.client_ca {
+        Some(ca) => {
+            let roots = ca_roots(ca)?;
+            let builder =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let builder = if tls.require_client_cert {
+                builder
+            } else {
+                builder.allow_unauthenticated()
+            };
+            builder.build().map_err(|e| TlsError::BadCa {
+                path: ca.clone(),
+                reason: e.to_string(),
+            })?
+        }
+        None => WebPkiClientVerifier::no_client_auth(),
+    };
+    let cert_key = |reason: String| TlsError::CertKey {
+        cert: tls.cert.clone(),
+        key: tls.key.clone(),
+        reason,
+    };
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_key(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| cert_key(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// The common name (CN) of the client certificate the peer presented, if any. Only
+/// certificates the listener's verifier accepted get this far: the TLS handshake fails
+/// for any other.
+pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
+    let cert = conn.peer_certificates()?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let name = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn open(what: &'static str, path: &Path) -> Result<BufReader<File>, TlsError> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|source| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let mut reader = open(what, path)?;
+    let certs = rustls_pemfile::certs(&mut reader)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what,
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for (index, cert) in certificates("client_ca", path)?.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: path.to_path_buf(),
+            reason: format!("certificate {}: {e}", index + 1),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let mut reader = open("key", path)?;
+    match rustls_pemfile::private_key(&mut reader) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(TlsError::NoKey {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(TlsError::Pem {
+            what: "key",
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, ServerConnection};
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("CA cert");
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> (String, String) {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &ca.issuer).expect("leaf cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    /// Run a handshake in memory; the server connection afterwards, or the error.
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> Result<ServerConnection, rustls::Error> {
+        let mut server = ServerConnection::new(server)?;
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut client = ClientConnection::new(client, name)?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).expect("client writes");
+            server.read_tls(&mut &buf[..]).expect("server reads");
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            server.write_tls(&mut buf).expect("server writes");
+            client.read_tls(&mut &buf[..]).expect("client reads");
+            client.process_new_packets()?;
+            if !server.is_handshaking() && !client.is_handshaking() {
+                return Ok(server);
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.expect("pem")).expect("root");
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert, key)) => {
+                let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("certs");
+                let key = rustls_pemfile::private_key(&mut key.as_bytes())
+                    .expect("pem")
+                    .expect("key");
+                builder.with_client_auth_cert(certs, key).expect("client auth")
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Arc::new(config)
+    }
+
+    #[test]
+    fn client_certificates_are_verified_and_their_cn_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server_ca = ca("server CA");
+        let client_ca = ca("client CA");
+        let other_ca = ca("other CA");
+        let (cert, key) = leaf(&server_ca, "broker", &["localhost"]);
+        let tls = ListenerTls {
+            cert: write(dir.path(), "cert.pem", &cert),
+            key: write(dir.path(), "key.pem", &key),
+            client_ca: Some(write(dir.path(), "ca.pem", &client_ca.pem)),
+            require_client_cert: true,
+            identity_as_username: true,
+        };
+        let required = server_config(&tls).expect("server config");
+        let optional = server_config(&ListenerTls {
+            require_client_cert: false,
+            ..tls.clone()
+        })
+        .expect("server config");
+
+        let (good_cert, good_key) = leaf(&client_ca, "sensor-7", &[]);
+        let (bad_cert, bad_key) = leaf(&other_ca, "intruder", &[]);
+        let good = client_config(&server_ca.pem, Some((&good_cert, &good_key)));
+        let bad = client_config(&server_ca.pem, Some((&bad_cert, &bad_key)));
+        let none = client_config(&server_ca.pem, None);
+
+        let server = handshake(required.clone(), good.clone()).expect("accepted");
+        assert_eq!(peer_common_name(&server).as_deref(), Some("sensor-7"));
+        assert!(handshake(required.clone(), bad.clone()).is_err());
+        assert!(handshake(required, none.clone()).is_err());
+
+        let server = handshake(optional.clone(), none).expect("optional: no cert is fine");
+        assert_eq!(peer_common_name(&server), None);
+        assert!(handshake(optional.clone(), bad).is_err());
+        let server = handshake(optional, good).expect("accepted");
+        assert_eq!(peer_common_name(&server).as_deref(), Some("sensor-7"));
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server_ca = ca("server CA");
+        let (cert, key) = leaf(&server_ca, "broker", &["localhost"]);
+        let (_, other_key) = leaf(&server_ca, "other", &["localhost"]);
+        let cert = write(dir.path(), "cert.pem", &cert);
+        let key = write(dir.path(), "key.pem", &key);
+        let garbage = write(dir.path(), "garbage.pem", "hello\n");
+        let tls = ListenerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+            require_client_cert: false,
+            identity_as_username: false,
+        };
+        server_config(&tls).expect("valid");
+
+        let error = server_config(&ListenerTls {
+            cert: garbage.clone(),
+            ..tls.clone()
+        })
+        .expect_err("no certificate");
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+        let error = server_config(&ListenerTls {
+            key: garbage.clone(),
+            ..tls.clone()
+        })
+        .expect_err("no key");
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+        let error = server_config(&ListenerTls {
+            client_ca: Some(dir.path().join("missing.pem")),
+            ..tls.clone()
+        })
+        .expect_err("missing CA");
+        assert!(error.to_string().contains("missing.pem"), "{error}");
+        let error = server_config(&ListenerTls {
+            key: write(dir.path(), "other-key.pem", &other_key),
+            ..tls
+        })
+        .expect_err("key of another certificate");
+        assert!(error.to_string().contains("other-key.pem"), "{error}");
+    }
+}
