@@ -1,9 +1,13 @@
 //! End to end: the real `fieldmq` binary with the demo configuration, watched by real MQTT
 //! clients.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/process.rs"]
+mod process;
+
+use process::GatewayProcess;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, RetainForwardRule};
@@ -24,68 +28,6 @@ fn demo_config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("demo.toml");
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    /// Start the binary and wait for its "MQTT listener ready" log line.
-    fn start(config: &std::path::Path) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start fieldmq");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("MQTT listener ready"))
-                {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway reports its listener within 20 s");
-        Gateway {
-            child,
-            addr: addr.parse().expect("listener address"),
-        }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the gateway did not exit within 10 s of SIGTERM");
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn client(addr: SocketAddr, id: &str) -> (AsyncClient, rumqttc::v5::EventLoop) {
@@ -127,7 +69,7 @@ async fn wait_for(
 async fn the_demo_publishes_readings_accepts_a_write_and_says_offline_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = demo_config(dir.path());
-    let mut gateway = Gateway::start(&config);
+    let mut gateway = GatewayProcess::start(&config);
 
     let (client, mut events) = client(gateway.addr, "e2e-watcher");
     let status_filter = Filter {

@@ -746,3 +746,116 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, seq: u64) -> Delivery {
+        Delivery {
+            message: Message::internal("t", topic, "payload", QoS::AtLeastOnce, false),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![3],
+            seq: Some(seq),
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_queues_in_flight_state_and_retained_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        {
+            let (persist, snapshot) =
+                Persist::open(&path, Durability::Sync, Duration::ZERO, 2).expect("open");
+            assert!(snapshot.sessions.is_empty());
+            let client: Arc<str> = Arc::from("c1");
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            persist
+                .send(Op::Subscriptions {
+                    client_id: client.clone(),
+                    subscriptions: vec![StoredSubscription {
+                        filter: "a/#".into(),
+                        qos: QoS::AtLeastOnce,
+                        no_local: true,
+                        retain_as_published: false,
+                        subscription_id: Some(3),
+                    }],
+                })
+                .await;
+            for seq in 1..=5 {
+                persist
+                    .send(Op::Enqueue {
+                        seq,
+                        client_id: client.clone(),
+                        delivery: delivery(&format!("a/{seq}"), seq),
+                    })
+                    .await;
+            }
+            persist
+                .send(Op::Inflight {
+                    seq: 1,
+                    pkid: 9,
+                    state: InflightState::Released,
+                })
+                .await;
+            persist.send(Op::Remove { seq: 2 }).await;
+            let retained = Message::internal("t", "r/1", "kept", QoS::AtLeastOnce, true);
+            persist
+                .send(Op::Retain {
+                    topic: retained.topic.clone(),
+                    message: Some(retained),
+                })
+                .await;
+            persist.barrier().await.await.expect("committed");
+        }
+        // The writer thread closes when the last sender is dropped; give it the lock back.
+        let mut reopened = None;
+        for _ in 0..100 {
+            match Persist::open(&path, Durability::Sync, Duration::ZERO, 2) {
+                Ok(opened) => {
+                    reopened = Some(opened);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let (persist, snapshot) = reopened.expect("reopen");
+        assert_eq!(snapshot.next_seq, 6);
+        assert_eq!(snapshot.retained.len(), 1);
+        assert_eq!(&snapshot.retained[0].payload[..], b"kept");
+        let session = &snapshot.sessions[0];
+        assert_eq!(session.client_id, "c1");
+        assert_eq!(session.expiry, 60);
+        assert_eq!(session.subscriptions[0].filter, "a/#");
+        assert!(session.subscriptions[0].no_local);
+        // Two in memory (the window), two more on disk; row 2 was acknowledged.
+        assert_eq!(session.queue.len(), 2);
+        assert_eq!(session.spilled, 2);
+        assert_eq!(session.queue[0].inflight, Some((9, InflightState::Released)));
+        assert_eq!(&*session.queue[1].delivery.message.topic, "a/3");
+        assert_eq!(session.queue[1].delivery.subscription_ids, vec![3]);
+        let page = persist.page(Arc::from("c1"), 3, 10).await;
+        let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, vec![4, 5]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        std::fs::write(&path, vec![0x5a; 8192]).expect("write garbage");
+        let error =
+            Persist::open(&path, Durability::Sync, Duration::ZERO, 10).expect_err("refused");
+        let text = error.to_string();
+        assert!(matches!(error, PersistError::Corrupt { .. }), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("move the file aside"), "{text}");
+    }
+}

@@ -214,6 +214,11 @@ pub(crate) struct TooLargeForClient {
 
 /// Read the first packet of a connection, choosing the protocol from CONNECT.
 pub(crate) fn read_connect(buf: &mut BytesMut, max_size: u32) -> Result<ConnectRequest, ReadError> {
+    // Anything but CONNECT first (an HTTP request, noise) is refused at the first byte.
+    if buf.first().is_some_and(|b| b & 0xF0 != 0x10) {
+        return Err(ReadError::Malformed("first packet is not CONNECT".into()));
+    }
+    check_frame_size(buf, max_size)?;
     // Try MQTT 5 first on a copy: its codec names the protocol level it found.
     let mut probe = buf.clone();
     match v5::Packet::read(&mut probe, Some(max_size)) {
@@ -233,7 +238,24 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max_size: u32) -> Result<ConnectR
             Err(ReadError::UnsupportedProtocol(level))
         }
         Err(mqtt5bytes::Error::InvalidProtocol) => Err(ReadError::UnsupportedProtocol(0)),
-        Err(e) => Err(read_error_v5(e)),
+        Err(e) => Err(read_error_v5_after(e, probe.len() < buf.len())),
+    }
+}
+
+/// Maximum Packet Size counts the whole packet, fixed header included (MQTT 5 3.2.2.3.6);
+/// rumqttc compares only the remaining length.
+fn check_frame_size(buf: &[u8], max_size: u32) -> Result<(), ReadError> {
+    match v5::check(buf.iter(), None) {
+        Ok(header) if header.frame_length() > max_size as usize => {
+            Err(ReadError::TooLarge(header.frame_length()))
+        }
+        Err(mqtt5bytes::Error::InsufficientBytes(needed))
+            if buf.len() + needed > max_size as usize =>
+        {
+            Err(ReadError::TooLarge(buf.len() + needed))
+        }
+        // Complete and small enough, incomplete, or malformed: the codec says which.
+        _ => Ok(()),
     }
 }
 
@@ -243,6 +265,8 @@ pub(crate) fn read(
     buf: &mut BytesMut,
     max_size: u32,
 ) -> Result<Incoming, ReadError> {
+    check_frame_size(buf, max_size)?;
+    let before = buf.len();
     match version {
         Version::V311 => v4::Packet::read(buf, max_size as usize)
             .map_err(read_error_v4)
@@ -256,10 +280,33 @@ pub(crate) fn read(
                     with_will: false,
                 });
             }
-            v5::Packet::read(buf, Some(max_size))
-                .map_err(read_error_v5)
+            // MQTT 5 3.14.2.2.1: a DISCONNECT may stop after its reason code, which
+            // rumqttc cannot read: give it the empty property length it expects.
+            if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
+                let reason = buf[2];
+                let _ = buf.split_to(3);
+                let mut complete = BytesMut::from(&[0xE0, 0x02, reason, 0x00][..]);
+                return v5::Packet::read(&mut complete, None)
+                    .map_err(read_error_v5)
+                    .and_then(incoming_from_v5);
+            }
+            let result = v5::Packet::read(buf, Some(max_size));
+            let consumed = buf.len() < before;
+            result
+                .map_err(|e| read_error_v5_after(e, consumed))
                 .and_then(incoming_from_v5)
         }
+    }
+}
+
+/// rumqttc takes a complete frame off the buffer before parsing it: running out of bytes
+/// after that means the packet is shorter than its own fields (malformed), not incomplete.
+fn read_error_v5_after(e: mqtt5bytes::Error, frame_consumed: bool) -> ReadError {
+    match e {
+        mqtt5bytes::Error::InsufficientBytes(_) if frame_consumed => {
+            ReadError::Malformed("packet shorter than its fields".into())
+        }
+        other => read_error_v5(other),
     }
 }
 

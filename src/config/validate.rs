@@ -440,10 +440,16 @@ impl Validator<'_> {
         let devices = devices.map(|value| self.devices(value)).unwrap_or_default();
         let uplinks = uplinks.map(|value| self.uplinks(value)).unwrap_or_default();
 
+        let gateway = gateway??;
+        let mut broker = broker??;
+        // The broker's database lives in the data directory unless given an absolute path.
+        if broker.store_path.is_relative() {
+            broker.store_path = gateway.data_dir.join(&broker.store_path);
+        }
         Some(Config {
             source: source.to_path_buf(),
-            gateway: gateway??,
-            broker: broker??,
+            gateway,
+            broker,
             devices: devices.into_iter().collect::<Option<_>>()?,
             uplinks: uplinks.into_iter().collect::<Option<_>>()?,
         })

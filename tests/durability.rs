@@ -1,0 +1,224 @@
+//! Durability of the broker's state: the real binary is killed with SIGKILL while clients
+//! publish to an offline persistent subscriber; after a restart the subscriber gets every
+//! message whose PUBACK its publisher received. Also session expiry and a corrupt database.
+
+#[path = "support/process.rs"]
+mod process;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use process::GatewayProcess;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[gateway]
+id = "durable"
+data_dir = "{}"
+
+[broker]
+allow_anonymous = true
+max_queued_messages = 100000
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+"#,
+        dir.join("data").display()
+    );
+    let path = dir.join("fieldmq.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
+    let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(clean);
+    options.set_inflight(50);
+    options
+}
+
+/// Connect the persistent subscriber; returns whether the broker had its session, and
+/// the payloads received until `want` of them have arrived or `limit` passes.
+async fn subscriber_session(
+    addr: SocketAddr,
+    subscribe: bool,
+    want: &BTreeSet<u64>,
+    limit: Duration,
+) -> (bool, BTreeSet<u64>) {
+    let (client, mut events) = AsyncClient::new(options(addr, "durable-sub", false), 100);
+    if subscribe {
+        client
+            .subscribe("load/#", QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    let mut present = None;
+    let mut received = BTreeSet::new();
+    let _ = tokio::time::timeout(limit, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    present = Some(ack.session_present);
+                    if subscribe || want.is_empty() {
+                        // Nothing to wait for but the CONNACK (and the SUBACK).
+                        if want.is_empty() && !subscribe {
+                            return;
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) if want.is_empty() => return,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(n) = std::str::from_utf8(&p.payload).unwrap_or("").parse() {
+                        received.insert(n);
+                    }
+                    if want.is_subset(&received) {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => panic!("subscriber connection failed: {error}"),
+            }
+        }
+    })
+    .await;
+    let _ = client.disconnect().await;
+    (present.unwrap_or(false), received)
+}
+
+/// Publish numbered QoS 1 messages until the task is aborted; every PUBACKed number goes
+/// into `acked`.
+async fn publish_until_killed(
+    addr: SocketAddr,
+    first: u64,
+    acked: std::sync::Arc<std::sync::Mutex<BTreeSet<u64>>>,
+) {
+    let (client, mut events) = AsyncClient::new(options(addr, "durable-pub", true), 200);
+    // rumqttc gives packet ids only in its Outgoing events, in publish order.
+    let sender = tokio::spawn(async move {
+        for n in first.. {
+            if client
+                .publish(format!("load/{}", n % 4), QoS::AtLeastOnce, false, n.to_string())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut submitted: VecDeque<u64> = VecDeque::new();
+    let mut next = first;
+    let mut by_pkid = std::collections::HashMap::new();
+    loop {
+        match events.poll().await {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                submitted.push_back(next);
+                next += 1;
+                if let Some(n) = submitted.pop_front() {
+                    by_pkid.insert(pkid, n);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                if let Some(n) = by_pkid.remove(&ack.pkid) {
+                    acked.lock().expect("lock").insert(n);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    sender.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_message_to_an_offline_persistent_subscriber_survives_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+
+    let mut gateway = GatewayProcess::start(&config);
+    let (present, _) =
+        subscriber_session(gateway.addr, true, &BTreeSet::new(), Duration::from_secs(10)).await;
+    assert!(!present, "a new session");
+
+    // A retained message must survive the kills too.
+    let (retainer, mut retainer_events) =
+        AsyncClient::new(options(gateway.addr, "durable-retainer", true), 10);
+    retainer
+        .publish("state/valve", QoS::AtLeastOnce, true, "open")
+        .await
+        .expect("publish retained");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = retainer_events.poll().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("retained PUBACK");
+    drop(retainer);
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let mut first = 0;
+    for round in 0..10u64 {
+        // Publish for a random moment, then kill -9 in the middle of it.
+        let publisher = tokio::spawn(publish_until_killed(gateway.addr, first, acked.clone()));
+        let pause = 50 + rand::random::<u64>() % 250;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        gateway.kill9();
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+        first += 1_000_000;
+        gateway = GatewayProcess::start(&config);
+        let count = acked.lock().expect("lock").len();
+        assert!(count > 0 || round > 0, "the publisher got some PUBACKs");
+    }
+
+    let want = acked.lock().expect("lock").clone();
+    eprintln!("{} messages acknowledged across ten kills", want.len());
+    let (present, received) =
+        subscriber_session(gateway.addr, false, &want, Duration::from_secs(60)).await;
+    assert!(present, "the session survived ten kills");
+    let missing: Vec<&u64> = want.difference(&received).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged messages lost, e.g. {missing:?}",
+        want.difference(&received).count(),
+        want.len()
+    );
+
+    let (late, mut late_events) =
+        AsyncClient::new(options(gateway.addr, "durable-late", true), 10);
+    late.subscribe("state/#", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let retained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = late_events.poll().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("the retained message after ten kills");
+    assert_eq!(&retained.payload[..], b"open");
+    assert!(retained.retain);
+    let status = gateway.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn a_corrupt_broker_database_stops_the_start_with_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("broker.db"), vec![0x42; 16384]).expect("garbage");
+    let (code, _, stderr) = process::run_to_end(&["run", "-c"], Some(&config));
+    assert_ne!(code, Some(0), "must not start: {stderr}");
+    assert!(stderr.contains("broker.db"), "{stderr}");
+    assert!(stderr.contains("move the file aside"), "{stderr}");
+}

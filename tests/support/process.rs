@@ -1,0 +1,117 @@
+#![allow(dead_code)] // each test binary uses a part of this
+//! The real `fieldmq` binary as a child process: start it on a config, learn its listener
+//! address from its log, stop it with SIGTERM or kill it with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+pub(crate) struct GatewayProcess {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+    /// Log lines after startup, for assertions on what the gateway said.
+    pub(crate) log: std::sync::mpsc::Receiver<String>,
+}
+
+impl GatewayProcess {
+    /// Start `fieldmq run -c config` and wait (20 s at most) for "MQTT listener ready".
+    pub(crate) fn start(config: &Path) -> GatewayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start fieldmq");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (log_tx, log_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("MQTT listener ready") {
+                    if let Some(addr) = line.split("addr=").nth(1) {
+                        let _ = ready_tx.send(Ok(addr.trim().to_owned()));
+                    }
+                }
+                let _ = log_tx.send(line);
+            }
+            let _ = ready_tx.send(Err(()));
+        });
+        let addr = match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(addr)) => addr,
+            _ => {
+                let lines: Vec<String> = log_rx.try_iter().collect();
+                panic!("the gateway did not report a listener:\n{}", lines.join("\n"));
+            }
+        };
+        GatewayProcess {
+            child,
+            addr: addr.parse().expect("listener address"),
+            log: log_rx,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {name} failed");
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait (10 s at most) for the exit status.
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub(crate) fn kill9(&mut self) {
+        self.signal("-KILL");
+        self.wait_exit(Duration::from_secs(10));
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `fieldmq` with arguments to completion: (exit code, stdout, stderr).
+
+pub(crate) fn run_to_end(args: &[&str], config: Option<&Path>) -> (Option<i32>, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fieldmq"));
+    command.args(args);
+    if let Some(config) = config {
+        command.arg(config);
+    }
+    let output = command.output().expect("run fieldmq");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
