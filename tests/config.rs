@@ -617,6 +617,110 @@ fn cases() -> Vec<Case> {
             None,
         ),
         case(
+            "unknown broker durability",
+            format!("{HEAD}durability = \"synch\"\n"),
+            5,
+            "broker.durability",
+            "unknown durability \"synch\", expected one of sync, batched, memory",
+            Some("did you mean `sync`?"),
+        ),
+        case(
+            "zero commit window",
+            format!("{HEAD}durability = \"batched\"\ncommit_window = \"0s\"\n"),
+            6,
+            "broker.commit_window",
+            "must be more than zero",
+            None,
+        ),
+        case(
+            "bad max_queued_bytes",
+            format!("{HEAD}max_queued_bytes = \"lots\"\n"),
+            5,
+            "broker.max_queued_bytes",
+            "invalid size \"lots\"",
+            Some("256MiB"),
+        ),
+        case(
+            "missing ACL file",
+            format!("{HEAD}acl_file = \"acl\"\n"),
+            5,
+            "broker.acl_file",
+            "file not found: ",
+            Some("relative paths are resolved against the config file's directory"),
+        ),
+        case(
+            "sub-second $SYS interval",
+            format!("{HEAD}sys_interval = \"100ms\"\n"),
+            5,
+            "broker.sys_interval",
+            "\"100ms\" is too short",
+            Some("\"0s\" to turn $SYS off"),
+        ),
+        case(
+            "listener certificate that is not PEM",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\ntls = {{ cert = \"{existing}\", key = \"{existing}\" }}\n"),
+            7,
+            "broker.listeners[0].tls.cert",
+            "Cargo.toml: no PEM certificate in this file",
+            Some("BEGIN CERTIFICATE"),
+        ),
+        case(
+            "listener key that is not PEM",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\ntls = {{ cert = \"{existing}\", key = \"{existing}\" }}\n"),
+            7,
+            "broker.listeners[0].tls.key",
+            "Cargo.toml: no PEM private key in this file",
+            Some("PRIVATE KEY"),
+        ),
+        case(
+            "listener TLS without key",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\ntls = {{ cert = \"server.crt\" }}\n"),
+            7,
+            "broker.listeners[0].tls.key",
+            "missing required key",
+            Some("private key"),
+        ),
+        case(
+            "client certificates required without a CA",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\n[broker.listeners.tls]\ncert = \"{existing}\"\nkey = \"{existing}\"\nrequire_client_cert = true\n"),
+            10,
+            "broker.listeners[0].tls.require_client_cert",
+            "require_client_cert needs client_ca",
+            Some("client_ca"),
+        ),
+        case(
+            "identity as username without a CA",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\ntls = {{ cert = \"{existing}\", key = \"{existing}\", identity_as_username = true }}\n"),
+            7,
+            "broker.listeners[0].tls.identity_as_username",
+            "identity_as_username needs client_ca",
+            None,
+        ),
+        case(
+            "unknown key in a listener's TLS table",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8883\"\ntls = {{ cert = \"{existing}\", key = \"{existing}\", client_cert = true }}\n"),
+            7,
+            "broker.listeners[0].tls.client_cert",
+            "unknown key `client_cert`",
+            None,
+        ),
+        case(
+            "websocket path without websocket",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8083\"\nwebsocket_path = \"/ws\"\n"),
+            7,
+            "broker.listeners[0].websocket_path",
+            "websocket_path is set but websocket is not",
+            Some("websocket = true"),
+        ),
+        case(
+            "websocket path without a slash",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:8083\"\nwebsocket = true\nwebsocket_path = \"mqtt\"\n"),
+            8,
+            "broker.listeners[0].websocket_path",
+            "invalid WebSocket path \"mqtt\"",
+            None,
+        ),
+        case(
             "unknown when_full policy",
             format!("{HEAD}{UPLINK}queue = {{ when_full = \"drop_olest\" }}\n"),
             8,
@@ -660,4 +764,68 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
+    use fieldmq::config::Durability;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+    std::fs::write(dir.path().join("server.crt"), cert.pem()).expect("write");
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).expect("write");
+    std::fs::write(dir.path().join("acl"), "topic read #\n").expect("write");
+
+    let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n\
+        [broker]\nallow_anonymous = true\nmax_queued_bytes = \"8MiB\"\ndurability = \"batched\"\n\
+        commit_window = \"20ms\"\nstore_file = \"mqtt/broker.sqlite\"\nacl_file = \"acl\"\n\
+        sys_interval = \"0s\"\n\
+        [[broker.listeners]]\nbind = \"127.0.0.1:8883\"\n\
+        tls = { cert = \"server.crt\", key = \"server.key\", client_ca = \"ca.pem\", \
+        require_client_cert = true, identity_as_username = true }\n\
+        [[broker.listeners]]\nbind = \"127.0.0.1:8443\"\nwebsocket = true\nwebsocket_path = \"/ws\"\n\
+        tls = { cert = \"server.crt\", key = \"server.key\" }\n";
+    let config = parse_in(dir.path(), text).unwrap_or_else(|e| panic!("valid:\n{e}"));
+    let broker = &config.broker;
+    let base = std::path::absolute(dir.path()).expect("absolute");
+    assert_eq!(broker.max_queued_bytes, 8 * 1024 * 1024);
+    assert_eq!(broker.durability, Durability::Batched);
+    assert_eq!(broker.commit_window, Duration::from_millis(20));
+    assert_eq!(broker.store_path, base.join("data/mqtt/broker.sqlite"));
+    assert_eq!(broker.acl_file.as_deref(), Some(base.join("acl").as_path()));
+    assert_eq!(broker.sys_interval, None);
+    let mqtts = broker.listeners[0].tls.as_ref().expect("TLS");
+    assert_eq!(mqtts.cert, base.join("server.crt"));
+    assert_eq!(mqtts.key, base.join("server.key"));
+    assert_eq!(
+        mqtts.client_ca.as_deref(),
+        Some(base.join("ca.pem").as_path())
+    );
+    assert!(mqtts.require_client_cert && mqtts.identity_as_username);
+    assert!(!broker.listeners[0].websocket);
+    let wss = &broker.listeners[1];
+    assert!(wss.websocket);
+    assert_eq!(wss.websocket_path, "/ws");
+    let tls = wss.tls.as_ref().expect("TLS");
+    assert!(tls.client_ca.is_none() && !tls.require_client_cert && !tls.identity_as_username);
+
+    // The defaults: sync, <data_dir>/broker.db, $SYS every 10 s, plain TCP on /mqtt.
+    let config = parse_in(dir.path(), HEAD).expect("valid");
+    let broker = &config.broker;
+    assert_eq!(broker.durability, Durability::Sync);
+    assert_eq!(broker.store_path, Path::new("/var/lib/fieldmq/broker.db"));
+    assert_eq!(broker.sys_interval, Some(Duration::from_secs(10)));
+    assert_eq!(broker.commit_window, Duration::from_millis(10));
+    assert_eq!(broker.max_queued_bytes, 64 * 1024 * 1024);
+    assert_eq!(broker.acl_file, None);
+    assert_eq!(broker.listeners[0].websocket_path, "/mqtt");
+    assert!(broker.listeners[0].tls.is_none());
 }

@@ -180,12 +180,12 @@ impl Acl {
                         }
                     }
                 }
-                other => {
-                    return Err((
-                        number,
-                        format!("invalid line: unknown keyword {other:?}, expected user, topic or pattern"),
-                    ))
-                }
+                other => return Err((
+                    number,
+                    format!(
+                        "invalid line: unknown keyword {other:?}, expected user, topic or pattern"
+                    ),
+                )),
             }
         }
         Ok(acl)
@@ -236,7 +236,11 @@ impl Acl {
         }
         let dangerous = |s: &str| s.contains(['+', '#']);
         if username.is_some_and(dangerous) || dangerous(client_id) {
-            tracing::info!(client = client_id, ?username, "ACL patterns refused: `+` or `#` in username or client id");
+            tracing::info!(
+                client = client_id,
+                ?username,
+                "ACL patterns refused: `+` or `#` in username or client id"
+            );
             return false;
         }
         for rule in &self.patterns.0 {
@@ -346,14 +350,26 @@ pattern deny devices/%c/locked
             // A bare `topic X` is readwrite; `$` topics need a `$` rule.
             (Some("alice"), "a1", Op::Recv, "$SYS/broker/uptime", true),
             (Some("alice"), "a1", Op::Sub, "$SYS/#", true),
-            (Some("bob smith"), "b1", Op::Recv, "$SYS/broker/uptime", false),
+            (
+                Some("bob smith"),
+                "b1",
+                Op::Recv,
+                "$SYS/broker/uptime",
+                false,
+            ),
             // bob smith: a username with a space.
             (Some("bob smith"), "b1", Op::Recv, "plant/line1/t", true),
             (Some("bob smith"), "b1", Op::Sub, "plant/line1/+", true),
             (Some("bob smith"), "b1", Op::Sub, "plant/line1/#", false),
             (Some("bob smith"), "b1", Op::Sub, "plant/+/t", false),
             (Some("bob smith"), "b1", Op::Pub, "plant/line1/t", false),
-            (Some("bob smith"), "b1", Op::Recv, "users/bob smith/inbox", true),
+            (
+                Some("bob smith"),
+                "b1",
+                Op::Recv,
+                "users/bob smith/inbox",
+                true,
+            ),
             // Patterns: %c and %u, deny first.
             (Some("alice"), "a1", Op::Pub, "devices/a1/state", true),
             (Some("alice"), "a1", Op::Pub, "devices/a2/state", false),
@@ -383,7 +399,9 @@ pattern deny devices/%c/locked
                     Op::Pub => "publish",
                     Op::Recv => "receive",
                 };
-                failures.push(format!("{user:?} {client} {op} {topic}: expected {expected}"));
+                failures.push(format!(
+                    "{user:?} {client} {op} {topic}: expected {expected}"
+                ));
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -429,7 +447,12 @@ pattern deny devices/%c/locked
         let path = dir.path().join("acl");
         std::fs::write(&path, "topic read a\nbogus\n").expect("write");
         let error = Acl::load(&path).expect_err("bad line");
-        assert!(error.to_string().ends_with("acl:2: invalid line: unknown keyword \"bogus\", expected user, topic or pattern"), "{error}");
+        assert!(
+            error.to_string().ends_with(
+                "acl:2: invalid line: unknown keyword \"bogus\", expected user, topic or pattern"
+            ),
+            "{error}"
+        );
         let error = Acl::load(&dir.path().join("missing")).expect_err("missing");
         assert!(error.to_string().contains("missing"), "{error}");
     }

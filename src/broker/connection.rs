@@ -33,6 +33,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const PAGE_SIZE: usize = 500;
 /// How long a closing connection waits for acknowledgements still being committed.
 const ACK_DRAIN: Duration = Duration::from_secs(2);
+/// The longest keep alive we accept from an MQTT 5 client; past it CONNACK tells the
+/// client to use this (server keep alive), so dead connections are found within the hour.
+const MAX_KEEP_ALIVE: u16 = 3600;
 /// Topic aliases a client may use towards us.
 const TOPIC_ALIAS_MAX: u16 = 64;
 
@@ -163,6 +166,8 @@ pub(crate) async fn serve<S>(
     };
 
     tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
+    let server_keep_alive = (connect.version == Version::V5 && connect.keep_alive > MAX_KEEP_ALIVE)
+        .then_some(MAX_KEEP_ALIVE);
     let mut conn = Connection {
         version: connect.version,
         client_id: client_id.clone(),
@@ -170,11 +175,13 @@ pub(crate) async fn serve<S>(
         session,
         settings: settings.clone(),
         router: router.clone(),
-        keep_alive: connect.keep_alive,
+        keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
         receive_maximum: connect.receive_maximum,
         client_max_packet: connect.max_packet_size,
         session_expiry: connect.session_expiry,
         topic_aliases: HashMap::new(),
+        outgoing_aliases: HashMap::new(),
+        client_alias_max: connect.topic_alias_max,
         out: BytesMut::with_capacity(4096),
         persist,
         pending_acks: FuturesOrdered::new(),
@@ -186,7 +193,7 @@ pub(crate) async fn serve<S>(
         receive_maximum: settings.max_inflight,
         max_packet_size: settings.max_packet_size,
         topic_alias_max: TOPIC_ALIAS_MAX,
-        server_keep_alive: None,
+        server_keep_alive,
         reason: None,
     }));
     conn.resend_inflight();
@@ -363,6 +370,9 @@ struct Connection {
     client_max_packet: Option<u32>,
     session_expiry: u32,
     topic_aliases: HashMap<u16, String>,
+    /// Aliases we gave topics towards the client (MQTT 5), up to its Topic Alias Maximum.
+    outgoing_aliases: HashMap<Arc<str>, u16>,
+    client_alias_max: u16,
     out: BytesMut,
     /// The store, when the session is persistent: acks delete rows, sends record pkids.
     persist: Option<Persist>,
@@ -745,6 +755,7 @@ impl Connection {
     /// the client cannot take it.
     fn queue_publish(&mut self, entry: &Inflight, dup: bool) -> Option<u64> {
         let message = &entry.delivery.message;
+        let (topic_alias, topic_known) = self.outgoing_alias(&message.topic);
         let packet = Outgoing::Publish(PublishOut {
             topic: message.topic.clone(),
             payload: message.payload.clone(),
@@ -755,12 +766,17 @@ impl Connection {
             properties: message.properties.clone(),
             message_expiry: message.remaining_expiry(Instant::now()),
             subscription_ids: entry.delivery.subscription_ids.clone(),
+            topic_alias,
+            topic_known,
         });
         if let Err(error) =
             protocol::write(self.version, &packet, &mut self.out, self.client_max_packet)
         {
             // MQTT 5: a message the client cannot take is dropped as if delivered.
             tracing::debug!(client = %self.client_id, %error, "message dropped");
+            if !topic_known && topic_alias.is_some() {
+                self.outgoing_aliases.remove(&message.topic);
+            }
             return match entry.delivery.qos {
                 QoS::AtMostOnce => None,
                 QoS::AtLeastOnce => self.session.ack(entry.pkid).flatten(),
@@ -771,6 +787,25 @@ impl Connection {
             };
         }
         None
+    }
+
+    /// The alias for a topic towards this client, and whether the client already knows it
+    /// (then the topic itself is left out of the PUBLISH).
+    fn outgoing_alias(&mut self, topic: &Arc<str>) -> (Option<u16>, bool) {
+        if self.version != Version::V5 || self.client_alias_max == 0 {
+            return (None, false);
+        }
+        if let Some(alias) = self.outgoing_aliases.get(topic) {
+            return (Some(*alias), true);
+        }
+        let next = self.outgoing_aliases.len() + 1;
+        match u16::try_from(next) {
+            Ok(alias) if alias <= self.client_alias_max => {
+                self.outgoing_aliases.insert(topic.clone(), alias);
+                (Some(alias), false)
+            }
+            _ => (None, false),
+        }
     }
 
     fn queue(&mut self, packet: &Outgoing) {

@@ -39,6 +39,8 @@ pub(crate) struct ConnectRequest {
     /// How many QoS 1/2 publishes the client accepts in flight.
     pub(crate) receive_maximum: u16,
     pub(crate) max_packet_size: Option<u32>,
+    /// How many topic aliases the client accepts from us.
+    pub(crate) topic_alias_max: u16,
     pub(crate) will: Option<Will>,
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
@@ -186,6 +188,9 @@ pub(crate) struct PublishOut {
     /// Message expiry left when sent (MQTT 5 forwards the remaining interval).
     pub(crate) message_expiry: Option<u32>,
     pub(crate) subscription_ids: Vec<usize>,
+    /// MQTT 5 topic alias; with `topic_known` the topic itself is left out.
+    pub(crate) topic_alias: Option<u16>,
+    pub(crate) topic_known: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -369,6 +374,7 @@ fn connect_from_v4(c: v4::Connect) -> ConnectRequest {
         session_expiry: if c.clean_session { 0 } else { u32::MAX },
         receive_maximum: u16::MAX,
         max_packet_size: None,
+        topic_alias_max: 0,
         will: c.last_will.map(|w| Will {
             topic: w.topic,
             payload: w.message,
@@ -397,6 +403,7 @@ fn connect_from_v5(
         session_expiry: props.session_expiry_interval.unwrap_or(0),
         receive_maximum: props.receive_maximum.unwrap_or(u16::MAX).max(1),
         max_packet_size: props.max_packet_size,
+        topic_alias_max: props.topic_alias_max.unwrap_or(0),
         will: will.map(|w| {
             let delay = w
                 .properties
@@ -680,13 +687,14 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
         Outgoing::Publish(p) => {
             let has_props = p.properties.is_some()
                 || p.message_expiry.is_some()
+                || p.topic_alias.is_some()
                 || !p.subscription_ids.is_empty();
             let properties = has_props.then(|| {
                 let props = p.properties.as_deref().cloned().unwrap_or_default();
                 v5::PublishProperties {
                     payload_format_indicator: props.payload_format_indicator,
                     message_expiry_interval: p.message_expiry,
-                    topic_alias: None,
+                    topic_alias: p.topic_alias,
                     response_topic: props.response_topic,
                     correlation_data: props.correlation_data,
                     user_properties: props.user_properties,
@@ -698,7 +706,11 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 dup: p.dup,
                 qos: qos_to_v5(p.qos),
                 retain: p.retain,
-                topic: Bytes::copy_from_slice(p.topic.as_bytes()),
+                topic: if p.topic_known {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(p.topic.as_bytes())
+                },
                 pkid: p.pkid,
                 payload: p.payload.clone(),
                 properties,

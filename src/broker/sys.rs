@@ -19,13 +19,19 @@ const ORIGIN: &str = "$SYS";
 /// The topics, in publish order, with their values from the stats and the store size.
 fn values(stats: &BrokerStats, store_bytes: u64) -> [(&'static str, u64); 9] {
     [
-        ("$SYS/broker/clients/connected", stats.clients_connected as u64),
+        (
+            "$SYS/broker/clients/connected",
+            stats.clients_connected as u64,
+        ),
         ("$SYS/broker/messages/received", stats.messages_received),
         ("$SYS/broker/messages/sent", stats.messages_sent),
         ("$SYS/broker/bytes/received", stats.bytes_received),
         ("$SYS/broker/bytes/sent", stats.bytes_sent),
         ("$SYS/broker/retained messages/count", stats.retained as u64),
-        ("$SYS/broker/subscriptions/count", stats.subscriptions as u64),
+        (
+            "$SYS/broker/subscriptions/count",
+            stats.subscriptions as u64,
+        ),
         ("$SYS/broker/store/bytes", store_bytes),
         ("$SYS/broker/messages/dropped", stats.messages_dropped),
     ]
@@ -45,7 +51,10 @@ pub(crate) async fn run(
         return;
     }
     let version = format!("fieldmq version {}", env!("CARGO_PKG_VERSION"));
-    if publish(&handle, "$SYS/broker/version", version).await.is_err() {
+    if publish(&handle, "$SYS/broker/version", version)
+        .await
+        .is_err()
+    {
         return;
     }
     let mut last: Option<[(&'static str, u64); 9]> = None;
@@ -60,7 +69,10 @@ pub(crate) async fn run(
             return;
         };
         let uptime = format!("{} seconds", started.elapsed().as_secs());
-        if publish(&handle, "$SYS/broker/uptime", uptime).await.is_err() {
+        if publish(&handle, "$SYS/broker/uptime", uptime)
+            .await
+            .is_err()
+        {
             return;
         }
         let now = values(&stats, store_size());

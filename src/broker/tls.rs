@@ -28,7 +28,9 @@ pub(crate) enum TlsError {
         path: PathBuf,
         reason: String,
     },
-    #[error("TLS {what} file {path} holds no certificate (expected a PEM `BEGIN CERTIFICATE` block)")]
+    #[error(
+        "TLS {what} file {path} holds no certificate (expected a PEM `BEGIN CERTIFICATE` block)"
+    )]
     NoCertificate { what: &'static str, path: PathBuf },
     #[error("TLS key file {path} holds no private key (expected a PEM `BEGIN PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block)")]
     NoKey { path: PathBuf },
@@ -223,7 +225,9 @@ mod tests {
                 let key = rustls_pemfile::private_key(&mut key.as_bytes())
                     .expect("pem")
                     .expect("key");
-                builder.with_client_auth_cert(certs, key).expect("client auth")
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .expect("client auth")
             }
             None => builder.with_no_client_auth(),
         };

@@ -37,7 +37,8 @@ where
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER);
     let callback = |request: &Request, response: Response| check(request, response, path);
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await?;
     Ok(WsIo {
         ws,
         read: Bytes::new(),
@@ -146,9 +147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match ready!(Pin::new(&mut self.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                Poll::Ready(Ok(()))
-            }
+            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(error) => Poll::Ready(Err(io_error(error))),
         }
     }
@@ -180,10 +179,15 @@ mod tests {
         let server = accept(server, "/mqtt");
         let client = tokio_tungstenite::client_async(request, client);
         let (server, client) = tokio::join!(server, client);
-        (server, client.map(|(ws, response)| (ws, *response_box(response))))
+        (
+            server,
+            client.map(|(ws, response)| (ws, *response_box(response))),
+        )
     }
 
-    fn response_box(response: tokio_tungstenite::tungstenite::handshake::client::Response) -> Box<Response> {
+    fn response_box(
+        response: tokio_tungstenite::tungstenite::handshake::client::Response,
+    ) -> Box<Response> {
         let (parts, _) = response.into_parts();
         Box::new(Response::from_parts(parts, ()))
     }
@@ -217,10 +221,7 @@ mod tests {
         let message = client.next().await.expect("a message").expect("ok");
         assert_eq!(message, Message::binary(vec![0xD0, 0x00]));
 
-        client
-            .send(Message::text("CONNECT"))
-            .await
-            .expect("send");
+        client.send(Message::text("CONNECT")).await.expect("send");
         let error = server.read_u8().await.expect_err("text is refused");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }

@@ -31,6 +31,12 @@ pub(crate) struct RawBroker {
     pub(crate) max_packet_size: Option<S<RawSize>>,
     pub(crate) max_queued_messages: Option<S<i64>>,
     pub(crate) max_inflight: Option<S<i64>>,
+    pub(crate) max_queued_bytes: Option<S<RawSize>>,
+    pub(crate) durability: Option<S<String>>,
+    pub(crate) commit_window: Option<S<String>>,
+    pub(crate) store_file: Option<S<String>>,
+    pub(crate) acl_file: Option<S<String>>,
+    pub(crate) sys_interval: Option<S<String>>,
     pub(crate) listeners: Option<Vec<S<RawListener>>>,
 }
 
@@ -38,8 +44,21 @@ pub(crate) struct RawBroker {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListener {
     pub(crate) bind: Option<S<String>>,
-    pub(crate) websocket: Option<bool>,
+    pub(crate) websocket: Option<S<bool>>,
+    pub(crate) websocket_path: Option<S<String>>,
+    pub(crate) tls: Option<S<RawListenerTls>>,
     pub(crate) max_connections: Option<S<i64>>,
+}
+
+/// A listener's `tls = { ... }` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub(crate) cert: Option<S<String>>,
+    pub(crate) key: Option<S<String>>,
+    pub(crate) client_ca: Option<S<String>>,
+    pub(crate) require_client_cert: Option<S<bool>>,
+    pub(crate) identity_as_username: Option<S<bool>>,
 }
 
 /// A `[[devices]]` entry with `driver = "simulated"`. Each driver gets its own struct (the

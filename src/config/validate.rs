@@ -22,13 +22,14 @@ use toml::Spanned;
 
 use super::error::{closest, ConfigError, Diagnostics};
 use super::raw::{
-    RawBroker, RawGateway, RawListener, RawQueue, RawReconnect, RawRoute, RawScalar,
-    RawSimulatedDevice, RawSimulatedPoint, RawSize, RawUplink, RawWill, S,
+    RawBroker, RawGateway, RawListener, RawListenerTls, RawQueue, RawReconnect, RawRoute,
+    RawScalar, RawSimulatedDevice, RawSimulatedPoint, RawSize, RawUplink, RawWill, S,
 };
 use super::{
-    BrokerConfig, Config, DeviceConfig, DriverConfig, GatewayConfig, InRoute, ListenerConfig,
-    MqttVersion, OutRoute, PayloadFormat, QueueConfig, SecretSource, SimulatedConfig,
-    SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform, WhenFull, WillConfig,
+    BrokerConfig, Config, DeviceConfig, DriverConfig, Durability, GatewayConfig, InRoute,
+    ListenerConfig, ListenerTls, MqttVersion, OutRoute, PayloadFormat, QueueConfig, SecretSource,
+    SimulatedConfig, SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform,
+    WhenFull, WillConfig,
 };
 use crate::model::{QoS, Value};
 
@@ -59,6 +60,11 @@ pub(crate) const DEFAULT_QUEUE_MESSAGES: u64 = 1_000_000;
 pub(crate) const DEFAULT_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
 pub(crate) const DEFAULT_QUEUE_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub(crate) const DEFAULT_WS_PATH: &str = "/mqtt";
+pub(crate) const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
+pub(crate) const DEFAULT_STORE_FILE: &str = "broker.db";
+pub(crate) const DEFAULT_SYS_INTERVAL: Duration = Duration::from_secs(10);
+const DURABILITIES: &[&str] = &["sync", "batched", "memory"];
 
 /// Parses and validates `text`; `source` names the file in diagnostics and relative paths
 /// are resolved against its directory.
@@ -94,6 +100,7 @@ pub(crate) fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
     let mut v = Validator {
         d: diagnostics,
         base_dir: base_dir(source),
+        data_dir: PathBuf::from(DEFAULT_DATA_DIR),
         gateway_id: String::from("gateway"),
         reported: HashSet::new(),
     };
@@ -394,6 +401,8 @@ fn backticked(text: &str) -> Vec<&str> {
 struct Validator<'a> {
     d: Diagnostics<'a>,
     base_dir: PathBuf,
+    /// `gateway.data_dir` once validated: the base of the broker's `store_file`.
+    data_dir: PathBuf,
     /// Substituted for `{gateway}`; a harmless stand-in while the id itself is invalid.
     gateway_id: String,
     /// Key paths serde already reported (and removed), so a removed required key is not
@@ -830,6 +839,7 @@ impl Validator<'_> {
             Some(dir) => self.path(dir.get_ref()),
             None => PathBuf::from(DEFAULT_DATA_DIR),
         };
+        self.data_dir = data_dir.clone();
         let log_level = match &raw.log_level {
             Some(level) => {
                 if let Err(error) = tracing_subscriber::EnvFilter::try_new(level.get_ref()) {
@@ -928,11 +938,78 @@ impl Validator<'_> {
                     .parse()
                     .expect("the default listener address is valid"),
                 websocket: false,
-                websocket_path: "/mqtt".to_owned(),
+                websocket_path: DEFAULT_WS_PATH.to_owned(),
                 tls: None,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
             }),
         }
+
+        let max_queued_bytes = match raw.and_then(|raw| raw.max_queued_bytes.as_ref()) {
+            Some(size) => self
+                .size(size, "broker.max_queued_bytes")
+                .unwrap_or(DEFAULT_MAX_QUEUED_BYTES),
+            None => DEFAULT_MAX_QUEUED_BYTES,
+        };
+        let durability = match raw.and_then(|raw| raw.durability.as_ref()) {
+            Some(value) => match value.get_ref().as_str() {
+                "sync" => Durability::Sync,
+                "batched" => Durability::Batched,
+                "memory" => Durability::Memory,
+                other => {
+                    let diagnostic = self.d.error(
+                        Some(value.span()),
+                        "broker.durability",
+                        format!(
+                            "unknown durability {other:?}, expected one of {}",
+                            DURABILITIES.join(", ")
+                        ),
+                    );
+                    diagnostic.hint = Some(match closest(other, DURABILITIES) {
+                        Some(close) => format!("did you mean `{close}`?"),
+                        None => "sync: nothing acknowledged is lost; batched: a power cut \
+                                 loses at most commit_window; memory: nothing on disk"
+                            .to_owned(),
+                    });
+                    Durability::Sync
+                }
+            },
+            None => Durability::Sync,
+        };
+        let commit_window = self.positive_duration(
+            &raw.and_then(|raw| raw.commit_window.clone()),
+            "broker.commit_window",
+            DEFAULT_COMMIT_WINDOW,
+        );
+        let store_path = match raw.and_then(|raw| raw.store_file.as_ref()) {
+            Some(file) if file.get_ref().trim().is_empty() => {
+                self.d
+                    .error(Some(file.span()), "broker.store_file", "must not be empty");
+                self.data_dir.join(DEFAULT_STORE_FILE)
+            }
+            Some(file) => self.data_dir.join(file.get_ref()),
+            None => self.data_dir.join(DEFAULT_STORE_FILE),
+        };
+        let acl_file = raw
+            .and_then(|raw| raw.acl_file.as_ref())
+            .map(|file| self.existing_file(file, "broker.acl_file"));
+        let sys_interval = match raw.and_then(|raw| raw.sys_interval.as_ref()) {
+            Some(value) => match self.duration(value, "broker.sys_interval") {
+                Some(interval) if interval.is_zero() => None,
+                Some(interval) if interval < Duration::from_secs(1) => {
+                    self.d
+                        .error(
+                            Some(value.span()),
+                            "broker.sys_interval",
+                            format!("{:?} is too short", value.get_ref()),
+                        )
+                        .hint = Some("use at least \"1s\", or \"0s\" to turn $SYS off".into());
+                    Some(DEFAULT_SYS_INTERVAL)
+                }
+                Some(interval) => Some(interval),
+                None => Some(DEFAULT_SYS_INTERVAL),
+            },
+            None => Some(DEFAULT_SYS_INTERVAL),
+        };
 
         Some(BrokerConfig {
             listeners,
@@ -941,12 +1018,12 @@ impl Validator<'_> {
             max_packet_size,
             max_queued_messages,
             max_inflight,
-            max_queued_bytes: 64 * 1024 * 1024,
-            durability: crate::config::Durability::Sync,
-            commit_window: std::time::Duration::from_millis(10),
-            store_path: std::path::PathBuf::from("broker.db"),
-            acl_file: None,
-            sys_interval: Some(std::time::Duration::from_secs(10)),
+            max_queued_bytes,
+            durability,
+            commit_window,
+            store_path,
+            acl_file,
+            sys_interval,
         })
     }
 
@@ -1009,13 +1086,137 @@ impl Validator<'_> {
                 Some("every listener needs its own port".into());
         }
         seen.push((addr, index, line));
+        let websocket = raw
+            .get_ref()
+            .websocket
+            .as_ref()
+            .is_some_and(|w| *w.get_ref());
+        let websocket_path = match &raw.get_ref().websocket_path {
+            Some(path) if !websocket => {
+                self.d
+                    .error(
+                        Some(path.span()),
+                        format!("{prefix}.websocket_path"),
+                        "websocket_path is set but websocket is not",
+                    )
+                    .hint = Some("add websocket = true to serve MQTT over WebSocket".into());
+                DEFAULT_WS_PATH.to_owned()
+            }
+            Some(path)
+                if !path.get_ref().starts_with('/') || path.get_ref().contains(['?', '#', ' ']) =>
+            {
+                self.d
+                    .error(
+                        Some(path.span()),
+                        format!("{prefix}.websocket_path"),
+                        format!("invalid WebSocket path {:?}", path.get_ref()),
+                    )
+                    .hint = Some("a path starts with `/`, e.g. \"/mqtt\"".into());
+                DEFAULT_WS_PATH.to_owned()
+            }
+            Some(path) => path.get_ref().clone(),
+            None => DEFAULT_WS_PATH.to_owned(),
+        };
+        let tls = raw
+            .get_ref()
+            .tls
+            .as_ref()
+            .and_then(|tls| self.listener_tls(tls, &format!("{prefix}.tls")));
         Some(ListenerConfig {
             bind: addr,
-            websocket: raw.get_ref().websocket.unwrap_or(false),
-            websocket_path: "/mqtt".to_owned(),
-            tls: None,
+            websocket,
+            websocket_path,
+            tls,
             max_connections,
         })
+    }
+
+    fn listener_tls(&mut self, raw: &S<RawListenerTls>, prefix: &str) -> Option<ListenerTls> {
+        let span = raw.span();
+        let r = raw.get_ref();
+        let key = |k: &str| format!("{prefix}.{k}");
+        let cert = match &r.cert {
+            Some(cert) => Some(self.pem_file(cert, &key("cert"), Pem::Certificates)),
+            None => {
+                self.missing(
+                    span.clone(),
+                    key("cert"),
+                    Some("the server certificate (chain) in PEM, e.g. cert = \"server.crt\""),
+                );
+                None
+            }
+        };
+        let private_key = match &r.key {
+            Some(file) => Some(self.pem_file(file, &key("key"), Pem::PrivateKey)),
+            None => {
+                self.missing(
+                    span,
+                    key("key"),
+                    Some("the certificate's private key in PEM, e.g. key = \"server.key\""),
+                );
+                None
+            }
+        };
+        let client_ca = r
+            .client_ca
+            .as_ref()
+            .map(|ca| self.pem_file(ca, &key("client_ca"), Pem::Certificates));
+        let require_client_cert = r.require_client_cert.as_ref().is_some_and(|b| *b.get_ref());
+        let identity_as_username = r
+            .identity_as_username
+            .as_ref()
+            .is_some_and(|b| *b.get_ref());
+        if client_ca.is_none() {
+            for (name, flag) in [
+                ("require_client_cert", &r.require_client_cert),
+                ("identity_as_username", &r.identity_as_username),
+            ] {
+                if let Some(flag) = flag.as_ref().filter(|flag| *flag.get_ref()) {
+                    self.d
+                        .error(
+                            Some(flag.span()),
+                            key(name),
+                            format!("{name} needs client_ca"),
+                        )
+                        .hint = Some(
+                        "set client_ca to the CA file that signs the client certificates".into(),
+                    );
+                }
+            }
+        }
+        Some(ListenerTls {
+            cert: cert?,
+            key: private_key?,
+            client_ca,
+            require_client_cert,
+            identity_as_username,
+        })
+    }
+
+    /// A file that must exist and hold PEM certificates or a PEM private key.
+    fn pem_file(&mut self, value: &S<String>, key_path: &str, wanted: Pem) -> PathBuf {
+        let path = self.existing_file(value, key_path);
+        if !path.is_file() {
+            return path; // already reported
+        }
+        if let Err(why) = check_pem(&path, wanted) {
+            let hint = match wanted {
+                Pem::Certificates => {
+                    "expected PEM certificates (-----BEGIN CERTIFICATE-----); convert DER with `openssl x509 -inform der -in FILE -out FILE.pem`"
+                }
+                Pem::PrivateKey => {
+                    "expected a PEM private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY), unencrypted"
+                }
+            };
+            self.d
+                .error(
+                    Some(value.span()),
+                    key_path,
+                    format!("{}: {why}", path.display()),
+                )
+                .hint = Some(hint.into());
+        }
+        path
     }
 
     fn devices(&mut self, value: Spanned<DeValue<'_>>) -> Vec<Option<DeviceConfig>> {
@@ -1953,6 +2154,34 @@ impl Validator<'_> {
 enum Route {
     Out(OutRoute),
     In(InRoute),
+}
+
+/// What a PEM file must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
+/// Checks that `path` holds at least one PEM certificate, or a private key.
+fn check_pem(path: &Path, wanted: Pem) -> Result<(), String> {
+    use rustls_pemfile::Item;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut found = false;
+    for item in rustls_pemfile::read_all(&mut reader) {
+        let item = item.map_err(|e| format!("not valid PEM: {e}"))?;
+        found |= match (wanted, item) {
+            (Pem::Certificates, Item::X509Certificate(_)) => true,
+            (Pem::PrivateKey, Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_)) => true,
+            _ => false,
+        };
+    }
+    match (found, wanted) {
+        (true, _) => Ok(()),
+        (false, Pem::Certificates) => Err("no PEM certificate in this file".into()),
+        (false, Pem::PrivateKey) => Err("no PEM private key in this file".into()),
+    }
 }
 
 #[cfg(test)]
