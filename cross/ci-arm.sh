@@ -28,6 +28,9 @@ while [ $# -gt 0 ]; do
 done
 
 read -r -a targets <<< "${TARGETS:-aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf}"
+# Shared with the host build steps (CARGO_TARGET_DIR if set), so dependencies built once serve
+# all of them.
+target_dir="${CARGO_TARGET_DIR:-target}"
 
 script_start=$SECONDS
 step_start=$SECONDS
@@ -89,14 +92,14 @@ for triple in "${targets[@]}"; do
     configure_target "$triple"
     step "cargo build --release --target $triple"
     cargo build --release --locked --target "$triple" --bin fieldmq
-    file "target/$triple/release/fieldmq" 2>/dev/null | sed 's/^/    /' || true
+    file "$target_dir/$triple/release/fieldmq" 2>/dev/null | sed 's/^/    /' || true
     done_step "build $triple"
 done
 
 # --- the host subscriber -------------------------------------------------------------------
 step "host subscriber"
 sub_cmd=()
-for candidate in target/debug/fieldmq target/release/fieldmq; do
+for candidate in "$target_dir/debug/fieldmq" "$target_dir/release/fieldmq"; do
     if [ -x "$candidate" ] && "$candidate" sub --help >/dev/null 2>&1; then
         sub_cmd=("$candidate" sub)
         break
@@ -105,8 +108,8 @@ done
 if [ ${#sub_cmd[@]} -eq 0 ]; then
     # .ci/run's host tests normally leave target/debug/fieldmq behind; build it if not.
     cargo build --locked --bin fieldmq
-    if target/debug/fieldmq sub --help >/dev/null 2>&1; then
-        sub_cmd=(target/debug/fieldmq sub)
+    if "$target_dir/debug/fieldmq" sub --help >/dev/null 2>&1; then
+        sub_cmd=("$target_dir/debug/fieldmq" sub)
     fi
 fi
 if [ ${#sub_cmd[@]} -eq 0 ]; then
@@ -213,7 +216,7 @@ configs=(config/*.toml)
 [ -e systemd/fieldmq.toml ] && configs+=(systemd/fieldmq.toml)
 for triple in "${targets[@]}"; do
     configure_target "$triple"
-    bin="target/$triple/release/fieldmq"
+    bin="$target_dir/$triple/release/fieldmq"
     step "smoke test $triple under ${qemu[0]}"
     echo "    $("${qemu[@]}" "$bin" --version)"
     for config in "${configs[@]}"; do
@@ -229,8 +232,8 @@ done
 
 if [ "$measure" -gt 0 ]; then
     step "native demo (for comparison)"
-    [ -x target/release/fieldmq ] || cargo build --release --locked --bin fieldmq
-    run_demo native target/release/fieldmq
+    cargo build --release --locked --bin fieldmq
+    run_demo native "$target_dir/release/fieldmq"
     done_step "native demo"
 fi
 
@@ -238,7 +241,7 @@ fi
 echo
 echo "==> stripped release binaries"
 for triple in "${targets[@]}"; do
-    bin="target/$triple/release/fieldmq"
+    bin="$target_dir/$triple/release/fieldmq"
     size=$(stat -c %s "$bin")
     awk -v s="$size" -v t="$triple" 'BEGIN { printf "    %-32s %9d bytes  %.2f MiB\n", t, s, s / 1048576 }'
     [ "$size" -le $((8 * 1024 * 1024)) ] || echo "    warning: $triple binary is over the 8 MiB target" >&2

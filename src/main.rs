@@ -84,6 +84,8 @@ enum Command {
         #[arg(short, long)]
         retain: bool,
     },
+    /// Read a Modbus register range and print it in every type and byte order.
+    Probe(fieldmq::drivers::modbus::probe::ProbeArgs),
     /// Print a Mosquitto-compatible password file line (`$7$` PBKDF2-SHA512).
     Passwd {
         username: String,
@@ -97,6 +99,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::Check { config } => check(&config),
+        Command::Probe(args) => block_on(async move {
+            let report = fieldmq::drivers::modbus::probe::probe(&args)
+                .await
+                .map_err(|e| e.to_string())?;
+            print!("{report}");
+            Ok(())
+        }),
         Command::Passwd { username, password } => {
             println!("{}", fieldmq::broker::hash_password(&username, &password));
             ExitCode::SUCCESS

@@ -72,7 +72,9 @@ fn the_embedded_demo_runs_without_a_cloud() {
     let device = &demo.devices[0];
     assert_eq!(device.name, "sim");
     assert_eq!(device.topic, "{gateway}/{device}/{point}");
-    let DriverConfig::Simulated(sim) = &device.driver;
+    let DriverConfig::Simulated(sim) = &device.driver else {
+        panic!("expected a simulated device, got {:?}", device.driver);
+    };
     let kinds: Vec<&str> = sim
         .points
         .iter()
@@ -127,7 +129,9 @@ fn a_minimal_config_gets_every_default() {
     let device = &config.devices[0];
     assert_eq!(device.poll, Duration::from_secs(1));
     assert_eq!(device.payload, PayloadFormat::Json);
-    let DriverConfig::Simulated(sim) = &device.driver;
+    let DriverConfig::Simulated(sim) = &device.driver else {
+        panic!("expected a simulated device, got {:?}", device.driver);
+    };
     assert_eq!(
         sim.points[0].waveform,
         Waveform::RandomWalk {
@@ -741,9 +745,9 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
             d.line == Some(case.line)
                 && d.key_path == case.key_path
                 && d.message.contains(case.message)
-                && case.hint.map_or(true, |hint| {
-                    d.hint.as_deref().is_some_and(|h| h.contains(hint))
-                })
+                && case
+                    .hint
+                    .is_none_or(|hint| d.hint.as_deref().is_some_and(|h| h.contains(hint)))
         });
         match hit {
             Some(diagnostic) => {

@@ -102,7 +102,12 @@ async fn publish_until_killed(
     let sender = tokio::spawn(async move {
         for n in first.. {
             if client
-                .publish(format!("load/{}", n % 4), QoS::AtLeastOnce, false, n.to_string())
+                .publish(
+                    format!("load/{}", n % 4),
+                    QoS::AtLeastOnce,
+                    false,
+                    n.to_string(),
+                )
                 .await
                 .is_err()
             {
@@ -140,8 +145,13 @@ async fn every_acknowledged_message_to_an_offline_persistent_subscriber_survives
     let config = write_config(dir.path());
 
     let mut gateway = GatewayProcess::start(&config);
-    let (present, _) =
-        subscriber_session(gateway.addr, true, &BTreeSet::new(), Duration::from_secs(10)).await;
+    let (present, _) = subscriber_session(
+        gateway.addr,
+        true,
+        &BTreeSet::new(),
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(!present, "a new session");
 
     // A retained message must survive the kills too.
@@ -190,8 +200,7 @@ async fn every_acknowledged_message_to_an_offline_persistent_subscriber_survives
         want.len()
     );
 
-    let (late, mut late_events) =
-        AsyncClient::new(options(gateway.addr, "durable-late", true), 10);
+    let (late, mut late_events) = AsyncClient::new(options(gateway.addr, "durable-late", true), 10);
     late.subscribe("state/#", QoS::AtLeastOnce)
         .await
         .expect("subscribe");

@@ -33,6 +33,9 @@ use std::path::{Path, PathBuf};
 
 use super::topic;
 
+/// What a line may start with.
+const KEYWORDS: &str = "expected user, topic or pattern";
+
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
     #[error("cannot read ACL file {path}: {source}")]
@@ -180,12 +183,10 @@ impl Acl {
                         }
                     }
                 }
-                other => return Err((
-                    number,
-                    format!(
-                        "invalid line: unknown keyword {other:?}, expected user, topic or pattern"
-                    ),
-                )),
+                other => {
+                    let reason = format!("invalid line: unknown keyword {other:?}, {KEYWORDS}");
+                    return Err((number, reason));
+                }
             }
         }
         Ok(acl)

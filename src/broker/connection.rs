@@ -13,12 +13,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::acl::Acl;
 use super::auth::PasswordFile;
+use super::persist::{Op, Persist};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
-    PublishIn, PublishOut, ReadError, Version,
+    PublishIn, PublishOut, ReadError, SubAckCode, Version,
 };
-use super::persist::{Op, Persist};
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Inflight, InflightState, Session};
 use super::topic;
@@ -52,6 +53,7 @@ pub(crate) struct Counters {
 pub(crate) struct Settings {
     allow_anonymous: bool,
     passwords: Option<Arc<PasswordFile>>,
+    acl: Option<Arc<Acl>>,
     max_packet_size: u32,
     max_inflight: u16,
     next_connection: AtomicU64,
@@ -62,11 +64,13 @@ impl Settings {
     pub(crate) fn from_config(
         config: &BrokerConfig,
         passwords: Option<Arc<PasswordFile>>,
+        acl: Option<Arc<Acl>>,
         counters: Arc<Counters>,
     ) -> Settings {
         Settings {
             allow_anonymous: config.allow_anonymous,
             passwords,
+            acl,
             max_packet_size: config.max_packet_size,
             max_inflight: config.max_inflight.max(1),
             next_connection: AtomicU64::new(1),
@@ -95,6 +99,7 @@ enum Close {
 pub(crate) async fn serve<S>(
     mut stream: S,
     peer: SocketAddr,
+    identity: Option<String>,
     settings: Arc<Settings>,
     router: mpsc::Sender<RouterRequest>,
     shutdown: CancellationToken,
@@ -127,7 +132,13 @@ pub(crate) async fn serve<S>(
 
     let mut connect = connect;
     let mut assigned_client_id = None;
-    if let Err(code) = admit(&mut connect, &settings, over_quota, &mut assigned_client_id) {
+    if let Err(code) = admit(
+        &mut connect,
+        identity,
+        &settings,
+        over_quota,
+        &mut assigned_client_id,
+    ) {
         tracing::info!(%peer, client = %connect.client_id, ?code, "connection refused");
         let _ = send_now(&mut stream, connect.version, &refusal(code)).await;
         return;
@@ -182,6 +193,7 @@ pub(crate) async fn serve<S>(
         topic_aliases: HashMap::new(),
         outgoing_aliases: HashMap::new(),
         client_alias_max: connect.topic_alias_max,
+        username: connect.username.clone(),
         out: BytesMut::with_capacity(4096),
         persist,
         pending_acks: FuturesOrdered::new(),
@@ -288,6 +300,7 @@ async fn read_connect<S: AsyncRead + Unpin>(
 /// Check a CONNECT: capacity, client id, credentials, will topic.
 fn admit(
     connect: &mut ConnectRequest,
+    identity: Option<String>,
     settings: &Settings,
     over_quota: bool,
     assigned: &mut Option<String>,
@@ -316,6 +329,11 @@ fn admit(
         if !topic::valid_topic_name(&will.topic) {
             return Err(ConnackCode::ProtocolError);
         }
+    }
+    if let Some(common_name) = identity {
+        // The listener verified the client certificate; its CN is the username.
+        connect.username = Some(common_name);
+        return Ok(());
     }
     match (&connect.username, &settings.passwords) {
         (Some(user), Some(passwords)) => {
@@ -373,6 +391,8 @@ struct Connection {
     /// Aliases we gave topics towards the client (MQTT 5), up to its Topic Alias Maximum.
     outgoing_aliases: HashMap<Arc<str>, u16>,
     client_alias_max: u16,
+    /// For ACL checks.
+    username: Option<String>,
     out: BytesMut,
     /// The store, when the session is persistent: acks delete rows, sends record pkids.
     persist: Option<Persist>,
@@ -391,6 +411,7 @@ struct PendingAck {
     /// False when the store could not commit: the client gets no acknowledgement and
     /// resends.
     stored: bool,
+    reason: AckReason,
 }
 
 impl Connection {
@@ -528,19 +549,44 @@ impl Connection {
                 if filters.is_empty() {
                     return Some(self.protocol_error("SUBSCRIBE without filters"));
                 }
-                let (reply, codes) = oneshot::channel();
-                let request = RouterRequest::Subscribe {
-                    client_id: self.client_id.clone(),
-                    filters,
-                    subscription_id,
-                    reply,
-                };
-                if self.router.send(request).await.is_err() {
-                    return Some(Close::Shutdown);
+                // Denied filters get "not authorised" in their place; the rest go on.
+                let allowed: Vec<bool> = filters
+                    .iter()
+                    .map(|f| self.may_subscribe(&f.filter))
+                    .collect();
+                let permitted: Vec<_> = filters
+                    .into_iter()
+                    .zip(&allowed)
+                    .filter(|(_, ok)| **ok)
+                    .map(|(f, _)| f)
+                    .collect();
+                let mut granted = Vec::new().into_iter();
+                if !permitted.is_empty() {
+                    let (reply, codes) = oneshot::channel();
+                    let request = RouterRequest::Subscribe {
+                        client_id: self.client_id.clone(),
+                        filters: permitted,
+                        subscription_id,
+                        reply,
+                    };
+                    if self.router.send(request).await.is_err() {
+                        return Some(Close::Shutdown);
+                    }
+                    let Ok(codes) = codes.await else {
+                        return Some(Close::Shutdown);
+                    };
+                    granted = codes.into_iter();
                 }
-                let Ok(codes) = codes.await else {
-                    return Some(Close::Shutdown);
-                };
+                let codes = allowed
+                    .iter()
+                    .map(|ok| {
+                        if *ok {
+                            granted.next().unwrap_or(SubAckCode::TopicFilterInvalid)
+                        } else {
+                            SubAckCode::NotAuthorized
+                        }
+                    })
+                    .collect();
                 self.queue(&Outgoing::SubAck(pkid, codes));
             }
             Incoming::Unsubscribe { pkid, filters } => {
@@ -601,6 +647,22 @@ impl Connection {
                 publish.topic
             )));
         }
+        if !self.may_publish(&publish.topic) {
+            // Dropped; acknowledged in order so the client does not resend it forever.
+            tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish denied by ACL");
+            if publish.qos != QoS::AtMostOnce {
+                let (pkid, qos) = (publish.pkid, publish.qos);
+                self.pending_acks.push_back(Box::pin(async move {
+                    PendingAck {
+                        pkid,
+                        qos,
+                        stored: true,
+                        reason: AckReason::NotAuthorized,
+                    }
+                }));
+            }
+            return None;
+        }
         if publish.qos == QoS::ExactlyOnce {
             let mut state = self.session.lock();
             if state.incoming_qos2.contains(&publish.pkid) {
@@ -650,6 +712,7 @@ impl Connection {
                     pkid,
                     qos,
                     stored: routed.await.is_ok(),
+                    reason: AckReason::Success,
                 }
             }));
         }
@@ -664,8 +727,8 @@ impl Connection {
         }
         match ack.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck(ack.pkid, AckReason::Success)),
-            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec(ack.pkid, AckReason::Success)),
+            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck(ack.pkid, ack.reason)),
+            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec(ack.pkid, ack.reason)),
         }
         true
     }
@@ -680,6 +743,28 @@ impl Connection {
             }
         })
         .await;
+    }
+
+    fn may_subscribe(&self, filter: &str) -> bool {
+        let filter = topic::parse_filter(filter).map_or(filter, |f| f.filter);
+        self.settings
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.can_subscribe(self.username.as_deref(), &self.client_id, filter))
+    }
+
+    fn may_publish(&self, topic: &str) -> bool {
+        self.settings
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.can_publish(self.username.as_deref(), &self.client_id, topic))
+    }
+
+    fn may_receive(&self, topic: &str) -> bool {
+        self.settings
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.can_receive(self.username.as_deref(), &self.client_id, topic))
     }
 
     fn protocol_error(&mut self, what: &str) -> Close {
@@ -710,10 +795,11 @@ impl Connection {
     /// Move what the session may send now into the write buffer, paging messages in from
     /// disk when the in-memory queue has run dry.
     async fn pump(&mut self) {
-        let window = usize::from(self.receive_maximum);
+        // Like Mosquitto's max_inflight_messages: a 3.1.1 client states no limit, and a long
+        // in-flight list only delays acknowledgements without speeding anything up.
+        let window = usize::from(self.receive_maximum.min(self.settings.max_inflight));
         loop {
-            if let (Some(after_seq), Some(persist)) = (self.session.page_needed(), &self.persist)
-            {
+            if let (Some(after_seq), Some(persist)) = (self.session.page_needed(), &self.persist) {
                 let rows = persist
                     .page(self.client_id.clone(), after_seq, PAGE_SIZE)
                     .await;
@@ -732,6 +818,12 @@ impl Connection {
                 .messages_sent
                 .fetch_add(sendable.len() as u64, Ordering::Relaxed);
             for entry in &sendable {
+                if !self.may_receive(&entry.delivery.message.topic) {
+                    if let Some(seq) = self.drop_delivery(entry) {
+                        self.store(Op::Remove { seq }).await;
+                    }
+                    continue;
+                }
                 if let Some(seq) = self.queue_publish(entry, false) {
                     self.store(Op::Remove { seq }).await;
                     continue;
@@ -777,16 +869,21 @@ impl Connection {
             if !topic_known && topic_alias.is_some() {
                 self.outgoing_aliases.remove(&message.topic);
             }
-            return match entry.delivery.qos {
-                QoS::AtMostOnce => None,
-                QoS::AtLeastOnce => self.session.ack(entry.pkid).flatten(),
-                QoS::ExactlyOnce => {
-                    self.session.received(entry.pkid);
-                    self.session.completed(entry.pkid).flatten()
-                }
-            };
+            return self.drop_delivery(entry);
         }
         None
+    }
+
+    /// Complete a delivery locally without sending it; returns its row to delete.
+    fn drop_delivery(&self, entry: &Inflight) -> Option<u64> {
+        match entry.delivery.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => self.session.ack(entry.pkid).flatten(),
+            QoS::ExactlyOnce => {
+                self.session.received(entry.pkid);
+                self.session.completed(entry.pkid).flatten()
+            }
+        }
     }
 
     /// The alias for a topic towards this client, and whether the client already knows it

@@ -200,10 +200,16 @@ async fn serve(
     }
     match stream {
         Ready::Tcp(stream) => {
-            connection::serve(stream, peer, settings, router, shutdown, over_quota).await
+            connection::serve(
+                stream, peer, identity, settings, router, shutdown, over_quota,
+            )
+            .await
         }
         Ready::Other(stream) => {
-            connection::serve(stream, peer, settings, router, shutdown, over_quota).await
+            connection::serve(
+                stream, peer, identity, settings, router, shutdown, over_quota,
+            )
+            .await
         }
     }
 }

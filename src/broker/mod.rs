@@ -4,6 +4,7 @@
 //! In-process publishers and subscribers (drivers, uplinks, the gateway status) talk to the
 //! same router through a [`BrokerHandle`]: no loopback socket.
 
+mod acl;
 mod auth;
 mod connection;
 mod listener;
@@ -11,6 +12,7 @@ mod persist;
 mod protocol;
 mod router;
 mod session;
+mod sys;
 pub mod topic;
 
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BrokerConfig, Durability};
 use crate::model::{Message, QoS};
 
+pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use persist::PersistError;
 pub use router::BrokerStats;
@@ -46,14 +49,16 @@ pub enum BrokerError {
     InvalidFilter { filter: String },
     #[error("invalid topic {topic:?} for a publish")]
     InvalidTopic { topic: String },
-    #[error("{what} is not supported yet")]
-    Unsupported { what: String },
     #[error("the broker is shutting down")]
     Closed,
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
     Store(#[from] PersistError),
+    #[error(transparent)]
+    Acl(#[from] AclError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// How an in-process subscriber wants its messages.
@@ -224,10 +229,15 @@ pub async fn start(
         Some(path) => Some(Arc::new(PasswordFile::load(path)?)),
         None => None,
     };
+    let acl = match &config.acl_file {
+        Some(path) => Some(Arc::new(Acl::load(path)?)),
+        None => None,
+    };
     let counters = Arc::new(connection::Counters::default());
     let settings = Arc::new(connection::Settings::from_config(
         config,
         passwords,
+        acl,
         counters.clone(),
     ));
 
@@ -243,11 +253,7 @@ pub async fn start(
 
     let mut bound = Vec::new();
     for listener in &config.listeners {
-        if listener.websocket {
-            return Err(BrokerError::Unsupported {
-                what: format!("websocket listener on {}", listener.bind),
-            });
-        }
+        listener::prepare(listener).map_err(|e| BrokerError::Tls(e.to_string()))?;
         let socket = tokio::net::TcpListener::bind(listener.bind)
             .await
             .map_err(|source| BrokerError::Bind {
@@ -269,6 +275,15 @@ pub async fn start(
     let router = tokio::spawn(
         Router::new(limits, counters, config.durability, store).run(router_rx, router_stop.clone()),
     );
+
+    if let Some(interval) = config.sys_interval {
+        listeners.spawn(sys::run(
+            handle.clone(),
+            interval,
+            std::time::Instant::now(),
+            shutdown.clone(),
+        ));
+    }
 
     let mut local_addrs = Vec::new();
     for (socket, listener_config) in bound {

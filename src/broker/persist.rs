@@ -120,7 +120,9 @@ pub(crate) enum Op {
         connected: bool,
     },
     /// Remove a session with its subscriptions and queue.
-    DropSession { client_id: Arc<str> },
+    DropSession {
+        client_id: Arc<str>,
+    },
     /// Replace the subscriptions of a session.
     Subscriptions {
         client_id: Arc<str>,
@@ -136,10 +138,18 @@ pub(crate) enum Op {
         pkid: u16,
         state: InflightState,
     },
-    Remove { seq: u64 },
+    Remove {
+        seq: u64,
+    },
     /// Remove the oldest row of a client above `after_seq` (drop-oldest on a spilled queue).
-    RemoveOldest { client_id: Arc<str>, after_seq: u64 },
-    Retain { topic: Arc<str>, message: Option<Message> },
+    RemoveOldest {
+        client_id: Arc<str>,
+        after_seq: u64,
+    },
+    Retain {
+        topic: Arc<str>,
+        message: Option<Message>,
+    },
     /// Answered after the commit that holds every op sent before it.
     Barrier(Waiter),
     /// Rows of a client with `seq > after_seq`, oldest first.
@@ -196,7 +206,8 @@ impl Persist {
         memory_window: usize,
     ) -> Result<(Persist, Snapshot), PersistError> {
         let mut conn = open_connection(path, durability)?;
-        let snapshot = load(&mut conn, memory_window).map_err(|e| PersistError::classify(path, e))?;
+        let snapshot =
+            load(&mut conn, memory_window).map_err(|e| PersistError::classify(path, e))?;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let size = Arc::new(AtomicU64::new(file_size(path)));
         let writer = Writer {
@@ -396,7 +407,8 @@ fn encode_properties(properties: &Option<Arc<MessageProperties>>) -> Option<Stri
 }
 
 fn decode_properties(text: Option<String>) -> Option<Arc<MessageProperties>> {
-    text.and_then(|t| serde_json::from_str(&t).ok()).map(Arc::new)
+    text.and_then(|t| serde_json::from_str(&t).ok())
+        .map(Arc::new)
 }
 
 fn qos_from(code: i64) -> QoS {
@@ -721,7 +733,10 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
                 "DELETE FROM queue WHERE seq = (SELECT min(seq) FROM queue
                  WHERE client_id = ?1 AND seq > ?2)",
             )?
-            .execute(params![&*client_id, i64::try_from(after_seq).unwrap_or(i64::MAX)])?;
+            .execute(params![
+                &*client_id,
+                i64::try_from(after_seq).unwrap_or(i64::MAX)
+            ])?;
         }
         Op::Retain { topic, message } => match message {
             Some(message) => {
@@ -838,7 +853,10 @@ mod tests {
         // Two in memory (the window), two more on disk; row 2 was acknowledged.
         assert_eq!(session.queue.len(), 2);
         assert_eq!(session.spilled, 2);
-        assert_eq!(session.queue[0].inflight, Some((9, InflightState::Released)));
+        assert_eq!(
+            session.queue[0].inflight,
+            Some((9, InflightState::Released))
+        );
         assert_eq!(&*session.queue[1].delivery.message.topic, "a/3");
         assert_eq!(session.queue[1].delivery.subscription_ids, vec![3]);
         let page = persist.page(Arc::from("c1"), 3, 10).await;

@@ -137,6 +137,7 @@ pub(crate) struct ConnAckOut {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SubAckCode {
     Granted(QoS),
+    NotAuthorized,
     TopicFilterInvalid,
 }
 
@@ -174,6 +175,7 @@ impl DisconnectReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckReason {
     Success,
+    NotAuthorized,
 }
 
 #[derive(Debug, Clone)]
@@ -720,6 +722,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
             pkid: *pkid,
             reason: match reason {
                 AckReason::Success => v5::PubAckReason::Success,
+                AckReason::NotAuthorized => v5::PubAckReason::NotAuthorized,
             },
             properties: None,
         }),
@@ -727,6 +730,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
             pkid: *pkid,
             reason: match reason {
                 AckReason::Success => v5::PubRecReason::Success,
+                AckReason::NotAuthorized => v5::PubRecReason::NotAuthorized,
             },
             properties: None,
         }),
@@ -756,6 +760,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 .iter()
                 .map(|c| match c {
                     SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
+                    SubAckCode::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
                     SubAckCode::TopicFilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
                 })
                 .collect(),
@@ -791,9 +796,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 DisconnectReason::ReceiveMaximumExceeded => {
                     v5::DisconnectReasonCode::ReceiveMaximumExceeded
                 }
-                DisconnectReason::TopicAliasInvalid => {
-                    v5::DisconnectReasonCode::TopicAliasInvalid
-                }
+                DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
                 DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
             },
             properties: Some(v5::DisconnectProperties {

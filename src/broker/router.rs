@@ -186,11 +186,14 @@ impl Router {
     /// Rebuild sessions, subscriptions and retained messages from disk.
     fn restore(&mut self, snapshot: Snapshot) {
         let now = Instant::now();
-        let (sessions, queued) = (snapshot.sessions.len(), snapshot
-            .sessions
-            .iter()
-            .map(|s| s.queue.len() as u64 + s.spilled)
-            .sum::<u64>());
+        let (sessions, queued) = (
+            snapshot.sessions.len(),
+            snapshot
+                .sessions
+                .iter()
+                .map(|s| s.queue.len() as u64 + s.spilled)
+                .sum::<u64>(),
+        );
         for stored in snapshot.sessions {
             let client_id: Arc<str> = Arc::from(stored.client_id.as_str());
             let session = Arc::new(Session::new(client_id.clone(), self.limits));
@@ -491,7 +494,10 @@ impl Router {
                     })
                     .await;
                 }
-                (Arc::new(Session::new(client_id.clone(), self.limits)), false)
+                (
+                    Arc::new(Session::new(client_id.clone(), self.limits)),
+                    false,
+                )
             }
         };
         let persisted = session_expiry > 0 && self.persist.is_some();
@@ -729,7 +735,8 @@ impl Router {
                 self.retained.insert(message.topic.clone(), message.clone());
                 Some(message.clone())
             };
-            if self.persist.is_some() {
+            // `$SYS` is republished every few seconds: keep it off the disk.
+            if self.persist.is_some() && !message.topic.starts_with("$SYS/") {
                 self.persist(Op::Retain {
                     topic: message.topic.clone(),
                     message: stored,

@@ -421,7 +421,11 @@ mod tests {
         let (sent, _) = session.take_sendable(1, 100, Instant::now());
         assert_eq!(sent.len(), 4);
         assert_eq!(session.page_needed(), Some(4));
-        session.add_page((5..=7).map(|s| delivery(s, QoS::AtLeastOnce, Some(s))).collect());
+        session.add_page(
+            (5..=7)
+                .map(|s| delivery(s, QoS::AtLeastOnce, Some(s)))
+                .collect(),
+        );
         let (sent, _) = session.take_sendable(1, 100, Instant::now());
         let seqs: Vec<u64> = sent.iter().filter_map(|i| i.delivery.seq).collect();
         assert_eq!(seqs, vec![5, 6, 7]);

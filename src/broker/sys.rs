@@ -38,13 +38,11 @@ fn values(stats: &BrokerStats, store_bytes: u64) -> [(&'static str, u64); 9] {
 }
 
 /// Publish `$SYS` until `shutdown` (or until the broker stops). `started` is when the
-/// broker started (for the uptime); `store_size` reports the store's size in bytes (0
-/// without one).
+/// broker started (for the uptime).
 pub(crate) async fn run(
     handle: BrokerHandle,
     interval: Duration,
     started: Instant,
-    store_size: impl Fn() -> u64 + Send,
     shutdown: CancellationToken,
 ) {
     if interval.is_zero() {
@@ -75,9 +73,9 @@ pub(crate) async fn run(
         {
             return;
         }
-        let now = values(&stats, store_size());
+        let now = values(&stats, stats.store_bytes);
         for (index, (topic, value)) in now.iter().enumerate() {
-            let changed = last.as_ref().map_or(true, |last| last[index].1 != *value);
+            let changed = last.as_ref().is_none_or(|last| last[index].1 != *value);
             if changed && publish(&handle, topic, value.to_string()).await.is_err() {
                 return;
             }
@@ -108,7 +106,6 @@ mod tests {
             broker.handle.clone(),
             Duration::from_secs(10),
             started,
-            || 4096,
             shutdown.clone(),
         ));
         let mut sub = broker
@@ -135,7 +132,8 @@ mod tests {
         }
         assert!(seen["$SYS/broker/version"].starts_with("fieldmq version "));
         assert!(seen["$SYS/broker/uptime"].ends_with(" seconds"));
-        assert_eq!(seen["$SYS/broker/store/bytes"], "4096");
+        // Durability::Memory: no database.
+        assert_eq!(seen["$SYS/broker/store/bytes"], "0");
         assert_eq!(seen["$SYS/broker/clients/connected"], "0");
         assert!(seen.contains_key("$SYS/broker/retained messages/count"));
         assert!(seen.contains_key("$SYS/broker/subscriptions/count"));

@@ -29,6 +29,8 @@ const READ_BUFFER: usize = 8 * 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Accept a WebSocket upgrade on `path`; any other path is answered 404.
+// The callback's error type is tungstenite's HTTP response, large by design.
+#[allow(clippy::result_large_err)]
 pub(crate) async fn accept<S>(stream: S, path: &str) -> Result<WsIo<S>, WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -46,6 +48,7 @@ where
 }
 
 /// The handshake callback: path check and subprotocol choice.
+#[allow(clippy::result_large_err)]
 fn check(request: &Request, mut response: Response, path: &str) -> Result<Response, ErrorResponse> {
     if request.uri().path() != path {
         let mut refusal = ErrorResponse::new(Some(format!(

@@ -14,6 +14,8 @@ use std::time::Duration;
 use crate::model::{QoS, Value};
 
 pub use error::{ConfigError, Diagnostic};
+// For drivers that validate their own keys (drivers::modbus::config).
+pub(crate) use error::{closest, Diagnostics};
 
 /// The validated configuration of a whole gateway.
 #[derive(Debug, Clone)]
@@ -163,6 +165,7 @@ pub enum PayloadFormat {
 #[derive(Debug, Clone)]
 pub enum DriverConfig {
     Simulated(SimulatedConfig),
+    Modbus(crate::drivers::modbus::ModbusConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -378,6 +381,13 @@ impl Config {
         for device in &self.devices {
             let (driver, points) = match &device.driver {
                 DriverConfig::Simulated(sim) => ("simulated", sim.points.len()),
+                DriverConfig::Modbus(modbus) => (
+                    match modbus.transport {
+                        crate::drivers::modbus::Transport::Tcp { .. } => "modbus-tcp",
+                        crate::drivers::modbus::Transport::Rtu(_) => "modbus-rtu",
+                    },
+                    modbus.points.len(),
+                ),
             };
             let _ = writeln!(
                 out,

@@ -31,10 +31,11 @@ use super::{
     SimulatedConfig, SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform,
     WhenFull, WillConfig,
 };
+use crate::drivers::modbus::config::RawModbusDevice;
 use crate::model::{QoS, Value};
 
 const TOP_LEVEL_KEYS: &[&str] = &["gateway", "broker", "devices", "uplinks"];
-const DRIVERS: &[&str] = &["simulated"];
+const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu"];
 const WAVEFORMS: &[&str] = &["sine", "ramp", "random_walk", "constant"];
 
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/fieldmq";
@@ -1257,6 +1258,9 @@ impl Validator<'_> {
                 Some((Some(driver), _)) if driver == "simulated" => self
                     .deserialize::<S<RawSimulatedDevice>>(item, &prefix)
                     .and_then(|raw| self.simulated_device(raw, &prefix, &mut names)),
+                Some((Some(driver), _)) if driver == "modbus-tcp" || driver == "modbus-rtu" => self
+                    .deserialize::<S<RawModbusDevice>>(item, &prefix)
+                    .and_then(|raw| self.modbus_device(raw, &prefix, &mut names)),
                 Some((Some(driver), span)) => {
                     let diagnostic = self.d.error(
                         Some(span),
@@ -1312,6 +1316,35 @@ impl Validator<'_> {
             payload,
             poll,
             driver: DriverConfig::Simulated(SimulatedConfig { points }),
+        })
+    }
+
+    /// A Modbus device: the common keys here, the Modbus keys in `drivers::modbus::config`.
+    fn modbus_device(
+        &mut self,
+        raw: S<RawModbusDevice>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+    ) -> Option<DeviceConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let name = self.device_name(&raw.name, span.clone(), prefix, names);
+        let topic = self.device_topic(&raw.topic, prefix);
+        let payload = self.payload(&raw.payload, prefix);
+        let poll = self.positive_duration(&raw.poll, &format!("{prefix}.poll"), DEFAULT_POLL);
+        let modbus = crate::drivers::modbus::config::validate(
+            &raw,
+            span,
+            prefix,
+            &mut self.d,
+            &self.reported,
+        );
+        Some(DeviceConfig {
+            name: name?,
+            topic,
+            payload,
+            poll,
+            driver: DriverConfig::Modbus(modbus?),
         })
     }
 
@@ -2087,7 +2120,7 @@ impl Validator<'_> {
                     ok = false;
                 }
                 let qos = self.qos(&r.qos, &key("qos"), QoS::AtLeastOnce);
-                let durable = r.durable.as_ref().map_or(true, |d| *d.get_ref());
+                let durable = r.durable.as_ref().is_none_or(|d| *d.get_ref());
                 if let Some(flag) = &r.durable {
                     if !durable && qos != QoS::AtMostOnce {
                         self.d
@@ -2171,11 +2204,14 @@ fn check_pem(path: &Path, wanted: Pem) -> Result<(), String> {
     let mut found = false;
     for item in rustls_pemfile::read_all(&mut reader) {
         let item = item.map_err(|e| format!("not valid PEM: {e}"))?;
-        found |= match (wanted, item) {
-            (Pem::Certificates, Item::X509Certificate(_)) => true,
-            (Pem::PrivateKey, Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_)) => true,
-            _ => false,
-        };
+        found |= matches!(
+            (wanted, item),
+            (Pem::Certificates, Item::X509Certificate(_))
+                | (
+                    Pem::PrivateKey,
+                    Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_)
+                )
+        );
     }
     match (found, wanted) {
         (true, _) => Ok(()),

@@ -3,6 +3,7 @@
 //! the reading into an MQTT message on the embedded broker. Writes arrive as messages on
 //! `<point topic>/set` and are answered on `<point topic>/set/result`.
 
+pub mod modbus;
 pub mod simulated;
 
 use std::sync::Arc;
@@ -245,6 +246,9 @@ pub async fn run_device(device: DeviceConfig, context: DeviceContext, shutdown: 
     match &device.driver {
         DriverConfig::Simulated(config) => {
             simulated::run(config.clone(), device.poll, context, shutdown).await
+        }
+        DriverConfig::Modbus(config) => {
+            modbus::run_device(config.clone(), &device, context, shutdown).await
         }
     }
 }

@@ -11,7 +11,9 @@
 //! 1. **Accepted means committed.** [`Outbox::append`] returns only after the transaction
 //!    holding the rows has committed. The file runs in WAL mode with `synchronous = FULL`:
 //!    a committed transaction is on disk (fsync of the WAL) before the call returns, so an
-//!    accepted message survives a crash, `kill -9` and a power cut.
+//!    accepted message survives a crash, `kill -9` and a power cut. Transactions that only
+//!    delete (acknowledged rows, drops) commit with `synchronous = NORMAL`: they survive a
+//!    crash or `kill -9`; a power cut can only bring rows back (sent again), never lose one.
 //! 2. **Order is `seq`.** Every row gets a `seq` from an `AUTOINCREMENT` key: strictly
 //!    increasing, never reused, also after the table was empty. The sender reads in `seq`
 //!    order ([`Outbox::read_after`]) and publishes in that order.

@@ -52,6 +52,8 @@ pub(super) enum Request {
 struct Writer {
     conn: Connection,
     queue: Queue,
+    /// The `synchronous` level the connection is at (see [`Writer::execute`]).
+    full_sync: bool,
 }
 
 /// What the thread knows about the queue without asking SQLite.
@@ -211,6 +213,7 @@ impl Writer {
         tx.commit().map_err(err)?;
         let mut writer = Writer {
             conn,
+            full_sync: true,
             queue: Queue {
                 path: path.to_path_buf(),
                 bounds,
@@ -237,7 +240,7 @@ impl Writer {
 
     /// Checkpoint and close the connection (the file is complete on its own afterwards).
     fn close(self) {
-        let Writer { conn, mut queue } = self;
+        let Writer { conn, mut queue, .. } = self;
         queue.flush_drop_log(true);
         if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             tracing::warn!(outbox = %queue.path.display(), error = %e, "outbox checkpoint at close failed");
@@ -269,6 +272,21 @@ impl Writer {
 
         let expire = !reads.is_empty() || !appends.is_empty();
         if !appends.is_empty() || !deletes.is_empty() || expire {
+            // Appends are fsynced at commit (FULL): accepted messages survive a power cut.
+            // A transaction that only deletes (acknowledged rows, drops) is committed with
+            // NORMAL: it survives a crash or kill -9 (the WAL is written before the commit
+            // returns), and after a power cut at worst rows reappear and are sent again,
+            // never lost. The next FULL commit or checkpoint makes it durable as well.
+            let full = !appends.is_empty();
+            if full != self.full_sync {
+                let level = if full { "FULL" } else { "NORMAL" };
+                match self.conn.pragma_update(None, "synchronous", level) {
+                    Ok(()) => self.full_sync = full,
+                    Err(e) => {
+                        tracing::warn!(outbox = %self.queue.path.display(), error = %e, level, "cannot change the sync level");
+                    }
+                }
+            }
             let saved = self.queue.snapshot();
             match self.write(&appends, &deletes, expire) {
                 Ok(reports) => {
@@ -326,7 +344,7 @@ impl Writer {
         deletes: &[(Vec<u64>, Option<DropReason>, Reply<()>)],
         expire: bool,
     ) -> rusqlite::Result<Vec<AppendReport>> {
-        let Writer { conn, queue } = self;
+        let Writer { conn, queue, .. } = self;
         let tx = conn.unchecked_transaction()?;
         let mut changed_front = false;
 

@@ -44,7 +44,10 @@ impl GatewayProcess {
             Ok(Ok(addr)) => addr,
             _ => {
                 let lines: Vec<String> = log_rx.try_iter().collect();
-                panic!("the gateway did not report a listener:\n{}", lines.join("\n"));
+                panic!(
+                    "the gateway did not report a listener:\n{}",
+                    lines.join("\n")
+                );
             }
         };
         GatewayProcess {
@@ -101,7 +104,6 @@ impl Drop for GatewayProcess {
 }
 
 /// Run `fieldmq` with arguments to completion: (exit code, stdout, stderr).
-
 pub(crate) fn run_to_end(args: &[&str], config: Option<&Path>) -> (Option<i32>, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fieldmq"));
     command.args(args);

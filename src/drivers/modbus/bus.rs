@@ -1,0 +1,982 @@
+//! The bus task: one task owns one connection (a Modbus TCP socket, or a serial port with
+//! every RTU device on it) and runs every transaction on it, one at a time.
+//!
+//! Invariants:
+//! - Only this task touches the connection; writes arrive through a bounded channel (the
+//!   per-device write forwarders wait when it is full: a command is never dropped) and go
+//!   before any poll that is due.
+//! - Every request has a timeout (tokio-modbus has none).
+//! - RTU: between two frames the line stays silent for 3.5 character times plus the
+//!   turnaround of the device last addressed.
+//! - A device that fails (timeout, broken frame) three times in a row is backed off
+//!   exponentially with jitter; while backed off it gets one request per backoff period,
+//!   so a dead unit cannot take the bus time of the live ones.
+//! - A lost link (connect refused, port gone, I/O error) is reopened with exponential
+//!   backoff and jitter; meanwhile every device on it is `offline` and writes are answered
+//!   with an error at once.
+
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::slave::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, Encoded};
+use super::config::{ModbusConfig, SerialSettings, Table, Transport};
+use super::plan::{self, ReadRequest};
+use super::report::Reporter;
+use crate::drivers::{DeviceContext, DeviceStatus};
+use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
+
+/// Consecutive failures after which a device is backed off.
+const FAILURES_BEFORE_BACKOFF: u32 = 3;
+/// Pending write commands per bus.
+const WRITE_QUEUE: usize = 16;
+
+/// One device on a bus, as the bus task sees it.
+pub(crate) struct BusDevice {
+    pub(crate) config: ModbusConfig,
+    pub(crate) poll: Duration,
+    pub(crate) context: DeviceContext,
+}
+
+struct Device {
+    config: ModbusConfig,
+    context: DeviceContext,
+    reads: Vec<Scheduled>,
+    reporters: Vec<Reporter>,
+    /// Consecutive link-level failures (timeouts, broken frames).
+    failures: u32,
+    last_failure: Option<String>,
+    backoff: Backoff,
+    /// While backed off: no request before this.
+    retry_at: Option<Instant>,
+    published_status: Option<DeviceStatus>,
+}
+
+struct Scheduled {
+    request: ReadRequest,
+    due: Instant,
+    /// The exception (or decode error) of the last attempt.
+    error: Option<String>,
+    /// Whether it has been tried since start: the device is `online` only when every
+    /// read has been tried (and none failed).
+    attempted: bool,
+}
+
+struct WriteCommand {
+    device: usize,
+    request: WriteRequest,
+}
+
+/// What goes over the wire.
+#[derive(Debug, Clone)]
+enum Op {
+    Read {
+        table: Table,
+        start: u16,
+        count: u16,
+    },
+    WriteCoil {
+        address: u16,
+        value: bool,
+    },
+    WriteRegister {
+        address: u16,
+        value: u16,
+    },
+    WriteRegisters {
+        address: u16,
+        values: Vec<u16>,
+    },
+}
+
+enum Reply {
+    Words(Vec<u16>),
+    Bits(Vec<bool>),
+    Done,
+}
+
+/// Why a transaction failed. The device refusing is not a broken link.
+#[derive(Debug)]
+enum Failure {
+    Exception(ExceptionCode),
+    Timeout(Duration),
+    /// I/O or framing: the connection is reopened.
+    Link(String),
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::Exception(code) => exception_name(*code),
+            Failure::Timeout(after) => {
+                format!("no response within {}", humantime::format_duration(*after))
+            }
+            Failure::Link(error) => error.clone(),
+        }
+    }
+}
+
+/// `illegal data address (exception 2)`
+pub fn exception_name(code: ExceptionCode) -> String {
+    let name = match code {
+        ExceptionCode::IllegalFunction => "illegal function",
+        ExceptionCode::IllegalDataAddress => "illegal data address",
+        ExceptionCode::IllegalDataValue => "illegal data value",
+        ExceptionCode::ServerDeviceFailure => "server device failure",
+        ExceptionCode::Acknowledge => "acknowledge",
+        ExceptionCode::ServerDeviceBusy => "server device busy",
+        ExceptionCode::MemoryParityError => "memory parity error",
+        ExceptionCode::GatewayPathUnavailable => "gateway path unavailable",
+        ExceptionCode::GatewayTargetDevice => "gateway target device failed to respond",
+        ExceptionCode::Custom(_) => "unknown exception",
+    };
+    format!("{name} (exception {})", u8::from(code))
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Option<Duration>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max: max.max(min),
+            current: None,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let next = match self.current {
+            None => self.min,
+            Some(current) => current.saturating_mul(2).min(self.max),
+        };
+        self.current = Some(next);
+        // ±25 %, so devices and gateways that failed together do not retry together.
+        let factor = rand::rng().random_range(0.75..=1.25);
+        next.mul_f64(factor).min(self.max)
+    }
+
+    fn reset(&mut self) {
+        self.current = None;
+    }
+}
+
+/// The link a bus owns.
+#[derive(Debug, Clone)]
+pub(crate) enum Link {
+    Tcp { address: String },
+    Rtu(SerialSettings),
+}
+
+impl Link {
+    pub(crate) fn of(transport: &Transport) -> Link {
+        match transport {
+            Transport::Tcp { address } => Link::Tcp {
+                address: address.clone(),
+            },
+            Transport::Rtu(settings) => Link::Rtu(settings.clone()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Link::Tcp { address } => address.clone(),
+            Link::Rtu(settings) => settings.port.clone(),
+        }
+    }
+
+    fn silent_interval(&self) -> Duration {
+        match self {
+            Link::Tcp { .. } => Duration::ZERO,
+            Link::Rtu(settings) => settings.silent_interval(),
+        }
+    }
+}
+
+/// Opens the link. TCP connects (bounded by `limit`), RTU opens the serial port.
+pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, String> {
+    match link {
+        Link::Tcp { address } => {
+            let addresses = timeout(limit, tokio::net::lookup_host(address.as_str()))
+                .await
+                .map_err(|_| format!("cannot resolve {address}: timed out"))?
+                .map_err(|e| format!("cannot resolve {address}: {e}"))?;
+            let mut last = format!("{address} resolves to no address");
+            for socket in addresses {
+                match timeout(limit, tokio::net::TcpStream::connect(socket)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(tokio_modbus::client::tcp::attach(stream));
+                    }
+                    Ok(Err(e)) => last = format!("cannot connect to {address}: {e}"),
+                    Err(_) => last = format!("cannot connect to {address}: timed out"),
+                }
+            }
+            Err(last)
+        }
+        Link::Rtu(settings) => {
+            let builder = tokio_serial::new(settings.port.as_str(), settings.baud)
+                .parity(match settings.parity {
+                    super::config::Parity::None => tokio_serial::Parity::None,
+                    super::config::Parity::Even => tokio_serial::Parity::Even,
+                    super::config::Parity::Odd => tokio_serial::Parity::Odd,
+                })
+                .data_bits(if settings.data_bits == 7 {
+                    tokio_serial::DataBits::Seven
+                } else {
+                    tokio_serial::DataBits::Eight
+                })
+                .stop_bits(if settings.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                });
+            let stream = tokio_serial::SerialStream::open(&builder)
+                .map_err(|e| format!("cannot open {}: {e}", settings.port))?;
+            Ok(tokio_modbus::client::rtu::attach(stream))
+        }
+    }
+}
+
+/// Runs one transaction with a timeout.
+async fn call(
+    connection: &mut Context,
+    unit: u8,
+    op: &Op,
+    limit: Duration,
+) -> Result<Reply, Failure> {
+    connection.set_slave(Slave(unit));
+    let result = timeout(limit, async {
+        match op {
+            Op::Read {
+                table,
+                start,
+                count,
+            } => match table {
+                Table::Coil => connection
+                    .read_coils(*start, *count)
+                    .await
+                    .map(|r| r.map(Reply::Bits)),
+                Table::Discrete => connection
+                    .read_discrete_inputs(*start, *count)
+                    .await
+                    .map(|r| r.map(Reply::Bits)),
+                Table::Holding => connection
+                    .read_holding_registers(*start, *count)
+                    .await
+                    .map(|r| r.map(Reply::Words)),
+                Table::Input => connection
+                    .read_input_registers(*start, *count)
+                    .await
+                    .map(|r| r.map(Reply::Words)),
+            },
+            Op::WriteCoil { address, value } => connection
+                .write_single_coil(*address, *value)
+                .await
+                .map(|r| r.map(|()| Reply::Done)),
+            Op::WriteRegister { address, value } => connection
+                .write_single_register(*address, *value)
+                .await
+                .map(|r| r.map(|()| Reply::Done)),
+            Op::WriteRegisters { address, values } => connection
+                .write_multiple_registers(*address, values)
+                .await
+                .map(|r| r.map(|()| Reply::Done)),
+        }
+    })
+    .await;
+    match result {
+        Err(_) => Err(Failure::Timeout(limit)),
+        Ok(Err(error)) => Err(Failure::Link(error.to_string())),
+        Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
+        Ok(Ok(Ok(reply))) => Ok(reply),
+    }
+}
+
+/// The bus: a link and the devices on it.
+pub(crate) struct Bus {
+    link: Link,
+    silent: Duration,
+    connection: Option<Context>,
+    /// RTU: no frame before this (silent interval + turnaround).
+    free_at: Instant,
+    link_backoff: Backoff,
+    link_error: Option<String>,
+    devices: Vec<Device>,
+}
+
+impl Bus {
+    pub(crate) fn new(link: Link, devices: Vec<BusDevice>) -> Bus {
+        let now = Instant::now();
+        let (backoff_min, backoff_max) = devices
+            .first()
+            .map(|d| (d.config.backoff_min, d.config.backoff_max))
+            .unwrap_or((Duration::from_secs(1), Duration::from_secs(60)));
+        let devices = devices
+            .into_iter()
+            .map(|device| {
+                let requests =
+                    plan::plan(&device.config.points, device.poll, &device.config.limits);
+                let described: Vec<String> = requests
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} ({} points, every {})",
+                            r.describe(),
+                            r.points.len(),
+                            humantime::format_duration(r.interval)
+                        )
+                    })
+                    .collect();
+                tracing::debug!(
+                    device = %device.context.device,
+                    link = %link.describe(),
+                    unit = device.config.unit,
+                    requests = requests.len(),
+                    plan = %described.join("; "),
+                    "modbus read plan"
+                );
+                Device {
+                    reporters: device.config.points.iter().map(Reporter::new).collect(),
+                    reads: requests
+                        .into_iter()
+                        .map(|request| Scheduled {
+                            request,
+                            due: now,
+                            error: None,
+                            attempted: false,
+                        })
+                        .collect(),
+                    backoff: Backoff::new(device.config.backoff_min, device.config.backoff_max),
+                    config: device.config,
+                    context: device.context,
+                    failures: 0,
+                    last_failure: None,
+                    retry_at: None,
+                    published_status: None,
+                }
+            })
+            .collect();
+        Bus {
+            silent: link.silent_interval(),
+            link,
+            connection: None,
+            free_at: now,
+            link_backoff: Backoff::new(backoff_min, backoff_max),
+            link_error: None,
+            devices,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let (tx, mut writes) = mpsc::channel(WRITE_QUEUE);
+        let mut forwarders = JoinSet::new();
+        for (index, device) in self.devices.iter().enumerate() {
+            let names: Vec<String> = device
+                .config
+                .points
+                .iter()
+                .map(|p| p.name.clone())
+                .collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            match device.context.subscribe_writes(&refs).await {
+                Ok(subscription) => {
+                    forwarders.spawn(forward_writes(
+                        device.context.clone(),
+                        names,
+                        index,
+                        subscription,
+                        tx.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(error) => {
+                    tracing::error!(device = %device.context.device, %error, "cannot subscribe to writes");
+                }
+            }
+        }
+        drop(tx);
+        let mut writes_open = !forwarders.is_empty();
+
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if self.connection.is_none()
+                && !self.open(&shutdown, &mut writes, &mut writes_open).await
+            {
+                break;
+            }
+            if let Ok(command) = writes.try_recv() {
+                self.write(command).await;
+                continue;
+            }
+            let next = self.next_read();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                command = writes.recv(), if writes_open => match command {
+                    Some(command) => self.write(command).await,
+                    None => writes_open = false,
+                },
+                _ = sleep_until(next.map_or_else(far_future, |(_, _, due)| due)) => {
+                    if let Some((device, read, due)) = next {
+                        if !self.read(device, read, due).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        forwarders.shutdown().await;
+        for device in &mut self.devices {
+            let status = DeviceStatus::Offline {
+                error: "gateway stopped".into(),
+            };
+            let _ = device.context.publish_status(&status).await;
+        }
+        if let Some(mut connection) = self.connection.take() {
+            let _ = timeout(
+                Duration::from_secs(1),
+                tokio_modbus::client::Client::disconnect(&mut connection),
+            )
+            .await;
+        }
+    }
+
+    /// Opens the link, retrying with backoff; answers writes with an error while it is
+    /// down. `false` on shutdown.
+    async fn open(
+        &mut self,
+        shutdown: &CancellationToken,
+        writes: &mut mpsc::Receiver<WriteCommand>,
+        writes_open: &mut bool,
+    ) -> bool {
+        loop {
+            let limit = self
+                .devices
+                .iter()
+                .map(|d| d.config.timeout)
+                .max()
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_secs(3));
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                attempt = connect(&self.link, limit) => attempt,
+            };
+            match attempt {
+                Ok(connection) => {
+                    if self.link_error.take().is_some() {
+                        tracing::info!(link = %self.link.describe(), "modbus link open again");
+                    }
+                    self.connection = Some(connection);
+                    self.link_backoff.reset();
+                    self.free_at = Instant::now() + self.silent;
+                    return true;
+                }
+                Err(error) => {
+                    let wait = self.link_backoff.next();
+                    tracing::warn!(link = %self.link.describe(), %error, retry_in = ?wait, "modbus link down");
+                    self.link_error = Some(error.clone());
+                    let now = Instant::now();
+                    for index in 0..self.devices.len() {
+                        if !self.device_down(index, &error, now).await {
+                            return false;
+                        }
+                    }
+                    let until = now + wait;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return false,
+                            _ = sleep_until(until) => break,
+                            command = writes.recv(), if *writes_open => match command {
+                                Some(command) => {
+                                    let outcome = WriteOutcome::Error { reason: format!("device offline: {error}") };
+                                    self.answer(&command, &outcome).await;
+                                }
+                                None => *writes_open = false,
+                            },
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next read: the earliest due one, a backed-off device's not before its retry.
+    fn next_read(&self) -> Option<(usize, usize, Instant)> {
+        let mut best: Option<(usize, usize, Instant)> = None;
+        for (d, device) in self.devices.iter().enumerate() {
+            for (r, read) in device.reads.iter().enumerate() {
+                let due = match device.retry_at {
+                    Some(retry) => read.due.max(retry),
+                    None => read.due,
+                };
+                if best.is_none_or(|(_, _, best_due)| due < best_due) {
+                    best = Some((d, r, due));
+                }
+            }
+        }
+        best
+    }
+
+    /// Waits out the silent interval, runs one transaction for device `d` and updates the
+    /// bus timing. A link failure closes the connection.
+    async fn transact(&mut self, d: usize, op: &Op) -> Result<Reply, Failure> {
+        let Some(device) = self.devices.get(d) else {
+            return Err(Failure::Link("no such device".into()));
+        };
+        let Some(connection) = self.connection.as_mut() else {
+            return Err(Failure::Link(
+                self.link_error
+                    .clone()
+                    .unwrap_or_else(|| "not connected".into()),
+            ));
+        };
+        sleep_until(self.free_at).await;
+        let result = call(connection, device.config.unit, op, device.config.timeout).await;
+        self.free_at = Instant::now() + self.silent + device.config.turnaround;
+        let tcp = matches!(self.link, Link::Tcp { .. });
+        match &result {
+            // A late answer would be taken for the next one's: start a fresh connection.
+            Err(Failure::Timeout(_)) if tcp => self.connection = None,
+            Err(Failure::Link(error)) => {
+                tracing::warn!(link = %self.link.describe(), %error, "modbus link failed, reopening");
+                self.connection = None;
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Polls one planned read. `false` when the broker is gone (shutdown).
+    async fn read(&mut self, d: usize, r: usize, due: Instant) -> bool {
+        let Some((request, unit)) = self.devices.get_mut(d).and_then(|device| {
+            let unit = device.config.unit;
+            device.reads.get_mut(r).map(|read| {
+                // The next poll on the original grid; skipped cycles are not made up.
+                let now = Instant::now();
+                let mut next = read.due + read.request.interval;
+                while next <= now {
+                    next += read.request.interval;
+                }
+                read.due = next;
+                read.attempted = true;
+                (read.request.clone(), unit)
+            })
+        }) else {
+            return true;
+        };
+        let op = Op::Read {
+            table: request.table,
+            start: request.start,
+            count: request.count,
+        };
+        let result = self.transact(d, &op).await;
+        let Some(device) = self.devices.get_mut(d) else {
+            return true;
+        };
+        let timestamp = SystemTime::now();
+        match result {
+            Ok(reply) => {
+                device.succeeded();
+                let (words, bits) = match reply {
+                    Reply::Words(words) => (words, Vec::new()),
+                    Reply::Bits(bits) => (Vec::new(), bits),
+                    Reply::Done => (Vec::new(), Vec::new()),
+                };
+                let mut short = false;
+                for &index in &request.points {
+                    let Some(point) = device.config.points.get(index) else {
+                        continue;
+                    };
+                    let offset = usize::from(point.address.saturating_sub(request.start));
+                    let width = usize::from(point.data_type.width());
+                    let value = codec::decode_point(
+                        point,
+                        words.get(offset..offset + width).unwrap_or_default(),
+                        bits.get(offset..offset + width).unwrap_or_default(),
+                    );
+                    let quality = match &value {
+                        Some(_) => Quality::Good,
+                        None => {
+                            short = true;
+                            Quality::Bad(format!("short response to {}", request.describe()))
+                        }
+                    };
+                    if !device.publish(index, value, quality, due, timestamp).await {
+                        return false;
+                    }
+                }
+                if let Some(read) = device.reads.get_mut(r) {
+                    read.error = short.then(|| {
+                        format!(
+                            "{}: short response to {}",
+                            device.context.device,
+                            request.describe()
+                        )
+                    });
+                }
+            }
+            Err(Failure::Exception(code)) => {
+                device.succeeded();
+                let reason = format!("{} reading {}", exception_name(code), request.describe());
+                tracing::warn!(device = %device.context.device, unit, request = %request.describe(), exception = %exception_name(code), "modbus exception");
+                if let Some(read) = device.reads.get_mut(r) {
+                    read.error = Some(format!("{}: {reason}", device.context.device));
+                }
+                for &index in &request.points {
+                    if !device
+                        .publish(index, None, Quality::Bad(reason.clone()), due, timestamp)
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+            Err(failure) => {
+                let reason = format!(
+                    "{} reading {} from unit {unit}",
+                    failure.describe(),
+                    request.describe()
+                );
+                tracing::warn!(device = %device.context.device, unit, request = %request.describe(), error = %failure.describe(), "modbus read failed");
+                if !device.failed(&reason, due).await {
+                    return false;
+                }
+                // The points of this request are bad; when the device is backed off, all are.
+                let points: Vec<usize> = if device.retry_at.is_some() {
+                    (0..device.config.points.len()).collect()
+                } else {
+                    request.points.clone()
+                };
+                for index in points {
+                    if !device
+                        .publish(index, None, Quality::Bad(reason.clone()), due, timestamp)
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        device.update_status().await
+    }
+
+    /// Marks device `d` offline because the link is down. `false` on shutdown.
+    async fn device_down(&mut self, d: usize, error: &str, now: Instant) -> bool {
+        let Some(device) = self.devices.get_mut(d) else {
+            return true;
+        };
+        device.failures = device.failures.max(1);
+        device.last_failure = Some(format!("{}: {error}", device.context.device));
+        let timestamp = SystemTime::now();
+        for index in 0..device.config.points.len() {
+            if !device
+                .publish(index, None, Quality::Bad(error.to_owned()), now, timestamp)
+                .await
+            {
+                return false;
+            }
+        }
+        device.update_status().await
+    }
+
+    /// Carries out one write command and publishes its result.
+    async fn write(&mut self, command: WriteCommand) {
+        let outcome = self.try_write(&command).await;
+        match &outcome {
+            WriteOutcome::Ok { value } => {
+                tracing::info!(device = %command.request.device, point = %command.request.point, %value, "point written")
+            }
+            WriteOutcome::Error { reason } => {
+                tracing::warn!(device = %command.request.device, point = %command.request.point, %reason, "write refused")
+            }
+        }
+        self.answer(&command, &outcome).await;
+    }
+
+    /// Takes `&mut self` only so that the future stays `Send` (the connection is not `Sync`).
+    async fn answer(&mut self, command: &WriteCommand, outcome: &WriteOutcome) {
+        if let Some(device) = self.devices.get(command.device) {
+            let context = device.context.clone();
+            if let Err(error) = context
+                .publish_write_result(&command.request, outcome)
+                .await
+            {
+                tracing::warn!(device = %context.device, %error, "cannot publish write result");
+            }
+        }
+    }
+
+    async fn try_write(&mut self, command: &WriteCommand) -> WriteOutcome {
+        let error = |reason: String| WriteOutcome::Error { reason };
+        let d = command.device;
+        let Some(device) = self.devices.get(d) else {
+            return error("unknown device".into());
+        };
+        let Some(index) = device
+            .config
+            .points
+            .iter()
+            .position(|p| p.name == command.request.point)
+        else {
+            return error(format!("no point named {:?}", command.request.point));
+        };
+        let point = device.config.points[index].clone();
+        if !point.writable {
+            return error(format!("point {} is not writable", point.name));
+        }
+        let encoded = match codec::encode(&point, &command.request.value) {
+            Ok(encoded) => encoded,
+            Err(e) => return error(e.0),
+        };
+        if let Some(retry_at) = device.retry_at {
+            if retry_at > Instant::now() {
+                let last = device.last_failure.clone().unwrap_or_default();
+                return error(format!("device offline ({last})"));
+            }
+        }
+        tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded), "writing");
+        let op = match encoded {
+            Encoded::Coil(value) => Op::WriteCoil {
+                address: point.address,
+                value,
+            },
+            Encoded::Bit { bit, value } => {
+                // Read-modify-write of the register holding the bit.
+                let read = Op::Read {
+                    table: Table::Holding,
+                    start: point.address,
+                    count: 1,
+                };
+                let current = match self.transact(d, &read).await {
+                    Ok(Reply::Words(words)) => match words.first() {
+                        Some(word) => *word,
+                        None => return error("short response reading the register".into()),
+                    },
+                    Ok(_) => return error("unexpected response reading the register".into()),
+                    Err(failure) => return self.write_failed(d, failure).await,
+                };
+                let mask = 1u16 << bit;
+                Op::WriteRegister {
+                    address: point.address,
+                    value: if value {
+                        current | mask
+                    } else {
+                        current & !mask
+                    },
+                }
+            }
+            Encoded::Registers(words) if words.len() == 1 => Op::WriteRegister {
+                address: point.address,
+                value: words[0],
+            },
+            Encoded::Registers(words) => Op::WriteRegisters {
+                address: point.address,
+                values: words,
+            },
+        };
+        if let Err(failure) = self.transact(d, &op).await {
+            return self.write_failed(d, failure).await;
+        }
+        // Read back what the device now holds, and publish it.
+        let read = Op::Read {
+            table: point.table,
+            start: point.address,
+            count: point.data_type.width(),
+        };
+        let readback = self.transact(d, &read).await;
+        let Some(device) = self.devices.get_mut(d) else {
+            return error("unknown device".into());
+        };
+        let value = match readback {
+            Ok(Reply::Words(words)) => codec::decode_point(&point, &words, &[]),
+            Ok(Reply::Bits(bits)) => codec::decode_point(&point, &[], &bits),
+            Ok(Reply::Done) => None,
+            Err(failure) => {
+                return error(format!(
+                    "written, but the read-back failed: {}",
+                    failure.describe()
+                ));
+            }
+        };
+        let Some(value) = value else {
+            return error("written, but the read-back was short".into());
+        };
+        let now = Instant::now();
+        if let Some(reporter) = device.reporters.get_mut(index) {
+            reporter.record(&Some(value.clone()), &Quality::Good, now);
+        }
+        let reading = Reading {
+            device: device.context.device.clone(),
+            point: point.name.clone(),
+            value: Some(value.clone()),
+            quality: Quality::Good,
+            timestamp: SystemTime::now(),
+        };
+        let _ = device.context.publish_reading(&reading).await;
+        WriteOutcome::Ok { value }
+    }
+
+    async fn write_failed(&mut self, d: usize, failure: Failure) -> WriteOutcome {
+        let reason = match &failure {
+            Failure::Exception(code) => format!("device exception: {}", exception_name(*code)),
+            Failure::Timeout(_) => format!("timeout: {}", failure.describe()),
+            Failure::Link(error) => format!("link error: {error}"),
+        };
+        if !matches!(failure, Failure::Exception(_)) {
+            if let Some(device) = self.devices.get_mut(d) {
+                let _ = device.failed(&reason, Instant::now()).await;
+                let _ = device.update_status().await;
+            }
+        }
+        WriteOutcome::Error { reason }
+    }
+}
+
+impl Device {
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(device = %self.context.device, "device answers again");
+        }
+        self.failures = 0;
+        self.last_failure = None;
+        self.retry_at = None;
+        self.backoff.reset();
+    }
+
+    /// Counts a link-level failure; backs the device off after a few.
+    async fn failed(&mut self, reason: &str, now: Instant) -> bool {
+        self.failures += 1;
+        self.last_failure = Some(format!("{}: {reason}", self.context.device));
+        if self.failures >= FAILURES_BEFORE_BACKOFF {
+            let wait = self.backoff.next();
+            tracing::warn!(device = %self.context.device, failures = self.failures, retry_in = ?wait, "device backed off");
+            self.retry_at = Some(now.max(Instant::now()) + wait);
+        }
+        true
+    }
+
+    /// Offers a reading to the point's reporter and publishes it if it passes.
+    async fn publish(
+        &mut self,
+        index: usize,
+        value: Option<Value>,
+        quality: Quality,
+        at: Instant,
+        timestamp: SystemTime,
+    ) -> bool {
+        let Some(reporter) = self.reporters.get_mut(index) else {
+            return true;
+        };
+        if !reporter.offer(&value, &quality, at) {
+            return true;
+        }
+        let Some(point) = self.config.points.get(index) else {
+            return true;
+        };
+        let reading = Reading {
+            device: self.context.device.clone(),
+            point: point.name.clone(),
+            value,
+            quality,
+            timestamp,
+        };
+        self.context.publish_reading(&reading).await.is_ok()
+    }
+
+    /// Publishes the device status when it changed.
+    async fn update_status(&mut self) -> bool {
+        let status = if self.failures > 0 {
+            DeviceStatus::Offline {
+                error: self.last_failure.clone().unwrap_or_default(),
+            }
+        } else if let Some(error) = self.reads.iter().find_map(|r| r.error.clone()) {
+            DeviceStatus::Error { error }
+        } else if self.reads.iter().all(|r| r.attempted) {
+            DeviceStatus::Online
+        } else {
+            return true; // not every read tried yet: nothing to say
+        };
+        if self.published_status.as_ref() == Some(&status) {
+            return true;
+        }
+        match self.context.publish_status(&status).await {
+            Ok(()) => {
+                self.published_status = Some(status);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Turns `<point topic>/set` messages of one device into commands for its bus. A message
+/// that cannot be parsed is answered here, without reaching the device.
+async fn forward_writes(
+    context: DeviceContext,
+    names: Vec<String>,
+    device: usize,
+    mut subscription: crate::broker::InternalSubscription,
+    tx: mpsc::Sender<WriteCommand>,
+    shutdown: CancellationToken,
+) {
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    loop {
+        let message: Message = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = subscription.recv() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        match context.parse_write(&message, &refs) {
+            Ok(request) => {
+                // Waits when the bus is busy: a command is never dropped.
+                if tx.send(WriteCommand { device, request }).await.is_err() {
+                    return;
+                }
+            }
+            Err(reason) => {
+                let point = refs
+                    .iter()
+                    .find(|p| *message.topic == format!("{}/set", context.point_topic(p)));
+                let Some(point) = point else {
+                    tracing::warn!(device = %context.device, topic = %message.topic, %reason, "bad write");
+                    continue;
+                };
+                let properties = message.properties.as_deref();
+                let request = WriteRequest {
+                    device: context.device.clone(),
+                    point: (*point).to_owned(),
+                    value: Value::Text(String::new()),
+                    response_topic: properties.and_then(|p| p.response_topic.clone()),
+                    correlation_data: properties.and_then(|p| p.correlation_data.clone()),
+                };
+                tracing::warn!(device = %context.device, point, %reason, "bad write");
+                let _ = context
+                    .publish_write_result(&request, &WriteOutcome::Error { reason })
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! `fieldmq probe`: reads a register range from a device named on the command line and
+//! prints the raw words in hex and every interpretation (u16/i16/u32/i32/f32/u64/i64/f64 in
+//! all four byte/word orders), so the right `type = "f32:CDAB"` can be picked by eye.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::bus::{connect, exception_name, Link};
+use super::codec::{f32_to_f64, ordered_bytes};
+use super::config::{Order, Parity, SerialSettings, Table};
+use tokio_modbus::client::Reader;
+use tokio_modbus::slave::SlaveContext;
+use tokio_modbus::Slave;
+
+/// Arguments of `fieldmq probe`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("link").required(true).args(["tcp", "rtu"])))]
+pub struct ProbeArgs {
+    /// Modbus TCP device, `host:port`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub tcp: Option<String>,
+    /// Modbus RTU serial port, e.g. /dev/ttyUSB0.
+    #[arg(long, value_name = "PORT")]
+    pub rtu: Option<String>,
+    #[arg(long, default_value_t = 9600)]
+    pub baud: u32,
+    /// none, even or odd.
+    #[arg(long, default_value = "even")]
+    pub parity: String,
+    #[arg(long, default_value_t = 8)]
+    pub data_bits: u8,
+    #[arg(long, default_value_t = 1)]
+    pub stop_bits: u8,
+    /// Unit id (slave address).
+    #[arg(long, default_value_t = 1)]
+    pub unit: u8,
+    /// coil, discrete, holding or input.
+    #[arg(long, default_value = "holding")]
+    pub table: String,
+    /// First 0-based protocol address (register "40001" is address 0).
+    #[arg(long)]
+    pub address: u16,
+    /// Registers (or bits) to read, at most 125 (2000).
+    #[arg(long, default_value_t = 4)]
+    pub count: u16,
+    /// Response timeout, e.g. "1s".
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Link(String),
+    #[error("the device answered {exception}")]
+    Exception { exception: String },
+    #[error("no response within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+/// Reads the range and returns the report to print.
+pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
+    let table = match args.table.to_ascii_lowercase().as_str() {
+        "coil" | "coils" => Table::Coil,
+        "discrete" => Table::Discrete,
+        "holding" => Table::Holding,
+        "input" => Table::Input,
+        other => {
+            return Err(ProbeError::Usage(format!(
+                "unknown table {other:?}, expected coil, discrete, holding or input"
+            )))
+        }
+    };
+    let max = if table.is_bits() { 2000 } else { 125 };
+    if args.count == 0 || args.count > max {
+        return Err(ProbeError::Usage(format!(
+            "--count must be 1 to {max} for {table}"
+        )));
+    }
+    if u32::from(args.address) + u32::from(args.count) > 65_536 {
+        return Err(ProbeError::Usage(
+            "the range runs past address 65535".into(),
+        ));
+    }
+    let link = match (&args.tcp, &args.rtu) {
+        (Some(address), None) => Link::Tcp {
+            address: address.clone(),
+        },
+        (None, Some(port)) => Link::Rtu(SerialSettings {
+            port: port.clone(),
+            baud: args.baud,
+            parity: match args.parity.to_ascii_lowercase().as_str() {
+                "none" => Parity::None,
+                "even" => Parity::Even,
+                "odd" => Parity::Odd,
+                other => {
+                    return Err(ProbeError::Usage(format!(
+                        "unknown parity {other:?}, expected none, even or odd"
+                    )))
+                }
+            },
+            data_bits: args.data_bits,
+            stop_bits: args.stop_bits,
+        }),
+        _ => {
+            return Err(ProbeError::Usage(
+                "give exactly one of --tcp and --rtu".into(),
+            ))
+        }
+    };
+    let source = match &link {
+        Link::Tcp { address } => address.clone(),
+        Link::Rtu(settings) => format!("{} at {} baud", settings.port, settings.baud),
+    };
+    let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
+        .await
+        .map_err(ProbeError::Link)?;
+    connection.set_slave(Slave(args.unit));
+    let (start, count) = (args.address, args.count);
+    let read = async {
+        match table {
+            Table::Coil => connection
+                .read_coils(start, count)
+                .await
+                .map(|r| r.map(Data::Bits)),
+            Table::Discrete => connection
+                .read_discrete_inputs(start, count)
+                .await
+                .map(|r| r.map(Data::Bits)),
+            Table::Holding => connection
+                .read_holding_registers(start, count)
+                .await
+                .map(|r| r.map(Data::Words)),
+            Table::Input => connection
+                .read_input_registers(start, count)
+                .await
+                .map(|r| r.map(Data::Words)),
+        }
+    };
+    let data = match tokio::time::timeout(args.timeout, read).await {
+        Err(_) => return Err(ProbeError::Timeout(args.timeout)),
+        Ok(Err(error)) => return Err(ProbeError::Link(error.to_string())),
+        Ok(Ok(Err(code))) => {
+            return Err(ProbeError::Exception {
+                exception: exception_name(code),
+            })
+        }
+        Ok(Ok(Ok(data))) => data,
+    };
+    let mut out = format!(
+        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses)\n\n",
+        u32::from(start) + u32::from(count) - 1,
+        args.unit
+    );
+    match data {
+        Data::Words(words) => out.push_str(&render_words(start, &words)),
+        Data::Bits(bits) => {
+            for (i, bit) in bits.iter().take(usize::from(count)).enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{:>7}  {}",
+                    u32::from(start) + i as u32,
+                    u8::from(*bit)
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Data {
+    Words(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+/// Every interpretation of `words`, read from `start`.
+pub fn render_words(start: u16, words: &[u16]) -> String {
+    let mut out = String::new();
+    let address = |i: usize| u32::from(start) + i as u32;
+    let _ = writeln!(
+        out,
+        "16-bit values (one register each; BADC = bytes swapped)"
+    );
+    let _ = writeln!(
+        out,
+        "{:>7}  {:<6}  {:>6}  {:>6}  {:>8}  {:>8}  ascii",
+        "address", "hex", "u16", "i16", "BADC u16", "BADC i16"
+    );
+    for (i, word) in words.iter().enumerate() {
+        let swapped = word.swap_bytes();
+        let ascii: String = word
+            .to_be_bytes()
+            .iter()
+            .map(|b| {
+                if b.is_ascii_graphic() || *b == b' ' {
+                    char::from(*b)
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:>7}  0x{word:04X}  {word:>6}  {:>6}  {swapped:>8}  {:>8}  {ascii}",
+            address(i),
+            *word as i16,
+            swapped as i16
+        );
+    }
+    if words.len() >= 2 {
+        let _ = writeln!(out, "\n32-bit values (two registers from each address)");
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<5}  {:<10}  {:>10}  {:>11}  f32",
+            "address", "order", "hex", "u32", "i32"
+        );
+        for i in 0..=words.len() - 2 {
+            for order in Order::ALL {
+                let bytes = ordered_bytes(&words[i..i + 2], order);
+                let Ok(array) = <[u8; 4]>::try_from(bytes.as_slice()) else {
+                    continue;
+                };
+                let u = u32::from_be_bytes(array);
+                let _ = writeln!(
+                    out,
+                    "{:>7}  {:<5}  0x{u:08X}  {u:>10}  {:>11}  {}",
+                    address(i),
+                    order.name(),
+                    u as i32,
+                    show_float(f32_to_f64(f32::from_be_bytes(array)))
+                );
+            }
+        }
+    }
+    if words.len() >= 4 {
+        let _ = writeln!(out, "\n64-bit values (four registers from each address)");
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<5}  {:<18}  {:>20}  {:>20}  f64",
+            "address", "order", "hex", "u64", "i64"
+        );
+        for i in 0..=words.len() - 4 {
+            for order in Order::ALL {
+                let bytes = ordered_bytes(&words[i..i + 4], order);
+                let Ok(array) = <[u8; 8]>::try_from(bytes.as_slice()) else {
+                    continue;
+                };
+                let u = u64::from_be_bytes(array);
+                let _ = writeln!(
+                    out,
+                    "{:>7}  {:<5}  0x{u:016X}  {u:>20}  {:>20}  {}",
+                    address(i),
+                    order.name(),
+                    u as i64,
+                    show_float(f64::from_be_bytes(array))
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Plain notation for everyday magnitudes, scientific for the rest (a float read in the
+/// wrong order is often tiny or huge, and 300 zeros would hide the line).
+fn show_float(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() || (1e-4..1e15).contains(&x.abs()) {
+        x.to_string()
+    } else {
+        format!("{x:e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_order_of_a_float_is_shown() {
+        // 25.0f32 = 0x41C80000, stored word-swapped (CDAB).
+        let out = render_words(10, &[0x0000, 0x41C8]);
+        assert!(
+            out.contains("     10  CDAB   0x41C80000  1103626240   1103626240  25"),
+            "{out}"
+        );
+        assert!(out.contains("     10  ABCD   0x000041C8"), "{out}");
+        assert!(out.contains("     11  0x41C8   16840   16840"), "{out}");
+    }
+}

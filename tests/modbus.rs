@@ -1,0 +1,884 @@
+//! The Modbus driver against real peers: a tokio-modbus TCP server on 127.0.0.1:0 (and an
+//! RTU server on a pty pair) holding known registers and counting requests, and the
+//! embedded broker in-process.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
+use fieldmq::config::{self, BrokerConfig};
+use fieldmq::drivers::{self, DeviceContext};
+use fieldmq::model::{Message, MessageProperties, QoS};
+use serde_json::{json, Value as Json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------
+// The device: a tokio-modbus server with registers, a request log and failure switches.
+
+#[derive(Debug, Default)]
+struct DeviceState {
+    holding: HashMap<u16, u16>,
+    input: HashMap<u16, u16>,
+    coils: HashMap<u16, bool>,
+    discrete: HashMap<u16, bool>,
+    /// (unit, table, start, count) of every read.
+    reads: Vec<(u8, &'static str, u16, u16)>,
+    writes: usize,
+    /// Reads that touch an address at or above this answer "illegal data address".
+    exception_from: Option<u16>,
+    /// No answer at all (the client times out).
+    mute: bool,
+    dead_units: HashSet<u8>,
+}
+
+type Shared = Arc<Mutex<DeviceState>>;
+
+#[derive(Clone)]
+struct FakeDevice {
+    state: Shared,
+}
+
+type Answer = Result<Option<Response>, ExceptionCode>;
+
+impl tokio_modbus::server::Service for FakeDevice {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn call(&self, request: Self::Request) -> Self::Future {
+        let answer = answer(&mut self.state.lock().unwrap(), request);
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
+    if s.mute || s.dead_units.contains(&request.slave) {
+        return Ok(None);
+    }
+    let unit = request.slave;
+    let check = |s: &DeviceState, start: u16, count: u16| match s.exception_from {
+        Some(from) if u32::from(start) + u32::from(count) > u32::from(from) => {
+            Err(ExceptionCode::IllegalDataAddress)
+        }
+        _ => Ok(()),
+    };
+    let words = |map: &HashMap<u16, u16>, start: u16, count: u16| {
+        (start..start + count)
+            .map(|a| map.get(&a).copied().unwrap_or(0))
+            .collect::<Vec<_>>()
+    };
+    let bits = |map: &HashMap<u16, bool>, start: u16, count: u16| {
+        (start..start + count)
+            .map(|a| map.get(&a).copied().unwrap_or(false))
+            .collect::<Vec<_>>()
+    };
+    Ok(Some(match request.request {
+        Request::ReadHoldingRegisters(start, count) => {
+            s.reads.push((unit, "holding", start, count));
+            check(s, start, count)?;
+            Response::ReadHoldingRegisters(words(&s.holding, start, count))
+        }
+        Request::ReadInputRegisters(start, count) => {
+            s.reads.push((unit, "input", start, count));
+            check(s, start, count)?;
+            Response::ReadInputRegisters(words(&s.input, start, count))
+        }
+        Request::ReadCoils(start, count) => {
+            s.reads.push((unit, "coil", start, count));
+            check(s, start, count)?;
+            Response::ReadCoils(bits(&s.coils, start, count))
+        }
+        Request::ReadDiscreteInputs(start, count) => {
+            s.reads.push((unit, "discrete", start, count));
+            check(s, start, count)?;
+            Response::ReadDiscreteInputs(bits(&s.discrete, start, count))
+        }
+        Request::WriteSingleCoil(address, value) => {
+            s.writes += 1;
+            s.coils.insert(address, value);
+            Response::WriteSingleCoil(address, value)
+        }
+        Request::WriteSingleRegister(address, value) => {
+            s.writes += 1;
+            s.holding.insert(address, value);
+            Response::WriteSingleRegister(address, value)
+        }
+        Request::WriteMultipleRegisters(address, values) => {
+            s.writes += 1;
+            for (i, value) in values.iter().enumerate() {
+                s.holding.insert(address + i as u16, *value);
+            }
+            Response::WriteMultipleRegisters(address, values.len() as u16)
+        }
+        _ => return Err(ExceptionCode::IllegalFunction),
+    }))
+}
+
+/// A Modbus TCP server on `addr` (port 0 for a free one).
+async fn serve_tcp(state: Shared, addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio_modbus::server::tcp::Server::new(listener);
+    let task = tokio::spawn(async move {
+        let on_connected = move |stream, _peer| {
+            let service = FakeDevice {
+                state: state.clone(),
+            };
+            async move { Ok(Some((service, stream))) }
+        };
+        let _ = server.serve(&on_connected, |_error| {}).await;
+    });
+    (addr, task)
+}
+
+fn device_with(registers: &[(u16, u16)]) -> Shared {
+    let state = DeviceState {
+        holding: registers.iter().copied().collect(),
+        ..DeviceState::default()
+    };
+    Arc::new(Mutex::new(state))
+}
+
+// ---------------------------------------------------------------------------------------
+// The gateway side: the embedded broker and the Modbus buses, wired like the service.
+
+struct Gateway {
+    broker: BrokerHandle,
+    messages: InternalSubscription,
+    /// Received but not yet asked for, in arrival order.
+    backlog: std::collections::VecDeque<Message>,
+    shutdown: CancellationToken,
+    _broker_shutdown: CancellationToken,
+}
+
+const HEADER: &str = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n";
+
+async fn start_gateway(devices_toml: &str) -> Gateway {
+    let text = format!("{HEADER}{devices_toml}");
+    let config = config::parse(&text, Path::new("modbus-test.toml"))
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let broker_shutdown = CancellationToken::new();
+    let running = broker::start(
+        &BrokerConfig {
+            listeners: vec![],
+            allow_anonymous: true,
+            ..BrokerConfig::default()
+        },
+        broker_shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let handle = running.handle.clone();
+    let messages = handle
+        .subscribe(
+            "test",
+            vec![
+                ("gw/#".into(), QoS::AtLeastOnce),
+                ("fieldmq/gw/status/#".into(), QoS::AtLeastOnce),
+                ("replies/#".into(), QoS::AtLeastOnce),
+            ],
+            InternalSubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let devices = config
+        .devices
+        .iter()
+        .cloned()
+        .map(|device| {
+            let context = DeviceContext::new(
+                &config.gateway.id,
+                &config.gateway.status_topic,
+                &device,
+                handle.clone(),
+            );
+            (device, context)
+        })
+        .collect();
+    for task in drivers::modbus::device_tasks(devices, shutdown.clone()) {
+        tokio::spawn(task);
+    }
+    std::mem::forget(running); // lives as long as the test
+    Gateway {
+        broker: handle,
+        messages,
+        backlog: Default::default(),
+        shutdown,
+        _broker_shutdown: broker_shutdown,
+    }
+}
+
+impl Gateway {
+    /// The next message on `topic`, as JSON (or a JSON string for a plain payload).
+    async fn next_on(&mut self, topic: &str) -> Json {
+        self.next_matching(topic, |_| true).await
+    }
+
+    async fn next_matching(&mut self, topic: &str, accept: impl Fn(&Json) -> bool) -> Json {
+        self.next_message(topic, accept).await.1
+    }
+
+    /// The next message on `topic` that `accept`s; earlier ones on `topic` are dropped,
+    /// messages on other topics are kept for later calls.
+    async fn next_message(
+        &mut self,
+        topic: &str,
+        accept: impl Fn(&Json) -> bool,
+    ) -> (Message, Json) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let position = self.backlog.iter().position(|m| &*m.topic == topic);
+            let message = match position.and_then(|i| self.backlog.remove(i)) {
+                Some(message) => message,
+                None => {
+                    let message = timeout(deadline - Instant::now(), self.messages.recv())
+                        .await
+                        .unwrap_or_else(|_| panic!("nothing acceptable on {topic} within 10s"))
+                        .expect("broker running");
+                    if &*message.topic != topic {
+                        self.backlog.push_back(message);
+                        continue;
+                    }
+                    message
+                }
+            };
+            let json = serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
+                Json::String(String::from_utf8_lossy(&message.payload).into_owned())
+            });
+            if accept(&json) {
+                return (message, json);
+            }
+        }
+    }
+
+    async fn publish(&self, topic: &str, payload: &str) {
+        self.broker
+            .publish(Message::internal(
+                "test",
+                topic.to_owned(),
+                payload.to_owned(),
+                QoS::AtLeastOnce,
+                false,
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn is_good(reading: &Json) -> bool {
+    reading["quality"] == "good"
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// (type spec, registers at the point's address, expected value)
+const DECODE_TABLE: &[(&str, &[u16], &str)] = &[
+    ("u16", &[0x1234], "4660"),
+    ("u16:BADC", &[0x3412], "4660"),
+    ("u16:DCBA", &[0x3412], "4660"),
+    ("u16:CDAB", &[0x1234], "4660"),
+    ("i16", &[0xFFFE], "-2"),
+    ("i16:BADC", &[0xFEFF], "-2"),
+    ("u32", &[0x1234, 0x5678], "305419896"),
+    ("u32:CDAB", &[0x5678, 0x1234], "305419896"),
+    ("u32:BADC", &[0x3412, 0x7856], "305419896"),
+    ("u32:DCBA", &[0x7856, 0x3412], "305419896"),
+    ("i32", &[0xFFFF, 0xFFFE], "-2"),
+    ("i32:CDAB", &[0xFFFE, 0xFFFF], "-2"),
+    ("i32:BADC", &[0xFFFF, 0xFEFF], "-2"),
+    ("i32:DCBA", &[0xFEFF, 0xFFFF], "-2"),
+    ("f32", &[0x41C8, 0x0000], "25.0"),
+    ("f32:CDAB", &[0x0000, 0x41C8], "25.0"),
+    ("f32:BADC", &[0xC841, 0x0000], "25.0"),
+    ("f32:DCBA", &[0x0000, 0xC841], "25.0"),
+    ("f32", &[0xBFC0, 0x0000], "-1.5"),
+    ("f32:CDAB", &[0xAE14, 0x41AD], "21.71"),
+    (
+        "u64",
+        &[0x0102, 0x0304, 0x0506, 0x0708],
+        "72623859790382856",
+    ),
+    (
+        "u64:CDAB",
+        &[0x0708, 0x0506, 0x0304, 0x0102],
+        "72623859790382856",
+    ),
+    (
+        "u64:BADC",
+        &[0x0201, 0x0403, 0x0605, 0x0807],
+        "72623859790382856",
+    ),
+    (
+        "u64:DCBA",
+        &[0x0807, 0x0605, 0x0403, 0x0201],
+        "72623859790382856",
+    ),
+    ("i64", &[0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE], "-2"),
+    ("i64:CDAB", &[0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF], "-2"),
+    ("i64:BADC", &[0xFFFF, 0xFFFF, 0xFFFF, 0xFEFF], "-2"),
+    ("i64:DCBA", &[0xFEFF, 0xFFFF, 0xFFFF, 0xFFFF], "-2"),
+    ("f64", &[0x3FF8, 0x0000, 0x0000, 0x0000], "1.5"),
+    ("f64:CDAB", &[0x0000, 0x0000, 0x0000, 0x3FF8], "1.5"),
+    ("f64:BADC", &[0xF83F, 0x0000, 0x0000, 0x0000], "1.5"),
+    ("f64:DCBA", &[0x0000, 0x0000, 0x0000, 0xF83F], "1.5"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_and_order_decodes_from_a_real_server() {
+    let mut registers = Vec::new();
+    let mut points = Vec::new();
+    for (i, (spec, words, _)) in DECODE_TABLE.iter().enumerate() {
+        let address = i as u16 * 10;
+        for (j, word) in words.iter().enumerate() {
+            registers.push((address + j as u16, *word));
+        }
+        points.push(format!(
+            "{{ name = \"p{i}\", table = \"holding\", address = {address}, type = \"{spec}\" }}"
+        ));
+    }
+    // Strings, bits of a register, scale and offset, coils and discrete inputs.
+    registers.extend([(1000, 0x4142), (1001, 0x4344), (1002, 0x4500)]);
+    registers.extend([(1010, 0x4241), (1011, 0x4443), (1012, 0x0045)]);
+    registers.extend([(1020, 0x0008), (1030, 0x00D7), (1040, 0xFF9C)]);
+    points.extend([
+        r#"{ name = "text", table = "holding", address = 1000, type = "string", length = 3 }"#.to_owned(),
+        r#"{ name = "text_swapped", table = "holding", address = 1010, type = "string:BADC", length = 3 }"#.to_owned(),
+        r#"{ name = "bit3", table = "holding", address = 1020, type = "bit", bit = 3 }"#.to_owned(),
+        r#"{ name = "bit2", table = "holding", address = 1020, type = "bit", bit = 2 }"#.to_owned(),
+        r#"{ name = "scaled", table = "holding", address = 1030, scale = 0.1 }"#.to_owned(),
+        r#"{ name = "offset", table = "holding", address = 1040, type = "i16", scale = 0.5, offset = 40 }"#.to_owned(),
+        r#"{ name = "coil", table = "coil", address = 7 }"#.to_owned(),
+        r#"{ name = "discrete", table = "discrete", address = 9 }"#.to_owned(),
+        r#"{ name = "input", table = "input", address = 3, type = "i16" }"#.to_owned(),
+    ]);
+    let state = device_with(&registers);
+    {
+        let mut s = state.lock().unwrap();
+        s.coils.insert(7, true);
+        s.discrete.insert(9, true);
+        s.input.insert(3, 0x8000);
+    }
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut gw = start_gateway(&format!(
+        "[[devices]]\nname = \"dev\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"1h\"\npoints = [\n{}\n]\n",
+        points.join(",\n")
+    ))
+    .await;
+
+    let mut expected: Vec<(String, Json, String)> = DECODE_TABLE
+        .iter()
+        .enumerate()
+        .map(|(i, (spec, words, value))| {
+            let hex: Vec<String> = words.iter().map(|w| format!("{w:04X}")).collect();
+            (
+                format!("p{i}"),
+                serde_json::from_str(value).unwrap(),
+                format!("{spec} [{}]", hex.join(" ")),
+            )
+        })
+        .collect();
+    for (name, value) in [
+        ("text", json!("ABCDE")),
+        ("text_swapped", json!("ABCDE")),
+        ("bit3", json!(true)),
+        ("bit2", json!(false)),
+        ("scaled", json!(21.5)),
+        ("offset", json!(-10.0)),
+        ("coil", json!(true)),
+        ("discrete", json!(true)),
+        ("input", json!(-32768)),
+    ] {
+        expected.push((name.to_owned(), value, name.to_owned()));
+    }
+    let mut failures = Vec::new();
+    for (name, value, what) in &expected {
+        let reading = gw.next_on(&format!("gw/dev/{name}")).await;
+        if reading["value"] != *value || !is_good(&reading) {
+            failures.push(format!("{what}: expected {value}, got {reading}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_scattered_points_use_the_planned_number_of_requests() {
+    // 200 u16 points, one every third register: 0, 3, 6 ... 597.
+    let points: Vec<String> = (0..200)
+        .map(|i| {
+            format!(
+                "{{ name = \"p{i}\", table = \"holding\", address = {} }}",
+                i * 3
+            )
+        })
+        .collect();
+    let points = points.join(",\n");
+    // (extra device keys, expected requests): gap 2 lets neighbours merge; at most 125
+    // registers hold 42 points (0..=123), so 5 requests; a gap of 1 merges nothing; a
+    // 30-register limit holds 10 points per request.
+    for (keys, expected) in [
+        ("max_gap = 2", 5),
+        ("max_gap = 1", 200),
+        ("max_gap = 2\nmax_registers_per_request = 30", 20),
+    ] {
+        let state = device_with(&[]);
+        let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut gw = start_gateway(&format!(
+            "[[devices]]\nname = \"dev\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"1h\"\n{keys}\npoints = [\n{points}\n]\n"
+        ))
+        .await;
+        for i in 0..200 {
+            let reading = gw.next_on(&format!("gw/dev/p{i}")).await;
+            assert!(is_good(&reading), "{keys}: p{i}: {reading}");
+        }
+        let reads = state.lock().unwrap().reads.clone();
+        assert_eq!(reads.len(), expected, "{keys}: {reads:?}");
+        let limit = if keys.contains("30") { 30 } else { 125 };
+        for (_, _, start, count) in &reads {
+            assert!(*count <= limit, "{keys}: {count} registers from {start}");
+            // Every request starts and ends on a point: gaps only inside.
+            assert_eq!(start % 3, 0, "{keys}");
+            assert_eq!((start + count - 1) % 3, 0, "{keys}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceptions_and_timeouts_go_bad_and_the_device_comes_back_after_a_restart() {
+    let state = device_with(&[(0, 7), (100, 1)]);
+    let (addr, server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    state.lock().unwrap().exception_from = Some(100);
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+timeout = "200ms"
+backoff_min = "100ms"
+backoff_max = "200ms"
+points = [
+  {{ name = "ok", table = "holding", address = 0 }},
+  {{ name = "missing", table = "holding", address = 100 }},
+]
+"#
+    ))
+    .await;
+    let status_topic = "fieldmq/gw/status/devices/meter";
+
+    // An exception: the point is bad, the rest good, the status names address and exception.
+    let reading = gw.next_on("gw/meter/missing").await;
+    assert_eq!(reading["quality"], "bad", "{reading}");
+    let error = reading["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("illegal data address (exception 2)"),
+        "{error}"
+    );
+    assert!(error.contains("holding 100"), "{error}");
+    assert!(is_good(&gw.next_on("gw/meter/ok").await));
+    let status = gw.next_on(status_topic).await;
+    assert_eq!(status["status"], "error", "{status}");
+    let error = status["error"].as_str().unwrap();
+    assert!(
+        error.contains("meter")
+            && error.contains("holding 100")
+            && error.contains("illegal data address"),
+        "{error}"
+    );
+
+    // A timeout: every point bad, the device offline.
+    state.lock().unwrap().mute = true;
+    let reading = gw
+        .next_matching("gw/meter/ok", |r| r["quality"] == "bad")
+        .await;
+    assert!(
+        reading["error"]
+            .as_str()
+            .unwrap()
+            .contains("no response within 200ms"),
+        "{reading}"
+    );
+    let status = gw
+        .next_matching(status_topic, |s| s["status"] == "offline")
+        .await;
+    assert!(
+        status["error"].as_str().unwrap().contains("holding 0"),
+        "{status}"
+    );
+
+    // The server stops: still offline (connection refused), nothing panics.
+    server.abort();
+    let _ = server.await;
+    let status = gw
+        .next_matching(status_topic, |s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot connect"))
+        })
+        .await;
+    assert_eq!(status["status"], "offline");
+
+    // It restarts on the same port, answering again: good values, online.
+    {
+        let mut s = state.lock().unwrap();
+        s.mute = false;
+        s.exception_from = None;
+    }
+    let (_, _server) = serve_tcp(state.clone(), addr).await;
+    let reading = gw.next_matching("gw/meter/ok", is_good).await;
+    assert_eq!(reading["value"], 7);
+    let reading = gw.next_matching("gw/meter/missing", is_good).await;
+    assert_eq!(reading["value"], 1);
+    gw.next_matching(status_topic, |s| s["status"] == "online")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_end_to_end_and_bad_commands_change_nothing() {
+    let state = device_with(&[(10, 5), (20, 0x0000), (21, 0x41C8)]);
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "plc"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1h"
+points = [
+  {{ name = "pump", table = "coil", address = 3, writable = true }},
+  {{ name = "setpoint", table = "holding", address = 10, type = "u16", writable = true }},
+  {{ name = "flow", table = "holding", address = 20, type = "f32:CDAB", writable = true }},
+  {{ name = "locked", table = "holding", address = 30 }},
+]
+"#
+    ))
+    .await;
+    // The first readings mean the bus (and its write subscription) is running.
+    assert_eq!(gw.next_on("gw/plc/flow").await["value"], 25.0);
+
+    // A coil.
+    gw.publish("gw/plc/pump/set", "true").await;
+    let result = gw.next_on("gw/plc/pump/set/result").await;
+    assert_eq!(result, json!({"status": "ok", "value": true}));
+    gw.next_matching("gw/plc/pump", |r| r["value"] == true)
+        .await;
+    assert_eq!(state.lock().unwrap().coils.get(&3), Some(&true));
+
+    // A u16, as JSON, with an MQTT 5 response topic and correlation data.
+    let mut message = Message::internal(
+        "test",
+        "gw/plc/setpoint/set",
+        r#"{"value": 1234}"#,
+        QoS::AtLeastOnce,
+        false,
+    );
+    message.properties = Some(Arc::new(MessageProperties {
+        response_topic: Some("replies/42".into()),
+        correlation_data: Some(Bytes::from_static(b"req-42")),
+        ..MessageProperties::default()
+    }));
+    gw.broker.publish(message).await.unwrap();
+    assert_eq!(
+        gw.next_on("gw/plc/setpoint/set/result").await["status"],
+        "ok"
+    );
+    let (reply, body) = gw.next_message("replies/42", |_| true).await;
+    assert_eq!(body, json!({"status": "ok", "value": 1234}));
+    let correlation = reply
+        .properties
+        .as_ref()
+        .and_then(|p| p.correlation_data.clone());
+    assert_eq!(correlation, Some(Bytes::from_static(b"req-42")));
+    assert_eq!(state.lock().unwrap().holding.get(&10), Some(&1234));
+
+    // An f32 with the words swapped: 21.5 = 0x41AC0000, low word first.
+    gw.publish("gw/plc/flow/set", "21.5").await;
+    assert_eq!(
+        gw.next_on("gw/plc/flow/set/result").await,
+        json!({"status": "ok", "value": 21.5})
+    );
+    gw.next_matching("gw/plc/flow", |r| r["value"] == 21.5)
+        .await;
+    {
+        let s = state.lock().unwrap();
+        assert_eq!(
+            (s.holding.get(&20), s.holding.get(&21)),
+            (Some(&0x0000), Some(&0x41AC))
+        );
+    }
+
+    // Bad commands: each answered with a reason, none reaches the device.
+    let writes_before = state.lock().unwrap().writes;
+    let holding_before = state.lock().unwrap().holding.clone();
+    for (topic, payload, reason) in [
+        ("gw/plc/locked", "1", "not writable"),
+        ("gw/plc/setpoint", "70000", "out of range for u16"),
+        ("gw/plc/setpoint", "-1", "out of range for u16"),
+        ("gw/plc/flow", "\"fast\"", "expected a number"),
+        ("gw/plc/flow", "1e39", "out of range for f32"),
+        ("gw/plc/pump", "maybe", "expected true/false"),
+        ("gw/plc/setpoint", "", "empty write payload"),
+    ] {
+        gw.publish(&format!("{topic}/set"), payload).await;
+        let result = gw.next_on(&format!("{topic}/set/result")).await;
+        assert_eq!(result["status"], "error", "{topic} {payload:?}: {result}");
+        let got = result["reason"].as_str().unwrap();
+        assert!(got.contains(reason), "{topic} {payload:?}: {got}");
+    }
+    let s = state.lock().unwrap();
+    assert_eq!(s.writes, writes_before);
+    assert_eq!(s.holding, holding_before);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadband_min_interval_and_heartbeat_publish_exactly_when_they_should() {
+    let state = device_with(&[(0, 100), (1, 100), (2, 100)]);
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "d"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1s"
+timeout = "500ms"
+points = [
+  {{ name = "band", table = "holding", address = 0, deadband = 5 }},
+  {{ name = "slow", table = "holding", address = 1, min_interval = "3s" }},
+  {{ name = "beat", table = "holding", address = 2, report = "change", max_interval = "4s" }},
+]
+"#
+    ))
+    .await;
+    let start = Instant::now();
+    // Register changes at half seconds, between polls (polls at 0s, 1s, 2s ...).
+    let script: &[(u64, u16, u16)] = &[
+        // (ms, address, value)
+        (500, 0, 103),  // within the deadband
+        (1500, 0, 106), // 6 from the last published 100: out
+        (2500, 0, 110), // 4 from 106: in
+        (3500, 0, 112), // 6 from 106: out
+        (4500, 2, 101), // beat changes: published at once at 5s
+    ];
+    let changer = {
+        let state = state.clone();
+        let script = script.to_vec();
+        tokio::spawn(async move {
+            for (ms, address, value) in script {
+                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
+                state.lock().unwrap().holding.insert(address, value);
+            }
+        })
+    };
+    let mut seen: HashMap<String, Vec<(u64, Json)>> = HashMap::new();
+    while Instant::now() < start + Duration::from_millis(12_500) {
+        let Ok(Some(message)) = timeout(Duration::from_millis(200), gw.messages.recv()).await
+        else {
+            continue;
+        };
+        let Some(point) = message.topic.strip_prefix("gw/d/") else {
+            continue;
+        };
+        let reading: Json = serde_json::from_slice(&message.payload).unwrap();
+        let at = (Instant::now() - start).as_millis() as u64;
+        seen.entry(point.to_owned())
+            .or_default()
+            .push((at, reading["value"].clone()));
+    }
+    changer.await.unwrap();
+    let band: Vec<(u64, Json)> = vec![(0, json!(100)), (2000, json!(106)), (4000, json!(112))];
+    assert_eq!(seen["band"], band);
+    // Always reported, but at most every 3s.
+    let slow: Vec<u64> = seen["slow"].iter().map(|(at, _)| *at).collect();
+    assert_eq!(slow, vec![0, 3000, 6000, 9000, 12000]);
+    // On change only, plus a heartbeat 4s after the last publish.
+    let beat: Vec<(u64, Json)> = vec![
+        (0, json!(100)),
+        (4000, json!(100)),
+        (5000, json!(101)),
+        (9000, json!(101)),
+    ];
+    assert_eq!(seen["beat"], beat);
+}
+
+/// A pty pair with the tokio-modbus RTU server on one end; the driver opens the other
+/// end by its path.
+fn serve_rtu(state: Shared) -> String {
+    let (a, b) = tokio_serial::SerialStream::pair().expect("pty pair");
+    use tokio_serial::SerialPort as _;
+    let (server_end, path) = match (a.name(), b.name()) {
+        // Keep the named side open (unlocked: the driver opens it again by path), or the
+        // server's end would read EIO until the driver has it open.
+        (_, Some(path)) => {
+            std::mem::forget(b);
+            (a, path)
+        }
+        (Some(path), None) => {
+            std::mem::forget(a);
+            (b, path)
+        }
+        (None, None) => panic!("pty without a name"),
+    };
+    let server = tokio_modbus::server::rtu::Server::new(server_end);
+    tokio::spawn(async move {
+        let _ = server.serve_forever(FakeDevice { state }).await;
+    });
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_units_share_an_rtu_bus_and_a_dead_one_does_not_starve_the_other() {
+    let state = device_with(&[(0, 11)]);
+    state.lock().unwrap().dead_units.insert(2);
+    let port = serve_rtu(state.clone());
+    let device = |name: &str, unit: u8| {
+        format!(
+            r#"[[devices]]
+name = "{name}"
+driver = "modbus-rtu"
+port = "{port}"
+baud = 115200
+parity = "none"
+unit = {unit}
+poll = "100ms"
+timeout = "500ms"
+turnaround = "2ms"
+points = [ {{ name = "v", table = "holding", address = 0 }} ]
+"#
+        )
+    };
+    let mut gw = start_gateway(&format!("{}{}", device("alive", 1), device("dead", 2))).await;
+    let first = gw.next_on("gw/alive/v").await;
+    assert_eq!(first["value"], 11, "{first}");
+    let started = Instant::now();
+    let mut alive = 1;
+    let mut dead_status = None;
+    while started.elapsed() < Duration::from_secs(4) {
+        let Ok(Some(message)) = timeout(Duration::from_millis(100), gw.messages.recv()).await
+        else {
+            continue;
+        };
+        match &*message.topic {
+            "gw/alive/v" => alive += 1,
+            "fieldmq/gw/status/devices/dead" => {
+                dead_status = Some(serde_json::from_slice::<Json>(&message.payload).unwrap())
+            }
+            _ => {}
+        }
+    }
+    // Polled every 100ms, it would publish 40 times in 4s. Without the dead unit's
+    // backoff each cycle would wait out a 500ms timeout: about 8.
+    assert!(alive >= 25, "alive unit published only {alive} times in 4s");
+    let status = dead_status.expect("status of the dead unit");
+    assert_eq!(status["status"], "offline", "{status}");
+    assert!(
+        status["error"].as_str().unwrap().contains("unit 2"),
+        "{status}"
+    );
+    // Both units went over the one port: the server saw requests for unit 2 too.
+    let reads = state.lock().unwrap().reads.clone();
+    assert!(reads.iter().any(|(unit, ..)| *unit == 1));
+    let dead_reads = reads.iter().filter(|(unit, ..)| *unit == 2).count();
+    assert!(
+        dead_reads == 0,
+        "a dead unit's requests get no answer and are not logged: {dead_reads}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_prints_every_interpretation() {
+    let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);
+    let (addr, _server) = serve_tcp(state, "127.0.0.1:0".parse().unwrap()).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+        .args([
+            "probe",
+            "--tcp",
+            &addr.to_string(),
+            "--table",
+            "holding",
+            "--address",
+            "40",
+            "--count",
+            "4",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "holding 40..=43 of unit 1",
+        "     41  0x41C8   16840   16840     51265    -14271  A.",
+        "     42  0x4142   16706   16706     16961     16961  AB",
+        "     40  ABCD   0x000041C8       16840        16840  2.3598e-41",
+        "     40  CDAB   0x41C80000  1103626240   1103626240  25",
+        "     40  BADC   0x0000C841       51265        51265",
+        "     40  DCBA   0xC8410000  3359703040   -935264256  -197632",
+        "     41  CDAB   0x414241C8  1094861256   1094861256  12.14106",
+        "     40  CDAB   0x4344414241C80000   4847070851784769536   4847070851784769536  1.1402504722972672e16",
+        "     40  ABCD   0x000041C841424344        72328344126276        72328344126276  3.57349500533765e-310",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    }
+
+    // A refused read exits non-zero with the exception by name.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+        .args([
+            "probe",
+            "--tcp",
+            &addr.to_string(),
+            "--table",
+            "holding",
+            "--address",
+            "0",
+            "--count",
+            "200",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+}
+
+#[test]
+fn config_errors_name_file_line_and_key_path() {
+    let text = format!(
+        "{HEADER}[[devices]]\nname = \"m\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\npoints = [\n  {{ name = \"a\", table = \"holding\", address = 0, type = \"flaot\" }},\n]\n"
+    );
+    let error = config::parse(&text, Path::new("site.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.starts_with("site.toml:10:56: devices[0].points[0].type: unknown type \"flaot\", expected one of bool, bit, u16"),
+        "{error}"
+    );
+    assert!(error.contains("did you mean `f32`?"), "{error}");
+    let example = config::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/modbus-energy-meter.toml"
+    )));
+    assert!(
+        example.is_ok(),
+        "{:?}",
+        example.err().map(|e| e.to_string())
+    );
+}
