@@ -134,7 +134,10 @@ async fn the_demo_publishes_readings_accepts_a_write_and_says_offline_on_sigterm
     // client watches: rumqttc drops packets that arrive in the same read as the server's
     // DISCONNECT.
     let mut watcher = RawWatcher::connect(gateway.addr, "fieldmq/demo/status").await;
-    assert_eq!(watcher.next_publish().await, Some(("online".to_owned(), true)));
+    assert_eq!(
+        watcher.next_publish().await,
+        Some(("online".to_owned(), true))
+    );
     let terminator = tokio::task::spawn_blocking(move || {
         let status = gateway.terminate();
         (gateway, status)
@@ -142,7 +145,11 @@ async fn the_demo_publishes_readings_accepts_a_write_and_says_offline_on_sigterm
     let offline = watcher.next_publish().await;
     let (_gateway, status) = terminator.await.expect("join");
     assert!(status.success(), "exit status {status:?}");
-    assert_eq!(offline, Some(("offline".to_owned(), true)), "retained `offline` on clean stop");
+    assert_eq!(
+        offline,
+        Some(("offline".to_owned(), true)),
+        "retained `offline` on clean stop"
+    );
 }
 
 /// A minimal MQTT 5 subscriber on raw packets (encoded and decoded by rumqttc's codec).

@@ -1491,8 +1491,12 @@ async fn connack_advertises_what_the_broker_supports_and_its_configured_limits()
 }
 
 #[tokio::test]
-async fn a_keep_alive_above_3600_s_is_answered_with_server_keep_alive_3600() {
-    let broker = Broker::start(&config()).await;
+async fn a_keep_alive_above_a_3600_s_maximum_is_answered_with_server_keep_alive_3600() {
+    let broker = Broker::start(&BrokerConfig {
+        max_keep_alive: 3600,
+        ..config()
+    })
+    .await;
     for (keep_alive, server) in [
         (7200, Some(3600)),
         (u16::MAX, Some(3600)),

@@ -872,7 +872,10 @@ routes = [
 impl GatewayProcess {
     fn start(config: &Path) -> GatewayProcess {
         use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+        // FIELDMQ_BIN runs another build of the gateway (e.g. a release binary).
+        let binary = std::env::var("FIELDMQ_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fieldmq").to_string());
+        let mut child = std::process::Command::new(binary)
             .args(["run", "-c"])
             .arg(config)
             .env("RUST_LOG", "info")

@@ -34,9 +34,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const PAGE_SIZE: usize = 500;
 /// How long a closing connection waits for acknowledgements still being committed.
 const ACK_DRAIN: Duration = Duration::from_secs(2);
-/// The longest keep alive we accept from an MQTT 5 client; past it CONNACK tells the
-/// client to use this (server keep alive), so dead connections are found within the hour.
-const MAX_KEEP_ALIVE: u16 = 3600;
 /// Topic aliases a client may use towards us.
 const TOPIC_ALIAS_MAX: u16 = 64;
 
@@ -56,6 +53,7 @@ pub(crate) struct Settings {
     acl: Option<Arc<Acl>>,
     max_packet_size: u32,
     max_inflight: u16,
+    max_keep_alive: u16,
     next_connection: AtomicU64,
     pub(crate) counters: Arc<Counters>,
 }
@@ -73,6 +71,7 @@ impl Settings {
             acl,
             max_packet_size: config.max_packet_size,
             max_inflight: config.max_inflight.max(1),
+            max_keep_alive: config.max_keep_alive.max(1),
             next_connection: AtomicU64::new(1),
             counters,
         }
@@ -177,8 +176,12 @@ pub(crate) async fn serve<S>(
     };
 
     tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
-    let server_keep_alive = (connect.version == Version::V5 && connect.keep_alive > MAX_KEEP_ALIVE)
-        .then_some(MAX_KEEP_ALIVE);
+    // Past the configured limit an MQTT 5 client is told the keep alive to use; a 3.1.1
+    // client cannot be told, and keeps its own.
+    let server_keep_alive = (connect.version == Version::V5
+        && (connect.keep_alive > settings.max_keep_alive || connect.keep_alive == 0)
+        && settings.max_keep_alive < u16::MAX)
+        .then_some(settings.max_keep_alive);
     let mut conn = Connection {
         version: connect.version,
         client_id: client_id.clone(),

@@ -544,6 +544,9 @@ impl Router {
     ) {
         let mut remove = false;
         let mut persisted = false;
+        // A newer connection for this client id already holds the session: a takeover, or
+        // a reconnect the router handled before this close.
+        let mut superseded = false;
         if let Some(entry) = self.sessions.get_mut(&client_id) {
             if entry.connection.as_ref().map(|(id, _)| *id) == Some(connection) {
                 entry.connection = None;
@@ -552,6 +555,8 @@ impl Router {
                 entry.session.set_owner(0);
                 remove = session_expiry == 0;
                 persisted = entry.persisted;
+            } else {
+                superseded = entry.connection.is_some();
             }
         }
         if persisted && !remove {
@@ -562,6 +567,9 @@ impl Router {
             })
             .await;
         }
+        // MQTT 5 3.1.2.5: a new connection opened within the will delay cancels the will;
+        // a will without delay was due the moment the old connection closed.
+        let will = will.filter(|(_, delay)| !superseded || (*delay).min(session_expiry) == 0);
         if let Some((message, delay)) = will {
             let delay = delay.min(session_expiry);
             if delay == 0 || remove {

@@ -68,6 +68,9 @@ pub struct BrokerConfig {
     pub acl_file: Option<PathBuf>,
     /// `$SYS/broker/...` publish interval; `None` disables. Default 10s.
     pub sys_interval: Option<Duration>,
+    /// Longest keep alive (seconds) an MQTT 5 client may use; a longer one is answered
+    /// with this as Server Keep Alive. Default 65535 (no limit), like Mosquitto.
+    pub max_keep_alive: u16,
 }
 
 impl Default for BrokerConfig {
@@ -87,6 +90,7 @@ impl Default for BrokerConfig {
             store_path: PathBuf::from("broker.db"),
             acl_file: None,
             sys_interval: None,
+            max_keep_alive: u16::MAX,
         }
     }
 }

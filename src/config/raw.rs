@@ -37,6 +37,7 @@ pub(crate) struct RawBroker {
     pub(crate) store_file: Option<S<String>>,
     pub(crate) acl_file: Option<S<String>>,
     pub(crate) sys_interval: Option<S<String>>,
+    pub(crate) max_keep_alive: Option<S<String>>,
     pub(crate) listeners: Option<Vec<S<RawListener>>>,
 }
 

@@ -993,6 +993,25 @@ impl Validator<'_> {
         let acl_file = raw
             .and_then(|raw| raw.acl_file.as_ref())
             .map(|file| self.existing_file(file, "broker.acl_file"));
+        let max_keep_alive = match raw.and_then(|raw| raw.max_keep_alive.as_ref()) {
+            Some(value) => match self.duration(value, "broker.max_keep_alive") {
+                Some(limit) if (1..=u64::from(u16::MAX)).contains(&limit.as_secs()) => {
+                    limit.as_secs() as u16
+                }
+                Some(_) => {
+                    self.d
+                        .error(
+                            Some(value.span()),
+                            "broker.max_keep_alive",
+                            format!("{:?} is out of range", value.get_ref()),
+                        )
+                        .hint = Some("MQTT keep alive is 1s to 65535s (18h12m15s)".into());
+                    u16::MAX
+                }
+                None => u16::MAX,
+            },
+            None => u16::MAX,
+        };
         let sys_interval = match raw.and_then(|raw| raw.sys_interval.as_ref()) {
             Some(value) => match self.duration(value, "broker.sys_interval") {
                 Some(interval) if interval.is_zero() => None,
@@ -1025,6 +1044,7 @@ impl Validator<'_> {
             store_path,
             acl_file,
             sys_interval,
+            max_keep_alive,
         })
     }
 

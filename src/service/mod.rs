@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
-use crate::config::Config;
+use crate::config::{Config, DriverConfig};
 use crate::drivers::{self, DeviceContext};
 use crate::model::{Message, QoS};
 
@@ -65,10 +65,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     publish_status(&handle, &status_topic, "online").await;
 
     let mut sources = JoinSet::new();
+    // Modbus devices are grouped: RTU devices on one serial port share one bus task.
+    let mut modbus = Vec::new();
     for device in config.devices.iter().cloned() {
         let context =
             DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
+        if matches!(device.driver, DriverConfig::Modbus(_)) {
+            modbus.push((device, context));
+            continue;
+        }
         sources.spawn(drivers::run_device(device, context, shutdown.clone()));
+    }
+    for task in drivers::modbus::device_tasks(modbus, shutdown.clone()) {
+        sources.spawn(task);
     }
 
     let deadline = config.gateway.shutdown_timeout;

@@ -19,9 +19,15 @@
 //!    order ([`Outbox::read_after`]) and publishes in that order.
 //! 3. **Rows are deleted only after the cloud acknowledged them** ([`Outbox::delete`] with
 //!    the PUBACK/PUBCOMP'd seqs), or by a bound (below), which is always counted.
-//! 4. **At least once.** A row sent but not yet deleted is sent again after a reconnect or
-//!    a restart. Duplicates are bounded by the sender's in-flight window: a window slot is
-//!    only freed once the deletion of the acknowledged row has committed.
+//! 4. **At least once.** A row sent but not yet acknowledged is sent again after a
+//!    reconnect or a restart. The *ack mark* ([`AckMark`], a small file next to the
+//!    database) holds the highest seq up to which every row is acknowledged; it is written
+//!    without waiting for SQLite (no fsync: it survives `kill -9`, and a power cut can only
+//!    move it back, which resends, never loses). At open, rows up to the mark are deleted;
+//!    the sender never sends them again. Duplicates are bounded by the sender's in-flight
+//!    window: a window slot is only freed once a mark covering its row has been written.
+//!    Acknowledged rows are deleted from the table in batches afterwards; that deletion
+//!    no longer gates the window.
 //! 5. **Bounded.** `max_messages`, `max_bytes` (topic + payload + properties) and `max_age`
 //!    (see [`QueueConfig`]). When a bound is reached, `when_full = drop_oldest` deletes the
 //!    oldest rows, `drop_new` refuses the new ones; rows older than `max_age` are deleted.
@@ -97,6 +103,15 @@ pub enum StoreError {
     },
     #[error("outbox {path} is closed (its thread stopped)", path = path.display())]
     Closed { path: PathBuf },
+    #[error(
+        "cannot read or write the ack mark file {path} ({source}): check that its directory \
+         is writable by the fieldmq user",
+        path = path.display()
+    )]
+    MarkFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {
@@ -218,12 +233,75 @@ impl OutboxStats {
     }
 }
 
+/// The ack mark file of an outbox: `<database>.ackmark`.
+pub fn ack_mark_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_os_string();
+    name.push(".ackmark");
+    PathBuf::from(name)
+}
+
+/// The highest seq up to which every row is acknowledged (see invariant 4), in a small file
+/// next to the database. 24 bytes: the database's random instance id (so that a mark never
+/// applies to another database file), the seq, and a check word.
+#[derive(Debug, Clone)]
+pub struct AckMark {
+    file: Arc<std::fs::File>,
+    path: Arc<PathBuf>,
+    instance: u64,
+    initial: u64,
+}
+
+const MARK_CHECK: u64 = 0x6669_656c_646d_7121;
+
+impl AckMark {
+    /// The mark found at open (rows up to it were deleted then).
+    pub fn initial(&self) -> u64 {
+        self.initial
+    }
+
+    /// Record that every row up to `seq` is acknowledged. Written through to the page cache
+    /// (survives a crash of the process), not fsynced.
+    pub async fn write(&self, seq: u64) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let bytes = encode_mark(self.instance, seq);
+        let result = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&bytes, 0)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        result.map_err(|source| StoreError::MarkFile {
+            path: self.path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+fn encode_mark(instance: u64, seq: u64) -> [u8; 24] {
+    let mut bytes = [0u8; 24];
+    bytes[..8].copy_from_slice(&instance.to_le_bytes());
+    bytes[8..16].copy_from_slice(&seq.to_le_bytes());
+    bytes[16..].copy_from_slice(&(instance ^ seq ^ MARK_CHECK).to_le_bytes());
+    bytes
+}
+
+/// The seq in a mark file written for database `instance`; `None` when the file is empty,
+/// damaged or belongs to another database.
+fn decode_mark(bytes: &[u8], instance: u64) -> Option<u64> {
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(i..i + 8)?.try_into().ok()?))
+    };
+    let (owner, seq, check) = (word(0)?, word(8)?, word(16)?);
+    (owner == instance && check == owner ^ seq ^ MARK_CHECK).then_some(seq)
+}
+
 /// Handle to the outbox thread. Cheap to clone; the thread stops when the last handle is
 /// dropped or [`Outbox::close`] is called.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<writer::Request>,
     path: Arc<PathBuf>,
+    mark: AckMark,
 }
 
 impl Outbox {
@@ -248,18 +326,29 @@ impl Outbox {
                 path: path.to_path_buf(),
                 source,
             })?;
-        ready_rx.await.map_err(|_| StoreError::Closed {
+        let opened = ready_rx.await.map_err(|_| StoreError::Closed {
             path: path.to_path_buf(),
         })??;
         Ok(Outbox {
             tx,
             path: Arc::new(path.to_path_buf()),
+            mark: AckMark {
+                file: Arc::new(opened.mark_file),
+                path: Arc::new(ack_mark_path(path)),
+                instance: opened.instance,
+                initial: opened.mark,
+            },
         })
     }
 
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The ack mark of this outbox (for the sender).
+    pub fn ack_mark(&self) -> AckMark {
+        self.mark.clone()
     }
 
     /// Store `records` in one transaction (together with whatever else is waiting). Returns

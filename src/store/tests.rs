@@ -282,3 +282,55 @@ async fn a_second_open_of_the_same_file_is_refused_as_locked() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn rows_up_to_the_ack_mark_are_deleted_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    assert_eq!(outbox.ack_mark().initial(), 0);
+    outbox.append(records(0..5)).await.unwrap();
+    let rows = outbox.read_after(0, 10).await.unwrap();
+    outbox.ack_mark().write(rows[2].seq).await.unwrap();
+    // Killed here: the rows were acknowledged, their deletion never committed.
+    drop(outbox);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    assert_eq!(outbox.ack_mark().initial(), rows[2].seq);
+    assert_eq!(
+        payloads(&outbox.read_after(0, 10).await.unwrap()),
+        ["3", "4"]
+    );
+    let stats = outbox.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.acked), (2, 3));
+}
+
+#[tokio::test]
+async fn an_ack_mark_of_another_database_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    outbox.append(records(0..5)).await.unwrap();
+    outbox.ack_mark().write(5).await.unwrap();
+    outbox.close().await.unwrap();
+    // The database is moved aside; the mark file stays. A new database must not lose its
+    // first rows to the old mark.
+    std::fs::rename(&path, dir.path().join("old.db")).unwrap();
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    assert_eq!(outbox.ack_mark().initial(), 0);
+    outbox.append(records(0..3)).await.unwrap();
+    outbox.close().await.unwrap();
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    assert_eq!(outbox.stats().await.unwrap().depth, 3);
+}

@@ -26,6 +26,13 @@ const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// What `open` hands back to the async side.
+pub(super) struct Opened {
+    pub(super) mark_file: std::fs::File,
+    pub(super) instance: u64,
+    pub(super) mark: u64,
+}
+
 pub(super) enum Request {
     Append {
         records: Vec<OutboxRecord>,
@@ -82,11 +89,11 @@ pub(super) fn run(
     path: PathBuf,
     bounds: QueueConfig,
     mut rx: mpsc::Receiver<Request>,
-    ready: oneshot::Sender<Result<(), StoreError>>,
+    ready: oneshot::Sender<Result<Opened, StoreError>>,
 ) {
     let mut writer = match Writer::open(&path, bounds) {
-        Ok(writer) => {
-            let _ = ready.send(Ok(()));
+        Ok((writer, opened)) => {
+            let _ = ready.send(Ok(opened));
             writer
         }
         Err(e) => {
@@ -124,7 +131,7 @@ fn now_ms() -> i64 {
 }
 
 impl Writer {
-    fn open(path: &Path, bounds: QueueConfig) -> Result<Writer, StoreError> {
+    fn open(path: &Path, bounds: QueueConfig) -> Result<(Writer, Opened), StoreError> {
         let err = |e| StoreError::classify(path, e);
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
@@ -179,15 +186,9 @@ impl Writer {
         .map_err(err)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
-        let (depth, bytes): (i64, i64) = tx
-            .query_row(
-                "SELECT count(*), coalesce(sum(size), 0) FROM outbox",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .map_err(err)?;
         let mut dropped = DropCounters::default();
         let mut acked = 0;
+        let mut instance = 0;
         {
             let mut stmt = tx
                 .prepare("SELECT name, value FROM counters")
@@ -199,17 +200,73 @@ impl Writer {
                 .map_err(err)?;
             for row in rows {
                 let (name, value) = row.map_err(err)?;
-                let value = u64::try_from(value).unwrap_or(0);
                 match name.as_str() {
-                    "dropped_oldest" => dropped.oldest = value,
-                    "dropped_new" => dropped.new = value,
-                    "dropped_expired" => dropped.expired = value,
-                    "rejected" => dropped.rejected = value,
-                    "acked" => acked = value,
-                    _ => {}
+                    // The bit pattern of a random id, stored as SQLite's signed integer.
+                    "instance" => instance = value as u64,
+                    _ => {
+                        let value = u64::try_from(value).unwrap_or(0);
+                        match name.as_str() {
+                            "dropped_oldest" => dropped.oldest = value,
+                            "dropped_new" => dropped.new = value,
+                            "dropped_expired" => dropped.expired = value,
+                            "rejected" => dropped.rejected = value,
+                            "acked" => acked = value,
+                            _ => {}
+                        }
+                    }
                 }
             }
         }
+        if instance == 0 {
+            instance = rand::random::<u64>() | 1;
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES ('instance', ?1)",
+                [instance as i64],
+            )
+            .map_err(err)?;
+        }
+
+        // Rows up to the ack mark were acknowledged before the last stop: delete them now.
+        let mark_path = super::ack_mark_path(path);
+        let mark_error = |source| StoreError::MarkFile {
+            path: mark_path.clone(),
+            source,
+        };
+        let mut mark_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&mark_path)
+            .map_err(mark_error)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut mark_file, &mut bytes).map_err(mark_error)?;
+        let mark = super::decode_mark(&bytes, instance).unwrap_or(0);
+        if mark > 0 {
+            let deleted = tx
+                .execute(
+                    "DELETE FROM outbox WHERE seq <= ?1",
+                    [i64::try_from(mark).unwrap_or(i64::MAX)],
+                )
+                .map_err(err)?;
+            if deleted > 0 {
+                acked += deleted as u64;
+                tx.execute(
+                    "INSERT INTO counters (name, value) VALUES ('acked', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    [i64::try_from(acked).unwrap_or(i64::MAX)],
+                )
+                .map_err(err)?;
+                tracing::debug!(outbox = %path.display(), deleted, mark, "deleted rows acknowledged before the last stop");
+            }
+        }
+        let (depth, bytes): (i64, i64) = tx
+            .query_row(
+                "SELECT count(*), coalesce(sum(size), 0) FROM outbox",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         let mut writer = Writer {
             conn,
@@ -228,7 +285,14 @@ impl Writer {
             },
         };
         writer.queue.oldest_enqueued_ms = writer.query_oldest().map_err(err)?;
-        Ok(writer)
+        Ok((
+            writer,
+            Opened {
+                mark_file,
+                instance,
+                mark,
+            },
+        ))
     }
 
     fn query_oldest(&self) -> rusqlite::Result<Option<i64>> {
@@ -240,7 +304,9 @@ impl Writer {
 
     /// Checkpoint and close the connection (the file is complete on its own afterwards).
     fn close(self) {
-        let Writer { conn, mut queue, .. } = self;
+        let Writer {
+            conn, mut queue, ..
+        } = self;
         queue.flush_drop_log(true);
         if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
             tracing::warn!(outbox = %queue.path.display(), error = %e, "outbox checkpoint at close failed");

@@ -1,4 +1,4 @@
-//! Which outbox row a packet id belongs to.
+//! Which outbox row a packet id belongs to, and how far the queue is acknowledged.
 //!
 //! rumqttc's `publish()` returns no packet id. It reports `Outgoing::Publish(pkid)` when it
 //! writes a PUBLISH, in the order the requests were submitted. The sender is the only task
@@ -6,8 +6,12 @@
 //! submission: a FIFO of submissions gives the mapping. After a connection error the FIFO
 //! is cleared together with rumqttc's pending publishes (see `link`).
 //!
-//! The window counts a row from its submission until its deletion has COMMITTED, so a crash
-//! resends at most `window` rows that the cloud already had.
+//! Rows are passed in `seq` order (submitted, or skipped because they can never be sent).
+//! The *mark* is the highest seq such that every row up to it is resolved (acknowledged,
+//! written for QoS 0, refused, or skipped); it is written to the outbox's ack mark file,
+//! and rows up to it are never sent again. A row occupies the window from the moment it is
+//! passed until a mark covering it has been written, so a crash resends at most `window`
+//! rows that the cloud already had.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -37,16 +41,25 @@ pub(super) struct Inflight {
     submitted: VecDeque<Submitted>,
     /// pkid → seq (`None`: not a row).
     awaiting: HashMap<u16, Option<u64>>,
-    /// Rows whose deletion is not yet committed (acked, or being deleted).
-    settling: usize,
-    /// Rows among `submitted` and `awaiting`.
-    rows_unacked: usize,
+    /// Rows passed and not yet covered by a mark, in seq order, with "resolved".
+    rows: VecDeque<(u64, bool)>,
+    /// Rows covered by the mark being written.
+    marking: usize,
+    /// Every row up to here is resolved.
+    mark: u64,
 }
 
 impl Inflight {
+    pub(super) fn new(mark: u64) -> Inflight {
+        Inflight {
+            mark,
+            ..Inflight::default()
+        }
+    }
+
     /// Rows occupying the window.
     pub(super) fn rows(&self) -> usize {
-        self.rows_unacked + self.settling
+        self.rows.len() + self.marking
     }
 
     /// Publishes not yet acknowledged (rows or not).
@@ -54,9 +67,21 @@ impl Inflight {
         self.submitted.len() + self.awaiting.len()
     }
 
+    /// The highest seq up to which every row is resolved.
+    pub(super) fn mark(&self) -> u64 {
+        self.mark
+    }
+
     pub(super) fn submit(&mut self, seq: Option<u64>, qos: QoS) {
-        self.rows_unacked += usize::from(seq.is_some());
+        if let Some(seq) = seq {
+            self.rows.push_back((seq, false));
+        }
         self.submitted.push_back(Submitted { seq, qos });
+    }
+
+    /// A row that will not be sent (it is discarded and counted elsewhere).
+    pub(super) fn skip(&mut self, seq: u64) {
+        self.rows.push_back((seq, true));
     }
 
     /// rumqttc wrote the next publish with `pkid`.
@@ -65,8 +90,7 @@ impl Inflight {
         if submitted.qos == QoS::AtMostOnce || pkid == 0 {
             return Some(match submitted.seq {
                 Some(seq) => {
-                    self.rows_unacked -= 1;
-                    self.settling += 1;
+                    self.resolve(seq);
                     Written::Row(seq)
                 }
                 None => Written::Other,
@@ -76,28 +100,50 @@ impl Inflight {
         Some(Written::AwaitingAck)
     }
 
-    /// The cloud acknowledged `pkid`. Returns the row, if it was one; the row then occupies
-    /// the window until [`Inflight::settled`] is called for it.
+    /// The cloud acknowledged `pkid`. Returns the row, if it was one.
     pub(super) fn acked(&mut self, pkid: u16) -> Option<Option<u64>> {
         let seq = self.awaiting.remove(&pkid)?;
-        if seq.is_some() {
-            self.rows_unacked -= 1;
-            self.settling += 1;
+        if let Some(seq) = seq {
+            self.resolve(seq);
         }
         Some(seq)
     }
 
-    /// `count` rows' deletions committed (or failed: they will be resent).
-    pub(super) fn settled(&mut self, count: usize) {
-        self.settling = self.settling.saturating_sub(count);
+    fn resolve(&mut self, seq: u64) {
+        // Acknowledgements come in order almost always: the row is at the front.
+        if let Some(entry) = self.rows.iter_mut().find(|(s, _)| *s == seq) {
+            entry.1 = true;
+        }
     }
 
-    /// The connection is gone: nothing submitted will be acknowledged any more. Rows being
-    /// settled stay counted until their deletion commits.
+    /// Advance the mark over the resolved rows at the front. Returns the new mark and how
+    /// many rows it covers; call [`Inflight::marked`] with that count once it is written.
+    pub(super) fn advance(&mut self) -> Option<(u64, usize)> {
+        let mut count = 0;
+        while let Some(&(seq, true)) = self.rows.front() {
+            self.rows.pop_front();
+            self.mark = self.mark.max(seq);
+            count += 1;
+        }
+        if count == 0 {
+            return None;
+        }
+        self.marking += count;
+        Some((self.mark, count))
+    }
+
+    /// A mark covering `count` rows was written (or failed: the rows are sent again after a
+    /// restart, which the window then no longer bounds; the error is logged).
+    pub(super) fn marked(&mut self, count: usize) {
+        self.marking = self.marking.saturating_sub(count);
+    }
+
+    /// The connection is gone: nothing submitted will be acknowledged any more, and rows
+    /// after the mark will be read and sent again.
     pub(super) fn reset(&mut self) {
         self.submitted.clear();
         self.awaiting.clear();
-        self.rows_unacked = 0;
+        self.rows.clear();
     }
 }
 
@@ -107,7 +153,7 @@ mod tests {
 
     #[test]
     fn packet_ids_map_to_rows_in_submission_order() {
-        let mut inflight = Inflight::default();
+        let mut inflight = Inflight::new(9);
         inflight.submit(None, QoS::AtLeastOnce); // birth
         inflight.submit(Some(10), QoS::AtLeastOnce);
         inflight.submit(Some(11), QoS::AtLeastOnce);
@@ -117,34 +163,50 @@ mod tests {
         assert_eq!(inflight.written(2), Some(Written::AwaitingAck));
         assert_eq!(inflight.written(3), Some(Written::AwaitingAck));
         assert_eq!(inflight.written(0), Some(Written::Row(12)));
-        // Acks out of order still find their rows.
+        // Acks out of order still find their rows; the mark waits for the oldest.
         assert_eq!(inflight.acked(3), Some(Some(11)));
+        assert_eq!(inflight.advance(), None);
         assert_eq!(inflight.acked(1), Some(None));
         assert_eq!(inflight.acked(2), Some(Some(10)));
         assert_eq!(inflight.acked(2), None);
-        assert_eq!(
-            inflight.rows(),
-            3,
-            "rows count until their deletion commits"
-        );
-        inflight.settled(3);
+        assert_eq!(inflight.rows(), 3, "rows count until their mark is written");
+        assert_eq!(inflight.advance(), Some((12, 3)));
+        assert_eq!(inflight.rows(), 3);
+        inflight.marked(3);
         assert_eq!(inflight.rows(), 0);
+        assert_eq!(inflight.mark(), 12);
     }
 
     #[test]
-    fn a_reset_forgets_unacknowledged_publishes_but_not_rows_being_deleted() {
-        let mut inflight = Inflight::default();
+    fn skipped_rows_move_the_mark() {
+        let mut inflight = Inflight::new(0);
+        inflight.skip(1);
+        inflight.submit(Some(2), QoS::AtLeastOnce);
+        inflight.skip(3);
+        assert_eq!(inflight.advance(), Some((1, 1)));
+        inflight.written(1);
+        inflight.acked(1);
+        assert_eq!(inflight.advance(), Some((3, 2)));
+    }
+
+    #[test]
+    fn a_reset_forgets_unacknowledged_rows_but_keeps_the_mark() {
+        let mut inflight = Inflight::new(0);
         inflight.submit(Some(1), QoS::AtLeastOnce);
         inflight.submit(Some(2), QoS::AtLeastOnce);
         inflight.written(1);
         inflight.acked(1);
         inflight.written(2);
+        assert_eq!(inflight.advance(), Some((1, 1)));
         inflight.reset();
-        assert_eq!(inflight.rows(), 1);
+        assert_eq!(inflight.rows(), 1, "the mark being written still counts");
         assert_eq!(inflight.unacknowledged(), 0);
-        // Packet id 2 is reused on the next connection for another row.
+        assert_eq!(inflight.mark(), 1);
+        // Packet id 1 is reused on the next connection for row 2, sent again.
         inflight.submit(Some(2), QoS::AtLeastOnce);
-        inflight.written(2);
-        assert_eq!(inflight.acked(2), Some(Some(2)));
+        inflight.written(1);
+        assert_eq!(inflight.acked(1), Some(Some(2)));
+        inflight.marked(1);
+        assert_eq!(inflight.advance(), Some((2, 1)));
     }
 }

@@ -25,7 +25,7 @@ use super::{SharedCounters, UplinkError};
 use crate::broker::BrokerHandle;
 use crate::config::{UplinkConfig, WillConfig};
 use crate::model::{Message, QoS};
-use crate::store::{DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
+use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 
 /// Rows read from the outbox at a time.
 const READ_BATCH: usize = 1024;
@@ -94,7 +94,10 @@ pub(super) struct Sender {
     /// Re-read from the start of the queue once pending deletions have committed.
     rewind: bool,
     settling: Settling,
-    deleting: Option<JoinHandle<usize>>,
+    deleting: Option<JoinHandle<()>>,
+    mark: AckMark,
+    /// The ack mark being written, with the number of rows it covers.
+    marking: Option<JoinHandle<usize>>,
     /// rumqttc's channel was full: retry after a pause or the next event.
     blocked: bool,
     read_failed_at: Option<Instant>,
@@ -140,10 +143,13 @@ impl Sender {
     pub(super) fn new(cx: SenderContext) -> Sender {
         let window = usize::from(cx.config.inflight.max(1));
         let rate = cx.config.max_rate.map(RateLimit::new);
+        let mark = cx.outbox.ack_mark();
         Sender {
             cx,
             window,
-            inflight: Inflight::default(),
+            inflight: Inflight::new(mark.initial()),
+            mark,
+            marking: None,
             connected: false,
             subscribed_once: false,
             need_subscribe: false,
@@ -177,16 +183,27 @@ impl Sender {
         let mut rate_wait: Option<Instant> = None;
         loop {
             self.start_deleting();
+            self.start_marking();
             rate_wait = self.pump(rate_wait).await?;
             let retry_at = self.retry_at(rate_wait);
             tokio::select! {
                 biased;
                 _ = self.cx.stop.cancelled() => break,
                 event = self.cx.events.recv() => match event {
-                    Some(event) => self.handle(event).await,
+                    Some(event) => {
+                        self.handle(event).await;
+                        // Take what else is waiting before submitting more (fewer wake-ups).
+                        for _ in 0..256 {
+                            match self.cx.events.try_recv() {
+                                Ok(event) => self.handle(event).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => self.link_stopped = true,
                 },
-                done = wait_deleting(&mut self.deleting) => self.settled(done),
+                () = wait_deleting(&mut self.deleting) => self.deleting = None,
+                covered = wait_marking(&mut self.marking) => self.marked(covered),
                 record = self.cx.direct.recv(), if !self.direct_closed => match record {
                     Some(record) => self.send_direct(record),
                     None => self.direct_closed = true,
@@ -330,6 +347,7 @@ impl Sender {
                 if size > limit as usize {
                     tracing::warn!(uplink = %self.name(), seq, size, limit, "queued message exceeds the cloud's maximum packet size; dropped and counted as rejected");
                     self.settling.too_large.push(seq);
+                    self.inflight.skip(seq);
                     self.buffer.pop_front();
                     self.cursor = seq;
                     continue;
@@ -344,6 +362,7 @@ impl Sender {
                 let left = u64::from(expiry).saturating_sub(age);
                 if left == 0 {
                     self.settling.expired.push(seq);
+                    self.inflight.skip(seq);
                     self.buffer.pop_front();
                     self.cursor = seq;
                     continue;
@@ -386,11 +405,9 @@ impl Sender {
             return false;
         }
         if self.rewind {
-            // Rows whose deletion is pending must not be read (and sent) again.
-            if !self.settling.is_empty() || self.deleting.is_some() {
-                return false;
-            }
-            self.cursor = 0;
+            // Everything up to the mark is acknowledged (its deletion may still be pending):
+            // start after it.
+            self.cursor = self.inflight.mark();
             self.rewind = false;
         }
         self.cx.appended.borrow_and_update();
@@ -468,7 +485,6 @@ impl Sender {
         let outbox = self.cx.outbox.clone();
         let name = self.name().to_string();
         self.deleting = Some(tokio::spawn(async move {
-            let in_window = settling.acked.len() + settling.refused.len();
             let result: Result<(), StoreError> = async {
                 if !settling.acked.is_empty() {
                     outbox.delete(settling.acked).await?;
@@ -495,13 +511,32 @@ impl Sender {
                 // The rows stay queued and are sent again after the next reconnect.
                 tracing::error!(uplink = %name, error = %e, "cannot delete acknowledged rows from the outbox");
             }
-            in_window
         }));
     }
 
-    fn settled(&mut self, done: usize) {
-        self.deleting = None;
-        self.inflight.settled(done);
+    /// One mark write at a time, covering every row resolved so far in order.
+    fn start_marking(&mut self) {
+        if self.marking.is_some() {
+            return;
+        }
+        let Some((seq, covered)) = self.inflight.advance() else {
+            return;
+        };
+        let mark = self.mark.clone();
+        let name = self.name().to_string();
+        self.marking = Some(tokio::spawn(async move {
+            if let Err(e) = mark.write(seq).await {
+                // The rows are deleted from the table anyway; only a restart before that
+                // would send them again.
+                tracing::error!(uplink = %name, error = %e, "cannot write the ack mark");
+            }
+            covered
+        }));
+    }
+
+    fn marked(&mut self, covered: usize) {
+        self.marking = None;
+        self.inflight.marked(covered);
     }
 
     async fn publish_status(&mut self, force: bool) {
@@ -594,15 +629,24 @@ impl Sender {
             }
             tracing::info!(uplink = %self.name(), "uplink disconnected cleanly");
         }
-        // 4. Commit the deletions of what was acknowledged.
-        self.start_deleting();
-        while let Some(task) = self.deleting.as_mut() {
-            match tokio::time::timeout_at(deadline, task).await {
-                Ok(done) => {
-                    self.settled(done.unwrap_or(0));
-                    self.start_deleting();
+        // 4. Write the mark and commit the deletions of what was acknowledged.
+        loop {
+            self.start_marking();
+            self.start_deleting();
+            if self.marking.is_none() && self.deleting.is_none() {
+                break;
+            }
+            if let Some(task) = self.marking.as_mut() {
+                match tokio::time::timeout_at(deadline, task).await {
+                    Ok(covered) => self.marked(covered.unwrap_or(0)),
+                    Err(_) => break,
                 }
-                Err(_) => break,
+            }
+            if let Some(task) = self.deleting.as_mut() {
+                if tokio::time::timeout_at(deadline, task).await.is_err() {
+                    break;
+                }
+                self.deleting = None;
             }
         }
         self.connected = false;
@@ -612,6 +656,7 @@ impl Sender {
     /// Wait for one event or deletion during shutdown. False when nothing more can come.
     async fn step(&mut self, until: Instant) -> bool {
         self.start_deleting();
+        self.start_marking();
         tokio::select! {
             event = self.cx.events.recv() => match event {
                 Some(event) => {
@@ -623,8 +668,12 @@ impl Sender {
                     false
                 }
             },
-            done = wait_deleting(&mut self.deleting) => {
-                self.settled(done);
+            () = wait_deleting(&mut self.deleting) => {
+                self.deleting = None;
+                true
+            }
+            covered = wait_marking(&mut self.marking) => {
+                self.marked(covered);
                 true
             }
             _ = tokio::time::sleep_until(until) => false,
@@ -632,8 +681,17 @@ impl Sender {
     }
 }
 
-async fn wait_deleting(deleting: &mut Option<JoinHandle<usize>>) -> usize {
+async fn wait_deleting(deleting: &mut Option<JoinHandle<()>>) {
     match deleting.as_mut() {
+        Some(task) => {
+            let _ = task.await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_marking(marking: &mut Option<JoinHandle<usize>>) -> usize {
+    match marking.as_mut() {
         Some(task) => task.await.unwrap_or(0),
         None => std::future::pending().await,
     }

@@ -391,8 +391,20 @@ impl Bus {
                 .iter()
                 .map(|p| p.name.clone())
                 .collect();
-            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-            match device.context.subscribe_writes(&refs).await {
+            // One wildcard filter per device when `{point}` is a whole topic level: the
+            // router matches every publish against every filter, and a device may have
+            // hundreds of points. Every point is covered, so a write to a read-only point
+            // is answered ("not writable") rather than ignored.
+            let wildcard = device.context.point_topic("+");
+            let filters: Vec<&str> = if wildcard
+                .split('/')
+                .all(|level| level == "+" || !level.contains('+'))
+            {
+                vec!["+"]
+            } else {
+                names.iter().map(String::as_str).collect()
+            };
+            match device.context.subscribe_writes(&filters).await {
                 Ok(subscription) => {
                     forwarders.spawn(forward_writes(
                         device.context.clone(),
@@ -961,7 +973,8 @@ async fn forward_writes(
                     .iter()
                     .find(|p| *message.topic == format!("{}/set", context.point_topic(p)));
                 let Some(point) = point else {
-                    tracing::warn!(device = %context.device, topic = %message.topic, %reason, "bad write");
+                    // With a wildcard filter this may be another device's point.
+                    tracing::debug!(device = %context.device, topic = %message.topic, %reason, "write not for this device");
                     continue;
                 };
                 let properties = message.properties.as_deref();

@@ -1213,9 +1213,10 @@ impl Check<'_, '_> {
             }
             (false, _) => {}
         }
-        if let DataType::String { registers } = data_type {
-            let _ = registers;
-        } else if !table.is_bits() && data_type.width() > limits.max_registers {
+        if !matches!(data_type, DataType::String { .. })
+            && !table.is_bits()
+            && data_type.width() > limits.max_registers
+        {
             self.error(
                 Some(type_span),
                 key_path,
@@ -1233,13 +1234,12 @@ impl Check<'_, '_> {
 
     fn report(&mut self, raw: &RawModbusPoint, prefix: &str) -> Report {
         let deadband = match (&raw.deadband, &raw.deadband_percent) {
-            (Some(absolute), Some(percent)) => {
+            (Some(_), Some(percent)) => {
                 self.error(
                     Some(percent.span()),
                     format!("{prefix}.deadband_percent"),
                     "give either deadband or deadband_percent, not both",
                 );
-                let _ = absolute;
                 None
             }
             (Some(absolute), None) => self
