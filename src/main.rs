@@ -122,11 +122,17 @@ fn main() -> ExitCode {
                 None => config::demo(),
             };
             init_logging(&config.gateway.log_level);
-            block_on(async move {
-                fieldmq::service::run_until_signal(config)
+            let mut exit = fieldmq::service::Exit::Stopped;
+            let code = block_on(async {
+                exit = fieldmq::service::run_until_signal(config)
                     .await
-                    .map_err(|e| e.to_string())
-            })
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            });
+            if exit == fieldmq::service::Exit::Restart {
+                return ExitCode::from(fieldmq::service::RESTART_EXIT_CODE);
+            }
+            code
         }
         Command::Sub {
             connect,

@@ -1142,3 +1142,68 @@ async fn mqtt_5_receive_maximum_caps_unacknowledged_publishes_to_the_client() {
     }
     assert_eq!(slow.until_ping_barrier().await, Vec::<Frame>::new());
 }
+
+// ---------------------------------------------------------------------------------------
+// Backpressure
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_subscriber_that_keeps_up_slowly_loses_nothing_from_a_fast_publisher() {
+    const COUNT: usize = 3000;
+    let broker = mqtt::start(fieldmq::config::BrokerConfig {
+        // A tiny queue: without backpressure most of the burst would be dropped.
+        max_queued_messages: 10,
+        max_inflight: 5,
+        ..mqtt::config()
+    })
+    .await;
+    let mut options = rumqttc::MqttOptions::new("slow-sub", "127.0.0.1", broker.addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut sub_events) = rumqttc::AsyncClient::new(options, 10);
+    subscriber
+        .subscribe("burst/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    within("SUBACK", async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) =
+                sub_events.poll().await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+
+    let mut options = rumqttc::MqttOptions::new("fast-pub", "127.0.0.1", broker.addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(100);
+    let (publisher, mut pub_events) = rumqttc::AsyncClient::new(options, 100);
+    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    tokio::spawn(async move {
+        for n in 0..COUNT {
+            let _ = publisher
+                .publish("burst/x", rumqttc::QoS::AtLeastOnce, false, n.to_string())
+                .await;
+        }
+    });
+
+    let mut received = Vec::with_capacity(COUNT);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while received.len() < COUNT {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
+                sub_events.poll().await
+            {
+                received.push(
+                    String::from_utf8_lossy(&p.payload)
+                        .parse::<usize>()
+                        .unwrap_or(0),
+                );
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {} of {COUNT} arrived", received.len()));
+    let expected: Vec<usize> = (0..COUNT).collect();
+    assert_eq!(received, expected, "every message, in order");
+}

@@ -1069,15 +1069,23 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
 
     cloud.restart();
     let mut subscriber = CloudClient::connect(cloud.addr(), "subscriber", &[], true).await;
-    for _ in 0..10 {
+    for kill in 0..10 {
         let pause = Duration::from_millis(rand::random_range(200..1500));
         tokio::time::sleep(pause).await;
+        eprintln!(
+            "kill {kill}: {} messages at the cloud so far",
+            subscriber.rx.len()
+        );
         gateway.kill9();
         gateway = GatewayProcess::start(&gateway.config.clone());
     }
     let received =
         collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(180)).await;
     let duplicates = assert_complete_in_order(&received, COUNT);
+    eprintln!(
+        "ten kills: {} received, {duplicates} duplicates",
+        received.len()
+    );
     assert!(
         duplicates <= 10 * INFLIGHT,
         "{duplicates} duplicates for 10 kills with a window of {INFLIGHT}"

@@ -294,6 +294,9 @@ impl Router {
             return false;
         };
         let session = entry.session.clone();
+        if delivery.qos != QoS::AtMostOnce && entry.connection.is_some() {
+            session.wait_for_room().await;
+        }
         let durable = entry.persisted && delivery.qos != QoS::AtMostOnce;
         if durable {
             let seq = self.next_seq;

@@ -100,7 +100,13 @@ pub(crate) struct Session {
     /// The connection currently allowed to send from this session (0: none).
     owner: AtomicU64,
     pub(crate) wake: Notify,
+    /// Notified when the connection takes messages from the queue.
+    drained: Notify,
 }
+
+/// A connected client that has taken nothing from its full queue for this long is stuck:
+/// its queue drops the oldest instead of holding publishers back.
+const STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Session {
     pub(crate) fn new(client_id: Arc<str>, limits: Limits) -> Session {
@@ -114,6 +120,31 @@ impl Session {
             state: Mutex::new(SessionState::default()),
             owner: AtomicU64::new(0),
             wake: Notify::new(),
+            drained: Notify::new(),
+        }
+    }
+
+    /// Wait until a QoS 1/2 delivery fits without dropping anything, while the client is
+    /// connected and taking messages. Returns at once when it fits, when the client is
+    /// offline, or when it has made no progress for [`STALL`] (the caller then drops the
+    /// oldest). This is the broker's backpressure: a slow subscriber slows publishers
+    /// instead of losing their messages.
+    pub(crate) async fn wait_for_room(&self) {
+        let deadline = tokio::time::Instant::now() + STALL;
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let state = self.lock();
+                let total = state.queue.len() as u64 + state.spilled;
+                if !state.connected || total < self.limits.max_messages as u64 {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -276,6 +307,10 @@ impl Session {
             };
             state.inflight.push_back(entry.clone());
             out.push(entry);
+        }
+        drop(state);
+        if !out.is_empty() || !expired.is_empty() {
+            self.drained.notify_waiters();
         }
         (out, expired)
     }

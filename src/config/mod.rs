@@ -170,6 +170,7 @@ pub enum PayloadFormat {
 pub enum DriverConfig {
     Simulated(SimulatedConfig),
     Modbus(crate::drivers::modbus::ModbusConfig),
+    Serial(crate::drivers::serial::SerialConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -392,6 +393,7 @@ impl Config {
                     },
                     modbus.points.len(),
                 ),
+                DriverConfig::Serial(serial) => ("serial", serial.rules.len()),
             };
             let _ = writeln!(
                 out,

@@ -32,10 +32,11 @@ use super::{
     WhenFull, WillConfig,
 };
 use crate::drivers::modbus::config::RawModbusDevice;
+use crate::drivers::serial::config::RawSerialDevice;
 use crate::model::{QoS, Value};
 
 const TOP_LEVEL_KEYS: &[&str] = &["gateway", "broker", "devices", "uplinks"];
-const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu"];
+const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu", "serial"];
 const WAVEFORMS: &[&str] = &["sine", "ramp", "random_walk", "constant"];
 
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/fieldmq";
@@ -1281,6 +1282,9 @@ impl Validator<'_> {
                 Some((Some(driver), _)) if driver == "modbus-tcp" || driver == "modbus-rtu" => self
                     .deserialize::<S<RawModbusDevice>>(item, &prefix)
                     .and_then(|raw| self.modbus_device(raw, &prefix, &mut names)),
+                Some((Some(driver), _)) if driver == "serial" => self
+                    .deserialize::<S<RawSerialDevice>>(item, &prefix)
+                    .and_then(|raw| self.serial_device(raw, &prefix, &mut names)),
                 Some((Some(driver), span)) => {
                     let diagnostic = self.d.error(
                         Some(span),
@@ -1365,6 +1369,35 @@ impl Validator<'_> {
             payload,
             poll,
             driver: DriverConfig::Modbus(modbus?),
+        })
+    }
+
+    /// A serial device: the common keys here, the serial keys in `drivers::serial::config`.
+    fn serial_device(
+        &mut self,
+        raw: S<RawSerialDevice>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+    ) -> Option<DeviceConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let name = self.device_name(&raw.name, span.clone(), prefix, names);
+        let topic = self.device_topic(&raw.topic, prefix);
+        let payload = self.payload(&raw.payload, prefix);
+        let poll = self.positive_duration(&raw.poll, &format!("{prefix}.poll"), DEFAULT_POLL);
+        let serial = crate::drivers::serial::config::validate(
+            &raw,
+            span,
+            prefix,
+            &mut self.d,
+            &self.reported,
+        );
+        Some(DeviceConfig {
+            name: name?,
+            topic,
+            payload,
+            poll,
+            driver: DriverConfig::Serial(serial?),
         })
     }
 

@@ -4,6 +4,7 @@
 //! `<point topic>/set` and are answered on `<point topic>/set/result`.
 
 pub mod modbus;
+pub mod serial;
 pub mod simulated;
 
 use std::sync::Arc;
@@ -249,6 +250,9 @@ pub async fn run_device(device: DeviceConfig, context: DeviceContext, shutdown: 
         }
         DriverConfig::Modbus(config) => {
             modbus::run_device(config.clone(), &device, context, shutdown).await
+        }
+        DriverConfig::Serial(config) => {
+            serial::run_device(config.clone(), device.poll, context, shutdown).await
         }
     }
 }

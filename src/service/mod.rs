@@ -8,6 +8,8 @@
 mod notify;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -137,8 +139,25 @@ async fn supervise(
     }
 }
 
-/// Run until SIGINT or SIGTERM, then stop gracefully. Tells systemd when ready.
-pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT: a normal stop.
+    Stopped,
+    /// SIGHUP with a valid configuration file: stopped so that the service manager starts
+    /// the gateway again with the new file (exit status [`RESTART_EXIT_CODE`]).
+    Restart,
+}
+
+/// Exit status asking systemd to start the gateway again (`RestartForceExitStatus=`).
+pub const RESTART_EXIT_CODE: u8 = 75;
+
+/// How often the watchdog health probe asks the router for its counters.
+const HEALTH_PROBE: Duration = Duration::from_secs(5);
+
+/// Run until SIGINT or SIGTERM (or SIGHUP, see [`Exit::Restart`]), then stop gracefully.
+/// Tells systemd when ready and pings its watchdog while the router answers.
+pub async fn run_until_signal(config: Config) -> Result<Exit, ServiceError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServiceError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?;
@@ -146,28 +165,68 @@ pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
 
     let shutdown = CancellationToken::new();
     let summary = ready_message(&config);
+    let source = config.source.clone();
     let gateway = start(config, shutdown.clone()).await?;
     for addr in &gateway.local_addrs {
         tracing::info!(%addr, "MQTT listener ready");
     }
     let notifier = notify::Notifier::from_env();
     notifier.ready_with_status(&summary);
-    let watchdog =
-        tokio::spawn(notify::Notifier::from_env().run_watchdog(|| true, shutdown.clone()));
 
-    loop {
+    // The watchdog is fed only while the router answers: a hung broker gets restarted.
+    let healthy = Arc::new(AtomicBool::new(true));
+    let probe = tokio::spawn(probe_health(
+        gateway.broker.clone(),
+        healthy.clone(),
+        shutdown.clone(),
+    ));
+    let watchdog = tokio::spawn(
+        notifier
+            .clone()
+            .run_watchdog(move || healthy.load(Ordering::Relaxed), shutdown.clone()),
+    );
+
+    let exit = loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break Exit::Stopped; }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); break Exit::Stopped; }
             _ = sighup.recv() => {
-                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart the service to apply changes");
+                // Restart only into a configuration that loads: a typo must not take the
+                // gateway down.
+                match crate::config::load(&source) {
+                    Ok(_) => {
+                        tracing::info!(config = %source.display(), "SIGHUP: configuration is valid, restarting to apply it");
+                        break Exit::Restart;
+                    }
+                    Err(error) => {
+                        tracing::error!(config = %source.display(), "SIGHUP ignored, the configuration has errors:\n{error}");
+                    }
+                }
             }
         }
-    }
+    };
     notifier.stopping();
     gateway.stop().await;
     watchdog.abort();
-    Ok(())
+    probe.abort();
+    Ok(exit)
+}
+
+async fn probe_health(broker: BrokerHandle, healthy: Arc<AtomicBool>, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(HEALTH_PROBE);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {
+                let answered = tokio::time::timeout(HEALTH_PROBE, broker.stats()).await;
+                let ok = matches!(answered, Ok(Ok(_)));
+                if !ok && healthy.load(Ordering::Relaxed) {
+                    tracing::error!("the broker router did not answer within {HEALTH_PROBE:?}; withholding watchdog pings");
+                }
+                healthy.store(ok, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// The one-line status systemd shows.

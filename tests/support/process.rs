@@ -89,6 +89,22 @@ impl GatewayProcess {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// SIGHUP, then wait (10 s at most) for the exit status.
+    pub(crate) fn hangup_and_wait(&mut self) -> ExitStatus {
+        self.signal("-HUP");
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// SIGHUP without waiting.
+    pub(crate) fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Whether the process is still running.
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub(crate) fn kill9(&mut self) {
         self.signal("-KILL");
