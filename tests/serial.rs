@@ -60,7 +60,9 @@ struct Gateway {
 
 /// Starts a broker and runs the one `[[devices]]` entry in `device` (gateway id `gw`).
 async fn start(device: &str) -> Gateway {
-    let text = format!("[gateway]\nid = \"gw\"\n\n[[devices]]\n{device}\n");
+    let text = format!(
+        "[gateway]\nid = \"gw\"\n\n[broker]\nallow_anonymous = true\n\n[[devices]]\n{device}\n"
+    );
     let config = config::parse(&text, Path::new("serial-test.toml"))
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
     let running = broker::start(
@@ -106,9 +108,8 @@ async fn start(device: &str) -> Gateway {
 }
 
 fn json_of(message: &Message) -> Json {
-    serde_json::from_slice(&message.payload).unwrap_or_else(|_| {
-        Json::String(String::from_utf8_lossy(&message.payload).into_owned())
-    })
+    serde_json::from_slice(&message.payload)
+        .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(&message.payload).into_owned()))
 }
 
 impl Gateway {
@@ -377,7 +378,10 @@ async fn polling_sends_the_request_and_publishes_the_response() {
     }
     gateway.stop().await;
     drop(pty._slave);
-    let received = timeout(WAIT, device).await.expect("device ends").expect("device task");
+    let received = timeout(WAIT, device)
+        .await
+        .expect("device ends")
+        .expect("device task");
     assert!(received.len() >= 3, "{received:?}");
     assert!(received.iter().all(|l| l == "READ"), "{received:?}");
 }
@@ -402,7 +406,13 @@ async fn a_device_that_does_not_respond_goes_bad_with_the_reason_and_recovers() 
         .next_on("gw/sensor/temperature", |r| r["quality"] == "bad")
         .await;
     assert_eq!(bad["value"], Json::Null);
-    assert!(bad["error"].as_str().unwrap_or_default().contains("no response"), "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no response"),
+        "{bad}"
+    );
 
     answer_tx.send(true).expect("device alive");
     gateway.status("online").await;
@@ -451,7 +461,10 @@ async fn a_command_is_written_to_the_port_and_the_reply_is_the_result() {
 
     gateway.stop().await;
     drop(pty._slave);
-    let received = timeout(WAIT, device).await.expect("device ends").expect("device task");
+    let received = timeout(WAIT, device)
+        .await
+        .expect("device ends")
+        .expect("device task");
     assert_eq!(received, vec!["SET 42", "SET ignore"]);
 }
 
@@ -535,7 +548,7 @@ id = "gw"
 name = "gps"
 driver = "serial"
 port = "/dev/ttyACM0"
-parity = "evne"
+parity = "evn"
 delimiter = '\x0'
 parse = [
   { match = '^\$GPGGA,(?P<lat>[^,]*)', topic = "gps/fix", fields = { lat = { type = "nubmer" }, lon = { type = "number" } } },
@@ -546,7 +559,7 @@ parse = [
         .expect_err("invalid")
         .to_string();
     for expected in [
-        "site.toml:8:10: devices[0].parity: unknown parity \"evne\"",
+        "site.toml:8:10: devices[0].parity: unknown parity \"evn\"",
         "did you mean `even`?",
         "site.toml:9:13: devices[0].delimiter: `\\x` needs two hex digits",
         "devices[0].parse[0].fields.lat.type: unknown type \"nubmer\"",
@@ -554,14 +567,19 @@ parse = [
         "devices[0].parse[0].fields.lon: the regex has no capture named \"lon\"",
         "site.toml:12:13: devices[0].parse[1].match: invalid regex",
     ] {
-        assert!(error.contains(expected), "missing {expected:?} in:\n{error}");
+        assert!(
+            error.contains(expected),
+            "missing {expected:?} in:\n{error}"
+        );
     }
 }
 
 #[test]
 fn the_serial_examples_are_accepted() {
     for name in ["serial-gps.toml", "serial-line-sensor.toml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
         let config = config::load(&path).unwrap_or_else(|e| panic!("{name}:\n{e}"));
         assert!(
             config

@@ -389,10 +389,13 @@ async fn run(queued: u64) -> Result<()> {
 
     // 4a. End to end through fieldmq.
     let e2e_counter = Counter::start(cloud.port, "e2e-counter", "sites/bench/#").await?;
+    let pids = [std::process::id(), cloud.child.id()];
+    let cpu_before = cpu_ticks(&pids);
     let start = publish_load(local.local_addrs[0], E2E_MESSAGES).await?;
     let (count, _, last) = e2e_counter
         .wait(E2E_MESSAGES, Duration::from_secs(10))
         .await;
+    let fieldmq_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
     let fieldmq_rate = rate(count, Some(start), last);
     println!("end to end via fieldmq ({count} received):    {fieldmq_rate:>10.0} msg/s");
     shutdown.cancel();
@@ -418,10 +421,13 @@ async fn run(queued: u64) -> Result<()> {
     )?;
     let bridge_counter = Counter::start(cloud.port, "bridge-counter", "sites/bench/#").await?;
     tokio::time::sleep(Duration::from_secs(1)).await; // the bridge connects
+    let pids = [std::process::id(), cloud.child.id(), edge.child.id()];
+    let cpu_before = cpu_ticks(&pids);
     let start = publish_load(SocketAddr::from(([127, 0, 0, 1], edge.port)), E2E_MESSAGES).await?;
     let (count, _, last) = bridge_counter
         .wait(E2E_MESSAGES, Duration::from_secs(10))
         .await;
+    let bridge_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
     let bridge_rate = rate(count, Some(start), last);
     println!("end to end via a Mosquitto bridge ({count} received): {bridge_rate:>6.0} msg/s");
     let ratio = if bridge_rate > 0.0 {
@@ -430,6 +436,10 @@ async fn run(queued: u64) -> Result<()> {
         0.0
     };
     println!("ratio fieldmq / Mosquitto bridge:              {ratio:>10.2}");
+    println!(
+        "CPU per message end to end (all processes, incl. publisher and subscriber): \
+         fieldmq {fieldmq_cpu:.1} us, Mosquitto bridge {bridge_cpu:.1} us"
+    );
     drop(edge);
     drop(cloud);
 
@@ -473,6 +483,23 @@ fn start_on_port(dir: &Path, port: u16) -> Result<Mosquitto> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Mosquitto { child, port })
+}
+
+/// User + system CPU of these processes, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum()
+}
+
+fn cpu_us_per_message(ticks: u64, messages: u64) -> f64 {
+    ticks as f64 * 10_000.0 / messages.max(1) as f64
 }
 
 fn verdict(ok: bool) -> &'static str {

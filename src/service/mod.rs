@@ -31,6 +31,8 @@ pub enum ServiceError {
     Broker(#[from] BrokerError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("uplink: {0}")]
+    Uplink(#[from] crate::uplink::UplinkError),
 }
 
 /// A gateway that has started: its broker addresses and its stop switch.
@@ -82,14 +84,47 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         sources.spawn(task);
     }
 
+    // Uplinks stop after the devices, so the last readings still reach their outboxes.
+    let uplink_shutdown = CancellationToken::new();
+    let mut uplinks = Vec::new();
+    for uplink in config.uplinks.iter().cloned() {
+        let started = crate::uplink::start(
+            uplink,
+            &config.gateway,
+            handle.clone(),
+            uplink_shutdown.clone(),
+        )
+        .await;
+        match started {
+            Ok(running) => uplinks.push(running),
+            Err(error) => {
+                // Fatal at start (a damaged outbox, a bad certificate): stop what started.
+                shutdown.cancel();
+                uplink_shutdown.cancel();
+                for running in uplinks {
+                    let _ = running.wait().await;
+                }
+                while sources.join_next().await.is_some() {}
+                broker_shutdown.cancel();
+                return Err(error.into());
+            }
+        }
+    }
+
     let deadline = config.gateway.shutdown_timeout;
     let finished = tokio::spawn(supervise(
-        running,
-        handle.clone(),
-        sources,
+        Running {
+            broker: running,
+            handle: handle.clone(),
+            sources,
+            uplinks,
+        },
         status_topic,
-        shutdown.clone(),
-        broker_shutdown,
+        Stops {
+            shutdown: shutdown.clone(),
+            uplinks: uplink_shutdown,
+            broker: broker_shutdown,
+        },
         deadline,
     ));
 
@@ -108,33 +143,54 @@ async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
     }
 }
 
-async fn supervise(
-    running: broker::RunningBroker,
+/// What [`supervise`] stops, in order.
+struct Running {
+    broker: broker::RunningBroker,
     handle: BrokerHandle,
-    mut sources: JoinSet<()>,
-    status_topic: String,
+    sources: JoinSet<()>,
+    uplinks: Vec<crate::uplink::RunningUplink>,
+}
+
+/// The stop switches: sources first, then uplinks, then the broker.
+struct Stops {
     shutdown: CancellationToken,
-    broker_shutdown: CancellationToken,
-    deadline: Duration,
-) {
-    shutdown.cancelled().await;
+    uplinks: CancellationToken,
+    broker: CancellationToken,
+}
+
+async fn supervise(mut running: Running, status_topic: String, stops: Stops, deadline: Duration) {
+    stops.shutdown.cancelled().await;
     tracing::info!("stopping");
+    let mut uplinks_left: Vec<String> = running
+        .uplinks
+        .iter()
+        .map(|u| u.name().to_owned())
+        .collect();
     let stopped = tokio::time::timeout(deadline, async {
-        while sources.join_next().await.is_some() {}
-        publish_status(&handle, &status_topic, "offline").await;
-        drop(handle);
-        broker_shutdown.cancel();
-        running.wait().await;
+        while running.sources.join_next().await.is_some() {}
+        stops.uplinks.cancel();
+        for uplink in running.uplinks.drain(..) {
+            let name = uplink.name().to_owned();
+            if let Err(error) = uplink.wait().await {
+                tracing::warn!(uplink = %name, %error, "uplink stopped with an error");
+            }
+            uplinks_left.retain(|n| *n != name);
+        }
+        publish_status(&running.handle, &status_topic, "offline").await;
+        stops.broker.cancel();
+        running.broker.wait().await;
     })
     .await;
     match stopped {
         Ok(()) => tracing::info!("stopped"),
         Err(_) => {
             tracing::warn!(
-                devices_left = sources.len(),
+                devices_left = running.sources.len(),
+                uplinks_left = ?uplinks_left,
                 "shutdown deadline of {deadline:?} reached; exiting anyway"
             );
-            broker_shutdown.cancel();
+            stops.uplinks.cancel();
+            stops.broker.cancel();
         }
     }
 }

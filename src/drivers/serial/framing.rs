@@ -62,11 +62,7 @@ impl FrameCodec {
         self.garbage = 0;
     }
 
-    fn decode_delimited(
-        &mut self,
-        buf: &mut BytesMut,
-        delimiter: &[u8],
-    ) -> Option<FrameEvent> {
+    fn decode_delimited(&mut self, buf: &mut BytesMut, delimiter: &[u8]) -> Option<FrameEvent> {
         loop {
             let from = self.searched.min(buf.len());
             match find(&buf[from..], delimiter).map(|at| at + from) {
@@ -317,7 +313,10 @@ mod tests {
     fn a_delimiter_of_any_bytes_works() {
         let mut codec = FrameCodec::new(Framing::Delimiter(vec![0x03]), 16);
         let mut buf = BytesMut::from(&b"abc\x03def\x03"[..]);
-        assert_eq!(frames(&mut codec, &mut buf), vec![frame("abc"), frame("def")]);
+        assert_eq!(
+            frames(&mut codec, &mut buf),
+            vec![frame("abc"), frame("def")]
+        );
     }
 
     #[test]

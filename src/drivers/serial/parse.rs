@@ -11,7 +11,10 @@ pub enum Parsed {
     /// Rule `rule` matched; `fields` has one entry per named capture (null when the
     /// capture is empty or did not take part), or, for a rule without named captures,
     /// the whole frame text under `"frame"`.
-    Matched { rule: usize, fields: Map<String, Json> },
+    Matched {
+        rule: usize,
+        fields: Map<String, Json>,
+    },
     /// No rule matched; the decoded frame text.
     Unmatched { text: String },
     /// The NMEA checksum is missing or wrong.
@@ -201,18 +204,29 @@ mod tests {
             ),
             rule(r"^T=", "other", &[]),
         ];
-        let parsed = parse(b"T=21.5 H=40 OK=yes", Encoding::Text, Checksum::None, &rules);
+        let parsed = parse(
+            b"T=21.5 H=40 OK=yes",
+            Encoding::Text,
+            Checksum::None,
+            &rules,
+        );
         let Parsed::Matched { rule, fields } = parsed else {
             panic!("{parsed:?}")
         };
         assert_eq!(rule, 0);
-        assert_eq!(Json::Object(fields), json!({"t": 21.5, "h": 40, "ok": true}));
+        assert_eq!(
+            Json::Object(fields),
+            json!({"t": 21.5, "h": 40, "ok": true})
+        );
         let parsed = parse(b"T=x", Encoding::Text, Checksum::None, &rules);
         assert_eq!(
             parsed,
             Parsed::Matched {
                 rule: 1,
-                fields: json!({"frame": "T=x"}).as_object().cloned().unwrap_or_default()
+                fields: json!({"frame": "T=x"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
             }
         );
         assert_eq!(
@@ -230,12 +244,15 @@ mod tests {
             kind,
             scale,
         };
-        assert_eq!(convert("123", &field(FieldType::Number, 0.1)), Ok(json!(12.3)));
         assert_eq!(
-            convert("+7", &field(FieldType::Integer, 1.0)),
-            Ok(json!(7))
+            convert("123", &field(FieldType::Number, 0.1)),
+            Ok(json!(12.3))
         );
-        assert_eq!(convert("7", &field(FieldType::Integer, 0.5)), Ok(json!(3.5)));
+        assert_eq!(convert("+7", &field(FieldType::Integer, 1.0)), Ok(json!(7)));
+        assert_eq!(
+            convert("7", &field(FieldType::Integer, 0.5)),
+            Ok(json!(3.5))
+        );
         assert_eq!(convert("", &field(FieldType::Number, 1.0)), Ok(Json::Null));
         assert_eq!(convert("", &field(FieldType::String, 1.0)), Ok(json!("")));
         assert!(convert("abc", &field(FieldType::Number, 1.0)).is_err());

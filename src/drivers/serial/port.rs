@@ -132,8 +132,13 @@ impl Throttle {
 /// The one exchange that may be outstanding.
 #[derive(Debug)]
 enum Pending {
-    Response { deadline: Instant },
-    Reply { request: WriteRequest, deadline: Instant },
+    Response {
+        deadline: Instant,
+    },
+    Reply {
+        request: WriteRequest,
+        deadline: Instant,
+    },
 }
 
 impl Pending {
