@@ -514,7 +514,11 @@ async fn a_port_that_goes_away_and_comes_back_is_reopened_and_data_flows_again()
 async fn a_port_missing_at_start_is_not_fatal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let link: PathBuf = dir.path().join("ttyLATE");
-    let mut gateway = start(&hotplug_device(&link)).await;
+    let device = line_device(
+        &link.display().to_string(),
+        "backoff_min = \"20ms\"\nbackoff_max = \"100ms\"\nwrite_template = '{value}\\n'",
+    );
+    let mut gateway = start(&device).await;
     let offline = gateway.status("offline").await;
     assert!(
         offline["error"]
@@ -523,8 +527,20 @@ async fn a_port_missing_at_start_is_not_fatal() {
             .contains("cannot open"),
         "{offline}"
     );
-    // A command while offline is answered at once... only with write-back configured;
-    // this device has none, so just plug the port in.
+    // A command while the port is missing is answered with the reason at once.
+    gateway.command("gw/sensor/command/set", "1").await;
+    let result = gateway
+        .next_on("gw/sensor/command/set/result", |_| true)
+        .await;
+    assert_eq!(result["status"], "error");
+    assert!(
+        result["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("port offline: cannot open"),
+        "{result}"
+    );
+
     let mut late = pty();
     relink(&link, &late.path);
     gateway.status("online").await;

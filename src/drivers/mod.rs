@@ -88,6 +88,18 @@ impl DeviceContext {
         self.broker.publish(message).await
     }
 
+    /// Publish a payload the driver built itself (a parsed frame, a status with counters)
+    /// under this device's name.
+    pub async fn publish_raw(
+        &self,
+        topic: String,
+        payload: impl Into<Bytes>,
+        retain: bool,
+    ) -> Result<(), BrokerError> {
+        let message = Message::internal(&self.origin, topic, payload, QoS::AtLeastOnce, retain);
+        self.broker.publish(message).await
+    }
+
     /// Publish the device's status (retained).
     pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BrokerError> {
         let payload = match status {

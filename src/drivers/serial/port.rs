@@ -32,7 +32,7 @@ use super::parse::{self, Parsed};
 use crate::broker::{BrokerError, InternalSubscription};
 use crate::config::PayloadFormat;
 use crate::drivers::{rfc3339, DeviceContext};
-use crate::model::{Message, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest};
+use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
 /// Least time between two warnings of one kind (bad checksum, over-long frame ...): a
 /// device that sends garbage continuously must not flood the journal.
@@ -318,30 +318,30 @@ impl Driver {
         status.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let polling = self.config.request.is_some();
         let mut pending: Option<Pending> = None;
-        loop {
+        let ended = loop {
             let deadline = pending.as_ref().map(Pending::deadline);
             tokio::select! {
-                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = shutdown.cancelled() => break Ended::Shutdown,
                 event = frames.next() => match event {
-                    None => return Ended::Lost("the port closed (device unplugged?)".to_owned()),
-                    Some(Err(error)) => return Ended::Lost(format!("read failed: {error}")),
+                    None => break Ended::Lost("the port closed (device unplugged?)".to_owned()),
+                    Some(Err(error)) => break Ended::Lost(format!("read failed: {error}")),
                     Some(Ok(event)) => {
                         if !self.on_event(event, &mut pending).await {
-                            return Ended::Shutdown;
+                            break Ended::Shutdown;
                         }
                     }
                 },
                 _ = poll.tick(), if polling && pending.is_none() => {
                     let request = self.config.request.clone().unwrap_or_default();
                     if let Err(reason) = self.write(&mut writer, &request).await {
-                        return Ended::Lost(reason);
+                        break Ended::Lost(reason);
                     }
                     pending = Some(Pending::Response { deadline: Instant::now() + self.config.timeout });
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     if let Some(expired) = pending.take() {
                         if !self.expired(expired).await {
-                            return Ended::Shutdown;
+                            break Ended::Shutdown;
                         }
                     }
                 }
@@ -349,16 +349,28 @@ impl Driver {
                     None => self.writes = None,
                     Some(message) => match self.on_command(&message, &mut writer).await {
                         Ok(next) => pending = next,
-                        Err(reason) => return Ended::Lost(reason),
+                        Err(reason) => break Ended::Lost(reason),
                     },
                 },
                 _ = status.tick() => {
                     if !self.publish_status(true).await {
-                        return Ended::Shutdown;
+                        break Ended::Shutdown;
                     }
                 }
             }
+        };
+        // A command waiting for its reply still gets an answer.
+        if let Some(Pending::Reply { request, .. }) = pending {
+            let reason = match &ended {
+                Ended::Shutdown => "gateway stopping".to_owned(),
+                Ended::Lost(reason) => format!("port lost: {reason}"),
+            };
+            let _ = self
+                .context
+                .publish_write_result(&request, &WriteOutcome::Error { reason })
+                .await;
         }
+        ended
     }
 
     /// Writes to the port within `timeout`.
@@ -476,14 +488,13 @@ impl Driver {
                     return false;
                 }
                 // Every point of the device goes bad with the reason.
-                let mut points: Vec<&str> = self
+                let points: Vec<&str> = self
                     .config
                     .rules
                     .iter()
                     .map(|r| r.topic.as_str())
                     .chain(self.config.unmatched_topic.as_deref())
                     .collect();
-                points.dedup();
                 let mut seen = std::collections::HashSet::new();
                 for point in points {
                     if !seen.insert(point) {
@@ -626,14 +637,7 @@ impl Driver {
     }
 
     async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BrokerError> {
-        let message = Message::internal(
-            &self.context.origin,
-            topic,
-            payload,
-            QoS::AtLeastOnce,
-            false,
-        );
-        self.context.broker.publish(message).await
+        self.context.publish_raw(topic, payload, false).await
     }
 
     /// Publishes the status when it changed (or always, with `periodic`). Retained, in the
@@ -657,14 +661,9 @@ impl Driver {
         body.insert("ts".into(), json!(rfc3339(SystemTime::now())));
         body.insert("port".into(), json!(self.config.port.path));
         body.insert("counters".into(), self.counters.to_json());
-        let message = Message::internal(
-            &self.context.origin,
-            self.context.status_topic().to_owned(),
-            Json::Object(body).to_string(),
-            QoS::AtLeastOnce,
-            true,
-        );
-        match self.context.broker.publish(message).await {
+        let status_topic = self.context.status_topic().to_owned();
+        let payload = Json::Object(body).to_string();
+        match self.context.publish_raw(status_topic, payload, true).await {
             Ok(()) => {
                 self.published = Some(self.health.clone());
                 true
