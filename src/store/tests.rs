@@ -334,3 +334,29 @@ async fn an_ack_mark_of_another_database_is_ignored() {
         .unwrap();
     assert_eq!(outbox.stats().await.unwrap().depth, 3);
 }
+
+#[tokio::test]
+async fn deleting_scattered_seqs_deletes_exactly_those_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&dir.path().join("o.db"), bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    outbox.append(records(0..10)).await.unwrap();
+    let rows = outbox.read_after(0, 10).await.unwrap();
+    let seq = |i: usize| rows[i].seq;
+    outbox
+        .delete(vec![seq(7), seq(0), seq(1), seq(2), seq(4), seq(6), seq(2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        payloads(&outbox.read_after(0, 10).await.unwrap()),
+        ["3", "5", "8", "9"]
+    );
+    let stats = outbox.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.acked), (4, 6));
+    assert_eq!(
+        stats.bytes,
+        records(0..10)[3..].iter().map(|r| r.size()).sum::<u64>()
+            - [4, 6, 7].iter().map(|&i| record(i).size()).sum::<u64>()
+    );
+}

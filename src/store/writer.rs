@@ -415,18 +415,35 @@ impl Writer {
         let mut changed_front = false;
 
         for (seqs, reason, _) in deletes {
-            let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING size")?;
+            // Acknowledged seqs come in long consecutive runs: one range delete per run.
+            let mut sorted: Vec<i64> = seqs
+                .iter()
+                .map(|s| i64::try_from(*s).unwrap_or(i64::MAX))
+                .collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let mut sum = tx.prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE seq BETWEEN ?1 AND ?2",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2")?;
             let mut count = 0u64;
-            for seq in seqs {
-                let seq = i64::try_from(*seq).unwrap_or(i64::MAX);
-                if let Some(size) = stmt
-                    .query_row([seq], |row| row.get::<_, i64>(0))
-                    .optional()?
-                {
-                    count += 1;
-                    queue.depth = queue.depth.saturating_sub(1);
+            let mut start = 0;
+            while start < sorted.len() {
+                let mut end = start;
+                while end + 1 < sorted.len() && sorted[end + 1] == sorted[end] + 1 {
+                    end += 1;
+                }
+                let (first, last) = (sorted[start], sorted[end]);
+                let (rows, size): (i64, i64) =
+                    sum.query_row([first, last], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                if rows > 0 {
+                    delete.execute([first, last])?;
+                    let rows = u64::try_from(rows).unwrap_or(0);
+                    count += rows;
+                    queue.depth = queue.depth.saturating_sub(rows);
                     queue.bytes = queue.bytes.saturating_sub(u64::try_from(size).unwrap_or(0));
                 }
+                start = end + 1;
             }
             changed_front |= count > 0;
             match reason {
