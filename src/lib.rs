@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod model;
+pub mod pem;
 pub mod service;
 pub mod store;
 pub mod uplink;

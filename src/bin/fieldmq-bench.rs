@@ -13,6 +13,10 @@
 //! publishers (N > 1) subscriber i takes `bench/<i>`, otherwise every subscriber takes
 //! `bench/#`. Every payload starts with its send time, so each delivery gives a latency.
 //! Everything is bounded: the run of one row stops at `--timeout` and reports what is missing.
+//!
+//! `durable` measures QoS 1 into the queue of an offline persistent subscriber and the drain
+//! when it reconnects; `memory` reads the broker's RSS with idle clients and with many
+//! messages queued for an offline subscriber. See docs/benchmarks.md.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -41,6 +45,67 @@ struct Cli {
 enum Cmd {
     /// Publish/subscribe throughput and latency, fieldmq and/or Mosquitto back to back.
     Broker(BrokerArgs),
+    /// QoS 1 into the queue of an offline persistent subscriber, then drained on reconnect.
+    Durable(DurableArgs),
+    /// Broker RSS with idle clients and with many messages queued for an offline subscriber.
+    Memory(MemoryArgs),
+}
+
+/// Binaries and the work directory, shared by `durable` and `memory`.
+#[derive(clap::Args, Debug, Clone)]
+struct BinArgs {
+    /// The fieldmq binary.
+    #[arg(long, default_value = "target/release/fieldmq")]
+    fieldmq_bin: PathBuf,
+    /// The Mosquitto binary.
+    #[arg(long, default_value = "mosquitto")]
+    mosquitto_bin: PathBuf,
+    /// Keep the started brokers' logs, configs and data in this directory instead of a temp
+    /// dir that is removed afterwards.
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DurableArgs {
+    /// Which broker(s) to start and load.
+    #[arg(long, value_enum, default_value_t = TargetArg::Both)]
+    target: TargetArg,
+    /// QoS 1 messages published while the subscriber is away.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Payload size in bytes (at least 8: the sequence number).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Longest time the publish phase, and then the drain phase, may take, seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    #[command(flatten)]
+    bins: BinArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct MemoryArgs {
+    /// Which broker(s) to start and measure.
+    #[arg(long, value_enum, default_value_t = TargetArg::Both)]
+    target: TargetArg,
+    /// Idle connected clients for the first measurement (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    clients: u32,
+    /// QoS 1 messages queued for one offline persistent subscriber (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    queued: u64,
+    /// Payload size in bytes of the queued messages (at least 8).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Afterwards, reconnect the subscriber and count what it gets (checks nothing was lost).
+    #[arg(long)]
+    drain: bool,
+    /// Longest time the publish phase (and the drain) may take, seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    #[command(flatten)]
+    bins: BinArgs,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -136,6 +201,8 @@ fn main() -> Result<()> {
         .context("cannot start the tokio runtime")?;
     match cli.command {
         Cmd::Broker(args) => rt.block_on(run_broker_bench(args)),
+        Cmd::Durable(args) => rt.block_on(run_durable_bench(args)),
+        Cmd::Memory(args) => rt.block_on(run_memory_bench(args)),
     }
 }
 
@@ -166,6 +233,7 @@ async fn run_broker_bench(args: BrokerArgs) -> Result<()> {
     };
 
     let work = WorkDir::new(args.keep_dir.clone())?;
+    let setup = BrokerSetup::new(&args.fieldmq_bin, &args.mosquitto_bin);
     let mut rows = Vec::new();
     for &qos in &qoss {
         for &target in &targets {
@@ -182,7 +250,7 @@ async fn run_broker_bench(args: BrokerArgs) -> Result<()> {
                 args.subscribers,
                 args.messages
             );
-            let broker = match BrokerProcess::start(target, &args, &dir) {
+            let broker = match BrokerProcess::start(target, &setup, &dir) {
                 Ok(b) => b,
                 Err(e) => {
                     eprintln!("   cannot start: {e:#}");
@@ -234,7 +302,12 @@ async fn run_broker_bench(args: BrokerArgs) -> Result<()> {
         }
     }
     print!("{}", render(&rows, &args));
-    // Other work on the machine skews these numbers: say how busy it was.
+    print_load();
+    Ok(())
+}
+
+/// Other work on the machine skews these numbers: say how busy it was.
+fn print_load() {
     if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!(
@@ -245,7 +318,30 @@ async fn run_broker_bench(args: BrokerArgs) -> Result<()> {
                 .join(" ")
         );
     }
-    Ok(())
+}
+
+/// How to start the brokers: binaries and extra configuration lines.
+struct BrokerSetup {
+    fieldmq_bin: PathBuf,
+    mosquitto_bin: PathBuf,
+    /// Extra lines for fieldmq's `[broker]` table.
+    fieldmq_broker: String,
+    /// Extra lines for fieldmq's `[[broker.listeners]]` table.
+    fieldmq_listener: String,
+    /// Extra lines for `mosquitto.conf`.
+    mosquitto: String,
+}
+
+impl BrokerSetup {
+    fn new(fieldmq_bin: &Path, mosquitto_bin: &Path) -> BrokerSetup {
+        BrokerSetup {
+            fieldmq_bin: fieldmq_bin.to_path_buf(),
+            mosquitto_bin: mosquitto_bin.to_path_buf(),
+            fieldmq_broker: String::new(),
+            fieldmq_listener: String::new(),
+            mosquitto: String::new(),
+        }
+    }
 }
 
 /// A started broker; stopped (SIGTERM, then SIGKILL) on `stop` or drop.
@@ -256,7 +352,7 @@ struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    fn start(target: Target, args: &BrokerArgs, dir: &Path) -> Result<BrokerProcess> {
+    fn start(target: Target, setup: &BrokerSetup, dir: &Path) -> Result<BrokerProcess> {
         let port = free_port()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let log_path = dir.join("broker.log");
@@ -273,18 +369,21 @@ impl BrokerProcess {
                 let conf = dir.join("fieldmq.toml");
                 let text = format!(
                     "[gateway]\nid = \"bench\"\ndata_dir = {data:?}\n\n[broker]\n\
-                     allow_anonymous = true\n\n[[broker.listeners]]\nbind = \"{addr}\"\n",
-                    data = data.display().to_string()
+                     allow_anonymous = true\n{broker}\n[[broker.listeners]]\nbind = \"{addr}\"\n\
+                     {listener}",
+                    data = data.display().to_string(),
+                    broker = setup.fieldmq_broker,
+                    listener = setup.fieldmq_listener,
                 );
                 std::fs::write(&conf, text)
                     .with_context(|| format!("cannot write {}", conf.display()))?;
-                if !args.fieldmq_bin.exists() {
+                if !setup.fieldmq_bin.exists() {
                     bail!(
                         "{} not found: run `cargo build --release` or pass --fieldmq-bin",
-                        args.fieldmq_bin.display()
+                        setup.fieldmq_bin.display()
                     );
                 }
-                let mut c = Command::new(&args.fieldmq_bin);
+                let mut c = Command::new(&setup.fieldmq_bin);
                 c.arg("run").arg("-c").arg(&conf);
                 c
             }
@@ -308,9 +407,10 @@ impl BrokerProcess {
                 } else {
                     text.push_str("persistence false\n");
                 }
+                text.push_str(&setup.mosquitto);
                 std::fs::write(&conf, text)
                     .with_context(|| format!("cannot write {}", conf.display()))?;
-                let mut c = Command::new(&args.mosquitto_bin);
+                let mut c = Command::new(&setup.mosquitto_bin);
                 c.arg("-c").arg(&conf);
                 c
             }
@@ -362,6 +462,10 @@ impl BrokerProcess {
 
     fn stop(mut self) {
         self.stop_inner();
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn stop_inner(&mut self) {
@@ -811,6 +915,680 @@ fn render(rows: &[(Target, QoS, LoadResult)], args: &BrokerArgs) -> String {
         );
         let _ = writeln!(out, "|---|---|---|---|");
         out.push_str(&ratios);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// `durable` and `memory`: an offline persistent subscriber's queue.
+// ---------------------------------------------------------------------------------------
+
+/// Client id of the persistent subscriber (clean session false).
+const DURABLE_SUB_ID: &str = "bench-durable-sub";
+/// Topic every message of `durable` and `memory` goes to (the subscriber has `bench/#`).
+const DURABLE_TOPIC: &str = "bench/0";
+/// rumqttc in-flight window of the publisher.
+const PUB_WINDOW: u16 = 100;
+
+fn durable_targets(target: TargetArg) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if matches!(target, TargetArg::Fieldmq | TargetArg::Both) {
+        targets.push(Target::Fieldmq);
+    }
+    if matches!(target, TargetArg::Mosquitto | TargetArg::Both) {
+        targets.push(Target::MosquittoPersist);
+    }
+    targets
+}
+
+/// A broker setup whose per-session queue holds `n` messages (plus slack) of `payload` bytes.
+fn queue_setup(bins: &BinArgs, n: u64, payload: usize) -> BrokerSetup {
+    let mut setup = BrokerSetup::new(&bins.fieldmq_bin, &bins.mosquitto_bin);
+    let max_queued = n + 1000;
+    // fieldmq also bounds a session's queue in bytes (topic + payload, default 64 MiB):
+    // raise it so that the message count is the only limit. Mosquitto's max_queued_bytes
+    // is unlimited by default.
+    let bytes = ((max_queued) * (payload as u64 + 64)).max(64 << 20);
+    setup.fieldmq_broker =
+        format!("max_queued_messages = {max_queued}\nmax_queued_bytes = {bytes}\n");
+    setup.mosquitto = format!("max_queued_messages {max_queued}\n");
+    setup
+}
+
+fn persistent_options(addr: SocketAddr, payload: usize) -> MqttOptions {
+    let mut o = MqttOptions::new(DURABLE_SUB_ID, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_clean_session(false);
+    o.set_max_packet_size(payload + 1024, payload + 1024);
+    o.set_inflight(PUB_WINDOW);
+    o
+}
+
+/// Connect the persistent subscriber, subscribe `bench/#` at QoS 1, and disconnect.
+async fn register_offline_subscriber(addr: SocketAddr, payload: usize) -> Result<()> {
+    let who = "persistent subscriber";
+    let (client, mut eventloop) = AsyncClient::new(persistent_options(addr, payload), 64);
+    connect(&mut eventloop, who).await?;
+    client.subscribe("bench/#", QoS::AtLeastOnce).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll())
+            .await
+            .with_context(|| format!("{who}: no SUBACK within 10 s"))??;
+        if let Event::Incoming(Packet::SubAck(ack)) = ev {
+            if ack
+                .return_codes
+                .iter()
+                .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+            {
+                bail!("{who}: subscription refused");
+            }
+            break;
+        }
+    }
+    client.disconnect().await?;
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    drop(eventloop);
+    // Let the broker notice that the client is gone before anything is published.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// What the publisher got acknowledged.
+struct PublishResult {
+    acked: u64,
+    /// From the first publish to the last PUBACK.
+    elapsed: Duration,
+}
+
+impl PublishResult {
+    fn rate(&self) -> f64 {
+        per_sec(self.acked, self.elapsed)
+    }
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    let secs = d.as_secs_f64();
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// One clean-session publisher sends `n` QoS 1 messages (window 100) to `bench/0`, each
+/// payload starting with its sequence number, and waits for every PUBACK (bounded).
+async fn publish_qos1(
+    addr: SocketAddr,
+    n: u64,
+    payload: usize,
+    timeout: Duration,
+) -> Result<PublishResult> {
+    let who = "publisher";
+    let mut o = MqttOptions::new("bench-durable-pub", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_clean_session(true);
+    o.set_max_packet_size(payload + 1024, payload + 1024);
+    o.set_inflight(PUB_WINDOW);
+    let (client, mut eventloop) = AsyncClient::new(o, 1024);
+    eventloop.network_options.set_tcp_nodelay(true);
+    connect(&mut eventloop, who).await?;
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let acked = Arc::new(AtomicU64::new(0));
+    let last_ack_ns = Arc::new(AtomicU64::new(0));
+    let driver = {
+        let acked = acked.clone();
+        let last_ack_ns = last_ack_ns.clone();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked.fetch_add(1, Ordering::AcqRel);
+                        last_ack_ns.store(now_ns(start), Ordering::Release);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break Ok(()),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+        })
+    };
+    let mut buf = vec![0u8; payload];
+    let mut progress = Instant::now();
+    for seq in 0..n {
+        buf[..8].copy_from_slice(&seq.to_be_bytes());
+        match tokio::time::timeout_at(
+            deadline,
+            client.publish(DURABLE_TOPIC, QoS::AtLeastOnce, false, buf.clone()),
+        )
+        .await
+        {
+            Ok(r) => r.with_context(|| format!("{who}: publish"))?,
+            Err(_) => break,
+        }
+        if progress.elapsed() >= Duration::from_secs(10) {
+            progress = Instant::now();
+            eprintln!(
+                "   … {} published, {} acked",
+                seq + 1,
+                acked.load(Ordering::Acquire)
+            );
+        }
+    }
+    while acked.load(Ordering::Acquire) < n
+        && tokio::time::Instant::now() < deadline
+        && !driver.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acked_n = acked.load(Ordering::Acquire);
+    let elapsed = Duration::from_nanos(last_ack_ns.load(Ordering::Acquire));
+    let _ = client.try_disconnect();
+    match tokio::time::timeout(Duration::from_secs(2), driver).await {
+        Ok(Ok(Err(e))) if acked_n < n => {
+            bail!("{who}: connection lost after {acked_n} PUBACKs: {e}")
+        }
+        _ => {}
+    }
+    Ok(PublishResult {
+        acked: acked_n,
+        elapsed,
+    })
+}
+
+/// What the persistent subscriber got when it came back.
+struct DrainResult {
+    /// Distinct sequence numbers received.
+    received: u64,
+    duplicates: u64,
+    session_present: bool,
+    /// From the start of the reconnect to the last delivery.
+    elapsed: Duration,
+}
+
+impl DrainResult {
+    fn rate(&self) -> f64 {
+        per_sec(self.received, self.elapsed)
+    }
+}
+
+/// Reconnect the persistent subscriber and take its queue: until all `n` have arrived,
+/// nothing has arrived for 10 s, or `timeout`.
+async fn drain(addr: SocketAddr, n: u64, payload: usize, timeout: Duration) -> Result<DrainResult> {
+    let who = "persistent subscriber (reconnect)";
+    let (client, mut eventloop) = AsyncClient::new(persistent_options(addr, payload), 64);
+    eventloop.network_options.set_tcp_nodelay(true);
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = vec![false; usize::try_from(n).context("--messages too large")?];
+    let mut received = 0u64;
+    let mut duplicates = 0u64;
+    let mut session_present = false;
+    let mut last = start;
+    let mut idle_since = tokio::time::Instant::now();
+    let mut progress = Instant::now();
+    while received < n {
+        let wait = deadline.min(idle_since + IDLE_TIMEOUT);
+        let ev = match tokio::time::timeout_at(wait, eventloop.poll()).await {
+            Err(_) => break,
+            Ok(ev) => ev.with_context(|| format!("{who}: connection lost"))?,
+        };
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if ack.code != rumqttc::ConnectReturnCode::Success {
+                    bail!("{who}: connection refused: {:?}", ack.code);
+                }
+                session_present = ack.session_present;
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                idle_since = tokio::time::Instant::now();
+                last = Instant::now();
+                let seq = p.payload.get(..8).map(|b| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    u64::from_be_bytes(a)
+                });
+                match seq.and_then(|s| usize::try_from(s).ok()) {
+                    Some(i) if i < seen.len() && !seen[i] => {
+                        seen[i] = true;
+                        received += 1;
+                    }
+                    _ => duplicates += 1,
+                }
+                if progress.elapsed() >= Duration::from_secs(10) {
+                    progress = Instant::now();
+                    eprintln!("   … {received} drained");
+                }
+            }
+            _ => {}
+        }
+    }
+    let elapsed = last.duration_since(start);
+    // Send the last PUBACKs and the DISCONNECT (bounded).
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    Ok(DrainResult {
+        received,
+        duplicates,
+        session_present,
+        elapsed,
+    })
+}
+
+/// One `durable` row.
+struct DurableRow {
+    target: Target,
+    messages: u64,
+    publish: Option<PublishResult>,
+    drain: Option<DrainResult>,
+}
+
+async fn run_durable_bench(args: DurableArgs) -> Result<()> {
+    if args.payload < 8 {
+        bail!("--payload must be at least 8 bytes");
+    }
+    if args.messages == 0 {
+        bail!("--messages must be at least 1");
+    }
+    let work = WorkDir::new(args.bins.keep_dir.clone())?;
+    let setup = queue_setup(&args.bins, args.messages, args.payload);
+    let timeout = Duration::from_secs(args.timeout);
+    let mut rows = Vec::new();
+    for target in durable_targets(args.target) {
+        let dir = work.path().join(format!("durable-{}", target.name()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        eprintln!(
+            "== durable {}: {} QoS 1 messages to an offline persistent subscriber",
+            target.name(),
+            args.messages
+        );
+        let mut row = DurableRow {
+            target,
+            messages: args.messages,
+            publish: None,
+            drain: None,
+        };
+        let broker = match BrokerProcess::start(target, &setup, &dir) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("   cannot start: {e:#}");
+                rows.push(row);
+                continue;
+            }
+        };
+        let res: Result<()> = async {
+            register_offline_subscriber(broker.addr, args.payload).await?;
+            let p = publish_qos1(broker.addr, args.messages, args.payload, timeout).await?;
+            eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
+            row.publish = Some(p);
+            let d = drain(broker.addr, args.messages, args.payload, timeout).await?;
+            eprintln!(
+                "   drained: {} ({} duplicates, session present {}), {:.0} msgs/s",
+                d.received,
+                d.duplicates,
+                d.session_present,
+                d.rate()
+            );
+            row.drain = Some(d);
+            Ok(())
+        }
+        .await;
+        let log = broker.log_path.clone();
+        broker.stop();
+        if let Err(e) = res {
+            eprintln!("   failed: {e:#}\n{}", tail(&log, 10));
+        }
+        rows.push(row);
+    }
+    print!("{}", render_durable(&rows));
+    print_load();
+    Ok(())
+}
+
+fn render_durable(rows: &[DurableRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n| target | messages | acked | publish msgs/s | drained | duplicates | missing | drain msgs/s |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let (acked, pub_rate) = match &r.publish {
+            Some(p) => (p.acked.to_string(), format!("{:.0}", p.rate())),
+            None => ("failed".to_string(), "-".to_string()),
+        };
+        let (drained, dups, missing, drain_rate) = match &r.drain {
+            Some(d) => (
+                d.received.to_string(),
+                d.duplicates.to_string(),
+                r.messages.saturating_sub(d.received).to_string(),
+                format!("{:.0}", d.rate()),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {acked} | {pub_rate} | {drained} | {dups} | {missing} | {drain_rate} |",
+            r.target.name(),
+            r.messages
+        );
+    }
+    let f = rows.iter().find(|r| r.target == Target::Fieldmq);
+    let m = rows.iter().find(|r| r.target == Target::MosquittoPersist);
+    if let (Some(f), Some(m)) = (f, m) {
+        let ratio = |a: f64, b: f64| {
+            if a > 0.0 && b > 0.0 {
+                format!("{:.2}", a / b)
+            } else {
+                "-".to_string()
+            }
+        };
+        let rate_p = |r: &DurableRow| r.publish.as_ref().map_or(0.0, PublishResult::rate);
+        let rate_d = |r: &DurableRow| r.drain.as_ref().map_or(0.0, DrainResult::rate);
+        let _ = writeln!(
+            out,
+            "\n| fieldmq/mosquitto | publish msgs/s | drain msgs/s |\n|---|---|---|\n| ratio | {} | {} |",
+            ratio(rate_p(f), rate_p(m)),
+            ratio(rate_d(f), rate_d(m))
+        );
+    }
+    out
+}
+
+/// VmRSS and VmHWM (peak) of a process, KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    match (field("VmRSS:"), field("VmHWM:")) {
+        (Some(rss), Some(hwm)) => Ok((rss, hwm)),
+        _ => bail!("no VmRSS/VmHWM in {path}"),
+    }
+}
+
+fn fmt_mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// The soft limit on open files of this process (from /proc/self/limits).
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line["Max open files".len()..].split_whitespace().next()?;
+    soft.parse().ok()
+}
+
+/// Bytes of all files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Open `n` MQTT 3.1.1 connections (keep alive 60, clean session) with raw TCP and one
+/// CONNECT each, and wait for each CONNACK. Blocking; the streams stay open until dropped.
+fn open_idle_clients(addr: SocketAddr, n: u32) -> Result<Vec<TcpStream>> {
+    use std::io::{Read, Write};
+    let mut streams = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(format!("bench-idle-{i}"));
+        connect.keep_alive = 60;
+        connect.clean_session = true;
+        let mut buf = bytes::BytesMut::new();
+        rumqttc::mqttbytes::v4::Packet::Connect(connect)
+            .write(&mut buf, 1024)
+            .map_err(|e| anyhow::anyhow!("cannot encode CONNECT: {e:?}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("idle client {i}: cannot connect"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&buf)
+            .with_context(|| format!("idle client {i}: cannot send CONNECT"))?;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack)
+            .with_context(|| format!("idle client {i}: no CONNACK"))?;
+        if ack[0] != 0x20 || ack[1] != 0x02 || ack[3] != 0 {
+            bail!("idle client {i}: refused or unexpected CONNACK {ack:02x?}");
+        }
+        streams.push(s);
+    }
+    Ok(streams)
+}
+
+/// RSS (KiB) before and after: idle clients.
+struct IdleRow {
+    target: Target,
+    clients: u32,
+    before: u64,
+    after: u64,
+}
+
+/// RSS (KiB) before and after: messages queued for an offline subscriber.
+struct QueueRow {
+    target: Target,
+    queued: u64,
+    publish: PublishResult,
+    before: u64,
+    after: u64,
+    peak: u64,
+    disk: u64,
+    drain: Option<DrainResult>,
+}
+
+async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
+    if args.payload < 8 {
+        bail!("--payload must be at least 8 bytes");
+    }
+    if let Some(limit) = open_files_limit() {
+        let need = u64::from(args.clients) + 64;
+        if limit < need {
+            bail!(
+                "the open-files limit is {limit}, {need} needed for --clients {}: \
+                 raise it (`ulimit -n {need}`) or use fewer clients",
+                args.clients
+            );
+        }
+    }
+    let work = WorkDir::new(args.bins.keep_dir.clone())?;
+    let timeout = Duration::from_secs(args.timeout);
+    let mut idle_rows = Vec::new();
+    let mut queue_rows = Vec::new();
+    let targets: Vec<Target> = durable_targets(args.target);
+    // (a) idle clients: fieldmq with its defaults (sync durability) and a listener limit above
+    // the client count; Mosquitto without persistence (unlimited connections by default).
+    if args.clients > 0 {
+        for &target in &targets {
+            let target = if target == Target::MosquittoPersist {
+                Target::Mosquitto
+            } else {
+                target
+            };
+            let dir = work.path().join(format!("idle-{}", target.name()));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let mut setup = BrokerSetup::new(&args.bins.fieldmq_bin, &args.bins.mosquitto_bin);
+            setup.fieldmq_listener = format!("max_connections = {}\n", args.clients + 100);
+            eprintln!("== memory {}: {} idle clients", target.name(), args.clients);
+            let broker = match BrokerProcess::start(target, &setup, &dir) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("   cannot start: {e:#}");
+                    continue;
+                }
+            };
+            let pid = broker.pid().context("broker not running")?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (before, _) = rss_kib(pid)?;
+            let (addr, n) = (broker.addr, args.clients);
+            let opened = tokio::task::spawn_blocking(move || open_idle_clients(addr, n))
+                .await
+                .context("idle clients task panicked")?;
+            match opened {
+                Ok(streams) => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let (after, _) = rss_kib(pid)?;
+                    eprintln!("   RSS {} → {}", fmt_mib(before), fmt_mib(after));
+                    idle_rows.push(IdleRow {
+                        target,
+                        clients: n,
+                        before,
+                        after,
+                    });
+                    drop(streams);
+                }
+                Err(e) => eprintln!("   failed: {e:#}\n{}", tail(&broker.log_path, 10)),
+            }
+            broker.stop();
+        }
+    }
+    // (b) messages queued for one offline persistent subscriber.
+    if args.queued > 0 {
+        let setup = queue_setup(&args.bins, args.queued, args.payload);
+        for &target in &targets {
+            let dir = work.path().join(format!("queue-{}", target.name()));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            eprintln!(
+                "== memory {}: {} QoS 1 messages queued for an offline subscriber",
+                target.name(),
+                args.queued
+            );
+            let broker = match BrokerProcess::start(target, &setup, &dir) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("   cannot start: {e:#}");
+                    continue;
+                }
+            };
+            let pid = broker.pid().context("broker not running")?;
+            let res: Result<QueueRow> = async {
+                register_offline_subscriber(broker.addr, args.payload).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (before, _) = rss_kib(pid)?;
+                let publish = publish_qos1(broker.addr, args.queued, args.payload, timeout).await?;
+                eprintln!(
+                    "   published: {} acked, {:.0} msgs/s",
+                    publish.acked,
+                    publish.rate()
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let (after, peak) = rss_kib(pid)?;
+                let disk = dir_size(&dir.join(if target == Target::Fieldmq {
+                    "data"
+                } else {
+                    "persist"
+                }));
+                eprintln!(
+                    "   RSS {} → {} (peak {}), on disk {:.1} MB",
+                    fmt_mib(before),
+                    fmt_mib(after),
+                    fmt_mib(peak),
+                    disk as f64 / 1e6
+                );
+                let drain = if args.drain {
+                    let d = drain(broker.addr, args.queued, args.payload, timeout).await?;
+                    eprintln!("   drained: {} ({:.0} msgs/s)", d.received, d.rate());
+                    Some(d)
+                } else {
+                    None
+                };
+                Ok(QueueRow {
+                    target,
+                    queued: args.queued,
+                    publish,
+                    before,
+                    after,
+                    peak,
+                    disk,
+                    drain,
+                })
+            }
+            .await;
+            let log = broker.log_path.clone();
+            broker.stop();
+            match res {
+                Ok(row) => queue_rows.push(row),
+                Err(e) => eprintln!("   failed: {e:#}\n{}", tail(&log, 10)),
+            }
+        }
+    }
+    print!("{}", render_memory(&idle_rows, &queue_rows));
+    print_load();
+    Ok(())
+}
+
+fn render_memory(idle: &[IdleRow], queued: &[QueueRow]) -> String {
+    let mut out = String::new();
+    if !idle.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| target | idle clients | RSS without clients | RSS with clients | per client |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for r in idle {
+            let per = r.after.saturating_sub(r.before) as f64 / f64::from(r.clients.max(1));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.1} KiB |",
+                r.target.name(),
+                r.clients,
+                fmt_mib(r.before),
+                fmt_mib(r.after),
+                per
+            );
+        }
+    }
+    if !queued.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| target | queued | acked | publish msgs/s | RSS before | RSS after | peak RSS | on disk | drained (missing) |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        for r in queued {
+            let drained = match &r.drain {
+                Some(d) => format!("{} ({})", d.received, r.queued.saturating_sub(d.received)),
+                None => "not checked".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {} | {} | {} | {:.1} MB | {drained} |",
+                r.target.name(),
+                r.queued,
+                r.publish.acked,
+                r.publish.rate(),
+                fmt_mib(r.before),
+                fmt_mib(r.after),
+                fmt_mib(r.peak),
+                r.disk as f64 / 1e6,
+            );
+        }
     }
     out
 }

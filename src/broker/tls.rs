@@ -2,40 +2,22 @@
 //! start (certificate chain and key, optionally a CA for client certificates, required or
 //! optional), and the client certificate's common name for `identity_as_username`.
 
-use std::fs::File;
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 
 use crate::config::ListenerTls;
+use crate::pem::{self, PemError};
 
 /// A listener's TLS files cannot be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TlsError {
-    #[error("cannot read TLS {what} file {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("TLS {what} file {path} is not valid PEM: {reason}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error(
-        "TLS {what} file {path} holds no certificate (expected a PEM `BEGIN CERTIFICATE` block)"
-    )]
-    NoCertificate { what: &'static str, path: PathBuf },
-    #[error("TLS key file {path} holds no private key (expected a PEM `BEGIN PRIVATE KEY`, `BEGIN RSA PRIVATE KEY` or `BEGIN EC PRIVATE KEY` block)")]
-    NoKey { path: PathBuf },
+    #[error("TLS {0}")]
+    Pem(#[from] PemError),
     #[error("TLS client_ca file {path}: {reason}")]
-    BadCa { path: PathBuf, reason: String },
+    ClientCa { path: PathBuf, reason: String },
     #[error("TLS cert {cert} and key {key} cannot be used together: {reason}")]
     CertKey {
         cert: PathBuf,
@@ -47,11 +29,11 @@ pub(crate) enum TlsError {
 /// The rustls server configuration for one listener (ring provider, TLS 1.2 and 1.3).
 pub(crate) fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = certificates("cert", &tls.cert)?;
-    let key = private_key(&tls.key)?;
+    let certs = pem::certificates("cert", &tls.cert)?;
+    let key = pem::private_key(&tls.key)?;
     let verifier = match &tls.client_ca {
         Some(ca) => {
-            let roots = ca_roots(ca)?;
+            let roots = pem::ca_roots("client_ca", ca)?;
             let builder =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
             let builder = if tls.require_client_cert {
@@ -59,7 +41,7 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsE
             } else {
                 builder.allow_unauthenticated()
             };
-            builder.build().map_err(|e| TlsError::BadCa {
+            builder.build().map_err(|e| TlsError::ClientCa {
                 path: ca.clone(),
                 reason: e.to_string(),
             })?
@@ -90,66 +72,14 @@ pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String
     (!name.is_empty()).then(|| name.to_owned())
 }
 
-fn open(what: &'static str, path: &Path) -> Result<BufReader<File>, TlsError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| TlsError::Read {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let mut reader = open(what, path)?;
-    let certs = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            what,
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
-}
-
-fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for (index, cert) in certificates("client_ca", path)?.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| TlsError::BadCa {
-            path: path.to_path_buf(),
-            reason: format!("certificate {}: {e}", index + 1),
-        })?;
-    }
-    Ok(roots)
-}
-
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let mut reader = open("key", path)?;
-    match rustls_pemfile::private_key(&mut reader) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(TlsError::NoKey {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(TlsError::Pem {
-            what: "key",
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
     use rustls::pki_types::ServerName;
+    use rustls::RootCertStore;
     use rustls::{ClientConfig, ClientConnection, ServerConnection};
+    use std::path::Path;
 
     struct Ca {
         issuer: Issuer<'static, KeyPair>,

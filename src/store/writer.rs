@@ -502,7 +502,10 @@ impl Writer {
                     report.last_seq = u64::try_from(tx.last_insert_rowid()).ok();
                 }
             }
-            if queue.bounds.when_full == WhenFull::DropOldest {
+            // Only when a bound is passed: looking at the front costs a query.
+            if queue.bounds.when_full == WhenFull::DropOldest
+                && (queue.depth > queue.bounds.max_messages || queue.bytes > queue.bounds.max_bytes)
+            {
                 let dropped = queue.drop_front(&tx, |q, _| {
                     q.depth > q.bounds.max_messages || q.bytes > q.bounds.max_bytes
                 })?;
@@ -653,31 +656,38 @@ impl Queue {
         tx: &rusqlite::Transaction<'_>,
         over: impl Fn(&Queue, i64) -> bool,
     ) -> rusqlite::Result<u64> {
-        const CHUNK: usize = 1024;
         let mut dropped = 0;
         loop {
-            let rows: Vec<(i64, i64, i64)> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT seq, size, enqueued_ms FROM outbox ORDER BY seq LIMIT 1024",
-                )?;
-                let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
+            // Walk the front lazily: only the rows that go are decoded.
             let mut cut = None;
-            for (seq, size, enqueued) in &rows {
-                if !over(self, *enqueued) {
-                    break;
+            let mut more = false;
+            {
+                let mut stmt =
+                    tx.prepare_cached("SELECT seq, size, enqueued_ms FROM outbox ORDER BY seq")?;
+                let mut rows = stmt.query([])?;
+                let mut taken = 0;
+                while let Some(row) = rows.next()? {
+                    let enqueued: i64 = row.get(2)?;
+                    if !over(self, enqueued) {
+                        break;
+                    }
+                    let size: i64 = row.get(1)?;
+                    self.depth = self.depth.saturating_sub(1);
+                    self.bytes = self.bytes.saturating_sub(u64::try_from(size).unwrap_or(0));
+                    dropped += 1;
+                    cut = Some(row.get::<_, i64>(0)?);
+                    taken += 1;
+                    // Bound the statement's life: delete in chunks.
+                    if taken == 4096 {
+                        more = true;
+                        break;
+                    }
                 }
-                self.depth = self.depth.saturating_sub(1);
-                self.bytes = self.bytes.saturating_sub(u64::try_from(*size).unwrap_or(0));
-                dropped += 1;
-                cut = Some(*seq);
             }
             let Some(cut) = cut else { break };
             tx.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
                 .execute([cut])?;
-            let whole_chunk = rows.len() == CHUNK && rows.last().is_some_and(|r| r.0 == cut);
-            if !whole_chunk {
+            if !more {
                 break;
             }
         }

@@ -9,49 +9,19 @@
 //! [`validate_files`] does the same parsing for `fieldmq check`, so a bad certificate or key
 //! is a config error naming the file, not a reconnect loop.
 
-use std::fs::File;
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::TlsConfig;
+use crate::pem::{self, PemError};
 
 /// A TLS file that cannot be used, with the file and the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {what} file {path}: {source}", path = path.display())]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{what} file {path} is not valid PEM: {source}", path = path.display())]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{what} file {path} contains no PEM certificate (expected a \
-         `-----BEGIN CERTIFICATE-----` block)",
-        path = path.display()
-    )]
-    NoCertificate { what: &'static str, path: PathBuf },
-    #[error("CA file {path}: certificate #{index} is not a valid CA certificate: {reason}", path = path.display())]
-    BadCa {
-        path: PathBuf,
-        index: usize,
-        reason: String,
-    },
-    #[error(
-        "key file {path} contains no private key (expected PEM `PRIVATE KEY`, \
-         `RSA PRIVATE KEY` or `EC PRIVATE KEY`)",
-        path = path.display()
-    )]
-    NoKey { path: PathBuf },
+    #[error(transparent)]
+    Pem(#[from] PemError),
     #[error("`cert` is set but `key` is not: mutual TLS needs both (cert = {path})", path = path.display())]
     CertWithoutKey { path: PathBuf },
     #[error("`key` is set but `cert` is not: mutual TLS needs both (key = {path})", path = path.display())]
@@ -80,7 +50,7 @@ pub fn validate_files(tls: &TlsConfig) -> Result<(), TlsError> {
 /// Build the rustls client configuration for an uplink.
 pub fn client_config(tls: &TlsConfig) -> Result<ClientConfig, TlsError> {
     let roots = match &tls.ca {
-        Some(path) => ca_roots(path)?,
+        Some(path) => pem::ca_roots("CA", path)?,
         None => system_roots()?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -92,8 +62,8 @@ pub fn client_config(tls: &TlsConfig) -> Result<ClientConfig, TlsError> {
         .with_root_certificates(roots);
     let mut config = match (&tls.cert, &tls.key) {
         (Some(cert_path), Some(key_path)) => {
-            let certs = certificates("client certificate", cert_path)?;
-            let key = private_key(key_path)?;
+            let certs = pem::certificates("client certificate", cert_path)?;
+            let key = pem::private_key(key_path)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| TlsError::ClientAuth {
@@ -110,46 +80,6 @@ pub fn client_config(tls: &TlsConfig) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-fn open(what: &'static str, path: &Path) -> Result<BufReader<File>, TlsError> {
-    File::open(path)
-        .map(BufReader::new)
-        .map_err(|source| TlsError::Read {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let mut reader = open(what, path)?;
-    let certs = rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            what,
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(certs)
-}
-
-fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for (index, cert) in certificates("CA", path)?.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| TlsError::BadCa {
-            path: path.to_path_buf(),
-            index: index + 1,
-            reason: e.to_string(),
-        })?;
-    }
-    Ok(roots)
-}
-
 fn system_roots() -> Result<RootCertStore, TlsError> {
     let loaded = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
@@ -162,19 +92,4 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
         return Err(TlsError::NoSystemRoots { reason });
     }
     Ok(roots)
-}
-
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let mut reader = open("key", path)?;
-    match rustls_pemfile::private_key(&mut reader) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(TlsError::NoKey {
-            path: path.to_path_buf(),
-        }),
-        Err(source) => Err(TlsError::Pem {
-            what: "key",
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
 }
