@@ -175,6 +175,24 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
+            // What an uplink reads at start (certificates, keys, password sources) is
+            // checked here too, so a bad file shows up before the gateway runs.
+            let problems: Vec<String> = config
+                .uplinks
+                .iter()
+                .flat_map(|uplink| {
+                    fieldmq::uplink::check(uplink)
+                        .into_iter()
+                        .map(move |e| format!("uplinks[{}]: {e}", uplink.name))
+                })
+                .collect();
+            if !problems.is_empty() {
+                for problem in &problems {
+                    eprintln!("{}: {problem}", path.display());
+                }
+                eprintln!("{}: invalid", path.display());
+                return ExitCode::from(2);
+            }
             println!("{}: ok", path.display());
             println!("{}", config.summary());
             ExitCode::SUCCESS

@@ -299,3 +299,30 @@ fn sighup_restarts_into_a_valid_config_and_ignores_a_broken_one() {
     let status = gateway.hangup_and_wait();
     assert_eq!(status.code(), Some(75), "{status:?}");
 }
+
+#[test]
+fn check_reports_an_uplink_certificate_that_is_not_pem_with_its_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), "this is not a certificate\n").expect("write");
+    let config = dir.path().join("bad-tls.toml");
+    std::fs::write(
+        &config,
+        r#"
+[gateway]
+id = "t"
+data_dir = "data"
+[broker]
+allow_anonymous = true
+[[uplinks]]
+name = "cloud"
+url = "mqtts://127.0.0.1:8883"
+ca = "ca.pem"
+routes = [ { out = "plant/#", remote_prefix = "site/" } ]
+"#,
+    )
+    .expect("write config");
+    let (code, _, stderr) = process::run_to_end(&["check", "-c"], Some(&config));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("ca.pem"), "{stderr}");
+    assert!(stderr.contains("uplinks[cloud]"), "{stderr}");
+}
