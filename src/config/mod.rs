@@ -2,6 +2,7 @@
 //! validation into the types below, which the rest of the gateway uses). All errors are
 //! collected and reported together, each with file, line, column and key path.
 
+mod device_check;
 mod error;
 mod raw;
 mod validate;
@@ -15,6 +16,7 @@ use crate::model::{QoS, Value};
 
 pub use error::{ConfigError, Diagnostic};
 // For drivers that validate their own keys (drivers::modbus::config).
+pub(crate) use device_check::{DeviceCheck, PortRules, RawPort};
 pub(crate) use error::{closest, Diagnostics};
 
 /// The validated configuration of a whole gateway.
@@ -105,6 +107,63 @@ impl ListenerConfig {
             tls: None,
             max_connections: 1000,
         }
+    }
+}
+
+/// One serial port's settings, shared by Modbus RTU and serial line devices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SerialPortConfig {
+    pub path: String,
+    /// Default 9600.
+    pub baud: u32,
+    pub parity: Parity,
+    /// Default 8.
+    pub data_bits: u8,
+    /// 1 or 2, default 1.
+    pub stop_bits: u8,
+    /// Default none.
+    pub flow_control: FlowControl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowControl {
+    None,
+    Software,
+    Hardware,
+}
+
+impl SerialPortConfig {
+    /// A tokio-serial builder with these settings.
+    pub fn builder(&self) -> tokio_serial::SerialPortBuilder {
+        tokio_serial::new(self.path.as_str(), self.baud)
+            .parity(match self.parity {
+                Parity::None => tokio_serial::Parity::None,
+                Parity::Even => tokio_serial::Parity::Even,
+                Parity::Odd => tokio_serial::Parity::Odd,
+            })
+            .data_bits(match self.data_bits {
+                5 => tokio_serial::DataBits::Five,
+                6 => tokio_serial::DataBits::Six,
+                7 => tokio_serial::DataBits::Seven,
+                _ => tokio_serial::DataBits::Eight,
+            })
+            .stop_bits(if self.stop_bits == 2 {
+                tokio_serial::StopBits::Two
+            } else {
+                tokio_serial::StopBits::One
+            })
+            .flow_control(match self.flow_control {
+                FlowControl::None => tokio_serial::FlowControl::None,
+                FlowControl::Software => tokio_serial::FlowControl::Software,
+                FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+            })
     }
 }
 

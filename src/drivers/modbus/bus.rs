@@ -193,7 +193,7 @@ impl Link {
     fn describe(&self) -> String {
         match self {
             Link::Tcp { address } => address.clone(),
-            Link::Rtu(settings) => settings.port.clone(),
+            Link::Rtu(settings) => settings.path.clone(),
         }
     }
 
@@ -227,24 +227,9 @@ pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, Str
             Err(last)
         }
         Link::Rtu(settings) => {
-            let builder = tokio_serial::new(settings.port.as_str(), settings.baud)
-                .parity(match settings.parity {
-                    super::config::Parity::None => tokio_serial::Parity::None,
-                    super::config::Parity::Even => tokio_serial::Parity::Even,
-                    super::config::Parity::Odd => tokio_serial::Parity::Odd,
-                })
-                .data_bits(if settings.data_bits == 7 {
-                    tokio_serial::DataBits::Seven
-                } else {
-                    tokio_serial::DataBits::Eight
-                })
-                .stop_bits(if settings.stop_bits == 2 {
-                    tokio_serial::StopBits::Two
-                } else {
-                    tokio_serial::StopBits::One
-                });
+            let builder = settings.builder();
             let stream = tokio_serial::SerialStream::open(&builder)
-                .map_err(|e| format!("cannot open {}: {e}", settings.port))?;
+                .map_err(|e| format!("cannot open {}: {e}", settings.path))?;
             Ok(tokio_modbus::client::rtu::attach(stream))
         }
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::Diagnostics;
+use crate::config::{DeviceCheck, Diagnostics, PortRules, RawPort};
 
 type S<T> = Spanned<T>;
 
@@ -23,7 +23,6 @@ pub const MAX_REGISTERS_PER_REQUEST: u16 = 125;
 pub const MAX_BITS_PER_REQUEST: u16 = 2000;
 
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BAUD: u32 = 9600;
 pub(crate) const DEFAULT_TCP_UNIT: u8 = 1;
 pub(crate) const DEFAULT_TCP_PORT: u16 = 502;
 pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 0;
@@ -36,7 +35,6 @@ const TYPES: &[&str] = &[
     "bool", "bit", "u16", "i16", "u32", "i32", "u64", "i64", "f32", "f64", "string",
 ];
 const ORDERS: &[&str] = &["ABCD", "CDAB", "BADC", "DCBA"];
-const PARITIES: &[&str] = &["none", "even", "odd"];
 const REPORTS: &[&str] = &["always", "change"];
 
 /// A `[[devices]]` entry with `driver = "modbus-tcp"` or `"modbus-rtu"`: the common device
@@ -119,20 +117,22 @@ pub enum Transport {
     Rtu(SerialSettings),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SerialSettings {
-    pub port: String,
-    /// Default 9600.
-    pub baud: u32,
-    /// Default even (the Modbus serial line default).
-    pub parity: Parity,
-    /// 7 or 8, default 8.
-    pub data_bits: u8,
-    /// 1 or 2, default 1.
-    pub stop_bits: u8,
-}
+/// What a Modbus RTU line accepts: even parity by default (the Modbus serial line
+/// default), 7 or 8 data bits.
+const RTU_PORT: PortRules = PortRules {
+    default_parity: Parity::Even,
+    bauds: 300..=4_000_000,
+    data_bits: 7..=8,
+    port_hint: "port = \"/dev/ttyUSB0\"",
+    baud_hint: "common rates: 9600, 19200, 38400, 115200",
+    data_bits_note: " (Modbus RTU uses 8)",
+};
 
-impl SerialSettings {
+/// A Modbus RTU line's serial settings (the shared serial port type).
+pub type SerialSettings = crate::config::SerialPortConfig;
+pub use crate::config::Parity;
+
+impl crate::config::SerialPortConfig {
     /// The RTU inter-frame silent interval: 3.5 character times at this baud rate, fixed at
     /// 1.75 ms above 19200 baud (Modbus over serial line, 2.5.1.1).
     pub fn silent_interval(&self) -> Duration {
@@ -145,13 +145,6 @@ impl SerialSettings {
         // 3.5 characters = 7 half characters, in nanoseconds.
         Duration::from_nanos(7 * u64::from(bits_per_char) * 1_000_000_000 / (2 * baud))
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
 }
 
 /// How reads are merged into requests.
@@ -369,7 +362,7 @@ pub(crate) fn validate(
     d: &mut Diagnostics<'_>,
     reported: &HashSet<String>,
 ) -> Option<ModbusConfig> {
-    let mut v = Check {
+    let mut v = DeviceCheck {
         d,
         reported,
         ok: true,
@@ -410,7 +403,20 @@ pub(crate) fn validate(
     }
 
     let transport = if rtu {
-        v.serial(raw, span.clone(), prefix).map(Transport::Rtu)
+        v.serial_port(
+            RawPort {
+                port: &raw.port,
+                baud: &raw.baud,
+                parity: &raw.parity,
+                data_bits: &raw.data_bits,
+                stop_bits: &raw.stop_bits,
+                flow_control: None,
+            },
+            span.clone(),
+            prefix,
+            &RTU_PORT,
+        )
+        .map(Transport::Rtu)
     } else {
         v.tcp_address(raw, span.clone(), prefix)
     };
@@ -540,74 +546,7 @@ pub(crate) fn validate(
     })
 }
 
-/// The diagnostics of one device, and whether any was recorded.
-struct Check<'v, 'a> {
-    d: &'v mut Diagnostics<'a>,
-    reported: &'v HashSet<String>,
-    ok: bool,
-}
-
-impl Check<'_, '_> {
-    fn error(
-        &mut self,
-        span: Option<Range<usize>>,
-        key_path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> &mut crate::config::Diagnostic {
-        self.ok = false;
-        self.d.error(span, key_path, message)
-    }
-
-    fn missing(&mut self, span: Range<usize>, key_path: String, hint: Option<&str>) {
-        self.ok = false;
-        if self.reported.contains(&key_path) {
-            return; // present but of the wrong type: serde said so already
-        }
-        self.d
-            .error(Some(span), key_path, "missing required key")
-            .hint = hint.map(Into::into);
-    }
-
-    fn unknown(&mut self, value: &S<String>, key_path: &str, what: &str, known: &[&str]) {
-        let text = value.get_ref();
-        let diagnostic = self.error(
-            Some(value.span()),
-            key_path,
-            format!(
-                "unknown {what} {text:?}, expected one of {}",
-                known.join(", ")
-            ),
-        );
-        if let Some(close) = crate::config::closest(&text.to_ascii_lowercase(), known) {
-            diagnostic.hint = Some(format!("did you mean `{close}`?"));
-        }
-    }
-
-    fn duration(&mut self, value: &S<String>, key_path: &str) -> Option<Duration> {
-        match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) => Some(duration),
-            Err(error) => {
-                self.error(
-                    Some(value.span()),
-                    key_path,
-                    format!("invalid duration {:?}: {error}", value.get_ref()),
-                )
-                .hint = Some("write a number and a unit, like \"100ms\", \"1s\" or \"5m\"".into());
-                None
-            }
-        }
-    }
-
-    fn positive_duration(&mut self, value: &Option<S<String>>, key_path: &str) -> Option<Duration> {
-        let value = value.as_ref()?;
-        let duration = self.duration(value, key_path)?;
-        if duration.is_zero() {
-            self.error(Some(value.span()), key_path, "must be more than zero");
-            return None;
-        }
-        Some(duration)
-    }
-
+impl DeviceCheck<'_, '_> {
     /// An optional integer in `min..=max` that fits a u16.
     fn small(
         &mut self,
@@ -677,101 +616,6 @@ impl Check<'_, '_> {
         }
         Some(Transport::Tcp {
             address: format!("{host}:{port}"),
-        })
-    }
-
-    fn serial(
-        &mut self,
-        raw: &RawModbusDevice,
-        span: Range<usize>,
-        prefix: &str,
-    ) -> Option<SerialSettings> {
-        let port = match &raw.port {
-            None => {
-                self.missing(
-                    span,
-                    format!("{prefix}.port"),
-                    Some("port = \"/dev/ttyUSB0\""),
-                );
-                None
-            }
-            Some(port) if port.get_ref().trim().is_empty() => {
-                self.error(
-                    Some(port.span()),
-                    format!("{prefix}.port"),
-                    "must not be empty",
-                );
-                None
-            }
-            Some(port) => Some(port.get_ref().trim().to_owned()),
-        };
-        let baud = match &raw.baud {
-            None => DEFAULT_BAUD,
-            Some(baud) => match u32::try_from(*baud.get_ref()) {
-                Ok(baud) if (300..=4_000_000).contains(&baud) => baud,
-                _ => {
-                    self.error(
-                        Some(baud.span()),
-                        format!("{prefix}.baud"),
-                        format!(
-                            "{} is not a usable baud rate, expected 300 to 4000000",
-                            baud.get_ref()
-                        ),
-                    )
-                    .hint = Some("common rates: 9600, 19200, 38400, 115200".into());
-                    DEFAULT_BAUD
-                }
-            },
-        };
-        let parity = match &raw.parity {
-            None => Parity::Even,
-            Some(parity) => match parity.get_ref().to_ascii_lowercase().as_str() {
-                "none" => Parity::None,
-                "even" => Parity::Even,
-                "odd" => Parity::Odd,
-                _ => {
-                    self.unknown(parity, &format!("{prefix}.parity"), "parity", PARITIES);
-                    Parity::Even
-                }
-            },
-        };
-        let data_bits = match &raw.data_bits {
-            None => 8,
-            Some(bits) if matches!(bits.get_ref(), 7 | 8) => {
-                u8::try_from(*bits.get_ref()).unwrap_or(8)
-            }
-            Some(bits) => {
-                self.error(
-                    Some(bits.span()),
-                    format!("{prefix}.data_bits"),
-                    format!(
-                        "{} data bits, expected 7 or 8 (Modbus RTU uses 8)",
-                        bits.get_ref()
-                    ),
-                );
-                8
-            }
-        };
-        let stop_bits = match &raw.stop_bits {
-            None => 1,
-            Some(bits) if matches!(bits.get_ref(), 1 | 2) => {
-                u8::try_from(*bits.get_ref()).unwrap_or(1)
-            }
-            Some(bits) => {
-                self.error(
-                    Some(bits.span()),
-                    format!("{prefix}.stop_bits"),
-                    format!("{} stop bits, expected 1 or 2", bits.get_ref()),
-                );
-                1
-            }
-        };
-        Some(SerialSettings {
-            port: port?,
-            baud,
-            parity,
-            data_bits,
-            stop_bits,
         })
     }
 
@@ -1317,11 +1161,12 @@ mod tests {
     #[test]
     fn silent_interval_is_three_and_a_half_characters_up_to_19200_baud() {
         let mut serial = SerialSettings {
-            port: "/dev/null".into(),
+            path: "/dev/null".into(),
             baud: 9600,
             parity: Parity::Even,
             data_bits: 8,
             stop_bits: 1,
+            flow_control: crate::config::FlowControl::None,
         };
         // 11 bits per character at 9600 baud: 3.5 * 11 / 9600 s = 4.0104 ms.
         assert_eq!(serial.silent_interval(), Duration::from_nanos(4_010_416));

@@ -79,12 +79,12 @@ pub fn device_tasks(
             }
             Transport::Rtu(settings) => {
                 let entry = serial
-                    .entry(settings.port.clone())
+                    .entry(settings.path.clone())
                     .or_insert_with(|| (settings.clone(), Vec::new()));
                 if entry.0 != settings {
                     tracing::warn!(
                         device = %device.name,
-                        port = %settings.port,
+                        port = %settings.path,
                         "serial settings differ from the first device on this port; the port uses the first device's"
                     );
                 }

@@ -89,7 +89,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             address: address.clone(),
         },
         (None, Some(port)) => Link::Rtu(SerialSettings {
-            port: port.clone(),
+            path: port.clone(),
             baud: args.baud,
             parity: match args.parity.to_ascii_lowercase().as_str() {
                 "none" => Parity::None,
@@ -103,6 +103,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             },
             data_bits: args.data_bits,
             stop_bits: args.stop_bits,
+            flow_control: crate::config::FlowControl::None,
         }),
         _ => {
             return Err(ProbeError::Usage(
@@ -112,7 +113,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
     };
     let source = match &link {
         Link::Tcp { address } => address.clone(),
-        Link::Rtu(settings) => format!("{} at {} baud", settings.port, settings.baud),
+        Link::Rtu(settings) => format!("{} at {} baud", settings.path, settings.baud),
     };
     let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
         .await

@@ -16,11 +16,10 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::Diagnostics;
+use crate::config::{DeviceCheck, Diagnostics, PortRules, RawPort};
 
 type S<T> = Spanned<T>;
 
-pub(crate) const DEFAULT_BAUD: u32 = 9600;
 pub(crate) const DEFAULT_MAX_FRAME: usize = 1024;
 /// Upper bound for `max_frame`: memory per device stays small whatever the config says.
 pub(crate) const MAX_MAX_FRAME: usize = 1024 * 1024;
@@ -35,8 +34,6 @@ const MAX_MARKER: usize = 16;
 /// Compiled size limit of one regex, so a config cannot make the gateway allocate much.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-const PARITIES: &[&str] = &["none", "even", "odd"];
-const FLOW_CONTROLS: &[&str] = &["none", "software", "hardware"];
 const ENCODINGS: &[&str] = &["text", "hex"];
 const CHECKSUMS: &[&str] = &["none", "nmea"];
 const FIELD_TYPES: &[&str] = &["number", "integer", "bool", "string"];
@@ -120,36 +117,19 @@ pub struct SerialConfig {
     pub status_interval: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortSettings {
-    pub path: String,
-    /// Default 9600.
-    pub baud: u32,
-    /// 5 to 8, default 8.
-    pub data_bits: u8,
-    /// Default none.
-    pub parity: Parity,
-    /// 1 or 2, default 1.
-    pub stop_bits: u8,
-    /// Default none.
-    pub flow_control: FlowControl,
-}
+/// What a serial line device accepts: no parity by default, 5 to 8 data bits.
+const LINE_PORT: PortRules = PortRules {
+    default_parity: Parity::None,
+    bauds: 50..=4_000_000,
+    data_bits: 5..=8,
+    port_hint: "port = \"/dev/ttyUSB0\" (or a stable /dev/serial/by-id/... path)",
+    baud_hint: "common rates: 4800 (GPS), 9600, 19200, 38400, 115200",
+    data_bits_note: "",
+};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowControl {
-    None,
-    /// XON/XOFF.
-    Software,
-    /// RTS/CTS.
-    Hardware,
-}
+/// The port's settings (the shared serial port type).
+pub type PortSettings = crate::config::SerialPortConfig;
+pub use crate::config::{FlowControl, Parity};
 
 /// How the byte stream is cut into frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,12 +258,24 @@ pub(crate) fn validate(
     d: &mut Diagnostics<'_>,
     reported: &HashSet<String>,
 ) -> Option<SerialConfig> {
-    let mut v = Check {
+    let mut v = DeviceCheck {
         d,
         reported,
         ok: true,
     };
-    let port = v.port(raw, span, prefix);
+    let port = v.serial_port(
+        RawPort {
+            port: &raw.port,
+            baud: &raw.baud,
+            parity: &raw.parity,
+            data_bits: &raw.data_bits,
+            stop_bits: &raw.stop_bits,
+            flow_control: Some(&raw.flow_control),
+        },
+        span,
+        prefix,
+        &LINE_PORT,
+    );
     let (framing, frame_length) = v.framing(raw, prefix);
     let max_frame = match &raw.max_frame {
         None => DEFAULT_MAX_FRAME.max(frame_length.unwrap_or(0)),
@@ -437,69 +429,7 @@ pub(crate) fn validate(
     })
 }
 
-/// The diagnostics of one device, and whether any was recorded.
-struct Check<'v, 'a> {
-    d: &'v mut Diagnostics<'a>,
-    reported: &'v HashSet<String>,
-    ok: bool,
-}
-
-impl Check<'_, '_> {
-    fn error(
-        &mut self,
-        span: Option<Range<usize>>,
-        key_path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> &mut crate::config::Diagnostic {
-        self.ok = false;
-        self.d.error(span, key_path, message)
-    }
-
-    fn missing(&mut self, span: Range<usize>, key_path: String, hint: Option<&str>) {
-        self.ok = false;
-        if self.reported.contains(&key_path) {
-            return; // present but of the wrong type: serde said so already
-        }
-        self.d
-            .error(Some(span), key_path, "missing required key")
-            .hint = hint.map(Into::into);
-    }
-
-    fn unknown(&mut self, value: &S<String>, key_path: &str, what: &str, known: &[&str]) {
-        let text = value.get_ref();
-        let diagnostic = self.error(
-            Some(value.span()),
-            key_path,
-            format!(
-                "unknown {what} {text:?}, expected one of {}",
-                known.join(", ")
-            ),
-        );
-        if let Some(close) = crate::config::closest(&text.to_ascii_lowercase(), known) {
-            diagnostic.hint = Some(format!("did you mean `{close}`?"));
-        }
-    }
-
-    fn positive_duration(&mut self, value: &Option<S<String>>, key_path: &str) -> Option<Duration> {
-        let value = value.as_ref()?;
-        match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) if duration.is_zero() => {
-                self.error(Some(value.span()), key_path, "must be more than zero");
-                None
-            }
-            Ok(duration) => Some(duration),
-            Err(error) => {
-                self.error(
-                    Some(value.span()),
-                    key_path,
-                    format!("invalid duration {:?}: {error}", value.get_ref()),
-                )
-                .hint = Some("write a number and a unit, like \"100ms\", \"1s\" or \"5m\"".into());
-                None
-            }
-        }
-    }
-
+impl DeviceCheck<'_, '_> {
     /// A byte string with escapes; `marker` limits it to [`MAX_MARKER`] bytes.
     fn bytes(&mut self, value: &S<String>, key_path: &str, marker: bool) -> Option<Vec<u8>> {
         match unescape(value.get_ref()) {
@@ -572,116 +502,6 @@ impl Check<'_, '_> {
             return None;
         }
         Some(text.to_owned())
-    }
-
-    fn port(
-        &mut self,
-        raw: &RawSerialDevice,
-        span: Range<usize>,
-        prefix: &str,
-    ) -> Option<PortSettings> {
-        let path = match &raw.port {
-            None => {
-                self.missing(
-                    span,
-                    format!("{prefix}.port"),
-                    Some("port = \"/dev/ttyUSB0\" (or a stable /dev/serial/by-id/... path)"),
-                );
-                None
-            }
-            Some(port) if port.get_ref().trim().is_empty() => {
-                self.error(
-                    Some(port.span()),
-                    format!("{prefix}.port"),
-                    "must not be empty",
-                );
-                None
-            }
-            Some(port) => Some(port.get_ref().trim().to_owned()),
-        };
-        let baud = match &raw.baud {
-            None => DEFAULT_BAUD,
-            Some(baud) => match u32::try_from(*baud.get_ref()) {
-                Ok(baud) if (50..=4_000_000).contains(&baud) => baud,
-                _ => {
-                    self.error(
-                        Some(baud.span()),
-                        format!("{prefix}.baud"),
-                        format!(
-                            "{} is not a usable baud rate, expected 50 to 4000000",
-                            baud.get_ref()
-                        ),
-                    )
-                    .hint = Some("common rates: 4800 (GPS), 9600, 19200, 38400, 115200".into());
-                    DEFAULT_BAUD
-                }
-            },
-        };
-        let data_bits = match &raw.data_bits {
-            None => 8,
-            Some(bits) => match u8::try_from(*bits.get_ref()) {
-                Ok(n) if (5..=8).contains(&n) => n,
-                _ => {
-                    self.error(
-                        Some(bits.span()),
-                        format!("{prefix}.data_bits"),
-                        format!("{} data bits, expected 5 to 8", bits.get_ref()),
-                    );
-                    8
-                }
-            },
-        };
-        let parity = match &raw.parity {
-            None => Parity::None,
-            Some(parity) => match parity.get_ref().to_ascii_lowercase().as_str() {
-                "none" => Parity::None,
-                "even" => Parity::Even,
-                "odd" => Parity::Odd,
-                _ => {
-                    self.unknown(parity, &format!("{prefix}.parity"), "parity", PARITIES);
-                    Parity::None
-                }
-            },
-        };
-        let stop_bits = match &raw.stop_bits {
-            None => 1,
-            Some(bits) if matches!(bits.get_ref(), 1 | 2) => {
-                u8::try_from(*bits.get_ref()).unwrap_or(1)
-            }
-            Some(bits) => {
-                self.error(
-                    Some(bits.span()),
-                    format!("{prefix}.stop_bits"),
-                    format!("{} stop bits, expected 1 or 2", bits.get_ref()),
-                );
-                1
-            }
-        };
-        let flow_control = match &raw.flow_control {
-            None => FlowControl::None,
-            Some(flow) => match flow.get_ref().to_ascii_lowercase().as_str() {
-                "none" => FlowControl::None,
-                "software" | "xonxoff" | "xon/xoff" => FlowControl::Software,
-                "hardware" | "rtscts" | "rts/cts" => FlowControl::Hardware,
-                _ => {
-                    self.unknown(
-                        flow,
-                        &format!("{prefix}.flow_control"),
-                        "flow control",
-                        FLOW_CONTROLS,
-                    );
-                    FlowControl::None
-                }
-            },
-        };
-        Some(PortSettings {
-            path: path?,
-            baud,
-            data_bits,
-            parity,
-            stop_bits,
-            flow_control,
-        })
     }
 
     /// The framing, and the fixed frame length when that is the framing.

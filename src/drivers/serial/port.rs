@@ -26,7 +26,7 @@ use tokio_serial::SerialStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{FlowControl, Parity, PortSettings, SerialConfig, COMMAND_POINT};
+use super::config::{PortSettings, SerialConfig, COMMAND_POINT};
 use super::framing::{FrameCodec, FrameEvent};
 use super::parse::{self, Parsed};
 use crate::broker::{BrokerError, InternalSubscription};
@@ -251,29 +251,8 @@ pub(crate) async fn run(
 
 /// Opens the port with its settings. Synchronous: opening a tty does not block.
 fn open(settings: &PortSettings) -> Result<SerialStream, String> {
-    let builder = tokio_serial::new(settings.path.as_str(), settings.baud)
-        .data_bits(match settings.data_bits {
-            5 => tokio_serial::DataBits::Five,
-            6 => tokio_serial::DataBits::Six,
-            7 => tokio_serial::DataBits::Seven,
-            _ => tokio_serial::DataBits::Eight,
-        })
-        .parity(match settings.parity {
-            Parity::None => tokio_serial::Parity::None,
-            Parity::Even => tokio_serial::Parity::Even,
-            Parity::Odd => tokio_serial::Parity::Odd,
-        })
-        .stop_bits(if settings.stop_bits == 2 {
-            tokio_serial::StopBits::Two
-        } else {
-            tokio_serial::StopBits::One
-        })
-        .flow_control(match settings.flow_control {
-            FlowControl::None => tokio_serial::FlowControl::None,
-            FlowControl::Software => tokio_serial::FlowControl::Software,
-            FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
-        });
-    SerialStream::open(&builder).map_err(|e| format!("cannot open {}: {e}", settings.path))
+    SerialStream::open(&settings.builder())
+        .map_err(|e| format!("cannot open {}: {e}", settings.path))
 }
 
 impl Driver {
