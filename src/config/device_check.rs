@@ -114,6 +114,31 @@ impl DeviceCheck<'_, '_> {
         Some(duration)
     }
 
+    /// Reconnect backoff bounds (`backoff_min`, `backoff_max`), each more than zero and
+    /// min not above max.
+    pub(crate) fn backoff(
+        &mut self,
+        min: &Option<S<String>>,
+        max: &Option<S<String>>,
+        prefix: &str,
+        defaults: (Duration, Duration),
+    ) -> (Duration, Duration) {
+        let backoff_min = self
+            .positive_duration(min, &format!("{prefix}.backoff_min"))
+            .unwrap_or(defaults.0);
+        let backoff_max = self
+            .positive_duration(max, &format!("{prefix}.backoff_max"))
+            .unwrap_or(defaults.1);
+        if backoff_min > backoff_max {
+            self.error(
+                max.as_ref().map(S::span),
+                format!("{prefix}.backoff_max"),
+                "backoff_max is less than backoff_min",
+            );
+        }
+        (backoff_min, backoff_max)
+    }
+
     /// Path, baud, parity, data bits, stop bits and flow control of a serial port.
     pub(crate) fn serial_port(
         &mut self,

@@ -460,20 +460,12 @@ pub(crate) fn validate(
             .unwrap_or_default(),
         None => Duration::ZERO,
     };
-    let backoff_min = v
-        .positive_duration(&raw.backoff_min, &format!("{prefix}.backoff_min"))
-        .unwrap_or(DEFAULT_BACKOFF_MIN);
-    let backoff_max = v
-        .positive_duration(&raw.backoff_max, &format!("{prefix}.backoff_max"))
-        .unwrap_or(DEFAULT_BACKOFF_MAX);
-    if backoff_min > backoff_max {
-        let max_span = raw.backoff_max.as_ref().map(Spanned::span);
-        v.error(
-            max_span,
-            format!("{prefix}.backoff_max"),
-            "backoff_max is less than backoff_min",
-        );
-    }
+    let (backoff_min, backoff_max) = v.backoff(
+        &raw.backoff_min,
+        &raw.backoff_max,
+        prefix,
+        (DEFAULT_BACKOFF_MIN, DEFAULT_BACKOFF_MAX),
+    );
 
     let limits = PlanLimits {
         max_registers: v.small(
