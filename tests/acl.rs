@@ -16,6 +16,7 @@ use fieldmq::broker::Acl;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use fieldmq::config::DeniedReason;
 use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Raw, TestBroker};
@@ -211,6 +212,30 @@ async fn a_denied_subscription_gets_a_failure_suback() {
     let (mut bob, _) = Client::connect_v5(options).await;
     assert_eq!(bob.subscribe("#", 1).await, None);
     assert_eq!(bob.subscribe("plant/+/temperature", 1).await, Some(1));
+}
+
+#[tokio::test]
+async fn mqtt5_clients_that_expect_0x80_for_a_denied_subscription_can_have_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite #\ntopic deny test/nosubscribe\n").expect("write ACL");
+    let mut config = mqtt::config();
+    config.allow_anonymous = true;
+    config.acl_file = Some(acl);
+    config.subscribe_denied_reason = DeniedReason::Unspecified;
+    let broker = mqtt::start(config).await;
+
+    let mut v5 = Raw::connected(broker.addr, &Connect::v5("expects-0x80")).await;
+    assert_eq!(
+        raw_subscribe(&mut v5, true, 1, "test/nosubscribe").await,
+        0x80
+    );
+    assert_eq!(raw_subscribe(&mut v5, true, 2, "test/other").await, 1);
+    let mut v3 = Raw::connected(broker.addr, &Connect::v311("v3-client")).await;
+    assert_eq!(
+        raw_subscribe(&mut v3, false, 1, "test/nosubscribe").await,
+        0x80
+    );
 }
 
 #[tokio::test]

@@ -629,6 +629,14 @@ fn cases() -> Vec<Case> {
             Some("did you mean `sync`?"),
         ),
         case(
+            "unknown subscribe_denied_reason",
+            format!("{HEAD}subscribe_denied_reason = \"unspecified-eror\"\n"),
+            5,
+            "broker.subscribe_denied_reason",
+            "unknown reason \"unspecified-eror\", expected one of not-authorized, unspecified-error",
+            Some("did you mean `unspecified-error`?"),
+        ),
+        case(
             "zero commit window",
             format!("{HEAD}durability = \"batched\"\ncommit_window = \"0s\"\n"),
             6,

@@ -219,6 +219,97 @@ async fn every_acknowledged_message_to_an_offline_persistent_subscriber_survives
     assert!(status.success());
 }
 
+/// Publish `0..n` as numbered QoS 1 messages and wait for every PUBACK (bounded).
+async fn publish_all(addr: SocketAddr, topic: &str, n: u64) {
+    let (client, mut events) = AsyncClient::new(options(addr, "drain-pub", true), 100);
+    let topic = topic.to_string();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .expect("publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while acked < n {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(error) => panic!("publisher connection failed: {error}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {acked} of {n} PUBACKs"));
+    let _ = sender.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged() {
+    const TOTAL: u64 = 3000;
+    const ACK_FIRST: u64 = 1000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let mut gateway = GatewayProcess::start(&config);
+    subscriber_session(
+        gateway.addr,
+        true,
+        &BTreeSet::new(),
+        Duration::from_secs(10),
+    )
+    .await;
+    publish_all(gateway.addr, "load/0", TOTAL).await;
+
+    // Take the queue with manual acks: acknowledge the first ACK_FIRST only, give the broker
+    // a moment to record that, and kill it with the rest of the window unacknowledged.
+    let mut manual = options(gateway.addr, "durable-sub", false);
+    manual.set_manual_acks(true);
+    let (client, mut events) = AsyncClient::new(manual, 100);
+    let mut acknowledged = BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while (acknowledged.len() as u64) < ACK_FIRST {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let n: u64 = std::str::from_utf8(&p.payload)
+                        .expect("utf-8")
+                        .parse()
+                        .expect("number");
+                    client.ack(&p).await.expect("ack");
+                    acknowledged.insert(n);
+                }
+                Ok(_) => {}
+                Err(error) => panic!("subscriber connection failed: {error}"),
+            }
+        }
+        // Send the queued PUBACKs; publishes that arrive meanwhile stay unacknowledged.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Ok(_)) = tokio::time::timeout_at(settle, events.poll()).await {}
+    })
+    .await
+    .expect("the first part of the queue within 30 s");
+    gateway.kill9();
+    drop(events);
+    gateway = GatewayProcess::start(&config);
+
+    let rest: BTreeSet<u64> = (0..TOTAL).filter(|n| !acknowledged.contains(n)).collect();
+    let (present, received) =
+        subscriber_session(gateway.addr, false, &rest, Duration::from_secs(60)).await;
+    assert!(present, "the session survived the kill");
+    let missing = rest.difference(&received).count();
+    assert_eq!(missing, 0, "{missing} unacknowledged messages lost");
+    let again: Vec<&u64> = received.intersection(&acknowledged).take(10).collect();
+    assert!(
+        again.is_empty(),
+        "{} acknowledged messages delivered again after the restart, e.g. {again:?}",
+        received.intersection(&acknowledged).count()
+    );
+    let status = gateway.terminate();
+    assert!(status.success());
+}
+
 #[test]
 fn a_corrupt_broker_database_stops_the_start_with_an_error_naming_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");

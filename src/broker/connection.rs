@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::acl::Acl;
 use super::auth::PasswordFile;
-use super::persist::{Op, Persist};
+use super::persist::{Op, PageReply, Persist, StoredDelivery};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
     PublishIn, PublishOut, ReadError, SubAckCode, Version,
@@ -23,15 +24,22 @@ use super::protocol::{
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Inflight, InflightState, Session};
 use super::topic;
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
 
 /// A client must send CONNECT within this time.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not take our bytes within this time is cut off.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Messages read from disk at a time when a persistent session's queue has run dry.
-const PAGE_SIZE: usize = 500;
+/// Messages read from disk at a time for a persistent session whose queue spilled to disk.
+const PAGE_SIZE: usize = 1000;
+/// The next page is asked for when fewer than this many are left in memory, so that the
+/// read overlaps with sending (the send window never waits for the disk).
+const PAGE_LOW_WATER: usize = PAGE_SIZE / 2;
+/// In-order acknowledgements gathered before the store is told (see `store_watermark_if_due`).
+const WATERMARK_EVERY: u64 = 256;
+/// The longest an in-order acknowledgement waits before the store is told.
+const WATERMARK_DELAY: Duration = Duration::from_millis(20);
 /// How long a closing connection waits for acknowledgements still being committed.
 const ACK_DRAIN: Duration = Duration::from_secs(2);
 /// Topic aliases a client may use towards us.
@@ -54,6 +62,8 @@ pub(crate) struct Settings {
     max_packet_size: u32,
     max_inflight: u16,
     max_keep_alive: u16,
+    /// What a subscription the ACL denies gets in an MQTT 5 SUBACK.
+    denied: SubAckCode,
     next_connection: AtomicU64,
     pub(crate) counters: Arc<Counters>,
 }
@@ -72,6 +82,10 @@ impl Settings {
             max_packet_size: config.max_packet_size,
             max_inflight: config.max_inflight.max(1),
             max_keep_alive: config.max_keep_alive.max(1),
+            denied: match config.subscribe_denied_reason {
+                DeniedReason::NotAuthorized => SubAckCode::NotAuthorized,
+                DeniedReason::Unspecified => SubAckCode::Unspecified,
+            },
             next_connection: AtomicU64::new(1),
             counters,
         }
@@ -200,6 +214,9 @@ pub(crate) async fn serve<S>(
         out: BytesMut::with_capacity(4096),
         persist,
         pending_acks: FuturesOrdered::new(),
+        page_reply: None,
+        watermark: None,
+        watermark_due: None,
     };
     conn.queue(&Outgoing::ConnAck(ConnAckOut {
         session_present,
@@ -216,6 +233,7 @@ pub(crate) async fn serve<S>(
     let close = conn
         .run(&mut stream, &mut read_buf, &takeover, &shutdown)
         .await;
+    conn.store_watermark().await;
     let session_expiry = match &close {
         Close::Clean {
             session_expiry: Some(expiry),
@@ -401,6 +419,12 @@ struct Connection {
     persist: Option<Persist>,
     /// Publishes routed but not yet acknowledged (waiting for their commit), in order.
     pending_acks: FuturesOrdered<AckFuture>,
+    /// A page of queued messages asked for and not yet read from disk.
+    page_reply: Option<PageReply>,
+    /// Deliveries acknowledged in order since the store last heard: (through seq, count).
+    watermark: Option<(u64, u64)>,
+    /// When the store is told at the latest.
+    watermark_due: Option<tokio::time::Instant>,
 }
 
 /// `Sync` so that `&Connection` may be held across an await.
@@ -429,11 +453,21 @@ impl Connection {
         let keep_alive =
             (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
         let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        let mut yielded = false;
         loop {
             // Process whatever complete packets are already buffered.
             loop {
                 match protocol::read(self.version, read_buf, self.settings.max_packet_size) {
                     Ok(packet) => {
+                        if matches!(packet, Incoming::Publish(_)) && !yielded {
+                            // Tokio runs the task woken last first. Yielding once per read
+                            // before routing a publish lets connections whose bytes arrived
+                            // earlier go first: a SUBSCRIBE sent on one connection just
+                            // before a PUBLISH on another is in place when the PUBLISH is
+                            // routed, as a single-threaded broker would have it.
+                            tokio::task::yield_now().await;
+                            yielded = true;
+                        }
                         if let Some(k) = keep_alive {
                             deadline = Some(tokio::time::Instant::now() + k);
                         }
@@ -462,6 +496,7 @@ impl Connection {
                 }
             }
             self.pump().await;
+            self.store_watermark_if_due().await;
             if let Err(error) = self.flush(stream).await {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
@@ -477,13 +512,28 @@ impl Connection {
                     Ok(0) => return Close::Abnormal("connection closed by client without DISCONNECT".into()),
                     Ok(n) => {
                         self.settings.counters.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                        yielded = false;
                     }
                     Err(error) => return Close::Abnormal(format!("read failed: {error}")),
                 },
                 _ = self.session.wake.notified() => {}
+                rows = next_page(&mut self.page_reply), if self.page_reply.is_some() => {
+                    self.page_reply = None;
+                    self.session
+                        .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
+                }
+                _ = sleep_until(self.watermark_due), if self.watermark_due.is_some() => {
+                    self.store_watermark().await;
+                }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
-                    if !self.acknowledge(ack) {
-                        return Close::Abnormal("the broker store could not commit a message".into());
+                    // One commit answers many publishes: take every acknowledgement that
+                    // is ready, so they leave in one write.
+                    let mut next = Some(ack);
+                    while let Some(ack) = next {
+                        if !self.acknowledge(ack) {
+                            return Close::Abnormal("the broker store could not commit a message".into());
+                        }
+                        next = self.pending_acks.next().now_or_never().flatten();
                     }
                 }
                 _ = keep_alive_expired => {
@@ -514,7 +564,7 @@ impl Connection {
             Incoming::Publish(publish) => return self.on_publish(publish).await,
             Incoming::PubAck(pkid) => {
                 if let Some(Some(seq)) = self.session.ack(pkid) {
-                    self.store(Op::Remove { seq }).await;
+                    self.forget(seq).await;
                 }
             }
             Incoming::PubRec(pkid) => match self.session.received(pkid) {
@@ -522,6 +572,7 @@ impl Connection {
                     self.queue(&Outgoing::PubRel(pkid));
                     if let Some(seq) = seq {
                         self.store(Op::Inflight {
+                            client_id: self.client_id.clone(),
                             seq,
                             pkid,
                             state: InflightState::Released,
@@ -541,7 +592,7 @@ impl Connection {
             }
             Incoming::PubComp(pkid) => {
                 if let Some(Some(seq)) = self.session.completed(pkid) {
-                    self.store(Op::Remove { seq }).await;
+                    self.forget(seq).await;
                 }
             }
             Incoming::Subscribe {
@@ -586,7 +637,7 @@ impl Connection {
                         if *ok {
                             granted.next().unwrap_or(SubAckCode::TopicFilterInvalid)
                         } else {
-                            SubAckCode::NotAuthorized
+                            self.settings.denied
                         }
                     })
                     .collect();
@@ -789,25 +840,70 @@ impl Connection {
         }
     }
 
+    /// A delivery is complete: its row goes. In the usual case (acknowledged in order) that
+    /// is a watermark that covers it, told to the store once per read (see
+    /// [`Self::store_watermark`]); an acknowledgement out of order deletes its own row.
+    async fn forget(&mut self, seq: u64) {
+        let through = self.session.done_through();
+        if seq <= through {
+            let count = self.watermark.map_or(0, |(_, count)| count);
+            self.watermark = Some((through, count + 1));
+            self.watermark_due
+                .get_or_insert_with(|| tokio::time::Instant::now() + WATERMARK_DELAY);
+        } else {
+            self.store(Op::Remove { seq }).await;
+        }
+    }
+
+    /// Tell the store the watermark every [`WATERMARK_EVERY`] acknowledgements, whenever
+    /// nothing is left in flight, and at the latest [`WATERMARK_DELAY`] after an
+    /// acknowledgement: a draining queue costs the store one write per few hundred messages,
+    /// and a watermark is never far behind.
+    async fn store_watermark_if_due(&mut self) {
+        let due = self
+            .watermark
+            .is_some_and(|(_, count)| count >= WATERMARK_EVERY)
+            || (self.watermark.is_some() && self.session.lock().inflight.is_empty());
+        if due {
+            self.store_watermark().await;
+        }
+    }
+
+    async fn store_watermark(&mut self) {
+        self.watermark_due = None;
+        if let Some((through, count)) = self.watermark.take() {
+            self.store(Op::Acked {
+                client_id: self.client_id.clone(),
+                through,
+                count,
+            })
+            .await;
+        }
+    }
+
     async fn store(&self, op: Op) {
         if let Some(persist) = &self.persist {
             persist.send(op).await;
         }
     }
 
-    /// Move what the session may send now into the write buffer, paging messages in from
-    /// disk when the in-memory queue has run dry.
+    /// Move what the session may send now into the write buffer, and ask for the next page
+    /// from disk when the in-memory queue runs low.
     async fn pump(&mut self) {
         // Like Mosquitto's max_inflight_messages: a 3.1.1 client states no limit, and a long
         // in-flight list only delays acknowledgements without speeding anything up.
         let window = usize::from(self.receive_maximum.min(self.settings.max_inflight));
         loop {
-            if let (Some(after_seq), Some(persist)) = (self.session.page_needed(), &self.persist) {
-                let rows = persist
-                    .page(self.client_id.clone(), after_seq, PAGE_SIZE)
-                    .await;
-                self.session
-                    .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
+            if let (Some(after_seq), Some(persist), None) = (
+                self.session.page_wanted(PAGE_LOW_WATER),
+                &self.persist,
+                &self.page_reply,
+            ) {
+                self.page_reply = Some(
+                    persist
+                        .request_page(self.client_id.clone(), after_seq, PAGE_SIZE)
+                        .await,
+                );
             }
             let (sendable, expired) = self.session.take_sendable(self.id, window, Instant::now());
             for seq in expired {
@@ -831,17 +927,18 @@ impl Connection {
                     self.store(Op::Remove { seq }).await;
                     continue;
                 }
-                if let (Some(seq), true) = (entry.delivery.seq, entry.pkid != 0) {
+                // QoS 2 needs its packet id after a restart (the client de-duplicates by
+                // it); a QoS 1 message in flight at a crash is simply sent again, which
+                // QoS 1 allows, so it costs no write here.
+                if let (Some(seq), QoS::ExactlyOnce) = (entry.delivery.seq, entry.delivery.qos) {
                     self.store(Op::Inflight {
+                        client_id: self.client_id.clone(),
                         seq,
                         pkid: entry.pkid,
                         state: entry.state,
                     })
                     .await;
                 }
-            }
-            if self.session.page_needed().is_none() {
-                return;
             }
         }
     }
@@ -935,5 +1032,21 @@ impl Connection {
             .bytes_sent
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         written
+    }
+}
+
+/// The rows of a pending page (empty when the store has gone); never resolves without one.
+async fn next_page(reply: &mut Option<PageReply>) -> Vec<(u64, StoredDelivery)> {
+    match reply {
+        Some(rows) => rows.await.unwrap_or_default(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleep until `deadline`; never resolves without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -14,6 +14,7 @@
 //! - Rows of one client are delivered in `seq` order; `pkid`/`state` record what was in
 //!   flight so a restart resends it with the same packet id.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,7 +33,16 @@ const CHANNEL: usize = 8192;
 /// Most ops applied in one transaction.
 const MAX_BATCH: usize = 4096;
 /// Schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+/// The store waits this long without ops before it deletes rows of acknowledged messages.
+const PURGE_IDLE: Duration = Duration::from_millis(20);
+/// A commit that nobody waits for is not synced on its own; the next synced one covers it,
+/// and one is forced this long after the last (or when the store goes idle).
+const UNSYNCED_MAX: Duration = Duration::from_millis(50);
+/// Rows of acknowledged messages deleted per purge transaction.
+const PURGE_CHUNK: usize = 2000;
+/// Past this many rows of acknowledged messages, they are deleted even while busy.
+const PURGE_FORCE_ROWS: u64 = 250_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -134,9 +144,18 @@ pub(crate) enum Op {
         delivery: Delivery,
     },
     Inflight {
+        client_id: Arc<str>,
         seq: u64,
         pkid: u16,
         state: InflightState,
+    },
+    /// Every message of a client up to `through` is done (acknowledged in order): one
+    /// watermark write per commit instead of a delete per message. The rows themselves
+    /// are deleted later, when the store is idle. `count` is how many acks this covers.
+    Acked {
+        client_id: Arc<str>,
+        through: u64,
+        count: u64,
     },
     Remove {
         seq: u64,
@@ -160,6 +179,9 @@ pub(crate) enum Op {
         reply: oneshot::Sender<Vec<(u64, StoredDelivery)>>,
     },
 }
+
+/// Where the rows of a [`Persist::request_page`] arrive.
+pub(crate) type PageReply = oneshot::Receiver<Vec<(u64, StoredDelivery)>>;
 
 /// Who waits for a commit.
 pub(crate) enum Waiter {
@@ -206,7 +228,7 @@ impl Persist {
         memory_window: usize,
     ) -> Result<(Persist, Snapshot), PersistError> {
         let mut conn = open_connection(path, durability)?;
-        let snapshot =
+        let (snapshot, garbage) =
             load(&mut conn, memory_window).map_err(|e| PersistError::classify(path, e))?;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let size = Arc::new(AtomicU64::new(file_size(path)));
@@ -217,8 +239,14 @@ impl Persist {
                 Durability::Batched => commit_window,
                 _ => Duration::ZERO,
             },
+            synchronous: synchronous_for(durability),
+            current_synchronous: synchronous_for(durability),
+            unsynced: false,
+            last_sync: Instant::now(),
             size: size.clone(),
             commits: 0,
+            garbage,
+            purging: false,
         };
         std::thread::Builder::new()
             .name("broker-store".into())
@@ -243,12 +271,14 @@ impl Persist {
         rx
     }
 
-    pub(crate) async fn page(
+    /// Ask for up to `limit` rows of a client with `seq > after_seq`, oldest first. The
+    /// answer comes after everything sent before it has been applied.
+    pub(crate) async fn request_page(
         &self,
         client_id: Arc<str>,
         after_seq: u64,
         limit: usize,
-    ) -> Vec<(u64, StoredDelivery)> {
+    ) -> PageReply {
         let (reply, rows) = oneshot::channel();
         self.send(Op::Page {
             client_id,
@@ -257,6 +287,17 @@ impl Persist {
             reply,
         })
         .await;
+        rows
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn page(
+        &self,
+        client_id: Arc<str>,
+        after_seq: u64,
+        limit: usize,
+    ) -> Vec<(u64, StoredDelivery)> {
+        let rows = self.request_page(client_id, after_seq, limit).await;
         rows.await.unwrap_or_default()
     }
 
@@ -296,11 +337,7 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
     let _: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(err)?;
-    let synchronous = match durability {
-        Durability::Sync => "FULL",
-        _ => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", synchronous)
+    conn.pragma_update(None, "synchronous", synchronous_for(durability))
         .map_err(err)?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |row| row.get(0))
@@ -322,12 +359,18 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
             ),
         });
     }
+    if version == 1 {
+        // Version 2 records how far each session's queue has been acknowledged.
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN acked_seq INTEGER NOT NULL DEFAULT 0")
+            .map_err(err)?;
+    }
     conn.execute_batch(
         "BEGIN IMMEDIATE;
          CREATE TABLE IF NOT EXISTS sessions (
              client_id TEXT PRIMARY KEY,
              expiry INTEGER NOT NULL,
-             disconnected_ms INTEGER
+             disconnected_ms INTEGER,
+             acked_seq INTEGER NOT NULL DEFAULT 0
          ) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS subscriptions (
              client_id TEXT NOT NULL,
@@ -359,11 +402,18 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
              properties TEXT,
              received_ms INTEGER NOT NULL
          ) WITHOUT ROWID;
-         PRAGMA user_version = 1;
+         PRAGMA user_version = 2;
          COMMIT;",
     )
     .map_err(err)?;
     Ok(conn)
+}
+
+fn synchronous_for(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Sync => "FULL",
+        _ => "NORMAL",
+    }
 }
 
 fn now_ms() -> i64 {
@@ -421,9 +471,45 @@ fn qos_from(code: i64) -> QoS {
 const QUEUE_COLUMNS: &str =
     "seq, topic, payload, qos, retain, subscription_ids, properties, received_ms, pkid, state";
 
-fn queue_row(row: &rusqlite::Row<'_>, now: Instant) -> rusqlite::Result<(u64, StoredDelivery)> {
+/// Decodes queue rows, sharing what consecutive rows have in common (the origin, and a
+/// topic repeated row after row) instead of allocating it per message.
+struct RowReader {
+    now: Instant,
+    origin: Origin,
+    last_topic: Option<Arc<str>>,
+}
+
+impl RowReader {
+    fn new(now: Instant) -> RowReader {
+        RowReader {
+            now,
+            origin: Origin::Internal(Arc::from("store")),
+            last_topic: None,
+        }
+    }
+
+    fn topic(&mut self, topic: &str) -> Arc<str> {
+        match &self.last_topic {
+            Some(last) if &**last == topic => last.clone(),
+            _ => {
+                let fresh: Arc<str> = Arc::from(topic);
+                self.last_topic = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+}
+
+fn queue_row(
+    row: &rusqlite::Row<'_>,
+    reader: &mut RowReader,
+) -> rusqlite::Result<(u64, StoredDelivery)> {
+    let now = reader.now;
     let seq: i64 = row.get(0)?;
-    let topic: String = row.get(1)?;
+    let topic = row.get_ref(1)?.as_str().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let topic = reader.topic(topic);
     let payload: Vec<u8> = row.get(2)?;
     let qos = qos_from(row.get(3)?);
     let retain: bool = row.get(4)?;
@@ -436,12 +522,12 @@ fn queue_row(row: &rusqlite::Row<'_>, now: Instant) -> rusqlite::Result<(u64, St
         .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
         .unwrap_or_default();
     let message = Message {
-        topic: Arc::from(topic.as_str()),
+        topic,
         payload: Bytes::from(payload),
         qos,
         retain,
         properties: decode_properties(properties),
-        origin: Origin::Internal(Arc::from("store")),
+        origin: reader.origin.clone(),
         received: instant_from_ms(received_ms, now),
     };
     let inflight = match (pkid, state.and_then(state_from_code)) {
@@ -463,22 +549,32 @@ fn queue_row(row: &rusqlite::Row<'_>, now: Instant) -> rusqlite::Result<(u64, St
     ))
 }
 
-fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapshot> {
+/// Load what the database holds. Also returns, per client, the acknowledged watermark
+/// below which rows still wait to be deleted.
+fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapshot, Garbage)> {
     let now = Instant::now();
     let now_wall = now_ms();
     let mut snapshot = Snapshot::default();
+    let mut garbage = Garbage::default();
+    // Seqs never go back, not even below a watermark whose rows are all deleted.
     let next_seq: Option<i64> = conn
-        .query_row("SELECT max(seq) FROM queue", [], |row| row.get(0))
+        .query_row(
+            "SELECT max((SELECT max(seq) FROM queue), (SELECT max(acked_seq) FROM sessions))",
+            [],
+            |row| row.get(0),
+        )
         .optional()?
         .flatten();
     snapshot.next_seq = u64::try_from(next_seq.unwrap_or(0)).unwrap_or(0) + 1;
 
-    let mut sessions = conn.prepare("SELECT client_id, expiry, disconnected_ms FROM sessions")?;
+    let mut sessions =
+        conn.prepare("SELECT client_id, expiry, disconnected_ms, acked_seq FROM sessions")?;
     let rows = sessions.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, i64>(1)?,
             row.get::<_, Option<i64>>(2)?,
+            row.get::<_, i64>(3)?,
         ))
     })?;
     let mut subscriptions = conn.prepare(
@@ -486,11 +582,20 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapsho
          FROM subscriptions WHERE client_id = ?1",
     )?;
     let mut queue = conn.prepare(&format!(
-        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 ORDER BY seq LIMIT ?2"
+        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?3 ORDER BY seq LIMIT ?2"
     ))?;
-    let mut count = conn.prepare("SELECT count(*) FROM queue WHERE client_id = ?1")?;
+    let mut count = conn.prepare("SELECT count(*) FROM queue WHERE client_id = ?1 AND seq > ?2")?;
+    let mut has_garbage =
+        conn.prepare("SELECT EXISTS (SELECT 1 FROM queue WHERE client_id = ?1 AND seq <= ?2)")?;
     for row in rows {
-        let (client_id, expiry, disconnected_ms) = row?;
+        let (client_id, expiry, disconnected_ms, acked_seq) = row?;
+        if has_garbage.query_row(params![&client_id, acked_seq], |row| row.get::<_, bool>(0))? {
+            garbage.add(
+                Arc::from(client_id.as_str()),
+                u64::try_from(acked_seq).unwrap_or(0),
+                0,
+            );
+        }
         let subs = subscriptions
             .query_map([&client_id], |row| {
                 Ok(StoredSubscription {
@@ -505,12 +610,17 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapsho
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let window = i64::try_from(memory_window).unwrap_or(i64::MAX);
+        let mut reader = RowReader::new(now);
         let queued = queue
-            .query_map(params![&client_id, window], |row| queue_row(row, now))?
+            .query_map(params![&client_id, window, acked_seq], |row| {
+                queue_row(row, &mut reader)
+            })?
             .map(|r| r.map(|(_, d)| d))
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let total: i64 = count.query_row([&client_id], |row| row.get(0))?;
-        let spilled = u64::try_from(total).unwrap_or(0) - queued.len() as u64;
+        let total: i64 = count.query_row(params![&client_id, acked_seq], |row| row.get(0))?;
+        let spilled = u64::try_from(total)
+            .unwrap_or(0)
+            .saturating_sub(queued.len() as u64);
         // A session that was connected when the broker died counts as disconnected now.
         let disconnected_for = Some(Duration::from_millis(
             u64::try_from(now_wall.saturating_sub(disconnected_ms.unwrap_or(now_wall)))
@@ -525,7 +635,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapsho
             spilled,
         });
     }
-    drop((sessions, subscriptions, queue, count));
+    drop((sessions, subscriptions, queue, count, has_garbage));
 
     let mut retained =
         conn.prepare("SELECT topic, payload, qos, properties, received_ms FROM retained")?;
@@ -544,7 +654,27 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<Snapsho
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(snapshot)
+    Ok((snapshot, garbage))
+}
+
+/// Rows of acknowledged messages not deleted yet: per client, the watermark they are under.
+#[derive(Debug, Default)]
+struct Garbage {
+    through: std::collections::HashMap<Arc<str>, u64>,
+    /// About how many rows wait (acks counted; exact enough to bound the backlog).
+    rows: u64,
+}
+
+impl Garbage {
+    fn add(&mut self, client_id: Arc<str>, through: u64, rows: u64) {
+        let entry = self.through.entry(client_id).or_insert(through);
+        *entry = (*entry).max(through);
+        self.rows += rows;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.through.is_empty()
+    }
 }
 
 struct Writer {
@@ -552,13 +682,44 @@ struct Writer {
     path: PathBuf,
     /// Extra time to gather ops before a commit (`Batched`), zero otherwise.
     window: Duration,
+    /// `PRAGMA synchronous` for commits that acknowledge something.
+    synchronous: &'static str,
+    /// The `PRAGMA synchronous` in effect.
+    current_synchronous: &'static str,
+    /// Commits since the last synced one, and when that was.
+    unsynced: bool,
+    last_sync: Instant,
     size: Arc<AtomicU64>,
     commits: u64,
+    garbage: Garbage,
+    /// The store has been idle for [`PURGE_IDLE`]: purge until an op arrives.
+    purging: bool,
+}
+
+/// What the writer does next.
+enum Next {
+    Op(Op),
+    /// Nothing to write: time to delete rows of acknowledged messages.
+    Idle,
+    Closed,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Op>) {
-        while let Some(first) = rx.blocking_recv() {
+        // Only for waiting on the channel with a timeout while there is garbage to delete.
+        let idle_clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok();
+        loop {
+            let first = match self.next(&mut rx, idle_clock.as_ref()) {
+                Next::Op(op) => op,
+                Next::Idle => {
+                    self.on_idle();
+                    continue;
+                }
+                Next::Closed => break,
+            };
             let mut batch = vec![first];
             if !self.window.is_zero() {
                 std::thread::sleep(self.window);
@@ -570,13 +731,90 @@ impl Writer {
                 }
             }
             self.apply(batch);
+            if self.garbage.rows > PURGE_FORCE_ROWS {
+                self.purge();
+            }
         }
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    fn next(
+        &mut self,
+        rx: &mut mpsc::Receiver<Op>,
+        idle_clock: Option<&tokio::runtime::Runtime>,
+    ) -> Next {
+        let received = if self.garbage.is_empty() && !self.unsynced {
+            rx.blocking_recv()
+        } else if self.purging {
+            match rx.try_recv() {
+                Ok(op) => Some(op),
+                Err(mpsc::error::TryRecvError::Empty) => return Next::Idle,
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        } else {
+            let Some(clock) = idle_clock else {
+                self.purging = true;
+                return Next::Idle;
+            };
+            match clock.block_on(async { tokio::time::timeout(PURGE_IDLE, rx.recv()).await }) {
+                Ok(op) => op,
+                Err(_) => {
+                    self.purging = true;
+                    return Next::Idle;
+                }
+            }
+        };
+        match received {
+            Some(op) => {
+                self.purging = false;
+                Next::Op(op)
+            }
+            None => Next::Closed,
+        }
     }
 
     fn apply(&mut self, batch: Vec<Op>) {
         let mut barriers = Vec::new();
         let mut pages = Vec::new();
+        // A row queued and acknowledged within one batch (a client that keeps up) never
+        // needs to reach the disk, and an in-flight mark on a row deleted in the same batch
+        // is moot: both are skipped.
+        let mut removed = HashSet::new();
+        let mut acked: std::collections::HashMap<Arc<str>, (u64, u64)> =
+            std::collections::HashMap::new();
+        for op in &batch {
+            match op {
+                Op::Remove { seq } => {
+                    removed.insert(*seq);
+                }
+                Op::Acked {
+                    client_id,
+                    through,
+                    count,
+                } => {
+                    let entry = acked.entry(client_id.clone()).or_insert((*through, 0));
+                    entry.0 = entry.0.max(*through);
+                    entry.1 += count;
+                }
+                _ => {}
+            }
+        }
+        // Sync (fsync) when someone waits for this commit, or when the last sync is getting
+        // old; other commits (deliveries acknowledged, in-flight marks, sessions) become
+        // durable with the next synced one.
+        let waited_for = batch.iter().any(|op| matches!(op, Op::Barrier(_)));
+        let sync =
+            self.synchronous == "FULL" && (waited_for || self.last_sync.elapsed() >= UNSYNCED_MAX);
+        if let Err(error) = self.set_synchronous(if sync { "FULL" } else { "NORMAL" }) {
+            tracing::error!(database = %self.path.display(), %error, "cannot set the store's sync mode");
+            return;
+        }
+        let done = |client_id: &str, seq: u64| {
+            removed.contains(&seq) || acked.get(client_id).is_some_and(|(w, _)| seq <= *w)
+        };
+        let mut never_written = HashSet::new();
+        let mut deletes = Vec::new();
+        let mut dropped_sessions = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
             let tx = self
                 .conn
@@ -584,18 +822,47 @@ impl Writer {
             for op in batch {
                 match op {
                     Op::Barrier(done) => barriers.push(done),
+                    Op::Enqueue { seq, client_id, .. } if done(&client_id, seq) => {
+                        never_written.insert(seq);
+                    }
+                    Op::Inflight { seq, client_id, .. } if done(&client_id, seq) => {}
+                    Op::Remove { seq } => {
+                        if !never_written.contains(&seq) {
+                            deletes.push(seq);
+                        }
+                    }
+                    Op::Acked { .. } => {}
                     Op::Page {
                         client_id,
                         after_seq,
                         limit,
                         reply,
                     } => {
+                        delete_rows(&tx, &mut deletes)?;
                         let rows = page(&tx, &client_id, after_seq, limit)?;
                         pages.push((reply, rows));
                     }
-                    other => apply_op(&tx, other)?,
+                    other => {
+                        if let Op::DropSession { client_id } = &other {
+                            dropped_sessions.push(client_id.clone());
+                        }
+                        // Deferred deletes go first so that row-selecting ops see them.
+                        delete_rows(&tx, &mut deletes)?;
+                        apply_op(&tx, other)?;
+                    }
                 }
             }
+            delete_rows(&tx, &mut deletes)?;
+            let mut watermark = tx.prepare_cached(
+                "UPDATE sessions SET acked_seq = max(acked_seq, ?2) WHERE client_id = ?1",
+            )?;
+            for (client_id, (through, _)) in &acked {
+                watermark.execute(params![
+                    &**client_id,
+                    i64::try_from(*through).unwrap_or(i64::MAX)
+                ])?;
+            }
+            drop(watermark);
             tx.commit()
         })();
         if let Err(error) = result {
@@ -604,12 +871,101 @@ impl Writer {
             tracing::error!(database = %self.path.display(), %error, "broker store commit failed");
             return;
         }
+        if sync {
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+        } else if self.synchronous == "FULL" {
+            self.unsynced = true;
+        }
+        let skipped = never_written.len() as u64;
+        for (client_id, (through, count)) in acked {
+            self.garbage.add(client_id, through, count);
+        }
+        self.garbage.rows = self.garbage.rows.saturating_sub(skipped);
+        for client_id in dropped_sessions {
+            self.garbage.through.remove(&client_id);
+        }
         for waiter in barriers {
             waiter.wake();
         }
         for (reply, rows) in pages {
             let _ = reply.send(rows);
         }
+        self.after_commit();
+    }
+
+    fn set_synchronous(&mut self, mode: &'static str) -> rusqlite::Result<()> {
+        if self.current_synchronous != mode {
+            self.conn.pragma_update(None, "synchronous", mode)?;
+            self.current_synchronous = mode;
+        }
+        Ok(())
+    }
+
+    /// No ops for a while: make unsynced commits durable, then delete acknowledged rows.
+    fn on_idle(&mut self) {
+        if self.unsynced {
+            // A checkpoint syncs the WAL first (then copies it into the database).
+            if let Err(error) = self.conn.pragma_update(None, "wal_checkpoint", "PASSIVE") {
+                tracing::warn!(database = %self.path.display(), %error, "store checkpoint failed");
+            }
+            self.unsynced = false;
+            self.last_sync = Instant::now();
+        }
+        self.purge();
+    }
+
+    /// Delete one chunk of rows under a client's acknowledged watermark. Nothing waits for
+    /// this commit, so it is not synced on its own (the next synced commit covers it; a
+    /// power cut before then only leaves rows that are deleted again after the restart).
+    fn purge(&mut self) {
+        let Some((client_id, through)) = self
+            .garbage
+            .through
+            .iter()
+            .next()
+            .map(|(c, t)| (c.clone(), *t))
+        else {
+            return;
+        };
+        let result = (|| -> rusqlite::Result<usize> {
+            self.set_synchronous("NORMAL")?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = tx
+                .prepare_cached(
+                    "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue
+                     WHERE client_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)",
+                )?
+                .execute(params![
+                    &*client_id,
+                    i64::try_from(through).unwrap_or(i64::MAX),
+                    PURGE_CHUNK as i64
+                ])?;
+            tx.commit()?;
+            Ok(deleted)
+        })();
+        match result {
+            Ok(deleted) => {
+                self.garbage.rows = self.garbage.rows.saturating_sub(deleted as u64);
+                if deleted < PURGE_CHUNK {
+                    self.garbage.through.remove(&client_id);
+                    if self.garbage.is_empty() {
+                        self.garbage.rows = 0;
+                    }
+                }
+            }
+            Err(error) => {
+                // Left for the next start (it finds them again) rather than retried hot.
+                tracing::warn!(database = %self.path.display(), %error, "cannot delete acknowledged messages");
+                self.garbage.through.remove(&client_id);
+            }
+        }
+        self.after_commit();
+    }
+
+    fn after_commit(&mut self) {
         self.commits += 1;
         if self.commits % 256 == 0 {
             // Give freed pages back a little at a time so the file stays bounded.
@@ -619,13 +975,39 @@ impl Writer {
     }
 }
 
+/// Delete queue rows, one statement per run of consecutive seqs (acknowledgements of one
+/// client mostly come in order), and empty `seqs`.
+fn delete_rows(tx: &rusqlite::Transaction<'_>, seqs: &mut Vec<u64>) -> rusqlite::Result<()> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut delete = tx.prepare_cached("DELETE FROM queue WHERE seq BETWEEN ?1 AND ?2")?;
+    let as_row = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
+    let mut start = seqs[0];
+    let mut end = start;
+    for &seq in &seqs[1..] {
+        if seq == end + 1 {
+            end = seq;
+            continue;
+        }
+        delete.execute(params![as_row(start), as_row(end)])?;
+        start = seq;
+        end = seq;
+    }
+    delete.execute(params![as_row(start), as_row(end)])?;
+    seqs.clear();
+    Ok(())
+}
+
 fn page(
     tx: &rusqlite::Transaction<'_>,
     client_id: &str,
     after_seq: u64,
     limit: usize,
 ) -> rusqlite::Result<Vec<(u64, StoredDelivery)>> {
-    let now = Instant::now();
+    let mut reader = RowReader::new(Instant::now());
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
     ))?;
@@ -636,7 +1018,7 @@ fn page(
                 i64::try_from(after_seq).unwrap_or(i64::MAX),
                 i64::try_from(limit).unwrap_or(i64::MAX)
             ],
-            |row| queue_row(row, now),
+            |row| queue_row(row, &mut reader),
         )?
         .collect();
     rows
@@ -697,7 +1079,7 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
                 .map(|n| n.to_string())
                 .collect();
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO queue
+                "INSERT INTO queue
                  (seq, client_id, topic, payload, qos, retain, subscription_ids, properties, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
@@ -713,17 +1095,15 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
                 ms_from_instant(delivery.message.received),
             ])?;
         }
-        Op::Inflight { seq, pkid, state } => {
+        Op::Inflight {
+            seq, pkid, state, ..
+        } => {
             tx.prepare_cached("UPDATE queue SET pkid = ?2, state = ?3 WHERE seq = ?1")?
                 .execute(params![
                     i64::try_from(seq).unwrap_or(i64::MAX),
                     pkid,
                     state_code(state)
                 ])?;
-        }
-        Op::Remove { seq } => {
-            tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?
-                .execute([i64::try_from(seq).unwrap_or(i64::MAX)])?;
         }
         Op::RemoveOldest {
             client_id,
@@ -757,7 +1137,8 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
                     .execute([&*topic])?;
             }
         },
-        Op::Barrier(_) | Op::Page { .. } => {}
+        // Handled by the writer itself (batched deletes, replies after the commit).
+        Op::Barrier(_) | Op::Page { .. } | Op::Remove { .. } | Op::Acked { .. } => {}
     }
     Ok(())
 }
@@ -815,6 +1196,7 @@ mod tests {
             }
             persist
                 .send(Op::Inflight {
+                    client_id: client.clone(),
                     seq: 1,
                     pkid: 9,
                     state: InflightState::Released,
@@ -862,6 +1244,112 @@ mod tests {
         let page = persist.page(Arc::from("c1"), 3, 10).await;
         let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![4, 5]);
+    }
+
+    /// Open the database again once the writer of the previous `Persist` has let go.
+    async fn reopen(path: &Path, memory_window: usize) -> (Persist, Snapshot) {
+        for _ in 0..100 {
+            match Persist::open(path, Durability::Sync, Duration::ZERO, memory_window) {
+                Ok(opened) => return opened,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        panic!("cannot reopen {}", path.display());
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_watermark_hides_rows_at_once_and_they_are_purged_when_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let client: Arc<str> = Arc::from("c1");
+        {
+            let (persist, _) =
+                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            for seq in 1..=6 {
+                persist
+                    .send(Op::Enqueue {
+                        seq,
+                        client_id: client.clone(),
+                        delivery: delivery(&format!("a/{seq}"), seq),
+                    })
+                    .await;
+            }
+            persist.barrier().await.await.expect("committed");
+            persist
+                .send(Op::Acked {
+                    client_id: client.clone(),
+                    through: 4,
+                    count: 4,
+                })
+                .await;
+            persist.barrier().await.await.expect("committed");
+        }
+        let (persist, snapshot) = reopen(&path, 100).await;
+        let seqs: Vec<Option<u64>> = snapshot.sessions[0]
+            .queue
+            .iter()
+            .map(|d| d.delivery.seq)
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![Some(5), Some(6)],
+            "acknowledged rows are not loaded"
+        );
+        assert_eq!(snapshot.sessions[0].spilled, 0);
+        // The rows under the watermark go once the store has been idle for a moment.
+        let mut physical = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(PURGE_IDLE * 2).await;
+            physical = persist.page(client.clone(), 0, 100).await;
+            if physical.len() == 2 {
+                break;
+            }
+        }
+        let seqs: Vec<u64> = physical.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, vec![5, 6], "rows 1..=4 purged");
+        persist
+            .send(Op::Acked {
+                client_id: client.clone(),
+                through: 6,
+                count: 2,
+            })
+            .await;
+        persist.barrier().await.await.expect("committed");
+        drop(persist);
+        let (_persist, snapshot) = reopen(&path, 100).await;
+        assert!(snapshot.sessions[0].queue.is_empty());
+        assert_eq!(
+            snapshot.next_seq, 7,
+            "seqs never go back below a watermark, even with no rows left"
+        );
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL,
+                     disconnected_ms INTEGER) WITHOUT ROWID;
+                 INSERT INTO sessions VALUES ('old', 3600, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .expect("version 1 schema");
+        }
+        let (_persist, snapshot) =
+            Persist::open(&path, Durability::Sync, Duration::ZERO, 10).expect("upgraded");
+        assert_eq!(snapshot.sessions.len(), 1);
+        assert_eq!(snapshot.sessions[0].client_id, "old");
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub(crate) struct ConnAckOut {
 pub(crate) enum SubAckCode {
     Granted(QoS),
     NotAuthorized,
+    /// 0x80 in both versions.
+    Unspecified,
     TopicFilterInvalid,
 }
 
@@ -761,6 +763,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 .map(|c| match c {
                     SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
                     SubAckCode::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+                    SubAckCode::Unspecified => v5::SubscribeReasonCode::Unspecified,
                     SubAckCode::TopicFilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
                 })
                 .collect(),

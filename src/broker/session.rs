@@ -232,10 +232,11 @@ impl Session {
         outcome
     }
 
-    /// When the memory queue is empty and messages wait on disk: the seq to page after.
-    pub(crate) fn page_needed(&self) -> Option<u64> {
+    /// When fewer than `low_water` messages are queued in memory and more wait on disk:
+    /// the seq to page after.
+    pub(crate) fn page_wanted(&self, low_water: usize) -> Option<u64> {
         let state = self.lock();
-        (state.queue.is_empty() && state.spilled > 0).then_some(state.disk_cursor)
+        (state.queue.len() < low_water && state.spilled > 0).then_some(state.disk_cursor)
     }
 
     /// Add a page read from disk (rows after the cursor, oldest first).
@@ -313,6 +314,22 @@ impl Session {
             self.drained.notify_waiters();
         }
         (out, expired)
+    }
+
+    /// The highest seq such that every message of this session up to it is done: the one
+    /// before the oldest still in flight or queued, or everything that has been in memory.
+    /// (Messages reach memory in seq order, and everything on disk only is newer.)
+    pub(crate) fn done_through(&self) -> u64 {
+        let state = self.lock();
+        let oldest_pending = state
+            .inflight
+            .iter()
+            .find_map(|i| i.delivery.seq)
+            .or_else(|| state.queue.iter().find_map(|d| d.seq));
+        match oldest_pending {
+            Some(seq) => seq.saturating_sub(1),
+            None => state.disk_cursor,
+        }
     }
 
     /// Everything in flight, to resend after a reconnect.
@@ -455,7 +472,7 @@ mod tests {
         session.set_owner(1);
         let (sent, _) = session.take_sendable(1, 100, Instant::now());
         assert_eq!(sent.len(), 4);
-        assert_eq!(session.page_needed(), Some(4));
+        assert_eq!(session.page_wanted(1), Some(4));
         session.add_page(
             (5..=7)
                 .map(|s| delivery(s, QoS::AtLeastOnce, Some(s)))
@@ -464,6 +481,6 @@ mod tests {
         let (sent, _) = session.take_sendable(1, 100, Instant::now());
         let seqs: Vec<u64> = sent.iter().filter_map(|i| i.delivery.seq).collect();
         assert_eq!(seqs, vec![5, 6, 7]);
-        assert_eq!(session.page_needed(), Some(7));
+        assert_eq!(session.page_wanted(1), Some(7));
     }
 }

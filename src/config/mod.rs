@@ -73,6 +73,17 @@ pub struct BrokerConfig {
     /// Longest keep alive (seconds) an MQTT 5 client may use; a longer one is answered
     /// with this as Server Keep Alive. Default 65535 (no limit), like Mosquitto.
     pub max_keep_alive: u16,
+    /// The MQTT 5 SUBACK reason for a subscription the ACL denies. Default `NotAuthorized`.
+    pub subscribe_denied_reason: DeniedReason,
+}
+
+/// The MQTT 5 reason code a denied SUBSCRIBE gets (3.1.1 has only 0x80).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeniedReason {
+    /// 0x87 Not authorized: says why.
+    NotAuthorized,
+    /// 0x80 Unspecified error: for MQTT 5 clients that treat only 0x80 as a refusal.
+    Unspecified,
 }
 
 impl Default for BrokerConfig {
@@ -93,6 +104,7 @@ impl Default for BrokerConfig {
             acl_file: None,
             sys_interval: None,
             max_keep_alive: u16::MAX,
+            subscribe_denied_reason: DeniedReason::NotAuthorized,
         }
     }
 }

@@ -38,6 +38,7 @@ pub(crate) struct RawBroker {
     pub(crate) acl_file: Option<S<String>>,
     pub(crate) sys_interval: Option<S<String>>,
     pub(crate) max_keep_alive: Option<S<String>>,
+    pub(crate) subscribe_denied_reason: Option<S<String>>,
     pub(crate) listeners: Option<Vec<S<RawListener>>>,
 }
 

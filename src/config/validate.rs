@@ -26,10 +26,10 @@ use super::raw::{
     RawScalar, RawSimulatedDevice, RawSimulatedPoint, RawSize, RawUplink, RawWill, S,
 };
 use super::{
-    BrokerConfig, Config, DeviceConfig, DriverConfig, Durability, GatewayConfig, InRoute,
-    ListenerConfig, ListenerTls, MqttVersion, OutRoute, PayloadFormat, QueueConfig, SecretSource,
-    SimulatedConfig, SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, Waveform,
-    WhenFull, WillConfig,
+    BrokerConfig, Config, DeniedReason, DeviceConfig, DriverConfig, Durability, GatewayConfig,
+    InRoute, ListenerConfig, ListenerTls, MqttVersion, OutRoute, PayloadFormat, QueueConfig,
+    SecretSource, SimulatedConfig, SimulatedPoint, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme,
+    Waveform, WhenFull, WillConfig,
 };
 use crate::drivers::modbus::config::RawModbusDevice;
 use crate::drivers::serial::config::RawSerialDevice;
@@ -67,6 +67,7 @@ pub(crate) const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 pub(crate) const DEFAULT_STORE_FILE: &str = "broker.db";
 pub(crate) const DEFAULT_SYS_INTERVAL: Duration = Duration::from_secs(10);
 const DURABILITIES: &[&str] = &["sync", "batched", "memory"];
+const DENIED_REASONS: &[&str] = &["not-authorized", "unspecified-error"];
 
 /// Parses and validates `text`; `source` names the file in diagnostics and relative paths
 /// are resolved against its directory.
@@ -1013,6 +1014,27 @@ impl Validator<'_> {
             },
             None => u16::MAX,
         };
+        let subscribe_denied_reason = match raw.and_then(|raw| raw.subscribe_denied_reason.as_ref())
+        {
+            Some(value) => match value.get_ref().as_str() {
+                "not-authorized" => DeniedReason::NotAuthorized,
+                "unspecified-error" => DeniedReason::Unspecified,
+                other => {
+                    let diagnostic = self.d.error(
+                        Some(value.span()),
+                        "broker.subscribe_denied_reason",
+                        format!(
+                            "unknown reason {other:?}, expected one of {}",
+                            DENIED_REASONS.join(", ")
+                        ),
+                    );
+                    diagnostic.hint = closest(other, DENIED_REASONS)
+                        .map(|close| format!("did you mean `{close}`?"));
+                    DeniedReason::NotAuthorized
+                }
+            },
+            None => DeniedReason::NotAuthorized,
+        };
         let sys_interval = match raw.and_then(|raw| raw.sys_interval.as_ref()) {
             Some(value) => match self.duration(value, "broker.sys_interval") {
                 Some(interval) if interval.is_zero() => None,
@@ -1046,6 +1068,7 @@ impl Validator<'_> {
             acl_file,
             sys_interval,
             max_keep_alive,
+            subscribe_denied_reason,
         })
     }
 
