@@ -452,10 +452,15 @@ impl Connection {
         // MQTT: the server allows one and a half keep-alive periods of silence.
         let keep_alive =
             (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        let mut deadline = keep_alive.map(|k| tokio::time::Instant::now() + k);
+        // One timer for the whole connection: packets only move `last_packet`, and the timer
+        // is re-armed from it when it fires (cheaper than a new timer per packet).
+        let mut last_packet = tokio::time::Instant::now();
+        let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(keep_alive_timer);
         let mut yielded = false;
         loop {
             // Process whatever complete packets are already buffered.
+            let mut got_packet = false;
             loop {
                 match protocol::read(self.version, read_buf, self.settings.max_packet_size) {
                     Ok(packet) => {
@@ -468,9 +473,7 @@ impl Connection {
                             tokio::task::yield_now().await;
                             yielded = true;
                         }
-                        if let Some(k) = keep_alive {
-                            deadline = Some(tokio::time::Instant::now() + k);
-                        }
+                        got_packet = true;
                         if let Some(close) = self.handle(packet).await {
                             if matches!(close, Close::Clean { .. }) {
                                 self.drain_acks().await;
@@ -495,18 +498,15 @@ impl Connection {
                     }
                 }
             }
+            if got_packet {
+                last_packet = tokio::time::Instant::now();
+            }
             self.pump().await;
             self.store_watermark_if_due().await;
             if let Err(error) = self.flush(stream).await {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
 
-            let keep_alive_expired = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 read = stream.read_buf(read_buf) => match read {
                     Ok(0) => return Close::Abnormal("connection closed by client without DISCONNECT".into()),
@@ -536,7 +536,12 @@ impl Connection {
                         next = self.pending_acks.next().now_or_never().flatten();
                     }
                 }
-                _ = keep_alive_expired => {
+                _ = &mut keep_alive_timer, if keep_alive.is_some() => {
+                    let limit = last_packet + keep_alive.unwrap_or_default();
+                    if limit > tokio::time::Instant::now() {
+                        keep_alive_timer.as_mut().reset(limit);
+                        continue;
+                    }
                     self.queue(&Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout));
                     let _ = self.flush(stream).await;
                     return Close::Abnormal("keep-alive timeout".into());
