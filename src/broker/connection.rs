@@ -531,6 +531,8 @@ impl Connection {
                     let mut next = Some(ack);
                     while let Some(ack) = next {
                         if !self.acknowledge(ack) {
+                            // What was committed before is still acknowledged.
+                            let _ = self.flush(stream).await;
                             return Close::Abnormal("the broker store could not commit a message".into());
                         }
                         next = self.pending_acks.next().now_or_never().flatten();
