@@ -299,6 +299,24 @@ fn collect_log(gateway: &GatewayProcess, lines: &mut Vec<String>) {
     lines.extend(gateway.log.try_iter());
 }
 
+/// Every acknowledged number was received (duplicates are fine).
+fn assert_all_received(
+    when: &str,
+    acked: &BTreeSet<u64>,
+    received: &BTreeSet<u64>,
+    log: &[String],
+) {
+    let missing: Vec<&u64> = acked.difference(received).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "{when}: {} of {} acknowledged messages lost, e.g. {missing:?} ({} received); log:\n{}",
+        acked.difference(received).count(),
+        acked.len(),
+        received.len(),
+        tail(log, 30)
+    );
+}
+
 fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -469,16 +487,7 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     .await;
     collect_log(&gateway, &mut log);
     assert!(present, "the live subscriber's session is gone");
-    let missing: Vec<&u64> = acked.difference(&received).take(10).collect();
-    assert!(
-        missing.is_empty(),
-        "running gateway: {} of {} acknowledged messages lost, e.g. {missing:?} ({} \
-         received); log:\n{}",
-        acked.difference(&received).count(),
-        acked.len(),
-        received.len(),
-        tail(&log, 30)
-    );
+    assert_all_received("running gateway", &acked, &received, &log);
     eprintln!(
         "live subscriber: all {} acknowledged messages ({} received)",
         acked.len(),
@@ -498,16 +507,7 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     .await;
     collect_log(&gateway, &mut log);
     assert!(present, "the session did not survive the restart");
-    let missing: Vec<&u64> = acked.difference(&received).take(10).collect();
-    assert!(
-        missing.is_empty(),
-        "after kill -9 and restart: {} of {} acknowledged messages lost, e.g. {missing:?} \
-         ({} received); log:\n{}",
-        acked.difference(&received).count(),
-        acked.len(),
-        received.len(),
-        tail(&log, 30)
-    );
+    assert_all_received("after kill -9 and restart", &acked, &received, &log);
     eprintln!(
         "restarted gateway: all {} acknowledged messages ({} received); total {:?}",
         acked.len(),

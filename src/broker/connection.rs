@@ -848,8 +848,8 @@ impl Connection {
     }
 
     /// A delivery is complete: its row goes. In the usual case (acknowledged in order) that
-    /// is a watermark that covers it, told to the store once per read (see
-    /// [`Self::store_watermark`]); an acknowledgement out of order deletes its own row.
+    /// is a watermark that covers it (told to the store by
+    /// [`Self::store_watermark_if_due`]); an acknowledgement out of order deletes its own row.
     async fn forget(&mut self, seq: u64) {
         let through = self.session.done_through();
         if seq <= through {
@@ -867,10 +867,9 @@ impl Connection {
     /// acknowledgement: a draining queue costs the store one write per few hundred messages,
     /// and a watermark is never far behind.
     async fn store_watermark_if_due(&mut self) {
-        let due = self
-            .watermark
-            .is_some_and(|(_, count)| count >= WATERMARK_EVERY)
-            || (self.watermark.is_some() && self.session.lock().inflight.is_empty());
+        let due = self.watermark.is_some_and(|(_, count)| {
+            count >= WATERMARK_EVERY || self.session.lock().inflight.is_empty()
+        });
         if due {
             self.store_watermark().await;
         }

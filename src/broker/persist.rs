@@ -14,7 +14,7 @@
 //! - Rows of one client are delivered in `seq` order; `pkid`/`state` record what was in
 //!   flight so a restart resends it with the same packet id.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -660,7 +660,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
 /// Rows of acknowledged messages not deleted yet: per client, the watermark they are under.
 #[derive(Debug, Default)]
 struct Garbage {
-    through: std::collections::HashMap<Arc<str>, u64>,
+    through: HashMap<Arc<str>, u64>,
     /// About how many rows wait (acks counted; exact enough to bound the backlog).
     rows: u64,
 }
@@ -780,8 +780,7 @@ impl Writer {
         // needs to reach the disk, and an in-flight mark on a row deleted in the same batch
         // is moot: both are skipped.
         let mut removed = HashSet::new();
-        let mut acked: std::collections::HashMap<Arc<str>, (u64, u64)> =
-            std::collections::HashMap::new();
+        let mut acked: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
         for op in &batch {
             match op {
                 Op::Remove { seq } => {
@@ -1185,15 +1184,7 @@ mod tests {
                     }],
                 })
                 .await;
-            for seq in 1..=5 {
-                persist
-                    .send(Op::Enqueue {
-                        seq,
-                        client_id: client.clone(),
-                        delivery: delivery(&format!("a/{seq}"), seq),
-                    })
-                    .await;
-            }
+            enqueue(&persist, &client, 1..=5).await;
             persist
                 .send(Op::Inflight {
                     client_id: client.clone(),
@@ -1213,17 +1204,7 @@ mod tests {
             persist.barrier().await.await.expect("committed");
         }
         // The writer thread closes when the last sender is dropped; give it the lock back.
-        let mut reopened = None;
-        for _ in 0..100 {
-            match Persist::open(&path, Durability::Sync, Duration::ZERO, 2) {
-                Ok(opened) => {
-                    reopened = Some(opened);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        let (persist, snapshot) = reopened.expect("reopen");
+        let (persist, snapshot) = reopen(&path, 2).await;
         assert_eq!(snapshot.next_seq, 6);
         assert_eq!(snapshot.retained.len(), 1);
         assert_eq!(&snapshot.retained[0].payload[..], b"kept");
@@ -1244,6 +1225,19 @@ mod tests {
         let page = persist.page(Arc::from("c1"), 3, 10).await;
         let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![4, 5]);
+    }
+
+    /// Queue `a/<seq>` for `client` under each seq.
+    async fn enqueue(persist: &Persist, client: &Arc<str>, seqs: std::ops::RangeInclusive<u64>) {
+        for seq in seqs {
+            persist
+                .send(Op::Enqueue {
+                    seq,
+                    client_id: client.clone(),
+                    delivery: delivery(&format!("a/{seq}"), seq),
+                })
+                .await;
+        }
     }
 
     /// Open the database again once the writer of the previous `Persist` has let go.
@@ -1272,15 +1266,7 @@ mod tests {
                     connected: false,
                 })
                 .await;
-            for seq in 1..=6 {
-                persist
-                    .send(Op::Enqueue {
-                        seq,
-                        client_id: client.clone(),
-                        delivery: delivery(&format!("a/{seq}"), seq),
-                    })
-                    .await;
-            }
+            enqueue(&persist, &client, 1..=6).await;
             persist.barrier().await.await.expect("committed");
             persist
                 .send(Op::Acked {

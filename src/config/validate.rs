@@ -66,8 +66,15 @@ pub(crate) const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 pub(crate) const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 pub(crate) const DEFAULT_STORE_FILE: &str = "broker.db";
 pub(crate) const DEFAULT_SYS_INTERVAL: Duration = Duration::from_secs(10);
-const DURABILITIES: &[&str] = &["sync", "batched", "memory"];
-const DENIED_REASONS: &[&str] = &["not-authorized", "unspecified-error"];
+const DURABILITIES: &[(&str, Durability)] = &[
+    ("sync", Durability::Sync),
+    ("batched", Durability::Batched),
+    ("memory", Durability::Memory),
+];
+const DENIED_REASONS: &[(&str, DeniedReason)] = &[
+    ("not-authorized", DeniedReason::NotAuthorized),
+    ("unspecified-error", DeniedReason::Unspecified),
+];
 
 /// Parses and validates `text`; `source` names the file in diagnostics and relative paths
 /// are resolved against its directory.
@@ -536,6 +543,36 @@ impl Validator<'_> {
             .hint = hint.map(Into::into);
     }
 
+    /// A keyword that must be one of `choices`: its value, or an error that lists them with
+    /// the closest as a hint (else `otherwise`).
+    fn choice<T: Copy>(
+        &mut self,
+        value: &S<String>,
+        key_path: &str,
+        what: &str,
+        choices: &[(&str, T)],
+        otherwise: Option<&str>,
+    ) -> Option<T> {
+        let given = value.get_ref().as_str();
+        if let Some((_, chosen)) = choices.iter().find(|(name, _)| *name == given) {
+            return Some(*chosen);
+        }
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        let diagnostic = self.d.error(
+            Some(value.span()),
+            key_path,
+            format!(
+                "unknown {what} {given:?}, expected one of {}",
+                names.join(", ")
+            ),
+        );
+        diagnostic.hint = match closest(given, &names) {
+            Some(close) => Some(format!("did you mean `{close}`?")),
+            None => otherwise.map(str::to_owned),
+        };
+        None
+    }
+
     fn duration(&mut self, value: &S<String>, key_path: &str) -> Option<Duration> {
         match humantime::parse_duration(value.get_ref().trim()) {
             Ok(duration) => Some(duration),
@@ -953,31 +990,21 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_MAX_QUEUED_BYTES),
             None => DEFAULT_MAX_QUEUED_BYTES,
         };
-        let durability = match raw.and_then(|raw| raw.durability.as_ref()) {
-            Some(value) => match value.get_ref().as_str() {
-                "sync" => Durability::Sync,
-                "batched" => Durability::Batched,
-                "memory" => Durability::Memory,
-                other => {
-                    let diagnostic = self.d.error(
-                        Some(value.span()),
-                        "broker.durability",
-                        format!(
-                            "unknown durability {other:?}, expected one of {}",
-                            DURABILITIES.join(", ")
-                        ),
-                    );
-                    diagnostic.hint = Some(match closest(other, DURABILITIES) {
-                        Some(close) => format!("did you mean `{close}`?"),
-                        None => "sync: nothing acknowledged is lost; batched: a power cut \
-                                 loses at most commit_window; memory: nothing on disk"
-                            .to_owned(),
-                    });
-                    Durability::Sync
-                }
-            },
-            None => Durability::Sync,
-        };
+        let durability = raw
+            .and_then(|raw| raw.durability.as_ref())
+            .and_then(|value| {
+                self.choice(
+                    value,
+                    "broker.durability",
+                    "durability",
+                    DURABILITIES,
+                    Some(
+                        "sync: nothing acknowledged is lost; batched: a power cut loses at most \
+                         commit_window; memory: nothing on disk",
+                    ),
+                )
+            })
+            .unwrap_or(Durability::Sync);
         let commit_window = self.positive_duration(
             &raw.and_then(|raw| raw.commit_window.clone()),
             "broker.commit_window",
@@ -1014,27 +1041,18 @@ impl Validator<'_> {
             },
             None => u16::MAX,
         };
-        let subscribe_denied_reason = match raw.and_then(|raw| raw.subscribe_denied_reason.as_ref())
-        {
-            Some(value) => match value.get_ref().as_str() {
-                "not-authorized" => DeniedReason::NotAuthorized,
-                "unspecified-error" => DeniedReason::Unspecified,
-                other => {
-                    let diagnostic = self.d.error(
-                        Some(value.span()),
-                        "broker.subscribe_denied_reason",
-                        format!(
-                            "unknown reason {other:?}, expected one of {}",
-                            DENIED_REASONS.join(", ")
-                        ),
-                    );
-                    diagnostic.hint = closest(other, DENIED_REASONS)
-                        .map(|close| format!("did you mean `{close}`?"));
-                    DeniedReason::NotAuthorized
-                }
-            },
-            None => DeniedReason::NotAuthorized,
-        };
+        let subscribe_denied_reason = raw
+            .and_then(|raw| raw.subscribe_denied_reason.as_ref())
+            .and_then(|value| {
+                self.choice(
+                    value,
+                    "broker.subscribe_denied_reason",
+                    "reason",
+                    DENIED_REASONS,
+                    None,
+                )
+            })
+            .unwrap_or(DeniedReason::NotAuthorized);
         let sys_interval = match raw.and_then(|raw| raw.sys_interval.as_ref()) {
             Some(value) => match self.duration(value, "broker.sys_interval") {
                 Some(interval) if interval.is_zero() => None,
