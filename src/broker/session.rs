@@ -459,6 +459,25 @@ mod tests {
     }
 
     #[test]
+    fn done_through_stops_before_the_oldest_message_still_pending() {
+        let session = Session::new(Arc::from("c"), LIMITS);
+        session.set_owner(1);
+        for seq in [10, 12, 15] {
+            session.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
+        }
+        assert_eq!(session.done_through(), 9, "nothing sent yet");
+        let (sent, _) = session.take_sendable(1, 2, Instant::now());
+        assert_eq!(session.done_through(), 9, "10 and 12 in flight");
+        assert!(session.ack(sent[1].pkid).is_some());
+        assert_eq!(session.done_through(), 9, "12 acknowledged out of order");
+        assert!(session.ack(sent[0].pkid).is_some());
+        assert_eq!(session.done_through(), 14, "only 15 left, queued");
+        let (sent, _) = session.take_sendable(1, 2, Instant::now());
+        assert!(session.ack(sent[0].pkid).is_some());
+        assert_eq!(session.done_through(), 15, "everything that was in memory");
+    }
+
+    #[test]
     fn persistent_messages_past_the_memory_window_stay_on_disk_and_page_in_in_order() {
         let session = Session::new(Arc::from("c"), LIMITS);
         for seq in 1..=10 {
