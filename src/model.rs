@@ -111,6 +111,13 @@ impl Message {
 
     /// Seconds left before the message expires, `None` when it never does,
     /// `Some(0)` when it has expired.
+    /// Whether the message carries an expiry interval (most do not: no clock read then).
+    pub fn has_expiry(&self) -> bool {
+        self.properties
+            .as_ref()
+            .is_some_and(|p| p.message_expiry_interval.is_some())
+    }
+
     pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
         let interval = self.properties.as_ref()?.message_expiry_interval?;
         let elapsed = now.saturating_duration_since(self.received).as_secs();

@@ -77,6 +77,10 @@ struct DurableArgs {
     /// Payload size in bytes (at least 8: the sequence number).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Messages each broker keeps in flight to the subscriber (fieldmq `max_inflight`,
+    /// Mosquitto `max_inflight_messages`; 20 is both defaults).
+    #[arg(long, default_value_t = 20)]
+    inflight: u16,
     /// Longest time the publish phase, and then the drain phase, may take, seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -942,16 +946,18 @@ fn durable_targets(target: TargetArg) -> Vec<Target> {
 }
 
 /// A broker setup whose per-session queue holds `n` messages (plus slack) of `payload` bytes.
-fn queue_setup(bins: &BinArgs, n: u64, payload: usize) -> BrokerSetup {
+fn queue_setup(bins: &BinArgs, n: u64, payload: usize, inflight: u16) -> BrokerSetup {
     let mut setup = BrokerSetup::new(&bins.fieldmq_bin, &bins.mosquitto_bin);
     let max_queued = n + 1000;
     // fieldmq also bounds a session's queue in bytes (topic + payload, default 64 MiB):
     // raise it so that the message count is the only limit. Mosquitto's max_queued_bytes
     // is unlimited by default.
     let bytes = ((max_queued) * (payload as u64 + 64)).max(64 << 20);
-    setup.fieldmq_broker =
-        format!("max_queued_messages = {max_queued}\nmax_queued_bytes = {bytes}\n");
-    setup.mosquitto = format!("max_queued_messages {max_queued}\n");
+    setup.fieldmq_broker = format!(
+        "max_queued_messages = {max_queued}\nmax_queued_bytes = {bytes}\nmax_inflight = {inflight}\n"
+    );
+    setup.mosquitto =
+        format!("max_queued_messages {max_queued}\nmax_inflight_messages {inflight}\n");
     setup
 }
 
@@ -1205,7 +1211,7 @@ async fn run_durable_bench(args: DurableArgs) -> Result<()> {
         bail!("--messages must be at least 1");
     }
     let work = WorkDir::new(args.bins.keep_dir.clone())?;
-    let setup = queue_setup(&args.bins, args.messages, args.payload);
+    let setup = queue_setup(&args.bins, args.messages, args.payload, args.inflight);
     let timeout = Duration::from_secs(args.timeout);
     let mut rows = Vec::new();
     for target in durable_targets(args.target) {
@@ -1470,7 +1476,7 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
     }
     // (b) messages queued for one offline persistent subscriber.
     if args.queued > 0 {
-        let setup = queue_setup(&args.bins, args.queued, args.payload);
+        let setup = queue_setup(&args.bins, args.queued, args.payload, 20);
         for &target in &targets {
             let dir = work.path().join(format!("queue-{}", target.name()));
             std::fs::create_dir_all(&dir)

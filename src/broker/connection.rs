@@ -457,6 +457,14 @@ impl Connection {
         let mut last_packet = tokio::time::Instant::now();
         let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::MAX / 4));
         tokio::pin!(keep_alive_timer);
+        // The other waits also live as long as the connection: made afresh on every turn of
+        // the loop, each would register and unregister itself (a lock, a timer) per turn.
+        let session = self.session.clone();
+        let wake = session.wake.notified();
+        let watermark_timer = tokio::time::sleep(Duration::MAX / 4);
+        let taken_over = takeover.cancelled();
+        let shutting_down = shutdown.cancelled();
+        tokio::pin!(wake, watermark_timer, taken_over, shutting_down);
         let mut yielded = false;
         loop {
             // Process whatever complete packets are already buffered.
@@ -506,6 +514,11 @@ impl Connection {
             if let Err(error) = self.flush(stream).await {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
+            if let Some(due) = self.watermark_due {
+                if watermark_timer.deadline() != due {
+                    watermark_timer.as_mut().reset(due);
+                }
+            }
 
             tokio::select! {
                 read = stream.read_buf(read_buf) => match read {
@@ -516,13 +529,13 @@ impl Connection {
                     }
                     Err(error) => return Close::Abnormal(format!("read failed: {error}")),
                 },
-                _ = self.session.wake.notified() => {}
+                _ = &mut wake => wake.set(session.wake.notified()),
                 rows = next_page(&mut self.page_reply), if self.page_reply.is_some() => {
                     self.page_reply = None;
                     self.session
                         .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
                 }
-                _ = sleep_until(self.watermark_due), if self.watermark_due.is_some() => {
+                _ = &mut watermark_timer, if self.watermark_due.is_some() => {
                     self.store_watermark().await;
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
@@ -548,12 +561,12 @@ impl Connection {
                     let _ = self.flush(stream).await;
                     return Close::Abnormal("keep-alive timeout".into());
                 }
-                _ = takeover.cancelled() => {
+                _ = &mut taken_over => {
                     self.queue(&Outgoing::Disconnect(DisconnectReason::SessionTakenOver));
                     let _ = self.flush(stream).await;
                     return Close::TakenOver;
                 }
-                _ = shutdown.cancelled() => {
+                _ = &mut shutting_down => {
                     // Deliver what is already queued (the gateway's `offline` status) first.
                     self.drain_acks().await;
                     self.pump().await;
@@ -858,7 +871,11 @@ impl Connection {
             self.watermark_due
                 .get_or_insert_with(|| tokio::time::Instant::now() + WATERMARK_DELAY);
         } else {
-            self.store(Op::Remove { seq }).await;
+            self.store(Op::Remove {
+                client_id: self.client_id.clone(),
+                seq,
+            })
+            .await;
         }
     }
 
@@ -913,7 +930,11 @@ impl Connection {
             }
             let (sendable, expired) = self.session.take_sendable(self.id, window, Instant::now());
             for seq in expired {
-                self.store(Op::Remove { seq }).await;
+                self.store(Op::Remove {
+                    client_id: self.client_id.clone(),
+                    seq,
+                })
+                .await;
             }
             if sendable.is_empty() {
                 return;
@@ -925,12 +946,20 @@ impl Connection {
             for entry in &sendable {
                 if !self.may_receive(&entry.delivery.message.topic) {
                     if let Some(seq) = self.drop_delivery(entry) {
-                        self.store(Op::Remove { seq }).await;
+                        self.store(Op::Remove {
+                            client_id: self.client_id.clone(),
+                            seq,
+                        })
+                        .await;
                     }
                     continue;
                 }
                 if let Some(seq) = self.queue_publish(entry, false) {
-                    self.store(Op::Remove { seq }).await;
+                    self.store(Op::Remove {
+                        client_id: self.client_id.clone(),
+                        seq,
+                    })
+                    .await;
                     continue;
                 }
                 // QoS 2 needs its packet id after a restart (the client de-duplicates by
@@ -962,7 +991,10 @@ impl Connection {
             dup,
             pkid: entry.pkid,
             properties: message.properties.clone(),
-            message_expiry: message.remaining_expiry(Instant::now()),
+            message_expiry: message
+                .has_expiry()
+                .then(|| message.remaining_expiry(Instant::now()))
+                .flatten(),
             subscription_ids: entry.delivery.subscription_ids.clone(),
             topic_alias,
             topic_known,
@@ -1026,17 +1058,20 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
-        let bytes = self.out.split();
+        let len = self.out.len();
+        // Written from the buffer in place and then cleared: it keeps its capacity, so the
+        // next packets are encoded without a new allocation.
         let written = tokio::time::timeout(WRITE_TIMEOUT, async {
-            stream.write_all(&bytes).await?;
+            stream.write_all(&self.out).await?;
             stream.flush().await
         })
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))?;
+        self.out.clear();
         self.settings
             .counters
             .bytes_sent
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(len as u64, Ordering::Relaxed);
         written
     }
 }
@@ -1045,14 +1080,6 @@ impl Connection {
 async fn next_page(reply: &mut Option<PageReply>) -> Vec<(u64, StoredDelivery)> {
     match reply {
         Some(rows) => rows.await.unwrap_or_default(),
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleep until `deadline`; never resolves without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

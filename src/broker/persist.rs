@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::config::DbConfig;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::session::{Delivery, InflightState};
@@ -33,7 +34,9 @@ const CHANNEL: usize = 8192;
 /// Most ops applied in one transaction.
 const MAX_BATCH: usize = 4096;
 /// Schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+/// Prepared statements the store keeps (it uses about twenty).
+const STATEMENT_CACHE: usize = 48;
 /// The store waits this long without ops before it deletes rows of acknowledged messages.
 const PURGE_IDLE: Duration = Duration::from_millis(20);
 /// A commit that nobody waits for is not synced on its own; the next synced one covers it,
@@ -158,6 +161,7 @@ pub(crate) enum Op {
         count: u64,
     },
     Remove {
+        client_id: Arc<str>,
         seq: u64,
     },
     /// Remove the oldest row of a client above `after_seq` (drop-oldest on a spilled queue).
@@ -329,6 +333,11 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(err)?;
     conn.busy_timeout(Duration::from_millis(200)).map_err(err)?;
+    // Statements stay prepared: SQLite would otherwise plan a statement again whenever a
+    // bound seq changes (its STAT4 option), i.e. on nearly every step of the queue.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // Must precede table creation to take effect on a new file.
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
         .map_err(err)?;
@@ -364,7 +373,29 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN acked_seq INTEGER NOT NULL DEFAULT 0")
             .map_err(err)?;
     }
-    conn.execute_batch(
+    let has_queue: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(err)?;
+    if (1..3).contains(&version) && has_queue {
+        // Version 3 keeps a client's queue rows together, in seq order, in the table itself
+        // (keyed by client and seq) instead of in a separate index: a page is one sequential
+        // read, and a queued message one b-tree insert instead of two.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             ALTER TABLE queue RENAME TO queue_v2;
+             {QUEUE_TABLE};
+             INSERT INTO queue (client_id, {QUEUE_COLUMNS})
+                 SELECT client_id, {QUEUE_COLUMNS} FROM queue_v2;
+             DROP TABLE queue_v2;
+             COMMIT;"
+        ))
+        .map_err(err)?;
+    }
+    conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;
          CREATE TABLE IF NOT EXISTS sessions (
              client_id TEXT PRIMARY KEY,
@@ -381,20 +412,7 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
              subscription_id INTEGER,
              PRIMARY KEY (client_id, filter)
          ) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS queue (
-             seq INTEGER PRIMARY KEY,
-             client_id TEXT NOT NULL,
-             topic TEXT NOT NULL,
-             payload BLOB NOT NULL,
-             qos INTEGER NOT NULL,
-             retain INTEGER NOT NULL,
-             subscription_ids TEXT,
-             properties TEXT,
-             received_ms INTEGER NOT NULL,
-             pkid INTEGER,
-             state INTEGER
-         );
-         CREATE INDEX IF NOT EXISTS queue_by_client ON queue (client_id, seq);
+         {QUEUE_TABLE};
          CREATE TABLE IF NOT EXISTS retained (
              topic TEXT PRIMARY KEY,
              payload BLOB NOT NULL,
@@ -402,9 +420,9 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
              properties TEXT,
              received_ms INTEGER NOT NULL
          ) WITHOUT ROWID;
-         PRAGMA user_version = 2;
-         COMMIT;",
-    )
+         PRAGMA user_version = {SCHEMA_VERSION};
+         COMMIT;"
+    ))
     .map_err(err)?;
     Ok(conn)
 }
@@ -423,8 +441,8 @@ fn now_ms() -> i64 {
 }
 
 /// The `Instant` a message stored at `received_ms` (wall clock) was received.
-fn instant_from_ms(received_ms: i64, now: Instant) -> Instant {
-    let age = u64::try_from(now_ms().saturating_sub(received_ms)).unwrap_or(0);
+fn instant_from_ms(received_ms: i64, now: Instant, now_ms: i64) -> Instant {
+    let age = u64::try_from(now_ms.saturating_sub(received_ms)).unwrap_or(0);
     now.checked_sub(Duration::from_millis(age)).unwrap_or(now)
 }
 
@@ -468,6 +486,22 @@ fn qos_from(code: i64) -> QoS {
         .unwrap_or(QoS::AtLeastOnce)
 }
 
+/// Seqs are unique across clients (one counter), but rows are only ever looked up per client.
+const QUEUE_TABLE: &str = "CREATE TABLE IF NOT EXISTS queue (
+             client_id TEXT NOT NULL,
+             seq INTEGER NOT NULL,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             retain INTEGER NOT NULL,
+             subscription_ids TEXT,
+             properties TEXT,
+             received_ms INTEGER NOT NULL,
+             pkid INTEGER,
+             state INTEGER,
+             PRIMARY KEY (client_id, seq)
+         ) WITHOUT ROWID";
+
 const QUEUE_COLUMNS: &str =
     "seq, topic, payload, qos, retain, subscription_ids, properties, received_ms, pkid, state";
 
@@ -475,6 +509,8 @@ const QUEUE_COLUMNS: &str =
 /// topic repeated row after row) instead of allocating it per message.
 struct RowReader {
     now: Instant,
+    /// The wall clock at `now`, read once per page rather than per row.
+    now_ms: i64,
     origin: Origin,
     last_topic: Option<Arc<str>>,
 }
@@ -483,6 +519,7 @@ impl RowReader {
     fn new(now: Instant) -> RowReader {
         RowReader {
             now,
+            now_ms: now_ms(),
             origin: Origin::Internal(Arc::from("store")),
             last_topic: None,
         }
@@ -528,7 +565,7 @@ fn queue_row(
         retain,
         properties: decode_properties(properties),
         origin: reader.origin.clone(),
-        received: instant_from_ms(received_ms, now),
+        received: instant_from_ms(received_ms, now, reader.now_ms),
     };
     let inflight = match (pkid, state.and_then(state_from_code)) {
         (Some(pkid), Some(state)) => u16::try_from(pkid).ok().map(|p| (p, state)),
@@ -559,7 +596,10 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     // Seqs never go back, not even below a watermark whose rows are all deleted.
     let next_seq: Option<i64> = conn
         .query_row(
-            "SELECT max((SELECT max(seq) FROM queue), (SELECT max(acked_seq) FROM sessions))",
+            // Per session: a max over the whole table would scan it (it is keyed by client).
+            "SELECT max(max(acked_seq,
+                 coalesce((SELECT max(seq) FROM queue WHERE queue.client_id = sessions.client_id), 0)))
+             FROM sessions",
             [],
             |row| row.get(0),
         )
@@ -637,6 +677,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     }
     drop((sessions, subscriptions, queue, count, has_garbage));
 
+    let wall_now = now_ms();
     let mut retained =
         conn.prepare("SELECT topic, payload, qos, properties, received_ms FROM retained")?;
     snapshot.retained = retained
@@ -650,7 +691,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
                 retain: true,
                 properties: decode_properties(row.get(3)?),
                 origin: Origin::Internal(Arc::from("store")),
-                received: instant_from_ms(row.get(4)?, now),
+                received: instant_from_ms(row.get(4)?, now, wall_now),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -783,7 +824,7 @@ impl Writer {
         let mut acked: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
         for op in &batch {
             match op {
-                Op::Remove { seq } => {
+                Op::Remove { seq, .. } => {
                     removed.insert(*seq);
                 }
                 Op::Acked {
@@ -814,10 +855,8 @@ impl Writer {
         let mut never_written = HashSet::new();
         let mut deletes = Vec::new();
         let mut dropped_sessions = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = &self.conn;
+        let result = in_transaction(tx, || {
             for op in batch {
                 match op {
                     Op::Barrier(done) => barriers.push(done),
@@ -825,9 +864,9 @@ impl Writer {
                         never_written.insert(seq);
                     }
                     Op::Inflight { seq, client_id, .. } if done(&client_id, seq) => {}
-                    Op::Remove { seq } => {
+                    Op::Remove { client_id, seq } => {
                         if !never_written.contains(&seq) {
-                            deletes.push(seq);
+                            deletes.push((client_id, seq));
                         }
                     }
                     Op::Acked { .. } => {}
@@ -837,8 +876,8 @@ impl Writer {
                         limit,
                         reply,
                     } => {
-                        delete_rows(&tx, &mut deletes)?;
-                        let rows = page(&tx, &client_id, after_seq, limit)?;
+                        delete_rows(tx, &mut deletes)?;
+                        let rows = page(tx, &client_id, after_seq, limit)?;
                         pages.push((reply, rows));
                     }
                     other => {
@@ -846,12 +885,12 @@ impl Writer {
                             dropped_sessions.push(client_id.clone());
                         }
                         // Deferred deletes go first so that row-selecting ops see them.
-                        delete_rows(&tx, &mut deletes)?;
-                        apply_op(&tx, other)?;
+                        delete_rows(tx, &mut deletes)?;
+                        apply_op(tx, other)?;
                     }
                 }
             }
-            delete_rows(&tx, &mut deletes)?;
+            delete_rows(tx, &mut deletes)?;
             let mut watermark = tx.prepare_cached(
                 "UPDATE sessions SET acked_seq = max(acked_seq, ?2) WHERE client_id = ?1",
             )?;
@@ -862,8 +901,8 @@ impl Writer {
                 ])?;
             }
             drop(watermark);
-            tx.commit()
-        })();
+            Ok(())
+        });
         if let Err(error) = result {
             // The ops of this batch are lost from disk (memory still has them); waiters are
             // not answered, so publishers see no acknowledgement for what was not stored.
@@ -895,7 +934,10 @@ impl Writer {
 
     fn set_synchronous(&mut self, mode: &'static str) -> rusqlite::Result<()> {
         if self.current_synchronous != mode {
-            self.conn.pragma_update(None, "synchronous", mode)?;
+            // Kept prepared: the mode changes with nearly every commit while publishers wait.
+            self.conn
+                .prepare_cached(&format!("PRAGMA synchronous = {mode}"))?
+                .execute([])?;
             self.current_synchronous = mode;
         }
         Ok(())
@@ -927,24 +969,20 @@ impl Writer {
         else {
             return;
         };
-        let result = (|| -> rusqlite::Result<usize> {
-            self.set_synchronous("NORMAL")?;
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deleted = tx
-                .prepare_cached(
-                    "DELETE FROM queue WHERE seq IN (SELECT seq FROM queue
+        let result = self.set_synchronous("NORMAL").and_then(|()| {
+            let tx = &self.conn;
+            in_transaction(tx, || {
+                tx.prepare_cached(
+                    "DELETE FROM queue WHERE client_id = ?1 AND seq IN (SELECT seq FROM queue
                      WHERE client_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)",
                 )?
                 .execute(params![
                     &*client_id,
                     i64::try_from(through).unwrap_or(i64::MAX),
                     PURGE_CHUNK as i64
-                ])?;
-            tx.commit()?;
-            Ok(deleted)
-        })();
+                ])
+            })
+        });
         match result {
             Ok(deleted) => {
                 self.garbage.rows = self.garbage.rows.saturating_sub(deleted as u64);
@@ -974,34 +1012,55 @@ impl Writer {
     }
 }
 
-/// Delete queue rows, one statement per run of consecutive seqs (acknowledgements of one
-/// client mostly come in order), and empty `seqs`.
-fn delete_rows(tx: &rusqlite::Transaction<'_>, seqs: &mut Vec<u64>) -> rusqlite::Result<()> {
-    if seqs.is_empty() {
+/// Run `work` in one write transaction. BEGIN and COMMIT are kept prepared (rusqlite's
+/// `Transaction` parses them again for every commit); a failed commit is rolled back.
+fn in_transaction<T>(
+    conn: &Connection,
+    work: impl FnOnce() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let result = work().and_then(|value| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(value)
+    });
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
+}
+
+/// Delete queue rows, one statement per run of consecutive seqs of a client
+/// (acknowledgements of one client mostly come in order), and empty `rows`.
+fn delete_rows(tx: &Connection, rows: &mut Vec<(Arc<str>, u64)>) -> rusqlite::Result<()> {
+    if rows.is_empty() {
         return Ok(());
     }
-    seqs.sort_unstable();
-    seqs.dedup();
-    let mut delete = tx.prepare_cached("DELETE FROM queue WHERE seq BETWEEN ?1 AND ?2")?;
+    rows.sort_unstable();
+    rows.dedup();
+    let mut delete =
+        tx.prepare_cached("DELETE FROM queue WHERE client_id = ?1 AND seq BETWEEN ?2 AND ?3")?;
     let as_row = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
-    let mut start = seqs[0];
-    let mut end = start;
-    for &seq in &seqs[1..] {
-        if seq == end + 1 {
-            end = seq;
-            continue;
+    let mut run: Option<(&str, u64, u64)> = None;
+    for (client_id, seq) in rows.iter() {
+        match &mut run {
+            Some((client, _, end)) if *client == &**client_id && *seq == *end + 1 => *end = *seq,
+            _ => {
+                if let Some((client, start, end)) = run {
+                    delete.execute(params![client, as_row(start), as_row(end)])?;
+                }
+                run = Some((client_id, *seq, *seq));
+            }
         }
-        delete.execute(params![as_row(start), as_row(end)])?;
-        start = seq;
-        end = seq;
     }
-    delete.execute(params![as_row(start), as_row(end)])?;
-    seqs.clear();
+    if let Some((client, start, end)) = run {
+        delete.execute(params![client, as_row(start), as_row(end)])?;
+    }
+    rows.clear();
     Ok(())
 }
 
 fn page(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     client_id: &str,
     after_seq: u64,
     limit: usize,
@@ -1010,20 +1069,23 @@ fn page(
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
     ))?;
-    let rows = stmt
-        .query_map(
-            params![
-                client_id,
-                i64::try_from(after_seq).unwrap_or(i64::MAX),
-                i64::try_from(limit).unwrap_or(i64::MAX)
-            ],
-            |row| queue_row(row, &mut reader),
-        )?
-        .collect();
-    rows
+    let mut rows = stmt.query(params![
+        client_id,
+        i64::try_from(after_seq).unwrap_or(i64::MAX),
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    ])?;
+    let mut page = Vec::with_capacity(limit.min(PAGE_CAPACITY_MAX));
+    while let Some(row) = rows.next()? {
+        page.push(queue_row(row, &mut reader)?);
+    }
+    Ok(page)
 }
 
-fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
+/// A page's vector is sized up front (rows are large: no regrowth while reading), to at
+/// most this many.
+const PAGE_CAPACITY_MAX: usize = 4096;
+
+fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
     match op {
         Op::Session {
             client_id,
@@ -1095,21 +1157,27 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: Op) -> rusqlite::Result<()> {
             ])?;
         }
         Op::Inflight {
-            seq, pkid, state, ..
+            client_id,
+            seq,
+            pkid,
+            state,
         } => {
-            tx.prepare_cached("UPDATE queue SET pkid = ?2, state = ?3 WHERE seq = ?1")?
-                .execute(params![
-                    i64::try_from(seq).unwrap_or(i64::MAX),
-                    pkid,
-                    state_code(state)
-                ])?;
+            tx.prepare_cached(
+                "UPDATE queue SET pkid = ?3, state = ?4 WHERE client_id = ?1 AND seq = ?2",
+            )?
+            .execute(params![
+                &*client_id,
+                i64::try_from(seq).unwrap_or(i64::MAX),
+                pkid,
+                state_code(state)
+            ])?;
         }
         Op::RemoveOldest {
             client_id,
             after_seq,
         } => {
             tx.prepare_cached(
-                "DELETE FROM queue WHERE seq = (SELECT min(seq) FROM queue
+                "DELETE FROM queue WHERE client_id = ?1 AND seq = (SELECT min(seq) FROM queue
                  WHERE client_id = ?1 AND seq > ?2)",
             )?
             .execute(params![
@@ -1193,7 +1261,12 @@ mod tests {
                     state: InflightState::Released,
                 })
                 .await;
-            persist.send(Op::Remove { seq: 2 }).await;
+            persist
+                .send(Op::Remove {
+                    client_id: client.clone(),
+                    seq: 2,
+                })
+                .await;
             let retained = Message::internal("t", "r/1", "kept", QoS::AtLeastOnce, true);
             persist
                 .send(Op::Retain {
@@ -1328,14 +1401,79 @@ mod tests {
                  CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL,
                      disconnected_ms INTEGER) WITHOUT ROWID;
                  INSERT INTO sessions VALUES ('old', 3600, 0);
+                 CREATE TABLE queue (seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
+                     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                     retain INTEGER NOT NULL, subscription_ids TEXT, properties TEXT,
+                     received_ms INTEGER NOT NULL, pkid INTEGER, state INTEGER);
+                 CREATE INDEX queue_by_client ON queue (client_id, seq);
+                 INSERT INTO queue VALUES (41, 'old', 'a/1', x'01', 1, 0, NULL, NULL, 0, 7, 1);
+                 INSERT INTO queue VALUES (42, 'old', 'a/2', x'02', 2, 0, '3', NULL, 0, NULL, NULL);
                  PRAGMA user_version = 1;",
             )
             .expect("version 1 schema");
         }
-        let (_persist, snapshot) =
+        let (persist, snapshot) =
             Persist::open(&path, Durability::Sync, Duration::ZERO, 10).expect("upgraded");
+        drop(persist);
         assert_eq!(snapshot.sessions.len(), 1);
-        assert_eq!(snapshot.sessions[0].client_id, "old");
+        let session = &snapshot.sessions[0];
+        assert_eq!(session.client_id, "old");
+        let queued: Vec<_> = session
+            .queue
+            .iter()
+            .map(|d| {
+                (
+                    d.delivery.seq,
+                    d.delivery.message.topic.to_string(),
+                    d.delivery.qos,
+                    d.inflight,
+                )
+            })
+            .collect();
+        assert_eq!(
+            queued,
+            vec![
+                (
+                    Some(41),
+                    "a/1".to_string(),
+                    QoS::AtLeastOnce,
+                    Some((7, InflightState::Qos1Sent))
+                ),
+                (Some(42), "a/2".to_string(), QoS::ExactlyOnce, None),
+            ],
+            "the queue rows moved to the version 3 table"
+        );
+        assert_eq!(session.queue[1].delivery.subscription_ids, vec![3]);
+        assert_eq!(snapshot.next_seq, 43);
+        // The writer lets go of its exclusive lock once its thread has ended.
+        let schema = (0..100)
+            .find_map(|_| {
+                let found = Connection::open(&path).and_then(|conn| {
+                    let version: i64 =
+                        conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+                    let mut tables = conn.prepare("SELECT name, sql FROM sqlite_master")?;
+                    let tables = tables
+                        .query_map([], |row| {
+                            Ok(format!(
+                                "{}: {:?}",
+                                row.get::<_, String>(0)?,
+                                row.get::<_, Option<String>>(1)?
+                            ))
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok((version, tables))
+                });
+                if found.is_err() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                found.ok()
+            })
+            .expect("database readable after the writer stopped");
+        assert_eq!(schema.0, SCHEMA_VERSION);
+        let tables = schema.1.join("\n");
+        assert!(tables.contains("PRIMARY KEY (client_id, seq)"), "{tables}");
+        assert!(!tables.contains("queue_v2"), "{tables}");
+        assert!(!tables.contains("queue_by_client"), "{tables}");
     }
 
     #[test]

@@ -311,7 +311,11 @@ impl Router {
         }
         let outcome = session.enqueue(delivery);
         if let Some(seq) = outcome.dropped_seq {
-            self.persist(Op::Remove { seq }).await;
+            self.persist(Op::Remove {
+                client_id: client_id.clone(),
+                seq,
+            })
+            .await;
         }
         if let Some(after_seq) = outcome.dropped_on_disk_after {
             self.persist(Op::RemoveOldest {
