@@ -22,7 +22,7 @@ use super::protocol::{
     PublishIn, PublishOut, ReadError, SubAckCode, Version,
 };
 use super::router::{ConnectReply, RouterRequest};
-use super::session::{Inflight, InflightState, Session};
+use super::session::{Handed, Inflight, InflightState, Session};
 use super::topic;
 use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
@@ -928,59 +928,57 @@ impl Connection {
                         .await,
                 );
             }
-            let (sendable, expired) = self.session.take_sendable(self.id, window, Instant::now());
-            for seq in expired {
+            let session = self.session.clone();
+            let report = session.send_queued(self.id, window, Instant::now(), |entry| {
+                let topic = &entry.delivery.message.topic;
+                if self.may_receive(topic) && self.encode_publish(entry, false) {
+                    Handed::Sent
+                } else {
+                    Handed::Dropped
+                }
+            });
+            for seq in report.expired.into_iter().chain(report.dropped) {
                 self.store(Op::Remove {
                     client_id: self.client_id.clone(),
                     seq,
                 })
                 .await;
             }
-            if sendable.is_empty() {
+            // QoS 2 needs its packet id after a restart (the client de-duplicates by it); a
+            // QoS 1 message in flight at a crash is simply sent again, which QoS 1 allows, so
+            // it costs no write here.
+            for (seq, pkid) in report.qos2_sent {
+                self.store(Op::Inflight {
+                    client_id: self.client_id.clone(),
+                    seq,
+                    pkid,
+                    state: InflightState::Qos2Sent,
+                })
+                .await;
+            }
+            if report.handed == 0 {
                 return;
             }
             self.settings
                 .counters
                 .messages_sent
-                .fetch_add(sendable.len() as u64, Ordering::Relaxed);
-            for entry in &sendable {
-                if !self.may_receive(&entry.delivery.message.topic) {
-                    if let Some(seq) = self.drop_delivery(entry) {
-                        self.store(Op::Remove {
-                            client_id: self.client_id.clone(),
-                            seq,
-                        })
-                        .await;
-                    }
-                    continue;
-                }
-                if let Some(seq) = self.queue_publish(entry, false) {
-                    self.store(Op::Remove {
-                        client_id: self.client_id.clone(),
-                        seq,
-                    })
-                    .await;
-                    continue;
-                }
-                // QoS 2 needs its packet id after a restart (the client de-duplicates by
-                // it); a QoS 1 message in flight at a crash is simply sent again, which
-                // QoS 1 allows, so it costs no write here.
-                if let (Some(seq), QoS::ExactlyOnce) = (entry.delivery.seq, entry.delivery.qos) {
-                    self.store(Op::Inflight {
-                        client_id: self.client_id.clone(),
-                        seq,
-                        pkid: entry.pkid,
-                        state: entry.state,
-                    })
-                    .await;
-                }
-            }
+                .fetch_add(report.handed as u64, Ordering::Relaxed);
         }
     }
 
-    /// Encode one publish. Returns the row to delete when the message was dropped because
-    /// the client cannot take it.
+    /// Encode a resent publish. Returns the row to delete when the message was dropped
+    /// because the client cannot take it.
     fn queue_publish(&mut self, entry: &Inflight, dup: bool) -> Option<u64> {
+        if self.encode_publish(entry, dup) {
+            None
+        } else {
+            self.drop_delivery(entry)
+        }
+    }
+
+    /// Encode one publish; false when the client cannot take it (MQTT 5 Maximum Packet
+    /// Size): it is then dropped as if delivered.
+    fn encode_publish(&mut self, entry: &Inflight, dup: bool) -> bool {
         let message = &entry.delivery.message;
         let (topic_alias, topic_known) = self.outgoing_alias(&message.topic);
         let packet = Outgoing::Publish(PublishOut {
@@ -1007,9 +1005,9 @@ impl Connection {
             if !topic_known && topic_alias.is_some() {
                 self.outgoing_aliases.remove(&message.topic);
             }
-            return self.drop_delivery(entry);
+            return false;
         }
-        None
+        true
     }
 
     /// Complete a delivery locally without sending it; returns its row to delete.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +35,8 @@ const CHANNEL: usize = 8192;
 const MAX_BATCH: usize = 4096;
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 3;
+/// Bytes of payload buffer allocated at a time when reading a page of queued messages.
+const PAYLOAD_CHUNK: usize = 64 * 1024;
 /// Prepared statements the store keeps (it uses about twenty).
 const STATEMENT_CACHE: usize = 48;
 /// The store waits this long without ops before it deletes rows of acknowledged messages.
@@ -513,16 +515,33 @@ struct RowReader {
     now_ms: i64,
     origin: Origin,
     last_topic: Option<Arc<str>>,
+    /// Payloads are cut from shared chunks of this many bytes (0: one per payload): one
+    /// allocation for many messages, and a payload cloned later (into a packet) is a
+    /// reference count, not a copy.
+    payloads: BytesMut,
+    chunk: usize,
 }
 
 impl RowReader {
-    fn new(now: Instant) -> RowReader {
+    /// `chunk`: for rows about to be sent (a page), so that a chunk is soon freed; rows that
+    /// may stay in memory for long (loaded at start) are better allocated one by one.
+    fn new(now: Instant, chunk: usize) -> RowReader {
         RowReader {
             now,
             now_ms: now_ms(),
             origin: Origin::Internal(Arc::from("store")),
             last_topic: None,
+            payloads: BytesMut::new(),
+            chunk,
         }
+    }
+
+    fn payload(&mut self, bytes: &[u8]) -> Bytes {
+        if self.payloads.capacity() < bytes.len() {
+            self.payloads.reserve(bytes.len().max(self.chunk));
+        }
+        self.payloads.extend_from_slice(bytes);
+        self.payloads.split().freeze()
     }
 
     fn topic(&mut self, topic: &str) -> Arc<str> {
@@ -547,7 +566,10 @@ fn queue_row(
         rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
     })?;
     let topic = reader.topic(topic);
-    let payload: Vec<u8> = row.get(2)?;
+    let payload = row.get_ref(2)?.as_blob().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, Box::new(e))
+    })?;
+    let payload = reader.payload(payload);
     let qos = qos_from(row.get(3)?);
     let retain: bool = row.get(4)?;
     let subscription_ids: Option<String> = row.get(5)?;
@@ -560,7 +582,7 @@ fn queue_row(
         .unwrap_or_default();
     let message = Message {
         topic,
-        payload: Bytes::from(payload),
+        payload,
         qos,
         retain,
         properties: decode_properties(properties),
@@ -650,7 +672,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let window = i64::try_from(memory_window).unwrap_or(i64::MAX);
-        let mut reader = RowReader::new(now);
+        let mut reader = RowReader::new(now, 0);
         let queued = queue
             .query_map(params![&client_id, window, acked_seq], |row| {
                 queue_row(row, &mut reader)
@@ -1065,7 +1087,7 @@ fn page(
     after_seq: u64,
     limit: usize,
 ) -> rusqlite::Result<Vec<(u64, StoredDelivery)>> {
-    let mut reader = RowReader::new(Instant::now());
+    let mut reader = RowReader::new(Instant::now(), PAYLOAD_CHUNK);
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
     ))?;

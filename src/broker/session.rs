@@ -36,6 +36,28 @@ impl Delivery {
     }
 }
 
+/// What the connection did with a delivery handed to it by [`Session::send_queued`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handed {
+    /// Encoded for the client (in flight from now on, for QoS 1 and 2).
+    Sent,
+    /// Not for this client (ACL, too large for it): done as if delivered.
+    Dropped,
+}
+
+/// What one [`Session::send_queued`] did.
+#[derive(Debug, Default)]
+pub(crate) struct SendReport {
+    /// Deliveries handed to the connection (sent or dropped).
+    pub(crate) handed: usize,
+    /// Rows of messages that expired in the queue.
+    pub(crate) expired: Vec<u64>,
+    /// Rows of messages the connection dropped.
+    pub(crate) dropped: Vec<u64>,
+    /// QoS 2 messages now in flight: (row, packet id).
+    pub(crate) qos2_sent: Vec<(u64, u16)>,
+}
+
 /// What an in-flight message waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InflightState {
@@ -254,19 +276,20 @@ impl Session {
         }
     }
 
-    /// Take the deliveries that may be sent now: QoS 0 always, QoS 1/2 while fewer than
-    /// `window` are in flight. Assigns packet ids and records them in flight. Expired
-    /// messages are discarded; their rows are returned for deletion.
-    pub(crate) fn take_sendable(
+    /// Hand the deliveries that may be sent now to `send`, in order: QoS 0 always, QoS 1/2
+    /// while fewer than `window` are in flight. Assigns packet ids; what `send` took is
+    /// recorded in flight (moved there, not copied: `send` encodes it while the session is
+    /// locked). Expired messages are discarded.
+    pub(crate) fn send_queued(
         &self,
         connection: u64,
         window: usize,
         now: Instant,
-    ) -> (Vec<Inflight>, Vec<u64>) {
-        let mut out = Vec::new();
-        let mut expired = Vec::new();
+        mut send: impl FnMut(&Inflight) -> Handed,
+    ) -> SendReport {
+        let mut report = SendReport::default();
         if !self.is_owner(connection) {
-            return (out, expired);
+            return report;
         }
         let mut state = self.lock();
         while let Some(front) = state.queue.front() {
@@ -281,39 +304,64 @@ impl Session {
             };
             state.queued_bytes = state.queued_bytes.saturating_sub(delivery.size());
             if delivery.message.is_expired(now) {
-                expired.extend(delivery.seq);
+                report.expired.extend(delivery.seq);
                 continue;
             }
-            if delivery.qos == QoS::AtMostOnce {
-                out.push(Inflight {
-                    pkid: 0,
-                    delivery,
-                    state: InflightState::Qos1Sent,
-                });
-                continue;
-            }
-            let Some(pkid) = state.allocate_pkid() else {
-                state.queued_bytes += delivery.size();
-                state.queue.push_front(delivery);
-                break;
+            let pkid = if delivery.qos == QoS::AtMostOnce {
+                0
+            } else {
+                match state.allocate_pkid() {
+                    Some(pkid) => pkid,
+                    None => {
+                        state.queued_bytes += delivery.size();
+                        state.queue.push_front(delivery);
+                        break;
+                    }
+                }
             };
             let entry = Inflight {
                 pkid,
-                state: if delivery.qos == QoS::AtLeastOnce {
-                    InflightState::Qos1Sent
-                } else {
+                state: if delivery.qos == QoS::ExactlyOnce {
                     InflightState::Qos2Sent
+                } else {
+                    InflightState::Qos1Sent
                 },
                 delivery,
             };
-            state.inflight.push_back(entry.clone());
-            out.push(entry);
+            report.handed += 1;
+            match send(&entry) {
+                Handed::Dropped => report.dropped.extend(entry.delivery.seq),
+                Handed::Sent if entry.delivery.qos == QoS::AtMostOnce => {}
+                Handed::Sent => {
+                    if let (Some(seq), QoS::ExactlyOnce) = (entry.delivery.seq, entry.delivery.qos)
+                    {
+                        report.qos2_sent.push((seq, entry.pkid));
+                    }
+                    state.inflight.push_back(entry);
+                }
+            }
         }
         drop(state);
-        if !out.is_empty() || !expired.is_empty() {
+        if report.handed > 0 || !report.expired.is_empty() {
             self.drained.notify_waiters();
         }
-        (out, expired)
+        report
+    }
+
+    /// `send_queued` for tests: the entries sent, and the rows of expired messages.
+    #[cfg(test)]
+    pub(crate) fn take_sendable(
+        &self,
+        connection: u64,
+        window: usize,
+        now: Instant,
+    ) -> (Vec<Inflight>, Vec<u64>) {
+        let mut sent = Vec::new();
+        let report = self.send_queued(connection, window, now, |entry| {
+            sent.push(entry.clone());
+            Handed::Sent
+        });
+        (sent, report.expired)
     }
 
     /// The highest seq such that every message of this session up to it is done: the one
