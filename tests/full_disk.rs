@@ -98,6 +98,8 @@ allow_anonymous = true
 durability = "sync"
 max_queued_messages = 1000000
 max_queued_bytes = "1GiB"
+# Past each session's first 1,000, messages stay on disk only: the drains page from disk.
+queue_memory = "0"
 
 [[broker.listeners]]
 bind = "127.0.0.1:0"

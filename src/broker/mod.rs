@@ -271,6 +271,7 @@ pub async fn start(
         max_messages: config.max_queued_messages,
         max_bytes: config.max_queued_bytes,
         memory_window: MEMORY_WINDOW,
+        queue_memory: session::QueueMemory::new(config.queue_memory),
     };
     let router = tokio::spawn(
         Router::new(limits, counters, config.durability, store).run(router_rx, router_stop.clone()),

@@ -602,6 +602,7 @@ fn queue_row(
                 retain,
                 subscription_ids,
                 seq: Some(u64::try_from(seq).unwrap_or(0)),
+                memory: None,
             },
             inflight,
         },
@@ -1243,6 +1244,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![3],
             seq: Some(seq),
+            memory: None,
         }
     }
 

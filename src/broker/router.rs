@@ -196,7 +196,7 @@ impl Router {
         );
         for stored in snapshot.sessions {
             let client_id: Arc<str> = Arc::from(stored.client_id.as_str());
-            let session = Arc::new(Session::new(client_id.clone(), self.limits));
+            let session = Arc::new(Session::new(client_id.clone(), self.limits.clone()));
             let mut inflight = Vec::new();
             let mut queue = Vec::new();
             for row in stored.queue {
@@ -502,7 +502,7 @@ impl Router {
                     .await;
                 }
                 (
-                    Arc::new(Session::new(client_id.clone(), self.limits)),
+                    Arc::new(Session::new(client_id.clone(), self.limits.clone())),
                     false,
                 )
             }
@@ -709,6 +709,7 @@ impl Router {
                         message,
                         subscription_ids: subscription_id.into_iter().collect(),
                         seq: None,
+                        memory: None,
                     };
                     self.deliver(client_id, delivery).await;
                 }
@@ -856,6 +857,7 @@ fn add_client_delivery(
             retain,
             subscription_ids: sub.subscription_id.into_iter().collect(),
             seq: None,
+            memory: None,
         },
     ));
 }

@@ -6,9 +6,11 @@
 //! never held across an `.await`.
 //!
 //! A persistent session's messages also live on disk (see `persist`), each under a `seq`.
-//! Only a window of them is kept in memory: past it, new messages stay on disk only
-//! (`spilled`) and are paged back in, in order, as the client takes them. That keeps memory
-//! bounded however long a client is away.
+//! Only some of them are kept in memory as well: a window per session, and past it as many
+//! as a budget shared by all sessions allows ([`QueueMemory`]). Past that, new messages stay
+//! on disk only (`spilled`) and are paged back in, in order, as the client takes them. That
+//! keeps memory bounded however long a client is away, and spares the disk reads when the
+//! client is back before memory ran out.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +22,7 @@ use tokio::sync::Notify;
 use crate::model::{Message, QoS};
 
 /// One message on its way to one client, with the QoS and flags it is delivered with.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Delivery {
     pub(crate) message: Message,
     pub(crate) qos: QoS,
@@ -28,6 +30,75 @@ pub(crate) struct Delivery {
     pub(crate) subscription_ids: Vec<usize>,
     /// The row on disk, for a persistent session.
     pub(crate) seq: Option<u64>,
+    /// The share of the queue memory budget this message holds while it is in memory
+    /// beyond its session's own window; given back when it is dropped. Copies hold none.
+    pub(crate) memory: Option<MemoryCharge>,
+}
+
+impl Clone for Delivery {
+    fn clone(&self) -> Delivery {
+        Delivery {
+            message: self.message.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            seq: self.seq,
+            memory: None,
+        }
+    }
+}
+
+/// Memory that queued messages of persistent sessions may take beyond each session's own
+/// window, shared by all sessions (`[broker] queue_memory_bytes`).
+#[derive(Debug)]
+pub(crate) struct QueueMemory {
+    used: AtomicU64,
+    limit: u64,
+}
+
+/// Estimated memory of a queued message besides its topic and payload (the delivery, its
+/// allocations and its place in the queue; measured at about 250 bytes on x86-64).
+const QUEUED_OVERHEAD: u64 = 256;
+
+impl QueueMemory {
+    pub(crate) fn new(limit: u64) -> Arc<QueueMemory> {
+        Arc::new(QueueMemory {
+            used: AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    /// Reserve room for `delivery`, if the budget has it.
+    fn charge(self: &Arc<Self>, delivery: &Delivery) -> Option<MemoryCharge> {
+        let bytes = delivery.size() + QUEUED_OVERHEAD;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= self.limit).then_some(used + bytes)
+            })
+            .ok()?;
+        Some(MemoryCharge {
+            pool: self.clone(),
+            bytes,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// Room held in a [`QueueMemory`]; released on drop (not `Clone`: held once).
+#[derive(Debug)]
+pub(crate) struct MemoryCharge {
+    pool: Arc<QueueMemory>,
+    bytes: u64,
+}
+
+impl Drop for MemoryCharge {
+    fn drop(&mut self) {
+        self.pool.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Delivery {
@@ -106,12 +177,13 @@ pub(crate) struct SessionState {
 }
 
 /// Bounds of one session's queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Limits {
     pub(crate) max_messages: usize,
     pub(crate) max_bytes: u64,
-    /// Persistent messages kept in memory before the rest stays on disk.
+    /// Persistent messages kept in memory in any case; more only as `queue_memory` allows.
     pub(crate) memory_window: usize,
+    pub(crate) queue_memory: Arc<QueueMemory>,
 }
 
 #[derive(Debug)]
@@ -138,6 +210,7 @@ impl Session {
                 max_messages: limits.max_messages.max(1),
                 max_bytes: limits.max_bytes.max(1),
                 memory_window: limits.memory_window.max(1),
+                queue_memory: limits.queue_memory,
             },
             state: Mutex::new(SessionState::default()),
             owner: AtomicU64::new(0),
@@ -237,8 +310,17 @@ impl Session {
                 );
             }
         }
-        let on_disk_only = delivery.seq.is_some()
-            && (state.spilled > 0 || state.queue.len() >= self.limits.memory_window);
+        let mut delivery = delivery;
+        let on_disk_only = match delivery.seq {
+            None => false,
+            // Later messages may not overtake those waiting on disk.
+            Some(_) if state.spilled > 0 => true,
+            Some(_) if state.queue.len() < self.limits.memory_window => false,
+            Some(_) => {
+                delivery.memory = self.limits.queue_memory.charge(&delivery);
+                delivery.memory.is_none()
+            }
+        };
         if on_disk_only {
             state.spilled += 1;
         } else {
@@ -440,11 +522,15 @@ impl SessionState {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_messages: 100,
-        max_bytes: 1 << 20,
-        memory_window: 4,
-    };
+    /// A window of 4 in memory and no shared queue memory beyond it.
+    fn limits() -> Limits {
+        Limits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            memory_window: 4,
+            queue_memory: QueueMemory::new(0),
+        }
+    }
 
     fn delivery(n: u64, qos: QoS, seq: Option<u64>) -> Delivery {
         Delivery {
@@ -453,12 +539,13 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             seq,
+            memory: None,
         }
     }
 
     #[test]
     fn the_in_flight_window_is_never_exceeded() {
-        let session = Session::new(Arc::from("c"), LIMITS);
+        let session = Session::new(Arc::from("c"), limits());
         session.set_owner(7);
         for n in 0..4 {
             session.enqueue(delivery(n, QoS::AtLeastOnce, None));
@@ -475,7 +562,7 @@ mod tests {
     fn a_full_queue_drops_the_oldest_and_counts_it() {
         let limits = Limits {
             max_messages: 2,
-            ..LIMITS
+            ..limits()
         };
         let session = Session::new(Arc::from("c"), limits);
         session.set_owner(1);
@@ -491,14 +578,14 @@ mod tests {
 
     #[test]
     fn qos0_is_not_queued_for_an_offline_client() {
-        let session = Session::new(Arc::from("c"), LIMITS);
+        let session = Session::new(Arc::from("c"), limits());
         assert!(!session.enqueue(delivery(0, QoS::AtMostOnce, None)).queued);
         assert!(session.enqueue(delivery(1, QoS::AtLeastOnce, None)).queued);
     }
 
     #[test]
     fn a_connection_that_lost_ownership_takes_nothing() {
-        let session = Session::new(Arc::from("c"), LIMITS);
+        let session = Session::new(Arc::from("c"), limits());
         session.set_owner(1);
         session.enqueue(delivery(0, QoS::AtLeastOnce, None));
         session.set_owner(2);
@@ -508,7 +595,7 @@ mod tests {
 
     #[test]
     fn done_through_stops_before_the_oldest_message_still_pending() {
-        let session = Session::new(Arc::from("c"), LIMITS);
+        let session = Session::new(Arc::from("c"), limits());
         session.set_owner(1);
         for seq in [10, 12, 15] {
             session.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
@@ -527,7 +614,7 @@ mod tests {
 
     #[test]
     fn persistent_messages_past_the_memory_window_stay_on_disk_and_page_in_in_order() {
-        let session = Session::new(Arc::from("c"), LIMITS);
+        let session = Session::new(Arc::from("c"), limits());
         for seq in 1..=10 {
             session.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
         }
@@ -549,5 +636,51 @@ mod tests {
         let seqs: Vec<u64> = sent.iter().filter_map(|i| i.delivery.seq).collect();
         assert_eq!(seqs, vec![5, 6, 7]);
         assert_eq!(session.page_wanted(1), Some(7));
+    }
+
+    #[test]
+    fn the_shared_queue_memory_keeps_more_in_memory_and_is_given_back_when_delivered() {
+        // Topics of one length (t/NN): every message costs the same share.
+        let per_message = delivery(11, QoS::AtLeastOnce, Some(11)).size() + QUEUED_OVERHEAD;
+        let pool = QueueMemory::new(3 * per_message);
+        let limits = Limits {
+            queue_memory: pool.clone(),
+            ..limits()
+        };
+        let first = Session::new(Arc::from("a"), limits.clone());
+        let second = Session::new(Arc::from("b"), limits);
+        for seq in 11..=16 {
+            first.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
+        }
+        {
+            let state = first.lock();
+            assert_eq!(state.queue.len(), 6, "4 in the window, 2 more in the pool");
+            assert_eq!(state.spilled, 0);
+        }
+        for seq in 21..=26 {
+            second.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
+        }
+        {
+            let state = second.lock();
+            assert_eq!(
+                state.queue.len(),
+                5,
+                "4 in the window, the pool's last share"
+            );
+            assert_eq!(state.spilled, 1);
+        }
+        assert_eq!(pool.used(), 3 * per_message);
+        // Sent, the messages hold their share until acknowledged; then it is free again.
+        first.set_owner(1);
+        let (sent, _) = first.take_sendable(1, 100, Instant::now());
+        drop(sent);
+        assert_eq!(pool.used(), 3 * per_message, "in flight still in memory");
+        for pkid in 1..=6 {
+            first.ack(pkid);
+        }
+        assert_eq!(pool.used(), per_message);
+        // Once spilled, later messages stay behind the ones on disk, pool or not.
+        second.enqueue(delivery(27, QoS::AtLeastOnce, Some(27)));
+        assert_eq!(second.lock().spilled, 2);
     }
 }

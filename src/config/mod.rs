@@ -60,6 +60,9 @@ pub struct BrokerConfig {
     pub max_inflight: u16,
     /// Per-client queue bound in bytes (payload + topic). Default 64 MiB.
     pub max_queued_bytes: u64,
+    /// Memory that queued messages of persistent sessions may share beyond the first 1,000
+    /// of each session (the rest are on disk only). Default 32 MiB.
+    pub queue_memory: u64,
     /// What survives a crash or power cut. Default `Sync`.
     pub durability: Durability,
     /// With `Batched`: the longest a publish waits for its commit. Default 10ms.
@@ -98,6 +101,7 @@ impl Default for BrokerConfig {
             max_queued_messages: 1000,
             max_inflight: 20,
             max_queued_bytes: 64 * 1024 * 1024,
+            queue_memory: 32 * 1024 * 1024,
             durability: Durability::Memory,
             commit_window: Duration::from_millis(10),
             store_path: PathBuf::from("broker.db"),

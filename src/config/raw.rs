@@ -32,6 +32,7 @@ pub(crate) struct RawBroker {
     pub(crate) max_queued_messages: Option<S<i64>>,
     pub(crate) max_inflight: Option<S<i64>>,
     pub(crate) max_queued_bytes: Option<S<RawSize>>,
+    pub(crate) queue_memory: Option<S<RawSize>>,
     pub(crate) durability: Option<S<String>>,
     pub(crate) commit_window: Option<S<String>>,
     pub(crate) store_file: Option<S<String>>,

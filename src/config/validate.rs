@@ -63,6 +63,8 @@ pub(crate) const DEFAULT_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
 pub(crate) const DEFAULT_QUEUE_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub(crate) const DEFAULT_WS_PATH: &str = "/mqtt";
 pub(crate) const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
+/// Memory queued messages of persistent sessions share beyond each session's first 1,000.
+pub(crate) const DEFAULT_QUEUE_MEMORY: u64 = 32 * 1024 * 1024;
 pub(crate) const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 pub(crate) const DEFAULT_STORE_FILE: &str = "broker.db";
 pub(crate) const DEFAULT_SYS_INTERVAL: Duration = Duration::from_secs(10);
@@ -990,6 +992,12 @@ impl Validator<'_> {
                 .unwrap_or(DEFAULT_MAX_QUEUED_BYTES),
             None => DEFAULT_MAX_QUEUED_BYTES,
         };
+        let queue_memory = match raw.and_then(|raw| raw.queue_memory.as_ref()) {
+            Some(size) => self
+                .size(size, "broker.queue_memory")
+                .unwrap_or(DEFAULT_QUEUE_MEMORY),
+            None => DEFAULT_QUEUE_MEMORY,
+        };
         let durability = raw
             .and_then(|raw| raw.durability.as_ref())
             .and_then(|value| {
@@ -1080,6 +1088,7 @@ impl Validator<'_> {
             max_queued_messages,
             max_inflight,
             max_queued_bytes,
+            queue_memory,
             durability,
             commit_window,
             store_path,
