@@ -193,19 +193,26 @@ pub(crate) type PageReply = oneshot::Receiver<Vec<(u64, StoredDelivery)>>;
 pub(crate) enum Waiter {
     #[cfg(test)]
     Plain(oneshot::Sender<()>),
-    /// A publisher's acknowledgement, with whether its message matched a subscriber.
-    Publish(oneshot::Sender<bool>, bool),
+    /// A publisher's acknowledgement, with whether its message matched a subscriber, and
+    /// [`Persist::failures`] from before the message's ops were sent.
+    Publish(oneshot::Sender<bool>, bool, u64),
 }
 
 impl Waiter {
-    fn wake(self) {
+    /// Answer after a successful commit. A publisher is told "stored" only if no commit
+    /// failed since its ops were sent: they may have been in the failed one (a batch can end
+    /// between a message's rows and its barrier), and then they are not on disk. Dropping
+    /// the sender tells it "not stored" (its client resends).
+    fn wake(self, failures: u64) {
         match self {
             #[cfg(test)]
             Waiter::Plain(tx) => {
                 let _ = tx.send(());
             }
-            Waiter::Publish(tx, matched) => {
-                let _ = tx.send(matched);
+            Waiter::Publish(tx, matched, failures_before) => {
+                if failures == failures_before {
+                    let _ = tx.send(matched);
+                }
             }
         }
     }
@@ -216,6 +223,7 @@ impl Waiter {
 pub(crate) struct Persist {
     tx: mpsc::Sender<Op>,
     size: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Op {
@@ -238,6 +246,7 @@ impl Persist {
             load(&mut conn, memory_window).map_err(|e| PersistError::classify(path, e))?;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let size = Arc::new(AtomicU64::new(file_size(path)));
+        let failures = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             conn,
             path: path.to_path_buf(),
@@ -250,6 +259,7 @@ impl Persist {
             unsynced: false,
             last_sync: Instant::now(),
             size: size.clone(),
+            failures: failures.clone(),
             commits: 0,
             garbage,
             purging: false,
@@ -261,7 +271,12 @@ impl Persist {
                 path: path.to_path_buf(),
                 reason: format!("cannot start the store thread: {e}"),
             })?;
-        Ok((Persist { tx, size }, snapshot))
+        Ok((Persist { tx, size, failures }, snapshot))
+    }
+
+    /// Commits that failed so far (see [`Waiter::Publish`]).
+    pub(crate) fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
     }
 
     pub(crate) async fn send(&self, op: Op) {
@@ -754,6 +769,8 @@ struct Writer {
     unsynced: bool,
     last_sync: Instant,
     size: Arc<AtomicU64>,
+    /// Failed commits (their ops are lost from disk), shared with [`Persist::failures`].
+    failures: Arc<AtomicU64>,
     commits: u64,
     garbage: Garbage,
     /// The store has been idle for [`PURGE_IDLE`]: purge until an op arrives.
@@ -870,6 +887,7 @@ impl Writer {
             self.synchronous == "FULL" && (waited_for || self.last_sync.elapsed() >= UNSYNCED_MAX);
         if let Err(error) = self.set_synchronous(if sync { "FULL" } else { "NORMAL" }) {
             tracing::error!(database = %self.path.display(), %error, "cannot set the store's sync mode");
+            self.failures.fetch_add(1, Ordering::AcqRel);
             return;
         }
         let done = |client_id: &str, seq: u64| {
@@ -928,8 +946,10 @@ impl Writer {
         });
         if let Err(error) = result {
             // The ops of this batch are lost from disk (memory still has them); waiters are
-            // not answered, so publishers see no acknowledgement for what was not stored.
+            // not answered, so publishers see no acknowledgement for what was not stored,
+            // nor are later ones whose ops may have been in this batch.
             tracing::error!(database = %self.path.display(), %error, "broker store commit failed");
+            self.failures.fetch_add(1, Ordering::AcqRel);
             return;
         }
         if sync {
@@ -947,7 +967,7 @@ impl Writer {
             self.garbage.through.remove(&client_id);
         }
         for waiter in barriers {
-            waiter.wake();
+            waiter.wake(self.failures.load(Ordering::Acquire));
         }
         for (reply, rows) in pages {
             let _ = reply.send(rows);

@@ -399,11 +399,12 @@ impl Router {
                 let _ = reply.send(found);
             }
             RouterRequest::Publish { message, done } => {
+                let failures_before = self.persist.as_ref().map_or(0, Persist::failures);
                 let (matched, wrote) = self.publish(message).await;
                 if let Some(done) = done {
                     if wrote && self.durability == Durability::Sync && self.persist.is_some() {
                         // Acknowledge only once the rows holding this message are on disk.
-                        self.persist(Op::Barrier(Waiter::Publish(done, matched)))
+                        self.persist(Op::Barrier(Waiter::Publish(done, matched, failures_before)))
                             .await;
                     } else {
                         let _ = done.send(matched);

@@ -652,16 +652,23 @@ impl Validator<'_> {
     }
 
     fn size(&mut self, value: &S<RawSize>, key_path: &str) -> Option<u64> {
+        match self.size_or_zero(value, key_path) {
+            Some(0) => {
+                self.d
+                    .error(Some(value.span()), key_path, "must be more than zero");
+                None
+            }
+            other => other,
+        }
+    }
+
+    /// A size where 0 means "none".
+    fn size_or_zero(&mut self, value: &S<RawSize>, key_path: &str) -> Option<u64> {
         let result = match value.get_ref() {
             RawSize::Bytes(bytes) => u64::try_from(*bytes).map_err(|_| "negative".to_owned()),
             RawSize::Text(text) => parse_size(text),
         };
         match result {
-            Ok(0) => {
-                self.d
-                    .error(Some(value.span()), key_path, "must be more than zero");
-                None
-            }
             Ok(bytes) => Some(bytes),
             Err(why) => {
                 let shown = match value.get_ref() {
@@ -994,7 +1001,7 @@ impl Validator<'_> {
         };
         let queue_memory = match raw.and_then(|raw| raw.queue_memory.as_ref()) {
             Some(size) => self
-                .size(size, "broker.queue_memory")
+                .size_or_zero(size, "broker.queue_memory")
                 .unwrap_or(DEFAULT_QUEUE_MEMORY),
             None => DEFAULT_QUEUE_MEMORY,
         };
