@@ -35,6 +35,8 @@ const CHANNEL: usize = 8192;
 const MAX_BATCH: usize = 4096;
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 3;
+/// Commits between two looks at the database file's size.
+const SIZE_EVERY: u64 = 64;
 /// Bytes of payload buffer allocated at a time when reading a page of queued messages.
 const PAYLOAD_CHUNK: usize = 64 * 1024;
 /// Prepared statements the store keeps (it uses about twenty).
@@ -1051,7 +1053,10 @@ impl Writer {
             // Give freed pages back a little at a time so the file stays bounded.
             let _ = self.conn.execute_batch("PRAGMA incremental_vacuum(256);");
         }
-        self.size.store(file_size(&self.path), Ordering::Relaxed);
+        if self.commits % SIZE_EVERY == 0 {
+            // The size is only shown ($SYS): a stat per commit would cost more than it tells.
+            self.size.store(file_size(&self.path), Ordering::Relaxed);
+        }
     }
 }
 
