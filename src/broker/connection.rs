@@ -591,13 +591,8 @@ impl Connection {
                 Some(seq) => {
                     self.queue(&Outgoing::PubRel(pkid));
                     if let Some(seq) = seq {
-                        self.store(Op::Inflight {
-                            client_id: self.client_id.clone(),
-                            seq,
-                            pkid,
-                            state: InflightState::Released,
-                        })
-                        .await;
+                        self.store_inflight(seq, pkid, InflightState::Released)
+                            .await;
                     }
                 }
                 None => self.queue(&Outgoing::PubRelNotFound(pkid)),
@@ -871,11 +866,7 @@ impl Connection {
             self.watermark_due
                 .get_or_insert_with(|| tokio::time::Instant::now() + WATERMARK_DELAY);
         } else {
-            self.store(Op::Remove {
-                client_id: self.client_id.clone(),
-                seq,
-            })
-            .await;
+            self.store_removed(seq).await;
         }
     }
 
@@ -902,6 +893,23 @@ impl Connection {
             })
             .await;
         }
+    }
+
+    async fn store_inflight(&self, seq: u64, pkid: u16, state: InflightState) {
+        let client_id = self.client_id.clone();
+        self.store(Op::Inflight {
+            client_id,
+            seq,
+            pkid,
+            state,
+        })
+        .await;
+    }
+
+    /// The row of a message this client is done with (out of order, expired, dropped).
+    async fn store_removed(&self, seq: u64) {
+        let client_id = self.client_id.clone();
+        self.store(Op::Remove { client_id, seq }).await;
     }
 
     async fn store(&self, op: Op) {
@@ -938,23 +946,14 @@ impl Connection {
                 }
             });
             for seq in report.expired.into_iter().chain(report.dropped) {
-                self.store(Op::Remove {
-                    client_id: self.client_id.clone(),
-                    seq,
-                })
-                .await;
+                self.store_removed(seq).await;
             }
             // QoS 2 needs its packet id after a restart (the client de-duplicates by it); a
             // QoS 1 message in flight at a crash is simply sent again, which QoS 1 allows, so
             // it costs no write here.
             for (seq, pkid) in report.qos2_sent {
-                self.store(Op::Inflight {
-                    client_id: self.client_id.clone(),
-                    seq,
-                    pkid,
-                    state: InflightState::Qos2Sent,
-                })
-                .await;
+                self.store_inflight(seq, pkid, InflightState::Qos2Sent)
+                    .await;
             }
             if report.handed == 0 {
                 return;
