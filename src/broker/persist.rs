@@ -1362,6 +1362,38 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_publisher_is_not_acknowledged_after_a_failed_commit_that_may_have_held_its_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let (persist, _) =
+            Persist::open(&path, Durability::Sync, Duration::ZERO, 10).expect("open");
+        let client: Arc<str> = Arc::from("c");
+        let before = persist.failures();
+        enqueue(&persist, &client, 1..=1).await;
+        persist.barrier().await.await.expect("committed");
+        // The same row again: this batch cannot commit (as when the disk is full).
+        enqueue(&persist, &client, 1..=1).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while persist.failures() == before {
+            assert!(Instant::now() < deadline, "the duplicate row did not fail");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A publisher whose rows were sent before the failure (they may have been in it) is
+        // not told "stored", although the commit holding its barrier succeeds.
+        let (tx, rx) = oneshot::channel();
+        persist
+            .send(Op::Barrier(Waiter::Publish(tx, true, before)))
+            .await;
+        assert!(rx.await.is_err(), "acknowledged across a failed commit");
+        // One whose rows all came after the failure is.
+        let (tx, rx) = oneshot::channel();
+        persist
+            .send(Op::Barrier(Waiter::Publish(tx, true, persist.failures())))
+            .await;
+        assert_eq!(rx.await.ok(), Some(true));
+    }
+
     /// Open the database again once the writer of the previous `Persist` has let go.
     async fn reopen(path: &Path, memory_window: usize) -> (Persist, Snapshot) {
         for _ in 0..100 {
