@@ -653,6 +653,14 @@ fn cases() -> Vec<Case> {
             Some("256MiB"),
         ),
         case(
+            "bad queue_memory",
+            format!("{HEAD}queue_memory = \"plenty\"\n"),
+            5,
+            "broker.queue_memory",
+            "invalid size \"plenty\"",
+            Some("256MiB"),
+        ),
+        case(
             "missing ACL file",
             format!("{HEAD}acl_file = \"acl\"\n"),
             5,
@@ -797,7 +805,7 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     std::fs::write(dir.path().join("acl"), "topic read #\n").expect("write");
 
     let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n\
-        [broker]\nallow_anonymous = true\nmax_queued_bytes = \"8MiB\"\ndurability = \"batched\"\n\
+        [broker]\nallow_anonymous = true\nmax_queued_bytes = \"8MiB\"\nqueue_memory = \"0\"\ndurability = \"batched\"\n\
         commit_window = \"20ms\"\nstore_file = \"mqtt/broker.sqlite\"\nacl_file = \"acl\"\n\
         sys_interval = \"0s\"\n\
         [[broker.listeners]]\nbind = \"127.0.0.1:8883\"\n\
@@ -809,6 +817,10 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     let broker = &config.broker;
     let base = std::path::absolute(dir.path()).expect("absolute");
     assert_eq!(broker.max_queued_bytes, 8 * 1024 * 1024);
+    assert_eq!(
+        broker.queue_memory, 0,
+        "0: nothing beyond each session's window"
+    );
     assert_eq!(broker.durability, Durability::Batched);
     assert_eq!(broker.commit_window, Duration::from_millis(20));
     assert_eq!(broker.store_path, base.join("data/mqtt/broker.sqlite"));
@@ -837,6 +849,7 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     assert_eq!(broker.sys_interval, Some(Duration::from_secs(10)));
     assert_eq!(broker.commit_window, Duration::from_millis(10));
     assert_eq!(broker.max_queued_bytes, 64 * 1024 * 1024);
+    assert_eq!(broker.queue_memory, 32 * 1024 * 1024);
     assert_eq!(broker.acl_file, None);
     assert_eq!(broker.listeners[0].websocket_path, "/mqtt");
     assert!(broker.listeners[0].tls.is_none());
