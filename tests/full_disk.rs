@@ -301,6 +301,22 @@ fn collect_log(gateway: &GatewayProcess, lines: &mut Vec<String>) {
     lines.extend(gateway.log.try_iter());
 }
 
+/// Reconnect a persistent subscriber and assert that its session is there and that every
+/// acknowledged number arrives (within 15 s); returns how many were received.
+async fn drain_all(
+    gateway: &GatewayProcess,
+    id: &str,
+    acked: &BTreeSet<u64>,
+    log: &mut Vec<String>,
+    when: &str,
+) -> usize {
+    let (present, received) = drain(gateway.addr, id, acked, Duration::from_secs(15)).await;
+    collect_log(gateway, log);
+    assert!(present, "{when}: the session of {id} is gone");
+    assert_all_received(when, acked, &received, log);
+    received.len()
+}
+
 /// Every acknowledged number was received (duplicates are fine).
 fn assert_all_received(
     when: &str,
@@ -480,40 +496,34 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     acked.extend(after);
 
     // Every acknowledged message reaches the subscriber of the running gateway...
-    let (present, received) = drain(
-        gateway.addr,
+    let received = drain_all(
+        &gateway,
         LIVE_SUBSCRIBER,
         &acked,
-        Duration::from_secs(15),
+        &mut log,
+        "running gateway",
     )
     .await;
-    collect_log(&gateway, &mut log);
-    assert!(present, "the live subscriber's session is gone");
-    assert_all_received("running gateway", &acked, &received, &log);
     eprintln!(
-        "live subscriber: all {} acknowledged messages ({} received)",
-        acked.len(),
-        received.len()
+        "live subscriber: all {} acknowledged messages ({received} received)",
+        acked.len()
     );
 
     // ...and, from the disk alone, the other one after a kill -9 and a restart on the same
     // database (which must open: not corrupt).
     gateway.kill9();
     let mut gateway = GatewayProcess::start(&config);
-    let (present, received) = drain(
-        gateway.addr,
+    let received = drain_all(
+        &gateway,
         RESTART_SUBSCRIBER,
         &acked,
-        Duration::from_secs(15),
+        &mut log,
+        "after kill -9 and restart",
     )
     .await;
-    collect_log(&gateway, &mut log);
-    assert!(present, "the session did not survive the restart");
-    assert_all_received("after kill -9 and restart", &acked, &received, &log);
     eprintln!(
-        "restarted gateway: all {} acknowledged messages ({} received); total {:?}",
+        "restarted gateway: all {} acknowledged messages ({received} received); total {:?}",
         acked.len(),
-        received.len(),
         started.elapsed()
     );
     let status = gateway.terminate();

@@ -1394,6 +1394,18 @@ mod tests {
         assert_eq!(rx.await.ok(), Some(true));
     }
 
+    /// The client acknowledged everything through `through` (`count` messages); committed.
+    async fn acknowledge_through(persist: &Persist, client: &Arc<str>, through: u64, count: u64) {
+        persist
+            .send(Op::Acked {
+                client_id: client.clone(),
+                through,
+                count,
+            })
+            .await;
+        persist.barrier().await.await.expect("committed");
+    }
+
     /// Open the database again once the writer of the previous `Persist` has let go.
     async fn reopen(path: &Path, memory_window: usize) -> (Persist, Snapshot) {
         for _ in 0..100 {
@@ -1422,14 +1434,7 @@ mod tests {
                 .await;
             enqueue(&persist, &client, 1..=6).await;
             persist.barrier().await.await.expect("committed");
-            persist
-                .send(Op::Acked {
-                    client_id: client.clone(),
-                    through: 4,
-                    count: 4,
-                })
-                .await;
-            persist.barrier().await.await.expect("committed");
+            acknowledge_through(&persist, &client, 4, 4).await;
         }
         let (persist, snapshot) = reopen(&path, 100).await;
         let seqs: Vec<Option<u64>> = snapshot.sessions[0]
@@ -1454,14 +1459,7 @@ mod tests {
         }
         let seqs: Vec<u64> = physical.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![5, 6], "rows 1..=4 purged");
-        persist
-            .send(Op::Acked {
-                client_id: client.clone(),
-                through: 6,
-                count: 2,
-            })
-            .await;
-        persist.barrier().await.await.expect("committed");
+        acknowledge_through(&persist, &client, 6, 2).await;
         drop(persist);
         let (_persist, snapshot) = reopen(&path, 100).await;
         assert!(snapshot.sessions[0].queue.is_empty());

@@ -1588,21 +1588,8 @@ impl Validator<'_> {
             );
             return None;
         };
-        let kind_name = kind.get_ref().as_str();
-        if !WAVEFORMS.contains(&kind_name) {
-            let diagnostic = self.d.error(
-                Some(kind.span()),
-                key_path,
-                format!(
-                    "unknown waveform {kind_name:?}, expected one of {}",
-                    WAVEFORMS.join(", ")
-                ),
-            );
-            if let Some(close) = closest(kind_name, WAVEFORMS) {
-                diagnostic.hint = Some(format!("did you mean `{close}`?"));
-            }
-            return None;
-        }
+        let choices: Vec<(&str, &str)> = WAVEFORMS.iter().map(|w| (*w, *w)).collect();
+        let kind_name = self.choice(kind, &key_path, "waveform", &choices, None)?;
 
         // Keys each waveform uses; any other one is a mistake worth reporting.
         let used: &[&str] = match kind_name {
