@@ -81,6 +81,14 @@ struct DurableArgs {
     /// Mosquitto `max_inflight_messages`; 20 is both defaults).
     #[arg(long, default_value_t = 20)]
     inflight: u16,
+    /// fieldmq's `[broker] durability` (`sync`, its default, is what the comparison with
+    /// Mosquitto's `persistence true` is about; the others show what the fsync costs).
+    #[arg(long, default_value = "sync", value_parser = ["sync", "batched", "memory"])]
+    durability: String,
+    /// Publish rate in messages/s; 0 = as fast as the window of 100 allows. A low rate
+    /// shows what one acknowledgement costs (with `sync`: the commit and its fsync).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Longest time the publish phase, and then the drain phase, may take, seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -946,7 +954,13 @@ fn durable_targets(target: TargetArg) -> Vec<Target> {
 }
 
 /// A broker setup whose per-session queue holds `n` messages (plus slack) of `payload` bytes.
-fn queue_setup(bins: &BinArgs, n: u64, payload: usize, inflight: u16) -> BrokerSetup {
+fn queue_setup(
+    bins: &BinArgs,
+    n: u64,
+    payload: usize,
+    inflight: u16,
+    durability: &str,
+) -> BrokerSetup {
     let mut setup = BrokerSetup::new(&bins.fieldmq_bin, &bins.mosquitto_bin);
     let max_queued = n + 1000;
     // fieldmq also bounds a session's queue in bytes (topic + payload, default 64 MiB):
@@ -954,7 +968,8 @@ fn queue_setup(bins: &BinArgs, n: u64, payload: usize, inflight: u16) -> BrokerS
     // is unlimited by default.
     let bytes = ((max_queued) * (payload as u64 + 64)).max(64 << 20);
     setup.fieldmq_broker = format!(
-        "max_queued_messages = {max_queued}\nmax_queued_bytes = {bytes}\nmax_inflight = {inflight}\n"
+        "durability = \"{durability}\"\nmax_queued_messages = {max_queued}\n\
+         max_queued_bytes = {bytes}\nmax_inflight = {inflight}\n"
     );
     setup.mosquitto =
         format!("max_queued_messages {max_queued}\nmax_inflight_messages {inflight}\n");
@@ -1010,11 +1025,21 @@ struct PublishResult {
     acked: u64,
     /// From the first publish to the last PUBACK.
     elapsed: Duration,
+    /// PUBLISH written → its PUBACK read, µs, sorted.
+    ack_latencies_us: Vec<u64>,
 }
 
 impl PublishResult {
     fn rate(&self) -> f64 {
         per_sec(self.acked, self.elapsed)
+    }
+
+    fn ack_percentile(&self, p: f64) -> Option<u64> {
+        if self.ack_latencies_us.is_empty() {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.ack_latencies_us.len() as f64).ceil() as usize;
+        Some(self.ack_latencies_us[rank.clamp(1, self.ack_latencies_us.len()) - 1])
     }
 }
 
@@ -1028,11 +1053,13 @@ fn per_sec(n: u64, d: Duration) -> f64 {
 }
 
 /// One clean-session publisher sends `n` QoS 1 messages (window 100) to `bench/0`, each
-/// payload starting with its sequence number, and waits for every PUBACK (bounded).
+/// payload starting with its sequence number, at `rate` msgs/s (0: at once), and waits for
+/// every PUBACK (bounded).
 async fn publish_qos1(
     addr: SocketAddr,
     n: u64,
     payload: usize,
+    rate: u64,
     timeout: Duration,
 ) -> Result<PublishResult> {
     let who = "publisher";
@@ -1052,22 +1079,41 @@ async fn publish_qos1(
         let acked = acked.clone();
         let last_ack_ns = last_ack_ns.clone();
         tokio::spawn(async move {
-            loop {
+            // Send time by packet id: rumqttc reports each PUBLISH as it writes it.
+            let mut sent_ns = vec![0u64; usize::from(u16::MAX) + 1];
+            let mut latencies_us = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+            let end = loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                        sent_ns[usize::from(pkid)] = now_ns(start);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        let now = now_ns(start);
+                        latencies_us
+                            .push(now.saturating_sub(sent_ns[usize::from(ack.pkid)]) / 1000);
                         acked.fetch_add(1, Ordering::AcqRel);
-                        last_ack_ns.store(now_ns(start), Ordering::Release);
+                        last_ack_ns.store(now, Ordering::Release);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break Ok(()),
                     Ok(_) => {}
                     Err(e) => break Err(e),
                 }
+            };
+            latencies_us.sort_unstable();
+            match end {
+                Ok(()) => Ok(latencies_us),
+                Err(e) => Err((e, latencies_us)),
             }
         })
     };
     let mut buf = vec![0u8; payload];
     let mut progress = Instant::now();
+    let paced_start = tokio::time::Instant::now();
     for seq in 0..n {
+        if rate > 0 {
+            let at = paced_start + Duration::from_secs_f64(seq as f64 / rate as f64);
+            tokio::time::sleep_until(at.min(deadline)).await;
+        }
         buf[..8].copy_from_slice(&seq.to_be_bytes());
         match tokio::time::timeout_at(
             deadline,
@@ -1096,15 +1142,17 @@ async fn publish_qos1(
     let acked_n = acked.load(Ordering::Acquire);
     let elapsed = Duration::from_nanos(last_ack_ns.load(Ordering::Acquire));
     let _ = client.try_disconnect();
-    match tokio::time::timeout(Duration::from_secs(2), driver).await {
-        Ok(Ok(Err(e))) if acked_n < n => {
+    let ack_latencies_us = match tokio::time::timeout(Duration::from_secs(2), driver).await {
+        Ok(Ok(Err((e, _)))) if acked_n < n => {
             bail!("{who}: connection lost after {acked_n} PUBACKs: {e}")
         }
-        _ => {}
-    }
+        Ok(Ok(Ok(latencies) | Err((_, latencies)))) => latencies,
+        _ => Vec::new(),
+    };
     Ok(PublishResult {
         acked: acked_n,
         elapsed,
+        ack_latencies_us,
     })
 }
 
@@ -1211,7 +1259,13 @@ async fn run_durable_bench(args: DurableArgs) -> Result<()> {
         bail!("--messages must be at least 1");
     }
     let work = WorkDir::new(args.bins.keep_dir.clone())?;
-    let setup = queue_setup(&args.bins, args.messages, args.payload, args.inflight);
+    let setup = queue_setup(
+        &args.bins,
+        args.messages,
+        args.payload,
+        args.inflight,
+        &args.durability,
+    );
     let timeout = Duration::from_secs(args.timeout);
     let mut rows = Vec::new();
     for target in durable_targets(args.target) {
@@ -1239,7 +1293,8 @@ async fn run_durable_bench(args: DurableArgs) -> Result<()> {
         };
         let res: Result<()> = async {
             register_offline_subscriber(broker.addr, args.payload).await?;
-            let p = publish_qos1(broker.addr, args.messages, args.payload, timeout).await?;
+            let p =
+                publish_qos1(broker.addr, args.messages, args.payload, args.rate, timeout).await?;
             eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
             row.publish = Some(p);
             let d = drain(broker.addr, args.messages, args.payload, timeout).await?;
@@ -1270,14 +1325,16 @@ fn render_durable(rows: &[DurableRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| target | messages | acked | publish msgs/s | drained | duplicates | missing | drain msgs/s |"
+        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let (acked, pub_rate) = match &r.publish {
             Some(p) => (p.acked.to_string(), format!("{:.0}", p.rate())),
             None => ("failed".to_string(), "-".to_string()),
         };
+        let ack_p = |p: f64| fmt_us(r.publish.as_ref().and_then(|r| r.ack_percentile(p)));
+        let (ack_p50, ack_p99) = (ack_p(50.0), ack_p(99.0));
         let (drained, dups, missing, drain_rate) = match &r.drain {
             Some(d) => (
                 d.received.to_string(),
@@ -1289,7 +1346,7 @@ fn render_durable(rows: &[DurableRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {acked} | {pub_rate} | {drained} | {dups} | {missing} | {drain_rate} |",
+            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} |",
             r.target.name(),
             r.messages
         );
@@ -1476,7 +1533,7 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
     }
     // (b) messages queued for one offline persistent subscriber.
     if args.queued > 0 {
-        let setup = queue_setup(&args.bins, args.queued, args.payload, 20);
+        let setup = queue_setup(&args.bins, args.queued, args.payload, 20, "sync");
         for &target in &targets {
             let dir = work.path().join(format!("queue-{}", target.name()));
             std::fs::create_dir_all(&dir)
@@ -1498,7 +1555,8 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
                 register_offline_subscriber(broker.addr, args.payload).await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let (before, _) = rss_kib(pid)?;
-                let publish = publish_qos1(broker.addr, args.queued, args.payload, timeout).await?;
+                let publish =
+                    publish_qos1(broker.addr, args.queued, args.payload, 0, timeout).await?;
                 eprintln!(
                     "   published: {} acked, {:.0} msgs/s",
                     publish.acked,
