@@ -1,9 +1,10 @@
 //! A full disk under the broker's store: the real binary runs with its `data_dir` on a small
 //! tmpfs; QoS 1 messages to offline persistent subscribers fill it until the store's commits
 //! fail. The gateway must keep running, log an error naming the database file, still accept
-//! clients, acknowledge nothing it did not store, and work again once space returns: every
-//! acknowledged message reaches a subscriber of the running gateway, and another one after a
-//! kill -9 and a restart on the same (not corrupt) database.
+//! clients, acknowledge nothing it did not store, start again after a kill -9 on the
+//! still-full disk, and work again once space returns: every acknowledged message reaches a
+//! subscriber of the running gateway, and another one after a kill -9 and a restart on the
+//! same (not corrupt) database.
 //!
 //! Mounting a tmpfs needs root (or CAP_SYS_ADMIN). Without it the test is skipped with a
 //! message, unless `FIELDMQ_REQUIRE_TMPFS=1` (then it fails).
@@ -469,6 +470,25 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     if let Err(why) = connack(gateway.addr, "full-newcomer").await {
         panic!(
             "a new client got no CONNACK on a full disk: {why}; log:\n{}",
+            tail(&log, 30)
+        );
+    }
+
+    // A power cut while the disk is full: the gateway starts again on the still-full disk
+    // (opening and reading the store must not need a write) and takes clients; what it
+    // acknowledged before is still there (the drains below).
+    gateway.kill9();
+    let mut gateway = GatewayProcess::start(&config);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    collect_log(&gateway, &mut log);
+    assert!(
+        gateway.is_running(),
+        "the gateway exited when started on a full disk; log:\n{}",
+        tail(&log, 30)
+    );
+    if let Err(why) = connack(gateway.addr, "full-newcomer-restarted").await {
+        panic!(
+            "a new client got no CONNACK after a restart on a full disk: {why}; log:\n{}",
             tail(&log, 30)
         );
     }

@@ -51,6 +51,8 @@ pub enum BrokerError {
     InvalidTopic { topic: String },
     #[error("the broker is shutting down")]
     Closed,
+    #[error("the broker store could not commit the message (its error is logged)")]
+    NotStored,
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -150,7 +152,14 @@ impl BrokerHandle {
             })
             .await
             .map_err(|_| BrokerError::Closed)?;
-        matched.await.map_err(|_| BrokerError::Closed)
+        // Answered unless the router stopped, or the commit that had to hold it failed.
+        matched.await.map_err(|_| {
+            if self.router.is_closed() {
+                BrokerError::Closed
+            } else {
+                BrokerError::NotStored
+            }
+        })
     }
 
     /// Subscribe an in-process consumer named `name` to `filters`. The subscriber never

@@ -33,6 +33,8 @@ use crate::model::{Message, MessageProperties, Origin, QoS};
 const CHANNEL: usize = 8192;
 /// Most ops applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// `PRAGMA auto_vacuum` value of INCREMENTAL.
+const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 3;
 /// Commits between two looks at the database file's size.
@@ -83,7 +85,8 @@ impl PersistError {
                 ErrorCode::ReadOnly
                 | ErrorCode::CannotOpen
                 | ErrorCode::PermissionDenied
-                | ErrorCode::DiskFull,
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure,
             ) => PersistError::Unwritable { path, reason },
             _ => PersistError::Other { path, reason },
         }
@@ -357,11 +360,20 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // Must precede table creation to take effect on a new file.
-    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
-        .map_err(err)?;
+    // Before anything reads the file: with an exclusive lock from the first access SQLite
+    // keeps the WAL index in memory instead of a -shm file, which could not be created on
+    // a full disk (and the store could then not even be read).
     conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
         .map_err(err)?;
+    // Must precede table creation to take effect on a new file. Only set when it is not
+    // already: setting it writes the header even when unchanged.
+    let auto_vacuum: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+        .map_err(err)?;
+    if auto_vacuum != AUTO_VACUUM_INCREMENTAL {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(err)?;
+    }
     let _: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(err)?;
@@ -413,6 +425,10 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
              COMMIT;"
         ))
         .map_err(err)?;
+    }
+    if version == SCHEMA_VERSION {
+        // Nothing to create; and a start must not need to write (the disk may be full).
+        return Ok(conn);
     }
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;
