@@ -104,6 +104,14 @@ queue_memory = "0"
 
 [[broker.listeners]]
 bind = "127.0.0.1:0"
+
+# Nothing listens there and nothing is routed to it: its outbox, on the same disk, only has
+# to open again when the gateway restarts on the full disk.
+[[uplinks]]
+name = "cloud"
+url = "mqtt://127.0.0.1:1"
+protocol = "3.1.1"
+routes = [{{ out = "outbox-only/#", qos = 1 }}]
 "#,
         data_dir.display()
     );

@@ -184,8 +184,11 @@ impl Writer {
              ) WITHOUT ROWID;",
         )
         .map_err(err)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(err)?;
+        if version != SCHEMA_VERSION {
+            // Only when it changes: an open must not need a write (the disk may be full).
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
         let mut dropped = DropCounters::default();
         let mut acked = 0;
         let mut instance = 0;
@@ -242,32 +245,46 @@ impl Writer {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut mark_file, &mut bytes).map_err(mark_error)?;
         let mark = super::decode_mark(&bytes, instance).unwrap_or(0);
+        tx.commit().map_err(err)?;
         if mark > 0 {
-            let deleted = tx
-                .execute(
-                    "DELETE FROM outbox WHERE seq <= ?1",
-                    [i64::try_from(mark).unwrap_or(i64::MAX)],
-                )
-                .map_err(err)?;
-            if deleted > 0 {
-                acked += deleted as u64;
-                tx.execute(
-                    "INSERT INTO counters (name, value) VALUES ('acked', ?1)
-                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    [i64::try_from(acked).unwrap_or(i64::MAX)],
-                )
-                .map_err(err)?;
-                tracing::debug!(outbox = %path.display(), deleted, mark, "deleted rows acknowledged before the last stop");
+            // Best effort: on a full disk the rows stay until a later start (the sender
+            // starts after the mark, so they are not sent again), and the gateway starts.
+            let deleted = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .and_then(|tx| {
+                    let deleted = tx.execute(
+                        "DELETE FROM outbox WHERE seq <= ?1",
+                        [i64::try_from(mark).unwrap_or(i64::MAX)],
+                    )?;
+                    if deleted > 0 {
+                        tx.execute(
+                            "INSERT INTO counters (name, value) VALUES ('acked', ?1)
+                             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                            [i64::try_from(acked + deleted as u64).unwrap_or(i64::MAX)],
+                        )?;
+                    }
+                    tx.commit()?;
+                    Ok(deleted)
+                });
+            match deleted {
+                Ok(deleted) => {
+                    acked += deleted as u64;
+                    if deleted > 0 {
+                        tracing::debug!(outbox = %path.display(), deleted, mark, "deleted rows acknowledged before the last stop");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(outbox = %path.display(), %error, mark, "cannot delete rows acknowledged before the last stop; left for the next start");
+                }
             }
         }
-        let (depth, bytes): (i64, i64) = tx
+        let (depth, bytes): (i64, i64) = conn
             .query_row(
                 "SELECT count(*), coalesce(sum(size), 0) FROM outbox",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
             .map_err(err)?;
-        tx.commit().map_err(err)?;
         let mut writer = Writer {
             conn,
             full_sync: true,
