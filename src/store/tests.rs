@@ -311,6 +311,41 @@ async fn rows_up_to_the_ack_mark_are_deleted_at_the_next_open() {
 }
 
 #[tokio::test]
+async fn an_open_whose_deletion_of_acknowledged_rows_fails_still_opens_after_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    outbox.append(records(0..5)).await.unwrap();
+    let rows = outbox.read_after(0, 10).await.unwrap();
+    outbox.ack_mark().write(rows[2].seq).await.unwrap();
+    drop(outbox);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The deletion at the next open fails, as it does on a full disk.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER refuse_delete BEFORE DELETE ON outbox
+             BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+        )
+        .unwrap();
+
+    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+        .await
+        .expect("an outbox whose start-up deletion fails still opens");
+    assert_eq!(outbox.ack_mark().initial(), rows[2].seq);
+    // The acknowledged rows stay (for a later start); the sender starts after the mark.
+    assert_eq!(outbox.read_after(0, 10).await.unwrap().len(), 5);
+    assert_eq!(
+        payloads(&outbox.read_after(rows[2].seq, 10).await.unwrap()),
+        ["3", "4"]
+    );
+    let stats = outbox.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.acked), (5, 0));
+}
+
+#[tokio::test]
 async fn an_ack_mark_of_another_database_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
