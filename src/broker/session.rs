@@ -49,7 +49,7 @@ impl Clone for Delivery {
 }
 
 /// Memory that queued messages of persistent sessions may take beyond each session's own
-/// window, shared by all sessions (`[broker] queue_memory_bytes`).
+/// window, shared by all sessions (`[broker] queue_memory`).
 #[derive(Debug)]
 pub(crate) struct QueueMemory {
     used: AtomicU64,

@@ -283,25 +283,32 @@ async fn a_second_open_of_the_same_file_is_refused_as_locked() {
     assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
 }
 
-#[tokio::test]
-async fn rows_up_to_the_ack_mark_are_deleted_at_the_next_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("outbox.db");
-    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
+/// An outbox at `path` with five rows, the first three acknowledged by the cloud (the ack
+/// mark written), killed before their deletion was committed. Returns the mark.
+async fn three_of_five_acknowledged_then_killed(path: &Path) -> u64 {
+    let outbox = Outbox::open(path, bounds(100, WhenFull::DropOldest))
         .await
         .unwrap();
     assert_eq!(outbox.ack_mark().initial(), 0);
     outbox.append(records(0..5)).await.unwrap();
     let rows = outbox.read_after(0, 10).await.unwrap();
     outbox.ack_mark().write(rows[2].seq).await.unwrap();
-    // Killed here: the rows were acknowledged, their deletion never committed.
     drop(outbox);
+    // Let the outbox thread let go of the file.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    rows[2].seq
+}
+
+#[tokio::test]
+async fn rows_up_to_the_ack_mark_are_deleted_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let mark = three_of_five_acknowledged_then_killed(&path).await;
 
     let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
         .await
         .unwrap();
-    assert_eq!(outbox.ack_mark().initial(), rows[2].seq);
+    assert_eq!(outbox.ack_mark().initial(), mark);
     assert_eq!(
         payloads(&outbox.read_after(0, 10).await.unwrap()),
         ["3", "4"]
@@ -314,14 +321,7 @@ async fn rows_up_to_the_ack_mark_are_deleted_at_the_next_open() {
 async fn an_open_whose_deletion_of_acknowledged_rows_fails_still_opens_after_the_mark() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
-    let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
-        .await
-        .unwrap();
-    outbox.append(records(0..5)).await.unwrap();
-    let rows = outbox.read_after(0, 10).await.unwrap();
-    outbox.ack_mark().write(rows[2].seq).await.unwrap();
-    drop(outbox);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mark = three_of_five_acknowledged_then_killed(&path).await;
     // The deletion at the next open fails, as it does on a full disk.
     rusqlite::Connection::open(&path)
         .unwrap()
@@ -334,11 +334,11 @@ async fn an_open_whose_deletion_of_acknowledged_rows_fails_still_opens_after_the
     let outbox = Outbox::open(&path, bounds(100, WhenFull::DropOldest))
         .await
         .expect("an outbox whose start-up deletion fails still opens");
-    assert_eq!(outbox.ack_mark().initial(), rows[2].seq);
+    assert_eq!(outbox.ack_mark().initial(), mark);
     // The acknowledged rows stay (for a later start); the sender starts after the mark.
     assert_eq!(outbox.read_after(0, 10).await.unwrap().len(), 5);
     assert_eq!(
-        payloads(&outbox.read_after(rows[2].seq, 10).await.unwrap()),
+        payloads(&outbox.read_after(mark, 10).await.unwrap()),
         ["3", "4"]
     );
     let stats = outbox.stats().await.unwrap();
