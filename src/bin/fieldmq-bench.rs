@@ -92,6 +92,11 @@ struct DurableArgs {
     /// Longest time the publish phase, and then the drain phase, may take, seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Rounds; with both targets each round runs both, first one then the other, the order
+    /// alternating, and the ratios are given per round with their median (on a shared
+    /// machine single runs move by ±50%).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     #[command(flatten)]
     bins: BinArgs,
 }
@@ -1245,10 +1250,36 @@ async fn drain(addr: SocketAddr, n: u64, payload: usize, timeout: Duration) -> R
 
 /// One `durable` row.
 struct DurableRow {
+    round: u32,
     target: Target,
     messages: u64,
     publish: Option<PublishResult>,
     drain: Option<DrainResult>,
+    /// Share of the machine's CPU time the hypervisor gave to others during this row.
+    steal: Option<f64>,
+}
+
+/// CPU time counters of the whole machine from `/proc/stat`: (all, stolen), in ticks.
+/// `None` where there is no such file (not Linux).
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    Some((fields.iter().sum(), *fields.get(7)?))
+}
+
+/// Percent of CPU time stolen between two [`cpu_ticks`] readings.
+fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((all0, stolen0), (all1, stolen1)) = (before?, after?);
+    let all = all1.checked_sub(all0).filter(|&t| t > 0)?;
+    Some(100.0 * stolen1.saturating_sub(stolen0) as f64 / all as f64)
 }
 
 async fn run_durable_bench(args: DurableArgs) -> Result<()> {
@@ -1268,66 +1299,88 @@ async fn run_durable_bench(args: DurableArgs) -> Result<()> {
     );
     let timeout = Duration::from_secs(args.timeout);
     let mut rows = Vec::new();
-    for target in durable_targets(args.target) {
-        let dir = work.path().join(format!("durable-{}", target.name()));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        eprintln!(
-            "== durable {}: {} QoS 1 messages to an offline persistent subscriber",
-            target.name(),
-            args.messages
-        );
-        let mut row = DurableRow {
-            target,
-            messages: args.messages,
-            publish: None,
-            drain: None,
-        };
-        let broker = match BrokerProcess::start(target, &setup, &dir) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("   cannot start: {e:#}");
-                rows.push(row);
-                continue;
-            }
-        };
-        let res: Result<()> = async {
-            register_offline_subscriber(broker.addr, args.payload).await?;
-            let p =
-                publish_qos1(broker.addr, args.messages, args.payload, args.rate, timeout).await?;
-            eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
-            row.publish = Some(p);
-            let d = drain(broker.addr, args.messages, args.payload, timeout).await?;
-            eprintln!(
-                "   drained: {} ({} duplicates, session present {}), {:.0} msgs/s",
-                d.received,
-                d.duplicates,
-                d.session_present,
-                d.rate()
-            );
-            row.drain = Some(d);
-            Ok(())
+    for round in 1..=args.repeat.max(1) {
+        let mut targets = durable_targets(args.target);
+        if round % 2 == 0 {
+            // Whichever runs first may find the machine (disk, caches) in another state.
+            targets.reverse();
         }
-        .await;
-        let log = broker.log_path.clone();
-        broker.stop();
-        if let Err(e) = res {
-            eprintln!("   failed: {e:#}\n{}", tail(&log, 10));
+        for target in targets {
+            rows.push(durable_row(&args, &work, &setup, round, target, timeout).await?);
         }
-        rows.push(row);
     }
     print!("{}", render_durable(&rows));
     print_load();
     Ok(())
 }
 
+/// One broker, one round: start it, queue `messages` for the offline subscriber, drain.
+async fn durable_row(
+    args: &DurableArgs,
+    work: &WorkDir,
+    setup: &BrokerSetup,
+    round: u32,
+    target: Target,
+    timeout: Duration,
+) -> Result<DurableRow> {
+    let dir = work
+        .path()
+        .join(format!("durable-{}-{round}", target.name()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    eprintln!(
+        "== durable {}: {} QoS 1 messages to an offline persistent subscriber",
+        target.name(),
+        args.messages
+    );
+    let mut row = DurableRow {
+        round,
+        target,
+        messages: args.messages,
+        publish: None,
+        drain: None,
+        steal: None,
+    };
+    let ticks_before = cpu_ticks();
+    let broker = match BrokerProcess::start(target, setup, &dir) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("   cannot start: {e:#}");
+            return Ok(row);
+        }
+    };
+    let res: Result<()> = async {
+        register_offline_subscriber(broker.addr, args.payload).await?;
+        let p = publish_qos1(broker.addr, args.messages, args.payload, args.rate, timeout).await?;
+        eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
+        row.publish = Some(p);
+        let d = drain(broker.addr, args.messages, args.payload, timeout).await?;
+        eprintln!(
+            "   drained: {} ({} duplicates, session present {}), {:.0} msgs/s",
+            d.received,
+            d.duplicates,
+            d.session_present,
+            d.rate()
+        );
+        row.drain = Some(d);
+        Ok(())
+    }
+    .await;
+    let log = broker.log_path.clone();
+    broker.stop();
+    row.steal = steal_percent(ticks_before, cpu_ticks());
+    if let Err(e) = res {
+        eprintln!("   failed: {e:#}\n{}", tail(&log, 10));
+    }
+    Ok(row)
+}
+
 fn render_durable(rows: &[DurableRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s |"
+        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | round | CPU steal |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let (acked, pub_rate) = match &r.publish {
             Some(p) => (p.acked.to_string(), format!("{:.0}", p.rate())),
@@ -1344,33 +1397,70 @@ fn render_durable(rows: &[DurableRow]) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
+        let steal = r.steal.map_or("-".to_string(), |s| format!("{s:.0}%"));
         let _ = writeln!(
             out,
-            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} |",
+            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {} | {steal} |",
             r.target.name(),
-            r.messages
+            r.messages,
+            r.round
         );
     }
-    let f = rows.iter().find(|r| r.target == Target::Fieldmq);
-    let m = rows.iter().find(|r| r.target == Target::MosquittoPersist);
-    if let (Some(f), Some(m)) = (f, m) {
-        let ratio = |a: f64, b: f64| {
-            if a > 0.0 && b > 0.0 {
-                format!("{:.2}", a / b)
-            } else {
-                "-".to_string()
-            }
-        };
-        let rate_p = |r: &DurableRow| r.publish.as_ref().map_or(0.0, PublishResult::rate);
-        let rate_d = |r: &DurableRow| r.drain.as_ref().map_or(0.0, DrainResult::rate);
+    let rate_p = |r: &DurableRow| r.publish.as_ref().map_or(0.0, PublishResult::rate);
+    let rate_d = |r: &DurableRow| r.drain.as_ref().map_or(0.0, DrainResult::rate);
+    let ratio = |a: f64, b: f64| (a > 0.0 && b > 0.0).then(|| a / b);
+    // (publish, drain) ratios of each round that has both brokers.
+    let rounds: Vec<(u32, Option<f64>, Option<f64>)> = rows
+        .iter()
+        .filter(|r| r.target == Target::Fieldmq)
+        .filter_map(|f| {
+            let m = rows
+                .iter()
+                .find(|m| m.round == f.round && m.target == Target::MosquittoPersist)?;
+            Some((
+                f.round,
+                ratio(rate_p(f), rate_p(m)),
+                ratio(rate_d(f), rate_d(m)),
+            ))
+        })
+        .collect();
+    if rounds.is_empty() {
+        return out;
+    }
+    let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
+    let _ = writeln!(
+        out,
+        "\n| fieldmq/mosquitto | publish msgs/s | drain msgs/s |\n|---|---|---|"
+    );
+    for (round, publish, drain) in &rounds {
         let _ = writeln!(
             out,
-            "\n| fieldmq/mosquitto | publish msgs/s | drain msgs/s |\n|---|---|---|\n| ratio | {} | {} |",
-            ratio(rate_p(f), rate_p(m)),
-            ratio(rate_d(f), rate_d(m))
+            "| round {round} | {} | {} |",
+            show(*publish),
+            show(*drain)
+        );
+    }
+    if rounds.len() > 1 {
+        let _ = writeln!(
+            out,
+            "| median of {} rounds | {} | {} |",
+            rounds.len(),
+            show(median(rounds.iter().filter_map(|r| r.1).collect())),
+            show(median(rounds.iter().filter_map(|r| r.2).collect()))
         );
     }
     out
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 0 => Some((values[mid - 1] + values[mid]) / 2.0),
+        _ => Some(values[mid]),
+    }
 }
 
 /// VmRSS and VmHWM (peak) of a process, KiB.
@@ -1655,4 +1745,72 @@ fn render_memory(idle: &[IdleRow], queued: &[QueueRow]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn durable_row(round: u32, target: Target, publish_rate: u64, drain_rate: u64) -> DurableRow {
+        DurableRow {
+            round,
+            target,
+            messages: publish_rate,
+            publish: Some(PublishResult {
+                acked: publish_rate,
+                elapsed: Duration::from_secs(1),
+                ack_latencies_us: vec![100],
+            }),
+            drain: Some(DrainResult {
+                received: drain_rate,
+                duplicates: 0,
+                session_present: true,
+                elapsed: Duration::from_secs(1),
+            }),
+            steal: Some(12.4),
+        }
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn steal_is_the_stolen_share_of_the_ticks_between_two_readings() {
+        assert_eq!(
+            steal_percent(Some((1000, 10)), Some((1400, 110))),
+            Some(25.0)
+        );
+        assert_eq!(steal_percent(Some((1000, 10)), Some((1000, 10))), None);
+        assert_eq!(steal_percent(None, Some((1400, 110))), None);
+        let (all, stolen) = cpu_ticks().expect("/proc/stat on Linux");
+        assert!(all >= stolen);
+    }
+
+    #[test]
+    fn durable_ratios_are_given_per_round_with_their_median() {
+        let rows = vec![
+            durable_row(1, Target::Fieldmq, 50_000, 300_000),
+            durable_row(1, Target::MosquittoPersist, 100_000, 300_000),
+            durable_row(2, Target::MosquittoPersist, 50_000, 200_000),
+            durable_row(2, Target::Fieldmq, 60_000, 300_000),
+            durable_row(3, Target::Fieldmq, 90_000, 100_000),
+            durable_row(3, Target::MosquittoPersist, 100_000, 400_000),
+        ];
+        let table = render_durable(&rows);
+        assert!(table.contains("| round 1 | 0.50 | 1.00 |"), "{table}");
+        assert!(table.contains("| round 2 | 1.20 | 1.50 |"), "{table}");
+        assert!(table.contains("| round 3 | 0.90 | 0.25 |"), "{table}");
+        assert!(
+            table.contains("| median of 3 rounds | 0.90 | 1.00 |"),
+            "{table}"
+        );
+        assert!(table.contains("| 2 | 12% |"), "{table}");
+        let single = render_durable(&rows[..2]);
+        assert!(single.contains("| round 1 | 0.50 | 1.00 |"), "{single}");
+        assert!(!single.contains("median"), "{single}");
+    }
 }
