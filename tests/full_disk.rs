@@ -29,6 +29,9 @@ const PADDING: usize = 300;
 const LIVE_SUBSCRIBER: &str = "full-live";
 /// Drained after a kill -9 and a restart: only what is on disk.
 const RESTART_SUBSCRIBER: &str = "full-restart";
+/// Subscribes while the disk is full (after the restart on it): its session must reach
+/// the disk once space returns.
+const LATE_SUBSCRIBER: &str = "full-late";
 /// Bounds on filling the disk.
 const FILL_MAX_MESSAGES: u64 = 100_000;
 const FILL_MAX_TIME: Duration = Duration::from_secs(20);
@@ -501,6 +504,10 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
         );
     }
 
+    // A persistent session made while the disk is full: its SUBACK comes from memory, and
+    // its session and subscription are written once space returns.
+    register(gateway.addr, LATE_SUBSCRIBER).await;
+
     // Space returns: the running gateway stores and acknowledges again.
     std::fs::remove_file(&filler).expect("remove the filler file");
     tmpfs.resize("16m");
@@ -521,6 +528,7 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
         "after space returned: {round:?}; log:\n{}",
         tail(&log, 30)
     );
+    let acked_after_space = after.clone();
     acked.extend(after);
 
     // Every acknowledged message reaches the subscriber of the running gateway...
@@ -550,8 +558,23 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     )
     .await;
     eprintln!(
-        "restarted gateway: all {} acknowledged messages ({received} received); total {:?}",
-        acked.len(),
+        "restarted gateway: all {} acknowledged messages ({received} received)",
+        acked.len()
+    );
+    // The session made on the full disk survived the kill -9, with its subscription: what
+    // was published to it after space returned is there.
+    let received = drain_all(
+        &gateway,
+        LATE_SUBSCRIBER,
+        &acked_after_space,
+        &mut log,
+        "session made on the full disk, after kill -9 and restart",
+    )
+    .await;
+    eprintln!(
+        "late subscriber: all {} messages published after space returned ({received} \
+         received); total {:?}",
+        acked_after_space.len(),
         started.elapsed()
     );
     let status = gateway.terminate();

@@ -33,6 +33,8 @@ use crate::model::{Message, MessageProperties, Origin, QoS};
 const CHANNEL: usize = 8192;
 /// Most ops applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// Most ops kept to write again after a commit failed for want of space.
+const RETRY_MAX: usize = 10_000;
 /// `PRAGMA auto_vacuum` value of INCREMENTAL.
 const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 /// Schema version in `PRAGMA user_version`.
@@ -268,6 +270,7 @@ impl Persist {
             commits: 0,
             garbage,
             purging: false,
+            retry: Vec::new(),
         };
         std::thread::Builder::new()
             .name("broker-store".into())
@@ -793,6 +796,8 @@ struct Writer {
     garbage: Garbage,
     /// The store has been idle for [`PURGE_IDLE`]: purge until an op arrives.
     purging: bool,
+    /// Ops of the last batch whose commit failed for want of space (see [`Writer::apply`]).
+    retry: Vec<Op>,
 }
 
 /// What the writer does next.
@@ -872,7 +877,13 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, batch: Vec<Op>) {
+    fn apply(&mut self, mut batch: Vec<Op>) {
+        if !self.retry.is_empty() {
+            // Before the new ops: their order is the order of the changes.
+            let mut retried = std::mem::take(&mut self.retry);
+            retried.append(&mut batch);
+            batch = retried;
+        }
         let mut barriers = Vec::new();
         let mut pages = Vec::new();
         // A row queued and acknowledged within one batch (a client that keeps up) never
@@ -914,21 +925,30 @@ impl Writer {
         let mut never_written = HashSet::new();
         let mut deletes = Vec::new();
         let mut dropped_sessions = Vec::new();
+        // What this batch writes, kept until it has committed: a commit that fails for want
+        // of space is tried again with the next batch (see `retry`).
+        let mut written = Vec::new();
+        let mut ops = batch.into_iter();
         let tx = &self.conn;
         let result = in_transaction(tx, || {
-            for op in batch {
+            for op in ops.by_ref() {
                 match op {
                     Op::Barrier(done) => barriers.push(done),
-                    Op::Enqueue { seq, client_id, .. } if done(&client_id, seq) => {
+                    Op::Enqueue {
+                        seq, ref client_id, ..
+                    } if done(client_id, seq) => {
                         never_written.insert(seq);
                     }
-                    Op::Inflight { seq, client_id, .. } if done(&client_id, seq) => {}
-                    Op::Remove { client_id, seq } => {
+                    Op::Inflight {
+                        seq, ref client_id, ..
+                    } if done(client_id, seq) => {}
+                    Op::Remove { ref client_id, seq } => {
                         if !never_written.contains(&seq) {
-                            deletes.push((client_id, seq));
+                            deletes.push((client_id.clone(), seq));
+                            written.push(op);
                         }
                     }
-                    Op::Acked { .. } => {}
+                    Op::Acked { .. } => written.push(op),
                     Op::Page {
                         client_id,
                         after_seq,
@@ -945,7 +965,9 @@ impl Writer {
                         }
                         // Deferred deletes go first so that row-selecting ops see them.
                         delete_rows(tx, &mut deletes)?;
-                        apply_op(tx, other)?;
+                        let applied = apply_op(tx, &other);
+                        written.push(other);
+                        applied?;
                     }
                 }
             }
@@ -963,11 +985,19 @@ impl Writer {
             Ok(())
         });
         if let Err(error) = result {
-            // The ops of this batch are lost from disk (memory still has them); waiters are
-            // not answered, so publishers see no acknowledgement for what was not stored,
-            // nor are later ones whose ops may have been in this batch.
+            // Waiters are not answered, so publishers see no acknowledgement for what was not
+            // stored, nor are later ones whose ops may have been in this batch (they send
+            // again). Memory still has everything.
             tracing::error!(database = %self.path.display(), %error, "broker store commit failed");
             self.failures.fetch_add(1, Ordering::AcqRel);
+            if is_transient(&error) {
+                // A full disk: what sessions, subscriptions, retained messages and queues
+                // became meanwhile reaches the disk once space returns, not only when it
+                // changes again. Other errors (a row the schema refuses) would fail the same
+                // way every time: those ops are dropped.
+                written.extend(ops.filter(|op| !matches!(op, Op::Barrier(_) | Op::Page { .. })));
+                self.keep_for_retry(written);
+            }
             return;
         }
         if sync {
@@ -991,6 +1021,23 @@ impl Writer {
             let _ = reply.send(rows);
         }
         self.after_commit();
+    }
+
+    /// Keep the ops of a batch whose commit failed for want of space, to go first in the
+    /// next batch. At most [`RETRY_MAX`]: past it the oldest queued rows go first (those
+    /// messages are still delivered from memory, but would not survive a restart).
+    fn keep_for_retry(&mut self, mut ops: Vec<Op>) {
+        let dropped = trim_retry(&mut ops, RETRY_MAX);
+        self.retry = ops;
+        if dropped == 0 {
+            return;
+        }
+        tracing::warn!(
+            database = %self.path.display(),
+            dropped,
+            "the broker store cannot write: the oldest queued messages waiting for space will \
+             not be on disk (they are still delivered unless the gateway restarts first)"
+        );
     }
 
     fn set_synchronous(&mut self, mode: &'static str) -> rusqlite::Result<()> {
@@ -1076,6 +1123,37 @@ impl Writer {
     }
 }
 
+/// Shorten `ops` to at most `max` by dropping its oldest queued rows; returns how many
+/// were dropped. Other ops (sessions, subscriptions, retained, acknowledgements) are few
+/// and all kept.
+fn trim_retry(ops: &mut Vec<Op>, max: usize) -> usize {
+    let mut excess = ops.len().saturating_sub(max);
+    let wanted = excess;
+    ops.retain(|op| {
+        if excess > 0 && matches!(op, Op::Enqueue { .. }) {
+            excess -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    wanted - excess
+}
+
+/// Errors that the same writes would not meet again once the disk has room.
+fn is_transient(error: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    matches!(
+        error.sqlite_error_code(),
+        Some(
+            ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+        )
+    )
+}
+
 /// Run `work` in one write transaction. BEGIN and COMMIT are kept prepared (rusqlite's
 /// `Transaction` parses them again for every commit); a failed commit is rolled back.
 fn in_transaction<T>(
@@ -1149,7 +1227,7 @@ fn page(
 /// most this many.
 const PAGE_CAPACITY_MAX: usize = 4096;
 
-fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
+fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
     match op {
         Op::Session {
             client_id,
@@ -1161,22 +1239,22 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
                 "INSERT INTO sessions (client_id, expiry, disconnected_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT (client_id) DO UPDATE SET expiry = ?2, disconnected_ms = ?3",
             )?
-            .execute(params![&*client_id, i64::from(expiry), disconnected])?;
+            .execute(params![&**client_id, i64::from(*expiry), disconnected])?;
         }
         Op::DropSession { client_id } => {
             tx.prepare_cached("DELETE FROM sessions WHERE client_id = ?1")?
-                .execute([&*client_id])?;
+                .execute([&**client_id])?;
             tx.prepare_cached("DELETE FROM subscriptions WHERE client_id = ?1")?
-                .execute([&*client_id])?;
+                .execute([&**client_id])?;
             tx.prepare_cached("DELETE FROM queue WHERE client_id = ?1")?
-                .execute([&*client_id])?;
+                .execute([&**client_id])?;
         }
         Op::Subscriptions {
             client_id,
             subscriptions,
         } => {
             tx.prepare_cached("DELETE FROM subscriptions WHERE client_id = ?1")?
-                .execute([&*client_id])?;
+                .execute([&**client_id])?;
             let mut insert = tx.prepare_cached(
                 "INSERT OR REPLACE INTO subscriptions
                  (client_id, filter, qos, no_local, retain_as_published, subscription_id)
@@ -1184,7 +1262,7 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
             )?;
             for sub in subscriptions {
                 insert.execute(params![
-                    &*client_id,
+                    &**client_id,
                     sub.filter,
                     sub.qos as u8,
                     sub.no_local,
@@ -1209,8 +1287,8 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
-                i64::try_from(seq).unwrap_or(i64::MAX),
-                &*client_id,
+                i64::try_from(*seq).unwrap_or(i64::MAX),
+                &**client_id,
                 &*delivery.message.topic,
                 &delivery.message.payload[..],
                 delivery.qos as u8,
@@ -1230,10 +1308,10 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
                 "UPDATE queue SET pkid = ?3, state = ?4 WHERE client_id = ?1 AND seq = ?2",
             )?
             .execute(params![
-                &*client_id,
-                i64::try_from(seq).unwrap_or(i64::MAX),
+                &**client_id,
+                i64::try_from(*seq).unwrap_or(i64::MAX),
                 pkid,
-                state_code(state)
+                state_code(*state)
             ])?;
         }
         Op::RemoveOldest {
@@ -1245,8 +1323,8 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
                  WHERE client_id = ?1 AND seq > ?2)",
             )?
             .execute(params![
-                &*client_id,
-                i64::try_from(after_seq).unwrap_or(i64::MAX)
+                &**client_id,
+                i64::try_from(*after_seq).unwrap_or(i64::MAX)
             ])?;
         }
         Op::Retain { topic, message } => match message {
@@ -1256,7 +1334,7 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
-                    &*topic,
+                    &**topic,
                     &message.payload[..],
                     message.qos as u8,
                     encode_properties(&message.properties),
@@ -1265,7 +1343,7 @@ fn apply_op(tx: &Connection, op: Op) -> rusqlite::Result<()> {
             }
             None => {
                 tx.prepare_cached("DELETE FROM retained WHERE topic = ?1")?
-                    .execute([&*topic])?;
+                    .execute([&**topic])?;
             }
         },
         // Handled by the writer itself (batched deletes, replies after the commit).
@@ -1408,6 +1486,37 @@ mod tests {
             .send(Op::Barrier(Waiter::Publish(tx, true, persist.failures())))
             .await;
         assert_eq!(rx.await.ok(), Some(true));
+    }
+
+    #[test]
+    fn a_retry_past_its_bound_drops_the_oldest_queued_rows_and_keeps_the_rest() {
+        let client: Arc<str> = Arc::from("c");
+        let session = |expiry| Op::Session {
+            client_id: client.clone(),
+            expiry,
+            connected: false,
+        };
+        let row = |seq| Op::Enqueue {
+            seq,
+            client_id: client.clone(),
+            delivery: delivery("t", seq),
+        };
+        let mut ops = vec![session(1), row(1), row(2), session(2), row(3), row(4)];
+        assert_eq!(trim_retry(&mut ops, 6), 0);
+        assert_eq!(ops.len(), 6);
+        assert_eq!(trim_retry(&mut ops, 4), 2);
+        let kept: Vec<String> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Session { expiry, .. } => format!("session {expiry}"),
+                Op::Enqueue { seq, .. } => format!("row {seq}"),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(kept, ["session 1", "session 2", "row 3", "row 4"]);
+        // Sessions are never dropped, even past the bound.
+        assert_eq!(trim_retry(&mut ops, 1), 2);
+        assert_eq!(ops.len(), 2);
     }
 
     /// The client acknowledged everything through `through` (`count` messages); committed.
