@@ -89,6 +89,11 @@ struct DurableArgs {
     /// shows what one acknowledgement costs (with `sync`: the commit and its fsync).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Publishers sharing the messages (and the rate), each with its own connection and
+    /// window of 100; more than one shows the group commit with concurrent clients, as on a
+    /// LAN with many devices.
+    #[arg(long, default_value_t = 1)]
+    publishers: u16,
     /// Longest time the publish phase, and then the drain phase, may take, seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -1065,17 +1070,61 @@ async fn publish_qos1(
     n: u64,
     payload: usize,
     rate: u64,
+    publishers: u16,
     timeout: Duration,
 ) -> Result<PublishResult> {
-    let who = "publisher";
-    let mut o = MqttOptions::new("bench-durable-pub", addr.ip().to_string(), addr.port());
+    let publishers = u64::from(publishers.max(1)).min(n.max(1));
+    let go = Arc::new(tokio::sync::Barrier::new(usize::try_from(publishers)?));
+    let mut tasks = Vec::new();
+    for index in 0..publishers {
+        // Publisher `index` takes its share of the sequence numbers, contiguous.
+        let seqs = (n * index / publishers)..(n * (index + 1) / publishers);
+        let rate = rate as f64 / publishers as f64;
+        let go = go.clone();
+        tasks.push(tokio::spawn(async move {
+            publish_share(addr, index, seqs, payload, rate, timeout, go).await
+        }));
+    }
+    let mut total = PublishResult {
+        acked: 0,
+        elapsed: Duration::ZERO,
+        ack_latencies_us: Vec::new(),
+    };
+    for task in tasks {
+        let share = task.await.context("a publisher task failed")??;
+        total.acked += share.acked;
+        // They start together (a barrier after connecting): the slowest one's time is the
+        // phase's.
+        total.elapsed = total.elapsed.max(share.elapsed);
+        total.ack_latencies_us.extend(share.ack_latencies_us);
+    }
+    total.ack_latencies_us.sort_unstable();
+    Ok(total)
+}
+
+/// One publisher's share: the sequence numbers `seqs`, at `rate` messages/s (0: as fast as
+/// its window allows), starting when every publisher has connected (`go`).
+async fn publish_share(
+    addr: SocketAddr,
+    index: u64,
+    seqs: std::ops::Range<u64>,
+    payload: usize,
+    rate: f64,
+    timeout: Duration,
+    go: Arc<tokio::sync::Barrier>,
+) -> Result<PublishResult> {
+    let who = format!("publisher {index}");
+    let n = seqs.end - seqs.start;
+    let id = format!("bench-durable-pub-{index}");
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(60));
     o.set_clean_session(true);
     o.set_max_packet_size(payload + 1024, payload + 1024);
     o.set_inflight(PUB_WINDOW);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     eventloop.network_options.set_tcp_nodelay(true);
-    connect(&mut eventloop, who).await?;
+    connect(&mut eventloop, &who).await?;
+    go.wait().await;
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let acked = Arc::new(AtomicU64::new(0));
@@ -1114,9 +1163,9 @@ async fn publish_qos1(
     let mut buf = vec![0u8; payload];
     let mut progress = Instant::now();
     let paced_start = tokio::time::Instant::now();
-    for seq in 0..n {
-        if rate > 0 {
-            let at = paced_start + Duration::from_secs_f64(seq as f64 / rate as f64);
+    for (k, seq) in seqs.enumerate() {
+        if rate > 0.0 {
+            let at = paced_start + Duration::from_secs_f64(k as f64 / rate);
             tokio::time::sleep_until(at.min(deadline)).await;
         }
         buf[..8].copy_from_slice(&seq.to_be_bytes());
@@ -1132,8 +1181,8 @@ async fn publish_qos1(
         if progress.elapsed() >= Duration::from_secs(10) {
             progress = Instant::now();
             eprintln!(
-                "   … {} published, {} acked",
-                seq + 1,
+                "   … {who}: {} published, {} acked",
+                k + 1,
                 acked.load(Ordering::Acquire)
             );
         }
@@ -1257,6 +1306,41 @@ struct DurableRow {
     drain: Option<DrainResult>,
     /// Share of the machine's CPU time the hypervisor gave to others during this row.
     steal: Option<f64>,
+    /// CPU time the broker process used (all threads, user + system) in each phase, ms.
+    broker_cpu_ms: BrokerCpu,
+}
+
+/// Broker CPU time per phase of a `durable` row, ms.
+#[derive(Default, Clone, Copy)]
+struct BrokerCpu {
+    publish: Option<u64>,
+    drain: Option<u64>,
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, ms. `None` where
+/// there is no `/proc/<pid>/stat` (not Linux, or the process is gone).
+fn process_cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc.
+    Some((user + system) * 10)
+}
+
+/// CPU time between two [`process_cpu_ms`] readings.
+fn cpu_between(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    after?.checked_sub(before?)
+}
+
+/// CPU µs per message, shown as "-" when unknown.
+fn cpu_per_message(cpu_ms: Option<u64>, messages: u64) -> String {
+    match cpu_ms {
+        Some(ms) if messages > 0 => format!("{:.1}", ms as f64 * 1000.0 / messages as f64),
+        _ => "-".to_string(),
+    }
 }
 
 /// CPU time counters of the whole machine from `/proc/stat`: (all, stolen), in ticks.
@@ -1309,6 +1393,12 @@ async fn run_durable_bench(args: DurableArgs) -> Result<()> {
             rows.push(durable_row(&args, &work, &setup, round, target, timeout).await?);
         }
     }
+    println!(
+        "\n{} publisher(s), {PUB_WINDOW} in flight each, {}-byte payloads, fieldmq durability `{}`",
+        args.publishers.max(1),
+        args.payload,
+        args.durability
+    );
     print!("{}", render_durable(&rows));
     print_load();
     Ok(())
@@ -1328,9 +1418,10 @@ async fn durable_row(
         .join(format!("durable-{}-{round}", target.name()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     eprintln!(
-        "== durable {}: {} QoS 1 messages to an offline persistent subscriber",
+        "== durable {}: {} QoS 1 messages from {} publisher(s) to an offline persistent subscriber",
         target.name(),
-        args.messages
+        args.messages,
+        args.publishers.max(1)
     );
     let mut row = DurableRow {
         round,
@@ -1339,6 +1430,7 @@ async fn durable_row(
         publish: None,
         drain: None,
         steal: None,
+        broker_cpu_ms: BrokerCpu::default(),
     };
     let ticks_before = cpu_ticks();
     let broker = match BrokerProcess::start(target, setup, &dir) {
@@ -1348,12 +1440,25 @@ async fn durable_row(
             return Ok(row);
         }
     };
+    let cpu_now = || broker.pid().and_then(process_cpu_ms);
     let res: Result<()> = async {
         register_offline_subscriber(broker.addr, args.payload).await?;
-        let p = publish_qos1(broker.addr, args.messages, args.payload, args.rate, timeout).await?;
+        let cpu_start = cpu_now();
+        let p = publish_qos1(
+            broker.addr,
+            args.messages,
+            args.payload,
+            args.rate,
+            args.publishers,
+            timeout,
+        )
+        .await?;
+        let cpu_published = cpu_now();
         eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
         row.publish = Some(p);
+        row.broker_cpu_ms.publish = cpu_between(cpu_start, cpu_published);
         let d = drain(broker.addr, args.messages, args.payload, timeout).await?;
+        row.broker_cpu_ms.drain = cpu_between(cpu_published, cpu_now());
         eprintln!(
             "   drained: {} ({} duplicates, session present {}), {:.0} msgs/s",
             d.received,
@@ -1378,9 +1483,12 @@ fn render_durable(rows: &[DurableRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | round | CPU steal |"
+        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | broker CPU µs/msg publish | drain | round | CPU steal |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in rows {
         let (acked, pub_rate) = match &r.publish {
             Some(p) => (p.acked.to_string(), format!("{:.0}", p.rate())),
@@ -1398,9 +1506,17 @@ fn render_durable(rows: &[DurableRow]) -> String {
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         let steal = r.steal.map_or("-".to_string(), |s| format!("{s:.0}%"));
+        let cpu_publish = cpu_per_message(
+            r.broker_cpu_ms.publish,
+            r.publish.as_ref().map_or(0, |p| p.acked),
+        );
+        let cpu_drain = cpu_per_message(
+            r.broker_cpu_ms.drain,
+            r.drain.as_ref().map_or(0, |d| d.received),
+        );
         let _ = writeln!(
             out,
-            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {} | {steal} |",
+            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {cpu_publish} | {cpu_drain} | {} | {steal} |",
             r.target.name(),
             r.messages,
             r.round
@@ -1646,7 +1762,7 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let (before, _) = rss_kib(pid)?;
                 let publish =
-                    publish_qos1(broker.addr, args.queued, args.payload, 0, timeout).await?;
+                    publish_qos1(broker.addr, args.queued, args.payload, 0, 1, timeout).await?;
                 eprintln!(
                     "   published: {} acked, {:.0} msgs/s",
                     publish.acked,
@@ -1768,6 +1884,10 @@ mod tests {
                 elapsed: Duration::from_secs(1),
             }),
             steal: Some(12.4),
+            broker_cpu_ms: BrokerCpu {
+                publish: Some(publish_rate / 10),
+                drain: None,
+            },
         }
     }
 
@@ -1791,6 +1911,29 @@ mod tests {
     }
 
     #[test]
+    fn broker_cpu_is_read_per_process_and_given_per_message() {
+        let mine = process_cpu_ms(std::process::id()).expect("/proc/self/stat on Linux");
+        // Burn CPU until the reading moves (10 ms ticks); bounded in time.
+        let start = Instant::now();
+        let mut x = 0u64;
+        let mut later = mine;
+        while later < mine + 20 && start.elapsed() < Duration::from_secs(5) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            later = process_cpu_ms(std::process::id()).expect("/proc/self/stat on Linux");
+        }
+        assert!(
+            cpu_between(Some(mine), Some(later)).is_some_and(|ms| ms >= 20),
+            "{mine} -> {later}"
+        );
+        assert_eq!(cpu_between(Some(20), Some(10)), None);
+        assert_eq!(cpu_per_message(Some(250), 100_000), "2.5");
+        assert_eq!(cpu_per_message(None, 100_000), "-");
+        assert_eq!(cpu_per_message(Some(250), 0), "-");
+    }
+
+    #[test]
     fn durable_ratios_are_given_per_round_with_their_median() {
         let rows = vec![
             durable_row(1, Target::Fieldmq, 50_000, 300_000),
@@ -1808,7 +1951,7 @@ mod tests {
             table.contains("| median of 3 rounds | 0.90 | 1.00 |"),
             "{table}"
         );
-        assert!(table.contains("| 2 | 12% |"), "{table}");
+        assert!(table.contains("| 100.0 | - | 2 | 12% |"), "{table}");
         let single = render_durable(&rows[..2]);
         assert!(single.contains("| round 1 | 0.50 | 1.00 |"), "{single}");
         assert!(!single.contains("median"), "{single}");

@@ -1,15 +1,13 @@
 //! One task per client connection: reads packets, answers them, and sends what the
 //! router queued in the client's session, within the client's Receive Maximum.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures::stream::{FuturesOrdered, StreamExt};
-use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -213,7 +211,7 @@ pub(crate) async fn serve<S>(
         username: connect.username.clone(),
         out: BytesMut::with_capacity(4096),
         persist,
-        pending_acks: FuturesOrdered::new(),
+        pending_acks: AckQueue::default(),
         page_reply: None,
         watermark: None,
         watermark_due: None,
@@ -418,7 +416,7 @@ struct Connection {
     /// The store, when the session is persistent: acks delete rows, sends record pkids.
     persist: Option<Persist>,
     /// Publishes routed but not yet acknowledged (waiting for their commit), in order.
-    pending_acks: FuturesOrdered<AckFuture>,
+    pending_acks: AckQueue,
     /// A page of queued messages asked for and not yet read from disk.
     page_reply: Option<PageReply>,
     /// Deliveries acknowledged in order since the store last heard: (through seq, count).
@@ -426,9 +424,6 @@ struct Connection {
     /// When the store is told at the latest.
     watermark_due: Option<tokio::time::Instant>,
 }
-
-/// `Sync` so that `&Connection` may be held across an await.
-type AckFuture = std::pin::Pin<Box<dyn std::future::Future<Output = PendingAck> + Send + Sync>>;
 
 /// A PUBACK/PUBREC to send once the router (and, with `sync` durability, the disk) has
 /// taken the message.
@@ -439,6 +434,85 @@ struct PendingAck {
     /// resends.
     stored: bool,
     reason: AckReason,
+}
+
+/// Acknowledgements owed, in the order the publishes came. Only the oldest is waited on:
+/// a commit answers its publishes in order, so one wake-up finds the rest ready too (and
+/// the store thread wakes this task once per commit, not once per message).
+#[derive(Default)]
+struct AckQueue {
+    owed: VecDeque<OwedAck>,
+}
+
+struct OwedAck {
+    pkid: u16,
+    qos: QoS,
+    reason: AckReason,
+    /// Answered by the router (or, with `sync` durability, the store); `None`: nothing to
+    /// wait for (a publish the ACL denied).
+    routed: Option<oneshot::Receiver<bool>>,
+}
+
+impl AckQueue {
+    fn is_empty(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    fn push(
+        &mut self,
+        pkid: u16,
+        qos: QoS,
+        reason: AckReason,
+        routed: Option<oneshot::Receiver<bool>>,
+    ) {
+        self.owed.push_back(OwedAck {
+            pkid,
+            qos,
+            reason,
+            routed,
+        });
+    }
+
+    /// The oldest acknowledgement once it is due.
+    async fn next(&mut self) -> Option<PendingAck> {
+        std::future::poll_fn(|cx| {
+            let Some(front) = self.owed.front_mut() else {
+                return std::task::Poll::Ready(None);
+            };
+            let stored = match front.routed.as_mut() {
+                None => true,
+                Some(routed) => match std::future::Future::poll(std::pin::Pin::new(routed), cx) {
+                    std::task::Poll::Ready(answer) => answer.is_ok(),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                },
+            };
+            std::task::Poll::Ready(self.pop(stored))
+        })
+        .await
+    }
+
+    /// The oldest acknowledgement if it is due now.
+    fn try_next(&mut self) -> Option<PendingAck> {
+        let front = self.owed.front_mut()?;
+        let stored = match front.routed.as_mut() {
+            None => true,
+            Some(routed) => match routed.try_recv() {
+                Ok(_) => true,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                Err(oneshot::error::TryRecvError::Closed) => false,
+            },
+        };
+        self.pop(stored)
+    }
+
+    fn pop(&mut self, stored: bool) -> Option<PendingAck> {
+        self.owed.pop_front().map(|owed| PendingAck {
+            pkid: owed.pkid,
+            qos: owed.qos,
+            stored,
+            reason: owed.reason,
+        })
+    }
 }
 
 impl Connection {
@@ -548,7 +622,7 @@ impl Connection {
                             let _ = self.flush(stream).await;
                             return Close::Abnormal("the broker store could not commit a message".into());
                         }
-                        next = self.pending_acks.next().now_or_never().flatten();
+                        next = self.pending_acks.try_next();
                     }
                 }
                 _ = &mut keep_alive_timer, if keep_alive.is_some() => {
@@ -720,15 +794,8 @@ impl Connection {
             // Dropped; acknowledged in order so the client does not resend it forever.
             tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish denied by ACL");
             if publish.qos != QoS::AtMostOnce {
-                let (pkid, qos) = (publish.pkid, publish.qos);
-                self.pending_acks.push_back(Box::pin(async move {
-                    PendingAck {
-                        pkid,
-                        qos,
-                        stored: true,
-                        reason: AckReason::NotAuthorized,
-                    }
-                }));
+                self.pending_acks
+                    .push(publish.pkid, publish.qos, AckReason::NotAuthorized, None);
             }
             return None;
         }
@@ -776,14 +843,8 @@ impl Connection {
         if let Some(routed) = routed {
             // Acknowledged when the router (and with `sync` durability, the disk) has it;
             // later publishes keep flowing meanwhile, acks go out in order.
-            self.pending_acks.push_back(Box::pin(async move {
-                PendingAck {
-                    pkid,
-                    qos,
-                    stored: routed.await.is_ok(),
-                    reason: AckReason::Success,
-                }
-            }));
+            self.pending_acks
+                .push(pkid, qos, AckReason::Success, Some(routed));
         }
         None
     }
@@ -1078,5 +1139,47 @@ async fn next_page(reply: &mut Option<PageReply>) -> Vec<(u64, StoredDelivery)> 
     match reply {
         Some(rows) => rows.await.unwrap_or_default(),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acknowledgements_leave_in_publish_order_whatever_order_they_are_answered_in() {
+        let mut acks = AckQueue::default();
+        let (first_tx, first_rx) = oneshot::channel();
+        let (second_tx, second_rx) = oneshot::channel();
+        acks.push(1, QoS::AtLeastOnce, AckReason::Success, Some(first_rx));
+        acks.push(2, QoS::AtLeastOnce, AckReason::NotAuthorized, None);
+        acks.push(3, QoS::ExactlyOnce, AckReason::Success, Some(second_rx));
+
+        // The denied publish (2) needs no answer, but waits behind 1.
+        assert!(acks.try_next().is_none());
+        second_tx.send(true).expect("receiver alive");
+        assert!(acks.try_next().is_none());
+
+        first_tx.send(false).expect("receiver alive");
+        let order: Vec<(u16, bool)> = std::iter::from_fn(|| acks.try_next())
+            .map(|ack| (ack.pkid, ack.stored))
+            .collect();
+        assert_eq!(order, [(1, true), (2, true), (3, true)]);
+        assert!(acks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_publish_the_store_could_not_commit_is_owed_no_acknowledgement() {
+        let mut acks = AckQueue::default();
+        let (lost_tx, lost_rx) = oneshot::channel::<bool>();
+        acks.push(7, QoS::AtLeastOnce, AckReason::Success, Some(lost_rx));
+        let waiting = tokio::spawn(async move { acks.next().await.map(|a| (a.pkid, a.stored)) });
+        // The store drops the waiter of a failed commit.
+        drop(lost_tx);
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert_eq!(answer, Some((7, false)));
     }
 }
