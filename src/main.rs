@@ -123,7 +123,9 @@ fn main() -> ExitCode {
             };
             init_logging(&config.gateway.log_level);
             let mut exit = fieldmq::service::Exit::Stopped;
-            let code = block_on(async {
+            let threads = config.gateway.runtime_threads();
+            tracing::info!(runtime_threads = threads, "starting");
+            let code = block_on_threads(Some(threads), async {
                 exit = fieldmq::service::run_until_signal(config)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -206,7 +208,21 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn block_on(work: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    block_on_threads(None, work)
+}
+
+/// Run `work` on a multi-threaded runtime with `threads` workers (tokio's default: one per
+/// core).
+fn block_on_threads(
+    threads: Option<usize>,
+    work: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

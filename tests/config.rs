@@ -111,6 +111,12 @@ fn a_minimal_config_gets_every_default() {
     assert_eq!(config.gateway.log_level, "info");
     assert_eq!(config.gateway.status_topic, "fieldmq/gw/status");
     assert_eq!(config.gateway.shutdown_timeout, Duration::from_secs(10));
+    assert_eq!(config.gateway.worker_threads, None);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        config.gateway.runtime_threads(),
+        cores.saturating_sub(1).max(1)
+    );
     assert_eq!(config.broker.listeners.len(), 1);
     assert_eq!(
         config.broker.listeners[0].bind.to_string(),
@@ -160,6 +166,20 @@ fn a_minimal_config_gets_every_default() {
     let tls = uplink.tls.as_ref().expect("mqtts has TLS");
     assert!(tls.ca.is_none() && tls.cert.is_none() && tls.alpn.is_empty());
     assert_eq!(uplink.url.port, 8883);
+}
+
+#[test]
+fn configured_runtime_threads_override_the_core_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = HEAD.replace("id = \"gw\"\n", "id = \"gw\"\nworker_threads = 3\n");
+    let config = parse_in(dir.path(), &text).expect("valid");
+    assert_eq!(config.gateway.worker_threads, Some(3));
+    assert_eq!(config.gateway.runtime_threads(), 3);
+    assert!(
+        config.summary().contains(", 3 runtime thread(s)\n"),
+        "{}",
+        config.summary()
+    );
 }
 
 #[test]
@@ -348,6 +368,14 @@ fn cases() -> Vec<Case> {
         hint,
     };
     vec![
+        case(
+            "no runtime threads",
+            "[gateway]\nid = \"gw\"\nworker_threads = 0\n".into(),
+            3,
+            "gateway.worker_threads",
+            "0 is out of range, expected 1 to 256",
+            None,
+        ),
         case(
             "syntax error",
             "[gateway]\nid = \"gw\"\nlog_level = info\n".into(),

@@ -36,6 +36,7 @@ fn gateway(data_dir: &Path) -> GatewayConfig {
         log_level: "info".into(),
         status_topic: format!("fieldmq/{GATEWAY}/status"),
         shutdown_timeout: Duration::from_secs(8),
+        worker_threads: None,
     }
 }
 

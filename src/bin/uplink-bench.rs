@@ -241,6 +241,7 @@ fn gateway(data_dir: &Path) -> GatewayConfig {
         log_level: "warn".into(),
         status_topic: "fieldmq/bench/status".into(),
         shutdown_timeout: Duration::from_secs(10),
+        worker_threads: None,
     }
 }
 

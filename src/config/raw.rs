@@ -21,6 +21,7 @@ pub(crate) struct RawGateway {
     pub(crate) log_level: Option<S<String>>,
     pub(crate) status_topic: Option<S<String>>,
     pub(crate) shutdown_timeout: Option<S<String>>,
+    pub(crate) worker_threads: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -913,12 +913,17 @@ impl Validator<'_> {
             "gateway.shutdown_timeout",
             DEFAULT_SHUTDOWN_TIMEOUT,
         );
+        let worker_threads = raw.worker_threads.as_ref().map(|_| {
+            let n = self.integer(&raw.worker_threads, "gateway.worker_threads", 1, 256, 1);
+            usize::try_from(n).unwrap_or(1)
+        });
         Some(GatewayConfig {
             id,
             data_dir,
             log_level,
             status_topic,
             shutdown_timeout,
+            worker_threads,
         })
     }
 
