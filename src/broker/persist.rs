@@ -7,12 +7,15 @@
 //! then answers the acknowledgements that waited for that commit.
 //!
 //! Invariants:
-//! - A queue row exists from the moment the router queues a QoS 1/2 message for a
-//!   persistent session until the client acknowledges it (PUBACK, or PUBCOMP for QoS 2).
+//! - A queued message is on disk from the moment the router queues a QoS 1/2 message for
+//!   a persistent session until the client acknowledges it (PUBACK, or PUBCOMP for QoS 2):
+//!   in a run (`queue`: the messages of one client that one commit wrote, see [`run`]),
+//!   until the client's acknowledged watermark passes the run's last seq.
 //! - With `Durability::Sync` a publisher is acknowledged only after the commit that holds
 //!   every row its message produced (queue rows, retained row).
-//! - Rows of one client are delivered in `seq` order; `pkid`/`state` record what was in
-//!   flight so a restart resends it with the same packet id.
+//! - Messages of one client are delivered in `seq` order; `queue_marks` records what was
+//!   in flight (so a restart resends it with the same packet id) and what was removed out
+//!   of order (an acknowledgement out of order, an expired or dropped message).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -25,9 +28,12 @@ use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
+use self::run::{as_row, PendingRuns, Record};
 use super::session::{Delivery, InflightState};
 use crate::config::Durability;
 use crate::model::{Message, MessageProperties, Origin, QoS};
+
+mod run;
 
 /// Ops waiting before a writer blocks.
 const CHANNEL: usize = 8192;
@@ -38,7 +44,7 @@ const RETRY_MAX: usize = 10_000;
 /// `PRAGMA auto_vacuum` value of INCREMENTAL.
 const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 /// Schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Commits between two looks at the database file's size.
 const SIZE_EVERY: u64 = 64;
 /// Bytes of payload buffer allocated at a time when reading a page of queued messages.
@@ -50,8 +56,9 @@ const PURGE_IDLE: Duration = Duration::from_millis(20);
 /// A commit that nobody waits for is not synced on its own; the next synced one covers it,
 /// and one is forced this long after the last (or when the store goes idle).
 const UNSYNCED_MAX: Duration = Duration::from_millis(50);
-/// Rows of acknowledged messages deleted per purge transaction.
-const PURGE_CHUNK: usize = 2000;
+/// Runs of acknowledged messages deleted per purge transaction (a run holds the messages
+/// of one commit, typically tens).
+const PURGE_CHUNK: usize = 100;
 /// Past this many rows of acknowledged messages, they are deleted even while busy.
 const PURGE_FORCE_ROWS: u64 = 250_000;
 
@@ -414,20 +421,8 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
             |row| row.get(0),
         )
         .map_err(err)?;
-    if (1..3).contains(&version) && has_queue {
-        // Version 3 keeps a client's queue rows together, in seq order, in the table itself
-        // (keyed by client and seq) instead of in a separate index: a page is one sequential
-        // read, and a queued message one b-tree insert instead of two.
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
-             ALTER TABLE queue RENAME TO queue_v2;
-             {QUEUE_TABLE};
-             INSERT INTO queue (client_id, {QUEUE_COLUMNS})
-                 SELECT client_id, {QUEUE_COLUMNS} FROM queue_v2;
-             DROP TABLE queue_v2;
-             COMMIT;"
-        ))
-        .map_err(err)?;
+    if (1..4).contains(&version) && has_queue {
+        migrate_to_runs(&conn).map_err(err)?;
     }
     if version == SCHEMA_VERSION {
         // Nothing to create; and a start must not need to write (the disk may be full).
@@ -450,7 +445,7 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
              subscription_id INTEGER,
              PRIMARY KEY (client_id, filter)
          ) WITHOUT ROWID;
-         {QUEUE_TABLE};
+         {QUEUE_TABLES};
          CREATE TABLE IF NOT EXISTS retained (
              topic TEXT PRIMARY KEY,
              payload BLOB NOT NULL,
@@ -512,8 +507,8 @@ fn encode_properties(properties: &Option<Arc<MessageProperties>>) -> Option<Stri
         .and_then(|p| serde_json::to_string(p).ok())
 }
 
-fn decode_properties(text: Option<String>) -> Option<Arc<MessageProperties>> {
-    text.and_then(|t| serde_json::from_str(&t).ok())
+fn decode_properties(text: Option<&str>) -> Option<Arc<MessageProperties>> {
+    text.and_then(|t| serde_json::from_str(t).ok())
         .map(Arc::new)
 }
 
@@ -524,22 +519,29 @@ fn qos_from(code: i64) -> QoS {
         .unwrap_or(QoS::AtLeastOnce)
 }
 
-/// Seqs are unique across clients (one counter), but rows are only ever looked up per client.
-const QUEUE_TABLE: &str = "CREATE TABLE IF NOT EXISTS queue (
+/// Seqs are unique across clients (one counter), so a run's first seq is its row id: runs
+/// are appended in seq order, the cheapest insert a b-tree has. The index finds a client's.
+/// `queue_marks.state`: an [`InflightState`] code, or [`MARK_REMOVED`].
+const QUEUE_TABLES: &str = "CREATE TABLE IF NOT EXISTS queue (
+             first_seq INTEGER PRIMARY KEY,
+             client_id TEXT NOT NULL,
+             last_seq INTEGER NOT NULL,
+             count INTEGER NOT NULL,
+             messages BLOB NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS queue_runs_by_client ON queue (client_id, first_seq);
+         CREATE TABLE IF NOT EXISTS queue_marks (
              client_id TEXT NOT NULL,
              seq INTEGER NOT NULL,
-             topic TEXT NOT NULL,
-             payload BLOB NOT NULL,
-             qos INTEGER NOT NULL,
-             retain INTEGER NOT NULL,
-             subscription_ids TEXT,
-             properties TEXT,
-             received_ms INTEGER NOT NULL,
              pkid INTEGER,
-             state INTEGER,
+             state INTEGER NOT NULL,
              PRIMARY KEY (client_id, seq)
          ) WITHOUT ROWID";
 
+/// The mark of a queued message removed before the watermark passed it.
+const MARK_REMOVED: i64 = 0;
+
+/// The columns of the one-row-per-message queue of schema versions 1 to 3.
 const QUEUE_COLUMNS: &str =
     "seq, topic, payload, qos, retain, subscription_ids, properties, received_ms, pkid, state";
 
@@ -592,58 +594,192 @@ impl RowReader {
     }
 }
 
-fn queue_row(
-    row: &rusqlite::Row<'_>,
-    reader: &mut RowReader,
-) -> rusqlite::Result<(u64, StoredDelivery)> {
-    let now = reader.now;
-    let seq: i64 = row.get(0)?;
-    let topic = row.get_ref(1)?.as_str().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
-    })?;
-    let topic = reader.topic(topic);
-    let payload = row.get_ref(2)?.as_blob().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, Box::new(e))
-    })?;
-    let payload = reader.payload(payload);
-    let qos = qos_from(row.get(3)?);
-    let retain: bool = row.get(4)?;
-    let subscription_ids: Option<String> = row.get(5)?;
-    let properties: Option<String> = row.get(6)?;
-    let received_ms: i64 = row.get(7)?;
-    let pkid: Option<i64> = row.get(8)?;
-    let state: Option<i64> = row.get(9)?;
-    let subscription_ids = subscription_ids
-        .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default();
-    let message = Message {
-        topic,
-        payload,
-        qos,
-        retain,
-        properties: decode_properties(properties),
-        origin: reader.origin.clone(),
-        received: instant_from_ms(received_ms, now, reader.now_ms),
-    };
-    let inflight = match (pkid, state.and_then(state_from_code)) {
-        (Some(pkid), Some(state)) => u16::try_from(pkid).ok().map(|p| (p, state)),
-        _ => None,
-    };
-    Ok((
-        u64::try_from(seq).unwrap_or(0),
+impl RowReader {
+    fn delivery(
+        &mut self,
+        record: Record<'_>,
+        inflight: Option<(u16, InflightState)>,
+    ) -> StoredDelivery {
+        let qos = qos_from(i64::from(record.qos));
+        let message = Message {
+            topic: self.topic(record.topic),
+            payload: self.payload(record.payload),
+            qos,
+            retain: record.retain,
+            properties: decode_properties(record.properties),
+            origin: self.origin.clone(),
+            received: instant_from_ms(record.received_ms, self.now, self.now_ms),
+        };
         StoredDelivery {
             delivery: Delivery {
                 message,
                 qos,
-                retain,
-                subscription_ids,
-                seq: Some(u64::try_from(seq).unwrap_or(0)),
+                retain: record.retain,
+                subscription_ids: record.subscription_ids,
+                seq: Some(record.seq),
                 memory: None,
             },
             inflight,
-        },
-    ))
+        }
+    }
 }
+
+/// A run whose bytes do not decode: the database is damaged (SQLite's own code for it, so
+/// that the error says what to do).
+fn damaged_run(error: postcard::Error) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+        Some(format!("a queued message does not decode: {error}")),
+    )
+}
+
+/// Up to `limit` of a client's queued messages with seq above `after_seq`, oldest first,
+/// without those removed, with their in-flight state.
+fn read_queue(
+    tx: &Connection,
+    client_id: &str,
+    after_seq: u64,
+    limit: usize,
+    reader: &mut RowReader,
+) -> rusqlite::Result<Vec<(u64, StoredDelivery)>> {
+    let mut messages = Vec::with_capacity(limit.min(PAGE_CAPACITY_MAX));
+    if limit == 0 {
+        return Ok(messages);
+    }
+    // From the run that holds `after_seq` (if any), not from the client's first run.
+    let mut runs = tx.prepare_cached(
+        "SELECT first_seq, last_seq, messages FROM queue
+         WHERE client_id = ?1 AND last_seq > ?2 AND first_seq >= coalesce(
+             (SELECT max(first_seq) FROM queue WHERE client_id = ?1 AND first_seq <= ?2), 0)
+         ORDER BY first_seq",
+    )?;
+    let mut marks = tx.prepare_cached(
+        "SELECT seq, pkid, state FROM queue_marks WHERE client_id = ?1 AND seq BETWEEN ?2 AND ?3",
+    )?;
+    let mut rows = runs.query(params![client_id, as_row(after_seq)])?;
+    while let Some(row) = rows.next()? {
+        let (first, last): (i64, i64) = (row.get(0)?, row.get(1)?);
+        let run_marks = marks
+            .query_map(params![client_id, first, last], |mark| {
+                Ok((
+                    mark.get::<_, i64>(0)?,
+                    (mark.get::<_, Option<i64>>(1)?, mark.get::<_, i64>(2)?),
+                ))
+            })?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()?;
+        let bytes = row.get_ref(2)?.as_blob()?;
+        for record in run::records(bytes) {
+            let record = record.map_err(damaged_run)?;
+            if record.seq <= after_seq {
+                continue;
+            }
+            let inflight = match run_marks.get(&as_row(record.seq)) {
+                Some((_, MARK_REMOVED)) => continue,
+                Some((Some(pkid), state)) => u16::try_from(*pkid).ok().zip(state_from_code(*state)),
+                _ => None,
+            };
+            let seq = record.seq;
+            messages.push((seq, reader.delivery(record, inflight)));
+            if messages.len() >= limit {
+                return Ok(messages);
+            }
+        }
+    }
+    Ok(messages)
+}
+
+/// How many queued messages a client has with seq above `after_seq` (removed ones not
+/// counted).
+fn live_count(tx: &Connection, client_id: &str, after_seq: u64) -> rusqlite::Result<u64> {
+    let after = as_row(after_seq);
+    let whole_runs: i64 = tx
+        .prepare_cached(
+            "SELECT coalesce(sum(count), 0) FROM queue WHERE client_id = ?1 AND first_seq > ?2",
+        )?
+        .query_row(params![client_id, after], |row| row.get(0))?;
+    let straddling: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT messages FROM queue WHERE client_id = ?1 AND first_seq <= ?2 AND last_seq > ?2",
+        )?
+        .query_row(params![client_id, after], |row| row.get(0))
+        .optional()?;
+    let mut in_straddling = 0;
+    for record in straddling.iter().flat_map(|bytes| run::records(bytes)) {
+        if record.map_err(damaged_run)?.seq > after_seq {
+            in_straddling += 1;
+        }
+    }
+    let removed: i64 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM queue_marks WHERE client_id = ?1 AND seq > ?2 AND state = ?3",
+        )?
+        .query_row(params![client_id, after, MARK_REMOVED], |row| row.get(0))?;
+    Ok((u64::try_from(whole_runs).unwrap_or(0) + in_straddling)
+        .saturating_sub(u64::try_from(removed).unwrap_or(0)))
+}
+
+/// Version 4 keeps queued messages in runs (see [`run`]) and what was in flight in
+/// `queue_marks`; versions 1 to 3 have one row per message. Moved over in one
+/// transaction, a client at a time, in seq order.
+fn migrate_to_runs(conn: &Connection) -> rusqlite::Result<()> {
+    in_transaction(conn, || {
+        conn.execute_batch(&format!(
+            "ALTER TABLE queue RENAME TO queue_rows;
+             DROP INDEX IF EXISTS queue_by_client;
+             {QUEUE_TABLES};"
+        ))?;
+        let mut old = conn.prepare(&format!(
+            "SELECT client_id, {QUEUE_COLUMNS} FROM queue_rows ORDER BY client_id, seq"
+        ))?;
+        let mut pending = PendingRuns::default();
+        let mut client: Option<Arc<str>> = None;
+        let mut rows = old.query([])?;
+        while let Some(row) = rows.next()? {
+            let client_id = row.get_ref(0)?.as_str()?;
+            let client_id = match &client {
+                Some(last) if &**last == client_id => last.clone(),
+                _ => {
+                    let fresh: Arc<str> = Arc::from(client_id);
+                    client = Some(fresh.clone());
+                    fresh
+                }
+            };
+            let seq: i64 = row.get(1)?;
+            let subscription_ids: Option<String> = row.get(6)?;
+            let record = Record {
+                seq: u64::try_from(seq).unwrap_or(0),
+                received_ms: row.get(8)?,
+                qos: u8::try_from(row.get::<_, i64>(4)?).unwrap_or(1),
+                retain: row.get(5)?,
+                topic: row.get_ref(2)?.as_str()?,
+                payload: row.get_ref(3)?.as_blob()?,
+                subscription_ids: subscription_ids
+                    .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+                    .unwrap_or_default(),
+                properties: row.get_ref(7)?.as_str_or_null()?,
+            };
+            pending.add(&client_id, &record)?;
+            let inflight = (
+                row.get::<_, Option<i64>>(9)?,
+                row.get::<_, Option<i64>>(10)?,
+            );
+            if let (Some(pkid), Some(state)) = inflight {
+                let pkid = u16::try_from(pkid).ok();
+                mark(conn, &client_id, record.seq, pkid, state)?;
+            }
+            if pending.bytes() > MIGRATION_PENDING_BYTES {
+                pending.write(conn)?;
+            }
+        }
+        pending.write(conn)?;
+        drop(rows);
+        drop(old);
+        conn.execute_batch("DROP TABLE queue_rows;")
+    })
+}
+
+/// Bytes of converted messages held before they are written, while migrating.
+const MIGRATION_PENDING_BYTES: usize = 4 * 1024 * 1024;
 
 /// Load what the database holds. Also returns, per client, the acknowledged watermark
 /// below which rows still wait to be deleted.
@@ -656,8 +792,10 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     let next_seq: Option<i64> = conn
         .query_row(
             // Per session: a max over the whole table would scan it (it is keyed by client).
+            // A client's last run holds its highest seq.
             "SELECT max(max(acked_seq,
-                 coalesce((SELECT max(seq) FROM queue WHERE queue.client_id = sessions.client_id), 0)))
+                 coalesce((SELECT last_seq FROM queue WHERE queue.client_id = sessions.client_id
+                           ORDER BY first_seq DESC LIMIT 1), 0)))
              FROM sessions",
             [],
             |row| row.get(0),
@@ -680,12 +818,10 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
         "SELECT filter, qos, no_local, retain_as_published, subscription_id
          FROM subscriptions WHERE client_id = ?1",
     )?;
-    let mut queue = conn.prepare(&format!(
-        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?3 ORDER BY seq LIMIT ?2"
-    ))?;
-    let mut count = conn.prepare("SELECT count(*) FROM queue WHERE client_id = ?1 AND seq > ?2")?;
-    let mut has_garbage =
-        conn.prepare("SELECT EXISTS (SELECT 1 FROM queue WHERE client_id = ?1 AND seq <= ?2)")?;
+    let mut has_garbage = conn.prepare(
+        "SELECT EXISTS (SELECT 1 FROM queue WHERE client_id = ?1 AND first_seq <= ?2)
+             OR EXISTS (SELECT 1 FROM queue_marks WHERE client_id = ?1 AND seq <= ?2)",
+    )?;
     for row in rows {
         let (client_id, expiry, disconnected_ms, acked_seq) = row?;
         if has_garbage.query_row(params![&client_id, acked_seq], |row| row.get::<_, bool>(0))? {
@@ -708,18 +844,14 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let window = i64::try_from(memory_window).unwrap_or(i64::MAX);
+        let acked = u64::try_from(acked_seq).unwrap_or(0);
         let mut reader = RowReader::new(now, 0);
-        let queued = queue
-            .query_map(params![&client_id, window, acked_seq], |row| {
-                queue_row(row, &mut reader)
-            })?
-            .map(|r| r.map(|(_, d)| d))
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let total: i64 = count.query_row(params![&client_id, acked_seq], |row| row.get(0))?;
-        let spilled = u64::try_from(total)
-            .unwrap_or(0)
-            .saturating_sub(queued.len() as u64);
+        let queued: Vec<StoredDelivery> =
+            read_queue(conn, &client_id, acked, memory_window, &mut reader)?
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect();
+        let spilled = live_count(conn, &client_id, acked)?.saturating_sub(queued.len() as u64);
         // A session that was connected when the broker died counts as disconnected now.
         let disconnected_for = Some(Duration::from_millis(
             u64::try_from(now_wall.saturating_sub(disconnected_ms.unwrap_or(now_wall)))
@@ -734,7 +866,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
             spilled,
         });
     }
-    drop((sessions, subscriptions, queue, count, has_garbage));
+    drop((sessions, subscriptions, has_garbage));
 
     let wall_now = now_ms();
     let mut retained =
@@ -748,7 +880,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
                 payload: Bytes::from(payload),
                 qos: qos_from(row.get(2)?),
                 retain: true,
-                properties: decode_properties(row.get(3)?),
+                properties: decode_properties(row.get::<_, Option<String>>(3)?.as_deref()),
                 origin: Origin::Internal(Arc::from("store")),
                 received: instant_from_ms(row.get(4)?, now, wall_now),
             })
@@ -923,7 +1055,7 @@ impl Writer {
             removed.contains(&seq) || acked.get(client_id).is_some_and(|(w, _)| seq <= *w)
         };
         let mut never_written = HashSet::new();
-        let mut deletes = Vec::new();
+        let mut runs = PendingRuns::default();
         let mut dropped_sessions = Vec::new();
         // What this batch writes, kept until it has committed: a commit that fails for want
         // of space is tried again with the next batch (see `retry`).
@@ -942,11 +1074,32 @@ impl Writer {
                     Op::Inflight {
                         seq, ref client_id, ..
                     } if done(client_id, seq) => {}
+                    Op::Enqueue {
+                        seq,
+                        ref client_id,
+                        ref delivery,
+                    } => {
+                        let properties = encode_properties(&delivery.message.properties);
+                        let received_ms = ms_from_instant(delivery.message.received);
+                        let record =
+                            run::record_of(seq, delivery, received_ms, properties.as_deref());
+                        runs.add(client_id, &record)?;
+                        written.push(op);
+                    }
                     Op::Remove { ref client_id, seq } => {
                         if !never_written.contains(&seq) {
-                            deletes.push((client_id.clone(), seq));
+                            mark(tx, client_id, seq, None, MARK_REMOVED)?;
                             written.push(op);
                         }
+                    }
+                    Op::Inflight {
+                        ref client_id,
+                        seq,
+                        pkid,
+                        state,
+                    } => {
+                        mark(tx, client_id, seq, Some(pkid), state_code(state))?;
+                        written.push(op);
                     }
                     Op::Acked { .. } => written.push(op),
                     Op::Page {
@@ -955,7 +1108,8 @@ impl Writer {
                         limit,
                         reply,
                     } => {
-                        delete_rows(tx, &mut deletes)?;
+                        // Runs go first so that ops that read the queue see them.
+                        runs.write(tx)?;
                         let rows = page(tx, &client_id, after_seq, limit)?;
                         pages.push((reply, rows));
                     }
@@ -963,15 +1117,16 @@ impl Writer {
                         if let Op::DropSession { client_id } = &other {
                             dropped_sessions.push(client_id.clone());
                         }
-                        // Deferred deletes go first so that row-selecting ops see them.
-                        delete_rows(tx, &mut deletes)?;
+                        if matches!(other, Op::DropSession { .. } | Op::RemoveOldest { .. }) {
+                            runs.write(tx)?;
+                        }
                         let applied = apply_op(tx, &other);
                         written.push(other);
                         applied?;
                     }
                 }
             }
-            delete_rows(tx, &mut deletes)?;
+            runs.write(tx)?;
             let mut watermark = tx.prepare_cached(
                 "UPDATE sessions SET acked_seq = max(acked_seq, ?2) WHERE client_id = ?1",
             )?;
@@ -1080,21 +1235,32 @@ impl Writer {
         let result = self.set_synchronous("NORMAL").and_then(|()| {
             let tx = &self.conn;
             in_transaction(tx, || {
-                tx.prepare_cached(
-                    "DELETE FROM queue WHERE client_id = ?1 AND seq IN (SELECT seq FROM queue
-                     WHERE client_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3)",
-                )?
-                .execute(params![
-                    &*client_id,
-                    i64::try_from(through).unwrap_or(i64::MAX),
-                    PURGE_CHUNK as i64
-                ])
+                // A run that straddles the watermark stays until it passes the run's end.
+                let messages = tx
+                    .prepare_cached(
+                        "DELETE FROM queue WHERE first_seq IN (SELECT first_seq FROM queue
+                         WHERE client_id = ?1 AND first_seq <= ?2 AND last_seq <= ?2
+                         ORDER BY first_seq LIMIT ?3)
+                         RETURNING count",
+                    )?
+                    .query_map(
+                        params![&*client_id, as_row(through), PURGE_CHUNK as i64],
+                        |row| row.get::<_, i64>(0),
+                    )?
+                    .collect::<rusqlite::Result<Vec<i64>>>()?;
+                tx.prepare_cached("DELETE FROM queue_marks WHERE client_id = ?1 AND seq <= ?2")?
+                    .execute(params![&*client_id, as_row(through)])?;
+                Ok(messages)
             })
         });
         match result {
-            Ok(deleted) => {
-                self.garbage.rows = self.garbage.rows.saturating_sub(deleted as u64);
-                if deleted < PURGE_CHUNK {
+            Ok(runs) => {
+                let messages: i64 = runs.iter().sum();
+                self.garbage.rows = self
+                    .garbage
+                    .rows
+                    .saturating_sub(u64::try_from(messages).unwrap_or(0));
+                if runs.len() < PURGE_CHUNK {
                     self.garbage.through.remove(&client_id);
                     if self.garbage.is_empty() {
                         self.garbage.rows = 0;
@@ -1171,33 +1337,18 @@ fn in_transaction<T>(
     result
 }
 
-/// Delete queue rows, one statement per run of consecutive seqs of a client
-/// (acknowledgements of one client mostly come in order), and empty `rows`.
-fn delete_rows(tx: &Connection, rows: &mut Vec<(Arc<str>, u64)>) -> rusqlite::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    rows.sort_unstable();
-    rows.dedup();
-    let mut delete =
-        tx.prepare_cached("DELETE FROM queue WHERE client_id = ?1 AND seq BETWEEN ?2 AND ?3")?;
-    let as_row = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
-    let mut run: Option<(&str, u64, u64)> = None;
-    for (client_id, seq) in rows.iter() {
-        match &mut run {
-            Some((client, _, end)) if *client == &**client_id && *seq == *end + 1 => *end = *seq,
-            _ => {
-                if let Some((client, start, end)) = run {
-                    delete.execute(params![client, as_row(start), as_row(end)])?;
-                }
-                run = Some((client_id, *seq, *seq));
-            }
-        }
-    }
-    if let Some((client, start, end)) = run {
-        delete.execute(params![client, as_row(start), as_row(end)])?;
-    }
-    rows.clear();
+/// Record a queued message's in-flight state, or its removal ([`MARK_REMOVED`]).
+fn mark(
+    tx: &Connection,
+    client_id: &str,
+    seq: u64,
+    pkid: Option<u16>,
+    state: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO queue_marks (client_id, seq, pkid, state) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![client_id, as_row(seq), pkid, state])?;
     Ok(())
 }
 
@@ -1208,19 +1359,7 @@ fn page(
     limit: usize,
 ) -> rusqlite::Result<Vec<(u64, StoredDelivery)>> {
     let mut reader = RowReader::new(Instant::now(), PAYLOAD_CHUNK);
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {QUEUE_COLUMNS} FROM queue WHERE client_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
-    ))?;
-    let mut rows = stmt.query(params![
-        client_id,
-        i64::try_from(after_seq).unwrap_or(i64::MAX),
-        i64::try_from(limit).unwrap_or(i64::MAX)
-    ])?;
-    let mut page = Vec::with_capacity(limit.min(PAGE_CAPACITY_MAX));
-    while let Some(row) = rows.next()? {
-        page.push(queue_row(row, &mut reader)?);
-    }
-    Ok(page)
+    read_queue(tx, client_id, after_seq, limit, &mut reader)
 }
 
 /// A page's vector is sized up front (rows are large: no regrowth while reading), to at
@@ -1248,6 +1387,8 @@ fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
                 .execute([&**client_id])?;
             tx.prepare_cached("DELETE FROM queue WHERE client_id = ?1")?
                 .execute([&**client_id])?;
+            tx.prepare_cached("DELETE FROM queue_marks WHERE client_id = ?1")?
+                .execute([&**client_id])?;
         }
         Op::Subscriptions {
             client_id,
@@ -1271,61 +1412,14 @@ fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
                 ])?;
             }
         }
-        Op::Enqueue {
-            seq,
-            client_id,
-            delivery,
-        } => {
-            let ids: Vec<String> = delivery
-                .subscription_ids
-                .iter()
-                .map(|n| n.to_string())
-                .collect();
-            tx.prepare_cached(
-                "INSERT INTO queue
-                 (seq, client_id, topic, payload, qos, retain, subscription_ids, properties, received_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                i64::try_from(*seq).unwrap_or(i64::MAX),
-                &**client_id,
-                &*delivery.message.topic,
-                &delivery.message.payload[..],
-                delivery.qos as u8,
-                delivery.retain,
-                (!ids.is_empty()).then(|| ids.join(",")),
-                encode_properties(&delivery.message.properties),
-                ms_from_instant(delivery.message.received),
-            ])?;
-        }
-        Op::Inflight {
-            client_id,
-            seq,
-            pkid,
-            state,
-        } => {
-            tx.prepare_cached(
-                "UPDATE queue SET pkid = ?3, state = ?4 WHERE client_id = ?1 AND seq = ?2",
-            )?
-            .execute(params![
-                &**client_id,
-                i64::try_from(*seq).unwrap_or(i64::MAX),
-                pkid,
-                state_code(*state)
-            ])?;
-        }
         Op::RemoveOldest {
             client_id,
             after_seq,
         } => {
-            tx.prepare_cached(
-                "DELETE FROM queue WHERE client_id = ?1 AND seq = (SELECT min(seq) FROM queue
-                 WHERE client_id = ?1 AND seq > ?2)",
-            )?
-            .execute(params![
-                &**client_id,
-                i64::try_from(*after_seq).unwrap_or(i64::MAX)
-            ])?;
+            let mut reader = RowReader::new(Instant::now(), 0);
+            if let Some((seq, _)) = read_queue(tx, client_id, *after_seq, 1, &mut reader)?.pop() {
+                mark(tx, client_id, seq, None, MARK_REMOVED)?;
+            }
         }
         Op::Retain { topic, message } => match message {
             Some(message) => {
@@ -1347,7 +1441,12 @@ fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
             }
         },
         // Handled by the writer itself (batched deletes, replies after the commit).
-        Op::Barrier(_) | Op::Page { .. } | Op::Remove { .. } | Op::Acked { .. } => {}
+        Op::Barrier(_)
+        | Op::Page { .. }
+        | Op::Enqueue { .. }
+        | Op::Inflight { .. }
+        | Op::Remove { .. }
+        | Op::Acked { .. } => {}
     }
     Ok(())
 }
@@ -1557,7 +1656,10 @@ mod tests {
                     connected: false,
                 })
                 .await;
-            enqueue(&persist, &client, 1..=6).await;
+            // Two commits, two runs: 1..=4 and 5..=6.
+            enqueue(&persist, &client, 1..=4).await;
+            persist.barrier().await.await.expect("committed");
+            enqueue(&persist, &client, 5..=6).await;
             persist.barrier().await.await.expect("committed");
             acknowledge_through(&persist, &client, 4, 4).await;
         }
@@ -1583,7 +1685,7 @@ mod tests {
             }
         }
         let seqs: Vec<u64> = physical.iter().map(|(seq, _)| *seq).collect();
-        assert_eq!(seqs, vec![5, 6], "rows 1..=4 purged");
+        assert_eq!(seqs, vec![5, 6], "the run of 1..=4 purged");
         acknowledge_through(&persist, &client, 6, 2).await;
         drop(persist);
         let (_persist, snapshot) = reopen(&path, 100).await;
@@ -1645,7 +1747,7 @@ mod tests {
                 ),
                 (Some(42), "a/2".to_string(), QoS::ExactlyOnce, None),
             ],
-            "the queue rows moved to the version 3 table"
+            "the queue rows moved into runs, the in-flight state into marks"
         );
         assert_eq!(session.queue[1].delivery.subscription_ids, vec![3]);
         assert_eq!(snapshot.next_seq, 43);
@@ -1675,9 +1777,134 @@ mod tests {
             .expect("database readable after the writer stopped");
         assert_eq!(schema.0, SCHEMA_VERSION);
         let tables = schema.1.join("\n");
-        assert!(tables.contains("PRIMARY KEY (client_id, seq)"), "{tables}");
-        assert!(!tables.contains("queue_v2"), "{tables}");
-        assert!(!tables.contains("queue_by_client"), "{tables}");
+        assert!(tables.contains("queue_runs_by_client"), "{tables}");
+        assert!(tables.contains("queue_marks"), "{tables}");
+        assert!(!tables.contains("queue_rows"), "{tables}");
+        assert!(!tables.contains("queue_by_client:"), "{tables}");
+    }
+
+    #[tokio::test]
+    async fn removals_and_in_flight_marks_inside_a_written_run_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let client: Arc<str> = Arc::from("c1");
+        {
+            let (persist, _) =
+                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            enqueue(&persist, &client, 1..=6).await;
+            persist.barrier().await.await.expect("committed");
+            // After the run is on disk: marks, not deletions inside the run.
+            persist
+                .send(Op::Inflight {
+                    client_id: client.clone(),
+                    seq: 2,
+                    pkid: 7,
+                    state: InflightState::Qos2Sent,
+                })
+                .await;
+            persist
+                .send(Op::Remove {
+                    client_id: client.clone(),
+                    seq: 3,
+                })
+                .await;
+            persist
+                .send(Op::RemoveOldest {
+                    client_id: client.clone(),
+                    after_seq: 4,
+                })
+                .await;
+            persist.barrier().await.await.expect("committed");
+        }
+        let queued = |snapshot: &Snapshot| -> Vec<(Option<u64>, Option<(u16, InflightState)>)> {
+            snapshot.sessions[0]
+                .queue
+                .iter()
+                .map(|d| (d.delivery.seq, d.inflight))
+                .collect()
+        };
+        let (persist, snapshot) = reopen(&path, 100).await;
+        assert_eq!(
+            queued(&snapshot),
+            vec![
+                (Some(1), None),
+                (Some(2), Some((7, InflightState::Qos2Sent))),
+                (Some(4), None),
+                (Some(6), None)
+            ],
+            "3 removed, 5 dropped as the oldest past 4"
+        );
+        assert_eq!(
+            &*snapshot.sessions[0].queue[3].delivery.message.topic,
+            "a/6"
+        );
+        drop(persist);
+        let (persist, snapshot) = reopen(&path, 2).await;
+        assert_eq!(queued(&snapshot).len(), 2);
+        assert_eq!(snapshot.sessions[0].spilled, 2, "4 and 6 wait on disk");
+        let page = persist.page(client.clone(), 2, 10).await;
+        assert_eq!(
+            page.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![4, 6]
+        );
+        // A watermark inside the run hides what it covers; the run itself stays.
+        acknowledge_through(&persist, &client, 2, 2).await;
+        drop(persist);
+        let (persist, snapshot) = reopen(&path, 100).await;
+        assert_eq!(queued(&snapshot), vec![(Some(4), None), (Some(6), None)]);
+        assert_eq!(snapshot.next_seq, 7);
+        persist
+            .send(Op::DropSession {
+                client_id: client.clone(),
+            })
+            .await;
+        persist.barrier().await.await.expect("committed");
+        drop(persist);
+        let (_persist, snapshot) = reopen(&path, 100).await;
+        assert!(snapshot.sessions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_run_is_refused_at_start_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let client: Arc<str> = Arc::from("c1");
+        {
+            let (persist, _) =
+                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            enqueue(&persist, &client, 1..=3).await;
+            persist.barrier().await.await.expect("committed");
+        }
+        let damaged = (0..100).find_map(|_| {
+            let done = Connection::open(&path).and_then(|conn| {
+                conn.execute("UPDATE queue SET messages = x'01ffffffffffffffffff'", [])
+            });
+            if done.is_err() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done.ok()
+        });
+        assert_eq!(damaged, Some(1), "one run written, then damaged");
+        let error =
+            Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect_err("refused");
+        let text = error.to_string();
+        assert!(matches!(error, PersistError::Corrupt { .. }), "{text}");
+        assert!(text.contains("does not decode"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
     }
 
     #[test]
