@@ -1823,7 +1823,8 @@ mod tests {
                 .await;
             persist.barrier().await.await.expect("committed");
         }
-        let queued = |snapshot: &Snapshot| -> Vec<(Option<u64>, Option<(u16, InflightState)>)> {
+        type Queued = Vec<(Option<u64>, Option<(u16, InflightState)>)>;
+        let queued = |snapshot: &Snapshot| -> Queued {
             snapshot.sessions[0]
                 .queue
                 .iter()
