@@ -1696,27 +1696,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_version_1_database_is_upgraded_in_place() {
+    /// Open a database created by `old_schema` (with a session `old` and two queued rows,
+    /// 41 in flight with packet id 7) and check that both messages come back.
+    fn assert_upgraded_in_place(old_schema: &str) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("broker.db");
         {
             let conn = Connection::open(&path).expect("create");
+            conn.execute_batch(old_schema).expect("old schema");
             conn.execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL,
-                     disconnected_ms INTEGER) WITHOUT ROWID;
-                 INSERT INTO sessions VALUES ('old', 3600, 0);
-                 CREATE TABLE queue (seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
-                     topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
-                     retain INTEGER NOT NULL, subscription_ids TEXT, properties TEXT,
-                     received_ms INTEGER NOT NULL, pkid INTEGER, state INTEGER);
-                 CREATE INDEX queue_by_client ON queue (client_id, seq);
-                 INSERT INTO queue VALUES (41, 'old', 'a/1', x'01', 1, 0, NULL, NULL, 0, 7, 1);
-                 INSERT INTO queue VALUES (42, 'old', 'a/2', x'02', 2, 0, '3', NULL, 0, NULL, NULL);
-                 PRAGMA user_version = 1;",
+                "INSERT INTO queue (seq, client_id, topic, payload, qos, retain, subscription_ids,
+                     properties, received_ms, pkid, state)
+                     VALUES (41, 'old', 'a/1', x'01', 1, 0, NULL, NULL, 0, 7, 1);
+                 INSERT INTO queue (seq, client_id, topic, payload, qos, retain, subscription_ids,
+                     properties, received_ms, pkid, state)
+                     VALUES (42, 'old', 'a/2', x'02', 2, 0, '3', NULL, 0, NULL, NULL);",
             )
-            .expect("version 1 schema");
+            .expect("old rows");
         }
         let (persist, snapshot) =
             Persist::open(&path, Durability::Sync, Duration::ZERO, 10).expect("upgraded");
@@ -1749,6 +1745,7 @@ mod tests {
             ],
             "the queue rows moved into runs, the in-flight state into marks"
         );
+        assert_eq!(&session.queue[1].delivery.message.payload[..], b"\x02");
         assert_eq!(session.queue[1].delivery.subscription_ids, vec![3]);
         assert_eq!(snapshot.next_seq, 43);
         // The writer lets go of its exclusive lock once its thread has ended.
@@ -1781,6 +1778,45 @@ mod tests {
         assert!(tables.contains("queue_marks"), "{tables}");
         assert!(!tables.contains("queue_rows"), "{tables}");
         assert!(!tables.contains("queue_by_client:"), "{tables}");
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_in_place() {
+        assert_upgraded_in_place(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL,
+                 disconnected_ms INTEGER) WITHOUT ROWID;
+             INSERT INTO sessions VALUES ('old', 3600, 0);
+             CREATE TABLE queue (seq INTEGER PRIMARY KEY, client_id TEXT NOT NULL,
+                 topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                 retain INTEGER NOT NULL, subscription_ids TEXT, properties TEXT,
+                 received_ms INTEGER NOT NULL, pkid INTEGER, state INTEGER);
+             CREATE INDEX queue_by_client ON queue (client_id, seq);
+             PRAGMA user_version = 1;",
+        );
+    }
+
+    #[test]
+    fn a_version_3_database_is_upgraded_in_place() {
+        assert_upgraded_in_place(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA auto_vacuum = INCREMENTAL;
+             CREATE TABLE sessions (client_id TEXT PRIMARY KEY, expiry INTEGER NOT NULL,
+                 disconnected_ms INTEGER, acked_seq INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+             INSERT INTO sessions VALUES ('old', 3600, 0, 40);
+             CREATE TABLE subscriptions (client_id TEXT NOT NULL, filter TEXT NOT NULL,
+                 qos INTEGER NOT NULL, no_local INTEGER NOT NULL,
+                 retain_as_published INTEGER NOT NULL, subscription_id INTEGER,
+                 PRIMARY KEY (client_id, filter)) WITHOUT ROWID;
+             CREATE TABLE queue (client_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                 topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                 retain INTEGER NOT NULL, subscription_ids TEXT, properties TEXT,
+                 received_ms INTEGER NOT NULL, pkid INTEGER, state INTEGER,
+                 PRIMARY KEY (client_id, seq)) WITHOUT ROWID;
+             CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL,
+                 qos INTEGER NOT NULL, properties TEXT, received_ms INTEGER NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 3;",
+        );
     }
 
     #[tokio::test]
