@@ -45,6 +45,8 @@ const RETRY_MAX: usize = 10_000;
 const AUTO_VACUUM_INCREMENTAL: i64 = 2;
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 4;
+/// Free pages given back to the file system every 256 commits.
+const VACUUM_PAGES: u32 = 256;
 /// Commits between two looks at the database file's size.
 const SIZE_EVERY: u64 = 64;
 /// Bytes of payload buffer allocated at a time when reading a page of queued messages.
@@ -423,6 +425,11 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, Pe
         .map_err(err)?;
     if (1..4).contains(&version) && has_queue {
         migrate_to_runs(&conn).map_err(err)?;
+        // The old table's pages are free now: give them back, and the WAL that held the
+        // copy, rather than keep a file twice the size of the queue.
+        incremental_vacuum(&conn, None).map_err(err)?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(err)?;
     }
     if version == SCHEMA_VERSION {
         // Nothing to create; and a start must not need to write (the disk may be full).
@@ -1280,7 +1287,9 @@ impl Writer {
         self.commits += 1;
         if self.commits % 256 == 0 {
             // Give freed pages back a little at a time so the file stays bounded.
-            let _ = self.conn.execute_batch("PRAGMA incremental_vacuum(256);");
+            if let Err(error) = incremental_vacuum(&self.conn, Some(VACUUM_PAGES)) {
+                tracing::warn!(database = %self.path.display(), %error, "store vacuum failed");
+            }
         }
         if self.commits % SIZE_EVERY == 0 {
             // The size is only shown ($SYS): a stat per commit would cost more than it tells.
@@ -1335,6 +1344,22 @@ fn in_transaction<T>(
         let _ = conn.execute_batch("ROLLBACK");
     }
     result
+}
+
+/// Give free pages back to the file system: at most `pages`, or all. Returns how many.
+/// SQLite frees one page per step of this pragma (a row each), so it is stepped to the end.
+fn incremental_vacuum(conn: &Connection, pages: Option<u32>) -> rusqlite::Result<u64> {
+    let sql = match pages {
+        Some(pages) => format!("PRAGMA incremental_vacuum({pages})"),
+        None => "PRAGMA incremental_vacuum".to_string(),
+    };
+    let mut vacuum = conn.prepare_cached(&sql)?;
+    let mut rows = vacuum.query([])?;
+    let mut freed = 0;
+    while rows.next()?.is_some() {
+        freed += 1;
+    }
+    Ok(freed)
 }
 
 /// Record a queued message's in-flight state, or its removal ([`MARK_REMOVED`]).
@@ -1906,6 +1931,71 @@ mod tests {
         drop(persist);
         let (_persist, snapshot) = reopen(&path, 100).await;
         assert!(snapshot.sessions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_file_shrinks_once_acknowledged_messages_are_purged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let client: Arc<str> = Arc::from("c1");
+        let messages = 3000u64;
+        let payload = vec![0x42u8; 1024];
+        {
+            let (persist, _) =
+                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            for seq in 1..=messages {
+                let mut delivery = delivery("big", seq);
+                delivery.message.payload = Bytes::from(payload.clone());
+                persist
+                    .send(Op::Enqueue {
+                        seq,
+                        client_id: client.clone(),
+                        delivery,
+                    })
+                    .await;
+            }
+            persist.barrier().await.await.expect("committed");
+        }
+        let (persist, snapshot) = reopen(&path, 100).await;
+        assert_eq!(snapshot.sessions[0].spilled, messages - 100);
+        let full = std::fs::metadata(&path).expect("size").len();
+        assert!(full > messages * 1024, "{full} bytes hold the queue");
+        acknowledge_through(&persist, &client, messages, messages).await;
+        for _ in 0..100 {
+            tokio::time::sleep(PURGE_IDLE * 2).await;
+            if persist.page(client.clone(), 0, 1).await.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            persist.page(client.clone(), 0, 1).await.is_empty(),
+            "purged"
+        );
+        // Free pages go back to the file system a few hundred at a time, every 256 commits.
+        for _ in 0..(4 * 256) {
+            persist
+                .send(Op::Session {
+                    client_id: client.clone(),
+                    expiry: 60,
+                    connected: false,
+                })
+                .await;
+            persist.barrier().await.await.expect("committed");
+        }
+        drop(persist);
+        let (_persist, _) = reopen(&path, 100).await;
+        let emptied = std::fs::metadata(&path).expect("size").len();
+        assert!(
+            emptied < full / 4,
+            "{emptied} bytes after the purge, {full} with the queue"
+        );
     }
 
     #[tokio::test]
