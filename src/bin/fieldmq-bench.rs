@@ -1308,6 +1308,8 @@ struct DurableRow {
     steal: Option<f64>,
     /// CPU time the broker process used (all threads, user + system) in each phase, ms.
     broker_cpu_ms: BrokerCpu,
+    /// Bytes the broker process had written to storage during the publish phase.
+    publish_disk_bytes: Option<u64>,
 }
 
 /// Broker CPU time per phase of a `durable` row, ms.
@@ -1328,6 +1330,20 @@ fn process_cpu_ms(pid: u32) -> Option<u64> {
     let system: u64 = fields.next()?.parse().ok()?;
     // In clock ticks of USER_HZ, which Linux fixes at 100 for /proc.
     Some((user + system) * 10)
+}
+
+/// Bytes process `pid` has caused to be written to storage so far (`write_bytes` of
+/// `/proc/<pid>/io`: what reached the block layer, not what sits in the page cache).
+fn process_disk_writes(pid: u32) -> Option<u64> {
+    disk_writes_from(&std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?)
+}
+
+fn disk_writes_from(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// CPU time between two [`process_cpu_ms`] readings.
@@ -1431,6 +1447,7 @@ async fn durable_row(
         drain: None,
         steal: None,
         broker_cpu_ms: BrokerCpu::default(),
+        publish_disk_bytes: None,
     };
     let ticks_before = cpu_ticks();
     let broker = match BrokerProcess::start(target, setup, &dir) {
@@ -1441,9 +1458,11 @@ async fn durable_row(
         }
     };
     let cpu_now = || broker.pid().and_then(process_cpu_ms);
+    let disk_now = || broker.pid().and_then(process_disk_writes);
     let res: Result<()> = async {
         register_offline_subscriber(broker.addr, args.payload).await?;
         let cpu_start = cpu_now();
+        let disk_start = disk_now();
         let p = publish_qos1(
             broker.addr,
             args.messages,
@@ -1454,6 +1473,7 @@ async fn durable_row(
         )
         .await?;
         let cpu_published = cpu_now();
+        row.publish_disk_bytes = cpu_between(disk_start, disk_now());
         eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
         row.publish = Some(p);
         row.broker_cpu_ms.publish = cpu_between(cpu_start, cpu_published);
@@ -1483,11 +1503,11 @@ fn render_durable(rows: &[DurableRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | broker CPU µs/msg publish | drain | round | CPU steal |"
+        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | broker CPU µs/msg publish | drain | broker disk bytes/msg publish | round | CPU steal |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let (acked, pub_rate) = match &r.publish {
@@ -1514,9 +1534,15 @@ fn render_durable(rows: &[DurableRow]) -> String {
             r.broker_cpu_ms.drain,
             r.drain.as_ref().map_or(0, |d| d.received),
         );
+        let disk_publish = match (r.publish_disk_bytes, r.publish.as_ref()) {
+            (Some(bytes), Some(p)) if p.acked > 0 => {
+                format!("{:.0}", bytes as f64 / p.acked as f64)
+            }
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {cpu_publish} | {cpu_drain} | {} | {steal} |",
+            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {cpu_publish} | {cpu_drain} | {disk_publish} | {} | {steal} |",
             r.target.name(),
             r.messages,
             r.round
@@ -1888,6 +1914,7 @@ mod tests {
                 publish: Some(publish_rate / 10),
                 drain: None,
             },
+            publish_disk_bytes: Some(publish_rate * 150),
         }
     }
 
@@ -1934,6 +1961,19 @@ mod tests {
     }
 
     #[test]
+    fn disk_writes_are_read_from_proc_io() {
+        assert_eq!(
+            disk_writes_from("rchar: 10\nwchar: 20\nread_bytes: 0\nwrite_bytes: 4096\n"),
+            Some(4096)
+        );
+        assert_eq!(disk_writes_from("rchar: 10\n"), None);
+        assert!(
+            process_disk_writes(std::process::id()).is_some(),
+            "/proc/self/io on Linux"
+        );
+    }
+
+    #[test]
     fn durable_ratios_are_given_per_round_with_their_median() {
         let rows = vec![
             durable_row(1, Target::Fieldmq, 50_000, 300_000),
@@ -1951,7 +1991,7 @@ mod tests {
             table.contains("| median of 3 rounds | 0.90 | 1.00 |"),
             "{table}"
         );
-        assert!(table.contains("| 100.0 | - | 2 | 12% |"), "{table}");
+        assert!(table.contains("| 100.0 | - | 150 | 2 | 12% |"), "{table}");
         let single = render_durable(&rows[..2]);
         assert!(single.contains("| round 1 | 0.50 | 1.00 |"), "{single}");
         assert!(!single.contains("median"), "{single}");
