@@ -1500,13 +1500,7 @@ mod tests {
                 Persist::open(&path, Durability::Sync, Duration::ZERO, 2).expect("open");
             assert!(snapshot.sessions.is_empty());
             let client: Arc<str> = Arc::from("c1");
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            persist.send(session_op(&client)).await;
             persist
                 .send(Op::Subscriptions {
                     client_id: client.clone(),
@@ -1520,20 +1514,8 @@ mod tests {
                 })
                 .await;
             enqueue(&persist, &client, 1..=5).await;
-            persist
-                .send(Op::Inflight {
-                    client_id: client.clone(),
-                    seq: 1,
-                    pkid: 9,
-                    state: InflightState::Released,
-                })
-                .await;
-            persist
-                .send(Op::Remove {
-                    client_id: client.clone(),
-                    seq: 2,
-                })
-                .await;
+            send_inflight(&persist, &client, 1, 9, InflightState::Released).await;
+            send_remove(&persist, &client, 2).await;
             let retained = Message::internal("t", "r/1", "kept", QoS::AtLeastOnce, true);
             persist
                 .send(Op::Retain {
@@ -1565,6 +1547,45 @@ mod tests {
         let page = persist.page(Arc::from("c1"), 3, 10).await;
         let seqs: Vec<u64> = page.iter().map(|(seq, _)| *seq).collect();
         assert_eq!(seqs, vec![4, 5]);
+    }
+
+    /// A new store with a persistent session for `client` (disconnected, expiry 60 s).
+    async fn open_with_session(path: &Path, client: &Arc<str>, memory_window: usize) -> Persist {
+        let (persist, _) =
+            Persist::open(path, Durability::Sync, Duration::ZERO, memory_window).expect("open");
+        persist.send(session_op(client)).await;
+        persist
+    }
+
+    fn session_op(client: &Arc<str>) -> Op {
+        Op::Session {
+            client_id: client.clone(),
+            expiry: 60,
+            connected: false,
+        }
+    }
+
+    async fn send_inflight(
+        persist: &Persist,
+        client: &Arc<str>,
+        seq: u64,
+        pkid: u16,
+        state: InflightState,
+    ) {
+        let client_id = client.clone();
+        persist
+            .send(Op::Inflight {
+                client_id,
+                seq,
+                pkid,
+                state,
+            })
+            .await;
+    }
+
+    async fn send_remove(persist: &Persist, client: &Arc<str>, seq: u64) {
+        let client_id = client.clone();
+        persist.send(Op::Remove { client_id, seq }).await;
     }
 
     /// Queue `a/<seq>` for `client` under each seq.
@@ -1672,15 +1693,7 @@ mod tests {
         let path = dir.path().join("broker.db");
         let client: Arc<str> = Arc::from("c1");
         {
-            let (persist, _) =
-                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            let persist = open_with_session(&path, &client, 100).await;
             // Two commits, two runs: 1..=4 and 5..=6.
             enqueue(&persist, &client, 1..=4).await;
             persist.barrier().await.await.expect("committed");
@@ -1850,32 +1863,12 @@ mod tests {
         let path = dir.path().join("broker.db");
         let client: Arc<str> = Arc::from("c1");
         {
-            let (persist, _) =
-                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            let persist = open_with_session(&path, &client, 100).await;
             enqueue(&persist, &client, 1..=6).await;
             persist.barrier().await.await.expect("committed");
             // After the run is on disk: marks, not deletions inside the run.
-            persist
-                .send(Op::Inflight {
-                    client_id: client.clone(),
-                    seq: 2,
-                    pkid: 7,
-                    state: InflightState::Qos2Sent,
-                })
-                .await;
-            persist
-                .send(Op::Remove {
-                    client_id: client.clone(),
-                    seq: 3,
-                })
-                .await;
+            send_inflight(&persist, &client, 2, 7, InflightState::Qos2Sent).await;
+            send_remove(&persist, &client, 3).await;
             persist
                 .send(Op::RemoveOldest {
                     client_id: client.clone(),
@@ -1941,15 +1934,7 @@ mod tests {
         let messages = 3000u64;
         let payload = vec![0x42u8; 1024];
         {
-            let (persist, _) =
-                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            let persist = open_with_session(&path, &client, 100).await;
             for seq in 1..=messages {
                 let mut delivery = delivery("big", seq);
                 delivery.message.payload = Bytes::from(payload.clone());
@@ -1980,13 +1965,7 @@ mod tests {
         );
         // Free pages go back to the file system a few hundred at a time, every 256 commits.
         for _ in 0..(4 * 256) {
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            persist.send(session_op(&client)).await;
             persist.barrier().await.await.expect("committed");
         }
         drop(persist);
@@ -2004,15 +1983,7 @@ mod tests {
         let path = dir.path().join("broker.db");
         let client: Arc<str> = Arc::from("c1");
         {
-            let (persist, _) =
-                Persist::open(&path, Durability::Sync, Duration::ZERO, 100).expect("open");
-            persist
-                .send(Op::Session {
-                    client_id: client.clone(),
-                    expiry: 60,
-                    connected: false,
-                })
-                .await;
+            let persist = open_with_session(&path, &client, 100).await;
             enqueue(&persist, &client, 1..=3).await;
             persist.barrier().await.await.expect("committed");
         }
