@@ -53,7 +53,7 @@ const SIZE_EVERY: u64 = 64;
 const PAYLOAD_CHUNK: usize = 64 * 1024;
 /// Prepared statements the store keeps (it uses about twenty).
 const STATEMENT_CACHE: usize = 48;
-/// The store waits this long without ops before it deletes rows of acknowledged messages.
+/// The store waits this long without ops before it deletes the runs of acknowledged messages.
 const PURGE_IDLE: Duration = Duration::from_millis(20);
 /// A commit that nobody waits for is not synced on its own; the next synced one covers it,
 /// and one is forced this long after the last (or when the store goes idle).
@@ -61,7 +61,7 @@ const UNSYNCED_MAX: Duration = Duration::from_millis(50);
 /// Runs of acknowledged messages deleted per purge transaction (a run holds the messages
 /// of one commit, typically tens).
 const PURGE_CHUNK: usize = 100;
-/// Past this many rows of acknowledged messages, they are deleted even while busy.
+/// Past this many acknowledged messages on disk, their runs are deleted even while busy.
 const PURGE_FORCE_ROWS: u64 = 250_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -896,11 +896,11 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     Ok((snapshot, garbage))
 }
 
-/// Rows of acknowledged messages not deleted yet: per client, the watermark they are under.
+/// Acknowledged messages not deleted yet: per client, the watermark they are under.
 #[derive(Debug, Default)]
 struct Garbage {
     through: HashMap<Arc<str>, u64>,
-    /// About how many rows wait (acks counted; exact enough to bound the backlog).
+    /// About how many messages wait (acks counted; exact enough to bound the backlog).
     rows: u64,
 }
 
@@ -942,7 +942,7 @@ struct Writer {
 /// What the writer does next.
 enum Next {
     Op(Op),
-    /// Nothing to write: time to delete rows of acknowledged messages.
+    /// Nothing to write: time to delete the runs of acknowledged messages.
     Idle,
     Closed,
 }
