@@ -80,6 +80,57 @@ fn unit_settings(text: &str) -> Vec<(String, String, String)> {
     settings
 }
 
+/// The README's first command (`cargo run --release -- run -c config/demo.toml`) needs
+/// cargo to know which of the package's binaries to run: src/bin/ holds the benchmarks too.
+#[test]
+fn the_readme_run_command_runs_the_gateway_binary() {
+    let readme = read(repo().join("README.md"));
+    assert!(
+        readme.contains("cargo run --release -- run -c config/demo.toml"),
+        "the README's run command changed: update this test"
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+    let package = &metadata["packages"][0];
+    let binaries: Vec<&str> = package["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(binaries.contains(&"fieldmq"), "{binaries:?}");
+    if binaries.len() > 1 {
+        assert_eq!(
+            package["default_run"].as_str(),
+            Some("fieldmq"),
+            "with several binaries ({binaries:?}) `cargo run` needs default-run"
+        );
+    }
+    assert!(repo().join("config/demo.toml").exists());
+}
+
 #[test]
 fn unit_file_passes_systemd_analyze_verify_without_any_output() {
     let Some(analyze) = tool("systemd-analyze") else {
