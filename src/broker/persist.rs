@@ -590,18 +590,9 @@ impl RowReader {
     }
 
     fn topic(&mut self, topic: &str) -> Arc<str> {
-        match &self.last_topic {
-            Some(last) if &**last == topic => last.clone(),
-            _ => {
-                let fresh: Arc<str> = Arc::from(topic);
-                self.last_topic = Some(fresh.clone());
-                fresh
-            }
-        }
+        shared(&mut self.last_topic, topic)
     }
-}
 
-impl RowReader {
     fn delivery(
         &mut self,
         record: Record<'_>,
@@ -627,6 +618,19 @@ impl RowReader {
                 memory: None,
             },
             inflight,
+        }
+    }
+}
+
+/// `text` as the `last` string when it is the same (rows after rows repeat it), else a new
+/// one that becomes `last`.
+fn shared(last: &mut Option<Arc<str>>, text: &str) -> Arc<str> {
+    match last {
+        Some(last) if &**last == text => last.clone(),
+        _ => {
+            let fresh: Arc<str> = Arc::from(text);
+            *last = Some(fresh.clone());
+            fresh
         }
     }
 }
@@ -743,14 +747,7 @@ fn migrate_to_runs(conn: &Connection) -> rusqlite::Result<()> {
         let mut rows = old.query([])?;
         while let Some(row) = rows.next()? {
             let client_id = row.get_ref(0)?.as_str()?;
-            let client_id = match &client {
-                Some(last) if &**last == client_id => last.clone(),
-                _ => {
-                    let fresh: Arc<str> = Arc::from(client_id);
-                    client = Some(fresh.clone());
-                    fresh
-                }
-            };
+            let client_id = shared(&mut client, client_id);
             let seq: i64 = row.get(1)?;
             let subscription_ids: Option<String> = row.get(6)?;
             let record = Record {
@@ -1138,10 +1135,7 @@ impl Writer {
                 "UPDATE sessions SET acked_seq = max(acked_seq, ?2) WHERE client_id = ?1",
             )?;
             for (client_id, (through, _)) in &acked {
-                watermark.execute(params![
-                    &**client_id,
-                    i64::try_from(*through).unwrap_or(i64::MAX)
-                ])?;
+                watermark.execute(params![&**client_id, as_row(*through)])?;
             }
             drop(watermark);
             Ok(())
@@ -1346,20 +1340,17 @@ fn in_transaction<T>(
     result
 }
 
-/// Give free pages back to the file system: at most `pages`, or all. Returns how many.
+/// Give free pages back to the file system: at most `pages`, or all.
 /// SQLite frees one page per step of this pragma (a row each), so it is stepped to the end.
-fn incremental_vacuum(conn: &Connection, pages: Option<u32>) -> rusqlite::Result<u64> {
+fn incremental_vacuum(conn: &Connection, pages: Option<u32>) -> rusqlite::Result<()> {
     let sql = match pages {
         Some(pages) => format!("PRAGMA incremental_vacuum({pages})"),
         None => "PRAGMA incremental_vacuum".to_string(),
     };
     let mut vacuum = conn.prepare_cached(&sql)?;
     let mut rows = vacuum.query([])?;
-    let mut freed = 0;
-    while rows.next()?.is_some() {
-        freed += 1;
-    }
-    Ok(freed)
+    while rows.next()?.is_some() {}
+    Ok(())
 }
 
 /// Record a queued message's in-flight state, or its removal ([`MARK_REMOVED`]).
