@@ -39,6 +39,10 @@ mod run;
 const CHANNEL: usize = 8192;
 /// Most ops applied in one transaction.
 const MAX_BATCH: usize = 4096;
+/// How long the store thread polls for the next op after a commit before it sleeps: under
+/// load the next publish arrives within microseconds, and a sleeping thread takes tens of
+/// them to wake (docs/benchmarks.md). Bounded, so an idle store costs nothing.
+const NEXT_OP_POLL: Duration = Duration::from_micros(20);
 /// Most ops kept to write again after a commit failed for want of space.
 const RETRY_MAX: usize = 10_000;
 /// `PRAGMA auto_vacuum` value of INCREMENTAL.
@@ -984,7 +988,7 @@ impl Writer {
         idle_clock: Option<&tokio::runtime::Runtime>,
     ) -> Next {
         let received = if self.garbage.is_empty() && !self.unsynced {
-            rx.blocking_recv()
+            poll_briefly(rx).or_else(|| rx.blocking_recv())
         } else if self.purging {
             match rx.try_recv() {
                 Ok(op) => Some(op),
@@ -996,6 +1000,10 @@ impl Writer {
                 self.purging = true;
                 return Next::Idle;
             };
+            if let Some(op) = poll_briefly(rx) {
+                self.purging = false;
+                return Next::Op(op);
+            }
             match clock.block_on(async { tokio::time::timeout(PURGE_IDLE, rx.recv()).await }) {
                 Ok(op) => op,
                 Err(_) => {
@@ -1288,6 +1296,20 @@ impl Writer {
         if self.commits % SIZE_EVERY == 0 {
             // The size is only shown ($SYS): a stat per commit would cost more than it tells.
             self.size.store(file_size(&self.path), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The next op if one arrives within [`NEXT_OP_POLL`].
+fn poll_briefly(rx: &mut mpsc::Receiver<Op>) -> Option<Op> {
+    let deadline = Instant::now() + NEXT_OP_POLL;
+    loop {
+        match rx.try_recv() {
+            Ok(op) => return Some(op),
+            Err(mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            Err(_) => return None,
         }
     }
 }
