@@ -42,11 +42,12 @@ const WATERMARK_DELAY: Duration = Duration::from_millis(20);
 const ACK_DRAIN: Duration = Duration::from_secs(2);
 /// Topic aliases a client may use towards us.
 const TOPIC_ALIAS_MAX: u16 = 64;
-/// How long a connection that has just written keeps polling for the answer before it
-/// sleeps. A busy peer answers within microseconds, and going to sleep and being woken
-/// costs more than that (tens of µs per wake-up on a VM): a draining queue ran at 0.56×
-/// Mosquitto's rate without this and at parity with it (docs/benchmarks.md). Bounded, and
-/// only after a write, so an idle connection costs nothing.
+/// How long a connection that has just sent deliveries to acknowledge keeps polling for
+/// the acknowledgements before it sleeps. A busy client answers within microseconds, and
+/// going to sleep and being woken costs more than that (tens of µs per wake-up on a VM): a
+/// draining queue ran at 0.56× Mosquitto's rate without this and above it with it
+/// (docs/benchmarks.md). Bounded, and only while a client owes acknowledgements, so an idle
+/// connection, or one that only receives QoS 0, costs nothing.
 const ANSWER_POLL: Duration = Duration::from_micros(20);
 
 /// Counters shared by all connections (atomics: no lock on the hot path).
@@ -598,11 +599,12 @@ impl Connection {
             }
             self.pump().await;
             self.store_watermark_if_due().await;
-            let wrote = !self.out.is_empty();
+            // Sent deliveries the client is to acknowledge: its answer is on its way.
+            let awaits_answer = !self.out.is_empty() && !self.session.lock().inflight.is_empty();
             if let Err(error) = self.flush(stream).await {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
-            if wrote {
+            if awaits_answer {
                 match self.poll_for_answer(stream, read_buf).await {
                     Answer::Read(read) => match self.on_read(read) {
                         Ok(()) => {
