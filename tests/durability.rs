@@ -1,6 +1,7 @@
 //! Durability of the broker's state: the real binary is killed with SIGKILL while clients
 //! publish to an offline persistent subscriber; after a restart the subscriber gets every
-//! message whose PUBACK its publisher received. Also session expiry and a corrupt database.
+//! message whose PUBACK its publisher received. Also session expiry, a corrupt database, and
+//! a broker left waiting for acknowledgements going idle.
 
 #[path = "support/process.rs"]
 mod process;
@@ -306,6 +307,90 @@ async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged
         "{} acknowledged messages delivered again after the restart, e.g. {again:?}",
         received.intersection(&acknowledged).count()
     );
+    let status = gateway.terminate();
+    assert!(status.success());
+}
+
+/// CPU time (user + system) a process has used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let after_name = stat.rsplit_once(')').expect("stat format").1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |n: usize| -> u64 { fields[n - 3].parse().expect("a number") };
+    field(14) + field(15)
+}
+
+fn ticks_per_second() -> u64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("CLK_TCK")
+}
+
+/// The broker polls briefly for acknowledgements before it sleeps (docs/broker.md); a
+/// client that holds its window without acknowledging must not keep it polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_acknowledging_leaves_the_broker_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let mut gateway = GatewayProcess::start(&config);
+    subscriber_session(
+        gateway.addr,
+        true,
+        &BTreeSet::new(),
+        Duration::from_secs(10),
+    )
+    .await;
+    publish_all(gateway.addr, "load/0", 200).await;
+
+    // Take the queue without acknowledging anything: the broker's window (20) fills and
+    // stays in flight.
+    let mut manual = options(gateway.addr, "durable-sub", false);
+    manual.set_manual_acks(true);
+    let (_client, mut events) = AsyncClient::new(manual, 100);
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let subscriber = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(error) => panic!("subscriber connection failed: {error}"),
+            }
+        }
+    });
+    let settle = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.load(std::sync::atomic::Ordering::Relaxed) < 20 {
+        assert!(
+            tokio::time::Instant::now() < settle,
+            "the window did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = received.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (20..200).contains(&in_flight),
+        "{in_flight} delivered without any acknowledgement"
+    );
+
+    let before = cpu_ticks(gateway.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(gateway.pid()) - before;
+    // A broker that kept polling would use about a whole core: 2 s of ticks.
+    let limit = ticks_per_second() / 5;
+    assert!(
+        used <= limit,
+        "the broker used {used} ticks of CPU in 2 s while its client held the window (limit {limit})"
+    );
+    subscriber.abort();
     let status = gateway.terminate();
     assert!(status.success());
 }
