@@ -248,13 +248,10 @@ async fn publish_all(addr: SocketAddr, topic: &str, n: u64) {
     let _ = sender.await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged() {
-    const TOTAL: u64 = 3000;
-    const ACK_FIRST: u64 = 1000;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
-    let mut gateway = GatewayProcess::start(&config);
+/// Start the gateway on `config`, register the persistent subscriber (then offline) and
+/// queue `n` numbered messages for it on `load/0`.
+async fn start_with_queue(config: &Path, n: u64) -> GatewayProcess {
+    let gateway = GatewayProcess::start(config);
     subscriber_session(
         gateway.addr,
         true,
@@ -262,7 +259,17 @@ async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged
         Duration::from_secs(10),
     )
     .await;
-    publish_all(gateway.addr, "load/0", TOTAL).await;
+    publish_all(gateway.addr, "load/0", n).await;
+    gateway
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged() {
+    const TOTAL: u64 = 3000;
+    const ACK_FIRST: u64 = 1000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let mut gateway = start_with_queue(&config, TOTAL).await;
 
     // Take the queue with manual acks: acknowledge the first ACK_FIRST only, give the broker
     // a moment to record that, and kill it with the rest of the window unacknowledged.
@@ -338,15 +345,7 @@ fn ticks_per_second() -> u64 {
 async fn a_subscriber_that_stops_acknowledging_leaves_the_broker_idle() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path());
-    let mut gateway = GatewayProcess::start(&config);
-    subscriber_session(
-        gateway.addr,
-        true,
-        &BTreeSet::new(),
-        Duration::from_secs(10),
-    )
-    .await;
-    publish_all(gateway.addr, "load/0", 200).await;
+    let mut gateway = start_with_queue(&config, 200).await;
 
     // Take the queue without acknowledging anything: the broker's window (20) fills and
     // stays in flight.

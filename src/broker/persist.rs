@@ -1000,16 +1000,17 @@ impl Writer {
                 self.purging = true;
                 return Next::Idle;
             };
-            if let Some(op) = poll_briefly(rx) {
-                self.purging = false;
-                return Next::Op(op);
-            }
-            match clock.block_on(async { tokio::time::timeout(PURGE_IDLE, rx.recv()).await }) {
-                Ok(op) => op,
-                Err(_) => {
-                    self.purging = true;
-                    return Next::Idle;
-                }
+            match poll_briefly(rx) {
+                Some(op) => Some(op),
+                None => match clock
+                    .block_on(async { tokio::time::timeout(PURGE_IDLE, rx.recv()).await })
+                {
+                    Ok(op) => op,
+                    Err(_) => {
+                        self.purging = true;
+                        return Next::Idle;
+                    }
+                },
             }
         };
         match received {
