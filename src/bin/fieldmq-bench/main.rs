@@ -31,6 +31,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 
+mod disk;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "fieldmq-bench",
@@ -49,6 +51,9 @@ enum Cmd {
     Durable(DurableArgs),
     /// Broker RSS with idle clients and with many messages queued for an offline subscriber.
     Memory(MemoryArgs),
+    /// What a synced commit costs on a disk (wall time and CPU): what `durability = "sync"`
+    /// waits for on every acknowledged publish.
+    Disk(disk::DiskArgs),
 }
 
 /// Binaries and the work directory, shared by `durable` and `memory`.
@@ -225,6 +230,7 @@ fn main() -> Result<()> {
         Cmd::Broker(args) => rt.block_on(run_broker_bench(args)),
         Cmd::Durable(args) => rt.block_on(run_durable_bench(args)),
         Cmd::Memory(args) => rt.block_on(run_memory_bench(args)),
+        Cmd::Disk(args) => disk::run(&args),
     }
 }
 
