@@ -711,21 +711,7 @@ async fn run_load(addr: SocketAddr, qos: QoS, args: &BrokerArgs) -> Result<LoadR
             let setup = async {
                 connect(&mut eventloop, &who).await?;
                 client.subscribe(filter, qos).await?;
-                loop {
-                    let ev = tokio::time::timeout_at(row_deadline, eventloop.poll())
-                        .await
-                        .with_context(|| format!("{who}: no SUBACK"))??;
-                    if let Event::Incoming(Packet::SubAck(ack)) = ev {
-                        if ack
-                            .return_codes
-                            .iter()
-                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                        {
-                            bail!("{who}: subscription refused");
-                        }
-                        return anyhow::Ok(());
-                    }
-                }
+                await_suback(&mut eventloop, &who, row_deadline).await
             };
             let setup_res = setup.await;
             ready.wait().await;
@@ -1001,17 +987,16 @@ fn persistent_options(addr: SocketAddr, payload: usize) -> MqttOptions {
     o
 }
 
-/// Connect the persistent subscriber, subscribe `bench/#` at QoS 1, and disconnect.
-async fn register_offline_subscriber(addr: SocketAddr, payload: usize) -> Result<()> {
-    let who = "persistent subscriber";
-    let (client, mut eventloop) = AsyncClient::new(persistent_options(addr, payload), 64);
-    connect(&mut eventloop, who).await?;
-    client.subscribe("bench/#", QoS::AtLeastOnce).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// Poll until the SUBACK of the one subscription sent, by `deadline`; a refusal is an error.
+async fn await_suback(
+    eventloop: &mut EventLoop,
+    who: &str,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     loop {
         let ev = tokio::time::timeout_at(deadline, eventloop.poll())
             .await
-            .with_context(|| format!("{who}: no SUBACK within 10 s"))??;
+            .with_context(|| format!("{who}: no SUBACK in time"))??;
         if let Event::Incoming(Packet::SubAck(ack)) = ev {
             if ack
                 .return_codes
@@ -1020,9 +1005,19 @@ async fn register_offline_subscriber(addr: SocketAddr, payload: usize) -> Result
             {
                 bail!("{who}: subscription refused");
             }
-            break;
+            return Ok(());
         }
     }
+}
+
+/// Connect the persistent subscriber, subscribe `bench/#` at QoS 1, and disconnect.
+async fn register_offline_subscriber(addr: SocketAddr, payload: usize) -> Result<()> {
+    let who = "persistent subscriber";
+    let (client, mut eventloop) = AsyncClient::new(persistent_options(addr, payload), 64);
+    connect(&mut eventloop, who).await?;
+    client.subscribe("bench/#", QoS::AtLeastOnce).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    await_suback(&mut eventloop, who, deadline).await?;
     client.disconnect().await?;
     loop {
         match tokio::time::timeout_at(deadline, eventloop.poll()).await {
@@ -1612,6 +1607,22 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 }
 
 /// VmRSS and VmHWM (peak) of a process, KiB.
+/// Start `target` in a new directory `dir`; `None` (said on stderr) if it cannot start.
+fn start_broker_in(
+    dir: &Path,
+    target: Target,
+    setup: &BrokerSetup,
+) -> Result<Option<BrokerProcess>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    match BrokerProcess::start(target, setup, dir) {
+        Ok(broker) => Ok(Some(broker)),
+        Err(e) => {
+            eprintln!("   cannot start: {e:#}");
+            Ok(None)
+        }
+    }
+}
+
 fn rss_kib(pid: u32) -> Result<(u64, u64)> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
@@ -1731,18 +1742,12 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
             } else {
                 target
             };
-            let dir = work.path().join(format!("idle-{}", target.name()));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
             let mut setup = BrokerSetup::new(&args.bins.fieldmq_bin, &args.bins.mosquitto_bin);
             setup.fieldmq_listener = format!("max_connections = {}\n", args.clients + 100);
             eprintln!("== memory {}: {} idle clients", target.name(), args.clients);
-            let broker = match BrokerProcess::start(target, &setup, &dir) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("   cannot start: {e:#}");
-                    continue;
-                }
+            let dir = work.path().join(format!("idle-{}", target.name()));
+            let Some(broker) = start_broker_in(&dir, target, &setup)? else {
+                continue;
             };
             let pid = broker.pid().context("broker not running")?;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1773,20 +1778,14 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
     if args.queued > 0 {
         let setup = queue_setup(&args.bins, args.queued, args.payload, 20, "sync");
         for &target in &targets {
-            let dir = work.path().join(format!("queue-{}", target.name()));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
             eprintln!(
                 "== memory {}: {} QoS 1 messages queued for an offline subscriber",
                 target.name(),
                 args.queued
             );
-            let broker = match BrokerProcess::start(target, &setup, &dir) {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("   cannot start: {e:#}");
-                    continue;
-                }
+            let dir = work.path().join(format!("queue-{}", target.name()));
+            let Some(broker) = start_broker_in(&dir, target, &setup)? else {
+                continue;
             };
             let pid = broker.pid().context("broker not running")?;
             let res: Result<QueueRow> = async {
