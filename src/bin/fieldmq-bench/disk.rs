@@ -34,6 +34,8 @@ pub(crate) struct DiskArgs {
 const RUN_BYTES: usize = 2_800;
 /// The file is overwritten in place in this many slots, as SQLite reuses its WAL.
 const SLOTS: u64 = 40;
+/// Largest `--bytes`: the file is `SLOTS` times that.
+const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 struct Row {
     what: &'static str,
@@ -44,6 +46,9 @@ struct Row {
 pub(crate) fn run(args: &DiskArgs) -> Result<()> {
     if args.count == 0 || args.bytes == 0 {
         bail!("--count and --bytes must be at least 1");
+    }
+    if args.bytes > MAX_BYTES {
+        bail!("--bytes must be at most {MAX_BYTES} (the file holds {SLOTS} slots of it)");
     }
     let dir = args
         .dir
