@@ -66,7 +66,7 @@ pub(crate) fn run(args: &DiskArgs) -> Result<()> {
         ),
     ] {
         rows.push(sqlite_commits(
-            &scratch.file("store.db"),
+            &scratch.file(&format!("store-{synchronous}.db")),
             args.count,
             what,
             synchronous,
@@ -125,11 +125,6 @@ fn synced_writes(path: &Path, args: &DiskArgs, full_fsync: bool) -> Result<Row> 
 /// row the size of a run of queued messages.
 fn sqlite_commits(path: &Path, count: u32, what: &'static str, synchronous: &str) -> Result<Row> {
     let context = || format!("SQLite on {}", path.display());
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(name));
-    }
     let conn = Connection::open(path).with_context(context)?;
     conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
         .with_context(context)?;
