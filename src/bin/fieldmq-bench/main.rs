@@ -1307,6 +1307,10 @@ struct DurableRow {
     drain: Option<DrainResult>,
     /// Share of the machine's CPU time the hypervisor gave to others during this row.
     steal: Option<f64>,
+    /// Share of the machine's CPU time with nothing to run (idle or waiting for I/O) during
+    /// the publish phase: on a VM an idle virtual CPU halts, and waking it again goes
+    /// through the host.
+    idle: Option<f64>,
     /// CPU time the broker process used (all threads, user + system) in each phase, ms.
     broker_cpu_ms: BrokerCpu,
     /// Bytes the broker process had written to storage during the publish phase.
@@ -1360,9 +1364,17 @@ fn cpu_per_message(cpu_ms: Option<u64>, messages: u64) -> String {
     }
 }
 
-/// CPU time counters of the whole machine from `/proc/stat`: (all, stolen), in ticks.
-/// `None` where there is no such file (not Linux).
-fn cpu_ticks() -> Option<(u64, u64)> {
+/// CPU time counters of the whole machine from `/proc/stat`, in ticks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MachineTicks {
+    all: u64,
+    stolen: u64,
+    /// Idle and waiting for I/O.
+    idle: u64,
+}
+
+/// The machine's [`MachineTicks`] now; `None` where there is no `/proc/stat` (not Linux).
+fn cpu_ticks() -> Option<MachineTicks> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
         .lines()
@@ -1373,14 +1385,22 @@ fn cpu_ticks() -> Option<(u64, u64)> {
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal (guest time is inside user).
-    Some((fields.iter().sum(), *fields.get(7)?))
+    Some(MachineTicks {
+        all: fields.iter().sum(),
+        stolen: *fields.get(7)?,
+        idle: fields.get(3)? + fields.get(4)?,
+    })
 }
 
-/// Percent of CPU time stolen between two [`cpu_ticks`] readings.
-fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
-    let ((all0, stolen0), (all1, stolen1)) = (before?, after?);
-    let all = all1.checked_sub(all0).filter(|&t| t > 0)?;
-    Some(100.0 * stolen1.saturating_sub(stolen0) as f64 / all as f64)
+/// Percent of the CPU time between two [`cpu_ticks`] readings that `part` counts.
+fn tick_share(
+    before: Option<MachineTicks>,
+    after: Option<MachineTicks>,
+    part: fn(&MachineTicks) -> u64,
+) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    let all = after.all.checked_sub(before.all).filter(|&t| t > 0)?;
+    Some(100.0 * part(&after).saturating_sub(part(&before)) as f64 / all as f64)
 }
 
 async fn run_durable_bench(args: DurableArgs) -> Result<()> {
@@ -1447,10 +1467,12 @@ async fn durable_row(
         publish: None,
         drain: None,
         steal: None,
+        idle: None,
         broker_cpu_ms: BrokerCpu::default(),
         publish_disk_bytes: None,
     };
     let ticks_before = cpu_ticks();
+    let mut publish_ticks = (None, None);
     let broker = match BrokerProcess::start(target, setup, &dir) {
         Ok(b) => b,
         Err(e) => {
@@ -1464,6 +1486,7 @@ async fn durable_row(
         register_offline_subscriber(broker.addr, args.payload).await?;
         let cpu_start = cpu_now();
         let disk_start = disk_now();
+        publish_ticks.0 = cpu_ticks();
         let p = publish_qos1(
             broker.addr,
             args.messages,
@@ -1473,6 +1496,7 @@ async fn durable_row(
             timeout,
         )
         .await?;
+        publish_ticks.1 = cpu_ticks();
         let cpu_published = cpu_now();
         row.publish_disk_bytes = cpu_between(disk_start, disk_now());
         eprintln!("   published: {} acked, {:.0} msgs/s", p.acked, p.rate());
@@ -1493,7 +1517,8 @@ async fn durable_row(
     .await;
     let log = broker.log_path.clone();
     broker.stop();
-    row.steal = steal_percent(ticks_before, cpu_ticks());
+    row.steal = tick_share(ticks_before, cpu_ticks(), |t| t.stolen);
+    row.idle = tick_share(publish_ticks.0, publish_ticks.1, |t| t.idle);
     if let Err(e) = res {
         eprintln!("   failed: {e:#}\n{}", tail(&log, 10));
     }
@@ -1504,11 +1529,11 @@ fn render_durable(rows: &[DurableRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | broker CPU µs/msg publish | drain | broker disk bytes/msg publish | round | CPU steal |"
+        "\n| target | messages | acked | publish msgs/s | PUBACK p50 | PUBACK p99 | drained | duplicates | missing | drain msgs/s | broker CPU µs/msg publish | drain | broker disk bytes/msg publish | round | CPU steal | CPU idle publish |"
     );
     let _ = writeln!(
         out,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in rows {
         let (acked, pub_rate) = match &r.publish {
@@ -1526,7 +1551,8 @@ fn render_durable(rows: &[DurableRow]) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        let steal = r.steal.map_or("-".to_string(), |s| format!("{s:.0}%"));
+        let percent = |share: Option<f64>| share.map_or("-".to_string(), |s| format!("{s:.0}%"));
+        let (steal, idle) = (percent(r.steal), percent(r.idle));
         let cpu_publish = cpu_per_message(
             r.broker_cpu_ms.publish,
             r.publish.as_ref().map_or(0, |p| p.acked),
@@ -1543,7 +1569,7 @@ fn render_durable(rows: &[DurableRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {cpu_publish} | {cpu_drain} | {disk_publish} | {} | {steal} |",
+            "| {} | {} | {acked} | {pub_rate} | {ack_p50} | {ack_p99} | {drained} | {dups} | {missing} | {drain_rate} | {cpu_publish} | {cpu_drain} | {disk_publish} | {} | {steal} | {idle} |",
             r.target.name(),
             r.messages,
             r.round
@@ -1915,6 +1941,7 @@ mod tests {
                 elapsed: Duration::from_secs(1),
             }),
             steal: Some(12.4),
+            idle: Some(30.2),
             broker_cpu_ms: BrokerCpu {
                 publish: Some(publish_rate / 10),
                 drain: None,
@@ -1931,15 +1958,21 @@ mod tests {
     }
 
     #[test]
-    fn steal_is_the_stolen_share_of_the_ticks_between_two_readings() {
+    fn steal_and_idle_are_their_shares_of_the_ticks_between_two_readings() {
+        let ticks = |all, stolen, idle| MachineTicks { all, stolen, idle };
+        let (before, after) = (ticks(1000, 10, 500), ticks(1400, 110, 560));
         assert_eq!(
-            steal_percent(Some((1000, 10)), Some((1400, 110))),
+            tick_share(Some(before), Some(after), |t| t.stolen),
             Some(25.0)
         );
-        assert_eq!(steal_percent(Some((1000, 10)), Some((1000, 10))), None);
-        assert_eq!(steal_percent(None, Some((1400, 110))), None);
-        let (all, stolen) = cpu_ticks().expect("/proc/stat on Linux");
-        assert!(all >= stolen);
+        assert_eq!(
+            tick_share(Some(before), Some(after), |t| t.idle),
+            Some(15.0)
+        );
+        assert_eq!(tick_share(Some(before), Some(before), |t| t.stolen), None);
+        assert_eq!(tick_share(None, Some(after), |t| t.idle), None);
+        let now = cpu_ticks().expect("/proc/stat on Linux");
+        assert!(now.all >= now.stolen + now.idle);
     }
 
     #[test]
@@ -1996,7 +2029,10 @@ mod tests {
             table.contains("| median of 3 rounds | 0.90 | 1.00 |"),
             "{table}"
         );
-        assert!(table.contains("| 100.0 | - | 150 | 2 | 12% |"), "{table}");
+        assert!(
+            table.contains("| 100.0 | - | 150 | 2 | 12% | 30% |"),
+            "{table}"
+        );
         let single = render_durable(&rows[..2]);
         assert!(single.contains("| round 1 | 0.50 | 1.00 |"), "{single}");
         assert!(!single.contains("median"), "{single}");
