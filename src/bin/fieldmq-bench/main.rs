@@ -32,6 +32,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 
 mod disk;
+mod wake;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +55,9 @@ enum Cmd {
     /// What a synced commit costs on a disk (wall time and CPU): what `durability = "sync"`
     /// waits for on every acknowledged publish.
     Disk(disk::DiskArgs),
+    /// What a wake-up between two threads costs here, after idle gaps (no broker): on a VM,
+    /// what waking a halted virtual CPU adds to every `sync` commit.
+    Wake(wake::WakeArgs),
 }
 
 /// Binaries and the work directory, shared by `durable` and `memory`.
@@ -231,6 +235,7 @@ fn main() -> Result<()> {
         Cmd::Durable(args) => rt.block_on(run_durable_bench(args)),
         Cmd::Memory(args) => rt.block_on(run_memory_bench(args)),
         Cmd::Disk(args) => disk::run(&args),
+        Cmd::Wake(args) => wake::run(&args),
     }
 }
 
