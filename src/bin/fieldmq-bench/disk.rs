@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection};
 
+use crate::stats::{micros, percentile};
+
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct DiskArgs {
     /// Directory on the disk to measure (the gateway's `data_dir`); a temporary file is
@@ -161,18 +163,6 @@ fn sqlite_commits(path: &Path, count: u32, what: &'static str, synchronous: &str
         wall_us,
         cpu_us_per_op: cpu_total.as_secs_f64() * 1e6 / f64::from(count),
     })
-}
-
-pub(crate) fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 fn render(dir: &Path, args: &DiskArgs, rows: &[Row]) -> String {

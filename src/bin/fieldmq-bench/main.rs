@@ -32,6 +32,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 
 mod disk;
+mod stats;
 mod wake;
 
 #[derive(Parser, Debug)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::disk::{micros, percentile};
+use crate::stats::{micros, percentile};
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct WakeArgs {
