@@ -13,7 +13,7 @@ mod protocol;
 mod router;
 mod session;
 mod sys;
-pub mod topic;
+pub use crate::topic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -282,7 +282,8 @@ pub async fn start(
         memory_window: MEMORY_WINDOW,
         queue_memory: session::QueueMemory::new(config.queue_memory),
     };
-    let router = tokio::spawn(
+    let router = crate::essential::spawn(
+        "broker-router",
         Router::new(limits, counters, config.durability, store).run(router_rx, router_stop.clone()),
     );
 
@@ -303,12 +304,15 @@ pub async fn start(
         })?;
         tracing::info!(%addr, websocket = listener_config.websocket, "broker listening");
         local_addrs.push(addr);
-        listeners.spawn(listener::run(
-            socket,
-            listener_config,
-            settings.clone(),
-            handle.clone(),
-            shutdown.clone(),
+        listeners.spawn(crate::essential::guard(
+            "broker-listener",
+            listener::run(
+                socket,
+                listener_config,
+                settings.clone(),
+                handle.clone(),
+                shutdown.clone(),
+            ),
         ));
     }
 

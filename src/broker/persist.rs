@@ -285,13 +285,12 @@ impl Persist {
             purging: false,
             retry: Vec::new(),
         };
-        std::thread::Builder::new()
-            .name("broker-store".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| PersistError::Other {
+        crate::essential::thread("broker-store", move || writer.run(rx)).map_err(|e| {
+            PersistError::Other {
                 path: path.to_path_buf(),
                 reason: format!("cannot start the store thread: {e}"),
-            })?;
+            }
+        })?;
         Ok((Persist { tx, size, failures }, snapshot))
     }
 

@@ -112,21 +112,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     }
 
     let deadline = config.gateway.shutdown_timeout;
-    let finished = tokio::spawn(supervise(
-        Running {
-            broker: running,
-            handle: handle.clone(),
-            sources,
-            uplinks,
-        },
-        status_topic,
-        Stops {
-            shutdown: shutdown.clone(),
-            uplinks: uplink_shutdown,
-            broker: broker_shutdown,
-        },
-        deadline,
-    ));
+    let finished = crate::essential::spawn(
+        "gateway-supervisor",
+        supervise(
+            Running {
+                broker: running,
+                handle: handle.clone(),
+                sources,
+                uplinks,
+            },
+            status_topic,
+            Stops {
+                shutdown: shutdown.clone(),
+                uplinks: uplink_shutdown,
+                broker: broker_shutdown,
+            },
+            deadline,
+        ),
+    );
 
     Ok(Gateway {
         local_addrs,

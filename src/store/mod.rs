@@ -319,13 +319,13 @@ impl Outbox {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("fieldmq-outbox".into())
-            .spawn(move || writer::run(thread_path, bounds, rx, ready_tx))
-            .map_err(|source| StoreError::Directory {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        crate::essential::thread("fieldmq-outbox", move || {
+            writer::run(thread_path, bounds, rx, ready_tx)
+        })
+        .map_err(|source| StoreError::Directory {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let opened = ready_rx.await.map_err(|_| StoreError::Closed {
             path: path.to_path_buf(),
         })??;

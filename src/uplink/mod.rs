@@ -293,27 +293,34 @@ pub async fn start(
     );
 
     let ingest_task = local.map(|subscription| {
-        tokio::spawn(ingest::run_ingest(ingest::IngestContext {
-            name: name.clone(),
-            routes: config.routes_out.clone(),
-            subscription,
-            outbox: outbox.clone(),
-            direct: direct_tx,
-            appended: appended_tx,
-            counters: counters.clone(),
-            stop: shutdown.clone(),
-        }))
+        crate::essential::spawn(
+            "uplink-ingest",
+            ingest::run_ingest(ingest::IngestContext {
+                name: name.clone(),
+                routes: config.routes_out.clone(),
+                subscription,
+                outbox: outbox.clone(),
+                direct: direct_tx,
+                appended: appended_tx,
+                counters: counters.clone(),
+                stop: shutdown.clone(),
+            }),
+        )
     });
-    let inbound_task = tokio::spawn(ingest::run_inbound(
-        name.clone(),
-        internal.clone(),
-        config.routes_in.clone(),
-        inbound_rx,
-        broker.clone(),
-    ));
+    let inbound_task = crate::essential::spawn(
+        "uplink-inbound",
+        ingest::run_inbound(
+            name.clone(),
+            internal.clone(),
+            config.routes_in.clone(),
+            inbound_rx,
+            broker.clone(),
+        ),
+    );
     let sender_stop = CancellationToken::new();
     let budget = (gateway.shutdown_timeout * 3 / 4).max(Duration::from_secs(1));
-    let sender_task = tokio::spawn(
+    let sender_task = crate::essential::spawn(
+        "uplink-sender",
         sender::Sender::new(sender::SenderContext {
             config: config.clone(),
             client,
@@ -332,7 +339,7 @@ pub async fn start(
     );
 
     let supervisor_name = name.clone();
-    let task = tokio::spawn(async move {
+    let task = crate::essential::spawn("uplink", async move {
         let mut sender_task = sender_task;
         let early = tokio::select! {
             _ = shutdown.cancelled() => None,
