@@ -20,15 +20,13 @@ use super::protocol::{
     PublishIn, PublishOut, ReadError, SubAckCode, Version,
 };
 use super::router::{ConnectReply, RouterRequest};
-use super::session::{Handed, Inflight, InflightState, Session};
+use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
 use super::topic;
 use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
 
 /// A client must send CONNECT within this time.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client that does not take our bytes within this time is cut off.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
 const PAGE_SIZE: usize = 1000;
 /// The next page is asked for when fewer than this many are left in memory, so that the
@@ -56,6 +54,11 @@ pub(crate) struct Counters {
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
+    /// Publishes (and wills) dropped: denied by the ACL, or to a `$` topic.
+    pub(crate) publishes_denied: AtomicU64,
+    /// Clients disconnected because they took nothing from a full queue for
+    /// `slow_client_timeout` while publishers waited for them.
+    pub(crate) slow_clients_disconnected: AtomicU64,
 }
 
 /// What every connection needs to know, fixed at start.
@@ -67,6 +70,7 @@ pub(crate) struct Settings {
     max_packet_size: u32,
     max_inflight: u16,
     max_keep_alive: u16,
+    slow_client_timeout: Duration,
     /// What a subscription the ACL denies gets in an MQTT 5 SUBACK.
     denied: SubAckCode,
     next_connection: AtomicU64,
@@ -87,6 +91,7 @@ impl Settings {
             max_packet_size: config.max_packet_size,
             max_inflight: config.max_inflight.max(1),
             max_keep_alive: config.max_keep_alive.max(1),
+            slow_client_timeout: config.slow_client_timeout,
             denied: match config.subscribe_denied_reason {
                 DeniedReason::NotAuthorized => SubAckCode::NotAuthorized,
                 DeniedReason::Unspecified => SubAckCode::Unspecified,
@@ -109,6 +114,8 @@ enum Close {
     Abnormal(String),
     /// Another connection took the session over.
     TakenOver,
+    /// The client took nothing from its full queue for the slow-client timeout.
+    Slow,
     /// The broker is stopping.
     Shutdown,
 }
@@ -165,6 +172,7 @@ pub(crate) async fn serve<S>(
     let connection_id = settings.next_connection.fetch_add(1, Ordering::Relaxed);
     let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
     let takeover = CancellationToken::new();
+    let evict = CancellationToken::new();
     let (reply_tx, reply_rx) = oneshot::channel();
     let registered = router
         .send(RouterRequest::Connect {
@@ -173,6 +181,7 @@ pub(crate) async fn serve<S>(
             clean_start: connect.clean_start,
             session_expiry: connect.session_expiry,
             takeover: takeover.clone(),
+            evict: evict.clone(),
             reply: reply_tx,
         })
         .await;
@@ -222,6 +231,7 @@ pub(crate) async fn serve<S>(
         page_reply: None,
         watermark: None,
         watermark_due: None,
+        congestion: Arc::new(Congestion::default()),
     };
     conn.queue(&Outgoing::ConnAck(ConnAckOut {
         session_present,
@@ -236,7 +246,7 @@ pub(crate) async fn serve<S>(
     conn.resend_inflight();
 
     let close = conn
-        .run(&mut stream, &mut read_buf, &takeover, &shutdown)
+        .run(&mut stream, &mut read_buf, [&takeover, &evict, &shutdown])
         .await;
     conn.store_watermark().await;
     let session_expiry = match &close {
@@ -248,7 +258,7 @@ pub(crate) async fn serve<S>(
     };
     let publish_will = match &close {
         Close::Clean { with_will, .. } => *with_will,
-        Close::Abnormal(_) | Close::TakenOver => true,
+        Close::Abnormal(_) | Close::TakenOver | Close::Slow => true,
         Close::Shutdown => false,
     };
     match &close {
@@ -257,18 +267,38 @@ pub(crate) async fn serve<S>(
         }
         other => tracing::debug!(%peer, client = %client_id, ?other, "connection closed"),
     }
-    let will = connect.will.filter(|_| publish_will).map(|will| {
-        let message = Message {
-            topic: Arc::from(will.topic.as_str()),
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties: will.properties.map(Arc::new),
-            origin: Origin::Client(client_id.clone()),
-            received: Instant::now(),
-        };
-        (message, will.delay)
-    });
+    let will_allowed = |will: &protocol::Will| {
+        let allowed = may_publish_to(
+            &settings,
+            connect.username.as_deref(),
+            &client_id,
+            &will.topic,
+        );
+        if !allowed {
+            settings
+                .counters
+                .publishes_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %client_id, topic = %will.topic, "will not published: denied");
+        }
+        allowed
+    };
+    let will = connect
+        .will
+        .clone()
+        .filter(|will| publish_will && will_allowed(will))
+        .map(|will| {
+            let message = Message {
+                topic: Arc::from(will.topic.as_str()),
+                payload: will.payload,
+                qos: will.qos,
+                retain: will.retain,
+                properties: will.properties.map(Arc::new),
+                origin: Origin::Client(client_id.clone()),
+                received: Instant::now(),
+            };
+            (message, will.delay)
+        });
     let _ = router
         .send(RouterRequest::Disconnected {
             client_id,
@@ -356,6 +386,43 @@ fn admit(
             return Err(ConnackCode::ProtocolError);
         }
     }
+    authenticate(connect, identity, settings)?;
+    // The will is a publish the client makes in advance: the same rules apply now, so a
+    // client cannot have the broker publish where it may not (and again when it is due).
+    if let Some(will) = &connect.will {
+        if !may_publish_to(
+            settings,
+            connect.username.as_deref(),
+            &connect.client_id,
+            &will.topic,
+        ) {
+            return Err(ConnackCode::NotAuthorized);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a client may publish to `topic`: not a `$` topic (those are the broker's own,
+/// like `$SYS`), and allowed by the ACL.
+fn may_publish_to(
+    settings: &Settings,
+    username: Option<&str>,
+    client_id: &str,
+    topic: &str,
+) -> bool {
+    !topic.starts_with('$')
+        && settings
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.can_publish(username, client_id, topic))
+}
+
+/// Check the credentials; the client certificate's CN becomes the username.
+fn authenticate(
+    connect: &mut ConnectRequest,
+    identity: Option<String>,
+    settings: &Settings,
+) -> Result<(), ConnackCode> {
     if let Some(common_name) = identity {
         // The listener verified the client certificate; its CN is the username.
         connect.username = Some(common_name);
@@ -430,6 +497,8 @@ struct Connection {
     watermark: Option<(u64, u64)>,
     /// When the store is told at the latest.
     watermark_due: Option<tokio::time::Instant>,
+    /// Where the router reports a subscriber queue this client's publishes found full.
+    congestion: Arc<Congestion>,
 }
 
 /// What [`Connection::poll_for_answer`] found.
@@ -534,8 +603,7 @@ impl Connection {
         &mut self,
         stream: &mut S,
         read_buf: &mut BytesMut,
-        takeover: &CancellationToken,
-        shutdown: &CancellationToken,
+        [takeover, evict, shutdown]: [&CancellationToken; 3],
     ) -> Close {
         // MQTT: the server allows one and a half keep-alive periods of silence.
         let keep_alive =
@@ -551,13 +619,55 @@ impl Connection {
         let wake = session.wake.notified();
         let watermark_timer = tokio::time::sleep(Duration::MAX / 4);
         let taken_over = takeover.cancelled();
+        let evicted = evict.cancelled();
         let shutting_down = shutdown.cancelled();
-        tokio::pin!(wake, watermark_timer, taken_over, shutting_down);
+        tokio::pin!(wake, watermark_timer, taken_over, evicted, shutting_down);
         let mut yielded = false;
         loop {
             // Process whatever complete packets are already buffered.
             let mut got_packet = false;
             loop {
+                if let Some(full) = self.congestion.take() {
+                    // A subscriber queue our publishes went to is full: read nothing more
+                    // from this client until it has room (the backpressure lands on this
+                    // publisher, not on the router or other clients). Our own deliveries
+                    // and acknowledgements go on meanwhile.
+                    let outcome = loop {
+                        self.pump().await;
+                        if let Err(error) = self.flush(stream).await {
+                            return Close::Abnormal(format!("write failed: {error}"));
+                        }
+                        if Arc::ptr_eq(&full, &self.session) {
+                            // Only this connection drains its own queue: waiting on it
+                            // would wait on itself.
+                            break Room::Made;
+                        }
+                        tokio::select! {
+                            room = full.wait_for_room(self.settings.slow_client_timeout) => break room,
+                            _ = &mut wake => wake.set(session.wake.notified()),
+                            Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
+                                if let Err(close) = self.acknowledge_ready(ack, stream).await {
+                                    return close;
+                                }
+                            }
+                            _ = &mut evicted => return self.close_slow(stream).await,
+                            _ = &mut taken_over => return self.close_taken_over(stream).await,
+                            _ = &mut shutting_down => return self.close_shutdown(stream).await,
+                        }
+                    };
+                    if outcome == Room::Evicted {
+                        self.settings
+                            .counters
+                            .slow_clients_disconnected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            client = %full.client_id,
+                            publisher = %self.client_id,
+                            timeout = ?self.settings.slow_client_timeout,
+                            "client disconnected: it took nothing from its full queue for slow_client_timeout"
+                        );
+                    }
+                }
                 match protocol::read(self.version, read_buf, self.settings.max_packet_size) {
                     Ok(packet) => {
                         if matches!(packet, Incoming::Publish(_)) && !yielded {
@@ -657,21 +767,33 @@ impl Connection {
                     let _ = self.flush(stream).await;
                     return Close::Abnormal("keep-alive timeout".into());
                 }
-                _ = &mut taken_over => {
-                    self.queue(&Outgoing::Disconnect(DisconnectReason::SessionTakenOver));
-                    let _ = self.flush(stream).await;
-                    return Close::TakenOver;
-                }
-                _ = &mut shutting_down => {
-                    // Deliver what is already queued (the gateway's `offline` status) first.
-                    self.drain_acks().await;
-                    self.pump().await;
-                    self.queue(&Outgoing::Disconnect(DisconnectReason::ServerShuttingDown));
-                    let _ = self.flush(stream).await;
-                    return Close::Shutdown;
-                }
+                _ = &mut evicted => return self.close_slow(stream).await,
+                _ = &mut taken_over => return self.close_taken_over(stream).await,
+                _ = &mut shutting_down => return self.close_shutdown(stream).await,
             }
         }
+    }
+
+    async fn close_taken_over<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
+        self.queue(&Outgoing::Disconnect(DisconnectReason::SessionTakenOver));
+        let _ = self.flush(stream).await;
+        Close::TakenOver
+    }
+
+    async fn close_slow<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
+        // Best effort: a client that does not read may never see it.
+        self.queue(&Outgoing::Disconnect(DisconnectReason::QuotaExceeded));
+        let _ = futures::FutureExt::now_or_never(self.flush(stream));
+        Close::Slow
+    }
+
+    async fn close_shutdown<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
+        // Deliver what is already queued (the gateway's `offline` status) first.
+        self.drain_acks().await;
+        self.pump().await;
+        self.queue(&Outgoing::Disconnect(DisconnectReason::ServerShuttingDown));
+        let _ = self.flush(stream).await;
+        Close::Shutdown
     }
 
     /// Poll the socket, and the acknowledgements owed, for up to [`ANSWER_POLL`]. Each turn
@@ -874,7 +996,11 @@ impl Connection {
         }
         if !self.may_publish(&publish.topic) {
             // Dropped; acknowledged in order so the client does not resend it forever.
-            tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish denied by ACL");
+            self.settings
+                .counters
+                .publishes_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %self.client_id, topic = %publish.topic, "publish denied (ACL or a $ topic)");
             if publish.qos != QoS::AtMostOnce {
                 self.pending_acks
                     .push(publish.pkid, publish.qos, AckReason::NotAuthorized, None);
@@ -915,9 +1041,14 @@ impl Connection {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         };
+        self.congestion.reserve().await;
         let sent = self
             .router
-            .send(RouterRequest::Publish { message, done })
+            .send(RouterRequest::Publish {
+                message,
+                done,
+                congestion: Some(self.congestion.clone()),
+            })
             .await;
         if sent.is_err() {
             return Some(Close::Shutdown);
@@ -966,10 +1097,12 @@ impl Connection {
     }
 
     fn may_publish(&self, topic: &str) -> bool {
-        self.settings
-            .acl
-            .as_ref()
-            .is_none_or(|acl| acl.can_publish(self.username.as_deref(), &self.client_id, topic))
+        may_publish_to(
+            &self.settings,
+            self.username.as_deref(),
+            &self.client_id,
+            topic,
+        )
     }
 
     fn may_receive(&self, topic: &str) -> bool {
@@ -1201,7 +1334,8 @@ impl Connection {
         let len = self.out.len();
         // Written from the buffer in place and then cleared: it keeps its capacity, so the
         // next packets are encoded without a new allocation.
-        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+        // A client that does not take our bytes for the slow-client timeout is cut off.
+        let written = tokio::time::timeout(self.settings.slow_client_timeout, async {
             stream.write_all(&self.out).await?;
             stream.flush().await
         })

@@ -131,6 +131,7 @@ impl BrokerHandle {
             .send(RouterRequest::Publish {
                 message,
                 done: None,
+                congestion: None,
             })
             .await
             .map_err(|_| BrokerError::Closed)
@@ -149,6 +150,7 @@ impl BrokerHandle {
             .send(RouterRequest::Publish {
                 message,
                 done: Some(done),
+                congestion: None,
             })
             .await
             .map_err(|_| BrokerError::Closed)?;

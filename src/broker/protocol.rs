@@ -155,6 +155,8 @@ pub(crate) enum DisconnectReason {
     ReceiveMaximumExceeded,
     TopicAliasInvalid,
     PacketTooLarge,
+    /// The client did not read for the slow-client timeout.
+    QuotaExceeded,
 }
 
 impl DisconnectReason {
@@ -169,6 +171,7 @@ impl DisconnectReason {
             DisconnectReason::ReceiveMaximumExceeded => "receive maximum exceeded",
             DisconnectReason::TopicAliasInvalid => "invalid topic alias",
             DisconnectReason::PacketTooLarge => "packet too large",
+            DisconnectReason::QuotaExceeded => "the client did not read for slow_client_timeout",
         }
     }
 }
@@ -801,6 +804,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 }
                 DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
                 DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                DisconnectReason::QuotaExceeded => v5::DisconnectReasonCode::QuotaExceeded,
             },
             properties: Some(v5::DisconnectProperties {
                 session_expiry_interval: None,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::connection::Counters;
 use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
-use super::session::{Delivery, Inflight, Limits, Session};
+use super::session::{Congestion, Delivery, Inflight, Limits, Session};
 use super::topic;
 use crate::config::Durability;
 use crate::model::{Message, Origin, QoS};
@@ -31,6 +31,10 @@ pub struct BrokerStats {
     pub messages_received: u64,
     pub messages_sent: u64,
     pub messages_dropped: u64,
+    /// Publishes and wills dropped: denied by the ACL, or to a `$` topic.
+    pub publishes_denied: u64,
+    /// Clients disconnected for not reading (`slow_client_timeout`).
+    pub slow_clients_disconnected: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     /// Size of the broker's database on disk (0 with `durability = "memory"`).
@@ -52,6 +56,8 @@ pub(crate) enum RouterRequest {
         session_expiry: u32,
         /// Cancelled by the router when another connection takes the session over.
         takeover: CancellationToken,
+        /// Cancelled by a publisher that waited too long for this client to read.
+        evict: CancellationToken,
         reply: oneshot::Sender<ConnectReply>,
     },
     Disconnected {
@@ -76,6 +82,8 @@ pub(crate) enum RouterRequest {
         message: Message,
         /// Answered with whether any subscriber matched.
         done: Option<oneshot::Sender<bool>>,
+        /// A client publisher's: where a full subscriber queue is reported back to it.
+        congestion: Option<Arc<Congestion>>,
     },
     InternalSubscribe {
         name: Arc<str>,
@@ -289,14 +297,18 @@ impl Router {
 
     /// Queue a delivery for a client, on disk first when its session is persistent.
     /// Returns whether a row was written.
-    async fn deliver(&mut self, client_id: &Arc<str>, mut delivery: Delivery) -> bool {
+    /// Never waits for the client: a full queue is reported to the publisher's
+    /// `congestion`, whose connection then waits before it reads more.
+    async fn deliver(
+        &mut self,
+        client_id: &Arc<str>,
+        mut delivery: Delivery,
+        congestion: Option<&Congestion>,
+    ) -> bool {
         let Some(entry) = self.sessions.get(client_id) else {
             return false;
         };
         let session = entry.session.clone();
-        if delivery.qos != QoS::AtMostOnce && entry.connection.is_some() {
-            session.wait_for_room().await;
-        }
         let durable = entry.persisted && delivery.qos != QoS::AtMostOnce;
         if durable {
             let seq = self.next_seq;
@@ -310,6 +322,11 @@ impl Router {
             .await;
         }
         let outcome = session.enqueue(delivery);
+        if outcome.congested {
+            if let Some(congestion) = congestion {
+                congestion.set(&session);
+            }
+        }
         if let Some(seq) = outcome.dropped_seq {
             self.persist(Op::Remove {
                 client_id: client_id.clone(),
@@ -357,10 +374,17 @@ impl Router {
                 clean_start,
                 session_expiry,
                 takeover,
+                evict,
                 reply,
             } => {
                 let reply_value = self
-                    .connect(client_id, connection, clean_start, session_expiry, takeover)
+                    .connect(
+                        client_id,
+                        connection,
+                        clean_start,
+                        session_expiry,
+                        (takeover, evict),
+                    )
                     .await;
                 let _ = reply.send(reply_value);
             }
@@ -398,9 +422,16 @@ impl Router {
                 self.save_subscriptions(&client_id).await;
                 let _ = reply.send(found);
             }
-            RouterRequest::Publish { message, done } => {
+            RouterRequest::Publish {
+                message,
+                done,
+                congestion,
+            } => {
                 let failures_before = self.persist.as_ref().map_or(0, Persist::failures);
-                let (matched, wrote) = self.publish(message).await;
+                let (matched, wrote) = self.publish(message, congestion.as_deref()).await;
+                if let Some(congestion) = &congestion {
+                    congestion.routed();
+                }
                 if let Some(done) = done {
                     if wrote && self.durability == Durability::Sync && self.persist.is_some() {
                         // Acknowledge only once the rows holding this message are on disk.
@@ -467,6 +498,11 @@ impl Router {
         stats.messages_sent = self.counters.messages_sent.load(Ordering::Relaxed);
         stats.bytes_received = self.counters.bytes_received.load(Ordering::Relaxed);
         stats.bytes_sent = self.counters.bytes_sent.load(Ordering::Relaxed);
+        stats.publishes_denied = self.counters.publishes_denied.load(Ordering::Relaxed);
+        stats.slow_clients_disconnected = self
+            .counters
+            .slow_clients_disconnected
+            .load(Ordering::Relaxed);
         stats.store_bytes = self.persist.as_ref().map_or(0, Persist::size);
         stats.messages_dropped = self
             .sessions
@@ -482,7 +518,7 @@ impl Router {
         connection: u64,
         clean_start: bool,
         session_expiry: u32,
-        takeover: CancellationToken,
+        (takeover, evict): (CancellationToken, CancellationToken),
     ) -> ConnectReply {
         // A reconnect cancels a pending delayed will.
         self.delayed_wills.retain(|w| w.client_id != client_id);
@@ -522,7 +558,7 @@ impl Router {
             })
             .await;
         }
-        session.set_owner(connection);
+        session.set_owner(connection, Some(evict));
         self.sessions.insert(
             client_id.clone(),
             SessionEntry {
@@ -560,7 +596,7 @@ impl Router {
                 entry.connection = None;
                 entry.session_expiry = session_expiry;
                 entry.disconnected_at = Some(Instant::now());
-                entry.session.set_owner(0);
+                entry.session.set_owner(0, None);
                 remove = session_expiry == 0;
                 persisted = entry.persisted;
             } else {
@@ -581,7 +617,7 @@ impl Router {
         if let Some((message, delay)) = will {
             let delay = delay.min(session_expiry);
             if delay == 0 || remove {
-                self.publish(message).await;
+                self.publish(message, None).await;
             } else {
                 self.delayed_wills.push(DelayedWill {
                     client_id: client_id.clone(),
@@ -632,7 +668,7 @@ impl Router {
                 due
             };
             for will in wills {
-                self.publish(will.message).await;
+                self.publish(will.message, None).await;
             }
             self.remove_session(&client_id).await;
         }
@@ -641,7 +677,7 @@ impl Router {
             .partition(|w| w.due <= now);
         self.delayed_wills = pending;
         for will in due {
-            self.publish(will.message).await;
+            self.publish(will.message, None).await;
         }
         let expired: Vec<Arc<str>> = self
             .retained
@@ -712,7 +748,7 @@ impl Router {
                         seq: None,
                         memory: None,
                     };
-                    self.deliver(client_id, delivery).await;
+                    self.deliver(client_id, delivery, None).await;
                 }
             }
         }
@@ -741,7 +777,7 @@ impl Router {
 
     /// Deliver to every matching subscriber; store or clear a retained message. Returns
     /// whether anything matched and whether anything was written to disk.
-    async fn publish(&mut self, message: Message) -> (bool, bool) {
+    async fn publish(&mut self, message: Message, congestion: Option<&Congestion>) -> (bool, bool) {
         self.stats.messages_received += 1;
         let mut wrote = false;
         if message.retain {
@@ -815,7 +851,7 @@ impl Router {
 
         let matched = !per_client.is_empty() || !internal_targets.is_empty();
         for (client, delivery) in per_client {
-            wrote |= self.deliver(&client, delivery).await;
+            wrote |= self.deliver(&client, delivery, congestion).await;
         }
 
         internal_targets.sort_unstable();

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::{Message, QoS};
 
@@ -155,6 +156,82 @@ pub(crate) struct Enqueued {
     pub(crate) dropped_seq: Option<u64>,
     /// The oldest message on disk was dropped: delete the oldest row after this seq.
     pub(crate) dropped_on_disk_after: Option<u64>,
+    /// A connected client's queue is at its bound: the publisher of this message should
+    /// wait ([`Session::wait_for_room`]) before it sends more.
+    pub(crate) congested: bool,
+}
+
+/// Left by the router for a client connection that publishes: a session its messages found
+/// full. The connection waits for room there before it reads more ([`Session::wait_for_room`]).
+///
+/// It also bounds how far a publisher runs ahead of the router ([`ROUTING_WINDOW`]
+/// publishes sent and not yet routed), so that it learns of a full queue before it has
+/// pushed many more messages into it.
+#[derive(Debug, Default)]
+pub(crate) struct Congestion {
+    /// Set with the session: lets the connection skip the lock on every turn.
+    flagged: std::sync::atomic::AtomicBool,
+    session: Mutex<Option<Arc<Session>>>,
+    /// Publishes sent to the router and not yet routed.
+    routing: std::sync::atomic::AtomicUsize,
+    routed: Notify,
+}
+
+/// Publishes one client connection may have on their way to the router.
+pub(crate) const ROUTING_WINDOW: usize = 128;
+
+impl Congestion {
+    /// Before sending a publish to the router: wait while [`ROUTING_WINDOW`] are on their
+    /// way, then count this one.
+    pub(crate) async fn reserve(&self) {
+        loop {
+            let routed = self.routed.notified();
+            tokio::pin!(routed);
+            routed.as_mut().enable();
+            if self.routing.load(Ordering::Acquire) < ROUTING_WINDOW {
+                break;
+            }
+            routed.await;
+        }
+        self.routing.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The router has routed one publish of this connection.
+    pub(crate) fn routed(&self) {
+        if self.routing.fetch_sub(1, Ordering::AcqRel) == ROUTING_WINDOW {
+            self.routed.notify_one();
+        }
+    }
+
+    pub(crate) fn set(&self, session: &Arc<Session>) {
+        let mut slot = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(session.clone());
+            self.flagged.store(true, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn take(&self) -> Option<Arc<Session>> {
+        if !self.flagged.load(Ordering::Acquire) {
+            return None;
+        }
+        self.flagged.store(false, Ordering::Release);
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// How a wait for room in a congested session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// The client took messages: there is room again.
+    Made,
+    /// The client is offline (its queue now drops the oldest instead).
+    ClientGone,
+    /// The client took nothing for the slow-client timeout: this wait disconnected it.
+    Evicted,
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +251,10 @@ pub(crate) struct SessionState {
     /// Messages dropped because the queue was full.
     pub(crate) dropped: u64,
     pub(crate) connected: bool,
+    /// When the connection last took messages from the queue (or connected).
+    last_progress: Option<tokio::time::Instant>,
+    /// Cancelled to disconnect the current connection when it does not read.
+    evict: Option<CancellationToken>,
 }
 
 /// Bounds of one session's queue.
@@ -198,10 +279,6 @@ pub(crate) struct Session {
     drained: Notify,
 }
 
-/// A connected client that has taken nothing from its full queue for this long is stuck:
-/// its queue drops the oldest instead of holding publishers back.
-const STALL: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Session {
     pub(crate) fn new(client_id: Arc<str>, limits: Limits) -> Session {
         Session {
@@ -219,28 +296,55 @@ impl Session {
         }
     }
 
-    /// Wait until a QoS 1/2 delivery fits without dropping anything, while the client is
-    /// connected and taking messages. Returns at once when it fits, when the client is
-    /// offline, or when it has made no progress for [`STALL`] (the caller then drops the
-    /// oldest). This is the broker's backpressure: a slow subscriber slows publishers
-    /// instead of losing their messages.
-    pub(crate) async fn wait_for_room(&self) {
-        let deadline = tokio::time::Instant::now() + STALL;
+    /// Wait until a connected client's queue is below its bound again: the backpressure on a
+    /// publisher whose message found it full (the publisher's connection waits, never the
+    /// router). When the client has taken nothing for `slow_client_timeout` it is
+    /// disconnected (its session keeps the queue, which then drops the oldest past the
+    /// bound) and the wait ends.
+    pub(crate) async fn wait_for_room(&self, slow_client_timeout: std::time::Duration) -> Room {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            {
+            let deadline = {
                 let state = self.lock();
-                let total = state.queue.len() as u64 + state.spilled;
-                if !state.connected || total < self.limits.max_messages as u64 {
-                    return;
+                if !state.connected {
+                    return Room::ClientGone;
                 }
+                if !self.is_full(&state) {
+                    return Room::Made;
+                }
+                state
+                    .last_progress
+                    .unwrap_or_else(tokio::time::Instant::now)
+                    + slow_client_timeout
+            };
+            if tokio::time::timeout_at(deadline, drained).await.is_ok() {
+                continue;
             }
-            if tokio::time::timeout_at(deadline, drained).await.is_err() {
-                return;
+            let mut state = self.lock();
+            let stalled = state
+                .last_progress
+                .is_none_or(|at| at + slow_client_timeout <= tokio::time::Instant::now());
+            if state.connected && self.is_full(&state) && stalled {
+                // Offline from now on for everyone waiting: the connection closes when it
+                // sees the token, and the router learns it then.
+                state.connected = false;
+                return match state.evict.take() {
+                    Some(token) => {
+                        token.cancel();
+                        Room::Evicted
+                    }
+                    None => Room::ClientGone,
+                };
             }
         }
+    }
+
+    /// At the bound where publishers wait (QoS 1/2 for a connected client).
+    fn is_full(&self, state: &SessionState) -> bool {
+        state.queue.len() as u64 + state.spilled >= self.limits.max_messages as u64
+            || state.queued_bytes >= self.limits.max_bytes
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, SessionState> {
@@ -249,9 +353,14 @@ impl Session {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn set_owner(&self, connection: u64) {
+    /// The connection now serving this session (0: none), and the token that disconnects
+    /// it when it stops reading.
+    pub(crate) fn set_owner(&self, connection: u64, evict: Option<CancellationToken>) {
         self.owner.store(connection, Ordering::SeqCst);
-        self.lock().connected = connection != 0;
+        let mut state = self.lock();
+        state.connected = connection != 0;
+        state.evict = evict;
+        state.last_progress = Some(tokio::time::Instant::now());
     }
 
     pub(crate) fn is_owner(&self, connection: u64) -> bool {
@@ -288,9 +397,20 @@ impl Session {
             return outcome;
         }
         let total = state.queue.len() as u64 + state.spilled;
-        if total >= self.limits.max_messages as u64
-            || (state.queued_bytes + delivery.size() > self.limits.max_bytes
-                && !state.queue.is_empty())
+        // A connected client's QoS 1/2 queue may overshoot its bound (by as much again, and a
+        // few routing windows) while the publishers that fill it are held back: they learn
+        // of it after routing. An offline client's queue, and QoS 0, drop the oldest at the
+        // bound.
+        let (max_messages, max_bytes) = if state.connected && delivery.qos != QoS::AtMostOnce {
+            (
+                2 * self.limits.max_messages as u64 + 2 * ROUTING_WINDOW as u64,
+                self.limits.max_bytes.saturating_mul(2),
+            )
+        } else {
+            (self.limits.max_messages as u64, self.limits.max_bytes)
+        };
+        if total >= max_messages
+            || (state.queued_bytes + delivery.size() > max_bytes && !state.queue.is_empty())
         {
             if let Some(oldest) = state.queue.pop_front() {
                 state.queued_bytes = state.queued_bytes.saturating_sub(oldest.size());
@@ -310,6 +430,7 @@ impl Session {
                 );
             }
         }
+        let qos = delivery.qos;
         let mut delivery = delivery;
         let on_disk_only = match delivery.seq {
             None => false,
@@ -331,6 +452,7 @@ impl Session {
             state.queue.push_back(delivery);
         }
         outcome.queued = true;
+        outcome.congested = state.connected && qos != QoS::AtMostOnce && self.is_full(&state);
         drop(state);
         self.wake.notify_one();
         outcome
@@ -423,8 +545,9 @@ impl Session {
                 }
             }
         }
-        drop(state);
         if report.handed > 0 || !report.expired.is_empty() {
+            state.last_progress = Some(tokio::time::Instant::now());
+            drop(state);
             self.drained.notify_waiters();
         }
         report
@@ -546,7 +669,7 @@ mod tests {
     #[test]
     fn the_in_flight_window_is_never_exceeded() {
         let session = Session::new(Arc::from("c"), limits());
-        session.set_owner(7);
+        session.set_owner(7, None);
         for n in 0..4 {
             session.enqueue(delivery(n, QoS::AtLeastOnce, None));
         }
@@ -565,7 +688,7 @@ mod tests {
             ..limits()
         };
         let session = Session::new(Arc::from("c"), limits);
-        session.set_owner(1);
+        session.set_owner(1, None);
         for n in 0..2 {
             session.enqueue(delivery(n, QoS::AtLeastOnce, Some(n + 1)));
         }
@@ -586,9 +709,9 @@ mod tests {
     #[test]
     fn a_connection_that_lost_ownership_takes_nothing() {
         let session = Session::new(Arc::from("c"), limits());
-        session.set_owner(1);
+        session.set_owner(1, None);
         session.enqueue(delivery(0, QoS::AtLeastOnce, None));
-        session.set_owner(2);
+        session.set_owner(2, None);
         assert!(session.take_sendable(1, 10, Instant::now()).0.is_empty());
         assert_eq!(session.take_sendable(2, 10, Instant::now()).0.len(), 1);
     }
@@ -596,7 +719,7 @@ mod tests {
     #[test]
     fn done_through_stops_before_the_oldest_message_still_pending() {
         let session = Session::new(Arc::from("c"), limits());
-        session.set_owner(1);
+        session.set_owner(1, None);
         for seq in [10, 12, 15] {
             session.enqueue(delivery(seq, QoS::AtLeastOnce, Some(seq)));
         }
@@ -623,7 +746,7 @@ mod tests {
             assert_eq!(state.queue.len(), 4);
             assert_eq!(state.spilled, 6);
         }
-        session.set_owner(1);
+        session.set_owner(1, None);
         let (sent, _) = session.take_sendable(1, 100, Instant::now());
         assert_eq!(sent.len(), 4);
         assert_eq!(session.page_wanted(1), Some(4));
@@ -671,7 +794,7 @@ mod tests {
         }
         assert_eq!(pool.used(), 3 * per_message);
         // Sent, the messages hold their share until acknowledged; then it is free again.
-        first.set_owner(1);
+        first.set_owner(1, None);
         let (sent, _) = first.take_sendable(1, 100, Instant::now());
         drop(sent);
         assert_eq!(pool.used(), 3 * per_message, "in flight still in memory");

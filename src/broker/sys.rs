@@ -17,7 +17,7 @@ use crate::model::{Message, QoS};
 const ORIGIN: &str = "$SYS";
 
 /// The topics, in publish order, with their values from the stats and the store size.
-fn values(stats: &BrokerStats, store_bytes: u64) -> [(&'static str, u64); 9] {
+fn values(stats: &BrokerStats, store_bytes: u64) -> [(&'static str, u64); 11] {
     [
         (
             "$SYS/broker/clients/connected",
@@ -34,6 +34,14 @@ fn values(stats: &BrokerStats, store_bytes: u64) -> [(&'static str, u64); 9] {
         ),
         ("$SYS/broker/store/bytes", store_bytes),
         ("$SYS/broker/messages/dropped", stats.messages_dropped),
+        (
+            "$SYS/broker/publish/messages/denied",
+            stats.publishes_denied,
+        ),
+        (
+            "$SYS/broker/clients/slow/disconnected",
+            stats.slow_clients_disconnected,
+        ),
     ]
 }
 
@@ -55,7 +63,7 @@ pub(crate) async fn run(
     {
         return;
     }
-    let mut last: Option<[(&'static str, u64); 9]> = None;
+    let mut last: Option<[(&'static str, u64); 11]> = None;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {

@@ -84,6 +84,10 @@ pub struct BrokerConfig {
     pub durability: Durability,
     /// With `Batched`: the longest a publish waits for its commit. Default 10ms.
     pub commit_window: Duration,
+    /// A connected client that takes nothing from its full queue for this long (or does not
+    /// read what is written to it) is disconnected; its session keeps its queue. Until then
+    /// the publishers whose messages wait for it are slowed down. Default 10s.
+    pub slow_client_timeout: Duration,
     /// The broker's SQLite file (sessions, queues, retained). Default `<data_dir>/broker.db`.
     pub store_path: PathBuf,
     /// Mosquitto-format ACL file.
@@ -121,6 +125,7 @@ impl Default for BrokerConfig {
             queue_memory: 32 * 1024 * 1024,
             durability: Durability::Memory,
             commit_window: Duration::from_millis(10),
+            slow_client_timeout: Duration::from_secs(10),
             store_path: PathBuf::from("broker.db"),
             acl_file: None,
             sys_interval: None,

@@ -36,6 +36,7 @@ pub(crate) struct RawBroker {
     pub(crate) queue_memory: Option<S<RawSize>>,
     pub(crate) durability: Option<S<String>>,
     pub(crate) commit_window: Option<S<String>>,
+    pub(crate) slow_client_timeout: Option<S<String>>,
     pub(crate) store_file: Option<S<String>>,
     pub(crate) acl_file: Option<S<String>>,
     pub(crate) sys_interval: Option<S<String>>,

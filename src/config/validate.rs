@@ -66,6 +66,8 @@ pub(crate) const DEFAULT_MAX_QUEUED_BYTES: u64 = 64 * 1024 * 1024;
 /// Memory queued messages of persistent sessions share beyond each session's first 1,000.
 pub(crate) const DEFAULT_QUEUE_MEMORY: u64 = 32 * 1024 * 1024;
 pub(crate) const DEFAULT_COMMIT_WINDOW: Duration = Duration::from_millis(10);
+/// A connected client that does not read for this long is disconnected.
+pub(crate) const DEFAULT_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_STORE_FILE: &str = "broker.db";
 pub(crate) const DEFAULT_SYS_INTERVAL: Duration = Duration::from_secs(10);
 const DURABILITIES: &[(&str, Durability)] = &[
@@ -1030,6 +1032,11 @@ impl Validator<'_> {
             "broker.commit_window",
             DEFAULT_COMMIT_WINDOW,
         );
+        let slow_client_timeout = self.positive_duration(
+            &raw.and_then(|raw| raw.slow_client_timeout.clone()),
+            "broker.slow_client_timeout",
+            DEFAULT_SLOW_CLIENT_TIMEOUT,
+        );
         let store_path = match raw.and_then(|raw| raw.store_file.as_ref()) {
             Some(file) if file.get_ref().trim().is_empty() => {
                 self.d
@@ -1103,6 +1110,7 @@ impl Validator<'_> {
             queue_memory,
             durability,
             commit_window,
+            slow_client_timeout,
             store_path,
             acl_file,
             sys_interval,
