@@ -17,7 +17,7 @@ use super::auth::PasswordFile;
 use super::persist::{Op, PageReply, Persist, StoredDelivery};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
-    PublishIn, PublishOut, ReadError, SubAckCode, Version,
+    PublishIn, PublishOut, ReadError, SubAckCode, Version, ViolationKind,
 };
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Handed, Inflight, InflightState, Session};
@@ -139,6 +139,18 @@ pub(crate) async fn serve<S>(
             tracing::info!(%peer, level, "refused: unsupported protocol level");
             let refusal = refusal(ConnackCode::UnsupportedProtocol);
             let _ = send_now(&mut stream, Version::V311, &refusal).await;
+            return;
+        }
+        Ok(Err(ReadError::InvalidConnect(version, violation))) => {
+            tracing::info!(%peer, ?version, error = %violation, "bad CONNECT, closing");
+            // MQTT 5 says why in a CONNACK; 3.1.1 closes without one (MQTT-3.1.4-1).
+            if version == Version::V5 {
+                let code = match violation.kind {
+                    ViolationKind::Malformed => ConnackCode::MalformedPacket,
+                    ViolationKind::ProtocolError => ConnackCode::ProtocolError,
+                };
+                let _ = send_now(&mut stream, version, &refusal(code)).await;
+            }
             return;
         }
         Ok(Err(error)) => {
@@ -586,6 +598,14 @@ impl Connection {
                             "packet of {size} bytes exceeds max_packet_size {}",
                             self.settings.max_packet_size
                         ));
+                    }
+                    Err(ReadError::Invalid(violation)) => {
+                        self.queue(&Outgoing::Disconnect(match violation.kind {
+                            ViolationKind::Malformed => DisconnectReason::MalformedPacket,
+                            ViolationKind::ProtocolError => DisconnectReason::ProtocolError,
+                        }));
+                        let _ = self.flush(stream).await;
+                        return Close::Abnormal(violation.to_string());
                     }
                     Err(error) => {
                         self.queue(&Outgoing::Disconnect(DisconnectReason::MalformedPacket));
