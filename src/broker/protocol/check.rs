@@ -25,8 +25,8 @@ pub(crate) enum ViolationKind {
 pub(crate) struct Violation {
     pub(crate) kind: ViolationKind,
     pub(crate) what: &'static str,
-    /// The property concerned, by its name in the specification.
-    pub(crate) property: Option<&'static str>,
+    /// The property or packet type concerned, by its name in the specification.
+    pub(crate) detail: Option<&'static str>,
 }
 
 impl std::fmt::Display for Violation {
@@ -36,7 +36,7 @@ impl std::fmt::Display for Violation {
             ViolationKind::ProtocolError => "protocol error",
         };
         write!(f, "{kind}: {}", self.what)?;
-        match self.property {
+        match self.detail {
             Some(name) => write!(f, " ({name})"),
             None => Ok(()),
         }
@@ -47,7 +47,7 @@ fn malformed(what: &'static str) -> Violation {
     Violation {
         kind: ViolationKind::Malformed,
         what,
-        property: None,
+        detail: None,
     }
 }
 
@@ -55,7 +55,7 @@ fn protocol_error(what: &'static str) -> Violation {
     Violation {
         kind: ViolationKind::ProtocolError,
         what,
-        property: None,
+        detail: None,
     }
 }
 
@@ -201,7 +201,7 @@ fn expect_flags(flags: u8, expected: u8, packet: &'static str) -> Result<(), Vio
         Err(Violation {
             kind: ViolationKind::Malformed,
             what: "wrong fixed-header flags",
-            property: Some(packet),
+            detail: Some(packet),
         })
     }
 }
@@ -424,14 +424,14 @@ fn properties(r: &mut Reader<'_>, rules: &Rules) -> Result<(), Violation> {
             return Err(Violation {
                 kind: ViolationKind::ProtocolError,
                 what: "property only a server may send",
-                property: Some(name),
+                detail: Some(name),
             });
         }
         if !rules.allowed.contains(&id) {
             return Err(Violation {
                 kind: ViolationKind::Malformed,
                 what: "property not valid in this packet",
-                property: Some(name),
+                detail: Some(name),
             });
         }
         let bit = 1u64 << id;
@@ -439,7 +439,7 @@ fn properties(r: &mut Reader<'_>, rules: &Rules) -> Result<(), Violation> {
             return Err(Violation {
                 kind: ViolationKind::ProtocolError,
                 what: "property given more than once",
-                property: Some(name),
+                detail: Some(name),
             });
         }
         seen |= bit;
@@ -458,7 +458,7 @@ fn properties(r: &mut Reader<'_>, rules: &Rules) -> Result<(), Violation> {
                     return Err(Violation {
                         kind: ViolationKind::ProtocolError,
                         what: "value 0",
-                        property: Some(name),
+                        detail: Some(name),
                     });
                 }
             }
