@@ -3,6 +3,7 @@
 //! hide the behaviour (CONNACK codes, keep alive, malformed and oversize packets).
 
 #[path = "support/mqtt.rs"]
+#[allow(dead_code)]
 mod mqtt;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -17,7 +17,7 @@ use super::auth::PasswordFile;
 use super::persist::{Op, PageReply, Persist, StoredDelivery};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
-    PublishIn, PublishOut, ReadError, SubAckCode, Version,
+    PublishIn, PublishOut, ReadError, SubAckCode, Version, ViolationKind,
 };
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
@@ -40,6 +40,10 @@ const WATERMARK_DELAY: Duration = Duration::from_millis(20);
 const ACK_DRAIN: Duration = Duration::from_secs(2);
 /// Topic aliases a client may use towards us.
 const TOPIC_ALIAS_MAX: u16 = 64;
+/// How many QoS 2 publishes a 3.1.1 client may have awaiting PUBREL. The messages are
+/// routed at once; each open flow holds only its packet id (a few bytes), so 1024 cost
+/// under 64 KiB per connection at most.
+const MAX_INCOMING_QOS2_V311: usize = 1024;
 /// How long a connection that has just sent deliveries to acknowledge keeps polling for
 /// the acknowledgements before it sleeps. A busy client answers within microseconds, and
 /// going to sleep and being woken costs more than that (tens of µs per wake-up on a VM): a
@@ -146,6 +150,18 @@ pub(crate) async fn serve<S>(
             tracing::info!(%peer, level, "refused: unsupported protocol level");
             let refusal = refusal(ConnackCode::UnsupportedProtocol);
             let _ = send_now(&mut stream, Version::V311, &refusal).await;
+            return;
+        }
+        Ok(Err(ReadError::InvalidConnect(version, violation))) => {
+            tracing::info!(%peer, ?version, error = %violation, "bad CONNECT, closing");
+            // MQTT 5 says why in a CONNACK; 3.1.1 closes without one (MQTT-3.1.4-1).
+            if version == Version::V5 {
+                let code = match violation.kind {
+                    ViolationKind::Malformed => ConnackCode::MalformedPacket,
+                    ViolationKind::ProtocolError => ConnackCode::ProtocolError,
+                };
+                let _ = send_now(&mut stream, version, &refusal(code)).await;
+            }
             return;
         }
         Ok(Err(error)) => {
@@ -697,6 +713,14 @@ impl Connection {
                             self.settings.max_packet_size
                         ));
                     }
+                    Err(ReadError::Invalid(violation)) => {
+                        self.queue(&Outgoing::Disconnect(match violation.kind {
+                            ViolationKind::Malformed => DisconnectReason::MalformedPacket,
+                            ViolationKind::ProtocolError => DisconnectReason::ProtocolError,
+                        }));
+                        let _ = self.flush(stream).await;
+                        return Close::Abnormal(violation.to_string());
+                    }
                     Err(error) => {
                         self.queue(&Outgoing::Disconnect(DisconnectReason::MalformedPacket));
                         let _ = self.flush(stream).await;
@@ -1015,12 +1039,20 @@ impl Connection {
                 self.queue(&Outgoing::PubRec(publish.pkid, AckReason::Success));
                 return None;
             }
-            if state.incoming_qos2.len() >= usize::from(self.settings.max_inflight) {
+            // MQTT 5: the Receive Maximum we advertised. 3.1.1 has none, and clients such
+            // as MQTT.js send bursts of QoS 2 at once: a generous bound instead.
+            let limit = match self.version {
+                Version::V5 => usize::from(self.settings.max_inflight),
+                Version::V311 => MAX_INCOMING_QOS2_V311,
+            };
+            if state.incoming_qos2.len() >= limit {
                 drop(state);
                 self.queue(&Outgoing::Disconnect(
                     DisconnectReason::ReceiveMaximumExceeded,
                 ));
-                return Some(Close::Abnormal("receive maximum exceeded".into()));
+                return Some(Close::Abnormal(format!(
+                    "more than {limit} QoS 2 publishes awaiting PUBREL"
+                )));
             }
             state.incoming_qos2.insert(publish.pkid);
         }

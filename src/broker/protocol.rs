@@ -1,6 +1,11 @@
 //! MQTT 3.1.1 and 5 on one port: translation between rumqttc's two packet codecs and the
 //! version-neutral packets the connection logic works with. No bytes are parsed here
-//! beyond choosing the codec; rumqttc does the encoding and decoding.
+//! beyond choosing the codec; rumqttc does the encoding and decoding, after [`check`] has
+//! refused what rumqttc would wrongly accept.
+
+mod check;
+
+pub(crate) use check::{Violation, ViolationKind};
 
 use std::sync::Arc;
 
@@ -106,6 +111,12 @@ pub(crate) enum ReadError {
     UnsupportedProtocol(u8),
     #[error("malformed packet: {0}")]
     Malformed(String),
+    /// Refused by the strict checks (a malformed packet or a protocol error).
+    #[error(transparent)]
+    Invalid(Violation),
+    /// A CONNECT refused by the strict checks, with the protocol version it asked for.
+    #[error("{1}")]
+    InvalidConnect(Version, Violation),
 }
 
 /// CONNACK outcome, mapped to a 3.1.1 return code or an MQTT 5 reason code.
@@ -119,6 +130,7 @@ pub(crate) enum ConnackCode {
     NotAuthorized,
     QuotaExceeded,
     BadAuthenticationMethod,
+    MalformedPacket,
     ProtocolError,
 }
 
@@ -231,6 +243,10 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max_size: u32) -> Result<ConnectR
         return Err(ReadError::Malformed("first packet is not CONNECT".into()));
     }
     check_frame_size(buf, max_size)?;
+    if let Some(len) = check::frame_len(buf) {
+        check::connect(&buf[..len])
+            .map_err(|(version, violation)| ReadError::InvalidConnect(version, violation))?;
+    }
     // Try MQTT 5 first on a copy: its codec names the protocol level it found.
     let mut probe = buf.clone();
     match v5::Packet::read(&mut probe, Some(max_size)) {
@@ -278,6 +294,12 @@ pub(crate) fn read(
     max_size: u32,
 ) -> Result<Incoming, ReadError> {
     check_frame_size(buf, max_size)?;
+    if let Some(len) = check::frame_len(buf) {
+        if let Err(violation) = check::packet(version, &buf[..len]) {
+            let _ = buf.split_to(len);
+            return Err(ReadError::Invalid(violation));
+        }
+    }
     let before = buf.len();
     match version {
         Version::V311 => v4::Packet::read(buf, max_size as usize)
@@ -613,6 +635,8 @@ fn to_v4(packet: &Outgoing) -> v4::Packet {
                 ConnackCode::NotAuthorized | ConnackCode::ProtocolError => {
                     v4::ConnectReturnCode::NotAuthorized
                 }
+                // Never sent: a malformed 3.1.1 CONNECT is answered by closing.
+                ConnackCode::MalformedPacket => v4::ConnectReturnCode::NotAuthorized,
             },
         }),
         Outgoing::Publish(p) => v4::Packet::Publish(v4::Publish {
@@ -686,6 +710,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                     ConnackCode::BadAuthenticationMethod => {
                         v5::ConnectReturnCode::BadAuthenticationMethod
                     }
+                    ConnackCode::MalformedPacket => v5::ConnectReturnCode::MalformedPacket,
                     ConnackCode::ProtocolError => v5::ConnectReturnCode::ProtocolError,
                 },
                 properties,

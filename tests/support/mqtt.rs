@@ -775,9 +775,33 @@ pub(crate) mod packet {
         out
     }
 
+    pub(crate) fn property_varint(id: u8, value: usize) -> Vec<u8> {
+        let mut out = vec![id];
+        put_varint(&mut out, value);
+        out
+    }
+
+    pub(crate) fn property_pair(key: &str, value: &str) -> Vec<u8> {
+        let mut out = vec![USER_PROPERTY];
+        put_bytes(&mut out, key.as_bytes());
+        put_bytes(&mut out, value.as_bytes());
+        out
+    }
+
     pub(crate) const SESSION_EXPIRY: u8 = 0x11;
     pub(crate) const RECEIVE_MAXIMUM: u8 = 0x21;
     pub(crate) const AUTHENTICATION_METHOD: u8 = 0x15;
+    pub(crate) const WILL_DELAY: u8 = 0x18;
+    pub(crate) const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
+    pub(crate) const TOPIC_ALIAS: u8 = 0x23;
+    pub(crate) const REASON_STRING: u8 = 0x1F;
+    pub(crate) const USER_PROPERTY: u8 = 0x26;
+
+    /// A property list: its length, then the properties.
+    pub(crate) fn put_properties(out: &mut Vec<u8>, properties: &[u8]) {
+        put_varint(out, properties.len());
+        out.extend_from_slice(properties);
+    }
 
     /// PUBLISH with any QoS bits (even 3) and any packet id (even 0); the packet id is
     /// written whenever `qos > 0`. MQTT 5 gets an empty property list.
@@ -812,6 +836,63 @@ pub(crate) mod packet {
             body.push(*qos);
         }
         frame(0x82, &body)
+    }
+
+    /// PUBLISH with any first byte (flags included), an optional packet id and, for MQTT 5
+    /// (`properties` is `Some`), the given property list.
+    pub(crate) fn publish_with(
+        first: u8,
+        topic: &str,
+        pkid: Option<u16>,
+        properties: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_bytes(&mut body, topic.as_bytes());
+        if let Some(pkid) = pkid {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if let Some(properties) = properties {
+            put_properties(&mut body, properties);
+        }
+        body.extend_from_slice(payload);
+        frame(first, &body)
+    }
+
+    /// SUBSCRIBE with any first byte, packet id, raw subscription options byte per filter
+    /// and, for MQTT 5 (`properties` is `Some`), the given property list.
+    pub(crate) fn subscribe_with(
+        first: u8,
+        pkid: u16,
+        properties: Option<&[u8]>,
+        filters: &[(&str, u8)],
+    ) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        if let Some(properties) = properties {
+            put_properties(&mut body, properties);
+        }
+        for (filter, options) in filters {
+            put_bytes(&mut body, filter.as_bytes());
+            body.push(*options);
+        }
+        frame(first, &body)
+    }
+
+    /// UNSUBSCRIBE with any first byte and packet id; MQTT 5 when `properties` is `Some`.
+    pub(crate) fn unsubscribe_with(
+        first: u8,
+        pkid: u16,
+        properties: Option<&[u8]>,
+        filters: &[&str],
+    ) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        if let Some(properties) = properties {
+            put_properties(&mut body, properties);
+        }
+        for filter in filters {
+            put_bytes(&mut body, filter.as_bytes());
+        }
+        frame(first, &body)
     }
 
     /// PUBACK without reason code (valid in both versions).
