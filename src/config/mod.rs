@@ -138,7 +138,10 @@ impl ListenerConfig {
             websocket: false,
             websocket_path: "/mqtt".to_owned(),
             tls: None,
-            max_connections: 1000,
+            max_connections: validate::DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: validate::DEFAULT_MAX_HANDSHAKES,
+            max_connections_per_address: validate::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            connect_timeout: validate::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -222,8 +225,16 @@ pub struct ListenerConfig {
     pub websocket_path: String,
     /// TLS (or, with `websocket`, secure WebSocket).
     pub tls: Option<ListenerTls>,
-    /// Default 1000.
+    /// Default 1000. Counts connections whose CONNECT has been read.
     pub max_connections: usize,
+    /// Sockets still in the handshake (no valid CONNECT read yet) at once; past it a new
+    /// socket is closed at once. Default 256.
+    pub max_handshakes: usize,
+    /// Sockets from one IP address, in the handshake or connected; 0: no limit. Default 64.
+    pub max_connections_per_address: usize,
+    /// The longest the TLS and WebSocket handshakes and the CONNECT packet together may
+    /// take. Default 5 s.
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
