@@ -148,6 +148,9 @@ fn main() -> ExitCode {
                 None => config::demo(),
             };
             init_logging(&config.gateway.log_level);
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             let mut exit = fieldmq::service::Exit::Stopped;
             let threads = config.gateway.runtime_threads();
             tracing::info!(runtime_threads = threads, "starting");
