@@ -42,6 +42,7 @@ fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
     let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(clean);
+    options.set_max_packet_size(1 << 20, 1 << 20);
     options
 }
 
@@ -174,10 +175,6 @@ async fn after_a_clean_stop_broker_db_alone_holds_sessions_queues_and_retained_m
     // Only the database file, as a backup of it (or a lost -wal) would have it.
     let db = data.join("broker.db");
     let wal_len = std::fs::metadata(wal(&db)).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "after SIGTERM: broker.db {} bytes, -wal {wal_len} bytes",
-        std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0)
-    );
     assert_eq!(wal_len, 0, "the WAL is empty after a clean stop");
     let _ = std::fs::remove_file(wal(&db));
     let copy = dir.path().join("copy");
