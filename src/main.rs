@@ -61,6 +61,14 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Copy the broker store and every uplink outbox into the directory DEST (created if
+    /// missing; files of the same name are replaced), from a running gateway (through its
+    /// control socket) or a stopped one.
+    Backup {
+        #[arg(short, long)]
+        config: PathBuf,
+        dest: PathBuf,
+    },
     /// Subscribe and print `topic payload` lines.
     Sub {
         #[command(flatten)]
@@ -99,6 +107,24 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::Check { config } => check(&config),
+        Command::Backup { config, dest } => {
+            let config = match config::load(&config) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return ExitCode::from(2);
+                }
+            };
+            block_on(async move {
+                let copied = fieldmq::service::control::backup(&config, &dest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for file in copied {
+                    println!("{}", file.display());
+                }
+                Ok(())
+            })
+        }
         Command::Probe(args) => block_on(async move {
             let report = fieldmq::drivers::modbus::probe::probe(&args)
                 .await
@@ -122,6 +148,9 @@ fn main() -> ExitCode {
                 None => config::demo(),
             };
             init_logging(&config.gateway.log_level);
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             let mut exit = fieldmq::service::Exit::Stopped;
             let threads = config.gateway.runtime_threads();
             tracing::info!(runtime_threads = threads, "starting");

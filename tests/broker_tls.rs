@@ -541,9 +541,19 @@ async fn a_client_past_the_listener_limit_is_refused_over_tls_too() {
     listener.max_connections = 1;
     let broker = start(listener).await;
     let config = pki.client_config(None);
-    let first = tls::connect(broker.addr, config.clone())
+    // A connection counts once its CONNECT is read (a TLS handshake alone does not).
+    let mut first = tls::connect(broker.addr, config.clone())
         .await
         .expect("TLS");
+    first
+        .write_all(&mqtt::packet::Connect::v311("first").encode())
+        .await
+        .expect("write");
+    let mut answer = [0u8; 4];
+    within("the first CONNACK", first.read_exact(&mut answer))
+        .await
+        .expect("CONNACK");
+    assert_eq!(answer, CONNACK_ACCEPTED);
     // 3.1.1 CONNACK "server unavailable" (3) for the second.
     let second = try_connect_tls(broker.addr, config).await;
     assert_eq!(second, Ok(vec![0x20, 0x02, 0x00, 0x03]));

@@ -124,6 +124,12 @@ fn a_minimal_config_gets_every_default() {
     );
     assert!(!config.broker.listeners[0].websocket);
     assert_eq!(config.broker.listeners[0].max_connections, 1000);
+    assert_eq!(config.broker.listeners[0].max_handshakes, 256);
+    assert_eq!(config.broker.listeners[0].max_connections_per_address, 64);
+    assert_eq!(
+        config.broker.listeners[0].connect_timeout,
+        Duration::from_secs(5)
+    );
     assert_eq!(config.broker.max_packet_size, 1024 * 1024);
     assert_eq!(config.broker.max_queued_messages, 1000);
     assert_eq!(config.broker.max_inflight, 20);
@@ -769,6 +775,46 @@ fn cases() -> Vec<Case> {
             None,
         ),
         case(
+            "no handshake places",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nmax_handshakes = 0\n"),
+            7,
+            "broker.listeners[0].max_handshakes",
+            "0 is out of range, expected 1 to 4294967295",
+            None,
+        ),
+        case(
+            "a negative per-address limit",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nmax_connections_per_address = -1\n"),
+            7,
+            "broker.listeners[0].max_connections_per_address",
+            "-1 is out of range, expected 0 to 4294967295",
+            None,
+        ),
+        case(
+            "a zero connect timeout",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nconnect_timeout = \"0s\"\n"),
+            7,
+            "broker.listeners[0].connect_timeout",
+            "must be more than zero",
+            None,
+        ),
+        case(
+            "a connect timeout without a unit",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nconnect_timeout = \"5\"\n"),
+            7,
+            "broker.listeners[0].connect_timeout",
+            "invalid duration \"5\"",
+            Some("a number and a unit"),
+        ),
+        case(
+            "a misspelt listener limit",
+            format!("{HEAD}[[broker.listeners]]\nbind = \"127.0.0.1:1883\"\nmax_handshake = 10\n"),
+            7,
+            "broker.listeners[0].max_handshake",
+            "unknown key `max_handshake`",
+            Some("did you mean `max_handshakes`?"),
+        ),
+        case(
             "unknown when_full policy",
             format!("{HEAD}{UPLINK}queue = {{ when_full = \"drop_olest\" }}\n"),
             8,
@@ -840,7 +886,8 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
         tls = { cert = \"server.crt\", key = \"server.key\", client_ca = \"ca.pem\", \
         require_client_cert = true, identity_as_username = true }\n\
         [[broker.listeners]]\nbind = \"127.0.0.1:8443\"\nwebsocket = true\nwebsocket_path = \"/ws\"\n\
-        tls = { cert = \"server.crt\", key = \"server.key\" }\n";
+        tls = { cert = \"server.crt\", key = \"server.key\" }\n\
+        max_handshakes = 32\nmax_connections_per_address = 0\nconnect_timeout = \"1500ms\"\n";
     let config = parse_in(dir.path(), text).unwrap_or_else(|e| panic!("valid:\n{e}"));
     let broker = &config.broker;
     let base = std::path::absolute(dir.path()).expect("absolute");
@@ -866,6 +913,12 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     let wss = &broker.listeners[1];
     assert!(wss.websocket);
     assert_eq!(wss.websocket_path, "/ws");
+    assert_eq!(wss.max_handshakes, 32);
+    assert_eq!(
+        wss.max_connections_per_address, 0,
+        "0: no per-address limit"
+    );
+    assert_eq!(wss.connect_timeout, Duration::from_millis(1500));
     let tls = wss.tls.as_ref().expect("TLS");
     assert!(tls.client_ca.is_none() && !tls.require_client_cert && !tls.identity_as_username);
 

@@ -89,11 +89,8 @@ fn uplink_config(name: &str, port: u16) -> UplinkConfig {
 async fn local_broker(listen: bool, shutdown: &CancellationToken) -> RunningBroker {
     let listeners = if listen {
         vec![ListenerConfig {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            websocket: false,
-            websocket_path: "/mqtt".into(),
-            tls: None,
             max_connections: 100,
+            ..ListenerConfig::tcp("127.0.0.1:0".parse().unwrap())
         }]
     } else {
         Vec::new()

@@ -248,11 +248,8 @@ fn gateway(data_dir: &Path) -> GatewayConfig {
 fn broker_config() -> Result<BrokerConfig> {
     Ok(BrokerConfig {
         listeners: vec![ListenerConfig {
-            bind: "127.0.0.1:0".parse()?,
-            websocket: false,
-            websocket_path: "/mqtt".into(),
-            tls: None,
             max_connections: 100,
+            ..ListenerConfig::tcp("127.0.0.1:0".parse()?)
         }],
         allow_anonymous: true,
         password_file: None,

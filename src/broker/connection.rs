@@ -25,8 +25,6 @@ use super::topic;
 use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
 
-/// A client must send CONNECT within this time.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
 const PAGE_SIZE: usize = 1000;
 /// The next page is asked for when fewer than this many are left in memory, so that the
@@ -132,14 +130,15 @@ pub(crate) async fn serve<S>(
     settings: Arc<Settings>,
     router: mpsc::Sender<RouterRequest>,
     shutdown: CancellationToken,
-    over_quota: bool,
+    admission: super::listener::Admission,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut read_buf = BytesMut::with_capacity(4096);
+    // The listener's connect_timeout covers the handshakes and this read together.
     let connect = tokio::select! {
         _ = shutdown.cancelled() => return,
-        read = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut stream, &mut read_buf, &settings)) => read,
+        read = tokio::time::timeout_at(admission.deadline(), read_connect(&mut stream, &mut read_buf, &settings)) => read,
     };
     let connect = match connect {
         Err(_) => {
@@ -170,6 +169,9 @@ pub(crate) async fn serve<S>(
         }
         Ok(Ok(connect)) => connect,
     };
+    // Counted against max_connections from here on (a refusal below gives it back).
+    let connection_slot = admission.connect_read();
+    let over_quota = connection_slot.is_none();
 
     let mut connect = connect;
     let mut assigned_client_id = None;
@@ -324,6 +326,7 @@ pub(crate) async fn serve<S>(
         })
         .await;
     linger_close(&mut stream, &mut read_buf).await;
+    drop(connection_slot);
 }
 
 /// Close our side, then read and discard until the client closes too (briefly). Closing a

@@ -1,16 +1,31 @@
-//! One task per listener: accept, cap the number of connections, and hand each socket to
-//! its own connection task. Nothing slow happens in the accept loop: the TLS and WebSocket
-//! handshakes run in the connection's task, bounded by [`HANDSHAKE_TIMEOUT`], so a client
-//! that opens a socket and sends nothing delays no one else.
+//! One task per listener: accept, apply the listener's limits, and hand each socket to its
+//! own connection task. Nothing slow happens in the accept loop: the TLS and WebSocket
+//! handshakes run in the connection's task.
+//!
+//! A socket goes through two phases, each with its own cap:
+//!
+//! 1. **Handshake**, from accept until a CONNECT has been read: TLS, WebSocket, the CONNECT
+//!    packet, all together within `connect_timeout`. At most `max_handshakes` sockets are
+//!    in it at once; one more is closed at once. So sockets that never send anything take
+//!    no connection slot, and they give theirs back after `connect_timeout`.
+//! 2. **Connected**, once a CONNECT has been read: counted against `max_connections`;
+//!    past it the client gets a CONNACK refusal (server unavailable / quota exceeded).
+//!
+//! Across both, one IP address holds at most `max_connections_per_address` sockets; one
+//! more from it is closed at once. Sockets closed by a limit and failed handshakes are
+//! logged, at most [`log_limit::LINES_PER_WINDOW`] lines a minute per listener.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -20,16 +35,14 @@ use crate::config::ListenerConfig;
 
 // Used only by this module. Declared here (not in broker/mod.rs) so the listener owns its
 // transports; see docs/broker.md.
+#[path = "log_limit.rs"]
+mod log_limit;
 #[path = "tls.rs"]
 pub(crate) mod tls;
 #[path = "websocket.rs"]
 pub(crate) mod websocket;
 
 pub(crate) use tls::TlsError;
-
-/// The longest the TLS and WebSocket handshakes together may take. The connection then
-/// has its own time limit for CONNECT.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a listener does with each accepted socket before MQTT starts, built once at start.
 #[derive(Clone)]
@@ -76,8 +89,17 @@ struct Handshaken {
     identity: Option<String>,
 }
 
+/// Why a socket did not get as far as MQTT.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("WebSocket handshake failed: {0}")]
+    WebSocket(String),
+}
+
 impl Transport {
-    async fn handshake(&self, stream: TcpStream) -> Result<Handshaken, String> {
+    async fn handshake(&self, stream: TcpStream) -> Result<Handshaken, HandshakeError> {
         let mut identity = None;
         let stream: Box<dyn Io> = match &self.tls {
             None => match &self.websocket {
@@ -90,14 +112,11 @@ impl Transport {
                 Some(path) => Box::new(
                     websocket::accept(stream, path)
                         .await
-                        .map_err(|e| format!("WebSocket handshake failed: {e}"))?,
+                        .map_err(|e| HandshakeError::WebSocket(e.to_string()))?,
                 ),
             },
             Some(acceptor) => {
-                let tls = acceptor
-                    .accept(stream)
-                    .await
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let tls = acceptor.accept(stream).await.map_err(HandshakeError::Tls)?;
                 if self.identity_as_username {
                     identity = tls::peer_common_name(tls.get_ref().1);
                 }
@@ -106,7 +125,7 @@ impl Transport {
                     Some(path) => Box::new(
                         websocket::accept(tls, path)
                             .await
-                            .map_err(|e| format!("WebSocket handshake failed: {e}"))?,
+                            .map_err(|e| HandshakeError::WebSocket(e.to_string()))?,
                     ),
                 }
             }
@@ -115,6 +134,119 @@ impl Transport {
             stream: Ready::Other(stream),
             identity,
         })
+    }
+}
+
+/// A socket's place in the handshake phase, and what turns it into a connection: given to
+/// [`connection::serve`], which reads CONNECT by [`Admission::deadline`] and then calls
+/// [`Admission::connect_read`].
+pub(crate) struct Admission {
+    handshake: OwnedSemaphorePermit,
+    connections: Arc<Semaphore>,
+    deadline: Instant,
+}
+
+impl Admission {
+    /// When the whole pre-CONNECT phase (handshakes and CONNECT) must be over.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// A CONNECT has been read: leave the handshake phase and take a connection slot.
+    /// `None` when the listener is at `max_connections` (the client is to be refused).
+    pub(crate) fn connect_read(self) -> Option<OwnedSemaphorePermit> {
+        drop(self.handshake);
+        self.connections.try_acquire_owned().ok()
+    }
+}
+
+/// Sockets per source address (handshaking and connected), for `max_connections_per_address`.
+#[derive(Debug)]
+struct PerAddress {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One socket counted in [`PerAddress`]; gives its place back when dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    /// A slot for one more socket from `ip`, or `None` when it already has `max`.
+    fn take(table: &Arc<PerAddress>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut open = table.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= table.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What a listener counts about sockets that did not become connections, and its log
+/// budget for them.
+#[derive(Debug)]
+struct Refusals {
+    listener: SocketAddr,
+    over_handshakes: AtomicU64,
+    over_address: AtomicU64,
+    failed_handshakes: AtomicU64,
+    log: log_limit::LogLimit,
+}
+
+impl Refusals {
+    fn over_handshakes(&self, peer: SocketAddr, max: usize) {
+        let total = self.over_handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(
+                listener = %self.listener, %peer, max_handshakes = max, total, suppressed,
+                "socket closed at once: too many connections still in their handshake"
+            );
+        }
+    }
+
+    fn over_address(&self, peer: SocketAddr, max: usize) {
+        let total = self.over_address.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(
+                listener = %self.listener, %peer, max_connections_per_address = max, total, suppressed,
+                "socket closed at once: too many connections from this address"
+            );
+        }
+    }
+
+    fn failed_handshake(&self, peer: SocketAddr, error: &HandshakeError) {
+        let total = self.failed_handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(suppressed) = self.log.allow() {
+            match error {
+                HandshakeError::Tls(reason) => tracing::warn!(
+                    listener = %self.listener, %peer, %reason, total, suppressed,
+                    "TLS handshake failed"
+                ),
+                HandshakeError::WebSocket(reason) => tracing::info!(
+                    listener = %self.listener, %peer, %reason, total, suppressed,
+                    "WebSocket handshake failed"
+                ),
+            }
+        }
     }
 }
 
@@ -134,8 +266,22 @@ pub(crate) async fn run(
             return;
         }
     };
-    let permits = Arc::new(Semaphore::new(config.max_connections));
-    let mut connections = JoinSet::new();
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let per_address = (config.max_connections_per_address > 0).then(|| {
+        Arc::new(PerAddress {
+            max: config.max_connections_per_address,
+            open: Mutex::new(HashMap::new()),
+        })
+    });
+    let refusals = Arc::new(Refusals {
+        listener: socket.local_addr().unwrap_or(config.bind),
+        over_handshakes: AtomicU64::new(0),
+        over_address: AtomicU64::new(0),
+        failed_handshakes: AtomicU64::new(0),
+        log: log_limit::LogLimit::new(),
+    });
+    let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -150,24 +296,42 @@ pub(crate) async fn run(
                         continue;
                     }
                 };
+                // Both limits close the socket at once (dropping it): nothing is read from
+                // it and it costs no task.
+                let address_slot = match &per_address {
+                    Some(table) => match PerAddress::take(table, peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            refusals.over_address(peer, table.max);
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    refusals.over_handshakes(peer, config.max_handshakes);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                // Taken before the handshake: a connection past the limit still gets its
-                // handshake and a CONNACK refusal (server unavailable / quota exceeded).
-                let permit = permits.clone().try_acquire_owned().ok();
+                let admission = Admission {
+                    handshake,
+                    connections: connections.clone(),
+                    deadline: Instant::now() + config.connect_timeout,
+                };
                 let settings = settings.clone();
                 let router = broker.router.clone();
                 let shutdown = shutdown.clone();
                 let transport = transport.clone();
-                connections.spawn(async move {
-                    let over_quota = permit.is_none();
+                let refusals = refusals.clone();
+                tasks.spawn(async move {
                     let handshaken = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, transport.handshake(stream)) => done,
+                        done = tokio::time::timeout_at(admission.deadline, transport.handshake(stream)) => done,
                     };
                     let Handshaken { stream, identity } = match handshaken {
                         Ok(Ok(handshaken)) => handshaken,
-                        Ok(Err(reason)) => {
-                            tracing::debug!(%peer, %reason, "connection closed before MQTT");
+                        Ok(Err(error)) => {
+                            refusals.failed_handshake(peer, &error);
                             return;
                         }
                         Err(_) => {
@@ -175,15 +339,15 @@ pub(crate) async fn run(
                             return;
                         }
                     };
-                    serve(stream, peer, identity, settings, router, shutdown, over_quota).await;
-                    drop(permit);
+                    serve(stream, peer, identity, settings, router, shutdown, admission).await;
+                    drop(address_slot);
                 });
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     }
     // Connections see the same token and close themselves; wait for them.
-    while connections.join_next().await.is_some() {}
+    while tasks.join_next().await.is_some() {}
 }
 
 async fn serve(
@@ -193,7 +357,7 @@ async fn serve(
     settings: Arc<Settings>,
     router: tokio::sync::mpsc::Sender<super::router::RouterRequest>,
     shutdown: CancellationToken,
-    over_quota: bool,
+    admission: Admission,
 ) {
     if let Some(identity) = &identity {
         tracing::debug!(%peer, %identity, "client certificate identity");
@@ -201,13 +365,13 @@ async fn serve(
     match stream {
         Ready::Tcp(stream) => {
             connection::serve(
-                stream, peer, identity, settings, router, shutdown, over_quota,
+                stream, peer, identity, settings, router, shutdown, admission,
             )
             .await
         }
         Ready::Other(stream) => {
             connection::serve(
-                stream, peer, identity, settings, router, shutdown, over_quota,
+                stream, peer, identity, settings, router, shutdown, admission,
             )
             .await
         }

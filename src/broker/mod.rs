@@ -218,15 +218,52 @@ pub struct RunningBroker {
     listeners: JoinSet<()>,
     router: tokio::task::JoinHandle<()>,
     router_stop: CancellationToken,
+    /// Asks the store for backups (with `sync` and `batched` durability).
+    store_backup: Option<StoreBackup>,
+    /// Resolves when the store has checkpointed and closed its file.
+    store_stopped: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+/// Copies a running broker's store (see [`RunningBroker::store_backup`]). Holding it does
+/// not keep the store open at shutdown.
+#[derive(Debug, Clone)]
+pub struct StoreBackup {
+    persist: persist::WeakPersist,
+    path: std::path::PathBuf,
+}
+
+impl StoreBackup {
+    /// The store's file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Copy the store to `dest`, consistent as of one commit, with everything acknowledged
+    /// before the call.
+    pub async fn copy_to(
+        &self,
+        dest: std::path::PathBuf,
+    ) -> Result<(), crate::store::backup::BackupError> {
+        self.persist.backup(dest).await
+    }
 }
 
 impl RunningBroker {
-    /// Wait until every listener and connection has stopped, then stop the router. Call
-    /// after cancelling the shutdown token given to [`start`].
+    /// A handle for backups of the store; `None` with `durability = "memory"`.
+    pub fn store_backup(&self) -> Option<StoreBackup> {
+        self.store_backup.clone()
+    }
+
+    /// Wait until every listener and connection has stopped, then stop the router, then
+    /// wait for the store to checkpoint and close its file. Call after cancelling the
+    /// shutdown token given to [`start`].
     pub async fn wait(mut self) {
         while self.listeners.join_next().await.is_some() {}
         self.router_stop.cancel();
         let _ = self.router.await;
+        if let Some(stopped) = self.store_stopped.take() {
+            stopped.await;
+        }
     }
 }
 
@@ -261,6 +298,14 @@ pub async fn start(
             MEMORY_WINDOW,
         )?),
     };
+
+    let store_stopped = store
+        .as_ref()
+        .map(|(persist, _)| Box::pin(persist.stopped()) as std::pin::Pin<Box<_>>);
+    let store_backup = store.as_ref().map(|(persist, _)| StoreBackup {
+        persist: persist.weak(),
+        path: config.store_path.clone(),
+    });
 
     let mut bound = Vec::new();
     for listener in &config.listeners {
@@ -324,5 +369,7 @@ pub async fn start(
         listeners,
         router,
         router_stop,
+        store_backup,
+        store_stopped,
     })
 }

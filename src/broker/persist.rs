@@ -197,6 +197,11 @@ pub(crate) enum Op {
     },
     /// Answered after the commit that holds every op sent before it.
     Barrier(Waiter),
+    /// Copy the database to `dest` once everything sent before has been committed.
+    Backup {
+        dest: PathBuf,
+        reply: oneshot::Sender<Result<(), crate::store::backup::BackupError>>,
+    },
     /// Rows of a client with `seq > after_seq`, oldest first.
     Page {
         client_id: Arc<str>,
@@ -244,6 +249,8 @@ pub(crate) struct Persist {
     tx: mpsc::Sender<Op>,
     size: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    /// Becomes true when the writer thread has checkpointed and closed the file.
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Op {
@@ -285,13 +292,40 @@ impl Persist {
             purging: false,
             retry: Vec::new(),
         };
-        crate::essential::thread("broker-store", move || writer.run(rx)).map_err(|e| {
-            PersistError::Other {
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
+        crate::essential::thread("broker-store", move || writer.run(rx, stopped_tx)).map_err(
+            |e| PersistError::Other {
                 path: path.to_path_buf(),
                 reason: format!("cannot start the store thread: {e}"),
-            }
-        })?;
-        Ok((Persist { tx, size, failures }, snapshot))
+            },
+        )?;
+        Ok((
+            Persist {
+                tx,
+                size,
+                failures,
+                stopped,
+            },
+            snapshot,
+        ))
+    }
+
+    /// Resolves once the writer thread has stopped (every handle dropped) and left the
+    /// database complete on its own: WAL checkpointed and truncated, file closed. The
+    /// process must not exit before, or the last commits stay only in the `-wal` file.
+    pub(crate) fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stopped.clone();
+        async move {
+            // An error means the thread ended without saying so (a panic): nothing to wait for.
+            let _ = stopped.wait_for(|done| *done).await;
+        }
+    }
+
+    /// A handle that can ask for backups without keeping the writer thread alive.
+    pub(crate) fn weak(&self) -> WeakPersist {
+        WeakPersist {
+            tx: self.tx.downgrade(),
+        }
     }
 
     /// Commits that failed so far (see [`Waiter::Publish`]).
@@ -345,6 +379,42 @@ impl Persist {
     /// Bytes on disk (database and WAL), refreshed after commits.
     pub(crate) fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+}
+
+/// See [`Persist::weak`].
+#[derive(Debug, Clone)]
+pub(crate) struct WeakPersist {
+    tx: mpsc::WeakSender<Op>,
+}
+
+impl WeakPersist {
+    /// Copy the database to `dest` (SQLite's online backup), including every op sent
+    /// before this call.
+    pub(crate) async fn backup(
+        &self,
+        dest: PathBuf,
+    ) -> Result<(), crate::store::backup::BackupError> {
+        let stopped = |dest| crate::store::backup::BackupError::Io {
+            path: dest,
+            source: std::io::Error::other("the broker store has stopped"),
+        };
+        let Some(tx) = self.tx.upgrade() else {
+            return Err(stopped(dest));
+        };
+        let (reply, done) = oneshot::channel();
+        if tx
+            .send(Op::Backup {
+                dest: dest.clone(),
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return Err(stopped(dest));
+        }
+        drop(tx);
+        done.await.map_err(|_| stopped(dest))?
     }
 }
 
@@ -948,7 +1018,7 @@ enum Next {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>, stopped: tokio::sync::watch::Sender<bool>) {
         // Only for waiting on the channel with a timeout while there is garbage to delete.
         let idle_clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -973,12 +1043,36 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.apply(batch);
+            let (backups, batch): (Vec<Op>, Vec<Op>) = batch
+                .into_iter()
+                .partition(|op| matches!(op, Op::Backup { .. }));
+            if !batch.is_empty() {
+                self.apply(batch);
+            }
+            for backup in backups {
+                if let Op::Backup { dest, reply } = backup {
+                    let _ = reply.send(crate::store::backup::copy_database(&self.conn, &dest));
+                }
+            }
             if self.garbage.rows > PURGE_FORCE_ROWS {
                 self.purge();
             }
         }
-        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+        self.close();
+        let _ = stopped.send(true);
+    }
+
+    /// Copy the WAL into the database and empty it, then close: after a clean stop the
+    /// database file alone holds everything (a copy of it, or a lost `-wal`, loses nothing).
+    fn close(self) {
+        let path = self.path;
+        if let Err(error) = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+            tracing::warn!(database = %path.display(), %error, "broker store checkpoint at stop failed");
+        }
+        if let Err((_, error)) = self.conn.close() {
+            tracing::warn!(database = %path.display(), %error, "broker store close failed");
+        }
+        tracing::debug!(database = %path.display(), "broker store closed");
     }
 
     fn next(
@@ -1480,6 +1574,7 @@ fn apply_op(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
         },
         // Handled by the writer itself (batched deletes, replies after the commit).
         Op::Barrier(_)
+        | Op::Backup { .. }
         | Op::Page { .. }
         | Op::Enqueue { .. }
         | Op::Inflight { .. }

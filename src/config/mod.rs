@@ -136,6 +136,23 @@ impl Default for BrokerConfig {
 }
 
 impl ListenerConfig {
+    /// What clients connect to: `mqtt://`, `mqtts://`, `ws://` or `wss://` with the bound
+    /// address (and the WebSocket path).
+    pub fn url(&self) -> String {
+        let scheme = match (self.tls.is_some(), self.websocket) {
+            (false, false) => "mqtt",
+            (true, false) => "mqtts",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        };
+        let path = if self.websocket {
+            self.websocket_path.as_str()
+        } else {
+            ""
+        };
+        format!("{scheme}://{}{path}", self.bind)
+    }
+
     /// A plain TCP listener with default limits.
     pub fn tcp(bind: SocketAddr) -> ListenerConfig {
         ListenerConfig {
@@ -143,7 +160,10 @@ impl ListenerConfig {
             websocket: false,
             websocket_path: "/mqtt".to_owned(),
             tls: None,
-            max_connections: 1000,
+            max_connections: validate::DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: validate::DEFAULT_MAX_HANDSHAKES,
+            max_connections_per_address: validate::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            connect_timeout: validate::DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -227,8 +247,16 @@ pub struct ListenerConfig {
     pub websocket_path: String,
     /// TLS (or, with `websocket`, secure WebSocket).
     pub tls: Option<ListenerTls>,
-    /// Default 1000.
+    /// Default 1000. Counts connections whose CONNECT has been read.
     pub max_connections: usize,
+    /// Sockets still in the handshake (no valid CONNECT read yet) at once; past it a new
+    /// socket is closed at once. Default 256.
+    pub max_handshakes: usize,
+    /// Sockets from one IP address, in the handshake or connected; 0: no limit. Default 64.
+    pub max_connections_per_address: usize,
+    /// The longest the TLS and WebSocket handshakes and the CONNECT packet together may
+    /// take. Default 5 s.
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -455,6 +483,38 @@ pub fn demo() -> Config {
 }
 
 impl Config {
+    /// Problems that do not stop the gateway but should be fixed: a password file or an ACL
+    /// file that every user of the machine may read (the hashes can be attacked offline;
+    /// the ACL tells who may do what). Owner and group are left alone: the documented set-up
+    /// is `chgrp fieldmq FILE; chmod 640 FILE`. `fieldmq check` prints them and
+    /// `fieldmq run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut warnings = Vec::new();
+        let mut check = |path: &Path, what: &str| {
+            let Ok(metadata) = std::fs::metadata(path) else {
+                return;
+            };
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o004 != 0 {
+                warnings.push(format!(
+                    "{what} {} is readable by every user (mode {mode:o}); \
+                     `chgrp fieldmq {}; chmod 640 {}`",
+                    path.display(),
+                    path.display(),
+                    path.display()
+                ));
+            }
+        };
+        if let Some(file) = &self.broker.password_file {
+            check(file, "password file");
+        }
+        if let Some(file) = &self.broker.acl_file {
+            check(file, "ACL file");
+        }
+        warnings
+    }
+
     /// A short multi-line description for `fieldmq check`.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -483,12 +543,20 @@ impl Config {
             b.listeners.len()
         );
         for listener in &b.listeners {
-            let kind = if listener.websocket { "ws" } else { "mqtt" };
             let _ = writeln!(
                 out,
-                "  {kind} on {} (max {} connections)",
-                listener.bind, listener.max_connections
+                "  {} (max {} connections, {} per address, {} in handshake)",
+                listener.url(),
+                listener.max_connections,
+                match listener.max_connections_per_address {
+                    0 => "no limit".to_owned(),
+                    n => n.to_string(),
+                },
+                listener.max_handshakes
             );
+        }
+        for warning in self.warnings() {
+            let _ = writeln!(out, "warning: {warning}");
         }
         let _ = writeln!(out, "devices: {}", self.devices.len());
         for device in &self.devices {

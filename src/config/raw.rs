@@ -53,6 +53,9 @@ pub(crate) struct RawListener {
     pub(crate) websocket_path: Option<S<String>>,
     pub(crate) tls: Option<S<RawListenerTls>>,
     pub(crate) max_connections: Option<S<i64>>,
+    pub(crate) max_handshakes: Option<S<i64>>,
+    pub(crate) max_connections_per_address: Option<S<i64>>,
+    pub(crate) connect_timeout: Option<S<String>>,
 }
 
 /// A listener's `tls = { ... }` table.

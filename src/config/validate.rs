@@ -45,6 +45,13 @@ pub(crate) const DEFAULT_STATUS_TOPIC: &str = "fieldmq/{gateway}/status";
 pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_LISTENER: &str = "127.0.0.1:1883";
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1000;
+/// Sockets in the handshake at once (TCP accepted, no CONNECT read yet), per listener.
+pub(crate) const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Sockets (in the handshake or connected) from one IP address, per listener. Below
+/// [`DEFAULT_MAX_HANDSHAKES`] so that one host cannot fill the handshake slots alone.
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+/// The whole pre-CONNECT phase: TLS and WebSocket handshakes and the CONNECT packet.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_MAX_PACKET_SIZE: u32 = 1024 * 1024;
 /// The largest packet MQTT can encode: a 256 MiB remaining length plus the fixed header.
 const MQTT_MAX_PACKET_SIZE: u64 = 268_435_455 + 5;
@@ -997,6 +1004,9 @@ impl Validator<'_> {
                 websocket_path: DEFAULT_WS_PATH.to_owned(),
                 tls: None,
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_handshakes: DEFAULT_MAX_HANDSHAKES,
+                max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             }),
         }
 
@@ -1133,6 +1143,25 @@ impl Validator<'_> {
             i64::from(u32::MAX),
             DEFAULT_MAX_CONNECTIONS as i64,
         ) as usize;
+        let max_handshakes = self.integer(
+            &raw.get_ref().max_handshakes,
+            &format!("{prefix}.max_handshakes"),
+            1,
+            i64::from(u32::MAX),
+            DEFAULT_MAX_HANDSHAKES as i64,
+        ) as usize;
+        let max_connections_per_address = self.integer(
+            &raw.get_ref().max_connections_per_address,
+            &format!("{prefix}.max_connections_per_address"),
+            0,
+            i64::from(u32::MAX),
+            DEFAULT_MAX_CONNECTIONS_PER_ADDRESS as i64,
+        ) as usize;
+        let connect_timeout = self.positive_duration(
+            &raw.get_ref().connect_timeout,
+            &format!("{prefix}.connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
         let Some(bind) = &raw.get_ref().bind else {
             self.missing(
                 raw.span(),
@@ -1220,6 +1249,9 @@ impl Validator<'_> {
             websocket_path,
             tls,
             max_connections,
+            max_handshakes,
+            max_connections_per_address,
+            connect_timeout,
         })
     }
 

@@ -5,6 +5,7 @@
 //! cloud), the gateway publishes `offline` retained on the local broker, then the broker
 //! closes client connections after delivering what is queued for them.
 
+pub mod control;
 mod notify;
 
 use std::net::SocketAddr;
@@ -109,6 +110,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 return Err(error.into());
             }
         }
+    }
+
+    // `fieldmq backup` asks the running gateway through this socket (see control.rs).
+    let stores = Arc::new(control::Stores {
+        broker: running.store_backup(),
+        outboxes: uplinks.iter().map(|u| u.outbox().clone()).collect(),
+    });
+    let socket = control::socket_path(&config.gateway.data_dir);
+    match control::bind(&config.gateway.data_dir) {
+        Ok(listener) => {
+            sources.spawn(control::serve(listener, socket, stores, shutdown.clone()));
+        }
+        Err(error) => tracing::warn!(
+            path = %socket.display(), %error,
+            "no control socket: `fieldmq backup` works only while the gateway is stopped"
+        ),
     }
 
     let deadline = config.gateway.shutdown_timeout;

@@ -41,6 +41,7 @@
 //! 7. **One process per file.** The connection uses `locking_mode = EXCLUSIVE`: a second
 //!    gateway on the same data directory fails at open instead of sending the same rows.
 
+pub mod backup;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,8 @@ pub enum StoreError {
     },
     #[error("outbox {path} is closed (its thread stopped)", path = path.display())]
     Closed { path: PathBuf },
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
     #[error(
         "cannot read or write the ack mark file {path} ({source}): check that its directory \
          is writable by the fieldmq user",
@@ -396,6 +399,12 @@ impl Outbox {
     /// Depth, bytes, backlog age and counters. Also applies `max_age` (at most once a second).
     pub async fn stats(&self) -> Result<OutboxStats, StoreError> {
         self.call(|reply| writer::Request::Stats { reply }).await
+    }
+
+    /// Copy the outbox to `dest` (SQLite's online backup) after everything sent before.
+    pub async fn backup(&self, dest: PathBuf) -> Result<(), StoreError> {
+        self.call(|reply| writer::Request::Backup { dest, reply })
+            .await
     }
 
     /// Checkpoint the WAL and stop the thread. Other clones of this handle get

@@ -54,6 +54,11 @@ pub(super) enum Request {
     Close {
         reply: Reply<()>,
     },
+    /// Copy the file to `dest` after this batch's writes.
+    Backup {
+        dest: PathBuf,
+        reply: Reply<()>,
+    },
 }
 
 struct Writer {
@@ -413,6 +418,11 @@ impl Writer {
                 }
                 Request::Stats { reply } => {
                     let _ = reply.send(Ok(self.queue.stats()));
+                }
+                Request::Backup { dest, reply } => {
+                    let result =
+                        super::backup::copy_database(&self.conn, &dest).map_err(StoreError::Backup);
+                    let _ = reply.send(result);
                 }
                 _ => {}
             }

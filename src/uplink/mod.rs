@@ -170,11 +170,17 @@ struct SharedCounters {
 pub struct RunningUplink {
     name: String,
     task: JoinHandle<Result<(), UplinkError>>,
+    outbox: Outbox,
 }
 
 impl RunningUplink {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The uplink's outbox (for backups).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// Wait until the uplink has stopped (after the shutdown token was cancelled, or on a
@@ -243,6 +249,7 @@ pub async fn start(
             uplink: name.clone(),
             source,
         })?;
+    let backup_handle = outbox.clone();
 
     let internal = internal_name(&name);
     let local = if config.routes_out.is_empty() {
@@ -375,7 +382,11 @@ pub async fn start(
         )
         .await
     });
-    Ok(RunningUplink { name, task })
+    Ok(RunningUplink {
+        name,
+        task,
+        outbox: backup_handle,
+    })
 }
 
 /// Stop taking local messages, let the sender flush and say `offline`, close the outbox,

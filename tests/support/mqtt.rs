@@ -37,11 +37,8 @@ pub(crate) async fn within<F: Future>(what: &str, future: F) -> F::Output {
 pub(crate) fn config() -> BrokerConfig {
     BrokerConfig {
         listeners: vec![ListenerConfig {
-            bind: "127.0.0.1:0".parse().expect("address"),
-            websocket: false,
-            websocket_path: "/mqtt".into(),
-            tls: None,
             max_connections: 100,
+            ..ListenerConfig::tcp("127.0.0.1:0".parse().expect("address"))
         }],
         allow_anonymous: true,
         password_file: None,
@@ -520,6 +517,24 @@ pub(crate) struct Raw {
 impl Raw {
     pub(crate) async fn open(addr: SocketAddr) -> Raw {
         let stream = within("TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Raw {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Open from `source` (any 127/8 address on Linux), so the broker sees another client
+    /// address than 127.0.0.1.
+    #[allow(dead_code)] // not every test binary uses it
+    pub(crate) async fn open_from(addr: SocketAddr, source: std::net::IpAddr) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = within("TCP connect", socket.connect(addr))
             .await
             .expect("TCP connect");
         stream.set_nodelay(true).expect("nodelay");

@@ -372,7 +372,8 @@ impl BrokerSetup {
             fieldmq_bin: fieldmq_bin.to_path_buf(),
             mosquitto_bin: mosquitto_bin.to_path_buf(),
             fieldmq_broker: String::new(),
-            fieldmq_listener: String::new(),
+            // Every benchmark client comes from 127.0.0.1: no per-address limit.
+            fieldmq_listener: "max_connections_per_address = 0\n".to_owned(),
             mosquitto: String::new(),
         }
     }
@@ -1775,7 +1776,7 @@ async fn run_memory_bench(args: MemoryArgs) -> Result<()> {
                 target
             };
             let mut setup = BrokerSetup::new(&args.bins.fieldmq_bin, &args.bins.mosquitto_bin);
-            setup.fieldmq_listener = format!("max_connections = {}\n", args.clients + 100);
+            setup.fieldmq_listener += &format!("max_connections = {}\n", args.clients + 100);
             eprintln!("== memory {}: {} idle clients", target.name(), args.clients);
             let dir = work.path().join(format!("idle-{}", target.name()));
             let Some(broker) = start_broker_in(&dir, target, &setup)? else {

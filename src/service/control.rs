@@ -1,0 +1,244 @@
+//! The gateway's local control socket, `<data_dir>/control.sock` (a Unix socket, mode
+//! 0600: only the gateway's user and root may use it). It serves `fieldmq backup`: the
+//! stores hold their files with `locking_mode = EXCLUSIVE`, so while the gateway runs no
+//! other process can read them, and the copy must be made by the threads that own them.
+//!
+//! Protocol: one request line, `backup <absolute directory>`; answered with a line
+//! `copied <file>` per store copied, then `ok`, or `error <reason>` and nothing more.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::StoreBackup;
+use crate::config::{Config, Durability};
+use crate::store::Outbox;
+
+/// The socket's file name in the data directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// The longest a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot create the backup directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the running gateway's control socket {path} failed: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the gateway refused the backup: {0}")]
+    Refused(String),
+    #[error(
+        "{path} is locked by a running gateway whose control socket is not reachable ({reason}); \
+         run the backup as the gateway's user (or root) on the same data directory",
+        path = path.display()
+    )]
+    Locked { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Copy(#[from] crate::store::backup::BackupError),
+}
+
+/// The control socket of a gateway with data in `data_dir`.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// What a backup copies: the broker store and each uplink's outbox, under their own file
+/// names.
+pub(crate) struct Stores {
+    pub(crate) broker: Option<StoreBackup>,
+    pub(crate) outboxes: Vec<Outbox>,
+}
+
+impl Stores {
+    async fn copy_to(&self, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
+        std::fs::create_dir_all(dir).map_err(|source| BackupError::Directory {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut copied = Vec::new();
+        if let Some(broker) = &self.broker {
+            let dest = dir.join(file_name(broker.path()));
+            broker.copy_to(dest.clone()).await?;
+            copied.push(dest);
+        }
+        for outbox in &self.outboxes {
+            let dest = dir.join(file_name(outbox.path()));
+            outbox
+                .backup(dest.clone())
+                .await
+                .map_err(|e| BackupError::Refused(e.to_string()))?;
+            copied.push(dest);
+        }
+        Ok(copied)
+    }
+}
+
+fn file_name(path: &Path) -> PathBuf {
+    PathBuf::from(path.file_name().unwrap_or(path.as_os_str()))
+}
+
+/// Bind the control socket (replacing a stale one; a second gateway on the same data
+/// directory cannot get this far: the stores' exclusive locks stop it first).
+pub(crate) fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = socket_path(data_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answer requests until `shutdown`, then remove the socket file.
+pub(crate) async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    stores: Arc<Stores>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // One request at a time: backups are rare and each store does one at a time anyway.
+        if let Err(error) = answer(stream, &stores).await {
+            tracing::warn!(%error, "control request failed");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn answer(stream: UnixStream, stores: &Stores) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(4096));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::other("no request in time"))??;
+    let reply = match line.trim_end().strip_prefix("backup ") {
+        Some(dir) if Path::new(dir).is_absolute() => {
+            let dir = PathBuf::from(dir);
+            tracing::info!(dir = %dir.display(), "backup requested");
+            match stores.copy_to(&dir).await {
+                Ok(copied) => {
+                    let mut reply = String::new();
+                    for file in &copied {
+                        reply.push_str(&format!("copied {}\n", file.display()));
+                    }
+                    tracing::info!(dir = %dir.display(), files = copied.len(), "backup done");
+                    reply + "ok\n"
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "backup failed");
+                    format!("error {error}\n")
+                }
+            }
+        }
+        _ => "error expected `backup <absolute directory>`\n".to_owned(),
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// Back up the stores of the gateway configured by `config` into the directory `dir`:
+/// through the running gateway's control socket when it runs, else by opening the files
+/// directly. Returns the files written.
+pub async fn backup(config: &Config, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let dir = std::path::absolute(dir).map_err(|source| BackupError::Directory {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let socket = socket_path(&config.gateway.data_dir);
+    match UnixStream::connect(&socket).await {
+        Ok(stream) => ask(stream, &socket, &dir).await,
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            copy_stopped(config, &dir)
+        }
+        Err(source) => Err(BackupError::Socket {
+            path: socket,
+            source,
+        }),
+    }
+}
+
+async fn ask(stream: UnixStream, socket: &Path, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let io = |source| BackupError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("backup {}\n", dir.display()).as_bytes())
+        .await
+        .map_err(io)?;
+    let mut lines = BufReader::new(read).lines();
+    let mut copied = Vec::new();
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        if let Some(file) = line.strip_prefix("copied ") {
+            copied.push(PathBuf::from(file));
+        } else if line == "ok" {
+            return Ok(copied);
+        } else if let Some(reason) = line.strip_prefix("error ") {
+            return Err(BackupError::Refused(reason.to_owned()));
+        }
+    }
+    Err(io(std::io::Error::other(
+        "the gateway closed the socket without an answer",
+    )))
+}
+
+/// No gateway runs on this data directory: copy the files directly.
+fn copy_stopped(config: &Config, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let mut sources = Vec::new();
+    if config.broker.durability != Durability::Memory {
+        sources.push(config.broker.store_path.clone());
+    }
+    for uplink in &config.uplinks {
+        sources.push(crate::uplink::outbox_path(
+            &config.gateway.data_dir,
+            &uplink.name,
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| BackupError::Directory {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut copied = Vec::new();
+    for source in sources.into_iter().filter(|p| p.exists()) {
+        let dest = dir.join(file_name(&source));
+        crate::store::backup::copy_file(&source, &dest).map_err(|error| match error {
+            crate::store::backup::BackupError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(code, _),
+                ..
+            } if code.code == rusqlite::ErrorCode::DatabaseBusy => BackupError::Locked {
+                path: source.clone(),
+                reason: "database is locked".into(),
+            },
+            other => BackupError::Copy(other),
+        })?;
+        copied.push(dest);
+    }
+    Ok(copied)
+}
