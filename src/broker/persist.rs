@@ -865,6 +865,7 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     let now_wall = now_ms();
     let mut snapshot = Snapshot::default();
     let mut garbage = Garbage::default();
+    let mut unusable = Vec::new();
     // Seqs never go back, not even below a watermark whose rows are all deleted.
     let next_seq: Option<i64> = conn
         .query_row(
@@ -908,19 +909,32 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
                 0,
             );
         }
-        let subs = subscriptions
-            .query_map([&client_id], |row| {
-                Ok(StoredSubscription {
-                    filter: row.get(0)?,
-                    qos: qos_from(row.get(1)?),
-                    no_local: row.get(2)?,
-                    retain_as_published: row.get(3)?,
-                    subscription_id: row
-                        .get::<_, Option<i64>>(4)?
-                        .and_then(|n| usize::try_from(n).ok()),
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut subs = Vec::new();
+        let mut rows = subscriptions.query([&client_id])?;
+        while let Some(row) = rows.next()? {
+            let filter = row.get_ref(0)?.as_bytes()?;
+            let filter = match std::str::from_utf8(filter) {
+                Ok(text) if crate::topic::parse_filter(text).is_some() => text.to_owned(),
+                _ => {
+                    unusable.push(Unusable {
+                        table: "subscriptions",
+                        key: vec![client_id.as_bytes().to_vec(), filter.to_vec()],
+                        reason: "not a valid topic filter".into(),
+                    });
+                    continue;
+                }
+            };
+            subs.push(StoredSubscription {
+                filter,
+                qos: qos_from(row.get(1)?),
+                no_local: row.get(2)?,
+                retain_as_published: row.get(3)?,
+                subscription_id: row
+                    .get::<_, Option<i64>>(4)?
+                    .and_then(|n| usize::try_from(n).ok()),
+            });
+        }
+        drop(rows);
         let acked = u64::try_from(acked_seq).unwrap_or(0);
         let mut reader = RowReader::new(now, 0);
         let queued: Vec<StoredDelivery> =
@@ -948,22 +962,121 @@ fn load(conn: &mut Connection, memory_window: usize) -> rusqlite::Result<(Snapsh
     let wall_now = now_ms();
     let mut retained =
         conn.prepare("SELECT topic, payload, qos, properties, received_ms FROM retained")?;
-    snapshot.retained = retained
-        .query_map([], |row| {
-            let topic: String = row.get(0)?;
-            let payload: Vec<u8> = row.get(1)?;
-            Ok(Message {
-                topic: Arc::from(topic.as_str()),
-                payload: Bytes::from(payload),
-                qos: qos_from(row.get(2)?),
-                retain: true,
-                properties: decode_properties(row.get::<_, Option<String>>(3)?.as_deref()),
-                origin: Origin::Internal(Arc::from("store")),
-                received: instant_from_ms(row.get(4)?, now, wall_now),
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut rows = retained.query([])?;
+    while let Some(row) = rows.next()? {
+        let topic_bytes = row.get_ref(0)?.as_bytes()?;
+        let properties = row.get_ref(3)?.as_bytes_or_null()?;
+        let problem = match std::str::from_utf8(topic_bytes) {
+            Err(_) => Some("the topic is not UTF-8".to_owned()),
+            Ok(topic) if !crate::topic::valid_topic_name(topic) => {
+                Some("not a valid topic name".to_owned())
+            }
+            Ok(_) => properties.and_then(|json| {
+                serde_json::from_slice::<MessageProperties>(json)
+                    .err()
+                    .map(|e| format!("its properties do not decode: {e}"))
+            }),
+        };
+        if let Some(reason) = problem {
+            unusable.push(Unusable {
+                table: "retained",
+                key: vec![topic_bytes.to_vec()],
+                reason,
+            });
+            continue;
+        }
+        let topic = String::from_utf8_lossy(topic_bytes);
+        let payload: Vec<u8> = row.get(1)?;
+        snapshot.retained.push(Message {
+            topic: Arc::from(topic.as_ref()),
+            payload: Bytes::from(payload),
+            qos: qos_from(row.get(2)?),
+            retain: true,
+            properties: decode_properties(row.get::<_, Option<String>>(3)?.as_deref()),
+            origin: Origin::Internal(Arc::from("store")),
+            received: instant_from_ms(row.get(4)?, now, wall_now),
+        });
+    }
+    drop(rows);
+    drop(retained);
+    quarantine(&*conn, &unusable);
     Ok((snapshot, garbage))
+}
+
+/// A stored row that cannot be used (written by a damaged disk, a bug or a hand edit): it is
+/// left out at start and moved to the `quarantine` table for a person to look at.
+struct Unusable {
+    table: &'static str,
+    /// The row's primary key columns.
+    key: Vec<Vec<u8>>,
+    reason: String,
+}
+
+/// Move unusable rows into `quarantine`, logging each. Best effort: a start must not need to
+/// write (the disk may be full); a row that cannot be moved is left out again next time.
+fn quarantine(conn: &Connection, rows: &[Unusable]) {
+    for row in rows {
+        let shown: Vec<String> = row
+            .key
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        tracing::error!(
+            table = row.table,
+            key = ?shown,
+            reason = %row.reason,
+            "a stored row cannot be used: left out and kept in the quarantine table"
+        );
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let moved = in_transaction(conn, || {
+        let tx = conn;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS quarantine (
+                 id INTEGER PRIMARY KEY,
+                 from_table TEXT NOT NULL,
+                 reason TEXT NOT NULL,
+                 quarantined_ms INTEGER NOT NULL,
+                 row TEXT NOT NULL
+             )",
+        )?;
+        for row in rows {
+            let (copy, delete) = match row.table {
+                "retained" => (
+                    "SELECT json_object('topic', hex(topic), 'payload', hex(payload),
+                         'qos', qos, 'properties', hex(properties), 'received_ms', received_ms)
+                     FROM retained WHERE CAST(topic AS BLOB) = ?1",
+                    "DELETE FROM retained WHERE CAST(topic AS BLOB) = ?1",
+                ),
+                _ => (
+                    "SELECT json_object('client_id', hex(client_id), 'filter', hex(filter),
+                         'qos', qos, 'no_local', no_local,
+                         'retain_as_published', retain_as_published,
+                         'subscription_id', subscription_id)
+                     FROM subscriptions
+                     WHERE CAST(client_id AS BLOB) = ?1 AND CAST(filter AS BLOB) = ?2",
+                    "DELETE FROM subscriptions
+                     WHERE CAST(client_id AS BLOB) = ?1 AND CAST(filter AS BLOB) = ?2",
+                ),
+            };
+            let key = || rusqlite::params_from_iter(row.key.iter());
+            let copied: Option<String> = tx.query_row(copy, key(), |r| r.get(0)).optional()?;
+            if let Some(copied) = copied {
+                tx.execute(
+                    "INSERT INTO quarantine (from_table, reason, quarantined_ms, row)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![row.table, row.reason, now_ms(), copied],
+                )?;
+                tx.execute(delete, key())?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(error) = moved {
+        tracing::warn!(%error, "unusable rows could not be moved to the quarantine table; they are left out at every start");
+    }
 }
 
 /// Acknowledged messages not deleted yet: per client, the watermark they are under.
@@ -2111,6 +2224,104 @@ mod tests {
         assert!(matches!(error, PersistError::Corrupt { .. }), "{text}");
         assert!(text.contains("does not decode"), "{text}");
         assert!(text.contains(&path.display().to_string()), "{text}");
+    }
+
+    #[tokio::test]
+    async fn unusable_rows_are_left_out_at_start_and_kept_in_quarantine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("broker.db");
+        let client: Arc<str> = Arc::from("c");
+        {
+            let persist = open_with_session(&path, &client, 10).await;
+            for topic in ["good/1", "bad/properties", "é/good"] {
+                persist
+                    .send(Op::Retain {
+                        topic: Arc::from(topic),
+                        message: Some(Message::internal("t", topic, "v", QoS::AtLeastOnce, true)),
+                    })
+                    .await;
+            }
+            persist
+                .send(Op::Subscriptions {
+                    client_id: client.clone(),
+                    subscriptions: ["ok/#", "bad/#"]
+                        .map(|filter| StoredSubscription {
+                            filter: filter.to_owned(),
+                            qos: QoS::AtLeastOnce,
+                            no_local: false,
+                            retain_as_published: false,
+                            subscription_id: None,
+                        })
+                        .to_vec(),
+                })
+                .await;
+            persist.barrier().await.await.expect("committed");
+        }
+        // Damage three rows the way a bad disk or a hand edit would.
+        let damaged = {
+            let mut conn = None;
+            for _ in 0..100 {
+                let opened = Connection::open(&path).expect("open");
+                if opened
+                    .execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN IMMEDIATE; COMMIT;")
+                    .is_ok()
+                {
+                    conn = Some(opened);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            conn.expect("the store released the file")
+        };
+        damaged
+            .execute_batch(
+                "UPDATE retained SET properties = '{not json' WHERE topic = 'bad/properties';
+                 UPDATE retained SET topic = CAST(X'FF2F78' AS TEXT) WHERE topic = 'good/1';
+                 UPDATE subscriptions SET filter = 'bad/#/x' WHERE filter = 'bad/#';",
+            )
+            .expect("damage");
+        drop(damaged);
+
+        let (persist, snapshot) = reopen(&path, 10).await;
+        let retained: Vec<&str> = snapshot.retained.iter().map(|m| &*m.topic).collect();
+        assert_eq!(
+            retained,
+            ["é/good"],
+            "the usable retained message is loaded"
+        );
+        let filters: Vec<&str> = snapshot.sessions[0]
+            .subscriptions
+            .iter()
+            .map(|s| s.filter.as_str())
+            .collect();
+        assert_eq!(filters, ["ok/#"]);
+        drop(persist);
+
+        // The unusable rows moved to the quarantine table, and are gone from theirs.
+        let (persist, snapshot) = reopen(&path, 10).await;
+        assert_eq!(snapshot.retained.len(), 1);
+        drop(persist);
+        let conn = loop {
+            let opened = Connection::open(&path).expect("open");
+            if opened.execute_batch("BEGIN IMMEDIATE; COMMIT;").is_ok() {
+                break opened;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let quarantined: Vec<(String, String)> = conn
+            .prepare("SELECT from_table, reason FROM quarantine ORDER BY from_table, reason")
+            .expect("prepare")
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(quarantined.len(), 3, "{quarantined:?}");
+        assert!(quarantined[0].1.starts_with("its properties do not decode"));
+        assert_eq!(quarantined[1].1, "the topic is not UTF-8");
+        assert_eq!(
+            quarantined[2],
+            ("subscriptions".into(), "not a valid topic filter".into())
+        );
     }
 
     #[test]
