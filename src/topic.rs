@@ -54,6 +54,27 @@ pub fn matches(topic: &str, filter: &str) -> bool {
     }
 }
 
+/// Whether every topic `filter` matches is also matched by `outer` (both assumed valid):
+/// `a/+/t` is within `a/#` and `+/+/t`, `a/#` is within `#` but not within `a/+`.
+pub fn filter_within(filter: &str, outer: &str) -> bool {
+    if filter.starts_with('$') != outer.starts_with('$') && outer.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut outer_levels = outer.split('/');
+    loop {
+        match (outer_levels.next(), filter_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(_), Some("+")) => return false,
+            (Some(wanted), Some(level)) if wanted == level => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// A subscription filter split into its share group (for `$share/group/filter`) and the
 /// filter proper.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +287,33 @@ mod tests {
                 matches(topic, filter),
                 *expected,
                 "topic {topic:?} filter {filter:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_filter_is_within_another_only_when_every_topic_it_matches_is_matched_too() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("a/b", "a/b", true),
+            ("a/+", "a/+", true),
+            ("a/+", "a/#", true),
+            ("a/#", "a/#", true),
+            ("a", "a/#", true),
+            ("a/#", "#", true),
+            ("a/+/t", "+/+/t", true),
+            ("a/#", "a/+", false),
+            ("a/+", "a/b", false),
+            ("#", "a/#", false),
+            ("a/b/c", "a/+", false),
+            ("$SYS/#", "#", false),
+            ("$SYS/#", "$SYS/#", true),
+            ("é/+/x", "é/#", true),
+        ];
+        for (filter, outer, expected) in cases {
+            assert_eq!(
+                filter_within(filter, outer),
+                *expected,
+                "{filter:?} within {outer:?}"
             );
         }
     }

@@ -63,15 +63,31 @@ impl Access {
     fn grants(self, wanted: Wanted) -> bool {
         matches!(
             (self, wanted),
-            (Access::ReadWrite, _) | (Access::Read, Wanted::Read) | (Access::Write, Wanted::Write)
+            (Access::ReadWrite, _)
+                | (Access::Read, Wanted::Read | Wanted::Subscribe)
+                | (Access::Write, Wanted::Write)
         )
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wanted {
+    /// A message on a topic delivered to the client.
     Read,
     Write,
+    /// A subscription: read access to every topic its filter can match.
+    Subscribe,
+}
+
+impl Wanted {
+    /// Whether the rule's filter covers the request's topic (or, for a subscription, every
+    /// topic the requested filter matches).
+    fn covered_by(self, requested: &str, rule: &str) -> bool {
+        match self {
+            Wanted::Subscribe => topic::filter_within(requested, rule),
+            Wanted::Read | Wanted::Write => topic::matches(requested, rule),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +215,7 @@ impl Acl {
             Some(parsed) => parsed.filter,
             None => return false,
         };
-        self.check(username, client_id, filter, Wanted::Read)
+        self.check(username, client_id, filter, Wanted::Subscribe)
     }
 
     /// May this client publish to `topic`?
@@ -222,7 +238,7 @@ impl Acl {
                 if topic.starts_with('$') && !rule.topic.starts_with('$') {
                     continue;
                 }
-                if topic::matches(topic, &rule.topic) {
+                if wanted.covered_by(topic, &rule.topic) {
                     if rule.access == Access::Deny {
                         return false;
                     }
@@ -248,7 +264,7 @@ impl Acl {
             let Some(filter) = substitute(&rule.topic, username, client_id) else {
                 continue;
             };
-            if topic::matches(topic, &filter) {
+            if wanted.covered_by(topic, &filter) {
                 if rule.access == Access::Deny {
                     return false;
                 }

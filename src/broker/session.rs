@@ -644,6 +644,7 @@ impl SessionState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A window of 4 in memory and no shared queue memory beyond it.
     fn limits() -> Limits {
@@ -682,13 +683,12 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_the_oldest_and_counts_it() {
+    fn a_full_queue_of_an_offline_client_drops_the_oldest_and_counts_it() {
         let limits = Limits {
             max_messages: 2,
             ..limits()
         };
         let session = Session::new(Arc::from("c"), limits);
-        session.set_owner(1, None);
         for n in 0..2 {
             session.enqueue(delivery(n, QoS::AtLeastOnce, Some(n + 1)));
         }
@@ -697,6 +697,69 @@ mod tests {
         let state = session.lock();
         assert_eq!(state.dropped, 1);
         assert_eq!(&*state.queue[0].message.topic, "t/1");
+    }
+
+    #[test]
+    fn a_connected_client_at_its_bound_reports_congestion_and_drops_only_past_the_headroom() {
+        let limits = Limits {
+            max_messages: 2,
+            ..limits()
+        };
+        let session = Session::new(Arc::from("c"), limits);
+        session.set_owner(1, None);
+        let first = session.enqueue(delivery(0, QoS::AtLeastOnce, None));
+        assert!(!first.congested);
+        let second = session.enqueue(delivery(1, QoS::AtLeastOnce, None));
+        assert!(second.congested, "at the bound: the publisher is to wait");
+        let headroom = 2 * 2 + 2 * ROUTING_WINDOW;
+        for n in 2..headroom {
+            let outcome = session.enqueue(delivery(n as u64, QoS::AtLeastOnce, None));
+            assert_eq!(outcome.dropped_seq, None);
+            assert_eq!(
+                session.lock().dropped,
+                0,
+                "nothing dropped below the headroom"
+            );
+        }
+        session.enqueue(delivery(9999, QoS::AtLeastOnce, None));
+        assert_eq!(
+            session.lock().dropped,
+            1,
+            "past the headroom, the oldest goes"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_room_ends_when_the_client_takes_messages_or_evicts_a_stalled_one() {
+        let limits = Limits {
+            max_messages: 1,
+            ..limits()
+        };
+        let session = Arc::new(Session::new(Arc::from("c"), limits));
+        let evict = CancellationToken::new();
+        session.set_owner(1, Some(evict.clone()));
+        session.enqueue(delivery(0, QoS::AtLeastOnce, None));
+        let waiting = {
+            let session = session.clone();
+            tokio::spawn(async move { session.wait_for_room(Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(session.take_sendable(1, 10, Instant::now()).0.len(), 1);
+        assert_eq!(waiting.await.expect("task"), Room::Made);
+
+        // Full again, and the client takes nothing: evicted after the timeout, once.
+        session.enqueue(delivery(1, QoS::AtLeastOnce, None));
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            session.wait_for_room(Duration::from_secs(10)).await,
+            Room::Evicted
+        );
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert!(evict.is_cancelled());
+        assert_eq!(
+            session.wait_for_room(Duration::from_secs(10)).await,
+            Room::ClientGone
+        );
     }
 
     #[test]
