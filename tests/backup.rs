@@ -19,23 +19,7 @@ const QUEUED: u64 = 300;
 const PADDING: usize = 1024;
 
 fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    let config = format!(
-        r#"
-[gateway]
-id = "backup"
-data_dir = "{}"
-
-[broker]
-allow_anonymous = true
-
-[[broker.listeners]]
-bind = "127.0.0.1:0"
-"#,
-        data.display()
-    );
-    let path = dir.join("fieldmq.toml");
-    std::fs::write(&path, config).expect("write config");
-    path
+    process::write_config(dir, data, "")
 }
 
 fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {

@@ -15,24 +15,7 @@ use process::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
-    let config = format!(
-        r#"
-[gateway]
-id = "durable"
-data_dir = "{}"
-
-[broker]
-allow_anonymous = true
-max_queued_messages = 100000
-
-[[broker.listeners]]
-bind = "127.0.0.1:0"
-"#,
-        dir.join("data").display()
-    );
-    let path = dir.join("fieldmq.toml");
-    std::fs::write(&path, config).expect("write config");
-    path
+    process::write_config(dir, &dir.join("data"), "max_queued_messages = 100000")
 }
 
 fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {

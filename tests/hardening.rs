@@ -18,25 +18,9 @@ use process::GatewayProcess;
 
 fn gateway_config(dir: &Path, acl_file: Option<&Path>) -> std::path::PathBuf {
     let acl = acl_file
-        .map(|path| format!("acl_file = \"{}\"\n", path.display()))
+        .map(|path| format!("acl_file = \"{}\"", path.display()))
         .unwrap_or_default();
-    let config = format!(
-        r#"
-[gateway]
-id = "hardening"
-data_dir = "{}"
-
-[broker]
-allow_anonymous = true
-{acl}
-[[broker.listeners]]
-bind = "127.0.0.1:0"
-"#,
-        dir.join("data").display()
-    );
-    let path = dir.join("fieldmq.toml");
-    std::fs::write(&path, config).expect("write config");
-    path
+    process::write_config(dir, &dir.join("data"), &acl)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -133,3 +133,26 @@ pub(crate) fn run_to_end(args: &[&str], config: Option<&Path>) -> (Option<i32>, 
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Write `dir/fieldmq.toml`: a gateway with its data in `data_dir`, anonymous clients, one
+/// listener on an ephemeral 127.0.0.1 port, and `broker_lines` added to `[broker]`.
+pub(crate) fn write_config(dir: &Path, data_dir: &Path, broker_lines: &str) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[gateway]
+id = "test"
+data_dir = "{}"
+
+[broker]
+allow_anonymous = true
+{broker_lines}
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+"#,
+        data_dir.display()
+    );
+    let path = dir.join("fieldmq.toml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
