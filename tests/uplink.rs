@@ -207,6 +207,7 @@ async fn wait_status(
             InternalSubscribeOptions {
                 capacity: 64,
                 send_retained: true,
+                ..InternalSubscribeOptions::default()
             },
         )
         .await

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::Inbound;
 use super::{route, SharedCounters};
-use crate::broker::{BrokerHandle, InternalSubscription};
+use crate::broker::{AckShare, BrokerHandle, InternalSubscription};
 use crate::config::{InRoute, OutRoute};
 use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
@@ -35,14 +35,14 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
         let first = tokio::select! {
             biased;
             _ = cx.stop.cancelled() => break,
-            message = cx.subscription.recv() => match message {
+            message = cx.subscription.recv_with_ack() => match message {
                 Some(message) => message,
                 None => return,
             },
         };
         let mut batch = vec![first];
         while batch.len() < INGEST_BATCH {
-            match cx.subscription.try_recv() {
+            match cx.subscription.try_recv_with_ack() {
                 Some(message) => batch.push(message),
                 None => break,
             }
@@ -51,7 +51,7 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
     }
     // Shutdown: store what the broker already handed over, then stop taking.
     let mut rest = Vec::new();
-    while let Some(message) = cx.subscription.try_recv() {
+    while let Some(message) = cx.subscription.try_recv_with_ack() {
         rest.push(message);
     }
     if !rest.is_empty() {
@@ -60,14 +60,24 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
     }
 }
 
-async fn store(cx: &IngestContext, batch: Vec<Message>) {
+/// Store a batch in the outbox. The publishers' acknowledgement shares that came with it are
+/// released once the records are committed; a message that needs no storing (expired,
+/// matched only by a `durable = false` route) releases its share at once, and so does one
+/// the outbox refuses by its bounds (`drop_new`: counted, not retried). A failed commit
+/// drops the shares (those publishers get no acknowledgement and send again) while the
+/// records are still retried here.
+async fn store(cx: &IngestContext, batch: Vec<(Message, Option<AckShare>)>) {
     let now = Instant::now();
     let mut records = Vec::with_capacity(batch.len());
-    for message in batch {
-        if message.is_expired(now) {
-            continue;
-        }
-        let Some((_, route, topic)) = route::remote_topic(&cx.routes, &message.topic) else {
+    let mut shares = Vec::new();
+    for (message, share) in batch {
+        let routed = if message.is_expired(now) {
+            None
+        } else {
+            route::remote_topic(&cx.routes, &message.topic)
+        };
+        let Some((_, route, topic)) = routed else {
+            release(share);
             continue;
         };
         let record = OutboxRecord {
@@ -79,15 +89,21 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
         };
         if route.durable {
             records.push(record);
-        } else if cx.direct.try_send(record).is_err() {
-            cx.counters
-                .dropped_not_durable
-                .fetch_add(1, Ordering::Relaxed);
+            shares.extend(share);
+        } else {
+            // Best effort by configuration: nothing to wait for.
+            release(share);
+            if cx.direct.try_send(record).is_err() {
+                cx.counters
+                    .dropped_not_durable
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     if records.is_empty() {
         return;
     }
+    let mut shares = Some(shares);
     // A failed append (disk full, I/O error) is retried: the records are not accepted
     // until committed, and the broker waits meanwhile (backpressure, not loss).
     let mut delay = Duration::from_millis(100);
@@ -97,9 +113,19 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
                 if let Some(seq) = report.last_seq {
                     cx.appended.send_replace(seq);
                 }
+                // Committed, or refused by a bound (`drop_new`, counted by the outbox): the
+                // publishers are acknowledged either way.
+                shares.into_iter().flatten().for_each(AckShare::stored);
                 return;
             }
             Err(e) => {
+                if let Some(shares) = shares.take() {
+                    if !shares.is_empty() {
+                        tracing::warn!(uplink = %cx.name, publishers = shares.len(), "outbox commit failed: withholding acknowledgements");
+                    }
+                    // Dropped unreleased: those publishers are not acknowledged.
+                    drop(shares);
+                }
                 tracing::error!(uplink = %cx.name, error = %e, count = records.len(), ?delay, "cannot store messages in the outbox; retrying");
                 tokio::select! {
                     _ = cx.stop.cancelled() => {
@@ -111,6 +137,12 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+fn release(share: Option<AckShare>) {
+    if let Some(share) = share {
+        share.stored();
     }
 }
 
