@@ -174,3 +174,150 @@ pub(super) async fn run_inbound(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
+    use crate::config::{BrokerConfig, Durability, QueueConfig, WhenFull};
+    use crate::model::QoS;
+    use bytes::Bytes;
+
+    const NAME: &str = "uplink:cloud";
+
+    struct Setup {
+        broker: RunningBroker,
+        outbox: Outbox,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    fn bounds(max_messages: u64) -> QueueConfig {
+        QueueConfig {
+            max_messages,
+            max_bytes: 1024 * 1024,
+            max_age: Duration::from_secs(3600),
+            when_full: WhenFull::DropNew,
+        }
+    }
+
+    /// A broker with `sync` durability and an ingest task storing `plant/#` in an outbox.
+    async fn start(outbox_fails: bool, bounds: QueueConfig) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = BrokerConfig {
+            listeners: Vec::new(),
+            durability: Durability::Sync,
+            store_path: dir.path().join("broker.db"),
+            ..BrokerConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let broker = broker::start(&config, stop.clone())
+            .await
+            .expect("start the broker");
+        let subscription = broker
+            .handle
+            .subscribe(
+                NAME,
+                vec![("plant/#".into(), QoS::AtLeastOnce)],
+                InternalSubscribeOptions {
+                    commit: true,
+                    ..InternalSubscribeOptions::default()
+                },
+            )
+            .await
+            .expect("subscribe");
+        let outbox = Outbox::open(&dir.path().join("outbox.db"), bounds)
+            .await
+            .expect("open the outbox");
+        let ingest_outbox = outbox.clone();
+        if outbox_fails {
+            // Every append after this fails.
+            outbox.clone().close().await.expect("close the outbox");
+        }
+        let (direct, _direct_rx) = mpsc::channel(16);
+        tokio::spawn(run_ingest(IngestContext {
+            name: "cloud".into(),
+            routes: vec![OutRoute {
+                filter: "plant/#".into(),
+                remote_prefix: Some("site/".into()),
+                remote_template: None,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                durable: true,
+            }],
+            subscription,
+            outbox: ingest_outbox,
+            direct,
+            appended: watch::channel(0).0,
+            counters: Arc::default(),
+            stop: stop.clone(),
+        }));
+        Setup {
+            broker,
+            outbox,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    fn message(qos: QoS) -> Message {
+        Message::internal("plc", "plant/line1", Bytes::from_static(b"42"), qos, false)
+    }
+
+    #[tokio::test]
+    async fn a_qos_1_publish_is_answered_only_once_the_outbox_holds_it() {
+        let setup = start(false, bounds(1000)).await;
+        let matched = setup
+            .broker
+            .handle
+            .publish_and_wait(message(QoS::AtLeastOnce))
+            .await
+            .expect("acknowledged");
+        assert!(matched);
+        let rows = setup.outbox.read_after(0, 10).await.expect("read");
+        assert_eq!(rows.len(), 1, "the row is committed before the answer");
+        setup.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_failed_outbox_commit_withholds_the_acknowledgement() {
+        let setup = start(true, bounds(1000)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            setup
+                .broker
+                .handle
+                .publish_and_wait(message(QoS::AtLeastOnce)),
+        )
+        .await
+        .expect("answered, not hung");
+        assert!(
+            matches!(answer, Err(BrokerError::NotStored)),
+            "not acknowledged: {answer:?}"
+        );
+        setup.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_message_the_full_outbox_refuses_is_still_acknowledged() {
+        let setup = start(false, bounds(1)).await;
+        for _ in 0..2 {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                setup
+                    .broker
+                    .handle
+                    .publish_and_wait(message(QoS::AtLeastOnce)),
+            )
+            .await
+            .expect("answered, not hung")
+            .expect("acknowledged");
+        }
+        let stats = setup.outbox.stats().await.expect("stats");
+        assert_eq!(
+            stats.dropped.new, 1,
+            "the refused message is counted: {stats:?}"
+        );
+        setup.stop.cancel();
+    }
+}
