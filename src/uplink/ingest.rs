@@ -179,9 +179,10 @@ pub(super) async fn run_inbound(
 mod tests {
     use super::*;
     use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
-    use crate::config::{BrokerConfig, Durability, QueueConfig, WhenFull};
+    use crate::config::{BrokerConfig, Durability, ListenerConfig, QueueConfig, WhenFull};
     use crate::model::QoS;
     use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const NAME: &str = "uplink:cloud";
 
@@ -205,7 +206,8 @@ mod tests {
     async fn start(outbox_fails: bool, bounds: QueueConfig) -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = BrokerConfig {
-            listeners: Vec::new(),
+            listeners: vec![ListenerConfig::tcp("127.0.0.1:0".parse().expect("address"))],
+            allow_anonymous: true,
             durability: Durability::Sync,
             store_path: dir.path().join("broker.db"),
             ..BrokerConfig::default()
@@ -318,6 +320,38 @@ mod tests {
             stats.dropped.new, 1,
             "the refused message is counted: {stats:?}"
         );
+        setup.stop.cancel();
+    }
+
+    /// MQTT 3.1.1 CONNECT (clean session) then PUBLISH QoS 1 `plant/line1` with packet id 1.
+    fn connect_and_publish() -> Vec<u8> {
+        let mut out = vec![0x10, 16, 0, 4];
+        out.extend_from_slice(b"MQTT");
+        out.extend_from_slice(&[4, 0x02, 0, 60, 0, 4]);
+        out.extend_from_slice(b"dev1");
+        out.extend_from_slice(&[0x32, 17, 0, 11]);
+        out.extend_from_slice(b"plant/line1");
+        out.extend_from_slice(&[0, 1]);
+        out.extend_from_slice(b"42");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_message_the_outbox_cannot_commit_gets_no_puback_and_is_disconnected() {
+        let setup = start(true, bounds(1000)).await;
+        let mut client = tokio::net::TcpStream::connect(setup.broker.local_addrs[0])
+            .await
+            .expect("connect");
+        client
+            .write_all(&connect_and_publish())
+            .await
+            .expect("send");
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
+            .await
+            .expect("the broker closes the connection")
+            .expect("read");
+        assert_eq!(received, [0x20, 2, 0, 0], "CONNACK and no PUBACK");
         setup.stop.cancel();
     }
 }
