@@ -197,9 +197,8 @@ mod tests {
             );
             matched += usize::from(expected);
             // A filter made of the topic itself, or with one level replaced by `+`.
-            assert_eq!(
+            assert!(
                 matches(&topic, &topic),
-                true,
                 "seed {seed}: topic {topic:?} as its own filter"
             );
             let mut levels: Vec<&str> = topic.split('/').collect();

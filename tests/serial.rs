@@ -83,7 +83,7 @@ async fn start(device: &str) -> Gateway {
             vec![("#".to_owned(), QoS::AtLeastOnce)],
             InternalSubscribeOptions {
                 capacity: 100_000,
-                send_retained: false,
+                ..InternalSubscribeOptions::default()
             },
         )
         .await

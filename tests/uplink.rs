@@ -207,6 +207,7 @@ async fn wait_status(
             InternalSubscribeOptions {
                 capacity: 64,
                 send_retained: true,
+                ..InternalSubscribeOptions::default()
             },
         )
         .await
@@ -1089,6 +1090,166 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
         "{duplicates} duplicates for 10 kills with a window of {INFLIGHT}"
     );
     drop(gateway);
+}
+
+/// A port on 127.0.0.1 where nothing listens: the cloud is unreachable.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// An MQTT 3.1.1 packet: fixed header byte, remaining length, body.
+fn raw_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn raw_str(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// Publish `count` QoS 1 messages (payload: `first` + their index) on `plant/seq` as fast as
+/// the gateway reads them, kill -9 the gateway once a tenth of them are acknowledged, and
+/// return the numbers whose PUBACK arrived.
+async fn publish_until_killed(gateway: &mut GatewayProcess, first: u32, count: u16) -> Vec<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(gateway.local_addr)
+        .await
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let mut connect = Vec::new();
+    raw_str(&mut connect, b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60]);
+    raw_str(&mut connect, b"plc-acked");
+    write.write_all(&raw_packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    read.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
+
+    let writer = tokio::spawn(async move {
+        for n in 0..count {
+            let mut body = Vec::new();
+            raw_str(&mut body, b"plant/seq");
+            body.extend_from_slice(&(n + 1).to_be_bytes());
+            body.extend_from_slice((first + u32::from(n)).to_string().as_bytes());
+            if write.write_all(&raw_packet(0x32, &body)).await.is_err() {
+                return;
+            }
+        }
+        // Keep the connection open until the gateway dies.
+        std::future::pending::<()>().await;
+    });
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let reader = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            while buf.len() >= 4 {
+                assert_eq!(&buf[..2], &[0x40, 2], "only PUBACKs are expected");
+                let pkid = u16::from_be_bytes([buf[2], buf[3]]);
+                acked.push(first + u32::from(pkid - 1));
+                buf.drain(..4);
+            }
+            acked_tx.send_replace(acked.len());
+        }
+        acked
+    });
+    let tenth = usize::from(count / 10);
+    tokio::time::timeout(Duration::from_secs(30), acked_rx.wait_for(|&n| n >= tenth))
+        .await
+        .expect("a tenth of the publishes acknowledged within 30 s")
+        .unwrap();
+    gateway.kill9();
+    writer.abort();
+    tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the connection closes with the gateway")
+        .unwrap()
+}
+
+/// Payloads of `plant/seq` messages in the outbox, in queue order.
+fn outbox_numbers(data_dir: &Path) -> Vec<u32> {
+    let db = rusqlite::Connection::open_with_flags(
+        data_dir.join("uplink-cloud.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut statement = db
+        .prepare("SELECT payload FROM outbox WHERE topic = ?1 ORDER BY seq")
+        .unwrap();
+    statement
+        .query_map([format!("sites/{GATEWAY}/seq")], |row| {
+            row.get::<_, Vec<u8>>(0)
+        })
+        .unwrap()
+        .map(|payload| {
+            String::from_utf8(payload.unwrap())
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn with_sync_durability_every_puback_means_the_message_is_in_the_outbox_across_kill_9() {
+    const COUNT: u16 = 20_000;
+    const ROUNDS: u32 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let config = gateway_toml(dir.path(), closed_port(), "");
+    let mut acked = Vec::new();
+    for round in 0..ROUNDS {
+        let mut gateway = GatewayProcess::start(&config);
+        let this_round = publish_until_killed(&mut gateway, round * 100_000, COUNT).await;
+        assert!(
+            this_round.windows(2).all(|w| w[0] < w[1]),
+            "PUBACKs in publish order"
+        );
+        acked.extend(this_round);
+    }
+    let stored = outbox_numbers(&dir.path().join("data"));
+    let stored_set: HashSet<u32> = stored.iter().copied().collect();
+    let missing: Vec<u32> = acked
+        .iter()
+        .copied()
+        .filter(|n| !stored_set.contains(n))
+        .collect();
+    eprintln!(
+        "{ROUNDS} kills: {} acknowledged, {} in the outbox, {} acknowledged but missing",
+        acked.len(),
+        stored.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages missing from the outbox (first {:?})",
+        missing.len(),
+        missing.first()
+    );
+    assert!(
+        stored.windows(2).all(|w| w[0] < w[1]),
+        "the outbox holds the messages in publish order"
+    );
 }
 
 #[test]

@@ -193,7 +193,7 @@ fn main() -> Result<()> {
                 vec![("bench/meter/#".into(), QoS::AtLeastOnce)],
                 InternalSubscribeOptions {
                     capacity: 65_536,
-                    send_retained: false,
+                    ..InternalSubscribeOptions::default()
                 },
             )
             .await?;

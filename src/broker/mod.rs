@@ -4,6 +4,7 @@
 //! In-process publishers and subscribers (drivers, uplinks, the gateway status) talk to the
 //! same router through a [`BrokerHandle`]: no loopback socket.
 
+mod ack;
 mod acl;
 mod auth;
 mod connection;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BrokerConfig, Durability};
 use crate::model::{Message, QoS};
 
+pub use ack::AckShare;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use persist::PersistError;
@@ -72,6 +74,11 @@ pub struct InternalSubscribeOptions {
     pub capacity: usize,
     /// Deliver matching retained messages right after subscribing.
     pub send_retained: bool,
+    /// This subscriber stores what it receives (an uplink's outbox): with
+    /// `durability = "sync"`, a QoS 1/2 publish it receives comes with an [`AckShare`]
+    /// (see [`InternalSubscription::recv_with_ack`]) and its publisher is acknowledged only
+    /// once the subscriber has released it.
+    pub commit: bool,
 }
 
 impl Default for InternalSubscribeOptions {
@@ -79,6 +86,7 @@ impl Default for InternalSubscribeOptions {
         InternalSubscribeOptions {
             capacity: 1024,
             send_retained: false,
+            commit: false,
         }
     }
 }
@@ -87,20 +95,40 @@ impl Default for InternalSubscribeOptions {
 #[derive(Debug)]
 pub struct InternalSubscription {
     id: u64,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<(Message, Option<AckShare>)>,
     router: mpsc::Sender<RouterRequest>,
 }
 
 impl InternalSubscription {
-    /// The next matching message; `None` once the broker has stopped.
+    /// The next matching message; `None` once the broker has stopped. Its publisher's
+    /// acknowledgement, if this subscriber holds a share of it, is released at once.
     pub async fn recv(&mut self) -> Option<Message> {
+        self.recv_with_ack().await.map(release)
+    }
+
+    /// A message already waiting, without blocking (as [`recv`](Self::recv)).
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.try_recv_with_ack().map(release)
+    }
+
+    /// The next matching message with this subscriber's share of its publisher's
+    /// acknowledgement (only with [`InternalSubscribeOptions::commit`]); `None` once the
+    /// broker has stopped.
+    pub async fn recv_with_ack(&mut self) -> Option<(Message, Option<AckShare>)> {
         self.rx.recv().await
     }
 
-    /// Up to `max` messages already waiting, without blocking.
-    pub fn try_recv(&mut self) -> Option<Message> {
+    /// A message already waiting, without blocking (as [`recv_with_ack`](Self::recv_with_ack)).
+    pub fn try_recv_with_ack(&mut self) -> Option<(Message, Option<AckShare>)> {
         self.rx.try_recv().ok()
     }
+}
+
+fn release((message, ack): (Message, Option<AckShare>)) -> Message {
+    if let Some(ack) = ack {
+        ack.stored();
+    }
+    message
 }
 
 impl Drop for InternalSubscription {
@@ -186,6 +214,7 @@ impl BrokerHandle {
                 name: Arc::from(name),
                 filters,
                 send_retained: options.send_retained,
+                commit: options.commit,
                 tx,
                 reply,
             })

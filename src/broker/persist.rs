@@ -221,6 +221,9 @@ pub(crate) enum Waiter {
     /// A publisher's acknowledgement, with whether its message matched a subscriber, and
     /// [`Persist::failures`] from before the message's ops were sent.
     Publish(oneshot::Sender<bool>, bool, u64),
+    /// The store's share of an acknowledgement that other stores hold too, with
+    /// [`Persist::failures`] from before the message's ops were sent.
+    Share(super::ack::AckShare, u64),
 }
 
 impl Waiter {
@@ -237,6 +240,11 @@ impl Waiter {
             Waiter::Publish(tx, matched, failures_before) => {
                 if failures == failures_before {
                     let _ = tx.send(matched);
+                }
+            }
+            Waiter::Share(share, failures_before) => {
+                if failures == failures_before {
+                    share.stored();
                 }
             }
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::ack::AckShare;
 use super::connection::Counters;
 use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
@@ -89,7 +90,9 @@ pub(crate) enum RouterRequest {
         name: Arc<str>,
         filters: Vec<(String, QoS)>,
         send_retained: bool,
-        tx: mpsc::Sender<Message>,
+        /// Whether it takes shares of publishers' acknowledgements (see [`AckShare`]).
+        commit: bool,
+        tx: mpsc::Sender<(Message, Option<AckShare>)>,
         reply: oneshot::Sender<u64>,
     },
     InternalUnsubscribe {
@@ -134,7 +137,9 @@ struct SessionEntry {
 
 struct InternalSubscriber {
     name: Arc<str>,
-    tx: mpsc::Sender<Message>,
+    /// Stores what it receives: with `sync` durability its commit gates acknowledgements.
+    commit: bool,
+    tx: mpsc::Sender<(Message, Option<AckShare>)>,
 }
 
 struct DelayedWill {
@@ -428,12 +433,24 @@ impl Router {
                 congestion,
             } => {
                 let failures_before = self.persist.as_ref().map_or(0, Persist::failures);
-                let (matched, wrote) = self.publish(message, congestion.as_deref()).await;
+                let mut done = done;
+                let (matched, wrote, ack) = self
+                    .publish_acked(message, congestion.as_deref(), &mut done)
+                    .await;
                 if let Some(congestion) = &congestion {
                     congestion.routed();
                 }
-                if let Some(done) = done {
-                    if wrote && self.durability == Durability::Sync && self.persist.is_some() {
+                let store_waits =
+                    wrote && self.durability == Durability::Sync && self.persist.is_some();
+                if let Some(ack) = ack {
+                    // Uplink outboxes hold shares already; the broker store takes one too.
+                    if store_waits {
+                        self.persist(Op::Barrier(Waiter::Share(ack.share(), failures_before)))
+                            .await;
+                    }
+                    ack.stored();
+                } else if let Some(done) = done {
+                    if store_waits {
                         // Acknowledge only once the rows holding this message are on disk.
                         self.persist(Op::Barrier(Waiter::Publish(done, matched, failures_before)))
                             .await;
@@ -446,6 +463,7 @@ impl Router {
                 name,
                 filters,
                 send_retained,
+                commit,
                 tx,
                 reply,
             } => {
@@ -470,12 +488,13 @@ impl Router {
                         .cloned()
                         .collect();
                     for message in retained {
-                        if tx.send(message).await.is_err() {
+                        if tx.send((message, None)).await.is_err() {
                             break;
                         }
                     }
                 }
-                self.internal.insert(id, InternalSubscriber { name, tx });
+                self.internal
+                    .insert(id, InternalSubscriber { name, commit, tx });
                 let _ = reply.send(id);
             }
             RouterRequest::InternalUnsubscribe { id } => self.drop_internal(id),
@@ -778,6 +797,20 @@ impl Router {
     /// Deliver to every matching subscriber; store or clear a retained message. Returns
     /// whether anything matched and whether anything was written to disk.
     async fn publish(&mut self, message: Message, congestion: Option<&Congestion>) -> (bool, bool) {
+        let (matched, wrote, _) = self.publish_acked(message, congestion, &mut None).await;
+        (matched, wrote)
+    }
+
+    /// [`publish`](Self::publish) for a publisher waiting for `done`. With `sync`
+    /// durability, a QoS 1/2 message that reaches a committing internal subscriber (an
+    /// uplink outbox) takes `done` into an [`AckShare`] given to each of them; the router's
+    /// own share is returned (to be shared with the broker store, then released).
+    async fn publish_acked(
+        &mut self,
+        message: Message,
+        congestion: Option<&Congestion>,
+        done: &mut Option<oneshot::Sender<bool>>,
+    ) -> (bool, bool, Option<AckShare>) {
         self.stats.messages_received += 1;
         let mut wrote = false;
         if message.retain {
@@ -856,6 +889,9 @@ impl Router {
 
         internal_targets.sort_unstable();
         internal_targets.dedup();
+        let acked =
+            done.is_some() && message.qos != QoS::AtMostOnce && self.durability == Durability::Sync;
+        let mut ack: Option<AckShare> = None;
         for id in internal_targets {
             let Some(subscriber) = self.internal.get(&id) else {
                 continue;
@@ -863,12 +899,21 @@ impl Router {
             if message.origin == Origin::Internal(subscriber.name.clone()) {
                 continue;
             }
+            let share = if acked && subscriber.commit {
+                if ack.is_none() {
+                    ack = done.take().map(|done| AckShare::new(done, matched));
+                }
+                ack.as_ref().map(AckShare::share)
+            } else {
+                None
+            };
             // Wait when full: in-process subscribers (outbox, drivers) must get everything.
-            if subscriber.tx.send(message.clone()).await.is_err() {
+            // A subscriber gone drops its share: that publisher is not acknowledged.
+            if subscriber.tx.send((message.clone(), share)).await.is_err() {
                 self.drop_internal(id);
             }
         }
-        (matched, wrote)
+        (matched, wrote, ack)
     }
 }
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::Inbound;
 use super::{route, SharedCounters};
-use crate::broker::{BrokerHandle, InternalSubscription};
+use crate::broker::{AckShare, BrokerHandle, InternalSubscription};
 use crate::config::{InRoute, OutRoute};
 use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
@@ -35,14 +35,14 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
         let first = tokio::select! {
             biased;
             _ = cx.stop.cancelled() => break,
-            message = cx.subscription.recv() => match message {
+            message = cx.subscription.recv_with_ack() => match message {
                 Some(message) => message,
                 None => return,
             },
         };
         let mut batch = vec![first];
         while batch.len() < INGEST_BATCH {
-            match cx.subscription.try_recv() {
+            match cx.subscription.try_recv_with_ack() {
                 Some(message) => batch.push(message),
                 None => break,
             }
@@ -51,7 +51,7 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
     }
     // Shutdown: store what the broker already handed over, then stop taking.
     let mut rest = Vec::new();
-    while let Some(message) = cx.subscription.try_recv() {
+    while let Some(message) = cx.subscription.try_recv_with_ack() {
         rest.push(message);
     }
     if !rest.is_empty() {
@@ -60,14 +60,24 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
     }
 }
 
-async fn store(cx: &IngestContext, batch: Vec<Message>) {
+/// Store a batch in the outbox. The publishers' acknowledgement shares that came with it are
+/// released once the records are committed; a message that needs no storing (expired,
+/// matched only by a `durable = false` route) releases its share at once, and so does one
+/// the outbox refuses by its bounds (`drop_new`: counted, not retried). A failed commit
+/// drops the shares (those publishers get no acknowledgement and send again) while the
+/// records are still retried here.
+async fn store(cx: &IngestContext, batch: Vec<(Message, Option<AckShare>)>) {
     let now = Instant::now();
     let mut records = Vec::with_capacity(batch.len());
-    for message in batch {
-        if message.is_expired(now) {
-            continue;
-        }
-        let Some((_, route, topic)) = route::remote_topic(&cx.routes, &message.topic) else {
+    let mut shares = Vec::new();
+    for (message, share) in batch {
+        let routed = if message.is_expired(now) {
+            None
+        } else {
+            route::remote_topic(&cx.routes, &message.topic)
+        };
+        let Some((_, route, topic)) = routed else {
+            release(share);
             continue;
         };
         let record = OutboxRecord {
@@ -79,15 +89,21 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
         };
         if route.durable {
             records.push(record);
-        } else if cx.direct.try_send(record).is_err() {
-            cx.counters
-                .dropped_not_durable
-                .fetch_add(1, Ordering::Relaxed);
+            shares.extend(share);
+        } else {
+            // Best effort by configuration: nothing to wait for.
+            release(share);
+            if cx.direct.try_send(record).is_err() {
+                cx.counters
+                    .dropped_not_durable
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
     if records.is_empty() {
         return;
     }
+    let mut shares = Some(shares);
     // A failed append (disk full, I/O error) is retried: the records are not accepted
     // until committed, and the broker waits meanwhile (backpressure, not loss).
     let mut delay = Duration::from_millis(100);
@@ -97,9 +113,19 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
                 if let Some(seq) = report.last_seq {
                     cx.appended.send_replace(seq);
                 }
+                // Committed, or refused by a bound (`drop_new`, counted by the outbox): the
+                // publishers are acknowledged either way.
+                shares.into_iter().flatten().for_each(AckShare::stored);
                 return;
             }
             Err(e) => {
+                if let Some(shares) = shares.take() {
+                    if !shares.is_empty() {
+                        tracing::warn!(uplink = %cx.name, publishers = shares.len(), "outbox commit failed: withholding acknowledgements");
+                    }
+                    // Dropped unreleased: those publishers are not acknowledged.
+                    drop(shares);
+                }
                 tracing::error!(uplink = %cx.name, error = %e, count = records.len(), ?delay, "cannot store messages in the outbox; retrying");
                 tokio::select! {
                     _ = cx.stop.cancelled() => {
@@ -111,6 +137,12 @@ async fn store(cx: &IngestContext, batch: Vec<Message>) {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+fn release(share: Option<AckShare>) {
+    if let Some(share) = share {
+        share.stored();
     }
 }
 
@@ -140,5 +172,186 @@ pub(super) async fn run_inbound(
         if let Err(e) = broker.publish(local_message).await {
             tracing::warn!(uplink = %name, topic = %local, error = %e, "cannot publish a cloud message locally");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
+    use crate::config::{BrokerConfig, Durability, ListenerConfig, QueueConfig, WhenFull};
+    use crate::model::QoS;
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const NAME: &str = "uplink:cloud";
+
+    struct Setup {
+        broker: RunningBroker,
+        outbox: Outbox,
+        stop: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    fn bounds(max_messages: u64) -> QueueConfig {
+        QueueConfig {
+            max_messages,
+            max_bytes: 1024 * 1024,
+            max_age: Duration::from_secs(3600),
+            when_full: WhenFull::DropNew,
+        }
+    }
+
+    /// A broker with `sync` durability and an ingest task storing `plant/#` in an outbox.
+    async fn start(outbox_fails: bool, bounds: QueueConfig) -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = BrokerConfig {
+            listeners: vec![ListenerConfig::tcp("127.0.0.1:0".parse().expect("address"))],
+            allow_anonymous: true,
+            durability: Durability::Sync,
+            store_path: dir.path().join("broker.db"),
+            ..BrokerConfig::default()
+        };
+        let stop = CancellationToken::new();
+        let broker = broker::start(&config, stop.clone())
+            .await
+            .expect("start the broker");
+        let subscription = broker
+            .handle
+            .subscribe(
+                NAME,
+                vec![("plant/#".into(), QoS::AtLeastOnce)],
+                InternalSubscribeOptions {
+                    commit: true,
+                    ..InternalSubscribeOptions::default()
+                },
+            )
+            .await
+            .expect("subscribe");
+        let outbox = Outbox::open(&dir.path().join("outbox.db"), bounds)
+            .await
+            .expect("open the outbox");
+        let ingest_outbox = outbox.clone();
+        if outbox_fails {
+            // Every append after this fails.
+            outbox.clone().close().await.expect("close the outbox");
+        }
+        let (direct, _direct_rx) = mpsc::channel(16);
+        tokio::spawn(run_ingest(IngestContext {
+            name: "cloud".into(),
+            routes: vec![OutRoute {
+                filter: "plant/#".into(),
+                remote_prefix: Some("site/".into()),
+                remote_template: None,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                durable: true,
+            }],
+            subscription,
+            outbox: ingest_outbox,
+            direct,
+            appended: watch::channel(0).0,
+            counters: Arc::default(),
+            stop: stop.clone(),
+        }));
+        Setup {
+            broker,
+            outbox,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    fn message(qos: QoS) -> Message {
+        Message::internal("plc", "plant/line1", Bytes::from_static(b"42"), qos, false)
+    }
+
+    #[tokio::test]
+    async fn a_qos_1_publish_is_answered_only_once_the_outbox_holds_it() {
+        let setup = start(false, bounds(1000)).await;
+        let matched = setup
+            .broker
+            .handle
+            .publish_and_wait(message(QoS::AtLeastOnce))
+            .await
+            .expect("acknowledged");
+        assert!(matched);
+        let rows = setup.outbox.read_after(0, 10).await.expect("read");
+        assert_eq!(rows.len(), 1, "the row is committed before the answer");
+        setup.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_failed_outbox_commit_withholds_the_acknowledgement() {
+        let setup = start(true, bounds(1000)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            setup
+                .broker
+                .handle
+                .publish_and_wait(message(QoS::AtLeastOnce)),
+        )
+        .await
+        .expect("answered, not hung");
+        assert!(
+            matches!(answer, Err(BrokerError::NotStored)),
+            "not acknowledged: {answer:?}"
+        );
+        setup.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_message_the_full_outbox_refuses_is_still_acknowledged() {
+        let setup = start(false, bounds(1)).await;
+        for _ in 0..2 {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                setup
+                    .broker
+                    .handle
+                    .publish_and_wait(message(QoS::AtLeastOnce)),
+            )
+            .await
+            .expect("answered, not hung")
+            .expect("acknowledged");
+        }
+        let stats = setup.outbox.stats().await.expect("stats");
+        assert_eq!(
+            stats.dropped.new, 1,
+            "the refused message is counted: {stats:?}"
+        );
+        setup.stop.cancel();
+    }
+
+    /// MQTT 3.1.1 CONNECT (clean session) then PUBLISH QoS 1 `plant/line1` with packet id 1.
+    fn connect_and_publish() -> Vec<u8> {
+        let mut out = vec![0x10, 16, 0, 4];
+        out.extend_from_slice(b"MQTT");
+        out.extend_from_slice(&[4, 0x02, 0, 60, 0, 4]);
+        out.extend_from_slice(b"dev1");
+        out.extend_from_slice(&[0x32, 17, 0, 11]);
+        out.extend_from_slice(b"plant/line1");
+        out.extend_from_slice(&[0, 1]);
+        out.extend_from_slice(b"42");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_message_the_outbox_cannot_commit_gets_no_puback_and_is_disconnected() {
+        let setup = start(true, bounds(1000)).await;
+        let mut client = tokio::net::TcpStream::connect(setup.broker.local_addrs[0])
+            .await
+            .expect("connect");
+        client
+            .write_all(&connect_and_publish())
+            .await
+            .expect("send");
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut received))
+            .await
+            .expect("the broker closes the connection")
+            .expect("read");
+        assert_eq!(received, [0x20, 2, 0, 0], "CONNACK and no PUBACK");
+        setup.stop.cancel();
     }
 }

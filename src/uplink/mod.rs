@@ -268,6 +268,9 @@ pub async fn start(
                     InternalSubscribeOptions {
                         capacity: LOCAL_QUEUE,
                         send_retained: false,
+                        // A durable route's messages are acknowledged to their publisher
+                        // once in the outbox (`durability = "sync"`).
+                        commit: config.routes_out.iter().any(|r| r.durable),
                     },
                 )
                 .await
