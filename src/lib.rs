@@ -31,3 +31,12 @@ pub mod service;
 pub mod store;
 pub mod topic;
 pub mod uplink;
+
+/// Entry points for the fuzz targets in `fuzz/` (docs/fuzzing.md): re-exports of internal
+/// decoders, built only with the `fuzzing` feature. Not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::broker::persist::{fuzz_decode_properties, fuzz_store_row};
+    pub use crate::broker::protocol::{fuzz_check, fuzz_read, fuzz_read_connect, FuzzRead};
+}

@@ -9,8 +9,9 @@ mod acl;
 mod auth;
 mod connection;
 mod listener;
-mod persist;
-mod protocol;
+// pub(crate) for the `fuzzing` facade in lib.rs.
+pub(crate) mod persist;
+pub(crate) mod protocol;
 mod router;
 mod session;
 mod sys;

@@ -270,6 +270,61 @@ pub(crate) fn read_connect(buf: &mut BytesMut, max_size: u32) -> Result<ConnectR
     }
 }
 
+/// How a fuzzing read ended (see [`fuzz_read`]).
+#[cfg(feature = "fuzzing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuzzRead {
+    /// A packet was read (and taken off the buffer).
+    Packet,
+    /// Not enough bytes for a packet yet.
+    Incomplete,
+    /// The connection would be closed.
+    Refused,
+}
+
+#[cfg(feature = "fuzzing")]
+fn fuzz_outcome<T>(result: Result<T, ReadError>) -> FuzzRead {
+    match result {
+        Ok(_) => FuzzRead::Packet,
+        Err(ReadError::Incomplete) => FuzzRead::Incomplete,
+        Err(error) => {
+            // The messages are logged: formatting must not panic either.
+            let _ = error.to_string();
+            FuzzRead::Refused
+        }
+    }
+}
+
+/// [`read_connect`] for the fuzz targets: the outcome, and whether the CONNECT read asked
+/// for MQTT 5.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_read_connect(buf: &mut BytesMut, max_size: u32) -> (FuzzRead, bool) {
+    let result = read_connect(buf, max_size);
+    let v5 = matches!(&result, Ok(connect) if connect.version == Version::V5);
+    (fuzz_outcome(result), v5)
+}
+
+/// [`read`] for the fuzz targets, MQTT 5 or 3.1.1.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_read(v5: bool, buf: &mut BytesMut, max_size: u32) -> FuzzRead {
+    let version = if v5 { Version::V5 } else { Version::V311 };
+    fuzz_outcome(read(version, buf, max_size))
+}
+
+/// The strict pre-decode checks for the fuzz targets: the complete frame at the start of
+/// `buf` (if any) checked as a CONNECT and as a packet of both versions. Returns the
+/// frame's length.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_check(buf: &[u8]) -> Option<usize> {
+    let len = check::frame_len(buf)?;
+    let frame = buf.get(..len)?;
+    let _ = check::connect(frame).map_err(|(_, violation)| violation.to_string());
+    for version in [Version::V311, Version::V5] {
+        let _ = check::packet(version, frame).map_err(|violation| violation.to_string());
+    }
+    Some(len)
+}
+
 /// Maximum Packet Size counts the whole packet, fixed header included (MQTT 5 3.2.2.3.6);
 /// rumqttc compares only the remaining length.
 fn check_frame_size(buf: &[u8], max_size: u32) -> Result<(), ReadError> {

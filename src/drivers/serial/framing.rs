@@ -114,6 +114,22 @@ impl FrameCodec {
         Some(FrameEvent::Frame(buf.split_to(length).freeze()))
     }
 
+    /// A new start marker `discarded` bytes into a frame: those bytes are reported as
+    /// garbled. A start right after the start (an empty frame cut short) loses nothing and
+    /// is not reported: framing simply begins again at the new start.
+    fn restarted(
+        &mut self,
+        buf: &mut BytesMut,
+        start: &[u8],
+        end: &[u8],
+        discarded: usize,
+    ) -> Option<FrameEvent> {
+        if discarded == 0 {
+            return self.decode_start_end(buf, start, end);
+        }
+        Some(FrameEvent::Garbled { discarded })
+    }
+
     fn decode_start_end(
         &mut self,
         buf: &mut BytesMut,
@@ -165,7 +181,7 @@ impl FrameCodec {
                 buf.advance(s);
                 self.in_frame = false;
                 self.searched = 0;
-                Some(FrameEvent::Garbled { discarded: s })
+                self.restarted(buf, start, end, s)
             }
             (Some(e), _) => {
                 let frame = buf.split_to(e).freeze();
@@ -181,7 +197,7 @@ impl FrameCodec {
                 buf.advance(s);
                 self.in_frame = false;
                 self.searched = 0;
-                Some(FrameEvent::Garbled { discarded: s })
+                self.restarted(buf, start, end, s)
             }
             (None, None) => {
                 let keep = end.len().max(start.len()) - 1;
@@ -354,5 +370,26 @@ mod tests {
         assert!(buf.len() <= 8);
         buf.extend_from_slice(b"aaaa\x03\x02ok\x03");
         assert_eq!(frames(&mut codec, &mut buf), vec![frame("ok")]);
+    }
+
+    /// Found by fuzzing: a start marker right after a start marker was reported as a
+    /// garbled frame with nothing discarded.
+    #[test]
+    fn a_repeated_start_marker_is_not_reported_as_garbled() {
+        let framing = Framing::StartEnd {
+            start: b"\x02".to_vec(),
+            end: b"\x03".to_vec(),
+        };
+        let mut codec = FrameCodec::new(framing, 32);
+        let mut buf = BytesMut::from(&b"\x02\x02\x02ok\x03\x02\x02"[..]);
+        assert_eq!(frames(&mut codec, &mut buf), vec![frame("ok")]);
+        buf.extend_from_slice(b"again\x03");
+        assert_eq!(frames(&mut codec, &mut buf), vec![frame("again")]);
+        // A frame cut short by a new start still reports what it lost.
+        buf.extend_from_slice(b"\x02lost\x02kept\x03");
+        assert_eq!(
+            frames(&mut codec, &mut buf),
+            vec![FrameEvent::Garbled { discarded: 4 }, frame("kept")]
+        );
     }
 }
