@@ -7,6 +7,9 @@
 
 #[path = "support/cloud.rs"]
 mod cloud;
+#[allow(dead_code)]
+#[path = "support/mqtt.rs"]
+mod mqtt;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -1098,30 +1101,6 @@ fn closed_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// An MQTT 3.1.1 packet: fixed header byte, remaining length, body.
-fn raw_packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn raw_str(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(s);
-}
-
 /// Publish `count` QoS 1 messages (payload: `first` + their index) on `plant/seq` as fast as
 /// the gateway reads them, kill -9 the gateway once a tenth of them are acknowledged, and
 /// return the numbers whose PUBACK arrived.
@@ -1133,10 +1112,13 @@ async fn publish_until_killed(gateway: &mut GatewayProcess, first: u32, count: u
     stream.set_nodelay(true).unwrap();
     let (mut read, mut write) = stream.into_split();
     let mut connect = Vec::new();
-    raw_str(&mut connect, b"MQTT");
+    mqtt::packet::put_bytes(&mut connect, b"MQTT");
     connect.extend_from_slice(&[4, 0x02, 0, 60]);
-    raw_str(&mut connect, b"plc-acked");
-    write.write_all(&raw_packet(0x10, &connect)).await.unwrap();
+    mqtt::packet::put_bytes(&mut connect, b"plc-acked");
+    write
+        .write_all(&mqtt::packet::frame(0x10, &connect))
+        .await
+        .unwrap();
     let mut connack = [0u8; 4];
     read.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
@@ -1144,10 +1126,14 @@ async fn publish_until_killed(gateway: &mut GatewayProcess, first: u32, count: u
     let writer = tokio::spawn(async move {
         for n in 0..count {
             let mut body = Vec::new();
-            raw_str(&mut body, b"plant/seq");
+            mqtt::packet::put_bytes(&mut body, b"plant/seq");
             body.extend_from_slice(&(n + 1).to_be_bytes());
             body.extend_from_slice((first + u32::from(n)).to_string().as_bytes());
-            if write.write_all(&raw_packet(0x32, &body)).await.is_err() {
+            if write
+                .write_all(&mqtt::packet::frame(0x32, &body))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
