@@ -120,43 +120,108 @@ impl Drop for Mosquitto {
     }
 }
 
-/// Counts messages on `filter`; records the time of the first and the last one.
+/// What a [`Counter`] has seen: distinct sequence numbers (the number each payload starts
+/// with), duplicates, and its own reconnects, so a shortfall can be told apart from a
+/// counter that lost its subscription.
+#[derive(Default)]
+struct Seen {
+    bits: Vec<u64>,
+    distinct: u64,
+    duplicates: u64,
+    /// Payloads outside `0..expected` or without a number.
+    foreign: u64,
+    reconnects: u64,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Seen {
+    fn new(expected: u64) -> Seen {
+        Seen {
+            bits: vec![0; expected.div_ceil(64) as usize],
+            ..Seen::default()
+        }
+    }
+
+    fn record(&mut self, payload: &[u8], now: Instant) {
+        let number = payload
+            .get(..20)
+            .and_then(|head| std::str::from_utf8(head).ok())
+            .and_then(|head| head.trim().parse::<u64>().ok());
+        let Some((word, bit)) = number
+            .map(|n| ((n / 64) as usize, 1u64 << (n % 64)))
+            .filter(|(word, _)| *word < self.bits.len())
+        else {
+            self.foreign += 1;
+            return;
+        };
+        if self.bits[word] & bit != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        self.bits[word] |= bit;
+        self.distinct += 1;
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// The first few missing sequence numbers below `expected`, as ranges.
+    fn missing_ranges(&self, expected: u64, at_most: usize) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for n in 0..expected {
+            if self.bits[(n / 64) as usize] & (1 << (n % 64)) != 0 {
+                continue;
+            }
+            let full = ranges.len() == at_most;
+            match ranges.last_mut() {
+                Some((_, end)) if *end + 1 == n => *end = n,
+                _ if full => break,
+                _ => ranges.push((n, n)),
+            }
+        }
+        ranges
+    }
+}
+
+/// Counts the distinct messages on `filter` (QoS 0, as a cloud consumer would take them).
+/// It subscribes again after every reconnect: a clean session forgets the subscription.
 struct Counter {
-    count: Arc<AtomicU64>,
-    first: Arc<std::sync::Mutex<Option<Instant>>>,
-    last: Arc<std::sync::Mutex<Option<Instant>>>,
+    seen: Arc<std::sync::Mutex<Seen>>,
+    expected: u64,
 }
 
 impl Counter {
-    async fn start(port: u16, id: &str, filter: &str) -> Result<Counter> {
+    async fn start(port: u16, id: &str, filter: &str, expected: u64) -> Result<Counter> {
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-        client.subscribe(filter, rumqttc::QoS::AtMostOnce).await?;
-        let count = Arc::new(AtomicU64::new(0));
-        let first = Arc::new(std::sync::Mutex::new(None));
-        let last = Arc::new(std::sync::Mutex::new(None));
+        let seen = Arc::new(std::sync::Mutex::new(Seen::new(expected)));
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         let mut subscribed_tx = Some(subscribed_tx);
-        let (c, f, l) = (count.clone(), first.clone(), last.clone());
+        let s = seen.clone();
+        let filter = filter.to_owned();
         tokio::spawn(async move {
-            let _client = client;
+            let mut connects = 0u64;
             loop {
                 match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        connects += 1;
+                        if connects > 1 {
+                            if let Ok(mut seen) = s.lock() {
+                                seen.reconnects += 1;
+                            }
+                        }
+                        // Queued in the client; sent on the next poll.
+                        let _ = client.try_subscribe(&filter, rumqttc::QoS::AtMostOnce);
+                    }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                         if let Some(tx) = subscribed_tx.take() {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
-                        let now = Instant::now();
-                        if c.fetch_add(1, Ordering::Relaxed) == 0 {
-                            if let Ok(mut f) = f.lock() {
-                                *f = Some(now);
-                            }
-                        }
-                        if let Ok(mut l) = l.lock() {
-                            *l = Some(now);
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
+                        if let Ok(mut seen) = s.lock() {
+                            seen.record(&publish.payload, Instant::now());
                         }
                     }
                     Ok(_) => {}
@@ -167,16 +232,21 @@ impl Counter {
         tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
             .await
             .context("counter SUBACK")??;
-        Ok(Counter { count, first, last })
+        Ok(Counter { seen, expected })
     }
 
-    /// Wait until `n` arrived or nothing arrived for `idle`. Returns (count, first, last).
-    async fn wait(&self, n: u64, idle: Duration) -> (u64, Option<Instant>, Option<Instant>) {
+    fn distinct(&self) -> u64 {
+        self.seen.lock().map_or(0, |s| s.distinct)
+    }
+
+    /// Wait until every expected message arrived or none arrived for `idle`. Returns
+    /// (distinct count, first, last).
+    async fn wait(&self, idle: Duration) -> (u64, Option<Instant>, Option<Instant>) {
         let mut seen = 0;
         let mut since = Instant::now();
         loop {
-            let count = self.count.load(Ordering::Relaxed);
-            if count >= n {
+            let count = self.distinct();
+            if count >= self.expected {
                 break;
             }
             if count != seen {
@@ -187,9 +257,37 @@ impl Counter {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let first = self.first.lock().ok().and_then(|g| *g);
-        let last = self.last.lock().ok().and_then(|g| *g);
-        (self.count.load(Ordering::Relaxed), first, last)
+        let Ok(seen) = self.seen.lock() else {
+            return (0, None, None);
+        };
+        (seen.distinct, seen.first, seen.last)
+    }
+
+    /// One line on what did not arrive, or nothing when everything did.
+    fn report(&self, what: &str) -> Option<String> {
+        let seen = self.seen.lock().ok()?;
+        let missing = self.expected - seen.distinct;
+        if missing == 0 && seen.duplicates == 0 && seen.reconnects == 0 {
+            return None;
+        }
+        let ranges: Vec<String> = seen
+            .missing_ranges(self.expected, 5)
+            .iter()
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        Some(format!(
+            "{what}: {missing} missing (first: {}), {} duplicates, {} foreign, counter reconnects {}",
+            if ranges.is_empty() { "-".to_string() } else { ranges.join(", ") },
+            seen.duplicates,
+            seen.foreign,
+            seen.reconnects
+        ))
     }
 }
 
@@ -378,27 +476,36 @@ async fn run(queued: u64) -> Result<()> {
 
     // 3. Drain to a loopback Mosquitto (started on the port the uplink keeps trying).
     let cloud = start_on_port(&cloud_dir, cloud_port)?;
-    let counter = Counter::start(cloud.port, "drain-counter", "sites/bench/#").await?;
-    let (count, first, last) = counter.wait(queued, Duration::from_secs(5)).await;
+    let counter = Counter::start(cloud.port, "drain-counter", "sites/bench/#", queued).await?;
+    let (count, first, last) = counter.wait(Duration::from_secs(5)).await;
     let drain_rate = rate(count.saturating_sub(1), first, last);
     println!("drain to Mosquitto, QoS 1 ({count} received):  {drain_rate:>10.0} msg/s");
     let rss_after = rss_mb();
     println!("resident memory after the drain:               {rss_after:>10.1} MB");
 
     // 4a. End to end through fieldmq.
-    let e2e_counter = Counter::start(cloud.port, "e2e-counter", "sites/bench/#").await?;
+    if let Some(report) = counter.report("drain") {
+        println!("{report}");
+    }
+    let e2e_counter =
+        Counter::start(cloud.port, "e2e-counter", "sites/bench/#", E2E_MESSAGES).await?;
     let pids = [std::process::id(), cloud.child.id()];
     let cpu_before = cpu_ticks(&pids);
     let start = publish_load(local.local_addrs[0], E2E_MESSAGES).await?;
-    let (count, _, last) = e2e_counter
-        .wait(E2E_MESSAGES, Duration::from_secs(10))
-        .await;
+    let (count, _, last) = e2e_counter.wait(Duration::from_secs(10)).await;
     let fieldmq_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
     let fieldmq_rate = rate(count, Some(start), last);
     println!("end to end via fieldmq ({count} received):    {fieldmq_rate:>10.0} msg/s");
     shutdown.cancel();
     let _ = running.wait().await;
     drop(cloud);
+    if let Some(report) = e2e_counter.report("end to end via fieldmq") {
+        // Still in the outbox means late (the wait gave up), not lost.
+        let left = Outbox::open(&path, uplink_config(0).queue).await?;
+        let depth = left.stats().await?.depth;
+        left.close().await?;
+        println!("{report}; still in the outbox: {depth}");
+    }
 
     // 4b. The same load through a Mosquitto bridge.
     let bridge_dir = scratch_dir("bridge")?;
@@ -417,17 +524,19 @@ async fn run(queued: u64) -> Result<()> {
             "bridge_max_packet_size 0".into(),
         ],
     )?;
-    let bridge_counter = Counter::start(cloud.port, "bridge-counter", "sites/bench/#").await?;
+    let bridge_counter =
+        Counter::start(cloud.port, "bridge-counter", "sites/bench/#", E2E_MESSAGES).await?;
     tokio::time::sleep(Duration::from_secs(1)).await; // the bridge connects
     let pids = [std::process::id(), cloud.child.id(), edge.child.id()];
     let cpu_before = cpu_ticks(&pids);
     let start = publish_load(SocketAddr::from(([127, 0, 0, 1], edge.port)), E2E_MESSAGES).await?;
-    let (count, _, last) = bridge_counter
-        .wait(E2E_MESSAGES, Duration::from_secs(10))
-        .await;
+    let (count, _, last) = bridge_counter.wait(Duration::from_secs(10)).await;
     let bridge_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
     let bridge_rate = rate(count, Some(start), last);
     println!("end to end via a Mosquitto bridge ({count} received): {bridge_rate:>6.0} msg/s");
+    if let Some(report) = bridge_counter.report("end to end via the Mosquitto bridge") {
+        println!("{report}");
+    }
     let ratio = if bridge_rate > 0.0 {
         fieldmq_rate / bridge_rate
     } else {
