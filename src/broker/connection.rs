@@ -1230,12 +1230,24 @@ impl Connection {
     }
 
     /// Move what the session may send now into the write buffer, and ask for the next page
-    /// from disk when the in-memory queue runs low.
+    /// from disk when the in-memory queue runs low, and for the next page of retained
+    /// messages when the queue has drained.
     async fn pump(&mut self) {
         // Like Mosquitto's max_inflight_messages: a 3.1.1 client states no limit, and a long
         // in-flight list only delays acknowledgements without speeding anything up.
         let window = usize::from(self.receive_maximum.min(self.settings.max_inflight));
         loop {
+            if self.session.retained_page_wanted() {
+                // Answered in the session queue (and its wake-up), not here: the router
+                // places the page when it comes to the request.
+                let request = RouterRequest::RetainedPage {
+                    client_id: self.client_id.clone(),
+                    connection: self.id,
+                };
+                if self.router.send(request).await.is_err() {
+                    return;
+                }
+            }
             if let (Some(after_seq), Some(persist), None) = (
                 self.session.page_wanted(PAGE_LOW_WATER),
                 &self.persist,

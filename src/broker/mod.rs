@@ -73,7 +73,9 @@ pub struct InternalSubscribeOptions {
     /// message (they are the outbox and the drivers' command inputs), and a slow one slows
     /// publishers rather than losing data.
     pub capacity: usize,
-    /// Deliver matching retained messages right after subscribing.
+    /// Also deliver the matching retained messages, from right after subscribing, as many
+    /// at a time as the channel has room for (the router does not wait for this
+    /// subscriber to read them).
     pub send_retained: bool,
     /// This subscriber stores what it receives (an uplink's outbox): with
     /// `durability = "sync"`, a QoS 1/2 publish it receives comes with an [`AckShare`]

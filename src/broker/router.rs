@@ -2,8 +2,18 @@
 //! the broker counters. Connections and in-process clients talk to it through one bounded
 //! channel; it never waits on a network client (deliveries go into session queues), only on
 //! in-process subscribers, which must not lose messages.
+//!
+//! Retained messages owed to a new subscription are placed in pages, never all at once: a
+//! cursor on the subscription remembers the last retained topic looked at, and each page
+//! continues the ordered map's range after it. A client's connection asks for the next page
+//! ([`RouterRequest::RetainedPage`]) once its queue has drained; an in-process subscriber
+//! gets the next page when its channel has room. So however many retained messages match,
+//! the router holds at most one page of copies and never waits for the subscriber. What a
+//! page reads is the retained set as it is then: a message replaced between pages is sent
+//! in its new version, one deleted is not sent, one added after the cursor is.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,13 +25,16 @@ use super::ack::AckShare;
 use super::connection::Counters;
 use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
-use super::session::{Congestion, Delivery, Inflight, Limits, Session};
+use super::session::{Congestion, Delivery, Inflight, Limits, RetainedRoom, Session};
 use super::topic;
 use crate::config::Durability;
 use crate::model::{Message, Origin, QoS};
 
 /// How often expired sessions and delayed wills are looked at.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+/// The most retained topics one page looks at, matching or not: bounds the router's work
+/// per page for a filter whose wildcard comes before its last levels (`+/temp`).
+const RETAINED_SCAN: usize = 4096;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BrokerStats {
@@ -32,6 +45,8 @@ pub struct BrokerStats {
     pub messages_received: u64,
     pub messages_sent: u64,
     pub messages_dropped: u64,
+    /// Messages waiting in client session queues, in memory or on disk, not yet sent.
+    pub messages_queued: u64,
     /// Publishes and wills dropped: denied by the ACL, or to a `$` topic.
     pub publishes_denied: u64,
     /// Clients disconnected for not reading (`slow_client_timeout`).
@@ -79,6 +94,12 @@ pub(crate) enum RouterRequest {
         filters: Vec<String>,
         reply: oneshot::Sender<Vec<bool>>,
     },
+    /// The connection's queue has drained: place the next page of the retained messages
+    /// its subscriptions are still owed (see [`Session::retained_page_wanted`]).
+    RetainedPage {
+        client_id: Arc<str>,
+        connection: u64,
+    },
     Publish {
         message: Message,
         /// Answered with whether any subscriber matched.
@@ -124,6 +145,15 @@ struct Subscription {
     no_local: bool,
     retain_as_published: bool,
     subscription_id: Option<usize>,
+    /// Retained messages still to be placed for this subscription.
+    retained: Option<RetainedCursor>,
+}
+
+/// Where the delivery of a subscription's retained messages stands: the next page starts
+/// after `after` (at the start of the filter's range while `None`).
+#[derive(Debug, Clone, Default)]
+struct RetainedCursor {
+    after: Option<Arc<str>>,
 }
 
 struct SessionEntry {
@@ -140,6 +170,8 @@ struct InternalSubscriber {
     /// Stores what it receives: with `sync` durability its commit gates acknowledgements.
     commit: bool,
     tx: mpsc::Sender<(Message, Option<AckShare>)>,
+    /// Retained messages still to be sent on subscribe, with the filters they match.
+    retained: Option<(Vec<String>, RetainedCursor)>,
 }
 
 struct DelayedWill {
@@ -235,6 +267,7 @@ impl Router {
                     no_local: sub.no_local,
                     retain_as_published: sub.retain_as_published,
                     subscription_id: sub.subscription_id,
+                    retained: None,
                 });
             }
             let disconnected_at = stored
@@ -359,11 +392,23 @@ impl Router {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // In-process subscribers still owed retained messages get the next page when
+            // their channel has room: the router waits for that beside its other work,
+            // never instead of it.
+            let backlog = self.internal_retained_backlog();
+            let owed = !backlog.is_empty();
             tokio::select! {
                 request = requests.recv() => match request {
                     Some(request) => self.handle(request).await,
                     None => break,
                 },
+                (id, open) = channel_room(backlog), if owed => {
+                    if open {
+                        self.send_internal_retained(id);
+                    } else {
+                        self.drop_internal(id);
+                    }
+                }
                 _ = housekeeping.tick() => self.housekeeping(Instant::now()).await,
                 _ = stop.cancelled() => break,
             }
@@ -422,10 +467,25 @@ impl Router {
                 let subscriber = Subscriber::Client(client_id.clone());
                 let found = filters
                     .iter()
-                    .map(|raw| self.remove_subscription(&subscriber, raw))
+                    .map(|raw| self.remove_subscription(&subscriber, raw).is_some())
                     .collect();
                 self.save_subscriptions(&client_id).await;
                 let _ = reply.send(found);
+            }
+            RouterRequest::RetainedPage {
+                client_id,
+                connection,
+            } => {
+                // A request of a connection since replaced finds the session's retained
+                // state reset for the new one (see `connect`).
+                let current = self
+                    .sessions
+                    .get(&client_id)
+                    .and_then(|e| e.connection.as_ref())
+                    .is_some_and(|(id, _)| *id == connection);
+                if current {
+                    self.place_retained(&client_id).await;
+                }
             }
             RouterRequest::Publish {
                 message,
@@ -478,23 +538,24 @@ impl Router {
                         no_local: true,
                         retain_as_published: true,
                         subscription_id: None,
+                        retained: None,
                     });
                 }
-                if send_retained {
-                    let retained: Vec<Message> = self
-                        .retained
-                        .values()
-                        .filter(|m| filters.iter().any(|(f, _)| topic::matches(&m.topic, f)))
-                        .cloned()
-                        .collect();
-                    for message in retained {
-                        if tx.send((message, None)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                self.internal
-                    .insert(id, InternalSubscriber { name, commit, tx });
+                // Sent page by page as the channel has room (see `run`): the subscriber
+                // reads them only once it has its id.
+                let retained = send_retained.then(|| {
+                    let filters = filters.into_iter().map(|(filter, _)| filter).collect();
+                    (filters, RetainedCursor::default())
+                });
+                self.internal.insert(
+                    id,
+                    InternalSubscriber {
+                        name,
+                        commit,
+                        tx,
+                        retained,
+                    },
+                );
                 let _ = reply.send(id);
             }
             RouterRequest::InternalUnsubscribe { id } => self.drop_internal(id),
@@ -523,11 +584,11 @@ impl Router {
             .slow_clients_disconnected
             .load(Ordering::Relaxed);
         stats.store_bytes = self.persist.as_ref().map_or(0, Persist::size);
-        stats.messages_dropped = self
-            .sessions
-            .values()
-            .map(|e| e.session.lock().dropped)
-            .sum();
+        for entry in self.sessions.values() {
+            let state = entry.session.lock();
+            stats.messages_dropped += state.dropped;
+            stats.messages_queued += state.queue.len() as u64 + state.spilled;
+        }
         stats
     }
 
@@ -578,6 +639,16 @@ impl Router {
             .await;
         }
         session.set_owner(connection, Some(evict));
+        if session_present {
+            // A resumed session goes on with the retained messages its subscriptions are
+            // still owed; a page asked for by the connection it had is not waited for.
+            let subscriber = Subscriber::Client(client_id.clone());
+            let owed = self
+                .subscriptions
+                .iter()
+                .any(|s| s.subscriber == subscriber && s.retained.is_some());
+            session.retained_paged(owed);
+        }
         self.sessions.insert(
             client_id.clone(),
             SessionEntry {
@@ -725,6 +796,7 @@ impl Router {
         }
         let subscriber = Subscriber::Client(client_id.clone());
         let mut codes = Vec::with_capacity(filters.len());
+        let mut retained_owed = false;
         for request in filters {
             let Some(parsed) = topic::parse_filter(&request.filter) else {
                 codes.push(SubAckCode::TopicFilterInvalid);
@@ -732,60 +804,162 @@ impl Router {
             };
             let share_group = parsed.share_group.map(str::to_owned);
             let filter = parsed.filter.to_owned();
-            let existed = self.remove_subscription(&subscriber, &request.filter);
+            let previous = self.remove_subscription(&subscriber, &request.filter);
+            let send_retained = share_group.is_none()
+                && match request.retain_handling {
+                    0 => true,
+                    1 => previous.is_none(),
+                    _ => false,
+                };
+            // A subscription made again starts its retained messages over; one that asks
+            // for none this time keeps on with those it is still owed.
+            let retained = if send_retained {
+                Some(RetainedCursor::default())
+            } else {
+                previous.and_then(|p| p.retained)
+            };
+            retained_owed |= retained.is_some();
             self.subscriptions.push(Subscription {
-                filter: filter.clone(),
-                share_group: share_group.clone(),
+                filter,
+                share_group,
                 subscriber: subscriber.clone(),
                 qos: request.qos,
                 no_local: request.no_local,
                 retain_as_published: request.retain_as_published,
                 subscription_id,
+                retained,
             });
             codes.push(SubAckCode::Granted(request.qos));
-
-            let send_retained = share_group.is_none()
-                && match request.retain_handling {
-                    0 => true,
-                    1 => !existed,
-                    _ => false,
-                };
-            if send_retained {
-                let now = Instant::now();
-                let matching: Vec<Message> = self
-                    .retained
-                    .values()
-                    .filter(|m| !m.is_expired(now) && topic::matches(&m.topic, &filter))
-                    .cloned()
-                    .collect();
-                for message in matching {
-                    let delivery = Delivery {
-                        qos: message.qos.min(request.qos),
-                        retain: true,
-                        message,
-                        subscription_ids: subscription_id.into_iter().collect(),
-                        seq: None,
-                        memory: None,
-                    };
-                    self.deliver(client_id, delivery, None).await;
-                }
-            }
+        }
+        if retained_owed {
+            self.place_retained(client_id).await;
         }
         codes
     }
 
-    /// Remove the subscription `raw` (which may be `$share/group/filter`) of `subscriber`.
-    fn remove_subscription(&mut self, subscriber: &Subscriber, raw: &str) -> bool {
-        let Some(parsed) = topic::parse_filter(raw) else {
-            return false;
+    /// Place the next page of the retained messages `client_id`'s subscriptions are owed:
+    /// as many as its queue has room for ([`Session::retained_room`]), in topic order,
+    /// subscription by subscription. Tells the session whether more are owed; its
+    /// connection asks for the next page when it has sent these.
+    async fn place_retained(&mut self, client_id: &Arc<str>) {
+        let Some(entry) = self.sessions.get(client_id) else {
+            return;
         };
-        let before = self.subscriptions.len();
-        self.subscriptions.retain(|s| {
-            !(&s.subscriber == subscriber
+        let session = entry.session.clone();
+        let RetainedRoom {
+            messages,
+            bytes: mut room_bytes,
+        } = session.retained_room();
+        let now = Instant::now();
+        let mut visited = 0;
+        let mut page: Vec<Delivery> = Vec::new();
+        let mut more = false;
+        let subscriber = Subscriber::Client(client_id.clone());
+        for sub in self
+            .subscriptions
+            .iter_mut()
+            .filter(|s| s.subscriber == subscriber)
+        {
+            let Some(cursor) = sub.retained.as_mut() else {
+                continue;
+            };
+            let filter = sub.filter.as_str();
+            let (qos, subscription_id) = (sub.qos, sub.subscription_id);
+            let done = scan_retained(
+                &self.retained,
+                range_prefix(filter),
+                |topic| topic::matches(topic, filter),
+                cursor,
+                now,
+                &mut visited,
+                |message| {
+                    let size = (message.topic.len() + message.payload.len()) as u64;
+                    // The first message of a page goes however large it is: the queue
+                    // takes one message past its byte bound, and the page makes progress.
+                    if page.len() >= messages
+                        || room_bytes == 0
+                        || (size > room_bytes && !page.is_empty())
+                    {
+                        return false;
+                    }
+                    room_bytes = room_bytes.saturating_sub(size);
+                    page.push(Delivery {
+                        message: message.clone(),
+                        qos: message.qos.min(qos),
+                        retain: true,
+                        subscription_ids: subscription_id.into_iter().collect(),
+                        seq: None,
+                        memory: None,
+                    });
+                    true
+                },
+            );
+            if done {
+                sub.retained = None;
+            } else {
+                more = true;
+            }
+        }
+        for delivery in page {
+            self.deliver(client_id, delivery, None).await;
+        }
+        session.retained_paged(more);
+    }
+
+    /// In-process subscribers still owed retained messages, with their channels.
+    fn internal_retained_backlog(&self) -> Vec<(u64, InternalSender)> {
+        self.internal
+            .iter()
+            .filter(|(_, s)| s.retained.is_some())
+            .map(|(id, s)| (*id, s.tx.clone()))
+            .collect()
+    }
+
+    /// Send an in-process subscriber as many of the retained messages it is owed as its
+    /// channel has room for now.
+    fn send_internal_retained(&mut self, id: u64) {
+        let Some(InternalSubscriber {
+            tx,
+            retained: owed @ Some(_),
+            ..
+        }) = self.internal.get_mut(&id)
+        else {
+            return;
+        };
+        let Some((filters, cursor)) = owed.as_mut() else {
+            return;
+        };
+        let prefix = match filters.as_slice() {
+            [filter] => range_prefix(filter),
+            _ => "",
+        };
+        let mut visited = 0;
+        let done = scan_retained(
+            &self.retained,
+            prefix,
+            |topic| filters.iter().any(|f| topic::matches(topic, f)),
+            cursor,
+            Instant::now(),
+            &mut visited,
+            |message| tx.try_send((message.clone(), None)).is_ok(),
+        );
+        if done {
+            *owed = None;
+        } else if tx.is_closed() {
+            self.drop_internal(id);
+        }
+    }
+
+    /// Remove the subscription `raw` (which may be `$share/group/filter`) of `subscriber`;
+    /// returns it if there was one.
+    fn remove_subscription(&mut self, subscriber: &Subscriber, raw: &str) -> Option<Subscription> {
+        let parsed = topic::parse_filter(raw)?;
+        let index = self.subscriptions.iter().position(|s| {
+            &s.subscriber == subscriber
                 && s.filter == parsed.filter
-                && s.share_group.as_deref() == parsed.share_group)
-        });
-        self.subscriptions.len() != before
+                && s.share_group.as_deref() == parsed.share_group
+        })?;
+        Some(self.subscriptions.remove(index))
     }
 
     fn drop_internal(&mut self, id: u64) {
@@ -915,6 +1089,63 @@ impl Router {
         }
         (matched, wrote, ack)
     }
+}
+
+/// The channel of an in-process subscriber.
+type InternalSender = mpsc::Sender<(Message, Option<AckShare>)>;
+
+/// Wait until one of `backlog`'s channels has room (or has closed: then `false`).
+async fn channel_room(backlog: Vec<(u64, InternalSender)>) -> (u64, bool) {
+    if backlog.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = backlog.into_iter().map(|(id, tx)| {
+        // The slot is given back at once: the router is the channel's only sender, so the
+        // room is still there when the page is sent.
+        Box::pin(async move { (id, tx.reserve().await.is_ok()) })
+    });
+    futures::future::select_all(waits).await.0
+}
+
+/// Where the retained topics a filter can match begin: its literal levels before the
+/// first wildcard, without the `/` before it (`a/#` also matches `a`). Every matching
+/// topic starts with it, and they sort together.
+fn range_prefix(filter: &str) -> &str {
+    let literal = topic::literal_prefix(filter);
+    literal.strip_suffix('/').unwrap_or(literal)
+}
+
+/// Go through the retained messages whose topics start with `prefix`, after `cursor`, in
+/// topic order, and hand those that match and have not expired to `take` until it refuses
+/// one. Looks at [`RETAINED_SCAN`] topics at most (counted in `visited` across calls of one
+/// page). Moves the cursor past every topic it is done with; returns whether none is left.
+fn scan_retained(
+    retained: &BTreeMap<Arc<str>, Message>,
+    prefix: &str,
+    matches: impl Fn(&str) -> bool,
+    cursor: &mut RetainedCursor,
+    now: Instant,
+    visited: &mut usize,
+    mut take: impl FnMut(&Message) -> bool,
+) -> bool {
+    let start = match &cursor.after {
+        Some(after) => Bound::Excluded(&**after),
+        None => Bound::Included(prefix),
+    };
+    for (topic, message) in retained.range::<str, _>((start, Bound::Unbounded)) {
+        if !topic.starts_with(prefix) {
+            return true;
+        }
+        if *visited >= RETAINED_SCAN {
+            return false;
+        }
+        if !message.is_expired(now) && matches(topic) && !take(message) {
+            return false;
+        }
+        *visited += 1;
+        cursor.after = Some(topic.clone());
+    }
+    true
 }
 
 fn add_client_delivery(

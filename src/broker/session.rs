@@ -223,6 +223,17 @@ impl Congestion {
     }
 }
 
+/// The most retained messages one page places in a session queue (see
+/// [`Session::retained_room`]).
+pub(crate) const RETAINED_PAGE: usize = 500;
+
+/// How many retained messages a page may place in a session queue now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RetainedRoom {
+    pub(crate) messages: usize,
+    pub(crate) bytes: u64,
+}
+
 /// How a wait for room in a congested session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Room {
@@ -255,6 +266,11 @@ pub(crate) struct SessionState {
     last_progress: Option<tokio::time::Instant>,
     /// Cancelled to disconnect the current connection when it does not read.
     evict: Option<CancellationToken>,
+    /// The router holds retained messages still to be placed for this session's
+    /// subscriptions (set by the router).
+    retained_pending: bool,
+    /// The connection has asked the router for the next page of them, not yet placed.
+    retained_asked: bool,
 }
 
 /// Bounds of one session's queue.
@@ -456,6 +472,58 @@ impl Session {
         drop(state);
         self.wake.notify_one();
         outcome
+    }
+
+    /// Retained messages delivered on subscribe fill at most half the queue's bounds (at
+    /// most [`RETAINED_PAGE`]): the other half is left to live messages, so that these
+    /// neither push retained ones out (QoS 0 drops the oldest at the bound) nor make their
+    /// publishers wait for room the retained ones took.
+    fn retained_target(&self) -> (usize, u64) {
+        (
+            (self.limits.max_messages / 2).clamp(1, RETAINED_PAGE),
+            (self.limits.max_bytes / 2).max(1),
+        )
+    }
+
+    /// How many retained messages the router may place now: what is left of the half of
+    /// the queue's bounds given to them ([`Self::retained_target`]).
+    pub(crate) fn retained_room(&self) -> RetainedRoom {
+        let (messages, bytes) = self.retained_target();
+        let state = self.lock();
+        let queued = state.queue.len() as u64 + state.spilled;
+        RetainedRoom {
+            messages: usize::try_from((messages as u64).saturating_sub(queued)).unwrap_or(0),
+            bytes: bytes.saturating_sub(state.queued_bytes),
+        }
+    }
+
+    /// Whether the connection should ask the router for the next page of retained
+    /// messages: some are owed, none is asked for already, and the queue has drained to
+    /// half of what a page fills it to. Counts the page as asked for when it answers yes.
+    pub(crate) fn retained_page_wanted(&self) -> bool {
+        let (messages, bytes) = self.retained_target();
+        let mut state = self.lock();
+        let queued = state.queue.len() as u64 + state.spilled;
+        let wanted = state.retained_pending
+            && !state.retained_asked
+            && queued <= messages as u64 / 2
+            && state.queued_bytes <= bytes / 2;
+        if wanted {
+            state.retained_asked = true;
+        }
+        wanted
+    }
+
+    /// The router has placed a page of retained messages (or the session has a new
+    /// connection): `more` says whether any are still owed. Wakes the connection, which asks
+    /// for the next page when its queue has drained.
+    pub(crate) fn retained_paged(&self, more: bool) {
+        {
+            let mut state = self.lock();
+            state.retained_pending = more;
+            state.retained_asked = false;
+        }
+        self.wake.notify_one();
     }
 
     /// When fewer than `low_water` messages are queued in memory and more wait on disk:
@@ -760,6 +828,59 @@ mod tests {
             session.wait_for_room(Duration::from_secs(10)).await,
             Room::ClientGone
         );
+    }
+
+    #[test]
+    fn retained_pages_fill_half_the_queue_and_the_next_is_asked_for_once_it_drains_to_a_quarter() {
+        let session = Session::new(Arc::from("c"), limits());
+        session.set_owner(1, None);
+        assert_eq!(
+            session.retained_room(),
+            RetainedRoom {
+                messages: 50,
+                bytes: 1 << 19
+            },
+            "half of the bounds of 100 messages and 1 MiB"
+        );
+        assert!(!session.retained_page_wanted(), "none owed");
+        session.retained_paged(true);
+        for n in 0..50 {
+            session.enqueue(delivery(n, QoS::AtLeastOnce, None));
+        }
+        assert_eq!(session.retained_room().messages, 0);
+        assert!(!session.retained_page_wanted(), "the queue holds a page");
+        assert_eq!(session.take_sendable(1, 24, Instant::now()).0.len(), 24);
+        assert!(!session.retained_page_wanted(), "26 left, above a quarter");
+        assert_eq!(session.take_sendable(1, 25, Instant::now()).0.len(), 1);
+        assert!(session.retained_page_wanted(), "25 left: the next page");
+        assert!(
+            !session.retained_page_wanted(),
+            "asked for once until it is placed"
+        );
+        assert_eq!(session.retained_room().messages, 25);
+        session.retained_paged(true);
+        assert!(session.retained_page_wanted(), "placed, more owed");
+        session.retained_paged(false);
+        assert!(!session.retained_page_wanted(), "none owed any more");
+    }
+
+    #[test]
+    fn a_queue_holding_half_its_byte_bound_asks_for_no_retained_page() {
+        let limits = Limits {
+            max_bytes: 40,
+            ..limits()
+        };
+        let session = Session::new(Arc::from("c"), limits);
+        session.set_owner(1, None);
+        session.retained_paged(true);
+        // "t/1" + "x": 4 bytes each; a quarter of the byte bound is 10.
+        for n in 0..3 {
+            session.enqueue(delivery(n, QoS::AtLeastOnce, None));
+        }
+        assert_eq!(session.retained_room().bytes, 8);
+        assert!(!session.retained_page_wanted(), "12 bytes queued");
+        assert_eq!(session.take_sendable(1, 1, Instant::now()).0.len(), 1);
+        assert!(session.retained_page_wanted(), "8 bytes queued");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!
 //! `durable` measures QoS 1 into the queue of an offline persistent subscriber and the drain
 //! when it reconnects; `memory` reads the broker's RSS with idle clients and with many
-//! messages queued for an offline subscriber. See docs/benchmarks.md.
+//! messages queued for an offline subscriber; `retained` times a new `#` subscriber's
+//! delivery of many retained messages. See docs/benchmarks.md.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -32,6 +33,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Barrier;
 
 mod disk;
+mod retained;
 mod stats;
 mod wake;
 
@@ -53,6 +55,8 @@ enum Cmd {
     Durable(DurableArgs),
     /// Broker RSS with idle clients and with many messages queued for an offline subscriber.
     Memory(MemoryArgs),
+    /// Time for a new `#` subscriber to receive N retained messages, and broker RSS meanwhile.
+    Retained(retained::RetainedArgs),
     /// What a synced commit costs on a disk (wall time and CPU): what `durability = "sync"`
     /// waits for on every acknowledged publish.
     Disk(disk::DiskArgs),
@@ -235,6 +239,7 @@ fn main() -> Result<()> {
         Cmd::Broker(args) => rt.block_on(run_broker_bench(args)),
         Cmd::Durable(args) => rt.block_on(run_durable_bench(args)),
         Cmd::Memory(args) => rt.block_on(run_memory_bench(args)),
+        Cmd::Retained(args) => rt.block_on(retained::run(&args)),
         Cmd::Disk(args) => disk::run(&args),
         Cmd::Wake(args) => wake::run(&args),
     }
