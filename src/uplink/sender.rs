@@ -401,14 +401,19 @@ impl Sender {
 
     /// Read the next rows into the buffer. False when there is nothing to read now.
     async fn fill(&mut self) -> bool {
-        if self.exhausted || self.read_failed_at.is_some() {
+        if self.read_failed_at.is_some() {
             return false;
         }
         if self.rewind {
             // Everything up to the mark is acknowledged (its deletion may still be pending):
-            // start after it.
+            // start after it. Rows read before are read again, even when the last read had
+            // reached the end of the queue.
             self.cursor = self.inflight.mark();
             self.rewind = false;
+            self.exhausted = false;
+        }
+        if self.exhausted {
+            return false;
         }
         self.cx.appended.borrow_and_update();
         match self.cx.outbox.read_after(self.cursor, READ_BATCH).await {
