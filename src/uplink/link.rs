@@ -266,21 +266,26 @@ pub(super) fn connect(
             }
             if let Some(will) = &config.will {
                 let delay = u32::try_from(will.delay.as_secs()).unwrap_or(u32::MAX);
-                let properties = (delay > 0).then(|| m5::LastWillProperties {
-                    delay_interval: Some(delay),
+                // The reason tells the will apart from the clean stop's offline message,
+                // which has the same topic and payload.
+                let properties = m5::LastWillProperties {
+                    delay_interval: (delay > 0).then_some(delay),
                     payload_format_indicator: None,
                     message_expiry_interval: None,
                     content_type: None,
                     response_topic: None,
                     correlation_data: None,
-                    user_properties: Vec::new(),
-                });
+                    user_properties: vec![(
+                        super::REASON_PROPERTY.to_string(),
+                        super::REASON_CONNECTION_LOST.to_string(),
+                    )],
+                };
                 options.set_last_will(m5::LastWill::new(
                     will.topic.clone(),
                     will.payload.clone().into_bytes(),
                     v5_qos(will.qos),
                     will.retain,
-                    properties,
+                    Some(properties),
                 ));
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);

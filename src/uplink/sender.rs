@@ -24,7 +24,7 @@ use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
 use crate::broker::BrokerHandle;
 use crate::config::{UplinkConfig, WillConfig};
-use crate::model::{Message, QoS};
+use crate::model::{Message, MessageProperties, QoS};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 
 /// Rows read from the outbox at a time.
@@ -324,7 +324,7 @@ impl Sender {
         }
         if self.need_birth {
             if let Some(birth) = self.cx.config.birth.clone() {
-                match self.publish_status_message(&birth, birth.payload.as_bytes().to_vec()) {
+                match self.publish_status_message(&birth, birth.payload.as_bytes().to_vec(), None) {
                     Ok(()) => self.need_birth = false,
                     Err(e) => return self.submit_failed(e).map(|()| rate_wait),
                 }
@@ -473,10 +473,15 @@ impl Sender {
         &mut self,
         will: &WillConfig,
         payload: Vec<u8>,
+        properties: Option<&MessageProperties>,
     ) -> Result<(), SubmitError> {
-        self.cx
-            .client
-            .try_publish(&will.topic, will.qos, will.retain, payload.into(), None)?;
+        self.cx.client.try_publish(
+            &will.topic,
+            will.qos,
+            will.retain,
+            payload.into(),
+            properties,
+        )?;
         self.inflight.submit(None, will.qos);
         Ok(())
     }
@@ -594,10 +599,23 @@ impl Sender {
                 (None, Some(birth)) => Some((birth.clone(), "offline".to_string())),
                 (None, None) => None,
             };
+            // MQTT 5: the reason tells this message apart from the will (same topic and
+            // payload), which the cloud publishes when the connection is lost instead.
+            let reason = MessageProperties {
+                user_properties: vec![(
+                    super::REASON_PROPERTY.to_string(),
+                    super::REASON_SHUTDOWN.to_string(),
+                )],
+                ..MessageProperties::default()
+            };
             if let Some((status, payload)) = offline {
                 let mut submitted = false;
                 while !submitted && self.connected && Instant::now() < deadline {
-                    match self.publish_status_message(&status, payload.clone().into_bytes()) {
+                    match self.publish_status_message(
+                        &status,
+                        payload.clone().into_bytes(),
+                        Some(&reason),
+                    ) {
                         Ok(()) => submitted = true,
                         Err(SubmitError::Full) => {
                             tokio::time::sleep(FULL_RETRY).await;
