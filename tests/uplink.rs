@@ -1519,6 +1519,11 @@ async fn messages_the_cloud_refuses_or_cannot_take_are_dropped_as_rejected_and_t
             "max_packet_size 1024".into(),
         ],
     });
+    // Mosquitto 2.0.11 also closes the connection right after that PUBACK; later versions
+    // may not. The proxy makes every cloud do it, so the refusal always arrives together
+    // with the end of the connection (the hardest case for the uplink).
+    let proxy = Proxy::start(cloud.addr()).await;
+    proxy.set_close_after_refusal(true);
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let local = local_broker(false, &shutdown).await;
@@ -1530,7 +1535,7 @@ async fn messages_the_cloud_refuses_or_cannot_take_are_dropped_as_rejected_and_t
     )
     .await;
     let running = start_uplink(
-        uplink_config("cloud", cloud.port),
+        uplink_config("cloud", proxy.port()),
         dir.path(),
         &local.handle,
         &shutdown,
@@ -1731,6 +1736,57 @@ async fn a_qos_2_row_is_deleted_on_pubcomp_not_before() {
         arrived,
         vec![Some((exact, "two".into())), Some((one, "one".into()))]
     );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_unacknowledged_when_the_link_drops_is_sent_again_after_the_reconnect() {
+    if !mosquitto_available("resend_after_reconnect") {
+        return;
+    }
+    init_logs();
+    let cloud = Cloud::start(CloudOptions::default());
+    let proxy = Proxy::start(cloud.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let running = start_uplink(
+        uplink_config("cloud", proxy.port()),
+        dir.path(),
+        &local.handle,
+        &shutdown,
+    )
+    .await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    // The cloud gets the message, its PUBACK is held back, then the link drops.
+    proxy.hold_from_cloud(proxy::PUBACK);
+    publish_local(&local.handle, "plant/once", "again", QoS::AtLeastOnce).await;
+    proxy.wait_held(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/once"), "again".into()))
+    );
+    proxy.close_all();
+    proxy.release();
+    // Nothing new is published: the row alone must make the uplink send it again.
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/once"), "again".into())),
+        "the unacknowledged row is sent again after the reconnect"
+    );
+    let stats = wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 0).await;
+    assert_eq!(stats.acked, 1, "{stats:?}");
     shutdown.cancel();
     running.wait().await.unwrap();
 }

@@ -8,7 +8,9 @@
 //!   whatever either side sends is dropped (the client's unacknowledged tail never reaches
 //!   the cloud, the cloud's acknowledgements never reach the client), and the client's
 //!   socket stays open until the client closes it;
-//! - it can close its connections and refuse new ones (the cloud is unreachable).
+//! - it can close its connections and refuse new ones (the cloud is unreachable);
+//! - it can close a connection right after forwarding a PUBACK or PUBREC with an error
+//!   reason code, as Mosquitto 2.0 does after refusing a publish (both arrive together).
 //!
 //! Packets are framed (fixed header and remaining length) but otherwise forwarded as they
 //! are. Every wait is bounded.
@@ -28,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 /// MQTT control packet types (the high nibble of the first byte).
 pub(crate) const CONNECT: u8 = 1;
 pub(crate) const PUBLISH: u8 = 3;
+pub(crate) const PUBACK: u8 = 4;
+pub(crate) const PUBREC: u8 = 5;
 pub(crate) const PUBCOMP: u8 = 7;
 
 /// A CONNECT the proxy forwarded.
@@ -57,6 +61,8 @@ struct Shared {
     held: watch::Sender<usize>,
     /// PUBLISH packets from the client dropped because their connection was cut.
     dropped_publishes: AtomicUsize,
+    /// Close a connection right after forwarding a refusal (PUBACK/PUBREC reason >= 0x80).
+    close_after_refusal: AtomicBool,
 }
 
 /// A running proxy. Stops (and closes every connection) when dropped.
@@ -79,6 +85,7 @@ impl Proxy {
             hold: watch::Sender::new(None),
             held: watch::Sender::new(0),
             dropped_publishes: AtomicUsize::new(0),
+            close_after_refusal: AtomicBool::new(false),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Proxy {
@@ -139,6 +146,15 @@ impl Proxy {
     /// While refusing, new connections are closed as soon as they are accepted.
     pub(crate) fn set_refusing(&self, refusing: bool) {
         self.shared.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Close a connection right after forwarding a PUBACK or PUBREC that refuses (MQTT 5
+    /// reason code 0x80 or more): the client reads the refusal and the end of the
+    /// connection together.
+    pub(crate) fn set_close_after_refusal(&self, close: bool) {
+        self.shared
+            .close_after_refusal
+            .store(close, Ordering::SeqCst);
     }
 
     /// PUBLISH packets from clients dropped because their connection had been cut.
@@ -242,6 +258,13 @@ fn packet_len(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether a PUBACK or PUBREC carries an error reason code (MQTT 5).
+fn is_refusal(packet: &[u8]) -> bool {
+    let kind = packet[0] >> 4;
+    // Fixed header, packet id, reason code: a 2-byte remaining length has no reason code.
+    (kind == PUBACK || kind == PUBREC) && packet.len() >= 5 && packet[1] >= 3 && packet[4] >= 0x80
+}
+
 /// Protocol level and client id of a CONNECT packet.
 fn parse_connect(packet: &[u8]) -> Option<Connect> {
     let header = (1..packet.len()).find(|&i| packet[i] & 0x80 == 0)? + 1;
@@ -283,6 +306,7 @@ async fn client_to_cloud(
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let n = tokio::select! {
+            biased;
             _ = close.cancelled() => break,
             read = from.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => break,
@@ -306,6 +330,9 @@ async fn client_to_cloud(
             }
             out.extend_from_slice(packet);
         });
+        if close.is_cancelled() {
+            break;
+        }
         if !out.is_empty() && to.write_all(&out).await.is_err() {
             break;
         }
@@ -325,9 +352,12 @@ async fn cloud_to_client(
     let mut chunk = vec![0u8; 64 * 1024];
     let mut hold = shared.hold.subscribe();
     let mut held: Vec<u8> = Vec::new();
+    let mut refused = false;
     loop {
         let mut out = Vec::new();
         tokio::select! {
+            // A close wins over a release that came with it: held packets die with the link.
+            biased;
             _ = close.cancelled() => break,
             changed = hold.changed() => {
                 if changed.is_err() {
@@ -343,21 +373,34 @@ async fn cloud_to_client(
                     Ok(n) => n,
                 };
                 let holding = *hold.borrow();
+                let close_after_refusal = shared.close_after_refusal.load(Ordering::SeqCst);
                 framer.push(&chunk[..n], |packet| {
+                    if refused {
+                        return;
+                    }
                     if Some(packet[0] >> 4) == holding {
                         held.extend_from_slice(packet);
                         shared.held.send_modify(|n| *n += 1);
                     } else {
                         out.extend_from_slice(packet);
+                        refused = close_after_refusal && is_refusal(packet);
                     }
                 });
             }
+        }
+        if close.is_cancelled() {
+            break;
         }
         if cut.load(Ordering::SeqCst) {
             held.clear();
             continue;
         }
         if !out.is_empty() && to.write_all(&out).await.is_err() {
+            break;
+        }
+        if refused {
+            // The refusal and the end of the connection go out together.
+            let _ = to.shutdown().await;
             break;
         }
     }
