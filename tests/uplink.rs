@@ -125,6 +125,8 @@ struct CloudMessage {
     payload: Bytes,
     user_properties: Vec<(String, String)>,
     message_expiry: Option<u32>,
+    /// When the client read it from the socket.
+    at: tokio::time::Instant,
 }
 
 impl CloudMessage {
@@ -173,6 +175,7 @@ impl CloudClient {
                             payload: p.payload,
                             user_properties: properties.user_properties,
                             message_expiry: properties.message_expiry_interval,
+                            at: tokio::time::Instant::now(),
                         };
                         if tx.send(message).is_err() {
                             return;
@@ -1471,12 +1474,12 @@ async fn max_rate_caps_the_messages_per_second_sent_to_the_cloud() {
     }
     let mut arrivals = Vec::new();
     for n in 0..COUNT {
-        let (_, payload) = watcher
-            .next(Duration::from_secs(10))
+        let message = watcher
+            .next_message(Duration::from_secs(10))
             .await
             .unwrap_or_else(|| panic!("message {n} within 10 s"));
-        assert_eq!(payload, n.to_string());
-        arrivals.push(tokio::time::Instant::now());
+        assert_eq!(message.text(), n.to_string());
+        arrivals.push(message.at);
     }
     let span = arrivals[arrivals.len() - 1] - arrivals[0];
     // A burst of 0.1 s (5 messages) may go at once, the others one every 1/RATE s: the
