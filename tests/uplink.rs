@@ -1,6 +1,9 @@
 //! Uplinks against real peers: Mosquitto (with and without TLS) and fieldmq's own broker as
 //! the cloud, our broker in-process as the local bus, SQLite outboxes in temp dirs, and the
-//! real `fieldmq` binary for kill -9 / SIGTERM. No mocks.
+//! real `fieldmq` binary for kill -9 / SIGTERM. No mocks: where a test must see or shape the
+//! wire (the protocol level of a CONNECT, a held PUBCOMP, a cut link) a loopback proxy sits
+//! between the uplink and the real cloud (`support/proxy.rs`); the ALPN test's TLS server
+//! is a rustls server that records the ClientHello.
 //!
 //! Tests that need Mosquitto skip with a message when it is not installed, and fail when
 //! `CI` is set.
@@ -10,6 +13,8 @@ mod cloud;
 #[allow(dead_code)]
 #[path = "support/mqtt.rs"]
 mod mqtt;
+#[path = "support/proxy.rs"]
+mod proxy;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -23,11 +28,13 @@ use fieldmq::config::{
     BrokerConfig, GatewayConfig, InRoute, ListenerConfig, MqttVersion, OutRoute, QueueConfig,
     TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
 };
-use fieldmq::model::{Message, Origin, QoS};
+use fieldmq::model::{Message, MessageProperties, Origin, QoS};
+use fieldmq::store::OutboxStats;
 use fieldmq::uplink::{self, RunningUplink};
+use proxy::Proxy;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const GATEWAY: &str = "line1";
@@ -112,10 +119,36 @@ async fn local_broker(listen: bool, shutdown: &CancellationToken) -> RunningBrok
         .expect("start the local broker")
 }
 
+/// A message a [`CloudClient`] received, with the MQTT 5 properties the tests look at.
+struct CloudMessage {
+    topic: String,
+    payload: Bytes,
+    user_properties: Vec<(String, String)>,
+    message_expiry: Option<u32>,
+    /// When the client read it from the socket.
+    at: tokio::time::Instant,
+}
+
+impl CloudMessage {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+
+    fn user_property(&self, key: &str) -> Option<&str> {
+        self.user_properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// A cloud-side MQTT 5 client: publishes, and collects what its subscriptions receive.
 struct CloudClient {
     client: AsyncClient,
-    rx: mpsc::UnboundedReceiver<(String, Bytes)>,
+    rx: mpsc::UnboundedReceiver<CloudMessage>,
+    /// PUBACKs received so far.
+    acked: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl CloudClient {
@@ -131,17 +164,28 @@ impl CloudClient {
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
         let (tx, rx) = mpsc::unbounded_channel();
         let (subscribed_tx, mut subscribed_rx) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let (acked_tx, acked) = watch::channel(0u64);
+        let task = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                        if tx.send((topic, p.payload)).is_err() {
+                        let properties = p.properties.unwrap_or_default();
+                        let message = CloudMessage {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload,
+                            user_properties: properties.user_properties,
+                            message_expiry: properties.message_expiry_interval,
+                            at: tokio::time::Instant::now(),
+                        };
+                        if tx.send(message).is_err() {
                             return;
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = subscribed_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acked_tx.send_modify(|n| *n += 1);
                     }
                     // Disconnected on purpose, or nobody listens any more: stop (a
                     // reconnect would take the session over from a newer client).
@@ -166,10 +210,18 @@ impl CloudClient {
                 .await
                 .expect("SUBACK within 10 s");
         }
-        CloudClient { client, rx }
+        CloudClient {
+            client,
+            rx,
+            acked,
+            task,
+        }
     }
 
-    async fn publish(&self, topic: &str, payload: &str) {
+    /// Publish with QoS 1 and return once the broker's PUBACK arrived (the broker has then
+    /// routed the message, to offline persistent sessions too).
+    async fn publish(&mut self, topic: &str, payload: &str) {
+        let before = *self.acked.borrow_and_update();
         self.client
             .publish(
                 topic,
@@ -179,19 +231,35 @@ impl CloudClient {
             )
             .await
             .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.acked.wait_for(|&n| n > before),
+        )
+        .await
+        .expect("PUBACK within 10 s")
+        .unwrap();
     }
 
-    async fn next(&mut self, within: Duration) -> Option<(String, String)> {
+    async fn next_message(&mut self, within: Duration) -> Option<CloudMessage> {
         tokio::time::timeout(within, self.rx.recv())
             .await
             .ok()
             .flatten()
-            .map(|(t, p)| (t, String::from_utf8_lossy(&p).into_owned()))
     }
 
+    async fn next(&mut self, within: Duration) -> Option<(String, String)> {
+        self.next_message(within)
+            .await
+            .map(|m| (m.topic.clone(), m.text()))
+    }
+
+    /// DISCONNECT, and return once it has been written.
     async fn disconnect(self) {
         let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("DISCONNECT written within 10 s")
+            .unwrap();
     }
 }
 
@@ -254,6 +322,48 @@ async fn publish_local(broker: &BrokerHandle, topic: &str, payload: &str, qos: Q
         .unwrap();
 }
 
+async fn publish_local_with_expiry(broker: &BrokerHandle, topic: &str, payload: &str, expiry: u32) {
+    let mut message =
+        Message::internal("test", topic, payload.to_string(), QoS::AtLeastOnce, false);
+    message.properties = Some(std::sync::Arc::new(MessageProperties {
+        message_expiry_interval: Some(expiry),
+        ..MessageProperties::default()
+    }));
+    broker.publish(message).await.unwrap();
+}
+
+/// Wait until the outbox's figures satisfy `ok` (polled every 20 ms); returns them.
+async fn wait_outbox(
+    running: &RunningUplink,
+    within: Duration,
+    ok: impl Fn(&OutboxStats) -> bool,
+) -> OutboxStats {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let stats = running.outbox().stats().await.unwrap();
+        if ok(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox did not get there within {within:?}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Remote topics of the rows in the outbox, in queue order.
+async fn outbox_topics(running: &RunningUplink) -> Vec<String> {
+    running
+        .outbox()
+        .read_after(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.record.topic)
+        .collect()
+}
+
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -314,7 +424,7 @@ async fn out_and_in_routes_remap_both_ways_with_qos_0_and_1_and_make_no_loop() {
 
     // In: a command from the cloud reaches the local bus under the local prefix, published
     // by the uplink.
-    let commander = CloudClient::connect(cloud.addr(), "commander", &[], false).await;
+    let mut commander = CloudClient::connect(cloud.addr(), "commander", &[], false).await;
     commander
         .publish(&format!("sites/{GATEWAY}/cmd/boiler/pump/set"), "on")
         .await;
@@ -357,21 +467,31 @@ async fn mqtt_3_1_1_and_5_uplinks_work_with_fieldmqs_own_broker_as_the_cloud() {
     let shutdown = CancellationToken::new();
     let cloud = local_broker(true, &shutdown).await;
     let cloud_addr = cloud.local_addrs[0];
+    // The uplinks connect through a proxy that records the protocol level of each CONNECT.
+    let proxy = Proxy::start(cloud_addr).await;
     let local = local_broker(false, &shutdown).await;
     let dir = tempfile::tempdir().unwrap();
     let mut watcher = CloudClient::connect(cloud_addr, "watcher", &["sites/+/t"], false).await;
     let mut uplinks = Vec::new();
-    for (name, protocol) in [("v311", MqttVersion::V311), ("v5", MqttVersion::V5)] {
-        let mut config = uplink_config(name, cloud_addr.port());
+    for (name, protocol, level) in [("v311", MqttVersion::V311, 4), ("v5", MqttVersion::V5, 5)] {
+        let mut config = uplink_config(name, proxy.port());
         config.protocol = protocol;
         config.routes_out[0].filter = format!("plant/{name}/#");
         config.routes_out[0].remote_prefix = Some(format!("sites/{name}/"));
         config.routes_in[0].filter = format!("sites/{name}/cmd/#");
+        let client_id = config.client_id.clone();
         uplinks.push(start_uplink(config, dir.path(), &local.handle, &shutdown).await);
         wait_status(&local.handle, name, Duration::from_secs(10), |s| {
             s["connected"] == true
         })
         .await;
+        let connect = proxy
+            .wait_connect(&client_id, Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            connect.level, level,
+            "the protocol level of {name}'s CONNECT on the wire"
+        );
     }
     let mut local_cmds = local
         .handle
@@ -572,10 +692,15 @@ fn bad_tls_files_are_reported_with_the_file_name() {
         &certs.ca,
         Some(&certs.client_cert),
         Some(&certs.other_client_key),
-    ));
-    if let Err(err) = err {
-        assert!(err.to_string().contains("client.pem"), "{err}");
-    }
+    ))
+    .expect_err("a key that does not match the certificate is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("client.pem")
+            && text.contains("other-client.key")
+            && text.contains("cannot be used together"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -597,7 +722,7 @@ async fn a_command_published_while_the_gateway_is_away_is_delivered_when_it_reco
         )
         .await
         .unwrap();
-    let commander = CloudClient::connect(cloud.addr(), "commander", &[], false).await;
+    let mut commander = CloudClient::connect(cloud.addr(), "commander", &[], false).await;
     let mut config = uplink_config("cloud", cloud.port);
     config.session_expiry = Duration::from_secs(300);
 
@@ -620,22 +745,27 @@ async fn a_command_published_while_the_gateway_is_away_is_delivered_when_it_reco
         }
     }
     assert!(delivered, "the in-route works before the gateway goes away");
-    while let Ok(Some(_)) =
-        tokio::time::timeout(Duration::from_millis(300), local_cmds.recv()).await
-    {}
     first.cancel();
     running.wait().await.unwrap();
 
-    // Away (for less than the session expiry): the cloud keeps the session and queues.
+    // Away (for less than the session expiry): the cloud keeps the session and queues. Its
+    // PUBACK to the commander comes after it has queued the command for the session, so
+    // the command was published while the gateway was away.
     commander.publish(&topic, "while-away").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let second = CancellationToken::new();
     let running = start_uplink(config, dir.path(), &local.handle, &second).await;
-    let command = tokio::time::timeout(Duration::from_secs(10), local_cmds.recv())
-        .await
-        .expect("the queued command is delivered on reconnect")
-        .unwrap();
+    // Probes the first run had not taken yet may come first.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let command = loop {
+        let command = tokio::time::timeout_at(deadline, local_cmds.recv())
+            .await
+            .expect("the queued command is delivered on reconnect")
+            .unwrap();
+        if &command.payload[..] != b"probe" {
+            break command;
+        }
+    };
     assert_eq!(&*command.topic, "plant/cmd/heater/set");
     assert_eq!(&command.payload[..], b"while-away");
     second.cancel();
@@ -657,21 +787,35 @@ fn persistent_cloud() -> Cloud {
 }
 
 /// Payload numbers received on `sites/<gw>/seq`, until `count` distinct ones arrived.
+/// Fails when `within` has passed, or when nothing arrived for 20 s (what is missing then
+/// is not coming: the sender has no resend timer).
 async fn collect_sequence(sub: &mut CloudClient, count: usize, within: Duration) -> Vec<u64> {
+    const QUIET: Duration = Duration::from_secs(20);
     let mut received = Vec::new();
     let mut distinct = HashSet::new();
     let deadline = tokio::time::Instant::now() + within;
     while distinct.len() < count {
-        match tokio::time::timeout_at(deadline, sub.rx.recv()).await {
-            Ok(Some((_, payload))) => {
-                let n: u64 = std::str::from_utf8(&payload).unwrap().parse().unwrap();
+        let until = deadline.min(tokio::time::Instant::now() + QUIET);
+        match tokio::time::timeout_at(until, sub.rx.recv()).await {
+            Ok(Some(message)) => {
+                let n: u64 = std::str::from_utf8(&message.payload)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 distinct.insert(n);
                 received.push(n);
             }
-            _ => panic!(
-                "only {} of {count} distinct messages arrived within {within:?}",
-                distinct.len()
-            ),
+            _ => {
+                let missing: Vec<u64> = (0..count as u64)
+                    .filter(|n| !distinct.contains(n))
+                    .take(10)
+                    .collect();
+                panic!(
+                    "only {} of {count} distinct messages arrived (within {within:?}, none in \
+                     the last {QUIET:?}); the first missing: {missing:?}",
+                    distinct.len()
+                )
+            }
         }
     }
     received
@@ -873,6 +1017,11 @@ routes = [
 
 impl GatewayProcess {
     fn start(config: &Path) -> GatewayProcess {
+        GatewayProcess::start_with_env(config, &[])
+    }
+
+    /// Start with extra environment variables (e.g. an uplink's `password_env`).
+    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> GatewayProcess {
         use std::io::{BufRead, BufReader};
         // FIELDMQ_BIN runs another build of the gateway (e.g. a release binary).
         let binary = std::env::var("FIELDMQ_BIN")
@@ -880,6 +1029,7 @@ impl GatewayProcess {
         let mut child = std::process::Command::new(binary)
             .args(["run", "-c"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -966,10 +1116,15 @@ async fn kill_9_of_the_gateway_makes_the_cloud_deliver_the_will() {
         Some("online".into())
     );
     gateway.kill9();
+    let will = status
+        .next_message(Duration::from_secs(10))
+        .await
+        .expect("the will within 10 s");
+    assert_eq!(will.text(), "offline");
     assert_eq!(
-        status.next(Duration::from_secs(10)).await.map(|m| m.1),
-        Some("offline".into()),
-        "the will"
+        will.user_property("reason"),
+        Some("connection lost"),
+        "the will says why"
     );
 }
 
@@ -995,19 +1150,31 @@ async fn sigterm_sends_offline_before_disconnect_and_no_will() {
     gateway.signal("-TERM");
     let exit = gateway.wait(Duration::from_secs(15));
     assert!(exit.success(), "clean exit: {exit}");
+    // The will has the same topic and payload; its reason (`connection lost`) tells it
+    // apart from the gateway's own message.
+    let offline = status
+        .next_message(Duration::from_secs(5))
+        .await
+        .expect("an offline status within 5 s");
+    assert_eq!(offline.text(), "offline");
     assert_eq!(
-        status.next(Duration::from_secs(5)).await.map(|m| m.1),
-        Some("offline".into()),
-        "the explicit offline status"
+        offline.user_property("reason"),
+        Some("shutdown"),
+        "the gateway's own offline status, not the will"
     );
-    assert_eq!(
-        status.next(Duration::from_secs(2)).await,
-        None,
-        "no will after a clean disconnect"
-    );
+    // Mosquitto publishes a will as soon as it sees the connection end; the gateway has
+    // exited, so one would come within moments.
+    if let Some(late) = status.next_message(Duration::from_secs(2)).await {
+        panic!(
+            "no will after a clean disconnect, got {:?} with {:?}",
+            late.text(),
+            late.user_properties
+        );
+    }
 }
 
-#[tokio::test]
+// Multi-threaded: the proxy keeps forwarding while the test blocks on the gateway process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_most_the_window_per_kill(
 ) {
     if !mosquitto_available("ten_kills") {
@@ -1015,6 +1182,8 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
     }
     const COUNT: u64 = 100_000;
     const INFLIGHT: usize = 100;
+    /// How long the link is cut before each kill.
+    const PARTITION: Duration = Duration::from_millis(200);
     let mut cloud = persistent_cloud();
     CloudClient::connect(
         cloud.addr(),
@@ -1026,8 +1195,10 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
     .disconnect()
     .await;
     cloud.stop();
+    // The gateway reaches the cloud through a proxy that can cut the link.
+    let proxy = Proxy::start(cloud.addr()).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = gateway_toml(dir.path(), cloud.port, "");
+    let config = gateway_toml(dir.path(), proxy.port(), "");
     let mut gateway = GatewayProcess::start(&config);
 
     // Fill the outbox through the gateway's own MQTT listener while the cloud is down.
@@ -1074,9 +1245,16 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
     for kill in 0..10 {
         let pause = Duration::from_millis(rand::random_range(200..1500));
         tokio::time::sleep(pause).await;
+        // A partition, then the crash. What the gateway writes from the cut on never
+        // reaches the cloud, and the PUBACKs for what the cloud had received never reach
+        // the gateway: a row deleted before its PUBACK would be lost. On loopback without
+        // the cut, the kernel would still deliver what the killed gateway had written.
+        proxy.cut();
+        tokio::time::sleep(PARTITION).await;
         eprintln!(
-            "kill {kill}: {} messages at the cloud so far",
-            subscriber.rx.len()
+            "kill {kill}: {} messages at the cloud so far, {} publishes dropped by the cuts",
+            subscriber.rx.len(),
+            proxy.dropped_publishes()
         );
         gateway.kill9();
         gateway = GatewayProcess::start(&gateway.config.clone());
@@ -1085,8 +1263,13 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
         collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(180)).await;
     let duplicates = assert_complete_in_order(&received, COUNT);
     eprintln!(
-        "ten kills: {} received, {duplicates} duplicates",
-        received.len()
+        "ten kills: {} received, {duplicates} duplicates, {} publishes dropped by the cuts",
+        received.len(),
+        proxy.dropped_publishes()
+    );
+    assert!(
+        proxy.dropped_publishes() > 0,
+        "no cut caught a publish on its way: the drain was over before the kills"
     );
     assert!(
         duplicates <= 10 * INFLIGHT,
@@ -1254,4 +1437,615 @@ fn the_uplink_examples_in_config_pass_the_uplink_check() {
             assert!(errors.is_empty(), "{name}: {errors:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Documented uplink promises: rate, refusals, non-durable routes, QoS 2, expiry,
+// credentials, ALPN.
+
+#[tokio::test]
+async fn max_rate_caps_the_messages_per_second_sent_to_the_cloud() {
+    if !mosquitto_available("max_rate") {
+        return;
+    }
+    init_logs();
+    const RATE: u32 = 50;
+    const COUNT: u32 = 60;
+    let cloud = Cloud::start(CloudOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let mut config = uplink_config("cloud", cloud.port);
+    config.max_rate = Some(RATE);
+    let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    for n in 0..COUNT {
+        publish_local(&local.handle, "plant/seq", &n.to_string(), QoS::AtLeastOnce).await;
+    }
+    let mut arrivals = Vec::new();
+    for n in 0..COUNT {
+        let message = watcher
+            .next_message(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("message {n} within 10 s"));
+        assert_eq!(message.text(), n.to_string());
+        arrivals.push(message.at);
+    }
+    let span = arrivals[arrivals.len() - 1] - arrivals[0];
+    // A burst of 0.1 s (5 messages) may go at once, the others one every 1/RATE s: the
+    // last arrives at least (COUNT - 6) / RATE = 1.08 s after the first. Without the cap
+    // the 60 take a few milliseconds.
+    let least = Duration::from_millis(u64::from(COUNT - 6) * 1000 / u64::from(RATE));
+    eprintln!("{COUNT} messages at max_rate = {RATE}: {span:?} from first to last");
+    assert!(
+        span >= least - Duration::from_millis(100),
+        "{COUNT} messages took {span:?} at max_rate = {RATE}/s (at least {least:?} expected)"
+    );
+    assert!(
+        span < Duration::from_secs(5),
+        "{COUNT} messages took {span:?} at max_rate = {RATE}/s: far slower than the cap"
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_the_cloud_refuses_or_cannot_take_are_dropped_as_rejected_and_the_queue_moves_on()
+{
+    if !mosquitto_available("cloud_refusals") {
+        return;
+    }
+    init_logs();
+    // Mosquitto refuses publishes to `secret/` topics with PUBACK 0x87 (Not authorized,
+    // MQTT 5) and announces a Maximum Packet Size of 1,024 bytes in its CONNACK.
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        format!("topic readwrite #\ntopic deny sites/{GATEWAY}/secret/#\n"),
+    )
+    .unwrap();
+    let cloud = Cloud::start(CloudOptions {
+        mtls: None,
+        extra: vec![
+            format!("acl_file {}", acl.display()),
+            "max_packet_size 1024".into(),
+        ],
+    });
+    // Mosquitto 2.0.11 also closes the connection right after that PUBACK; later versions
+    // may not. The proxy makes every cloud do it, so the refusal always arrives together
+    // with the end of the connection (the hardest case for the uplink).
+    let proxy = Proxy::start(cloud.addr()).await;
+    proxy.set_close_after_refusal(true);
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let running = start_uplink(
+        uplink_config("cloud", proxy.port()),
+        dir.path(),
+        &local.handle,
+        &shutdown,
+    )
+    .await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    publish_local(
+        &local.handle,
+        "plant/secret/key",
+        "refused",
+        QoS::AtLeastOnce,
+    )
+    .await;
+    publish_local(
+        &local.handle,
+        "plant/big",
+        &"x".repeat(2000),
+        QoS::AtLeastOnce,
+    )
+    .await;
+    publish_local(&local.handle, "plant/ok", "after", QoS::AtLeastOnce).await;
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/ok"), "after".into())),
+        "the message behind the refused and the oversized one gets through"
+    );
+    let stats = wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 0).await;
+    assert_eq!(
+        (stats.dropped.rejected, stats.acked),
+        (2, 1),
+        "the refused and the oversized rows are dropped as rejected: {stats:?}"
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn durable_false_messages_are_dropped_and_counted_while_the_link_is_down() {
+    if !mosquitto_available("durable_false") {
+        return;
+    }
+    init_logs();
+    const DOWN: usize = 20;
+    let cloud = Cloud::start(CloudOptions::default());
+    let proxy = Proxy::start(cloud.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let mut config = uplink_config("cloud", proxy.port());
+    config.routes_out.insert(
+        0,
+        OutRoute {
+            filter: "fast/#".into(),
+            remote_prefix: Some(format!("sites/{GATEWAY}/fast/")),
+            remote_template: None,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            durable: false,
+        },
+    );
+    let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    // The route works while the link is up.
+    publish_local(&local.handle, "fast/vibration", "live", QoS::AtMostOnce).await;
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/fast/vibration"), "live".into()))
+    );
+
+    // The link goes down: the cloud is unreachable.
+    proxy.set_refusing(true);
+    proxy.close_all();
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == false
+    })
+    .await;
+    for n in 0..DOWN {
+        publish_local(
+            &local.handle,
+            "fast/vibration",
+            &n.to_string(),
+            QoS::AtMostOnce,
+        )
+        .await;
+    }
+    // The status is republished every 5 s.
+    wait_status(&local.handle, "cloud", Duration::from_secs(12), |s| {
+        s["dropped"]["not_durable"] == DOWN
+    })
+    .await;
+    assert_eq!(
+        running.outbox().stats().await.unwrap().depth,
+        0,
+        "nothing of a durable = false route is stored"
+    );
+
+    // Back up: what was dropped stays dropped; the next message is the first to arrive.
+    proxy.set_refusing(false);
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    publish_local(&local.handle, "plant/marker", "end", QoS::AtLeastOnce).await;
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/marker"), "end".into())),
+        "no message of the outage reaches the cloud"
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_qos_2_row_is_deleted_on_pubcomp_not_before() {
+    if !mosquitto_available("qos_2_pubcomp") {
+        return;
+    }
+    init_logs();
+    let cloud = Cloud::start(CloudOptions::default());
+    let proxy = Proxy::start(cloud.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let mut config = uplink_config("cloud", proxy.port());
+    config.routes_out.insert(
+        0,
+        OutRoute {
+            filter: "plant/exact/#".into(),
+            remote_prefix: Some(format!("sites/{GATEWAY}/exact/")),
+            remote_template: None,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            durable: true,
+        },
+    );
+    let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+
+    // The cloud's PUBCOMP is held back; its PUBREC and PUBACKs pass.
+    proxy.hold_from_cloud(proxy::PUBCOMP);
+    publish_local(&local.handle, "plant/exact/a", "two", QoS::AtLeastOnce).await;
+    proxy.wait_held(1, Duration::from_secs(10)).await;
+    // A QoS 1 row sent after the PUBREC arrived: once it is deleted, the uplink has
+    // handled the PUBREC too.
+    publish_local(&local.handle, "plant/one", "one", QoS::AtLeastOnce).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let exact = format!("sites/{GATEWAY}/exact/a");
+    let one = format!("sites/{GATEWAY}/one");
+    loop {
+        let topics = outbox_topics(&running).await;
+        if !topics.contains(&one) && running.outbox().stats().await.unwrap().acked >= 1 {
+            assert_eq!(
+                topics,
+                vec![exact.clone()],
+                "the QoS 2 row stays until its PUBCOMP"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the QoS 1 row was not deleted within 10 s: {topics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    proxy.release();
+    let stats = wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 0).await;
+    assert_eq!(stats.acked, 2, "{stats:?}");
+    let mut arrived = vec![
+        watcher.next(Duration::from_secs(10)).await,
+        watcher.next(Duration::from_secs(10)).await,
+    ];
+    arrived.sort();
+    assert_eq!(
+        arrived,
+        vec![Some((exact, "two".into())), Some((one, "one".into()))]
+    );
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_unacknowledged_when_the_link_drops_is_sent_again_after_the_reconnect() {
+    if !mosquitto_available("resend_after_reconnect") {
+        return;
+    }
+    init_logs();
+    let cloud = Cloud::start(CloudOptions::default());
+    let proxy = Proxy::start(cloud.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+    let running = start_uplink(
+        uplink_config("cloud", proxy.port()),
+        dir.path(),
+        &local.handle,
+        &shutdown,
+    )
+    .await;
+    wait_status(&local.handle, "cloud", Duration::from_secs(10), |s| {
+        s["connected"] == true
+    })
+    .await;
+    // The cloud gets the message, its PUBACK is held back, then the link drops.
+    proxy.hold_from_cloud(proxy::PUBACK);
+    publish_local(&local.handle, "plant/once", "again", QoS::AtLeastOnce).await;
+    proxy.wait_held(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/once"), "again".into()))
+    );
+    proxy.close_all();
+    proxy.release();
+    // Nothing new is published: the row alone must make the uplink send it again.
+    assert_eq!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some((format!("sites/{GATEWAY}/once"), "again".into())),
+        "the unacknowledged row is sent again after the reconnect"
+    );
+    let stats = wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 0).await;
+    assert_eq!(stats.acked, 1, "{stats:?}");
+    shutdown.cancel();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn message_expiry_is_reduced_by_the_time_queued_and_expired_rows_are_dropped_and_counted() {
+    if !mosquitto_available("message_expiry") {
+        return;
+    }
+    init_logs();
+    let cloud = Cloud::start(CloudOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let broker_shutdown = CancellationToken::new();
+    let local = local_broker(false, &broker_shutdown).await;
+    let mut watcher = CloudClient::connect(
+        cloud.addr(),
+        "watcher",
+        &[&format!("sites/{GATEWAY}/#")],
+        false,
+    )
+    .await;
+
+    // Queued while the cloud is unreachable.
+    let away = CancellationToken::new();
+    let running = start_uplink(
+        uplink_config("cloud", closed_port()),
+        dir.path(),
+        &local.handle,
+        &away,
+    )
+    .await;
+    publish_local_with_expiry(&local.handle, "plant/short", "1 s", 1).await;
+    publish_local_with_expiry(&local.handle, "plant/long", "60 s", 60).await;
+    publish_local(&local.handle, "plant/forever", "none", QoS::AtLeastOnce).await;
+    wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 3).await;
+    let queued_at = tokio::time::Instant::now();
+    away.cancel();
+    running.wait().await.unwrap();
+    // Two seconds in the queue: the first message's expiry passes.
+    tokio::time::sleep_until(queued_at + Duration::from_millis(2100)).await;
+
+    let back = CancellationToken::new();
+    let running = start_uplink(
+        uplink_config("cloud", cloud.port),
+        dir.path(),
+        &local.handle,
+        &back,
+    )
+    .await;
+    let long = watcher
+        .next_message(Duration::from_secs(10))
+        .await
+        .expect("the 60 s message within 10 s");
+    assert_eq!(
+        (long.topic.as_str(), long.text().as_str()),
+        (format!("sites/{GATEWAY}/long").as_str(), "60 s"),
+        "the expired message is not sent"
+    );
+    let left = long.message_expiry.expect("the expiry travels");
+    assert!(
+        (1..=58).contains(&left),
+        "2 s in the queue leave at most 58 s of 60, the cloud got {left}"
+    );
+    let forever = watcher
+        .next_message(Duration::from_secs(10))
+        .await
+        .expect("the message without expiry");
+    assert_eq!(forever.text(), "none");
+    assert_eq!(forever.message_expiry, None);
+    let stats = wait_outbox(&running, Duration::from_secs(10), |s| s.depth == 0).await;
+    assert_eq!(
+        (stats.dropped.expired, stats.acked),
+        (1, 2),
+        "the expired row is dropped and counted: {stats:?}"
+    );
+    back.cancel();
+    running.wait().await.unwrap();
+}
+
+// Multi-threaded: the test blocks on the gateway process while the status client runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_password_from_password_file_or_password_env_is_used_to_connect() {
+    if !mosquitto_available("uplink_password") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("mosquitto.passwd");
+    for (user, password) in [("line1-file", "file-secret"), ("line1-env", "env-secret")] {
+        let mut command = std::process::Command::new("mosquitto_passwd");
+        if !passwd.exists() {
+            command.arg("-c");
+        }
+        let status = command
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .expect("run mosquitto_passwd");
+        assert!(status.success(), "mosquitto_passwd");
+    }
+    let cloud = Cloud::start(CloudOptions {
+        mtls: None,
+        extra: vec![
+            "allow_anonymous false".into(),
+            format!("password_file {}", passwd.display()),
+        ],
+    });
+    // With a trailing newline, as `echo secret > file` writes it.
+    let password_file = dir.path().join("uplink.pass");
+    std::fs::write(&password_file, "file-secret\n").unwrap();
+    let uplink = |name: &str, credentials: &str| {
+        format!(
+            r#"
+[[uplinks]]
+name = "{name}"
+url = "mqtt://127.0.0.1:{port}"
+client_id = "{GATEWAY}-{name}"
+reconnect = {{ min = "200ms", max = "1s" }}
+{credentials}
+"#,
+            port = cloud.port
+        )
+    };
+    let text = format!(
+        r#"
+[gateway]
+id = "{GATEWAY}"
+data_dir = "{data}"
+
+[broker]
+allow_anonymous = true
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+{file}{env}{wrong}{anonymous}"#,
+        data = dir.path().join("data").display(),
+        file = uplink(
+            "file",
+            &format!(
+                "username = \"line1-file\"\npassword_file = \"{}\"",
+                password_file.display()
+            )
+        ),
+        env = uplink(
+            "env",
+            "username = \"line1-env\"\npassword_env = \"FIELDMQ_TEST_CLOUD_PASSWORD\""
+        ),
+        // Controls: the cloud really checks (a wrong password and no credentials fail).
+        wrong = uplink(
+            "wrong",
+            "username = \"line1-env\"\npassword_env = \"FIELDMQ_TEST_WRONG_PASSWORD\""
+        ),
+        anonymous = uplink("anonymous", ""),
+    );
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, text).unwrap();
+    let gateway = GatewayProcess::start_with_env(
+        &config,
+        &[
+            ("FIELDMQ_TEST_CLOUD_PASSWORD", "env-secret"),
+            ("FIELDMQ_TEST_WRONG_PASSWORD", "not-the-secret"),
+        ],
+    );
+    let mut status = CloudClient::connect(
+        gateway.local_addr,
+        "status-reader",
+        &[&format!("fieldmq/{GATEWAY}/status/uplinks/+")],
+        false,
+    )
+    .await;
+    let mut last = std::collections::HashMap::new();
+    let done = |last: &std::collections::HashMap<String, serde_json::Value>| {
+        let connected = |name: &str| last.get(name).is_some_and(|s| s["connected"] == true);
+        let refused = |name: &str| {
+            last.get(name).is_some_and(|s| {
+                s["connected"] == false
+                    && s["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("check `username` and the password"))
+            })
+        };
+        connected("file") && connected("env") && refused("wrong") && refused("anonymous")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !done(&last) {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some((topic, payload)) = status.next(remaining).await else {
+            panic!("statuses after 15 s: {last:?}");
+        };
+        let name = topic.rsplit('/').next().unwrap().to_string();
+        last.insert(name, serde_json::from_str(&payload).unwrap());
+    }
+    drop(gateway);
+}
+
+#[tokio::test]
+async fn the_alpn_protocols_are_offered_in_the_tls_handshake() {
+    init_logs();
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(certs_dir.path());
+    // A TLS server on loopback that records what the client offers and picks the first.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server_config = {
+        let chain =
+            rustls_pemfile::certs(&mut std::fs::read(&certs.server_cert).unwrap().as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+        let key =
+            rustls_pemfile::private_key(&mut std::fs::read(&certs.server_key).unwrap().as_slice())
+                .unwrap()
+                .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+        std::sync::Arc::new(config)
+    };
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .unwrap();
+        let offered: Vec<Vec<u8>> = start
+            .client_hello()
+            .alpn()
+            .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        let tls = start.into_stream(server_config).await.unwrap();
+        let chosen = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        (offered, chosen)
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let local = local_broker(false, &shutdown).await;
+    let mut config = tls_uplink("cloud", port, &certs.ca, None);
+    if let Some(tls) = config.tls.as_mut() {
+        tls.alpn = vec!["x-amzn-mqtt-ca".into(), "mqtt".into()];
+    }
+    let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;
+    let (offered, chosen) = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("a TLS handshake within 10 s")
+        .unwrap();
+    assert_eq!(
+        offered,
+        vec![b"x-amzn-mqtt-ca".to_vec(), b"mqtt".to_vec()],
+        "the ALPN protocols in the ClientHello"
+    );
+    assert_eq!(chosen, Some(b"x-amzn-mqtt-ca".to_vec()));
+    shutdown.cancel();
+    running.wait().await.unwrap();
 }

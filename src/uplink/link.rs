@@ -12,7 +12,10 @@
 //! error, once the sender has confirmed (through [`LinkEvent::Down`]'s `reset` reply) that
 //! it forgot its in-flight mapping and submits nothing until the next
 //! [`LinkEvent::Connected`]. The FIFO of `Outgoing::Publish` events then matches the
-//! sender's FIFO of submissions again.
+//! sender's FIFO of submissions again. Events rumqttc had queued when the connection
+//! failed (a PUBACK read just before the cloud closed the socket, a publish written just
+//! before the error) are handed to the sender before [`LinkEvent::Down`]: they belong to the
+//! failed connection, and a refusal among them must not be mistaken for silence.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -263,21 +266,26 @@ pub(super) fn connect(
             }
             if let Some(will) = &config.will {
                 let delay = u32::try_from(will.delay.as_secs()).unwrap_or(u32::MAX);
-                let properties = (delay > 0).then(|| m5::LastWillProperties {
-                    delay_interval: Some(delay),
+                // The reason tells the will apart from the clean stop's offline message,
+                // which has the same topic and payload.
+                let properties = m5::LastWillProperties {
+                    delay_interval: (delay > 0).then_some(delay),
                     payload_format_indicator: None,
                     message_expiry_interval: None,
                     content_type: None,
                     response_topic: None,
                     correlation_data: None,
-                    user_properties: Vec::new(),
-                });
+                    user_properties: vec![(
+                        super::REASON_PROPERTY.to_string(),
+                        super::REASON_CONNECTION_LOST.to_string(),
+                    )],
+                };
                 options.set_last_will(m5::LastWill::new(
                     will.topic.clone(),
                     will.payload.clone().into_bytes(),
                     v5_qos(will.qos),
                     will.retain,
-                    properties,
+                    Some(properties),
                 ));
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
@@ -424,8 +432,150 @@ async fn after_error(
     }
 }
 
+/// What the poll task does with one rumqttc event.
+enum Forward {
+    Link(LinkEvent),
+    Inbound(Inbound),
+    /// DISCONNECT was written: the poll task ends.
+    Disconnected,
+    Nothing,
+}
+
+/// How the poll loop goes on after handing an event over.
+enum Flow {
+    Continue,
+    /// The sender or the inbound task is gone: stop (and say so).
+    Stop,
+    /// DISCONNECT was written and the sender told: the task ends.
+    Done,
+}
+
+async fn forward(context: &PollContext, forward: Forward) -> Flow {
+    let delivered = match forward {
+        Forward::Link(event) => context.events.send(event).await.is_ok(),
+        Forward::Inbound(inbound) => context.inbound.send(inbound).await.is_ok(),
+        Forward::Disconnected => {
+            let _ = context.events.send(LinkEvent::Stopped).await;
+            return Flow::Done;
+        }
+        Forward::Nothing => true,
+    };
+    if delivered {
+        Flow::Continue
+    } else {
+        Flow::Stop
+    }
+}
+
+fn from_v5(
+    event: rumqttc::v5::Event,
+    context: &PollContext,
+    backoff: &mut Backoff,
+    log: &mut ErrorLog,
+) -> Forward {
+    use rumqttc::v5::{Event, Incoming};
+    match event {
+        Event::Incoming(Incoming::ConnAck(connack)) => {
+            backoff.reset();
+            log.connected(connack.session_present);
+            Forward::Link(LinkEvent::Connected {
+                session_present: connack.session_present,
+                max_packet_size: connack.properties.and_then(|p| p.max_packet_size),
+            })
+        }
+        Event::Incoming(Incoming::PubAck(ack)) => {
+            let refused = !matches!(
+                ack.reason,
+                m5::PubAckReason::Success | m5::PubAckReason::NoMatchingSubscribers
+            );
+            Forward::Link(LinkEvent::Acked {
+                pkid: ack.pkid,
+                refused: refused.then(|| format!("{:?}", ack.reason)),
+            })
+        }
+        Event::Incoming(Incoming::PubRec(rec))
+            if !matches!(
+                rec.reason,
+                m5::PubRecReason::Success | m5::PubRecReason::NoMatchingSubscribers
+            ) =>
+        {
+            Forward::Link(LinkEvent::Acked {
+                pkid: rec.pkid,
+                refused: Some(format!("{:?}", rec.reason)),
+            })
+        }
+        Event::Incoming(Incoming::PubComp(comp)) => Forward::Link(LinkEvent::Acked {
+            pkid: comp.pkid,
+            refused: None,
+        }),
+        Event::Incoming(Incoming::Publish(publish)) => Forward::Inbound(Inbound {
+            topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+            payload: publish.payload,
+            qos: from_v5_qos(publish.qos),
+            retain: publish.retain,
+            properties: publish.properties.and_then(from_v5_properties),
+        }),
+        Event::Incoming(Incoming::SubAck(suback)) => {
+            for code in &suback.return_codes {
+                if !matches!(code, m5::SubscribeReasonCode::Success(_)) {
+                    tracing::warn!(uplink = %context.name, reason = ?code, "cloud refused an in-route subscription");
+                }
+            }
+            Forward::Nothing
+        }
+        Event::Outgoing(Outgoing::Publish(pkid)) => Forward::Link(LinkEvent::Published(pkid)),
+        Event::Outgoing(Outgoing::Disconnect) => Forward::Disconnected,
+        _ => Forward::Nothing,
+    }
+}
+
+fn from_v4(
+    event: rumqttc::Event,
+    context: &PollContext,
+    backoff: &mut Backoff,
+    log: &mut ErrorLog,
+) -> Forward {
+    use rumqttc::{Event, Incoming};
+    match event {
+        Event::Incoming(Incoming::ConnAck(connack)) => {
+            backoff.reset();
+            log.connected(connack.session_present);
+            Forward::Link(LinkEvent::Connected {
+                session_present: connack.session_present,
+                max_packet_size: None,
+            })
+        }
+        Event::Incoming(Incoming::PubAck(ack)) => Forward::Link(LinkEvent::Acked {
+            pkid: ack.pkid,
+            refused: None,
+        }),
+        Event::Incoming(Incoming::PubComp(comp)) => Forward::Link(LinkEvent::Acked {
+            pkid: comp.pkid,
+            refused: None,
+        }),
+        Event::Incoming(Incoming::Publish(publish)) => Forward::Inbound(Inbound {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: from_v4_qos(publish.qos),
+            retain: publish.retain,
+            properties: None,
+        }),
+        Event::Incoming(Incoming::SubAck(suback)) => {
+            for code in &suback.return_codes {
+                if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
+                    tracing::warn!(uplink = %context.name, "cloud refused an in-route subscription");
+                }
+            }
+            Forward::Nothing
+        }
+        Event::Outgoing(Outgoing::Publish(pkid)) => Forward::Link(LinkEvent::Published(pkid)),
+        Event::Outgoing(Outgoing::Disconnect) => Forward::Disconnected,
+        _ => Forward::Nothing,
+    }
+}
+
 async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
-    use rumqttc::v5::{ConnectionError, Event, Incoming};
+    use rumqttc::v5::ConnectionError;
     let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
     let mut log = ErrorLog {
         name: context.name.clone(),
@@ -444,6 +594,23 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
                     ConnectionError::Tls(tls) => format!("TLS: {tls}"),
                     _ => error,
                 };
+                // What rumqttc read or wrote before the error (e.g. a PUBACK that refused a
+                // message, just before the cloud closed the connection) belongs to the
+                // failed connection: hand it over before the sender forgets that connection.
+                let earlier: Vec<_> = eventloop.state.events.drain(..).collect();
+                let mut flow = Flow::Continue;
+                for event in earlier {
+                    let event = from_v5(event, &context, &mut backoff, &mut log);
+                    flow = forward(&context, event).await;
+                    if !matches!(flow, Flow::Continue) {
+                        break;
+                    }
+                }
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Stop => break,
+                    Flow::Done => return,
+                }
                 if !after_error(&context, &mut backoff, &mut log, error).await {
                     break;
                 }
@@ -456,79 +623,18 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
                 continue;
             }
         };
-        let link_event = match event {
-            Event::Incoming(Incoming::ConnAck(connack)) => {
-                backoff.reset();
-                log.connected(connack.session_present);
-                Some(LinkEvent::Connected {
-                    session_present: connack.session_present,
-                    max_packet_size: connack.properties.and_then(|p| p.max_packet_size),
-                })
-            }
-            Event::Incoming(Incoming::PubAck(ack)) => {
-                let refused = !matches!(
-                    ack.reason,
-                    m5::PubAckReason::Success | m5::PubAckReason::NoMatchingSubscribers
-                );
-                Some(LinkEvent::Acked {
-                    pkid: ack.pkid,
-                    refused: refused.then(|| format!("{:?}", ack.reason)),
-                })
-            }
-            Event::Incoming(Incoming::PubRec(rec))
-                if !matches!(
-                    rec.reason,
-                    m5::PubRecReason::Success | m5::PubRecReason::NoMatchingSubscribers
-                ) =>
-            {
-                Some(LinkEvent::Acked {
-                    pkid: rec.pkid,
-                    refused: Some(format!("{:?}", rec.reason)),
-                })
-            }
-            Event::Incoming(Incoming::PubComp(comp)) => Some(LinkEvent::Acked {
-                pkid: comp.pkid,
-                refused: None,
-            }),
-            Event::Incoming(Incoming::Publish(publish)) => {
-                let inbound = Inbound {
-                    topic: String::from_utf8_lossy(&publish.topic).into_owned(),
-                    payload: publish.payload,
-                    qos: from_v5_qos(publish.qos),
-                    retain: publish.retain,
-                    properties: publish.properties.and_then(from_v5_properties),
-                };
-                if context.inbound.send(inbound).await.is_err() {
-                    break;
-                }
-                None
-            }
-            Event::Incoming(Incoming::SubAck(suback)) => {
-                for code in &suback.return_codes {
-                    if !matches!(code, m5::SubscribeReasonCode::Success(_)) {
-                        tracing::warn!(uplink = %context.name, reason = ?code, "cloud refused an in-route subscription");
-                    }
-                }
-                None
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => Some(LinkEvent::Published(pkid)),
-            Event::Outgoing(Outgoing::Disconnect) => {
-                let _ = context.events.send(LinkEvent::Stopped).await;
-                return;
-            }
-            _ => None,
-        };
-        if let Some(link_event) = link_event {
-            if context.events.send(link_event).await.is_err() {
-                break;
-            }
+        let event = from_v5(event, &context, &mut backoff, &mut log);
+        match forward(&context, event).await {
+            Flow::Continue => {}
+            Flow::Stop => break,
+            Flow::Done => return,
         }
     }
     let _ = context.events.send(LinkEvent::Stopped).await;
 }
 
 async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
-    use rumqttc::{ConnectionError, Event, Incoming};
+    use rumqttc::ConnectionError;
     let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
     let mut log = ErrorLog {
         name: context.name.clone(),
@@ -546,6 +652,21 @@ async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
                     ConnectionError::Tls(tls) => format!("TLS: {tls}"),
                     other => other.to_string(),
                 };
+                // As with MQTT 5: events of the failed connection first.
+                let earlier: Vec<_> = eventloop.state.events.drain(..).collect();
+                let mut flow = Flow::Continue;
+                for event in earlier {
+                    let event = from_v4(event, &context, &mut backoff, &mut log);
+                    flow = forward(&context, event).await;
+                    if !matches!(flow, Flow::Continue) {
+                        break;
+                    }
+                }
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Stop => break,
+                    Flow::Done => return,
+                }
                 if !after_error(&context, &mut backoff, &mut log, error).await {
                     break;
                 }
@@ -556,55 +677,11 @@ async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
                 continue;
             }
         };
-        let link_event = match event {
-            Event::Incoming(Incoming::ConnAck(connack)) => {
-                backoff.reset();
-                log.connected(connack.session_present);
-                Some(LinkEvent::Connected {
-                    session_present: connack.session_present,
-                    max_packet_size: None,
-                })
-            }
-            Event::Incoming(Incoming::PubAck(ack)) => Some(LinkEvent::Acked {
-                pkid: ack.pkid,
-                refused: None,
-            }),
-            Event::Incoming(Incoming::PubComp(comp)) => Some(LinkEvent::Acked {
-                pkid: comp.pkid,
-                refused: None,
-            }),
-            Event::Incoming(Incoming::Publish(publish)) => {
-                let inbound = Inbound {
-                    topic: publish.topic,
-                    payload: publish.payload,
-                    qos: from_v4_qos(publish.qos),
-                    retain: publish.retain,
-                    properties: None,
-                };
-                if context.inbound.send(inbound).await.is_err() {
-                    break;
-                }
-                None
-            }
-            Event::Incoming(Incoming::SubAck(suback)) => {
-                for code in &suback.return_codes {
-                    if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
-                        tracing::warn!(uplink = %context.name, "cloud refused an in-route subscription");
-                    }
-                }
-                None
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => Some(LinkEvent::Published(pkid)),
-            Event::Outgoing(Outgoing::Disconnect) => {
-                let _ = context.events.send(LinkEvent::Stopped).await;
-                return;
-            }
-            _ => None,
-        };
-        if let Some(link_event) = link_event {
-            if context.events.send(link_event).await.is_err() {
-                break;
-            }
+        let event = from_v4(event, &context, &mut backoff, &mut log);
+        match forward(&context, event).await {
+            Flow::Continue => {}
+            Flow::Stop => break,
+            Flow::Done => return,
         }
     }
     let _ = context.events.send(LinkEvent::Stopped).await;

@@ -54,6 +54,16 @@ const DIRECT_QUEUE: usize = 1024;
 /// Events from the poll task and cloud messages for the inbound task.
 const EVENT_QUEUE: usize = 1024;
 
+/// MQTT 5 user property that tells the cloud why the gateway went offline: the will carries
+/// [`REASON_CONNECTION_LOST`], the gateway's own message on a clean stop
+/// [`REASON_SHUTDOWN`]. The payloads are the same (the will's), so a consumer that only
+/// compares the payload sees `offline` either way.
+const REASON_PROPERTY: &str = "reason";
+/// The will's reason: the cloud publishes it when the connection ends without DISCONNECT.
+const REASON_CONNECTION_LOST: &str = "connection lost";
+/// The clean stop's reason: the gateway publishes it itself before DISCONNECT.
+const REASON_SHUTDOWN: &str = "shutdown";
+
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error("uplink {uplink}: {source}")]

@@ -24,7 +24,7 @@ use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
 use crate::broker::BrokerHandle;
 use crate::config::{UplinkConfig, WillConfig};
-use crate::model::{Message, QoS};
+use crate::model::{Message, MessageProperties, QoS};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 
 /// Rows read from the outbox at a time.
@@ -324,7 +324,7 @@ impl Sender {
         }
         if self.need_birth {
             if let Some(birth) = self.cx.config.birth.clone() {
-                match self.publish_status_message(&birth, birth.payload.as_bytes().to_vec()) {
+                match self.publish_status_message(&birth, birth.payload.as_bytes().to_vec(), None) {
                     Ok(()) => self.need_birth = false,
                     Err(e) => return self.submit_failed(e).map(|()| rate_wait),
                 }
@@ -401,14 +401,19 @@ impl Sender {
 
     /// Read the next rows into the buffer. False when there is nothing to read now.
     async fn fill(&mut self) -> bool {
-        if self.exhausted || self.read_failed_at.is_some() {
+        if self.read_failed_at.is_some() {
             return false;
         }
         if self.rewind {
             // Everything up to the mark is acknowledged (its deletion may still be pending):
-            // start after it.
+            // start after it. Rows read before are read again, even when the last read had
+            // reached the end of the queue.
             self.cursor = self.inflight.mark();
             self.rewind = false;
+            self.exhausted = false;
+        }
+        if self.exhausted {
+            return false;
         }
         self.cx.appended.borrow_and_update();
         match self.cx.outbox.read_after(self.cursor, READ_BATCH).await {
@@ -468,10 +473,15 @@ impl Sender {
         &mut self,
         will: &WillConfig,
         payload: Vec<u8>,
+        properties: Option<&MessageProperties>,
     ) -> Result<(), SubmitError> {
-        self.cx
-            .client
-            .try_publish(&will.topic, will.qos, will.retain, payload.into(), None)?;
+        self.cx.client.try_publish(
+            &will.topic,
+            will.qos,
+            will.retain,
+            payload.into(),
+            properties,
+        )?;
         self.inflight.submit(None, will.qos);
         Ok(())
     }
@@ -589,10 +599,23 @@ impl Sender {
                 (None, Some(birth)) => Some((birth.clone(), "offline".to_string())),
                 (None, None) => None,
             };
+            // MQTT 5: the reason tells this message apart from the will (same topic and
+            // payload), which the cloud publishes when the connection is lost instead.
+            let reason = MessageProperties {
+                user_properties: vec![(
+                    super::REASON_PROPERTY.to_string(),
+                    super::REASON_SHUTDOWN.to_string(),
+                )],
+                ..MessageProperties::default()
+            };
             if let Some((status, payload)) = offline {
                 let mut submitted = false;
                 while !submitted && self.connected && Instant::now() < deadline {
-                    match self.publish_status_message(&status, payload.clone().into_bytes()) {
+                    match self.publish_status_message(
+                        &status,
+                        payload.clone().into_bytes(),
+                        Some(&reason),
+                    ) {
                         Ok(()) => submitted = true,
                         Err(SubmitError::Full) => {
                             tokio::time::sleep(FULL_RETRY).await;
