@@ -441,6 +441,22 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
+    /// Take the first whole packet off the front of `buf`, if it holds one.
+    pub(crate) fn split_off(buf: &mut BytesMut) -> Option<Frame> {
+        if buf.len() < 2 {
+            return None;
+        }
+        let (len, len_len) = varint(&buf[1..])?;
+        let total = 1 + len_len + len;
+        if buf.len() < total {
+            return None;
+        }
+        Some(Frame {
+            bytes: buf.split_to(total).to_vec(),
+            body_start: 1 + len_len,
+        })
+    }
+
     /// The packet type (upper four bits of the first byte).
     pub(crate) fn kind(&self) -> u8 {
         self.bytes[0] >> 4
@@ -586,17 +602,8 @@ impl Raw {
 
     async fn read_frame(&mut self) -> Option<Frame> {
         loop {
-            if self.buf.len() >= 2 {
-                if let Some((len, len_len)) = varint(&self.buf[1..]) {
-                    let total = 1 + len_len + len;
-                    if self.buf.len() >= total {
-                        let bytes = self.buf.split_to(total).to_vec();
-                        return Some(Frame {
-                            bytes,
-                            body_start: 1 + len_len,
-                        });
-                    }
-                }
+            if let Some(frame) = Frame::split_off(&mut self.buf) {
+                return Some(frame);
             }
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => {

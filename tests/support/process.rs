@@ -105,6 +105,16 @@ impl GatewayProcess {
         self.child.try_wait().expect("wait").is_none()
     }
 
+    /// SIGSTOP: the process freezes with its sockets open, as under a long stall.
+    pub(crate) fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`GatewayProcess::pause`].
+    pub(crate) fn resume(&self) {
+        self.signal("-CONT");
+    }
+
     /// SIGKILL: no chance to flush anything.
     pub(crate) fn kill9(&mut self) {
         self.signal("-KILL");
