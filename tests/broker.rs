@@ -1156,37 +1156,42 @@ async fn mqtt_5_receive_maximum_caps_unacknowledged_publishes_to_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_subscriber_that_keeps_up_slowly_loses_nothing_from_a_fast_publisher() {
-    const COUNT: usize = 3000;
+    const COUNT: usize = 1500;
+    const MAX_QUEUED: usize = 10;
+    const MAX_INFLIGHT: usize = 5;
+    // Routed and not yet taken by the subscriber: the queue may overshoot its bound (twice
+    // the bound and two routing windows of 128) while the publisher learns it is full, plus
+    // the in-flight window.
+    const SLACK: usize = 2 * MAX_QUEUED + 2 * 128 + MAX_INFLIGHT;
     let broker = mqtt::start(fieldmq::config::BrokerConfig {
         // A tiny queue: without backpressure most of the burst would be dropped.
-        max_queued_messages: 10,
-        max_inflight: 5,
+        max_queued_messages: MAX_QUEUED,
+        max_inflight: MAX_INFLIGHT as u16,
         ..mqtt::config()
     })
     .await;
-    let mut options = rumqttc::MqttOptions::new("slow-sub", "127.0.0.1", broker.addr.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    let (subscriber, mut sub_events) = rumqttc::AsyncClient::new(options, 10);
+    // The subscriber speaks raw MQTT and waits a millisecond before each PUBACK: with five
+    // in flight it takes at most about 5,000 messages a second, far fewer than the
+    // publisher sends.
+    let mut subscriber = Raw::connected(broker.addr, &Connect::v311("slow-sub")).await;
     subscriber
-        .subscribe("burst/#", rumqttc::QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    within("SUBACK", async {
-        loop {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) =
-                sub_events.poll().await
-            {
-                return;
-            }
-        }
-    })
-    .await;
+        .send(&packet::subscribe(false, 1, &[("burst/#", 1)]))
+        .await;
+    assert_eq!(subscriber.recv().await.expect("SUBACK").kind(), 9);
 
     let mut options = rumqttc::MqttOptions::new("fast-pub", "127.0.0.1", broker.addr.port());
     options.set_keep_alive(Duration::from_secs(30));
     options.set_inflight(100);
     let (publisher, mut pub_events) = rumqttc::AsyncClient::new(options, 100);
-    tokio::spawn(async move { while pub_events.poll().await.is_ok() {} });
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acks = acked.clone();
+    tokio::spawn(async move {
+        while let Ok(event) = pub_events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
+                acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
     tokio::spawn(async move {
         for n in 0..COUNT {
             let _ = publisher
@@ -1196,21 +1201,212 @@ async fn a_connected_subscriber_that_keeps_up_slowly_loses_nothing_from_a_fast_p
     });
 
     let mut received = Vec::with_capacity(COUNT);
+    let mut most_ahead = 0;
     tokio::time::timeout(Duration::from_secs(60), async {
         while received.len() < COUNT {
-            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) =
-                sub_events.poll().await
-            {
-                received.push(
-                    String::from_utf8_lossy(&p.payload)
-                        .parse::<usize>()
-                        .unwrap_or(0),
-                );
-            }
+            let frame = subscriber.recv().await.expect("the connection stays open");
+            let (publish, pkid) = frame.publish(Version::V311);
+            received.push(
+                String::from_utf8_lossy(&publish.payload)
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX),
+            );
+            // How far the publisher's acknowledged count runs ahead of what this
+            // subscriber has taken: backpressure keeps it within the queue's slack.
+            let ahead = acked
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(received.len());
+            most_ahead = most_ahead.max(ahead);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            subscriber.send(&packet::puback(pkid)).await;
         }
     })
     .await
     .unwrap_or_else(|_| panic!("only {} of {COUNT} arrived", received.len()));
     let expected: Vec<usize> = (0..COUNT).collect();
     assert_eq!(received, expected, "every message, in order");
+    assert!(
+        most_ahead >= MAX_QUEUED,
+        "the subscriber never fell behind the publisher (at most {most_ahead} messages)"
+    );
+    assert!(
+        most_ahead <= SLACK,
+        "the publisher had {most_ahead} acknowledged messages more than the subscriber had \
+         taken (at most {SLACK} with backpressure)"
+    );
+    let stats = broker.handle.stats().await.expect("stats");
+    assert_eq!(stats.messages_dropped, 0, "nothing dropped");
+    assert_eq!(
+        stats.slow_clients_disconnected, 0,
+        "a subscriber that keeps up, however slowly, is not disconnected"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// $SYS
+// ---------------------------------------------------------------------------------------
+
+/// Everything a `$SYS/#` subscriber received, in order: (topic, payload, retain flag, bytes
+/// on the wire).
+struct SysLog {
+    watcher: Raw,
+    frames: Vec<(String, String, bool, usize)>,
+}
+
+impl SysLog {
+    /// Read until `n` more ticks have begun (a live `$SYS/broker/uptime`); the index of the
+    /// last one's first frame.
+    async fn ticks(&mut self, n: usize) -> usize {
+        let mut seen = 0;
+        loop {
+            let frame = self
+                .watcher
+                .recv()
+                .await
+                .expect("the watcher stays connected");
+            let (publish, _) = frame.publish(Version::V311);
+            let payload = String::from_utf8(publish.payload).expect("UTF-8 $SYS payload");
+            let tick = publish.topic == "$SYS/broker/uptime" && !publish.retain;
+            self.frames
+                .push((publish.topic, payload, publish.retain, frame.bytes.len()));
+            if tick {
+                seen += 1;
+                if seen == n {
+                    return self.frames.len() - 1;
+                }
+            }
+        }
+    }
+
+    /// Read on until `topic` arrives; its value.
+    async fn until(&mut self, topic: &str) -> u64 {
+        loop {
+            let frame = self
+                .watcher
+                .recv()
+                .await
+                .expect("the watcher stays connected");
+            let (publish, _) = frame.publish(Version::V311);
+            let payload = String::from_utf8(publish.payload).expect("UTF-8 $SYS payload");
+            let found = publish.topic == topic;
+            self.frames.push((
+                publish.topic,
+                payload.clone(),
+                publish.retain,
+                frame.bytes.len(),
+            ));
+            if found {
+                return payload.parse().expect("a number");
+            }
+        }
+    }
+
+    /// The value of `topic` as of the frames before `end` (published only when it changed,
+    /// so the last one published).
+    fn value(&self, topic: &str, end: usize) -> u64 {
+        self.frames[..end]
+            .iter()
+            .rev()
+            .find(|(t, ..)| t == topic)
+            .map(|(_, value, ..)| value.parse().expect("a number"))
+            .unwrap_or_else(|| panic!("no {topic} before frame {end}"))
+    }
+}
+
+/// `$SYS/broker/messages/{received,sent}` and `bytes/{received,sent}` move by exactly the
+/// traffic between two ticks: the publisher's messages and bytes in, their deliveries and
+/// bytes out, and the broker's own `$SYS` messages (routed like any message, and delivered
+/// to the one `$SYS` subscriber).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_message_and_byte_counters_move_by_exactly_the_traffic() {
+    const N: usize = 50;
+    let broker = mqtt::start(fieldmq::config::BrokerConfig {
+        sys_interval: Some(Duration::from_secs(1)),
+        ..mqtt::config()
+    })
+    .await;
+    let mut watcher = Raw::connected(broker.addr, &Connect::v311("sys-watcher")).await;
+    watcher
+        .send(&packet::subscribe(false, 1, &[("$SYS/#", 0)]))
+        .await;
+    assert_eq!(watcher.recv().await.expect("SUBACK").kind(), 9);
+    let mut subscriber = Raw::connected(broker.addr, &Connect::v311("sys-sub")).await;
+    subscriber
+        .send(&packet::subscribe(false, 1, &[("traffic/#", 0)]))
+        .await;
+    assert_eq!(subscriber.recv().await.expect("SUBACK").kind(), 9);
+    let mut publisher = Raw::connected(broker.addr, &Connect::v311("sys-pub")).await;
+    let mut sys = SysLog {
+        watcher,
+        frames: Vec::new(),
+    };
+
+    // Tick A: the second after the set-up, so its statistics were taken after it.
+    let tick_a = sys.ticks(2).await;
+    let payload = vec![b'p'; 200];
+    let mut bytes_in = 0;
+    for n in 0..N {
+        let publish = packet::publish(
+            false,
+            format!("traffic/{n}").as_bytes(),
+            0,
+            false,
+            0,
+            &payload,
+        );
+        bytes_in += publish.len();
+        publisher.send(&publish).await;
+    }
+    let mut bytes_out = 0;
+    for _ in 0..N {
+        let frame = subscriber.recv().await.expect("a delivery");
+        assert_eq!(frame.kind(), 3);
+        bytes_out += frame.bytes.len();
+    }
+    // Tick B: the second after the traffic, so its statistics were taken after all of it.
+    let tick_b = sys.ticks(2).await;
+    sys.until("$SYS/broker/bytes/sent").await;
+    let end = sys.frames.len();
+
+    // The broker's own messages between the two: ticks A up to B, all delivered here.
+    let own: Vec<&(String, String, bool, usize)> = sys.frames[tick_a..tick_b]
+        .iter()
+        .filter(|(_, _, retain, _)| !retain)
+        .collect();
+    assert_eq!(
+        own.len(),
+        tick_b - tick_a,
+        "no retained frame between ticks"
+    );
+    let own_bytes: usize = own.iter().map(|(.., len)| len).sum();
+    // Tick A's values are those published up to tick A + 1.
+    let after_a = tick_a
+        + 1
+        + sys.frames[tick_a + 1..]
+            .iter()
+            .position(|(topic, _, retain, _)| topic == "$SYS/broker/uptime" && !retain)
+            .expect("a tick after A");
+    let delta = |topic: &str| sys.value(topic, end) - sys.value(topic, after_a);
+    assert_eq!(
+        delta("$SYS/broker/messages/received"),
+        (N + own.len()) as u64,
+        "messages received: {N} published and {} of the broker's own",
+        own.len()
+    );
+    assert_eq!(
+        delta("$SYS/broker/messages/sent"),
+        (N + own.len()) as u64,
+        "messages sent: {N} deliveries and {} `$SYS` messages to the watcher",
+        own.len()
+    );
+    assert_eq!(
+        delta("$SYS/broker/bytes/received"),
+        bytes_in as u64,
+        "bytes received: the {N} PUBLISH packets"
+    );
+    assert_eq!(
+        delta("$SYS/broker/bytes/sent"),
+        (bytes_out + own_bytes) as u64,
+        "bytes sent: the {N} deliveries and the `$SYS` messages"
+    );
 }

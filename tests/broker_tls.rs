@@ -559,3 +559,124 @@ async fn a_client_past_the_listener_limit_is_refused_over_tls_too() {
     assert_eq!(second, Ok(vec![0x20, 0x02, 0x00, 0x03]));
     drop(first);
 }
+
+// ---------------------------------------------------------------------------------------
+// connect_timeout: one deadline from accept to a complete CONNECT
+// ---------------------------------------------------------------------------------------
+
+/// The listeners' `connect_timeout` in the test below.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the slow clients below wait before their handshake: most of the timeout.
+const SLOW_START: Duration = Duration::from_millis(1500);
+
+/// Wait until the broker closes the connection (it sends nothing before a CONNECT);
+/// `Instant` of the close. Bounded.
+async fn closed_at<S: AsyncRead + Unpin>(mut stream: S) -> Instant {
+    within("the broker to close the connection", async {
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => Instant::now(),
+            Ok(_) => panic!("the broker sent something before any CONNECT"),
+        }
+    })
+    .await
+}
+
+/// Send `bytes` one at a time, 200 ms apart, until the broker closes the connection;
+/// `Instant` of the close.
+async fn trickle_until_closed(mut stream: TcpStream, bytes: &[u8]) -> Instant {
+    for byte in bytes {
+        if stream.write_all(&[*byte]).await.is_err() {
+            return Instant::now();
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => return Instant::now(),
+            Ok(Ok(_)) => panic!("the broker answered a CONNECT it had not read whole"),
+        }
+    }
+    panic!("the whole CONNECT went through before the broker closed the connection");
+}
+
+/// `connect_timeout` covers the TLS handshake, the WebSocket upgrade and the CONNECT packet
+/// together: a client that takes most of it for its handshake has only the rest for its
+/// CONNECT, and one that sends its CONNECT a byte at a time does not get a new timeout with
+/// every byte. Each socket is closed `connect_timeout` after it was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_counts_from_accept_across_tls_websocket_and_connect() {
+    let pki = Pki::new();
+    let with_timeout = |mut listener: fieldmq::config::ListenerConfig| {
+        listener.connect_timeout = CONNECT_TIMEOUT;
+        listener
+    };
+    let tls_broker = start(with_timeout(tls::listener(
+        Some(pki.listener_tls(false, false)),
+        false,
+    )))
+    .await;
+    let ws_broker = start(with_timeout(tls::listener(None, true))).await;
+    let tcp_broker = start(with_timeout(tls::listener(None, false))).await;
+    let config = pki.client_config(None);
+
+    let silent_tls = async {
+        let stream = tcp(tls_broker.addr).await;
+        let opened = Instant::now();
+        closed_at(stream).await - opened
+    };
+    let slow_tls = async {
+        let stream = tcp(tls_broker.addr).await;
+        let opened = Instant::now();
+        tokio::time::sleep(SLOW_START).await;
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, stream)
+            .await
+            .expect("the TLS handshake within the timeout");
+        closed_at(stream).await - opened
+    };
+    let silent_ws = async {
+        let stream = tcp(ws_broker.addr).await;
+        let opened = Instant::now();
+        closed_at(stream).await - opened
+    };
+    let slow_ws = async {
+        let stream = tcp(ws_broker.addr).await;
+        let opened = Instant::now();
+        tokio::time::sleep(SLOW_START).await;
+        let mut client = WsClient::open(stream, V::V311).await;
+        let closed = within("the broker to close the WebSocket", async {
+            loop {
+                match client.ws.next().await {
+                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return Instant::now(),
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(other)) => panic!("the broker sent {other:?} before any CONNECT"),
+                }
+            }
+        })
+        .await;
+        closed - opened
+    };
+    let trickled_connect = async {
+        let stream = tcp(tcp_broker.addr).await;
+        let opened = Instant::now();
+        let connect = mqtt::packet::Connect::v311("a-byte-at-a-time").encode();
+        trickle_until_closed(stream, &connect).await - opened
+    };
+    let (silent_tls, slow_tls, silent_ws, slow_ws, trickled_connect) =
+        tokio::join!(silent_tls, slow_tls, silent_ws, slow_ws, trickled_connect);
+
+    for (what, after) in [
+        ("a silent socket on the TLS listener", silent_tls),
+        ("a TLS handshake after 1.5 s, then nothing", slow_tls),
+        ("a silent socket on the WebSocket listener", silent_ws),
+        ("a WebSocket upgrade after 1.5 s, then nothing", slow_ws),
+        ("a CONNECT sent a byte every 200 ms", trickled_connect),
+    ] {
+        assert!(
+            after >= CONNECT_TIMEOUT - Duration::from_millis(100)
+                && after < CONNECT_TIMEOUT + Duration::from_millis(600),
+            "{what}: closed {after:?} after it was accepted; connect_timeout is {CONNECT_TIMEOUT:?}"
+        );
+    }
+}

@@ -6,11 +6,17 @@
 //! subscriber of the running gateway, and another one after a kill -9 and a restart on the
 //! same (not corrupt) database.
 //!
-//! Mounting a tmpfs needs root (or CAP_SYS_ADMIN). Without it the test is skipped with a
-//! message, unless `FIELDMQ_REQUIRE_TMPFS=1` (then it fails).
+//! Mounting a tmpfs needs root (or CAP_SYS_ADMIN). Without them the test runs itself again
+//! inside a user and mount namespace of its own (`unshare --user --map-root-user --mount`),
+//! where it may mount; the tmpfs and the gateway live in that namespace only. Where neither
+//! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
+//! output, and fails under CI (see tests/support/skip.rs).
 
 #[path = "support/process.rs"]
 mod process;
+
+#[path = "support/skip.rs"]
+mod skip;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -72,7 +78,13 @@ impl Tmpfs {
 
     fn resize(&self, size: &str) {
         let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("remount,size={size}"),
+                "tmpfs",
+            ])
             .arg(self.path())
             .status()
             .expect("run mount");
@@ -88,6 +100,52 @@ impl Drop for Tmpfs {
             .arg(self.dir.path())
             .status();
     }
+}
+
+const TEST: &str =
+    "a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_space_returns";
+/// Set in the copy of this test that runs inside its own user and mount namespace.
+const IN_NAMESPACE: &str = "FIELDMQ_FULL_DISK_IN_NAMESPACE";
+
+/// A tmpfs of `size`; `None` when the test ran instead in a namespace of its own (and
+/// passed there) or was skipped.
+fn tmpfs_or_run_elsewhere(size: &str) -> Option<Tmpfs> {
+    let why = match Tmpfs::mount(size) {
+        Ok(tmpfs) => return Some(tmpfs),
+        Err(why) => why,
+    };
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        panic!("no tmpfs even as root of a user namespace: {why}");
+    }
+    let namespace = ["--user", "--map-root-user", "--mount"];
+    let usable = Command::new("unshare")
+        .args(namespace)
+        .arg("true")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !usable {
+        skip::skip(
+            TEST,
+            &format!("no tmpfs can be mounted ({why}) and no user namespace made to mount one"),
+        );
+        return None;
+    }
+    let output = Command::new("unshare")
+        .args(namespace)
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+        .expect("run the test in a user namespace");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("in a user and mount namespace (no tmpfs here: {why}):\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the test failed in its user namespace ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    None
 }
 
 fn write_config(dir: &Path, data_dir: &Path) -> PathBuf {
@@ -354,19 +412,8 @@ fn tail(lines: &[String], n: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_space_returns() {
     let started = Instant::now();
-    let tmpfs = match Tmpfs::mount("2m") {
-        Ok(tmpfs) => tmpfs,
-        Err(why) if std::env::var("FIELDMQ_REQUIRE_TMPFS").as_deref() == Ok("1") => {
-            panic!("FIELDMQ_REQUIRE_TMPFS=1 but no tmpfs could be mounted: {why}")
-        }
-        Err(why) => {
-            eprintln!(
-                "\n!!!!!!!!!! SKIPPED full_disk: no tmpfs could be mounted ({why}).\n\
-                 !!!!!!!!!! It needs root or CAP_SYS_ADMIN; set FIELDMQ_REQUIRE_TMPFS=1 to \
-                 make this a failure.\n"
-            );
-            return;
-        }
+    let Some(tmpfs) = tmpfs_or_run_elsewhere("2m") else {
+        return;
     };
     let data = tmpfs.path();
     let database = data.join("broker.db");
@@ -490,19 +537,19 @@ async fn a_full_disk_loses_nothing_acknowledged_and_the_store_recovers_when_spac
     // acknowledged before is still there (the drains below).
     gateway.kill9();
     let mut gateway = GatewayProcess::start(&config);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    if let Err(why) = connack(gateway.addr, "full-newcomer-restarted").await {
+        collect_log(&gateway, &mut log);
+        panic!(
+            "a new client got no CONNACK after a restart on a full disk: {why}; log:\n{}",
+            tail(&log, 30)
+        );
+    }
     collect_log(&gateway, &mut log);
     assert!(
         gateway.is_running(),
         "the gateway exited when started on a full disk; log:\n{}",
         tail(&log, 30)
     );
-    if let Err(why) = connack(gateway.addr, "full-newcomer-restarted").await {
-        panic!(
-            "a new client got no CONNACK after a restart on a full disk: {why}; log:\n{}",
-            tail(&log, 30)
-        );
-    }
 
     // A persistent session made while the disk is full: its SUBACK comes from memory, and
     // its session and subscription are written once space returns.

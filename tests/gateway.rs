@@ -326,3 +326,40 @@ routes = [ { out = "plant/#", remote_prefix = "site/" } ]
     assert!(stderr.contains("ca.pem"), "{stderr}");
     assert!(stderr.contains("uplinks[cloud]"), "{stderr}");
 }
+
+/// SIGINT (Ctrl-C in a terminal) stops the gateway as SIGTERM does: `offline` goes out
+/// retained before the connections close, the stores fold their write-ahead log into the
+/// database, and the exit status is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_the_gateway_as_cleanly_as_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = demo_config(dir.path());
+    let gateway = GatewayProcess::start(&config);
+    let mut watcher = RawWatcher::connect(gateway.addr, "fieldmq/demo/status").await;
+    assert_eq!(
+        watcher.next_publish().await,
+        Some(("online".to_owned(), true))
+    );
+    let interrupter = tokio::task::spawn_blocking(move || {
+        let mut gateway = gateway;
+        let status = gateway.interrupt();
+        let said: Vec<String> = gateway.log.try_iter().collect();
+        (status, said)
+    });
+    let offline = watcher.next_publish().await;
+    let (status, said) = interrupter.await.expect("join");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert_eq!(
+        offline,
+        Some(("offline".to_owned(), true)),
+        "retained `offline` on SIGINT"
+    );
+    assert!(
+        said.iter().any(|line| line.contains("SIGINT received")),
+        "{said:?}"
+    );
+    let wal = dir.path().join("fieldmq-data").join("broker.db-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_len, 0, "the WAL is folded into broker.db on SIGINT");
+    assert!(dir.path().join("fieldmq-data").join("broker.db").is_file());
+}

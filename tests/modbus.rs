@@ -63,10 +63,17 @@ impl tokio_modbus::server::Service for FakeDevice {
 }
 
 fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
-    if s.mute || s.dead_units.contains(&request.slave) {
+    let unit = request.slave;
+    if s.dead_units.contains(&unit) {
+        // Logged, so a test can count what the gateway asked a unit that never answers.
+        if let Some((table, start, count)) = read_of(&request.request) {
+            s.reads.push((unit, table, start, count));
+        }
         return Ok(None);
     }
-    let unit = request.slave;
+    if s.mute {
+        return Ok(None);
+    }
     let check = |s: &DeviceState, start: u16, count: u16| match s.exception_from {
         Some(from) if u32::from(start) + u32::from(count) > u32::from(from) => {
             Err(ExceptionCode::IllegalDataAddress)
@@ -123,6 +130,17 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
+}
+
+/// The table, start and count of a read request.
+fn read_of(request: &Request<'_>) -> Option<(&'static str, u16, u16)> {
+    match *request {
+        Request::ReadHoldingRegisters(start, count) => Some(("holding", start, count)),
+        Request::ReadInputRegisters(start, count) => Some(("input", start, count)),
+        Request::ReadCoils(start, count) => Some(("coil", start, count)),
+        Request::ReadDiscreteInputs(start, count) => Some(("discrete", start, count)),
+        _ => None,
+    }
 }
 
 /// A Modbus TCP server on `addr` (port 0 for a free one).
@@ -762,6 +780,7 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
 "#
         )
     };
+    let gateway_started = Instant::now();
     let mut gw = start_gateway(&format!("{}{}", device("alive", 1), device("dead", 2))).await;
     let first = gw.next_on("gw/alive/v").await;
     assert_eq!(first["value"], 11, "{first}");
@@ -790,20 +809,29 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
         status["error"].as_str().unwrap().contains("unit 2"),
         "{status}"
     );
-    // Both units went over the one port: the server saw requests for unit 2 too.
+    // Both units went over the one port, and the dead unit got one request per backoff
+    // period: three timeouts (1.5 s), then a retry after backoff_min (1 s ±25 %), the next
+    // after 2 s ±25 %, the next after 4 s ±25 %. In a window under 11 s that is 4 to 6
+    // requests; without the backoff it would be one per 500 ms timeout, and a unit given
+    // up on after the backoff would stay at 3.
+    let window = gateway_started.elapsed();
     let reads = state.lock().unwrap().reads.clone();
     assert!(reads.iter().any(|(unit, ..)| *unit == 1));
     let dead_reads = reads.iter().filter(|(unit, ..)| *unit == 2).count();
     assert!(
-        dead_reads == 0,
-        "a dead unit's requests get no answer and are not logged: {dead_reads}"
+        window < Duration::from_secs(11),
+        "the window took {window:?}"
+    );
+    assert!(
+        (4..=6).contains(&dead_reads),
+        "the dead unit got {dead_reads} requests in {window:?}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);
-    let (addr, _server) = serve_tcp(state, "127.0.0.1:0".parse().unwrap()).await;
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
         .args([
             "probe",
@@ -840,7 +868,9 @@ async fn probe_prints_every_interpretation() {
         assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
     }
 
-    // A refused read exits non-zero with the exception by name.
+    // A read the device refuses (it answers with a Modbus exception) exits non-zero with
+    // the exception by name.
+    state.lock().unwrap().exception_from = Some(100);
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
         .args([
             "probe",
@@ -849,14 +879,25 @@ async fn probe_prints_every_interpretation() {
             "--table",
             "holding",
             "--address",
-            "0",
+            "98",
             "--count",
-            "200",
+            "4",
         ])
         .output()
         .await
         .unwrap();
-    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the device answered illegal data address (exception 2)"),
+        "{stderr}"
+    );
+    let last_read = state.lock().unwrap().reads.last().copied();
+    assert_eq!(
+        last_read,
+        Some((1, "holding", 98, 4)),
+        "the refused read reached the device"
+    );
 }
 
 #[test]

@@ -14,6 +14,9 @@
 #[allow(dead_code)]
 mod mqtt;
 
+#[path = "support/skip.rs"]
+mod skip;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,10 +47,7 @@ fn mqttjs_available(test: &str) -> bool {
     } else {
         "node (`apt-get install -y nodejs npm`, then `npm ci --prefix tests/js`)"
     };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {missing} is not installed (required in CI)");
-    }
-    eprintln!("SKIPPED {test}: {missing} is not installed");
+    skip::skip(test, &format!("{missing} is not installed"));
     false
 }
 

@@ -31,6 +31,37 @@ struct Pty {
     path: String,
 }
 
+impl Pty {
+    /// Wait (bounded) until no byte written to the master waits unread at the slave. The
+    /// pty hands written bytes to the slave's input queue a moment later, on a kernel
+    /// worker; polling the slave waits for that hand-over first (here the poll of a new
+    /// epoll registration of the slave), so a byte just written counts as unread until the
+    /// driver has taken it.
+    async fn wait_until_read(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let slave = std::fs::File::open(&self.path).expect("open the slave");
+            // SAFETY: the File owns its descriptor, which stays open and is not replaced
+            // while registered (both are dropped together below).
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register(slave) }.expect("poll the slave");
+            let unread = self
+                ._slave
+                .bytes_to_read()
+                .expect("bytes waiting at the slave");
+            drop(registered);
+            if unread == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the driver left {unread} bytes unread for {WAIT:?}"
+            );
+            sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 fn pty() -> Pty {
     let (master, slave) = SerialStream::pair().expect("a pty pair");
     let path = slave.name().expect("the slave's path");
@@ -272,11 +303,11 @@ async fn frames_split_over_many_writes_and_several_frames_in_one_write_are_frame
     let mut gateway = start(&line_device(&pty.path, r#"delimiter = "\r\n""#)).await;
     gateway.status("online").await;
 
-    // One frame in single bytes, the delimiter itself split between writes. The pauses
-    // only make the driver see separate reads; nothing waits for readiness on them.
+    // One frame in single bytes, the delimiter itself split between writes, each written
+    // only once the driver has read the one before: it sees every byte in a read of its own.
     for byte in b"T=1.5\r\n" {
         send(&mut pty.master, &[*byte]).await;
-        sleep(Duration::from_millis(5)).await;
+        pty.wait_until_read().await;
     }
     let first = gateway.next_on("gw/sensor/temperature", |_| true).await;
     assert_eq!(first["value"], json!({"t": 1.5}));

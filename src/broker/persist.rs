@@ -1179,6 +1179,10 @@ impl Writer {
             .enable_time()
             .build()
             .ok();
+        // The last batch was full: what it left in the channel has waited for a window
+        // already, and must not wait another (with a long `commit_window` and more than
+        // MAX_BATCH ops per window, each op would otherwise wait several windows).
+        let mut backlog = false;
         loop {
             let first = match self.next(&mut rx, idle_clock.as_ref()) {
                 Next::Op(op) => op,
@@ -1189,7 +1193,7 @@ impl Writer {
                 Next::Closed => break,
             };
             let mut batch = vec![first];
-            if !self.window.is_zero() {
+            if !self.window.is_zero() && !backlog {
                 std::thread::sleep(self.window);
             }
             while batch.len() < MAX_BATCH {
@@ -1198,6 +1202,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            backlog = batch.len() == MAX_BATCH;
             let (backups, batch): (Vec<Op>, Vec<Op>) = batch
                 .into_iter()
                 .partition(|op| matches!(op, Op::Backup { .. }));

@@ -271,6 +271,40 @@ async fn an_unwritable_path_is_refused_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn an_outbox_from_a_newer_fieldmq_is_refused_with_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let outbox = Outbox::open(&path, bounds(10, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    outbox.append(records(0..2)).await.unwrap();
+    outbox.close().await.unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let known: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    let newer = known + 1;
+    conn.pragma_update(None, "user_version", newer).unwrap();
+    drop(conn);
+    let err = Outbox::open(&path, bounds(10, WhenFull::DropOldest))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.contains(&format!(
+            "schema version {newer} was written by a newer fieldmq (this one knows {known})"
+        )),
+        "{err}"
+    );
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, newer, "the newer file is left as it was");
+}
+
+#[tokio::test]
 async fn a_second_open_of_the_same_file_is_refused_as_locked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
@@ -294,9 +328,26 @@ async fn three_of_five_acknowledged_then_killed(path: &Path) -> u64 {
     let rows = outbox.read_after(0, 10).await.unwrap();
     outbox.ack_mark().write(rows[2].seq).await.unwrap();
     drop(outbox);
-    // Let the outbox thread let go of the file.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until_released(path).await;
     rows[2].seq
+}
+
+/// Wait (5 s at most) until the outbox thread has let go of `path`: while it runs, its
+/// connection's exclusive lock makes any other connection's write transaction fail.
+async fn wait_until_released(path: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let probe = rusqlite::Connection::open(path).unwrap();
+        if probe.execute_batch("BEGIN IMMEDIATE; COMMIT;").is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox thread still holds {} after 5 s",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -18,9 +18,13 @@ pub(crate) struct GatewayProcess {
 impl GatewayProcess {
     /// Start `fieldmq run -c config` and wait (20 s at most) for "MQTT listener ready".
     pub(crate) fn start(config: &Path) -> GatewayProcess {
+        GatewayProcess::start_with_args(&["run".as_ref(), "-c".as_ref(), config.as_os_str()])
+    }
+
+    /// Start `fieldmq` with `args` and wait (20 s at most) for "MQTT listener ready".
+    pub(crate) fn start_with_args(args: &[&std::ffi::OsStr]) -> GatewayProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
-            .args(["run", "-c"])
-            .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -89,6 +93,12 @@ impl GatewayProcess {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// SIGINT (Ctrl-C), then wait (10 s at most) for the exit status.
+    pub(crate) fn interrupt(&mut self) -> ExitStatus {
+        self.signal("-INT");
+        self.wait_exit(Duration::from_secs(10))
+    }
+
     /// SIGHUP, then wait (10 s at most) for the exit status.
     pub(crate) fn hangup_and_wait(&mut self) -> ExitStatus {
         self.signal("-HUP");
@@ -142,6 +152,46 @@ pub(crate) fn run_to_end(args: &[&str], config: Option<&Path>) -> (Option<i32>, 
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Run `fieldmq` with `args` and the environment variables `envs` to completion, at most
+/// `limit` (a process still running then is killed and fails the test): (exit code,
+/// stdout, stderr).
+pub(crate) fn run_within(
+    args: &[&std::ffi::OsStr],
+    envs: &[(&str, &str)],
+    limit: Duration,
+) -> (Option<i32>, String, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start fieldmq");
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    match done_rx.recv_timeout(limit) {
+        Ok(output) => {
+            let output = output.expect("wait for fieldmq");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let output = done_rx.recv_timeout(limit);
+            panic!("fieldmq {args:?} still running after {limit:?}: {output:?}");
+        }
+    }
 }
 
 /// Write `dir/fieldmq.toml`: a gateway with its data in `data_dir`, anonymous clients, one
