@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,22 @@ const MAX_INCOMING_QOS2_V311: usize = 1024;
 /// (docs/benchmarks.md). Bounded, and only while a client owes acknowledgements, so an idle
 /// connection, or one that only receives QoS 0, costs nothing.
 const ANSWER_POLL: Duration = Duration::from_micros(20);
+
+/// What a read may take while the client sends little: the input buffer a quiet
+/// connection holds while it waits. Most packets of a quiet client fit (a PINGREQ, an
+/// acknowledgement, a small PUBLISH).
+const READ_QUIET: usize = 256;
+/// What a read may take once a read has filled all the room it had.
+const READ_BUSY: usize = 4096;
+/// Below this much room the input buffer grows before a read.
+const READ_MIN: usize = 64;
+/// Bounds of the room reserved when packets are encoded into an empty output buffer: the
+/// size of the connection's last write, within these.
+const WRITE_MIN: usize = 256;
+const WRITE_MAX: usize = 64 * 1024;
+
+/// A deadline that never comes (a timer with nothing to wait for).
+const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
 /// Counters shared by all connections (atomics: no lock on the hot path).
 #[derive(Debug, Default)]
@@ -123,7 +139,15 @@ enum Close {
 }
 
 /// Serve one client until it disconnects, misbehaves, is taken over or the broker stops.
-pub(crate) async fn serve<S>(
+///
+/// The task's future is allocated once per connection and keeps the room of the largest
+/// state it can be in for the connection's whole life, so what is awaited here is kept
+/// small: each phase's locals live in their own block (a local's room is held until the
+/// end of its scope, even after it was moved), and channel sends box only a wait for room
+/// ([`send_or_wait`]). It is an `async` block, not an `async fn`, for the same reason: an
+/// `async fn` keeps each argument twice.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve<S>(
     mut stream: S,
     peer: SocketAddr,
     identity: Option<String>,
@@ -131,25 +155,184 @@ pub(crate) async fn serve<S>(
     router: mpsc::Sender<RouterRequest>,
     shutdown: CancellationToken,
     admission: super::listener::Admission,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut read_buf = BytesMut::with_capacity(4096);
+    async move {
+        let mut input = ReadBuffer::default();
+        let takeover = CancellationToken::new();
+        let evict = CancellationToken::new();
+        let connection_id = settings.next_connection.fetch_add(1, Ordering::Relaxed);
+        // Boxed: reading and checking the CONNECT needs more room than the rest of the
+        // connection, and only at its start.
+        let Some(Opened {
+            mut conn,
+            will,
+            places,
+        }) = Box::pin(open(
+            &mut stream,
+            &mut input,
+            peer,
+            identity,
+            &settings,
+            &router,
+            &shutdown,
+            admission,
+            connection_id,
+            [&takeover, &evict],
+        ))
+        .await
+        else {
+            return;
+        };
+        conn.resend_inflight();
+
+        let close = conn
+            .run(&mut stream, &mut input, [&takeover, &evict, &shutdown])
+            .await;
+        let client_id = conn.client_id.clone();
+        conn.store_watermark().await;
+        let session_expiry = match &close {
+            Close::Clean {
+                session_expiry: Some(expiry),
+                ..
+            } => *expiry,
+            _ => conn.session_expiry,
+        };
+        let publish_will = match &close {
+            Close::Clean { with_will, .. } => *with_will,
+            Close::Abnormal(_) | Close::TakenOver | Close::Slow => true,
+            Close::Shutdown => false,
+        };
+        match &close {
+            Close::Abnormal(reason) => {
+                tracing::info!(%peer, client = %client_id, %reason, "connection closed")
+            }
+            other => tracing::debug!(%peer, client = %client_id, ?other, "connection closed"),
+        }
+        let will = will
+            .filter(|will| publish_will && conn.will_allowed(will))
+            .map(|will| {
+                let message = Message {
+                    topic: Arc::from(will.topic.as_str()),
+                    payload: will.payload,
+                    qos: will.qos,
+                    retain: will.retain,
+                    properties: will.properties.map(Arc::new),
+                    origin: Origin::Client(client_id.clone()),
+                    received: Instant::now(),
+                };
+                (message, will.delay)
+            });
+        let _ = send_or_wait(
+            &router,
+            RouterRequest::Disconnected {
+                client_id,
+                connection: connection_id,
+                will,
+                session_expiry,
+            },
+        )
+        .await;
+        drop(conn);
+        linger_close(&mut stream, &mut input).await;
+        drop(places);
+    }
+}
+
+/// A client that connected: its connection, its will, and its places in the listener's
+/// limits.
+struct Opened {
+    conn: Connection,
+    /// Kept aside until the connection ends; boxed, since most clients have none.
+    will: Option<Box<protocol::Will>>,
+    places: super::listener::Places,
+}
+
+/// Read and check the CONNECT, open the session in the router and queue the CONNACK.
+/// `None`: the connection ends (the client was told why where the protocol allows).
+/// Its own function so that what only this phase needs (the CONNECT, hundreds of bytes)
+/// takes no room in the task after it.
+#[allow(clippy::too_many_arguments)]
+async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    input: &mut ReadBuffer,
+    peer: SocketAddr,
+    identity: Option<String>,
+    settings: &Arc<Settings>,
+    router: &mpsc::Sender<RouterRequest>,
+    shutdown: &CancellationToken,
+    admission: super::listener::Admission,
+    connection_id: u64,
+    tokens: [&CancellationToken; 2],
+) -> Option<Opened> {
+    let Admitted {
+        connect,
+        places,
+        assigned_client_id,
+    } = read_and_admit(stream, input, peer, identity, settings, shutdown, admission).await?;
+    let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
+    let Some(ConnectReply {
+        session,
+        session_present,
+        persist,
+    }) = register(router, &client_id, connection_id, &connect, tokens).await
+    else {
+        let refusal = refusal(ConnackCode::ServerUnavailable);
+        let _ = send_now(stream, connect.version, &refusal).await;
+        return None;
+    };
+    tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
+    let connected = Connected {
+        connect,
+        client_id,
+        connection_id,
+        session,
+        session_present,
+        persist,
+        assigned_client_id,
+    };
+    let (conn, will) = connected.into_connection(settings, router);
+    Some(Opened { conn, will, places })
+}
+
+/// A CONNECT that was read and accepted.
+struct Admitted {
+    connect: ConnectRequest,
+    /// The places held in the listener's limits (counted against `max_connections` from
+    /// here on).
+    places: super::listener::Places,
+    /// The client id the broker chose for an MQTT 5 client that sent none.
+    assigned_client_id: Option<String>,
+}
+
+/// Read the CONNECT (by the listener's deadline) and check it; a refused client is told
+/// why where the protocol allows it. `None`: the connection ends.
+async fn read_and_admit<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    input: &mut ReadBuffer,
+    peer: SocketAddr,
+    identity: Option<String>,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    admission: super::listener::Admission,
+) -> Option<Admitted> {
     // The listener's connect_timeout covers the handshakes and this read together.
     let connect = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        read = tokio::time::timeout_at(admission.deadline(), read_connect(&mut stream, &mut read_buf, &settings)) => read,
+        _ = shutdown.cancelled() => return None,
+        read = tokio::time::timeout_at(admission.deadline(), read_connect(stream, input, settings)) => read,
     };
-    let connect = match connect {
+    let mut connect = match connect {
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT in time, closing");
-            return;
+            return None;
         }
         Ok(Err(ReadError::UnsupportedProtocol(level))) => {
             tracing::info!(%peer, level, "refused: unsupported protocol level");
             let refusal = refusal(ConnackCode::UnsupportedProtocol);
-            let _ = send_now(&mut stream, Version::V311, &refusal).await;
-            return;
+            let _ = send_now(stream, Version::V311, &refusal).await;
+            return None;
         }
         Ok(Err(ReadError::InvalidConnect(version, violation))) => {
             tracing::info!(%peer, ?version, error = %violation, "bad CONNECT, closing");
@@ -159,187 +342,150 @@ pub(crate) async fn serve<S>(
                     ViolationKind::Malformed => ConnackCode::MalformedPacket,
                     ViolationKind::ProtocolError => ConnackCode::ProtocolError,
                 };
-                let _ = send_now(&mut stream, version, &refusal(code)).await;
+                let _ = send_now(stream, version, &refusal(code)).await;
             }
-            return;
+            return None;
         }
         Ok(Err(error)) => {
             tracing::info!(%peer, %error, "bad CONNECT, closing");
-            return;
+            return None;
         }
         Ok(Ok(connect)) => connect,
     };
+    // The will's payload was read into the input buffer and shares its allocation: a copy
+    // of its own lets the buffer go while the connection is idle.
+    if let Some(will) = &mut connect.will {
+        will.payload = Bytes::copy_from_slice(&will.payload);
+    }
     // Counted against max_connections from here on (a refusal below gives it back).
-    let connection_slot = admission.connect_read();
-    let over_quota = connection_slot.is_none();
+    let places = admission.connect_read();
+    let over_quota = places.over_quota();
 
-    let mut connect = connect;
     let mut assigned_client_id = None;
     if let Err(code) = admit(
         &mut connect,
         identity,
-        &settings,
+        settings,
         over_quota,
         &mut assigned_client_id,
     ) {
         tracing::info!(%peer, client = %connect.client_id, ?code, "connection refused");
-        let _ = send_now(&mut stream, connect.version, &refusal(code)).await;
-        return;
+        let _ = send_now(stream, connect.version, &refusal(code)).await;
+        return None;
     }
-
-    let connection_id = settings.next_connection.fetch_add(1, Ordering::Relaxed);
-    let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
-    let takeover = CancellationToken::new();
-    let evict = CancellationToken::new();
-    let (reply_tx, reply_rx) = oneshot::channel();
-    let registered = router
-        .send(RouterRequest::Connect {
-            client_id: client_id.clone(),
-            connection: connection_id,
-            clean_start: connect.clean_start,
-            session_expiry: connect.session_expiry,
-            takeover: takeover.clone(),
-            evict: evict.clone(),
-            reply: reply_tx,
-        })
-        .await;
-    let Ok(ConnectReply {
-        session,
-        session_present,
-        persist,
-    }) = (match registered {
-        Ok(()) => reply_rx.await.map_err(|_| ()),
-        Err(_) => Err(()),
-    })
-    else {
-        let _ = send_now(
-            &mut stream,
-            connect.version,
-            &refusal(ConnackCode::ServerUnavailable),
-        )
-        .await;
-        return;
-    };
-
-    tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
-    // Past the configured limit an MQTT 5 client is told the keep alive to use; a 3.1.1
-    // client cannot be told, and keeps its own.
-    let server_keep_alive = (connect.version == Version::V5
-        && (connect.keep_alive > settings.max_keep_alive || connect.keep_alive == 0)
-        && settings.max_keep_alive < u16::MAX)
-        .then_some(settings.max_keep_alive);
-    let mut conn = Connection {
-        version: connect.version,
-        client_id: client_id.clone(),
-        id: connection_id,
-        session,
-        settings: settings.clone(),
-        router: router.clone(),
-        keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
-        receive_maximum: connect.receive_maximum,
-        client_max_packet: connect.max_packet_size,
-        session_expiry: connect.session_expiry,
-        topic_aliases: HashMap::new(),
-        outgoing_aliases: HashMap::new(),
-        client_alias_max: connect.topic_alias_max,
-        username: connect.username.clone(),
-        out: BytesMut::with_capacity(4096),
-        persist,
-        pending_acks: AckQueue::default(),
-        page_reply: None,
-        watermark: None,
-        watermark_due: None,
-        congestion: Arc::new(Congestion::default()),
-    };
-    conn.queue(&Outgoing::ConnAck(ConnAckOut {
-        session_present,
-        code: ConnackCode::Accepted,
+    Some(Admitted {
+        connect,
+        places,
         assigned_client_id,
-        receive_maximum: settings.max_inflight,
-        max_packet_size: settings.max_packet_size,
-        topic_alias_max: TOPIC_ALIAS_MAX,
-        server_keep_alive,
-        reason: None,
-    }));
-    conn.resend_inflight();
+    })
+}
 
-    let close = conn
-        .run(&mut stream, &mut read_buf, [&takeover, &evict, &shutdown])
-        .await;
-    conn.store_watermark().await;
-    let session_expiry = match &close {
-        Close::Clean {
-            session_expiry: Some(expiry),
-            ..
-        } => *expiry,
-        _ => conn.session_expiry,
+/// Open (or take over) the client's session in the router. `None`: the broker is stopping.
+async fn register(
+    router: &mpsc::Sender<RouterRequest>,
+    client_id: &Arc<str>,
+    connection: u64,
+    connect: &ConnectRequest,
+    [takeover, evict]: [&CancellationToken; 2],
+) -> Option<ConnectReply> {
+    let (reply, answer) = oneshot::channel();
+    let request = RouterRequest::Connect {
+        client_id: client_id.clone(),
+        connection,
+        clean_start: connect.clean_start,
+        session_expiry: connect.session_expiry,
+        takeover: takeover.clone(),
+        evict: evict.clone(),
+        reply,
     };
-    let publish_will = match &close {
-        Close::Clean { with_will, .. } => *with_will,
-        Close::Abnormal(_) | Close::TakenOver | Close::Slow => true,
-        Close::Shutdown => false,
-    };
-    match &close {
-        Close::Abnormal(reason) => {
-            tracing::info!(%peer, client = %client_id, %reason, "connection closed")
-        }
-        other => tracing::debug!(%peer, client = %client_id, ?other, "connection closed"),
+    if !send_or_wait(router, request).await {
+        return None;
     }
-    let will_allowed = |will: &protocol::Will| {
-        let allowed = may_publish_to(
-            &settings,
-            connect.username.as_deref(),
-            &client_id,
-            &will.topic,
-        );
-        if !allowed {
-            settings
-                .counters
-                .publishes_denied
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client = %client_id, topic = %will.topic, "will not published: denied");
-        }
-        allowed
-    };
-    let will = connect
-        .will
-        .clone()
-        .filter(|will| publish_will && will_allowed(will))
-        .map(|will| {
-            let message = Message {
-                topic: Arc::from(will.topic.as_str()),
-                payload: will.payload,
-                qos: will.qos,
-                retain: will.retain,
-                properties: will.properties.map(Arc::new),
-                origin: Origin::Client(client_id.clone()),
-                received: Instant::now(),
-            };
-            (message, will.delay)
-        });
-    let _ = router
-        .send(RouterRequest::Disconnected {
+    answer.await.ok()
+}
+
+/// A client the router has given its session: what the connection is made of.
+struct Connected {
+    connect: ConnectRequest,
+    client_id: Arc<str>,
+    connection_id: u64,
+    session: Arc<Session>,
+    session_present: bool,
+    persist: Option<Persist>,
+    assigned_client_id: Option<String>,
+}
+
+impl Connected {
+    /// The connection, with its CONNACK queued, and the client's will (kept aside until
+    /// the connection ends; boxed, since most clients have none).
+    fn into_connection(
+        self,
+        settings: &Arc<Settings>,
+        router: &mpsc::Sender<RouterRequest>,
+    ) -> (Connection, Option<Box<protocol::Will>>) {
+        let Connected {
+            connect,
             client_id,
-            connection: connection_id,
-            will,
-            session_expiry,
-        })
-        .await;
-    linger_close(&mut stream, &mut read_buf).await;
-    drop(connection_slot);
+            connection_id,
+            session,
+            session_present,
+            persist,
+            assigned_client_id,
+        } = self;
+        // Past the configured limit an MQTT 5 client is told the keep alive to use; a 3.1.1
+        // client cannot be told, and keeps its own.
+        let server_keep_alive = (connect.version == Version::V5
+            && (connect.keep_alive > settings.max_keep_alive || connect.keep_alive == 0)
+            && settings.max_keep_alive < u16::MAX)
+            .then_some(settings.max_keep_alive);
+        let mut conn = Connection {
+            version: connect.version,
+            client_id,
+            id: connection_id,
+            session,
+            settings: settings.clone(),
+            router: router.clone(),
+            keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
+            receive_maximum: connect.receive_maximum,
+            client_max_packet: connect.max_packet_size,
+            session_expiry: connect.session_expiry,
+            aliases: None,
+            client_alias_max: connect.topic_alias_max,
+            username: connect.username,
+            out: BytesMut::new(),
+            write_size: WRITE_MIN,
+            persist,
+            pending_acks: AckQueue::default(),
+            page_reply: None,
+            watermark: None,
+            watermark_due: None,
+            congestion: Arc::new(Congestion::default()),
+        };
+        conn.queue(&Outgoing::ConnAck(ConnAckOut {
+            session_present,
+            code: ConnackCode::Accepted,
+            assigned_client_id,
+            receive_maximum: settings.max_inflight,
+            max_packet_size: settings.max_packet_size,
+            topic_alias_max: TOPIC_ALIAS_MAX,
+            server_keep_alive,
+            reason: None,
+        }));
+        (conn, connect.will.map(Box::new))
+    }
 }
 
 /// Close our side, then read and discard until the client closes too (briefly). Closing a
 /// socket with unread input makes the kernel send a reset, which can destroy the last
 /// packets we sent (a DISCONNECT reason, the gateway's `offline` status) before the client
 /// reads them.
-async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut) {
+async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, input: &mut ReadBuffer) {
     const LINGER: Duration = Duration::from_millis(500);
     let _ = stream.shutdown().await;
     let _ = tokio::time::timeout(LINGER, async {
         loop {
-            buf.clear();
-            match stream.read_buf(buf).await {
+            input.bytes.clear();
+            match input.read_from(stream).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -350,16 +496,16 @@ async fn linger_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &m
 
 async fn read_connect<S: AsyncRead + Unpin>(
     stream: &mut S,
-    buf: &mut BytesMut,
+    input: &mut ReadBuffer,
     settings: &Settings,
 ) -> Result<ConnectRequest, ReadError> {
     loop {
-        match protocol::read_connect(buf, settings.max_packet_size) {
+        match protocol::read_connect(&mut input.bytes, settings.max_packet_size) {
             Err(ReadError::Incomplete) => {}
             other => return other,
         }
-        let read = stream
-            .read_buf(buf)
+        let read = input
+            .read_from(stream)
             .await
             .map_err(|e| ReadError::Malformed(e.to_string()))?;
         if read == 0 {
@@ -369,6 +515,78 @@ async fn read_connect<S: AsyncRead + Unpin>(
             .counters
             .bytes_received
             .fetch_add(read as u64, Ordering::Relaxed);
+    }
+}
+
+/// A connection's input: allocated while it holds bytes or a read waits, small while the
+/// client is quiet, and given back whenever it is empty as the connection goes to sleep
+/// ([`ReadBuffer::release_if_empty`]). Payloads of PUBLISH packets keep sharing its
+/// allocation after they are read (a queued or retained message holds on to its part), so
+/// a quiet connection must not read into a large one.
+struct ReadBuffer {
+    bytes: BytesMut,
+    /// What the next read may take when the buffer has no room left.
+    chunk: usize,
+}
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        ReadBuffer {
+            bytes: BytesMut::new(),
+            chunk: READ_QUIET,
+        }
+    }
+}
+
+impl ReadBuffer {
+    /// Read what the stream has. Cancel safe like tokio's `read_buf`: the bytes of a read
+    /// are in the buffer when it completes, and nothing is read when it is dropped pending.
+    async fn read_from<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> std::io::Result<usize> {
+        let room = self.make_room();
+        let read = stream.read_buf(&mut self.bytes).await?;
+        if read == room {
+            // The read took all the room there was: the client sends more than that at a
+            // time, so read in larger pieces until it is quiet again.
+            self.chunk = READ_BUSY;
+        }
+        Ok(read)
+    }
+
+    /// Room for the next read: [`Self::chunk`] bytes when there is less than [`READ_MIN`].
+    fn make_room(&mut self) -> usize {
+        if self.bytes.capacity() - self.bytes.len() < READ_MIN {
+            self.bytes.reserve(self.chunk);
+        }
+        self.bytes.capacity() - self.bytes.len()
+    }
+
+    /// Called before the connection waits: an empty buffer is given back (the next read
+    /// gets a small one), and reads start small again.
+    fn release_if_empty(&mut self) {
+        if self.bytes.is_empty() {
+            self.bytes = BytesMut::new();
+            self.chunk = READ_QUIET;
+        }
+    }
+}
+
+/// Send `value` on a bounded channel, waiting for room when it is full; false when the
+/// receiver is gone. The value goes at once, when this is called, if there is room; only
+/// the wait for room is boxed. A connection's task keeps room for the largest state of
+/// everything it awaits, for its whole life: an inline `Sender::send` future (the value and
+/// a wait for a permit, hundreds of bytes, nested in each caller's state) would make every
+/// connection larger, idle or not.
+fn send_or_wait<'a, T: Send + 'a>(
+    tx: &'a mpsc::Sender<T>,
+    value: T,
+) -> futures::future::Either<std::future::Ready<bool>, futures::future::BoxFuture<'a, bool>> {
+    use futures::future::Either;
+    match tx.try_send(value) {
+        Ok(()) => Either::Left(std::future::ready(true)),
+        Err(mpsc::error::TrySendError::Closed(_)) => Either::Left(std::future::ready(false)),
+        Err(mpsc::error::TrySendError::Full(value)) => {
+            Either::Right(Box::pin(async move { tx.send(value).await.is_ok() }))
+        }
     }
 }
 
@@ -499,13 +717,16 @@ struct Connection {
     receive_maximum: u16,
     client_max_packet: Option<u32>,
     session_expiry: u32,
-    topic_aliases: HashMap<u16, String>,
-    /// Aliases we gave topics towards the client (MQTT 5), up to its Topic Alias Maximum.
-    outgoing_aliases: HashMap<Arc<str>, u16>,
+    /// MQTT 5 topic aliases; allocated when the first is used (most clients use none).
+    aliases: Option<Box<TopicAliases>>,
     client_alias_max: u16,
     /// For ACL checks.
     username: Option<String>,
+    /// Packets encoded and not yet written. Unallocated while the connection waits: see
+    /// [`Self::reserve_out`] and [`Self::release_idle_buffers`].
     out: BytesMut,
+    /// What the last write took: the room reserved when encoding into an empty `out`.
+    write_size: usize,
     /// The store, when the session is persistent: acks delete rows, sends record pkids.
     persist: Option<Persist>,
     /// Publishes routed but not yet acknowledged (waiting for their commit), in order.
@@ -518,6 +739,15 @@ struct Connection {
     watermark_due: Option<tokio::time::Instant>,
     /// Where the router reports a subscriber queue this client's publishes found full.
     congestion: Arc<Congestion>,
+}
+
+/// A connection's MQTT 5 topic aliases.
+#[derive(Default)]
+struct TopicAliases {
+    /// Set by the client, for its publishes.
+    incoming: HashMap<u16, String>,
+    /// Aliases we gave topics towards the client, up to its Topic Alias Maximum.
+    outgoing: HashMap<Arc<str>, u16>,
 }
 
 /// What [`Connection::poll_for_answer`] found.
@@ -621,26 +851,26 @@ impl Connection {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
-        read_buf: &mut BytesMut,
+        input: &mut ReadBuffer,
         [takeover, evict, shutdown]: [&CancellationToken; 3],
     ) -> Close {
         // MQTT: the server allows one and a half keep-alive periods of silence.
         let keep_alive =
             (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        // One timer for the whole connection: packets only move `last_packet`, and the timer
-        // is re-armed from it when it fires (cheaper than a new timer per packet).
+        // One timer for the whole connection, for the keep-alive and the store's watermark:
+        // packets only move `last_packet`, and the timer is re-armed from it when it fires
+        // (cheaper than a new timer per packet); a watermark due earlier pulls it forward.
         let mut last_packet = tokio::time::Instant::now();
-        let keep_alive_timer = tokio::time::sleep(keep_alive.unwrap_or(Duration::MAX / 4));
-        tokio::pin!(keep_alive_timer);
+        let never = || tokio::time::Instant::now() + NEVER;
+        let timer = tokio::time::sleep_until(keep_alive.map_or_else(never, |ka| last_packet + ka));
         // The other waits also live as long as the connection: made afresh on every turn of
         // the loop, each would register and unregister itself (a lock, a timer) per turn.
         let session = self.session.clone();
         let wake = session.wake.notified();
-        let watermark_timer = tokio::time::sleep(Duration::MAX / 4);
         let taken_over = takeover.cancelled();
         let evicted = evict.cancelled();
         let shutting_down = shutdown.cancelled();
-        tokio::pin!(wake, watermark_timer, taken_over, evicted, shutting_down);
+        tokio::pin!(timer, wake, taken_over, evicted, shutting_down);
         let mut yielded = false;
         loop {
             // Process whatever complete packets are already buffered.
@@ -687,7 +917,11 @@ impl Connection {
                         );
                     }
                 }
-                match protocol::read(self.version, read_buf, self.settings.max_packet_size) {
+                match protocol::read(
+                    self.version,
+                    &mut input.bytes,
+                    self.settings.max_packet_size,
+                ) {
                     Ok(packet) => {
                         if matches!(packet, Incoming::Publish(_)) && !yielded {
                             // Tokio runs the task woken last first. Yielding once per read
@@ -742,7 +976,7 @@ impl Connection {
                 return Close::Abnormal(format!("write failed: {error}"));
             }
             if awaits_answer {
-                match self.poll_for_answer(stream, read_buf).await {
+                match self.poll_for_answer(stream, input).await {
                     Answer::Read(read) => match self.on_read(read) {
                         Ok(()) => {
                             yielded = false;
@@ -760,13 +994,14 @@ impl Connection {
                 }
             }
             if let Some(due) = self.watermark_due {
-                if watermark_timer.deadline() != due {
-                    watermark_timer.as_mut().reset(due);
+                if due < timer.deadline() {
+                    timer.as_mut().reset(due);
                 }
             }
 
+            self.release_idle_buffers(input);
             tokio::select! {
-                read = stream.read_buf(read_buf) => match self.on_read(read) {
+                read = input.read_from(stream) => match self.on_read(read) {
                     Ok(()) => yielded = false,
                     Err(close) => return close,
                 },
@@ -776,23 +1011,24 @@ impl Connection {
                     self.session
                         .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
                 }
-                _ = &mut watermark_timer, if self.watermark_due.is_some() => {
-                    self.store_watermark().await;
-                }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
                     if let Err(close) = self.acknowledge_ready(ack, stream).await {
                         return close;
                     }
                 }
-                _ = &mut keep_alive_timer, if keep_alive.is_some() => {
-                    let limit = last_packet + keep_alive.unwrap_or_default();
-                    if limit > tokio::time::Instant::now() {
-                        keep_alive_timer.as_mut().reset(limit);
-                        continue;
+                _ = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if self.watermark_due.is_some_and(|due| due <= now) {
+                        self.store_watermark().await;
                     }
-                    self.queue(&Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout));
-                    let _ = self.flush(stream).await;
-                    return Close::Abnormal("keep-alive timeout".into());
+                    let limit = keep_alive.map(|keep_alive| last_packet + keep_alive);
+                    if limit.is_some_and(|limit| limit <= now) {
+                        self.queue(&Outgoing::Disconnect(DisconnectReason::KeepAliveTimeout));
+                        let _ = self.flush(stream).await;
+                        return Close::Abnormal("keep-alive timeout".into());
+                    }
+                    let next = limit.into_iter().chain(self.watermark_due).min();
+                    timer.as_mut().reset(next.unwrap_or_else(never));
                 }
                 _ = &mut evicted => return self.close_slow(stream).await,
                 _ = &mut taken_over => return self.close_taken_over(stream).await,
@@ -828,14 +1064,13 @@ impl Connection {
     async fn poll_for_answer<S: AsyncRead + Unpin>(
         &mut self,
         stream: &mut S,
-        read_buf: &mut BytesMut,
+        input: &mut ReadBuffer,
     ) -> Answer {
         let deadline = Instant::now() + ANSWER_POLL;
         while Instant::now() < deadline {
             tokio::task::yield_now().await;
-            // A read polled once and dropped when pending loses nothing (tokio's `read_buf`
-            // is cancel safe).
-            if let Some(read) = futures::FutureExt::now_or_never(stream.read_buf(read_buf)) {
+            // A read polled once and dropped when pending loses nothing (it is cancel safe).
+            if let Some(read) = futures::FutureExt::now_or_never(input.read_from(stream)) {
                 return Answer::Read(read);
             }
             if let Some(ack) = self.pending_acks.try_next() {
@@ -884,139 +1119,185 @@ impl Connection {
     }
 
     /// Handle one packet; `Some` ends the connection.
-    async fn handle(&mut self, packet: Incoming) -> Option<Close> {
-        match packet {
-            Incoming::Publish(publish) => return self.on_publish(publish).await,
-            Incoming::PubAck(pkid) => {
-                if let Some(Some(seq)) = self.session.ack(pkid) {
-                    self.forget(seq).await;
+    ///
+    /// An `async` block rather than an `async fn`: the function's argument would be kept
+    /// twice in its state (as the argument and as the local it is moved into), and this
+    /// state is part of every connection's task. For the same reason the checks of a
+    /// PUBLISH are a plain function, and only what remains after them is awaited here.
+    #[allow(clippy::manual_async_fn)]
+    fn handle(
+        &mut self,
+        packet: Incoming,
+    ) -> impl std::future::Future<Output = Option<Close>> + Send + '_ {
+        async move {
+            match packet {
+                Incoming::Publish(publish) => {
+                    let pkid = publish.pkid;
+                    let message = match self.check_publish(publish) {
+                        Ok(Some(message)) => message,
+                        Ok(None) => return None,
+                        Err(close) => return Some(close),
+                    };
+                    let qos = message.qos;
+                    let (done, routed) = if qos == QoS::AtMostOnce {
+                        (None, None)
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        (Some(tx), Some(rx))
+                    };
+                    self.congestion.reserve().await;
+                    let request = RouterRequest::Publish {
+                        message,
+                        done,
+                        congestion: Some(self.congestion.clone()),
+                    };
+                    if !send_or_wait(&self.router, request).await {
+                        return Some(Close::Shutdown);
+                    }
+                    if let Some(routed) = routed {
+                        // Acknowledged when the router (and with `sync` durability, the
+                        // disk) has it; later publishes keep flowing meanwhile, acks go out
+                        // in order.
+                        self.pending_acks
+                            .push(pkid, qos, AckReason::Success, Some(routed));
+                    }
+                    return None;
                 }
-            }
-            Incoming::PubRec(pkid) => match self.session.received(pkid) {
-                Some(seq) => {
-                    self.queue(&Outgoing::PubRel(pkid));
-                    if let Some(seq) = seq {
-                        self.store_inflight(seq, pkid, InflightState::Released)
-                            .await;
+                Incoming::PubAck(pkid) => {
+                    if let Some(Some(seq)) = self.session.ack(pkid) {
+                        self.forget(seq).await;
                     }
                 }
-                None => self.queue(&Outgoing::PubRelNotFound(pkid)),
-            },
-            Incoming::PubRel(pkid) => {
-                let known = self.session.lock().incoming_qos2.remove(&pkid);
-                self.queue(&if known {
-                    Outgoing::PubComp(pkid)
-                } else {
-                    Outgoing::PubCompNotFound(pkid)
-                });
-            }
-            Incoming::PubComp(pkid) => {
-                if let Some(Some(seq)) = self.session.completed(pkid) {
-                    self.forget(seq).await;
+                Incoming::PubRec(pkid) => match self.session.received(pkid) {
+                    Some(seq) => {
+                        self.queue(&Outgoing::PubRel(pkid));
+                        if let Some(seq) = seq {
+                            self.store_inflight(seq, pkid, InflightState::Released)
+                                .await;
+                        }
+                    }
+                    None => self.queue(&Outgoing::PubRelNotFound(pkid)),
+                },
+                Incoming::PubRel(pkid) => {
+                    let known = self.session.lock().incoming_qos2.remove(&pkid);
+                    self.queue(&if known {
+                        Outgoing::PubComp(pkid)
+                    } else {
+                        Outgoing::PubCompNotFound(pkid)
+                    });
                 }
-            }
-            Incoming::Subscribe {
-                pkid,
-                filters,
-                subscription_id,
-            } => {
-                if filters.is_empty() {
-                    return Some(self.protocol_error("SUBSCRIBE without filters"));
+                Incoming::PubComp(pkid) => {
+                    if let Some(Some(seq)) = self.session.completed(pkid) {
+                        self.forget(seq).await;
+                    }
                 }
-                // Denied filters get "not authorised" in their place; the rest go on.
-                let allowed: Vec<bool> = filters
-                    .iter()
-                    .map(|f| self.may_subscribe(&f.filter))
-                    .collect();
-                let permitted: Vec<_> = filters
-                    .into_iter()
-                    .zip(&allowed)
-                    .filter(|(_, ok)| **ok)
-                    .map(|(f, _)| f)
-                    .collect();
-                let mut granted = Vec::new().into_iter();
-                if !permitted.is_empty() {
-                    let (reply, codes) = oneshot::channel();
-                    let request = RouterRequest::Subscribe {
+                Incoming::Subscribe {
+                    pkid,
+                    filters,
+                    subscription_id,
+                } => {
+                    if filters.is_empty() {
+                        return Some(self.protocol_error("SUBSCRIBE without filters"));
+                    }
+                    // Denied filters get "not authorised" in their place; the rest go on.
+                    let allowed: Vec<bool> = filters
+                        .iter()
+                        .map(|f| self.may_subscribe(&f.filter))
+                        .collect();
+                    let permitted: Vec<_> = filters
+                        .into_iter()
+                        .zip(&allowed)
+                        .filter(|(_, ok)| **ok)
+                        .map(|(f, _)| f)
+                        .collect();
+                    let mut granted = Vec::new().into_iter();
+                    if !permitted.is_empty() {
+                        let (reply, codes) = oneshot::channel();
+                        let request = RouterRequest::Subscribe {
+                            client_id: self.client_id.clone(),
+                            filters: permitted,
+                            subscription_id,
+                            reply,
+                        };
+                        if !send_or_wait(&self.router, request).await {
+                            return Some(Close::Shutdown);
+                        }
+                        let Ok(codes) = codes.await else {
+                            return Some(Close::Shutdown);
+                        };
+                        granted = codes.into_iter();
+                    }
+                    let codes = allowed
+                        .iter()
+                        .map(|ok| {
+                            if *ok {
+                                granted.next().unwrap_or(SubAckCode::TopicFilterInvalid)
+                            } else {
+                                self.settings.denied
+                            }
+                        })
+                        .collect();
+                    self.queue(&Outgoing::SubAck(pkid, codes));
+                }
+                Incoming::Unsubscribe { pkid, filters } => {
+                    let (reply, found) = oneshot::channel();
+                    let request = RouterRequest::Unsubscribe {
                         client_id: self.client_id.clone(),
-                        filters: permitted,
-                        subscription_id,
+                        filters,
                         reply,
                     };
-                    if self.router.send(request).await.is_err() {
+                    if !send_or_wait(&self.router, request).await {
                         return Some(Close::Shutdown);
                     }
-                    let Ok(codes) = codes.await else {
+                    let Ok(found) = found.await else {
                         return Some(Close::Shutdown);
                     };
-                    granted = codes.into_iter();
+                    self.queue(&Outgoing::UnsubAck(pkid, found));
                 }
-                let codes = allowed
-                    .iter()
-                    .map(|ok| {
-                        if *ok {
-                            granted.next().unwrap_or(SubAckCode::TopicFilterInvalid)
-                        } else {
-                            self.settings.denied
-                        }
-                    })
-                    .collect();
-                self.queue(&Outgoing::SubAck(pkid, codes));
-            }
-            Incoming::Unsubscribe { pkid, filters } => {
-                let (reply, found) = oneshot::channel();
-                let request = RouterRequest::Unsubscribe {
-                    client_id: self.client_id.clone(),
-                    filters,
-                    reply,
-                };
-                if self.router.send(request).await.is_err() {
-                    return Some(Close::Shutdown);
-                }
-                let Ok(found) = found.await else {
-                    return Some(Close::Shutdown);
-                };
-                self.queue(&Outgoing::UnsubAck(pkid, found));
-            }
-            Incoming::PingReq => self.queue(&Outgoing::PingResp),
-            Incoming::Disconnect {
-                session_expiry,
-                with_will,
-            } => {
-                if self.session_expiry == 0 && session_expiry.is_some_and(|e| e > 0) {
-                    // MQTT 5 3.14.2.2.2: a session created without expiry cannot gain one.
-                    return Some(self.protocol_error("session expiry set at DISCONNECT"));
-                }
-                return Some(Close::Clean {
+                Incoming::PingReq => self.queue(&Outgoing::PingResp),
+                Incoming::Disconnect {
                     session_expiry,
                     with_will,
-                });
+                } => {
+                    if self.session_expiry == 0 && session_expiry.is_some_and(|e| e > 0) {
+                        // MQTT 5 3.14.2.2.2: a session created without expiry cannot gain one.
+                        return Some(self.protocol_error("session expiry set at DISCONNECT"));
+                    }
+                    return Some(Close::Clean {
+                        session_expiry,
+                        with_will,
+                    });
+                }
+                Incoming::Unexpected(what) => {
+                    return Some(self.protocol_error(&format!("unexpected {what}")))
+                }
             }
-            Incoming::Unexpected(what) => {
-                return Some(self.protocol_error(&format!("unexpected {what}")))
-            }
+            None
         }
-        None
     }
 
-    async fn on_publish(&mut self, mut publish: PublishIn) -> Option<Close> {
+    /// The checks of a PUBLISH, and what they decide at once (a denied publish, a QoS 2
+    /// retransmission). `Ok(Some)`: the message to route; `Err`: the connection ends.
+    fn check_publish(&mut self, mut publish: PublishIn) -> Result<Option<Message>, Close> {
         if let Some(alias) = publish.topic_alias {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
                 self.queue(&Outgoing::Disconnect(DisconnectReason::TopicAliasInvalid));
-                return Some(Close::Abnormal(format!("topic alias {alias} out of range")));
+                return Err(Close::Abnormal(format!("topic alias {alias} out of range")));
             }
             if publish.topic.is_empty() {
-                match self.topic_aliases.get(&alias) {
+                let known = self.aliases.as_ref().and_then(|a| a.incoming.get(&alias));
+                match known {
                     Some(topic) => publish.topic = topic.clone(),
-                    None => return Some(self.protocol_error("unknown topic alias")),
+                    None => return Err(self.protocol_error("unknown topic alias")),
                 }
             } else {
-                self.topic_aliases.insert(alias, publish.topic.clone());
+                let aliases = self.aliases.get_or_insert_with(Default::default);
+                aliases.incoming.insert(alias, publish.topic.clone());
             }
         }
         if !topic::valid_topic_name(&publish.topic) {
             self.queue(&Outgoing::Disconnect(DisconnectReason::TopicNameInvalid));
-            return Some(Close::Abnormal(format!(
+            return Err(Close::Abnormal(format!(
                 "invalid topic name {:?} in PUBLISH",
                 publish.topic
             )));
@@ -1032,7 +1313,7 @@ impl Connection {
                 self.pending_acks
                     .push(publish.pkid, publish.qos, AckReason::NotAuthorized, None);
             }
-            return None;
+            return Ok(None);
         }
         if publish.qos == QoS::ExactlyOnce {
             let mut state = self.session.lock();
@@ -1040,7 +1321,7 @@ impl Connection {
                 // A retransmission of a message already routed: only acknowledge it again.
                 drop(state);
                 self.queue(&Outgoing::PubRec(publish.pkid, AckReason::Success));
-                return None;
+                return Ok(None);
             }
             // MQTT 5: the Receive Maximum we advertised. 3.1.1 has none, and clients such
             // as MQTT.js send bursts of QoS 2 at once: a generous bound instead.
@@ -1053,48 +1334,21 @@ impl Connection {
                 self.queue(&Outgoing::Disconnect(
                     DisconnectReason::ReceiveMaximumExceeded,
                 ));
-                return Some(Close::Abnormal(format!(
+                return Err(Close::Abnormal(format!(
                     "more than {limit} QoS 2 publishes awaiting PUBREL"
                 )));
             }
             state.incoming_qos2.insert(publish.pkid);
         }
-        let pkid = publish.pkid;
-        let qos = publish.qos;
-        let message = Message {
+        Ok(Some(Message {
             topic: Arc::from(publish.topic.as_str()),
             payload: publish.payload,
-            qos,
+            qos: publish.qos,
             retain: publish.retain,
             properties: publish.properties.map(Arc::new),
             origin: Origin::Client(self.client_id.clone()),
             received: Instant::now(),
-        };
-        let (done, routed) = if qos == QoS::AtMostOnce {
-            (None, None)
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        };
-        self.congestion.reserve().await;
-        let sent = self
-            .router
-            .send(RouterRequest::Publish {
-                message,
-                done,
-                congestion: Some(self.congestion.clone()),
-            })
-            .await;
-        if sent.is_err() {
-            return Some(Close::Shutdown);
-        }
-        if let Some(routed) = routed {
-            // Acknowledged when the router (and with `sync` durability, the disk) has it;
-            // later publishes keep flowing meanwhile, acks go out in order.
-            self.pending_acks
-                .push(pkid, qos, AckReason::Success, Some(routed));
-        }
-        None
+        }))
     }
 
     /// Queue the acknowledgement of a publish whose message is safe. Returns false when it
@@ -1138,6 +1392,20 @@ impl Connection {
             &self.client_id,
             topic,
         )
+    }
+
+    /// Whether the client's will may be published: the rules of a publish, again when it is
+    /// due. A denied will is counted and logged.
+    fn will_allowed(&self, will: &protocol::Will) -> bool {
+        let allowed = self.may_publish(&will.topic);
+        if !allowed {
+            self.settings
+                .counters
+                .publishes_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client = %self.client_id, topic = %will.topic, "will not published: denied");
+        }
+        allowed
     }
 
     fn may_receive(&self, topic: &str) -> bool {
@@ -1223,9 +1491,17 @@ impl Connection {
         self.store(Op::Remove { client_id, seq }).await;
     }
 
-    async fn store(&self, op: Op) {
-        if let Some(persist) = &self.persist {
-            persist.send(op).await;
+    /// Hand `op` to the store (nothing without one). Sent when this is called if the
+    /// store's queue has room; only a wait for room is boxed (see [`send_or_wait`]).
+    fn store(&self, op: Op) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let waiting = self
+            .persist
+            .as_ref()
+            .and_then(|persist| persist.try_send(op).map(|op| Box::pin(persist.send(op))));
+        async move {
+            if let Some(waiting) = waiting {
+                waiting.await;
+            }
         }
     }
 
@@ -1244,20 +1520,25 @@ impl Connection {
                     client_id: self.client_id.clone(),
                     connection: self.id,
                 };
-                if self.router.send(request).await.is_err() {
+                if !send_or_wait(&self.router, request).await {
                     return;
                 }
             }
-            if let (Some(after_seq), Some(persist), None) = (
+            if let (Some(after_seq), true, None) = (
                 self.session.page_wanted(PAGE_LOW_WATER),
-                &self.persist,
+                self.persist.is_some(),
                 &self.page_reply,
             ) {
-                self.page_reply = Some(
-                    persist
-                        .request_page(self.client_id.clone(), after_seq, PAGE_SIZE)
-                        .await,
-                );
+                // Answered after everything sent to the store before it has been applied.
+                let (reply, rows) = oneshot::channel();
+                self.store(Op::Page {
+                    client_id: self.client_id.clone(),
+                    after_seq,
+                    limit: PAGE_SIZE,
+                    reply,
+                })
+                .await;
+                self.page_reply = Some(rows);
             }
             let session = self.session.clone();
             let report = session.send_queued(self.id, window, Instant::now(), |entry| {
@@ -1319,13 +1600,14 @@ impl Connection {
             topic_alias,
             topic_known,
         });
+        self.reserve_out();
         if let Err(error) =
             protocol::write(self.version, &packet, &mut self.out, self.client_max_packet)
         {
             // MQTT 5: a message the client cannot take is dropped as if delivered.
             tracing::debug!(client = %self.client_id, %error, "message dropped");
-            if !topic_known && topic_alias.is_some() {
-                self.outgoing_aliases.remove(&message.topic);
+            if let (false, Some(_), Some(aliases)) = (topic_known, topic_alias, &mut self.aliases) {
+                aliases.outgoing.remove(&message.topic);
             }
             return false;
         }
@@ -1350,13 +1632,15 @@ impl Connection {
         if self.version != Version::V5 || self.client_alias_max == 0 {
             return (None, false);
         }
-        if let Some(alias) = self.outgoing_aliases.get(topic) {
+        let max = self.client_alias_max;
+        let outgoing = &mut self.aliases.get_or_insert_with(Default::default).outgoing;
+        if let Some(alias) = outgoing.get(topic) {
             return (Some(*alias), true);
         }
-        let next = self.outgoing_aliases.len() + 1;
+        let next = outgoing.len() + 1;
         match u16::try_from(next) {
-            Ok(alias) if alias <= self.client_alias_max => {
-                self.outgoing_aliases.insert(topic.clone(), alias);
+            Ok(alias) if alias <= max => {
+                outgoing.insert(topic.clone(), alias);
                 (Some(alias), false)
             }
             _ => (None, false),
@@ -1367,6 +1651,7 @@ impl Connection {
         if matches!(packet, Outgoing::Disconnect(_)) && self.version == Version::V311 {
             return; // 3.1.1 has no server DISCONNECT: closing the socket says it.
         }
+        self.reserve_out();
         if let Err(error) =
             protocol::write(self.version, packet, &mut self.out, self.client_max_packet)
         {
@@ -1374,13 +1659,31 @@ impl Connection {
         }
     }
 
+    /// Before encoding into an empty, unallocated `out`: room for as much as the last write
+    /// took, so that a batch of packets is encoded without growing the buffer step by step.
+    fn reserve_out(&mut self) {
+        if self.out.capacity() == 0 {
+            self.out.reserve(self.write_size);
+        }
+    }
+
+    /// The connection is about to wait for its client or the router: what its buffers hold
+    /// is processed and written, so they are given back. An idle connection then holds only
+    /// a small input buffer for its pending read; the next packets get buffers again.
+    fn release_idle_buffers(&mut self, input: &mut ReadBuffer) {
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
+        input.release_if_empty();
+    }
+
     async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
         let len = self.out.len();
-        // Written from the buffer in place and then cleared: it keeps its capacity, so the
-        // next packets are encoded without a new allocation.
+        // Written from the buffer in place and then cleared: while the connection is busy
+        // it keeps its capacity, so the next packets are encoded without a new allocation.
         // A client that does not take our bytes for the slow-client timeout is cut off.
         let written = tokio::time::timeout(self.settings.slow_client_timeout, async {
             stream.write_all(&self.out).await?;
@@ -1389,6 +1692,7 @@ impl Connection {
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))?;
         self.out.clear();
+        self.write_size = len.clamp(WRITE_MIN, WRITE_MAX);
         self.settings
             .counters
             .bytes_sent
@@ -1408,6 +1712,162 @@ async fn next_page(reply: &mut Option<PageReply>) -> Vec<(u64, StoredDelivery)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::session::{Limits, QueueMemory};
+
+    /// A connection as `serve` makes it for a 3.1.1 client without a persistent session.
+    fn connection() -> (Connection, mpsc::Receiver<RouterRequest>) {
+        let settings = Arc::new(Settings::from_config(
+            &BrokerConfig::default(),
+            None,
+            None,
+            Arc::new(Counters::default()),
+        ));
+        let (router, requests) = mpsc::channel(8);
+        let client_id: Arc<str> = Arc::from("quiet");
+        let limits = Limits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            memory_window: 100,
+            queue_memory: QueueMemory::new(1 << 20),
+        };
+        let connected = Connected {
+            connect: ConnectRequest {
+                version: Version::V311,
+                client_id: client_id.to_string(),
+                clean_start: true,
+                keep_alive: 60,
+                session_expiry: 0,
+                receive_maximum: u16::MAX,
+                max_packet_size: None,
+                topic_alias_max: 0,
+                will: None,
+                username: None,
+                password: None,
+                authentication_method: None,
+            },
+            client_id: client_id.clone(),
+            connection_id: 1,
+            session: Arc::new(Session::new(client_id, limits)),
+            session_present: false,
+            persist: None,
+            assigned_client_id: None,
+        };
+        let (conn, _will) = connected.into_connection(&settings, &router);
+        (conn, requests)
+    }
+
+    /// A 3.1.1 QoS 0 PUBLISH with a payload of `size` bytes.
+    fn publish_packet(size: usize) -> Vec<u8> {
+        let publish = v311_publish("sensors/big", vec![7u8; size]);
+        let mut buf = BytesMut::new();
+        publish.write(&mut buf).expect("encodes");
+        buf.to_vec()
+    }
+
+    fn v311_publish(topic: &str, payload: Vec<u8>) -> rumqttc::mqttbytes::v4::Publish {
+        rumqttc::mqttbytes::v4::Publish::new(topic, rumqttc::mqttbytes::QoS::AtMostOnce, payload)
+    }
+
+    /// Read from `stream` until one whole packet is in `input`, and take it.
+    async fn read_packet(input: &mut ReadBuffer, stream: &mut tokio::io::DuplexStream) -> Incoming {
+        for _ in 0..100 {
+            match protocol::read(Version::V311, &mut input.bytes, 1 << 20) {
+                Ok(packet) => return packet,
+                Err(ReadError::Incomplete) => {}
+                Err(error) => panic!("unexpected read error: {error}"),
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), input.read_from(stream))
+                .await
+                .expect("bytes in time")
+                .expect("read");
+            assert!(read > 0, "the peer closed");
+        }
+        panic!("no packet after 100 reads");
+    }
+
+    #[tokio::test]
+    async fn a_connection_gives_its_buffers_back_when_it_goes_idle_after_large_packets() {
+        let (mut conn, _requests) = connection();
+        let mut input = ReadBuffer::default();
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+
+        // A large packet in: the reads grow past the quiet size to take it.
+        client
+            .write_all(&publish_packet(20_000))
+            .await
+            .expect("write");
+        let packet = read_packet(&mut input, &mut server).await;
+        assert!(
+            matches!(&packet, Incoming::Publish(p) if p.payload.len() == 20_000),
+            "{packet:?}"
+        );
+        assert_eq!(
+            input.chunk, READ_BUSY,
+            "reads grew while the client sent a lot"
+        );
+
+        // A large packet out: the output buffer holds it until it is written.
+        let codes = vec![SubAckCode::Granted(QoS::AtLeastOnce); 10_000];
+        conn.queue(&Outgoing::SubAck(1, codes));
+        assert!(conn.out.len() > 10_000);
+        let mut written = Vec::new();
+        conn.flush(&mut written).await.expect("flush");
+        assert!(
+            written.len() > 10_000,
+            "the CONNACK and the SUBACK went out"
+        );
+        assert!(conn.out.is_empty());
+        assert!(
+            conn.out.capacity() > 10_000,
+            "a busy connection keeps its buffer"
+        );
+
+        // Idle: both buffers are given back, even while the packet read is still alive.
+        conn.release_idle_buffers(&mut input);
+        assert_eq!(conn.out.capacity(), 0, "output buffer released");
+        assert_eq!(input.bytes.capacity(), 0, "input buffer released");
+
+        // Waiting for the next packet takes only the quiet size.
+        let pending = futures::FutureExt::now_or_never(input.read_from(&mut server));
+        assert!(pending.is_none(), "nothing to read yet");
+        assert!(
+            input.bytes.capacity() <= READ_QUIET,
+            "an idle read waits with {} bytes of room",
+            input.bytes.capacity()
+        );
+        drop(packet);
+
+        // The next packet out is encoded into room sized by the last write (bounded).
+        conn.queue(&Outgoing::PingResp);
+        assert!(conn.out.capacity() >= WRITE_MIN && conn.out.capacity() <= WRITE_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_client_is_read_in_small_pieces_and_a_busy_one_in_large_ones() {
+        let mut input = ReadBuffer::default();
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+
+        // Small packets: one quiet-sized read takes them, and the buffer stays small.
+        let small = publish_packet(20);
+        client.write_all(&small).await.expect("write");
+        read_packet(&mut input, &mut server).await;
+        assert_eq!(input.chunk, READ_QUIET);
+        assert!(input.bytes.capacity() <= READ_QUIET);
+
+        // More than the room there was: the reads after the first take larger pieces.
+        let mut burst = Vec::new();
+        for _ in 0..100 {
+            burst.extend_from_slice(&publish_packet(100));
+        }
+        client.write_all(&burst).await.expect("write");
+        for _ in 0..100 {
+            read_packet(&mut input, &mut server).await;
+        }
+        assert_eq!(input.chunk, READ_BUSY);
+        input.release_if_empty();
+        assert_eq!(input.chunk, READ_QUIET, "quiet again once idle");
+        assert_eq!(input.bytes.capacity(), 0);
+    }
 
     #[tokio::test]
     async fn acknowledgements_leave_in_publish_order_whatever_order_they_are_answered_in() {

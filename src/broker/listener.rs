@@ -76,16 +76,11 @@ pub(crate) fn prepare(config: &ListenerConfig) -> Result<Transport, TlsError> {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// A connection after its handshakes: plain TCP stays unboxed (the common, fast path).
-enum Ready {
-    Tcp(TcpStream),
-    Other(Box<dyn Io>),
-}
-
-/// The stream after the handshakes, and the client certificate's CN when the listener
-/// uses it as the username.
+/// The stream after the TLS and WebSocket handshakes (plain TCP has none and stays
+/// unboxed: the common, fast path), and the client certificate's CN when the listener uses
+/// it as the username.
 struct Handshaken {
-    stream: Ready,
+    stream: Box<dyn Io>,
     identity: Option<String>,
 }
 
@@ -99,16 +94,16 @@ enum HandshakeError {
 }
 
 impl Transport {
+    /// Plain TCP: no handshake before MQTT.
+    fn is_plain(&self) -> bool {
+        self.tls.is_none() && self.websocket.is_none()
+    }
+
     async fn handshake(&self, stream: TcpStream) -> Result<Handshaken, HandshakeError> {
         let mut identity = None;
         let stream: Box<dyn Io> = match &self.tls {
             None => match &self.websocket {
-                None => {
-                    return Ok(Handshaken {
-                        stream: Ready::Tcp(stream),
-                        identity: None,
-                    })
-                }
+                None => Box::new(stream),
                 Some(path) => Box::new(
                     websocket::accept(stream, path)
                         .await
@@ -130,10 +125,7 @@ impl Transport {
                 }
             }
         };
-        Ok(Handshaken {
-            stream: Ready::Other(stream),
-            identity,
-        })
+        Ok(Handshaken { stream, identity })
     }
 }
 
@@ -144,6 +136,21 @@ pub(crate) struct Admission {
     handshake: OwnedSemaphorePermit,
     connections: Arc<Semaphore>,
     deadline: Instant,
+    /// The socket's place in `max_connections_per_address`, for as long as it is open.
+    address: Option<AddressSlot>,
+}
+
+/// What an open connection holds in its listener's limits; given back when dropped.
+pub(crate) struct Places {
+    connection: Option<OwnedSemaphorePermit>,
+    _address: Option<AddressSlot>,
+}
+
+impl Places {
+    /// The listener was at `max_connections`: the client is to be refused.
+    pub(crate) fn over_quota(&self) -> bool {
+        self.connection.is_none()
+    }
 }
 
 impl Admission {
@@ -152,11 +159,14 @@ impl Admission {
         self.deadline
     }
 
-    /// A CONNECT has been read: leave the handshake phase and take a connection slot.
-    /// `None` when the listener is at `max_connections` (the client is to be refused).
-    pub(crate) fn connect_read(self) -> Option<OwnedSemaphorePermit> {
+    /// A CONNECT has been read: leave the handshake phase and take a connection slot
+    /// (none when the listener is at `max_connections`: see [`Places::over_quota`]).
+    pub(crate) fn connect_read(self) -> Places {
         drop(self.handshake);
-        self.connections.try_acquire_owned().ok()
+        Places {
+            connection: self.connections.try_acquire_owned().ok(),
+            _address: self.address,
+        }
     }
 }
 
@@ -317,16 +327,29 @@ pub(crate) async fn run(
                     handshake,
                     connections: connections.clone(),
                     deadline: Instant::now() + config.connect_timeout,
+                    address: address_slot,
                 };
                 let settings = settings.clone();
                 let router = broker.router.clone();
                 let shutdown = shutdown.clone();
+                if transport.is_plain() {
+                    // The connection's future is the task itself: a future awaited in
+                    // another keeps its arguments twice, and the task is allocated for the
+                    // connection's whole life.
+                    tasks.spawn(connection::serve(
+                        stream, peer, None, settings, router, shutdown, admission,
+                    ));
+                    continue;
+                }
                 let transport = transport.clone();
                 let refusals = refusals.clone();
                 tasks.spawn(async move {
+                    // Boxed: the TLS and WebSocket handshakes' state (rustls, tungstenite) is
+                    // about 11 KiB, and a future awaited inline is part of the task for the
+                    // connection's whole life; boxed, it is freed when the handshake is over.
                     let handshaken = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        done = tokio::time::timeout_at(admission.deadline, transport.handshake(stream)) => done,
+                        done = tokio::time::timeout_at(admission.deadline, Box::pin(transport.handshake(stream))) => done,
                     };
                     let Handshaken { stream, identity } = match handshaken {
                         Ok(Ok(handshaken)) => handshaken,
@@ -339,8 +362,11 @@ pub(crate) async fn run(
                             return;
                         }
                     };
-                    serve(stream, peer, identity, settings, router, shutdown, admission).await;
-                    drop(address_slot);
+                    if let Some(identity) = &identity {
+                        tracing::debug!(%peer, %identity, "client certificate identity");
+                    }
+                    connection::serve(stream, peer, identity, settings, router, shutdown, admission)
+                        .await;
                 });
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -350,30 +376,52 @@ pub(crate) async fn run(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn serve(
-    stream: Ready,
-    peer: SocketAddr,
-    identity: Option<String>,
-    settings: Arc<Settings>,
-    router: tokio::sync::mpsc::Sender<super::router::RouterRequest>,
-    shutdown: CancellationToken,
-    admission: Admission,
-) {
-    if let Some(identity) = &identity {
-        tracing::debug!(%peer, %identity, "client certificate identity");
-    }
-    match stream {
-        Ready::Tcp(stream) => {
-            connection::serve(
-                stream, peer, identity, settings, router, shutdown, admission,
-            )
-            .await
-        }
-        Ready::Other(stream) => {
-            connection::serve(
-                stream, peer, identity, settings, router, shutdown, admission,
-            )
-            .await
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's task is allocated when it is accepted and holds the room of its
+    /// future until it closes: with many idle clients this is most of what each one costs
+    /// (docs/benchmarks.md, `memory`). The CONNECT phase is boxed and channel sends box
+    /// only their waits for this reason (as are the TLS and WebSocket handshakes, about
+    /// 11 KiB, outside this future); a large future awaited inline in the connection would
+    /// show here.
+    #[tokio::test]
+    async fn the_task_of_a_plain_tcp_connection_stays_small() {
+        const LIMIT: usize = 2560;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, peer) = listener.accept().await.expect("accept");
+        let settings = Arc::new(Settings::from_config(
+            &crate::config::BrokerConfig::default(),
+            None,
+            None,
+            Default::default(),
+        ));
+        let (router, _requests) = tokio::sync::mpsc::channel(1);
+        let admission = Admission {
+            handshake: Arc::new(Semaphore::new(1))
+                .try_acquire_owned()
+                .expect("a permit"),
+            connections: Arc::new(Semaphore::new(1)),
+            deadline: Instant::now() + Duration::from_secs(10),
+            address: None,
+        };
+        // What the accept loop spawns for a plain TCP listener.
+        let task = connection::serve(
+            stream,
+            peer,
+            None,
+            settings,
+            router,
+            CancellationToken::new(),
+            admission,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(
+            size <= LIMIT,
+            "a plain TCP connection's future takes {size} bytes, more than {LIMIT}"
+        );
     }
 }

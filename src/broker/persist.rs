@@ -354,8 +354,18 @@ impl Persist {
         rx
     }
 
+    /// [`Self::send`] without waiting: `op` comes back when the queue is full. A closed
+    /// queue drops it, as `send` does.
+    pub(crate) fn try_send(&self, op: Op) -> Option<Op> {
+        match self.tx.try_send(op) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => None,
+            Err(mpsc::error::TrySendError::Full(op)) => Some(op),
+        }
+    }
+
     /// Ask for up to `limit` rows of a client with `seq > after_seq`, oldest first. The
     /// answer comes after everything sent before it has been applied.
+    #[cfg(test)]
     pub(crate) async fn request_page(
         &self,
         client_id: Arc<str>,
