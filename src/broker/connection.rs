@@ -1219,10 +1219,7 @@ impl Connection {
                             subscription_id,
                             reply,
                         };
-                        if !send_or_wait(&self.router, request).await {
-                            return Some(Close::Shutdown);
-                        }
-                        let Ok(codes) = codes.await else {
+                        let Some(codes) = self.ask_router(request, codes).await else {
                             return Some(Close::Shutdown);
                         };
                         granted = codes.into_iter();
@@ -1246,10 +1243,7 @@ impl Connection {
                         filters,
                         reply,
                     };
-                    if !send_or_wait(&self.router, request).await {
-                        return Some(Close::Shutdown);
-                    }
-                    let Ok(found) = found.await else {
+                    let Some(found) = self.ask_router(request, found).await else {
                         return Some(Close::Shutdown);
                     };
                     self.queue(&Outgoing::UnsubAck(pkid, found));
@@ -1489,6 +1483,19 @@ impl Connection {
     async fn store_removed(&self, seq: u64) {
         let client_id = self.client_id.clone();
         self.store(Op::Remove { client_id, seq }).await;
+    }
+
+    /// Send `request` to the router and wait for its answer on `reply`; `None` once the
+    /// router is gone.
+    async fn ask_router<T>(
+        &self,
+        request: RouterRequest,
+        reply: oneshot::Receiver<T>,
+    ) -> Option<T> {
+        if !send_or_wait(&self.router, request).await {
+            return None;
+        }
+        reply.await.ok()
     }
 
     /// Hand `op` to the store (nothing without one). Sent when this is called if the

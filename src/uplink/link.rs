@@ -450,6 +450,17 @@ enum Flow {
     Done,
 }
 
+/// Forward `events` in order, up to the first that ends the loop.
+async fn forward_all(context: &PollContext, events: Vec<Forward>) -> Flow {
+    for event in events {
+        let flow = forward(context, event).await;
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
+    }
+    Flow::Continue
+}
+
 async fn forward(context: &PollContext, forward: Forward) -> Flow {
     let delivered = match forward {
         Forward::Link(event) => context.events.send(event).await.is_ok(),
@@ -597,16 +608,13 @@ async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
                 // What rumqttc read or wrote before the error (e.g. a PUBACK that refused a
                 // message, just before the cloud closed the connection) belongs to the
                 // failed connection: hand it over before the sender forgets that connection.
-                let earlier: Vec<_> = eventloop.state.events.drain(..).collect();
-                let mut flow = Flow::Continue;
-                for event in earlier {
-                    let event = from_v5(event, &context, &mut backoff, &mut log);
-                    flow = forward(&context, event).await;
-                    if !matches!(flow, Flow::Continue) {
-                        break;
-                    }
-                }
-                match flow {
+                let earlier: Vec<Forward> = eventloop
+                    .state
+                    .events
+                    .drain(..)
+                    .map(|event| from_v5(event, &context, &mut backoff, &mut log))
+                    .collect();
+                match forward_all(&context, earlier).await {
                     Flow::Continue => {}
                     Flow::Stop => break,
                     Flow::Done => return,
@@ -653,16 +661,13 @@ async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
                     other => other.to_string(),
                 };
                 // As with MQTT 5: events of the failed connection first.
-                let earlier: Vec<_> = eventloop.state.events.drain(..).collect();
-                let mut flow = Flow::Continue;
-                for event in earlier {
-                    let event = from_v4(event, &context, &mut backoff, &mut log);
-                    flow = forward(&context, event).await;
-                    if !matches!(flow, Flow::Continue) {
-                        break;
-                    }
-                }
-                match flow {
+                let earlier: Vec<Forward> = eventloop
+                    .state
+                    .events
+                    .drain(..)
+                    .map(|event| from_v4(event, &context, &mut backoff, &mut log))
+                    .collect();
+                match forward_all(&context, earlier).await {
                     Flow::Continue => {}
                     Flow::Stop => break,
                     Flow::Done => return,
