@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection};
 
-use crate::stats::{micros, percentile};
+use crate::stats::Latencies;
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct DiskArgs {
@@ -41,7 +41,7 @@ const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 struct Row {
     what: &'static str,
-    wall_us: Vec<u64>,
+    wall: Latencies,
     cpu_us_per_op: f64,
 }
 
@@ -95,7 +95,7 @@ fn synced_writes(path: &Path, args: &DiskArgs, full_fsync: bool) -> Result<Row> 
     }
     file.sync_all()
         .with_context(|| format!("cannot sync {}", path.display()))?;
-    let mut wall_us = Vec::with_capacity(args.count as usize);
+    let mut wall = Latencies::new();
     let mut cpu = ThreadCpu::new();
     let mut cpu_total = Duration::ZERO;
     for i in 0..u64::from(args.count) {
@@ -109,7 +109,7 @@ fn synced_writes(path: &Path, args: &DiskArgs, full_fsync: bool) -> Result<Row> 
             file.sync_data()
         };
         synced.with_context(|| format!("cannot sync {}", path.display()))?;
-        wall_us.push(micros(start.elapsed()));
+        wall.record(start.elapsed());
         cpu_total += cpu.now().saturating_sub(cpu_before);
     }
     Ok(Row {
@@ -118,7 +118,7 @@ fn synced_writes(path: &Path, args: &DiskArgs, full_fsync: bool) -> Result<Row> 
         } else {
             "write + fdatasync"
         },
-        wall_us,
+        wall,
         cpu_us_per_op: cpu_total.as_secs_f64() * 1e6 / f64::from(args.count),
     })
 }
@@ -143,7 +143,7 @@ fn sqlite_commits(path: &Path, count: u32, what: &'static str, synchronous: &str
     )
     .with_context(context)?;
     let run: Vec<u8> = (0..RUN_BYTES).map(|i| (i % 253) as u8).collect();
-    let mut wall_us = Vec::with_capacity(count as usize);
+    let mut wall = Latencies::new();
     let mut cpu = ThreadCpu::new();
     let cpu_before = cpu.now();
     for seq in 0..i64::from(count) {
@@ -155,12 +155,12 @@ fn sqlite_commits(path: &Path, count: u32, what: &'static str, synchronous: &str
         .and_then(|mut insert| insert.execute(params![seq, "bench", run]))
         .with_context(context)?;
         conn.execute_batch("COMMIT").with_context(context)?;
-        wall_us.push(micros(start.elapsed()));
+        wall.record(start.elapsed());
     }
     let cpu_total = cpu.now().saturating_sub(cpu_before);
     Ok(Row {
         what,
-        wall_us,
+        wall,
         cpu_us_per_op: cpu_total.as_secs_f64() * 1e6 / f64::from(count),
     })
 }
@@ -175,15 +175,15 @@ fn render(dir: &Path, args: &DiskArgs, rows: &[Row]) -> String {
     out.push_str("| operation | wall p50 | wall p90 | wall p99 | CPU per operation | at most per second (1 / p50) |\n");
     out.push_str("|---|---|---|---|---|---|\n");
     for row in rows {
-        let mut sorted = row.wall_us.clone();
-        sorted.sort_unstable();
-        let p50 = percentile(&sorted, 0.5);
+        // Every row has `count` (at least 1) values.
+        let wall = |p: f64| row.wall.percentile(p).unwrap_or(0);
+        let p50 = wall(50.0);
         out.push_str(&format!(
             "| {} | {} µs | {} µs | {} µs | {:.1} µs | {:.0} |\n",
             row.what,
             p50,
-            percentile(&sorted, 0.9),
-            percentile(&sorted, 0.99),
+            wall(90.0),
+            wall(99.0),
             row.cpu_us_per_op,
             1e6 / p50.max(1) as f64
         ));

@@ -1,7 +1,7 @@
-//! `modbus-bench`: the Modbus driver's throughput and latency.
+//! `fieldmq-bench modbus`: the Modbus driver's throughput and latency.
 //!
 //! ```text
-//! cargo run --release --bin modbus-bench -- --seconds 10
+//! fieldmq-bench modbus --seconds 10
 //! ```
 //!
 //! A tokio-modbus TCP server (on its own thread and runtime) holds 1,000 holding
@@ -11,29 +11,23 @@
 //! per poll cycle, values per second delivered, the delay from the start of a poll cycle
 //! (the server receiving its first request) to the subscriber's receipt at p50/p99, and
 //! the gateway's CPU seconds per 100,000 values (process CPU time from /proc minus the
-//! server thread's).
+//! server thread's). The broker and the driver run in this process, from the gateway's
+//! library (the one section below that names its types).
 
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use clap::Parser;
-use fieldmq::broker::{self, InternalSubscribeOptions};
-use fieldmq::config::{self, BrokerConfig, DriverConfig};
-use fieldmq::drivers::{self, DeviceContext};
-use fieldmq::model::QoS;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "modbus-bench",
-    about = "Throughput and latency of fieldmq's Modbus driver"
-)]
-struct Args {
+use crate::proc::{process_cpu_ms, thread_cpu_ms};
+use crate::stats::{micros, Latencies};
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ModbusArgs {
     /// Measured seconds (after one second of warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -85,30 +79,7 @@ impl tokio_modbus::server::Service for Service {
     }
 }
 
-/// CPU seconds (user + system) from a /proc stat file: fields 14 and 15, in clock ticks
-/// (100 per second on Linux).
-fn cpu_seconds(stat_file: &str) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(stat_file).with_context(|| format!("reading {stat_file}"))?;
-    // The command name (field 2) may hold spaces; count fields after its closing ')'.
-    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or(&stat);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks =
-        |i: usize| -> Result<f64> { Ok(fields.get(i).context("short stat line")?.parse::<f64>()?) };
-    // After ')': state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn main() -> Result<()> {
-    let args = Args::parse();
+pub(crate) fn run(args: &ModbusArgs) -> Result<()> {
     if args.points == 0 || args.points > 32_000 {
         bail!("--points must be 1 to 32000");
     }
@@ -146,110 +117,52 @@ fn main() -> Result<()> {
                 }
                 anyhow::Ok(())
             })?;
-            cpu_seconds("/proc/thread-self/stat")
+            Ok(thread_cpu_ms().map_or(0.0, |ms| ms as f64 / 1000.0))
         })
     };
     let addr = addr_rx
         .recv_timeout(Duration::from_secs(5))
         .context("server did not start")?;
 
-    let points: Vec<String> = (0..args.points)
-        .map(|i| {
-            format!(
-                "{{ name = \"p{i}\", table = \"holding\", address = {}, type = \"f32:CDAB\" }}",
-                i * 2
-            )
-        })
-        .collect();
-    let text = format!(
-        "[gateway]\nid = \"bench\"\n[broker]\nallow_anonymous = true\n[[devices]]\nname = \"meter\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"{}\"\npoints = [\n{}\n]\n",
-        humantime::format_duration(args.poll),
-        points.join(",\n")
-    );
-    let config = config::parse(&text, Path::new("<modbus-bench>"))?;
-    let planned = match &config.devices[0].driver {
-        DriverConfig::Modbus(modbus) => {
-            drivers::modbus::planned_requests(modbus, config.devices[0].poll)
-        }
-        _ => 0,
-    };
+    let config = product::Config::modbus_tcp(addr, args.points, args.poll)?;
+    let planned = config.planned_requests();
 
     let runtime = tokio::runtime::Runtime::new()?;
     let (values, delays, measured, cpu_gateway_and_server) = runtime.block_on(async {
-        let broker_stop = CancellationToken::new();
-        let running = broker::start(
-            &BrokerConfig {
-                listeners: vec![],
-                allow_anonymous: true,
-                ..BrokerConfig::default()
-            },
-            broker_stop.clone(),
-        )
-        .await?;
-        let handle = running.handle.clone();
-        let mut subscription = handle
-            .subscribe(
-                "bench-subscriber",
-                vec![("bench/meter/#".into(), QoS::AtLeastOnce)],
-                InternalSubscribeOptions {
-                    capacity: 65_536,
-                    ..InternalSubscribeOptions::default()
-                },
-            )
-            .await?;
-        let shutdown = CancellationToken::new();
-        let devices = config
-            .devices
-            .iter()
-            .cloned()
-            .map(|d| {
-                let context = DeviceContext::new(
-                    &config.gateway.id,
-                    &config.gateway.status_topic,
-                    &d,
-                    handle.clone(),
-                );
-                (d, context)
-            })
-            .collect();
-        for task in drivers::modbus::device_tasks(devices, shutdown.clone()) {
-            tokio::spawn(task);
-        }
+        let mut gateway = product::Gateway::start(config).await?;
 
         // Warm-up, then measure.
         let warmup_end = Instant::now() + Duration::from_secs(1);
         while Instant::now() < warmup_end {
-            let _ = tokio::time::timeout(Duration::from_millis(50), subscription.recv()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(50), gateway.next_value()).await;
         }
-        let cpu_start = cpu_seconds("/proc/self/stat")?;
+        let cpu_start = process_cpu_seconds()?;
         let start = Instant::now();
         let end = start + Duration::from_secs(args.seconds);
         let mut receipts =
             Vec::with_capacity(usize::from(args.points) * 10 * args.seconds as usize);
         while Instant::now() < end {
-            if let Ok(Some(_message)) =
-                tokio::time::timeout(Duration::from_millis(50), subscription.recv()).await
+            if let Ok(Some(())) =
+                tokio::time::timeout(Duration::from_millis(50), gateway.next_value()).await
             {
                 receipts.push(Instant::now());
             }
         }
         let measured = start.elapsed();
-        let cpu = cpu_seconds("/proc/self/stat")? - cpu_start;
-        shutdown.cancel();
-        broker_stop.cancel();
+        let cpu = process_cpu_seconds()? - cpu_start;
+        gateway.stop();
 
         let starts = device
             .lock()
             .map(|d| d.cycle_starts.clone())
             .unwrap_or_default();
-        let mut delays: Vec<Duration> = receipts
+        let delays: Latencies = receipts
             .iter()
             .filter_map(|at| {
                 let i = starts.partition_point(|s| s <= at);
-                starts.get(i.checked_sub(1)?).map(|s| *at - *s)
+                starts.get(i.checked_sub(1)?).map(|s| micros(*at - *s))
             })
             .collect();
-        delays.sort();
         anyhow::Ok((receipts.len(), delays, measured, cpu))
     })?;
 
@@ -286,9 +199,9 @@ fn main() -> Result<()> {
     );
     println!(
         "delay poll start -> subscriber: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&delays, 0.5).as_secs_f64() * 1e3,
-        percentile(&delays, 0.99).as_secs_f64() * 1e3,
-        delays.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        ms(delays.percentile(50.0)),
+        ms(delays.percentile(99.0)),
+        ms(delays.max())
     );
     println!(
         "gateway CPU: {gateway_cpu:.2} s in {:.2} s = {:.3} CPU s per 100,000 values (process {cpu_gateway_and_server:.2} s minus Modbus server thread {server_cpu:.2} s)",
@@ -296,4 +209,135 @@ fn main() -> Result<()> {
         if values > 0 { gateway_cpu * 100_000.0 / values as f64 } else { 0.0 }
     );
     Ok(())
+}
+
+/// CPU seconds (user + system) of this whole process: gateway and Modbus server.
+fn process_cpu_seconds() -> Result<f64> {
+    let ms = process_cpu_ms(std::process::id()).context("no CPU time in /proc/self/stat")?;
+    Ok(ms as f64 / 1000.0)
+}
+
+/// µs as ms, 0 when nothing was recorded.
+fn ms(us: Option<u64>) -> f64 {
+    us.unwrap_or(0) as f64 / 1000.0
+}
+
+/// Everything this bench takes from the gateway's library: the config of one Modbus TCP
+/// device, and the broker with that device's driver as the gateway runs them.
+mod product {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use anyhow::Result;
+    use fieldmq::broker::{self, InternalSubscribeOptions, InternalSubscription, RunningBroker};
+    use fieldmq::config::{self, BrokerConfig, DriverConfig};
+    use fieldmq::drivers::{self, DeviceContext};
+    use fieldmq::model::QoS;
+    use tokio_util::sync::CancellationToken;
+
+    /// A gateway config with one `modbus-tcp` device "meter" at `addr`: `points` f32 points
+    /// (CDAB) from holding register 0 on, polled every `poll`.
+    pub(super) struct Config(config::Config);
+
+    impl Config {
+        pub(super) fn modbus_tcp(addr: SocketAddr, points: u16, poll: Duration) -> Result<Config> {
+            let points: Vec<String> = (0..points)
+                .map(|i| {
+                    format!(
+                        "{{ name = \"p{i}\", table = \"holding\", address = {}, type = \"f32:CDAB\" }}",
+                        i * 2
+                    )
+                })
+                .collect();
+            let text = format!(
+                "[gateway]\nid = \"bench\"\n[broker]\nallow_anonymous = true\n[[devices]]\nname = \"meter\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"{}\"\npoints = [\n{}\n]\n",
+                humantime::format_duration(poll),
+                points.join(",\n")
+            );
+            Ok(Config(config::parse(&text, Path::new("<modbus-bench>"))?))
+        }
+
+        /// Read requests the driver plans per poll cycle.
+        pub(super) fn planned_requests(&self) -> usize {
+            let device = &self.0.devices[0];
+            match &device.driver {
+                DriverConfig::Modbus(modbus) => {
+                    drivers::modbus::planned_requests(modbus, device.poll)
+                }
+                _ => 0,
+            }
+        }
+    }
+
+    /// The embedded broker (no listener), the device's driver, and an in-process subscriber
+    /// to everything the device publishes.
+    pub(super) struct Gateway {
+        subscription: InternalSubscription,
+        drivers_stop: CancellationToken,
+        broker_stop: CancellationToken,
+        /// Held until the end: the broker's tasks belong to it.
+        _broker: RunningBroker,
+    }
+
+    impl Gateway {
+        pub(super) async fn start(config: Config) -> Result<Gateway> {
+            let config = config.0;
+            let broker_stop = CancellationToken::new();
+            let running = broker::start(
+                &BrokerConfig {
+                    listeners: vec![],
+                    allow_anonymous: true,
+                    ..BrokerConfig::default()
+                },
+                broker_stop.clone(),
+            )
+            .await?;
+            let handle = running.handle.clone();
+            let subscription = handle
+                .subscribe(
+                    "bench-subscriber",
+                    vec![("bench/meter/#".into(), QoS::AtLeastOnce)],
+                    InternalSubscribeOptions {
+                        capacity: 65_536,
+                        ..InternalSubscribeOptions::default()
+                    },
+                )
+                .await?;
+            let drivers_stop = CancellationToken::new();
+            let devices = config
+                .devices
+                .iter()
+                .cloned()
+                .map(|d| {
+                    let context = DeviceContext::new(
+                        &config.gateway.id,
+                        &config.gateway.status_topic,
+                        &d,
+                        handle.clone(),
+                    );
+                    (d, context)
+                })
+                .collect();
+            for task in drivers::modbus::device_tasks(devices, drivers_stop.clone()) {
+                tokio::spawn(task);
+            }
+            Ok(Gateway {
+                subscription,
+                drivers_stop,
+                broker_stop,
+                _broker: running,
+            })
+        }
+
+        /// The next value the subscriber receives; `None` once the broker has stopped.
+        pub(super) async fn next_value(&mut self) -> Option<()> {
+            self.subscription.recv().await.map(|_| ())
+        }
+
+        pub(super) fn stop(&self) {
+            self.drivers_stop.cancel();
+            self.broker_stop.cancel();
+        }
+    }
 }

@@ -1,8 +1,8 @@
-//! `uplink-bench`: the store-and-forward path with 64-byte payloads.
+//! `fieldmq-bench uplink`: the store-and-forward path with 64-byte payloads.
 //!
 //! ```text
-//! cargo run --release --bin uplink-bench            # full run (1,000,000 queued)
-//! cargo run --release --bin uplink-bench -- 200000  # smaller queue
+//! fieldmq-bench uplink            # full run (1,000,000 queued)
+//! fieldmq-bench uplink 200000     # smaller queue
 //! ```
 //!
 //! Prints:
@@ -14,110 +14,48 @@
 //!    Mosquitto → subscriber, and the same load through a Mosquitto bridge (edge Mosquitto
 //!    with `persistence true` bridged to a cloud Mosquitto), with the ratio fieldmq/Mosquitto.
 //!
-//! Needs `mosquitto` on PATH. Everything listens on 127.0.0.1 only.
+//! The broker, the uplink and the outbox run in this process, from the gateway's library
+//! (the one section below that names its types). Needs Mosquitto; everything listens on
+//! 127.0.0.1 only.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::launch::{free_port, start_mosquitto, WorkDir};
+use crate::proc::{process_cpu_ms, rss_kib};
+use anyhow::{Context, Result};
 use bytes::Bytes;
-use fieldmq::broker;
-use fieldmq::config::{
-    BrokerConfig, GatewayConfig, ListenerConfig, MqttVersion, OutRoute, QueueConfig, UplinkConfig,
-    UplinkUrl, UrlScheme, WhenFull,
-};
-use fieldmq::model::QoS;
-use fieldmq::store::{Outbox, OutboxRecord};
-use fieldmq::uplink;
-use tokio_util::sync::CancellationToken;
+use product::{Outbox, OutboxRecord};
+
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct UplinkArgs {
+    /// Messages queued in the outbox for the append, memory and drain figures.
+    #[arg(default_value_t = 1_000_000)]
+    queued: u64,
+    /// The Mosquitto binary (the cloud, and the bridge compared with).
+    #[arg(long, default_value = "mosquitto")]
+    mosquitto_bin: PathBuf,
+}
 
 const PAYLOAD: usize = 64;
 const E2E_MESSAGES: u64 = 200_000;
 const APPEND_BATCH: usize = 2048;
+/// What every Mosquitto of this bench is told: no queue or in-flight limit, so it never
+/// drops what the comparison counts.
+const MOSQUITTO_UNLIMITED: &str =
+    "max_queued_messages 0\nmax_inflight_messages 0\nlog_type error\n";
 
-fn main() -> Result<()> {
-    let queued: u64 = match std::env::args().nth(1) {
-        Some(n) => n.parse().context("argument: number of messages to queue")?,
-        None => 1_000_000,
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(queued))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn scratch_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("uplink-bench-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
+/// Resident memory of this process (broker and uplink), MB.
 fn rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    rss_kib(std::process::id()).map_or(0.0, |(rss, _)| rss as f64 / 1024.0)
 }
 
 fn payload(n: u64) -> Bytes {
     let text = format!("{n:>20}");
     Bytes::from(text.clone() + &".".repeat(PAYLOAD - text.len()))
-}
-
-struct Mosquitto {
-    child: Child,
-    port: u16,
-}
-
-impl Mosquitto {
-    fn start(dir: &Path, name: &str, extra: &[String]) -> Result<Mosquitto> {
-        let port = free_port()?;
-        let mut conf = vec![
-            "user root".to_string(),
-            "allow_anonymous true".to_string(),
-            "max_queued_messages 0".to_string(),
-            "max_inflight_messages 0".to_string(),
-            "log_type error".to_string(),
-            format!("listener {port} 127.0.0.1"),
-        ];
-        conf.extend(extra.iter().cloned());
-        let path = dir.join(format!("{name}.conf"));
-        std::fs::write(&path, conf.join("\n") + "\n")?;
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start mosquitto (is it installed?)")?;
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("mosquitto {name} did not listen within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Mosquitto { child, port })
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What a [`Counter`] has seen: distinct sequence numbers (the number each payload starts
@@ -291,73 +229,6 @@ impl Counter {
     }
 }
 
-fn uplink_config(port: u16) -> UplinkConfig {
-    UplinkConfig {
-        name: "cloud".into(),
-        url: UplinkUrl {
-            scheme: UrlScheme::Mqtt,
-            host: "127.0.0.1".into(),
-            port,
-            path: "/mqtt".into(),
-        },
-        protocol: MqttVersion::V5,
-        client_id: "bench-gw".into(),
-        keep_alive: Duration::from_secs(30),
-        username: None,
-        password: None,
-        tls: None,
-        clean_start: false,
-        session_expiry: Duration::from_secs(3600),
-        will: None,
-        birth: None,
-        queue: QueueConfig {
-            max_messages: 2_000_000,
-            max_bytes: 1024 * 1024 * 1024,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            when_full: WhenFull::DropOldest,
-        },
-        inflight: 100,
-        max_rate: None,
-        routes_out: vec![OutRoute {
-            filter: "plant/#".into(),
-            remote_prefix: Some("sites/bench/".into()),
-            remote_template: None,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            durable: true,
-        }],
-        routes_in: Vec::new(),
-        reconnect_min: Duration::from_millis(500),
-        reconnect_max: Duration::from_secs(1),
-    }
-}
-
-fn gateway(data_dir: &Path) -> GatewayConfig {
-    GatewayConfig {
-        id: "bench".into(),
-        data_dir: data_dir.to_path_buf(),
-        log_level: "warn".into(),
-        status_topic: "fieldmq/bench/status".into(),
-        shutdown_timeout: Duration::from_secs(10),
-        worker_threads: None,
-    }
-}
-
-fn broker_config() -> Result<BrokerConfig> {
-    Ok(BrokerConfig {
-        listeners: vec![ListenerConfig {
-            max_connections: 100,
-            ..ListenerConfig::tcp("127.0.0.1:0".parse()?)
-        }],
-        allow_anonymous: true,
-        password_file: None,
-        max_packet_size: 1024 * 1024,
-        max_queued_messages: 100_000,
-        max_inflight: 100,
-        ..BrokerConfig::default()
-    })
-}
-
 /// Publish `n` messages with QoS 1 as fast as the broker acknowledges (window 100).
 async fn publish_load(addr: SocketAddr, n: u64) -> Result<Instant> {
     let mut options =
@@ -403,24 +274,21 @@ fn rate(count: u64, from: Option<Instant>, to: Option<Instant>) -> f64 {
     }
 }
 
-async fn run(queued: u64) -> Result<()> {
+pub(crate) async fn run(args: &UplinkArgs) -> Result<()> {
+    let queued = args.queued;
+    let mosquitto = args.mosquitto_bin.as_path();
     println!("uplink-bench: {PAYLOAD}-byte payloads, {queued} queued, end-to-end {E2E_MESSAGES}");
+    let work = WorkDir::new(None)?;
 
     // 1. Append rate.
-    let data = scratch_dir("data")?;
-    let path = uplink::outbox_path(&data, "cloud");
-    let outbox = Outbox::open(&path, uplink_config(0).queue).await?;
+    let data = work.subdir("data")?;
+    let path = product::outbox_path(&data);
+    let outbox = Outbox::open(&path, product::queue_config()).await?;
     let started = Instant::now();
     let mut n = 0u64;
     while n < queued {
         let batch: Vec<OutboxRecord> = (n..(n + APPEND_BATCH as u64).min(queued))
-            .map(|i| OutboxRecord {
-                topic: "sites/bench/line/value".into(),
-                payload: payload(i),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: None,
-            })
+            .map(|i| product::record("sites/bench/line/value", payload(i)))
             .collect();
         n += batch.len() as u64;
         outbox.append(batch).await?;
@@ -429,24 +297,18 @@ async fn run(queued: u64) -> Result<()> {
     println!("outbox append (durable, batches of {APPEND_BATCH}): {append_rate:>10.0} msg/s");
 
     // Single-message appends from 64 concurrent callers (group commit).
-    let small = scratch_dir("small")?;
-    let single = Outbox::open(&small.join("o.db"), uplink_config(0).queue).await?;
+    let small = work.subdir("small")?;
+    let single = Outbox::open(&small.join("o.db"), product::queue_config()).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..64u64 {
         let single = single.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..500u64 {
-                let record = OutboxRecord {
-                    topic: "sites/bench/line/value".into(),
-                    payload: payload(t * 1000 + i),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    properties: None,
-                };
+                let record = product::record("sites/bench/line/value", payload(t * 1000 + i));
                 single.append(vec![record]).await?;
             }
-            Ok::<(), fieldmq::store::StoreError>(())
+            anyhow::Ok(())
         }));
     }
     for task in tasks {
@@ -454,29 +316,24 @@ async fn run(queued: u64) -> Result<()> {
     }
     let single_rate = 32_000.0 / started.elapsed().as_secs_f64();
     single.close().await?;
-    let _ = std::fs::remove_dir_all(&small);
     println!("outbox append (1 message per call, 64 callers): {single_rate:>7.0} msg/s");
     outbox.close().await?;
 
     // 2. RSS with the queue full and the cloud down.
-    let cloud_dir = scratch_dir("cloud")?;
     let cloud_port = free_port()?;
-    let shutdown = CancellationToken::new();
-    let local = broker::start(&broker_config()?, shutdown.clone()).await?;
-    let running = uplink::start(
-        uplink_config(cloud_port),
-        &gateway(&data),
-        local.handle.clone(),
-        shutdown.clone(),
-    )
-    .await?;
+    let gateway = product::Gateway::start(&data, cloud_port).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = rss_mb();
     println!("resident memory, {queued} queued, cloud down:   {rss:>10.1} MB");
 
     // 3. Drain to a loopback Mosquitto (started on the port the uplink keeps trying).
-    let cloud = start_on_port(&cloud_dir, cloud_port)?;
-    let counter = Counter::start(cloud.port, "drain-counter", "sites/bench/#", queued).await?;
+    let cloud = start_mosquitto(
+        mosquitto,
+        &work.subdir("cloud")?,
+        cloud_port,
+        MOSQUITTO_UNLIMITED,
+    )?;
+    let counter = Counter::start(cloud.port(), "drain-counter", "sites/bench/#", queued).await?;
     let (count, first, last) = counter.wait(Duration::from_secs(5)).await;
     let drain_rate = rate(count.saturating_sub(1), first, last);
     println!("drain to Mosquitto, QoS 1 ({count} received):  {drain_rate:>10.0} msg/s");
@@ -488,50 +345,53 @@ async fn run(queued: u64) -> Result<()> {
         println!("{report}");
     }
     let e2e_counter =
-        Counter::start(cloud.port, "e2e-counter", "sites/bench/#", E2E_MESSAGES).await?;
-    let pids = [std::process::id(), cloud.child.id()];
-    let cpu_before = cpu_ticks(&pids);
-    let start = publish_load(local.local_addrs[0], E2E_MESSAGES).await?;
+        Counter::start(cloud.port(), "e2e-counter", "sites/bench/#", E2E_MESSAGES).await?;
+    let pids = [Some(std::process::id()), cloud.pid()];
+    let cpu_before = cpu_ms(&pids);
+    let start = publish_load(gateway.listener, E2E_MESSAGES).await?;
     let (count, _, last) = e2e_counter.wait(Duration::from_secs(10)).await;
-    let fieldmq_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
+    let fieldmq_cpu = cpu_us_per_message(cpu_ms(&pids) - cpu_before, count);
     let fieldmq_rate = rate(count, Some(start), last);
     println!("end to end via fieldmq ({count} received):    {fieldmq_rate:>10.0} msg/s");
-    shutdown.cancel();
-    let _ = running.wait().await;
+    gateway.stop().await;
     drop(cloud);
     if let Some(report) = e2e_counter.report("end to end via fieldmq") {
         // Still in the outbox means late (the wait gave up), not lost.
-        let left = Outbox::open(&path, uplink_config(0).queue).await?;
+        let left = Outbox::open(&path, product::queue_config()).await?;
         let depth = left.stats().await?.depth;
         left.close().await?;
         println!("{report}; still in the outbox: {depth}");
     }
 
     // 4b. The same load through a Mosquitto bridge.
-    let bridge_dir = scratch_dir("bridge")?;
-    let cloud = Mosquitto::start(&bridge_dir, "cloud", &[])?;
-    let edge = Mosquitto::start(
-        &bridge_dir,
-        "edge",
-        &[
-            "persistence true".into(),
-            format!("persistence_location {}/", bridge_dir.display()),
-            "connection cloud".into(),
-            format!("address 127.0.0.1:{}", cloud.port),
-            "topic # out 1 plant/ sites/bench/".into(),
-            "cleansession false".into(),
-            "bridge_protocol_version mqttv311".into(),
-            "bridge_max_packet_size 0".into(),
-        ],
+    let cloud = start_mosquitto(
+        mosquitto,
+        &work.subdir("bridge-cloud")?,
+        free_port()?,
+        MOSQUITTO_UNLIMITED,
     )?;
-    let bridge_counter =
-        Counter::start(cloud.port, "bridge-counter", "sites/bench/#", E2E_MESSAGES).await?;
+    let edge_dir = work.subdir("bridge-edge")?;
+    let bridge = format!(
+        "{MOSQUITTO_UNLIMITED}persistence true\npersistence_location {}/\n\
+         connection cloud\naddress 127.0.0.1:{}\ntopic # out 1 plant/ sites/bench/\n\
+         cleansession false\nbridge_protocol_version mqttv311\nbridge_max_packet_size 0\n",
+        edge_dir.display(),
+        cloud.port()
+    );
+    let edge = start_mosquitto(mosquitto, &edge_dir, free_port()?, &bridge)?;
+    let bridge_counter = Counter::start(
+        cloud.port(),
+        "bridge-counter",
+        "sites/bench/#",
+        E2E_MESSAGES,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await; // the bridge connects
-    let pids = [std::process::id(), cloud.child.id(), edge.child.id()];
-    let cpu_before = cpu_ticks(&pids);
-    let start = publish_load(SocketAddr::from(([127, 0, 0, 1], edge.port)), E2E_MESSAGES).await?;
+    let pids = [Some(std::process::id()), cloud.pid(), edge.pid()];
+    let cpu_before = cpu_ms(&pids);
+    let start = publish_load(edge.addr, E2E_MESSAGES).await?;
     let (count, _, last) = bridge_counter.wait(Duration::from_secs(10)).await;
-    let bridge_cpu = cpu_us_per_message(cpu_ticks(&pids) - cpu_before, count);
+    let bridge_cpu = cpu_us_per_message(cpu_ms(&pids) - cpu_before, count);
     let bridge_rate = rate(count, Some(start), last);
     println!("end to end via a Mosquitto bridge ({count} received): {bridge_rate:>6.0} msg/s");
     if let Some(report) = bridge_counter.report("end to end via the Mosquitto bridge") {
@@ -558,55 +418,19 @@ async fn run(queued: u64) -> Result<()> {
         verdict(rss <= 50.0),
         verdict(ratio >= 1.0)
     );
-    for dir in [&data, &cloud_dir, &bridge_dir] {
-        let _ = std::fs::remove_dir_all(dir);
-    }
     Ok(())
 }
 
-fn start_on_port(dir: &Path, port: u16) -> Result<Mosquitto> {
-    let conf = [
-        "user root".to_string(),
-        "allow_anonymous true".to_string(),
-        "max_queued_messages 0".to_string(),
-        "max_inflight_messages 0".to_string(),
-        "log_type error".to_string(),
-        format!("listener {port} 127.0.0.1"),
-    ];
-    let path = dir.join("cloud.conf");
-    std::fs::write(&path, conf.join("\n") + "\n")?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start mosquitto")?;
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("mosquitto did not listen within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(Mosquitto { child, port })
-}
-
-/// User + system CPU of these processes, in clock ticks (1/100 s on Linux).
-fn cpu_ticks(pids: &[u32]) -> u64 {
+/// User + system CPU of these processes so far, ms.
+fn cpu_ms(pids: &[Option<u32>]) -> u64 {
     pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let utime: u64 = fields.get(11)?.parse().ok()?;
-            let stime: u64 = fields.get(12)?.parse().ok()?;
-            Some(utime + stime)
-        })
+        .flatten()
+        .filter_map(|&pid| process_cpu_ms(pid))
         .sum()
 }
 
-fn cpu_us_per_message(ticks: u64, messages: u64) -> f64 {
-    ticks as f64 * 10_000.0 / messages.max(1) as f64
+fn cpu_us_per_message(ms: u64, messages: u64) -> f64 {
+    ms as f64 * 1000.0 / messages.max(1) as f64
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -614,5 +438,149 @@ fn verdict(ok: bool) -> &'static str {
         "ok"
     } else {
         "MISSED"
+    }
+}
+
+/// Everything this bench takes from the gateway's library: the outbox, and a broker with
+/// one uplink as the gateway runs them.
+mod product {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use anyhow::Result;
+    use bytes::Bytes;
+    use fieldmq::broker;
+    use fieldmq::config::{
+        BrokerConfig, GatewayConfig, ListenerConfig, MqttVersion, OutRoute, QueueConfig,
+        UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
+    };
+    use fieldmq::model::QoS;
+    pub(super) use fieldmq::store::{Outbox, OutboxRecord};
+    use fieldmq::uplink;
+    use tokio_util::sync::CancellationToken;
+
+    /// The uplink's name, and so its outbox file's.
+    const UPLINK: &str = "cloud";
+
+    pub(super) fn outbox_path(data_dir: &Path) -> PathBuf {
+        uplink::outbox_path(data_dir, UPLINK)
+    }
+
+    pub(super) fn queue_config() -> QueueConfig {
+        uplink_config(0).queue
+    }
+
+    /// A durable QoS 1 message for the cloud.
+    pub(super) fn record(topic: &str, payload: Bytes) -> OutboxRecord {
+        OutboxRecord {
+            topic: topic.into(),
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: None,
+        }
+    }
+
+    /// The embedded broker on a free port and one uplink to 127.0.0.1:`cloud_port`
+    /// forwarding `plant/#` as `sites/bench/#`, its outbox in `data_dir`.
+    pub(super) struct Gateway {
+        pub(super) listener: SocketAddr,
+        shutdown: CancellationToken,
+        uplink: uplink::RunningUplink,
+        /// Held until the end: dropping it would end the listeners.
+        _broker: broker::RunningBroker,
+    }
+
+    impl Gateway {
+        pub(super) async fn start(data_dir: &Path, cloud_port: u16) -> Result<Gateway> {
+            let shutdown = CancellationToken::new();
+            let local = broker::start(&broker_config()?, shutdown.clone()).await?;
+            let uplink = uplink::start(
+                uplink_config(cloud_port),
+                &gateway(data_dir),
+                local.handle.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            Ok(Gateway {
+                listener: local.local_addrs[0],
+                shutdown,
+                uplink,
+                _broker: local,
+            })
+        }
+
+        pub(super) async fn stop(self) {
+            self.shutdown.cancel();
+            let _ = self.uplink.wait().await;
+        }
+    }
+
+    fn uplink_config(port: u16) -> UplinkConfig {
+        UplinkConfig {
+            name: UPLINK.into(),
+            url: UplinkUrl {
+                scheme: UrlScheme::Mqtt,
+                host: "127.0.0.1".into(),
+                port,
+                path: "/mqtt".into(),
+            },
+            protocol: MqttVersion::V5,
+            client_id: "bench-gw".into(),
+            keep_alive: Duration::from_secs(30),
+            username: None,
+            password: None,
+            tls: None,
+            clean_start: false,
+            session_expiry: Duration::from_secs(3600),
+            will: None,
+            birth: None,
+            queue: QueueConfig {
+                max_messages: 2_000_000,
+                max_bytes: 1024 * 1024 * 1024,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                when_full: WhenFull::DropOldest,
+            },
+            inflight: 100,
+            max_rate: None,
+            routes_out: vec![OutRoute {
+                filter: "plant/#".into(),
+                remote_prefix: Some("sites/bench/".into()),
+                remote_template: None,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                durable: true,
+            }],
+            routes_in: Vec::new(),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(1),
+        }
+    }
+
+    fn gateway(data_dir: &Path) -> GatewayConfig {
+        GatewayConfig {
+            id: "bench".into(),
+            data_dir: data_dir.to_path_buf(),
+            log_level: "warn".into(),
+            status_topic: "fieldmq/bench/status".into(),
+            shutdown_timeout: Duration::from_secs(10),
+            worker_threads: None,
+        }
+    }
+
+    fn broker_config() -> Result<BrokerConfig> {
+        Ok(BrokerConfig {
+            listeners: vec![ListenerConfig {
+                max_connections: 100,
+                ..ListenerConfig::tcp("127.0.0.1:0".parse()?)
+            }],
+            allow_anonymous: true,
+            password_file: None,
+            max_packet_size: 1024 * 1024,
+            max_queued_messages: 100_000,
+            max_inflight: 100,
+            ..BrokerConfig::default()
+        })
     }
 }

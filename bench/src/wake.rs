@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::stats::{micros, percentile};
+use crate::stats::Latencies;
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct WakeArgs {
@@ -49,7 +49,7 @@ pub(crate) fn run(args: &WakeArgs) -> Result<()> {
         .context("cannot start the echo thread")?;
     let mut rows = Vec::new();
     for &gap in &args.gaps {
-        let mut round_trips_us = Vec::with_capacity(args.count as usize);
+        let mut round_trips = Latencies::new();
         for _ in 0..args.count {
             if gap > 0 {
                 std::thread::sleep(Duration::from_micros(gap));
@@ -57,10 +57,9 @@ pub(crate) fn run(args: &WakeArgs) -> Result<()> {
             let sent = Instant::now();
             to_echo.send(()).context("the echo thread ended")?;
             caller_rx.recv().context("the echo thread ended")?;
-            round_trips_us.push(micros(sent.elapsed()));
+            round_trips.record(sent.elapsed());
         }
-        round_trips_us.sort_unstable();
-        rows.push((gap, round_trips_us));
+        rows.push((gap, round_trips));
     }
     drop(to_echo);
     let _ = echo.join();
@@ -68,18 +67,20 @@ pub(crate) fn run(args: &WakeArgs) -> Result<()> {
     Ok(())
 }
 
-fn render(count: u32, rows: &[(u64, Vec<u64>)]) -> String {
+fn render(count: u32, rows: &[(u64, Latencies)]) -> String {
     let mut out = format!(
         "thread wake-up: {count} round trips between two threads per row, each after the \
          caller slept for the gap\n\n"
     );
     out.push_str("| idle gap | round trip p50 | p90 | p99 |\n|---|---|---|---|\n");
-    for (gap, sorted) in rows {
+    for (gap, round_trips) in rows {
+        // Every row has `count` (at least 1) values.
+        let at = |p: f64| round_trips.percentile(p).unwrap_or(0);
         out.push_str(&format!(
             "| {gap} µs | {} µs | {} µs | {} µs |\n",
-            percentile(sorted, 0.5),
-            percentile(sorted, 0.9),
-            percentile(sorted, 0.99)
+            at(50.0),
+            at(90.0),
+            at(99.0)
         ));
     }
     out.push_str(
@@ -96,9 +97,13 @@ mod tests {
 
     #[test]
     fn each_gap_gets_a_row_with_its_percentiles() {
-        let rows = vec![(0, (1..=100).collect::<Vec<u64>>()), (1000, vec![7; 10])];
+        let rows = vec![
+            (0, (1..=100).collect()),
+            (1000, [7; 10].into_iter().collect()),
+        ];
         let text = render(100, &rows);
-        assert!(text.contains("| 0 µs | 51 µs | 90 µs | 99 µs |"), "{text}");
+        // Nearest rank: the 50th of 100 values is the median.
+        assert!(text.contains("| 0 µs | 50 µs | 90 µs | 99 µs |"), "{text}");
         assert!(text.contains("| 1000 µs | 7 µs | 7 µs | 7 µs |"), "{text}");
     }
 

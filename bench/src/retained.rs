@@ -6,8 +6,9 @@
 //! messages on distinct topics (`retained/000000` ...; QoS 1, window 100, 64-byte payloads)
 //! and waits for every PUBACK. Then, per QoS, a new clean-session subscriber subscribes to
 //! `#` and counts the retained messages it receives; the time runs from the SUBSCRIBE to
-//! the last of them (a broker that sends nothing for 10 s has sent all it will). The broker's `VmRSS` is sampled every 10 ms from just before the
-//! SUBSCRIBE to the end of the delivery; the row shows it before and at its highest.
+//! the last of them (a broker that sends nothing for 10 s has sent all it will). The
+//! broker's `VmRSS` is sampled every 10 ms from just before the SUBSCRIBE to the end of the
+//! delivery; the row shows it before and at its highest.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,10 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use crate::{
-    await_suback, connect, fmt_mib, rss_kib, start_broker_in, tail, BinArgs, BrokerSetup, QosArg,
-    Target, TargetArg, WorkDir, IDLE_TIMEOUT,
-};
+use crate::client::{await_suback, connect, QosArg, IDLE_TIMEOUT};
+use crate::launch::{start_broker_in, tail, BinArgs, BrokerSetup, Target, TargetArg, WorkDir};
+use crate::proc::{fmt_mib, rss_kib};
 
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct RetainedArgs {
@@ -66,22 +66,12 @@ pub(crate) async fn run(args: &RetainedArgs) -> Result<()> {
     }
     let work = WorkDir::new(args.bins.keep_dir.clone())?;
     let timeout = Duration::from_secs(args.timeout);
-    let mut targets = Vec::new();
-    if matches!(args.target, TargetArg::Fieldmq | TargetArg::Both) {
-        targets.push(Target::Fieldmq);
-    }
-    if matches!(args.target, TargetArg::Mosquitto | TargetArg::Both) {
-        targets.push(Target::Mosquitto);
-    }
-    let qos_list: Vec<QoS> = match args.qos {
-        QosArg::Zero => vec![QoS::AtMostOnce],
-        QosArg::One => vec![QoS::AtLeastOnce],
-        QosArg::Both => vec![QoS::AtMostOnce, QoS::AtLeastOnce],
-    };
+    let targets = Target::both(args.target, Target::Mosquitto);
+    let qos_list = args.qos.levels();
     let mut rows = Vec::new();
     for target in targets {
         eprintln!("== retained {}: {} messages", target.name(), args.retained);
-        let setup = BrokerSetup::new(&args.bins.fieldmq_bin, &args.bins.mosquitto_bin);
+        let setup = BrokerSetup::new(&args.bins);
         let dir = work.path().join(format!("retained-{}", target.name()));
         let Some(broker) = start_broker_in(&dir, target, &setup)? else {
             continue;
