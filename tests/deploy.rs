@@ -110,7 +110,7 @@ fn readme_run_command() -> (Vec<String>, Vec<String>) {
 }
 
 /// The README's first command (`cargo run --release -- run -c config/demo.toml`), run: cargo
-/// must know which of the package's binaries to run (src/bin/ holds the benchmarks too), and
+/// must pick the gateway's binary in the workspace (the benchmarks are a package of their own), and
 /// that binary, given exactly the command's arguments, must bring up the demo gateway. The
 /// binary is the one the tests were built with (a release build takes minutes); the demo
 /// config is copied next to a temporary data directory with its listener on a free port.

@@ -255,7 +255,10 @@ mod product {
                 humantime::format_duration(poll),
                 points.join(",\n")
             );
-            Ok(Config(config::parse(&text, Path::new("<modbus-bench>"))?))
+            Ok(Config(config::parse(
+                &text,
+                Path::new("<fieldmq-bench modbus>"),
+            )?))
         }
 
         /// Read requests the driver plans per poll cycle.

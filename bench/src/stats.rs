@@ -26,8 +26,11 @@ impl Latencies {
     }
 
     pub(crate) fn record_us(&mut self, us: u64) {
-        // The histogram resizes itself; saturate rather than fail on an absurd value.
-        self.histogram.saturating_record(us);
+        // `record` grows the histogram to fit (`saturating_record` would clamp to its current
+        // range instead); only a value beyond what any histogram can track is clamped.
+        if self.histogram.record(us).is_err() {
+            self.histogram.saturating_record(us);
+        }
     }
 
     pub(crate) fn record(&mut self, d: Duration) {
@@ -110,6 +113,18 @@ mod tests {
         assert_eq!(latencies.percentile(99.0), Some(99));
         assert_eq!(latencies.max(), Some(100));
         assert_eq!(Latencies::new().percentile(50.0), None);
+    }
+
+    #[test]
+    fn values_far_above_the_initial_range_are_kept() {
+        let latencies: Latencies = [5, 250_000, 30_000_000].into_iter().collect();
+        // Within the histogram's 0.1%.
+        let median = latencies.percentile(50.0);
+        assert!(
+            median.is_some_and(|v| v.abs_diff(250_000) <= 250),
+            "{median:?}"
+        );
+        assert!(latencies.max().is_some_and(|max| max >= 30_000_000));
     }
 
     #[test]

@@ -277,7 +277,9 @@ fn rate(count: u64, from: Option<Instant>, to: Option<Instant>) -> f64 {
 pub(crate) async fn run(args: &UplinkArgs) -> Result<()> {
     let queued = args.queued;
     let mosquitto = args.mosquitto_bin.as_path();
-    println!("uplink-bench: {PAYLOAD}-byte payloads, {queued} queued, end-to-end {E2E_MESSAGES}");
+    println!(
+        "fieldmq-bench uplink: {PAYLOAD}-byte payloads, {queued} queued, end-to-end {E2E_MESSAGES}"
+    );
     let work = WorkDir::new(None)?;
 
     // 1. Append rate.
