@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
+use fieldmq::broker::config::BrokerConfig;
 use fieldmq::broker::{self, InternalSubscribeOptions};
-use fieldmq::config::{self, BrokerConfig, DriverConfig};
+use fieldmq::drivers::config::DriverConfig;
 use fieldmq::drivers::{self, DeviceContext};
 use fieldmq::model::QoS;
+use fieldmq::service::config;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 

@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use fieldmq::broker;
-use fieldmq::config::{
-    BrokerConfig, GatewayConfig, ListenerConfig, MqttVersion, OutRoute, QueueConfig, UplinkConfig,
-    UplinkUrl, UrlScheme, WhenFull,
-};
+use fieldmq::broker::config::{BrokerConfig, ListenerConfig};
+use fieldmq::config::GatewayConfig;
 use fieldmq::model::QoS;
 use fieldmq::store::{Outbox, OutboxRecord};
 use fieldmq::uplink;
+use fieldmq::uplink::config::{
+    MqttVersion, OutRoute, QueueConfig, UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
+};
 use tokio_util::sync::CancellationToken;
 
 const PAYLOAD: usize = 64;

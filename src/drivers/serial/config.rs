@@ -1,6 +1,6 @@
 //! Serial device configuration: the raw serde struct for a `driver = "serial"` device and
 //! its validation into [`SerialConfig`]. The keys every device has (`name`, `topic`,
-//! `payload`, `poll`) are read here but validated by `config::validate`, which calls
+//! `payload`, `poll`) are read here but validated by `drivers::config`, which calls
 //! [`validate`] for the rest, so every error comes out together with file, line and key
 //! path (`devices[1].parse[0].fields.lat.type: unknown type "nubmer", ...`).
 //!
@@ -8,7 +8,7 @@
 //! accept the escapes `\r`, `\n`, `\t`, `\0`, `\\` and `\xHH` on top of TOML's own, so
 //! `delimiter = '\x03'` (a literal string) means the byte 0x03.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{DeviceCheck, Diagnostics, PortRules, RawPort};
+use crate::config::closest;
+use crate::drivers::config::{DeviceCheck, PortRules, RawPort};
 
 type S<T> = Spanned<T>;
 
@@ -128,8 +129,8 @@ const LINE_PORT: PortRules = PortRules {
 };
 
 /// The port's settings (the shared serial port type).
-pub type PortSettings = crate::config::SerialPortConfig;
-pub use crate::config::{FlowControl, Parity};
+pub type PortSettings = crate::drivers::config::SerialPortConfig;
+pub use crate::drivers::config::{FlowControl, Parity};
 
 /// How the byte stream is cut into frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,14 +256,8 @@ pub(crate) fn validate(
     raw: &RawSerialDevice,
     span: Range<usize>,
     prefix: &str,
-    d: &mut Diagnostics<'_>,
-    reported: &HashSet<String>,
+    mut v: DeviceCheck<'_, '_>,
 ) -> Option<SerialConfig> {
-    let mut v = DeviceCheck {
-        d,
-        reported,
-        ok: true,
-    };
     let port = v.serial_port(
         RawPort {
             port: &raw.port,
@@ -614,7 +609,7 @@ impl DeviceCheck<'_, '_> {
                     format!("{prefix}.fields.{name}"),
                     format!("the regex has no capture named {name:?}"),
                 );
-                diagnostic.hint = Some(match crate::config::closest(name, &names) {
+                diagnostic.hint = Some(match closest(name, &names) {
                     Some(close) => format!("did you mean `{close}`?"),
                     None if names.is_empty() => {
                         "name a capture in the regex with (?P<name>...)".to_owned()
