@@ -10,6 +10,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::de::DeValue;
 use toml::Spanned;
+use url::{Host, Url};
 
 use crate::config::{closest, Checker, RawScalar, RawSize, S};
 use crate::model::QoS;
@@ -184,8 +185,9 @@ fn env_name_regex() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r"^[A-Za-z_][A-Za-z0-9_]*$").expect("env regex is valid"))
 }
 
-/// Parses an uplink url: `mqtt://`, `mqtts://`, `ws://`, `wss://`, with default ports
-/// 1883/8883/80/443 and, for WebSocket, default path `/mqtt`.
+/// Parses an uplink url: `mqtt://`, `mqtts://`, `ws://`, `wss://` (`tcp://` and `ssl://`
+/// as aliases), with default ports 1883/8883/80/443 and, for WebSocket, default path
+/// `/mqtt`.
 pub(crate) fn parse_url(text: &str) -> Result<UplinkUrl, (String, Option<String>)> {
     const SCHEMES_HINT: &str = "use mqtt://host:1883, mqtts://host:8883, ws://host/mqtt or \
                                 wss://host/mqtt";
@@ -207,50 +209,49 @@ pub(crate) fn parse_url(text: &str) -> Result<UplinkUrl, (String, Option<String>
             ))
         }
     };
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
         return Err((
             "credentials do not belong in the url".into(),
             Some("use `username` and `password_file` or `password_env`".into()),
         ));
     }
-    let (host, port) = if let Some(after_bracket) = authority.strip_prefix('[') {
-        let Some((host, after)) = after_bracket.split_once(']') else {
-            return Err((format!("url {text:?} has an unclosed `[`"), None));
-        };
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Err((format!("url {text:?} has junk after `]`"), None)),
-            },
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (authority, None),
-        }
+    let url = Url::parse(text).map_err(|error| (url_error(text, authority, error), None))?;
+    if url.fragment().is_some() {
+        return Err((format!("url {text:?} has a fragment (`#`)"), None));
+    }
+    let host = match url.host() {
+        Some(Host::Ipv6(address)) => address.to_string(),
+        Some(host) => host.to_string(),
+        None => String::new(),
     };
     if host.is_empty() {
         return Err((format!("url {text:?} has no host"), None));
     }
-    let port = match port {
+    // The host of an mqtt:// url is kept as written, non-ASCII characters percent-encoded.
+    if host.contains('%') {
+        return Err((
+            format!("url {text:?} has a host name that is not ASCII"),
+            Some("write an international domain name in its xn-- form".into()),
+        ));
+    }
+    let port = match url.port() {
+        Some(0) => return Err((format!("invalid port \"0\" in url {text:?}"), None)),
+        Some(port) => port,
         None => match scheme {
             UrlScheme::Mqtt => 1883,
             UrlScheme::Mqtts => 8883,
             UrlScheme::Ws => 80,
             UrlScheme::Wss => 443,
         },
-        Some(port) => match port.parse::<u16>() {
-            Ok(port) if port > 0 => port,
-            _ => return Err((format!("invalid port {port:?} in url {text:?}"), None)),
-        },
     };
+    let query = url
+        .query()
+        .map(|query| format!("?{query}"))
+        .unwrap_or_default();
     let path = match scheme {
         UrlScheme::Mqtt | UrlScheme::Mqtts => {
+            let path = format!("{}{query}", url.path());
             if !(path.is_empty() || path == "/") {
                 return Err((
                     format!("a path ({path:?}) is only valid in ws:// and wss:// urls"),
@@ -259,16 +260,38 @@ pub(crate) fn parse_url(text: &str) -> Result<UplinkUrl, (String, Option<String>
             }
             String::new()
         }
-        UrlScheme::Ws | UrlScheme::Wss if path.is_empty() => DEFAULT_WS_PATH.to_owned(),
-        UrlScheme::Ws | UrlScheme::Wss if path.starts_with('?') => format!("/{path}"),
-        UrlScheme::Ws | UrlScheme::Wss => path.to_owned(),
+        // A WebSocket url always has a path once parsed: `/` when none was written.
+        UrlScheme::Ws | UrlScheme::Wss if !rest.contains(['/', '?']) => DEFAULT_WS_PATH.to_owned(),
+        UrlScheme::Ws | UrlScheme::Wss => format!("{}{query}", url.path()),
     };
     Ok(UplinkUrl {
         scheme,
-        host: host.to_owned(),
+        host,
         port,
         path,
     })
+}
+
+/// What is wrong with an url the `url` crate refused; `authority` is its `host:port`.
+fn url_error(text: &str, authority: &str, error: url::ParseError) -> String {
+    match error {
+        url::ParseError::EmptyHost => format!("url {text:?} has no host"),
+        url::ParseError::InvalidPort => {
+            let port = match authority.rsplit_once(']') {
+                Some((_, after)) => after.trim_start_matches(':'),
+                None => authority.rsplit_once(':').map_or("", |(_, port)| port),
+            };
+            format!("invalid port {port:?} in url {text:?}")
+        }
+        url::ParseError::InvalidIpv6Address => match authority.split_once(']') {
+            None => format!("url {text:?} has an unclosed `[`"),
+            Some((_, after)) if !(after.is_empty() || after.starts_with(':')) => {
+                format!("url {text:?} has junk after `]`")
+            }
+            Some(_) => format!("invalid url {text:?}: {error}"),
+        },
+        other => format!("invalid url {text:?}: {other}"),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -960,5 +983,8 @@ mod tests {
         assert!(parse_url("mqtt://host:0").is_err());
         assert!(parse_url("mqtt://host/path").is_err());
         assert!(parse_url("mqtt://:1883").is_err());
+        assert!(parse_url("mqtt://bro ker").is_err());
+        assert!(parse_url("mqtt://host#x").is_err());
+        assert!(parse_url("mqtt://[::1").is_err());
     }
 }
