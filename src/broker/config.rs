@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{Checker, Pem, RawSize, S};
+// The store owns the setting; broker configurations name it as often as any field.
 pub use crate::store::config::Durability;
 use crate::store::config::DURABILITIES;
 
@@ -227,6 +228,7 @@ pub(crate) struct RawListenerTls {
 }
 
 impl Checker<'_> {
+    /// The `[broker]` table; without one, every key takes its default.
     pub(crate) fn broker(&mut self, raw: Option<S<RawBroker>>) -> Option<BrokerConfig> {
         let span = raw.as_ref().map(|raw| raw.span());
         let raw = raw.map(Spanned::into_inner);

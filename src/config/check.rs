@@ -15,6 +15,7 @@ use std::time::Duration;
 use regex::Regex;
 
 use super::error::{closest, ConfigError, Diagnostics};
+use super::gateway::DEFAULT_DATA_DIR;
 use super::raw::{RawSize, S};
 use crate::model::QoS;
 
@@ -39,11 +40,11 @@ pub(crate) struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     /// A checker for the file `source`, whose diagnostics go to `d`.
-    pub(crate) fn new(d: Diagnostics<'a>, source: &Path, data_dir: PathBuf) -> Self {
+    pub(crate) fn new(d: Diagnostics<'a>, source: &Path) -> Self {
         Checker {
             d,
             base_dir: super::document::base_dir(source),
-            data_dir,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             gateway_id: String::from("gateway"),
             reported: HashSet::new(),
         }

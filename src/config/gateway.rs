@@ -58,6 +58,8 @@ pub(crate) struct RawGateway {
 }
 
 impl Checker<'_> {
+    /// The `[gateway]` table. Sets the `{gateway}` substitution and the data directory the
+    /// later sections use.
     pub(crate) fn gateway(&mut self, raw: S<RawGateway>) -> Option<GatewayConfig> {
         let span = raw.span();
         let raw = raw.into_inner();

@@ -18,6 +18,9 @@ use crate::config::{closest, parse_duration, report_missing, Checker, Diagnostic
 const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu", "serial"];
 const DEFAULT_DEVICE_TOPIC: &str = "{gateway}/{device}/{point}";
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// Reopen / reconnect backoff bounds of drivers that hold a connection.
+const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How a duration is written, for the hint under an invalid driver setting.
 const DURATION_HINT: &str = "write a number and a unit, like \"100ms\", \"1s\" or \"5m\"";
 
@@ -57,6 +60,8 @@ pub(crate) struct RawCommon<'r> {
 }
 
 impl Checker<'_> {
+    /// The `[[devices]]` array, each entry checked by its driver; `None` for a device with
+    /// errors.
     pub(crate) fn devices(&mut self, value: Spanned<DeValue<'_>>) -> Vec<Option<DeviceConfig>> {
         let Some(array) =
             self.array_of_tables(value, "devices", "write each device as [[devices]]")
@@ -393,20 +398,19 @@ impl DeviceCheck<'_, '_> {
     }
 
     /// Reconnect backoff bounds (`backoff_min`, `backoff_max`), each more than zero and
-    /// min not above max.
+    /// min not above max. Default 1s..60s.
     pub(crate) fn backoff(
         &mut self,
         min: &Option<S<String>>,
         max: &Option<S<String>>,
         prefix: &str,
-        defaults: (Duration, Duration),
     ) -> (Duration, Duration) {
         let backoff_min = self
             .positive_duration(min, &format!("{prefix}.backoff_min"))
-            .unwrap_or(defaults.0);
+            .unwrap_or(DEFAULT_BACKOFF_MIN);
         let backoff_max = self
             .positive_duration(max, &format!("{prefix}.backoff_max"))
-            .unwrap_or(defaults.1);
+            .unwrap_or(DEFAULT_BACKOFF_MAX);
         if backoff_min > backoff_max {
             self.error(
                 max.as_ref().map(S::span),

@@ -9,7 +9,7 @@ use toml::de::DeValue;
 use toml::Spanned;
 
 use crate::broker::config::{BrokerConfig, RawBroker};
-use crate::config::{Checker, ConfigError, GatewayConfig, RawGateway, DEFAULT_DATA_DIR, S};
+use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway, S};
 use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
 use crate::uplink::config::UplinkConfig;
@@ -40,8 +40,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates configuration text. `source` names the file in diagnostics, and
 /// relative paths in the file are resolved against its directory.
 pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
-    let (diagnostics, root) = crate::config::parse_toml(text, source)?;
-    let mut checker = Checker::new(diagnostics, source, PathBuf::from(DEFAULT_DATA_DIR));
+    let (diagnostics, root) = parse_toml(text, source)?;
+    let mut checker = Checker::new(diagnostics, source);
     let config = checker.document(root, source);
     checker.finish(config)
 }

@@ -381,6 +381,7 @@ impl Checker<'_> {
         filter
     }
 
+    /// The `[[uplinks]]` array; `None` for an uplink with errors.
     pub(crate) fn uplinks(&mut self, value: Spanned<DeValue<'_>>) -> Vec<Option<UplinkConfig>> {
         let Some(array) =
             self.array_of_tables(value, "uplinks", "write each uplink as [[uplinks]]")

@@ -1,7 +1,7 @@
 //! Modbus device configuration: the raw serde structs for a `modbus-tcp` / `modbus-rtu`
 //! device and their validation into [`ModbusConfig`]. The keys every device has (`name`,
 //! `topic`, `payload`, `poll`) are read here but validated by `drivers::config`, which
-//! also calls [`validate`] for the rest, so errors come out together with file, line and
+//! also calls `validate` for the rest, so errors come out together with file, line and
 //! key path (`devices[2].points[0].type: unknown type "flaot", ...`).
 //!
 //! Addresses are 0-based protocol addresses, as they travel in the request: the register a
@@ -28,8 +28,6 @@ pub(crate) const DEFAULT_TCP_UNIT: u8 = 1;
 pub(crate) const DEFAULT_TCP_PORT: u16 = 502;
 pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 0;
 pub(crate) const DEFAULT_MAX_GAP_BITS: u16 = 0;
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 const TABLES: &[&str] = &["coil", "discrete", "holding", "input"];
 const TYPES: &[&str] = &[
@@ -454,12 +452,7 @@ pub(crate) fn validate(
             .unwrap_or_default(),
         None => Duration::ZERO,
     };
-    let (backoff_min, backoff_max) = v.backoff(
-        &raw.backoff_min,
-        &raw.backoff_max,
-        prefix,
-        (DEFAULT_BACKOFF_MIN, DEFAULT_BACKOFF_MAX),
-    );
+    let (backoff_min, backoff_max) = v.backoff(&raw.backoff_min, &raw.backoff_max, prefix);
 
     let limits = PlanLimits {
         max_registers: v.small(

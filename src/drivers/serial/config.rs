@@ -1,7 +1,7 @@
 //! Serial device configuration: the raw serde struct for a `driver = "serial"` device and
 //! its validation into [`SerialConfig`]. The keys every device has (`name`, `topic`,
 //! `payload`, `poll`) are read here but validated by `drivers::config`, which calls
-//! [`validate`] for the rest, so every error comes out together with file, line and key
+//! `validate` for the rest, so every error comes out together with file, line and key
 //! path (`devices[1].parse[0].fields.lat.type: unknown type "nubmer", ...`).
 //!
 //! Byte strings (`delimiter`, `frame_start`, `frame_end`, `request`, `write_template`)
@@ -25,8 +25,6 @@ pub(crate) const DEFAULT_MAX_FRAME: usize = 1024;
 /// Upper bound for `max_frame`: memory per device stays small whatever the config says.
 pub(crate) const MAX_MAX_FRAME: usize = 1024 * 1024;
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// The point name of the write-back command topic: `<point_topic("command")>/set`.
 pub const COMMAND_POINT: &str = "command";
@@ -386,12 +384,7 @@ pub(crate) fn validate(
         })
     });
 
-    let (backoff_min, backoff_max) = v.backoff(
-        &raw.backoff_min,
-        &raw.backoff_max,
-        prefix,
-        (DEFAULT_BACKOFF_MIN, DEFAULT_BACKOFF_MAX),
-    );
+    let (backoff_min, backoff_max) = v.backoff(&raw.backoff_min, &raw.backoff_max, prefix);
     let status_interval = v
         .positive_duration(&raw.status_interval, &format!("{prefix}.status_interval"))
         .unwrap_or(DEFAULT_STATUS_INTERVAL);
