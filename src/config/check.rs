@@ -18,6 +18,7 @@ use super::error::{closest, ConfigError, Diagnostics};
 use super::gateway::DEFAULT_DATA_DIR;
 use super::raw::{RawSize, S};
 use crate::model::QoS;
+use crate::pem::{self, PemError};
 
 /// How a duration is written, for the hint under an invalid one.
 const DURATION_HINT: &str =
@@ -490,28 +491,21 @@ pub(crate) enum Pem {
     PrivateKey,
 }
 
-/// Checks that `path` holds at least one PEM certificate, or a private key.
+/// Checks that `path` holds at least one PEM certificate, or a private key, read as the
+/// listener and the uplink will read it.
 fn check_pem(path: &Path, wanted: Pem) -> Result<(), String> {
-    use rustls_pemfile::Item;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut found = false;
-    for item in rustls_pemfile::read_all(&mut reader) {
-        let item = item.map_err(|e| format!("not valid PEM: {e}"))?;
-        found |= matches!(
-            (wanted, item),
-            (Pem::Certificates, Item::X509Certificate(_))
-                | (
-                    Pem::PrivateKey,
-                    Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_)
-                )
-        );
-    }
-    match (found, wanted) {
-        (true, _) => Ok(()),
-        (false, Pem::Certificates) => Err("no PEM certificate in this file".into()),
-        (false, Pem::PrivateKey) => Err("no PEM private key in this file".into()),
-    }
+    let result = match wanted {
+        Pem::Certificates => pem::certificates("certificate", path).map(drop),
+        Pem::PrivateKey => pem::private_key(path).map(drop),
+    };
+    // The diagnostic names the file already: say only what is wrong with it.
+    result.map_err(|error| match error {
+        PemError::Read { source, .. } => format!("cannot read: {source}"),
+        PemError::Invalid { source, .. } => format!("not valid PEM: {source}"),
+        PemError::NoCertificate { .. } => "no PEM certificate in this file".into(),
+        PemError::NoKey { .. } => "no PEM private key in this file".into(),
+        other => other.to_string(),
+    })
 }
 
 #[cfg(test)]
