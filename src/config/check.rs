@@ -29,7 +29,7 @@ const DURATION_HINT: &str =
 pub(crate) struct Checker<'a> {
     pub(crate) d: Diagnostics<'a>,
     /// Relative paths in the file are resolved against this directory.
-    pub(crate) base_dir: PathBuf,
+    base_dir: PathBuf,
     /// `gateway.data_dir` once validated: the base of the broker's `store_file`.
     pub(crate) data_dir: PathBuf,
     /// Substituted for `{gateway}`; a harmless stand-in while the id itself is invalid.
