@@ -13,7 +13,9 @@
 //!                           uplink (rumqttc) ───────┴──► cloud broker(s)
 //! ```
 //!
-//! - [`config`]: the TOML file, parsed and validated.
+//! - [`config`]: the TOML document and its diagnostics; each part validates its own
+//!   section (`broker::config`, `drivers::config`, `uplink::config`), and
+//!   [`service::config`] assembles the whole file.
 //! - [`model`]: messages, readings, values, write requests.
 //! - [`broker`]: the embedded MQTT broker and the in-process [`broker::BrokerHandle`].
 //! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fieldmq::cli::{self, Endpoint};
-use fieldmq::config;
+use fieldmq::service::config;
 
 #[derive(Parser)]
 #[command(

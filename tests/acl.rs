@@ -19,7 +19,7 @@ use fieldmq::broker::Acl;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fieldmq::config::DeniedReason;
+use fieldmq::broker::config::DeniedReason;
 use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Raw, TestBroker};

@@ -1163,7 +1163,7 @@ async fn a_connected_subscriber_that_keeps_up_slowly_loses_nothing_from_a_fast_p
     // the bound and two routing windows of 128) while the publisher learns it is full, plus
     // the in-flight window.
     const SLACK: usize = 2 * MAX_QUEUED + 2 * 128 + MAX_INFLIGHT;
-    let broker = mqtt::start(fieldmq::config::BrokerConfig {
+    let broker = mqtt::start(fieldmq::broker::config::BrokerConfig {
         // A tiny queue: without backpressure most of the burst would be dropped.
         max_queued_messages: MAX_QUEUED,
         max_inflight: MAX_INFLIGHT as u16,
@@ -1320,7 +1320,7 @@ impl SysLog {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sys_message_and_byte_counters_move_by_exactly_the_traffic() {
     const N: usize = 50;
-    let broker = mqtt::start(fieldmq::config::BrokerConfig {
+    let broker = mqtt::start(fieldmq::broker::config::BrokerConfig {
         sys_interval: Some(Duration::from_secs(1)),
         ..mqtt::config()
     })

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
 
-async fn start(listener: fieldmq::config::ListenerConfig) -> TestBroker {
+async fn start(listener: fieldmq::broker::config::ListenerConfig) -> TestBroker {
     let mut config = mqtt::config();
     config.listeners = vec![listener];
     mqtt::start(config).await
@@ -606,7 +606,7 @@ async fn trickle_until_closed(mut stream: TcpStream, bytes: &[u8]) -> Instant {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeout_counts_from_accept_across_tls_websocket_and_connect() {
     let pki = Pki::new();
-    let with_timeout = |mut listener: fieldmq::config::ListenerConfig| {
+    let with_timeout = |mut listener: fieldmq::broker::config::ListenerConfig| {
         listener.connect_timeout = CONNECT_TIMEOUT;
         listener
     };

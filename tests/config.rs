@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fieldmq::config::{
-    self, ConfigError, DriverConfig, MqttVersion, PayloadFormat, SecretSource, UrlScheme, Waveform,
-    WhenFull,
-};
+use fieldmq::config::ConfigError;
+use fieldmq::drivers::config::{DriverConfig, PayloadFormat};
+use fieldmq::drivers::simulated::config::Waveform;
 use fieldmq::model::{QoS, Value};
+use fieldmq::service::config;
+use fieldmq::uplink::config::{MqttVersion, SecretSource, UrlScheme, WhenFull};
 
 /// A valid start for bad configs: lines 1 to 4.
 const HEAD: &str = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n";
@@ -862,7 +863,7 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
 
 #[test]
 fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
-    use fieldmq::config::Durability;
+    use fieldmq::broker::config::Durability;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");

@@ -11,7 +11,7 @@ mod process;
 use std::path::Path;
 use std::time::Duration;
 
-use fieldmq::config::BrokerConfig;
+use fieldmq::broker::config::BrokerConfig;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{within, Client, Raw, Version};
 use process::GatewayProcess;

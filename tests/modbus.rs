@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fieldmq::broker::config::BrokerConfig;
 use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
-use fieldmq::config::{self, BrokerConfig};
 use fieldmq::drivers::{self, DeviceContext};
 use fieldmq::model::{Message, MessageProperties, QoS};
+use fieldmq::service::config;
 use serde_json::{json, Value as Json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;

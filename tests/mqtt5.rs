@@ -23,8 +23,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fieldmq::broker::config::{BrokerConfig, Durability, ListenerConfig};
 use fieldmq::broker::{self, BrokerHandle, RunningBroker};
-use fieldmq::config::{BrokerConfig, Durability, ListenerConfig};
 use mqtt::{within, Raw};
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,

@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fieldmq::broker::config::ListenerConfig;
 use fieldmq::broker::{self, RunningBroker};
-use fieldmq::config::ListenerConfig;
 use mqtt::{Client, Version};
 use tokio_util::sync::CancellationToken;
 

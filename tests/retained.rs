@@ -9,8 +9,8 @@ mod mqtt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use fieldmq::broker::config::{BrokerConfig, Durability};
 use fieldmq::broker::InternalSubscribeOptions;
-use fieldmq::config::{BrokerConfig, Durability};
 use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Frame, Raw, Received, TestBroker, Version};

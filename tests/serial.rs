@@ -5,10 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fieldmq::broker::config::BrokerConfig;
 use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
-use fieldmq::config::{self, BrokerConfig};
+use fieldmq::drivers::config::DriverConfig;
 use fieldmq::drivers::{self, DeviceContext};
 use fieldmq::model::{Message, QoS};
+use fieldmq::service::config;
 use futures::StreamExt as _;
 use serde_json::{json, Value as Json};
 use tokio::io::AsyncWriteExt as _;
@@ -632,7 +634,7 @@ fn the_serial_examples_are_accepted() {
             config
                 .devices
                 .iter()
-                .any(|d| matches!(d.driver, config::DriverConfig::Serial(_))),
+                .any(|d| matches!(d.driver, DriverConfig::Serial(_))),
             "{name} has a serial device"
         );
     }

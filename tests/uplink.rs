@@ -23,13 +23,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cloud::{make_certs, mosquitto_available, Cloud, CloudOptions, PathBufs};
+use fieldmq::broker::config::{BrokerConfig, ListenerConfig};
 use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, RunningBroker};
-use fieldmq::config::{
-    BrokerConfig, GatewayConfig, InRoute, ListenerConfig, MqttVersion, OutRoute, QueueConfig,
-    TlsConfig, UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
-};
+use fieldmq::config::GatewayConfig;
 use fieldmq::model::{Message, MessageProperties, Origin, QoS};
 use fieldmq::store::OutboxStats;
+use fieldmq::uplink::config::{
+    InRoute, MqttVersion, OutRoute, QueueConfig, TlsConfig, UplinkConfig, UplinkUrl, UrlScheme,
+    WhenFull,
+};
 use fieldmq::uplink::{self, RunningUplink};
 use proxy::Proxy;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
@@ -1429,8 +1431,8 @@ fn the_uplink_examples_in_config_pass_the_uplink_check() {
         "uplink-hivemq-cloud.toml",
         "uplink-selfhosted-mosquitto.toml",
     ] {
-        let config =
-            fieldmq::config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let config = fieldmq::service::config::load(&dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(config.uplinks.len(), 1, "{name}");
         for uplink in &config.uplinks {
             let errors = uplink::check(uplink);

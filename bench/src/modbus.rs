@@ -230,10 +230,12 @@ mod product {
     use std::time::Duration;
 
     use anyhow::Result;
+    use fieldmq::broker::config::BrokerConfig;
     use fieldmq::broker::{self, InternalSubscribeOptions, InternalSubscription, RunningBroker};
-    use fieldmq::config::{self, BrokerConfig, DriverConfig};
+    use fieldmq::drivers::config::DriverConfig;
     use fieldmq::drivers::{self, DeviceContext};
     use fieldmq::model::QoS;
+    use fieldmq::service::config;
     use tokio_util::sync::CancellationToken;
 
     /// A gateway config with one `modbus-tcp` device "meter" at `addr`: `points` f32 points

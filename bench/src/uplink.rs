@@ -453,13 +453,14 @@ mod product {
     use anyhow::Result;
     use bytes::Bytes;
     use fieldmq::broker;
-    use fieldmq::config::{
-        BrokerConfig, GatewayConfig, ListenerConfig, MqttVersion, OutRoute, QueueConfig,
-        UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
-    };
+    use fieldmq::broker::config::{BrokerConfig, ListenerConfig};
+    use fieldmq::config::GatewayConfig;
     use fieldmq::model::QoS;
     pub(super) use fieldmq::store::{Outbox, OutboxRecord};
     use fieldmq::uplink;
+    use fieldmq::uplink::config::{
+        MqttVersion, OutRoute, QueueConfig, UplinkConfig, UplinkUrl, UrlScheme, WhenFull,
+    };
     use tokio_util::sync::CancellationToken;
 
     /// The uplink's name, and so its outbox file's.

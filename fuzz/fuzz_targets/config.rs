@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    match fieldmq::config::parse(&text, Path::new("/etc/fieldmq/fuzz.toml")) {
+    match fieldmq::service::config::parse(&text, Path::new("/etc/fieldmq/fuzz.toml")) {
         Ok(config) => {
             let _ = config.summary();
             let _ = config.warnings();

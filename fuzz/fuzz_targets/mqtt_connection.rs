@@ -48,7 +48,7 @@ fn broker() -> &'static (Runtime, SocketAddr) {
             .enable_all()
             .build()
             .expect("runtime");
-        let config = fieldmq::config::parse(CONFIG, Path::new("fuzz.toml")).expect("config");
+        let config = fieldmq::service::config::parse(CONFIG, Path::new("fuzz.toml")).expect("config");
         let addr = runtime.block_on(async {
             let running = fieldmq::broker::start(&config.broker, CancellationToken::new())
                 .await

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::acl::Acl;
 use super::auth::PasswordFile;
+use super::config::{BrokerConfig, DeniedReason};
 use super::persist::{Op, PageReply, Persist, StoredDelivery};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
@@ -22,7 +23,6 @@ use super::protocol::{
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
 use super::topic;
-use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.

@@ -29,9 +29,9 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::config::ListenerConfig;
 use super::connection::{self, Settings};
 use super::BrokerHandle;
-use crate::config::ListenerConfig;
 
 // Used only by this module. Declared here (not in broker/mod.rs) so the listener owns its
 // transports; see docs/broker.md.
@@ -394,7 +394,7 @@ mod tests {
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, peer) = listener.accept().await.expect("accept");
         let settings = Arc::new(Settings::from_config(
-            &crate::config::BrokerConfig::default(),
+            &crate::broker::config::BrokerConfig::default(),
             None,
             None,
             Default::default(),

@@ -7,6 +7,7 @@
 mod ack;
 mod acl;
 mod auth;
+pub mod config;
 mod connection;
 mod listener;
 // pub(crate) for the `fuzzing` facade in lib.rs.
@@ -24,8 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BrokerConfig, Durability};
 use crate::model::{Message, QoS};
+use config::{BrokerConfig, Durability};
 
 pub use ack::AckShare;
 pub use acl::{Acl, AclError};

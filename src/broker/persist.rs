@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::run::{as_row, PendingRuns, Record};
 use super::session::{Delivery, InflightState};
-use crate::config::Durability;
 use crate::model::{Message, MessageProperties, Origin, QoS};
+use crate::store::config::Durability;
 
 mod run;
 

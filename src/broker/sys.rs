@@ -100,8 +100,8 @@ async fn publish(handle: &BrokerHandle, topic: &str, payload: String) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::config::BrokerConfig;
     use crate::broker::InternalSubscribeOptions;
-    use crate::config::BrokerConfig;
 
     #[tokio::test(start_paused = true)]
     async fn statistics_are_published_retained_under_sys() {

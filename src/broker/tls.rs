@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 
-use crate::config::ListenerTls;
+use crate::broker::config::ListenerTls;
 use crate::pem::{self, PemError};
 
 /// A listener's TLS files cannot be used. Every variant names the file.

@@ -154,29 +154,13 @@ impl<'a> Diagnostics<'a> {
     }
 }
 
-/// Levenshtein distance, for "did you mean" hints.
-pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    let mut current = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        current[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != *cb);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        std::mem::swap(&mut previous, &mut current);
-    }
-    previous[b.len()]
-}
-
 /// The closest candidate within edit distance 2 (and at most half the word, so that a
 /// short word is not "corrected" into an unrelated one), if any.
 pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let length = word.chars().count();
     candidates
         .iter()
-        .map(|c| (edit_distance(word, c), *c))
+        .map(|c| (strsim::levenshtein(word, c), *c))
         .filter(|(distance, _)| *distance <= 2 && distance * 2 <= length)
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, c)| c)
@@ -216,6 +200,6 @@ mod tests {
         assert_eq!(closest("colour", &["name", "poll"]), None);
         assert_eq!(closest("wat", &["out", "in"]), None);
         assert_eq!(closest("sinus", &["sine", "ramp"]), Some("sine"));
-        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(strsim::levenshtein("", "abc"), 3);
     }
 }

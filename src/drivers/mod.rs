@@ -3,6 +3,7 @@
 //! the reading into an MQTT message on the embedded broker. Writes arrive as messages on
 //! `<point topic>/set` and are answered on `<point topic>/set/result`.
 
+pub mod config;
 pub mod modbus;
 pub mod serial;
 pub mod simulated;
@@ -15,10 +16,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
-use crate::config::{DeviceConfig, DriverConfig, PayloadFormat};
 use crate::model::{
     Message, MessageProperties, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest,
 };
+use config::{DeviceConfig, DriverConfig, PayloadFormat};
 
 /// Everything a driver needs to talk to the bus for one device.
 #[derive(Debug, Clone)]

@@ -14,8 +14,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use super::config::Config;
 use crate::broker::StoreBackup;
-use crate::config::{Config, Durability};
+use crate::store::config::Durability;
 use crate::store::Outbox;
 
 /// The socket's file name in the data directory.

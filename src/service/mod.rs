@@ -5,6 +5,7 @@
 //! cloud), the gateway publishes `offline` retained on the local broker, then the broker
 //! closes client connections after delivering what is queued for them.
 
+pub mod config;
 pub mod control;
 mod notify;
 
@@ -17,9 +18,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
-use crate::config::{Config, DriverConfig};
+use crate::drivers::config::DriverConfig;
 use crate::drivers::{self, DeviceContext};
 use crate::model::{Message, QoS};
+use config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -269,7 +271,7 @@ pub async fn run_until_signal(config: Config) -> Result<Exit, ServiceError> {
             _ = sighup.recv() => {
                 // Restart only into a configuration that loads: a typo must not take the
                 // gateway down.
-                match crate::config::load(&source) {
+                match config::load(&source) {
                     Ok(_) => {
                         tracing::info!(config = %source.display(), "SIGHUP: configuration is valid, restarting to apply it");
                         break Exit::Restart;

@@ -42,6 +42,7 @@
 //!    gateway on the same data directory fails at open instead of sending the same rows.
 
 pub mod backup;
+pub mod config;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -51,8 +52,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::QueueConfig;
 use crate::model::{MessageProperties, QoS};
+use crate::uplink::config::QueueConfig;
 
 /// Requests waiting for the writer thread. Callers wait when it is full (backpressure:
 /// nothing that must be stored is dropped here).

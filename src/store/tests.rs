@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::config::WhenFull;
+use crate::uplink::config::WhenFull;
 
 fn bounds(max_messages: u64, when_full: WhenFull) -> QueueConfig {
     QueueConfig {

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     AppendReport, DropCounters, DropReason, OutboxRecord, OutboxStats, StoreError, StoredMessage,
 };
-use crate::config::{QueueConfig, WhenFull};
 use crate::model::{MessageProperties, QoS};
+use crate::uplink::config::{QueueConfig, WhenFull};
 
 /// Requests executed in one transaction at most. More waiting requests go to the next one.
 const MAX_BATCH: usize = 512;

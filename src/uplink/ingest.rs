@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::config::{InRoute, OutRoute};
 use super::link::Inbound;
 use super::{route, SharedCounters};
 use crate::broker::{AckShare, BrokerHandle, InternalSubscription};
-use crate::config::{InRoute, OutRoute};
 use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
 
@@ -178,9 +178,10 @@ pub(super) async fn run_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::config::{BrokerConfig, Durability, ListenerConfig};
     use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
-    use crate::config::{BrokerConfig, Durability, ListenerConfig, QueueConfig, WhenFull};
     use crate::model::QoS;
+    use crate::uplink::config::{QueueConfig, WhenFull};
     use bytes::Bytes;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

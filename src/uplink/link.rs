@@ -27,7 +27,7 @@ use rumqttc::Outgoing;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MqttVersion, UplinkConfig, UrlScheme};
+use super::config::{MqttVersion, UplinkConfig, UrlScheme};
 use crate::model::{MessageProperties, QoS};
 
 /// Largest packet we accept from the cloud.

@@ -21,6 +21,7 @@
 //!
 //! The queue's invariants are in [`crate::store`]; the ack mapping in `inflight`.
 
+pub mod config;
 mod inflight;
 mod ingest;
 mod link;
@@ -39,8 +40,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions};
-use crate::config::{GatewayConfig, SecretSource, UplinkConfig, UrlScheme};
+use crate::config::GatewayConfig;
 use crate::store::{Outbox, StoreError};
+use config::{SecretSource, UplinkConfig, UrlScheme};
 
 pub use status::UplinkStatus;
 pub use tls::{validate_files, TlsError};
@@ -232,7 +234,7 @@ pub async fn start(
     transport_supported(&config)?;
     let tls = match (&config.url.scheme, &config.tls) {
         (UrlScheme::Mqtts | UrlScheme::Wss, Some(tls)) => Some(tls.clone()),
-        (UrlScheme::Mqtts | UrlScheme::Wss, None) => Some(crate::config::TlsConfig {
+        (UrlScheme::Mqtts | UrlScheme::Wss, None) => Some(config::TlsConfig {
             ca: None,
             cert: None,
             key: None,

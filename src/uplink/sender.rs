@@ -18,12 +18,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::config::{UplinkConfig, WillConfig};
 use super::inflight::{Inflight, Written};
 use super::link::{Client, LinkEvent, SubmitError};
 use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
 use crate::broker::BrokerHandle;
-use crate::config::{UplinkConfig, WillConfig};
 use crate::model::{Message, MessageProperties, QoS};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::TlsConfig;
+use super::config::TlsConfig;
 use crate::pem::{self, PemError};
 
 /// A TLS file that cannot be used, with the file and the reason.

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use fieldmq::broker::config::{BrokerConfig, ListenerConfig};
 use fieldmq::broker::{self, BrokerHandle, RunningBroker};
-use fieldmq::config::{BrokerConfig, ListenerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

@@ -227,9 +227,7 @@ pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, Str
             Err(last)
         }
         Link::Rtu(settings) => {
-            let builder = settings.builder();
-            let stream = tokio_serial::SerialStream::open(&builder)
-                .map_err(|e| format!("cannot open {}: {e}", settings.path))?;
+            let stream = crate::drivers::serial::open_port(settings)?;
             Ok(tokio_modbus::client::rtu::attach(stream))
         }
     }

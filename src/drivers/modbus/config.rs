@@ -1,20 +1,21 @@
 //! Modbus device configuration: the raw serde structs for a `modbus-tcp` / `modbus-rtu`
 //! device and their validation into [`ModbusConfig`]. The keys every device has (`name`,
-//! `topic`, `payload`, `poll`) are read here but validated by `config::validate`, which
-//! also calls [`validate`] for the rest, so errors come out together with file, line and
+//! `topic`, `payload`, `poll`) are read here but validated by `drivers::config`, which
+//! also calls `validate` for the rest, so errors come out together with file, line and
 //! key path (`devices[2].points[0].type: unknown type "flaot", ...`).
 //!
 //! Addresses are 0-based protocol addresses, as they travel in the request: the register a
 //! manual calls "40001" (or "holding register 1") is `table = "holding", address = 0`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{DeviceCheck, Diagnostics, PortRules, RawPort};
+use crate::config::closest;
+use crate::drivers::config::{DeviceCheck, PortRules, RawPort, SerialPortConfig};
 
 type S<T> = Spanned<T>;
 
@@ -27,8 +28,6 @@ pub(crate) const DEFAULT_TCP_UNIT: u8 = 1;
 pub(crate) const DEFAULT_TCP_PORT: u16 = 502;
 pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 0;
 pub(crate) const DEFAULT_MAX_GAP_BITS: u16 = 0;
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 const TABLES: &[&str] = &["coil", "discrete", "holding", "input"];
 const TYPES: &[&str] = &[
@@ -129,10 +128,10 @@ const RTU_PORT: PortRules = PortRules {
 };
 
 /// A Modbus RTU line's serial settings (the shared serial port type).
-pub type SerialSettings = crate::config::SerialPortConfig;
-pub use crate::config::Parity;
+pub type SerialSettings = SerialPortConfig;
+pub use crate::drivers::config::Parity;
 
-impl crate::config::SerialPortConfig {
+impl SerialPortConfig {
     /// The RTU inter-frame silent interval: 3.5 character times at this baud rate, fixed at
     /// 1.75 ms above 19200 baud (Modbus over serial line, 2.5.1.1).
     pub fn silent_interval(&self) -> Duration {
@@ -352,21 +351,14 @@ impl Point {
 }
 
 /// Validates the Modbus keys of one device. `span` is the device table's, `prefix` its key
-/// path (`devices[2]`), `reported` the key paths serde already complained about (so a bad
-/// required key is not reported again as missing). `None` when anything is wrong; every
-/// problem is recorded in `d`.
+/// path (`devices[2]`). `None` when anything is wrong; every problem is recorded through
+/// `v`.
 pub(crate) fn validate(
     raw: &RawModbusDevice,
     span: Range<usize>,
     prefix: &str,
-    d: &mut Diagnostics<'_>,
-    reported: &HashSet<String>,
+    mut v: DeviceCheck<'_, '_>,
 ) -> Option<ModbusConfig> {
-    let mut v = DeviceCheck {
-        d,
-        reported,
-        ok: true,
-    };
     let rtu = raw
         .driver
         .as_ref()
@@ -460,12 +452,7 @@ pub(crate) fn validate(
             .unwrap_or_default(),
         None => Duration::ZERO,
     };
-    let (backoff_min, backoff_max) = v.backoff(
-        &raw.backoff_min,
-        &raw.backoff_max,
-        prefix,
-        (DEFAULT_BACKOFF_MIN, DEFAULT_BACKOFF_MAX),
-    );
+    let (backoff_min, backoff_max) = v.backoff(&raw.backoff_min, &raw.backoff_max, prefix);
 
     let limits = PlanLimits {
         max_registers: v.small(
@@ -1001,7 +988,7 @@ impl DeviceCheck<'_, '_> {
                     "boolean" | "coil" => Some("bool"),
                     _ => None,
                 };
-                if let Some(close) = alias.or_else(|| crate::config::closest(other, TYPES)) {
+                if let Some(close) = alias.or_else(|| closest(other, TYPES)) {
                     diagnostic.hint = Some(format!("did you mean `{close}`?"));
                 }
                 return None;
@@ -1158,7 +1145,7 @@ mod tests {
             parity: Parity::Even,
             data_bits: 8,
             stop_bits: 1,
-            flow_control: crate::config::FlowControl::None,
+            flow_control: crate::drivers::config::FlowControl::None,
         };
         // 11 bits per character at 9600 baud: 3.5 * 11 / 9600 s = 4.0104 ms.
         assert_eq!(serial.silent_interval(), Duration::from_nanos(4_010_416));

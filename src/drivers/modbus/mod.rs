@@ -31,7 +31,7 @@ pub use config::{
 };
 
 use super::DeviceContext;
-use crate::config::{DeviceConfig, DriverConfig};
+use crate::drivers::config::{DeviceConfig, DriverConfig};
 use bus::{Bus, BusDevice, Link};
 
 /// Runs one Modbus device on a link of its own until shutdown. Several RTU devices on one

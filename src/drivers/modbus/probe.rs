@@ -103,7 +103,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             },
             data_bits: args.data_bits,
             stop_bits: args.stop_bits,
-            flow_control: crate::config::FlowControl::None,
+            flow_control: crate::drivers::config::FlowControl::None,
         }),
         _ => {
             return Err(ProbeError::Usage(

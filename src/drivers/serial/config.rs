@@ -1,14 +1,14 @@
 //! Serial device configuration: the raw serde struct for a `driver = "serial"` device and
 //! its validation into [`SerialConfig`]. The keys every device has (`name`, `topic`,
-//! `payload`, `poll`) are read here but validated by `config::validate`, which calls
-//! [`validate`] for the rest, so every error comes out together with file, line and key
+//! `payload`, `poll`) are read here but validated by `drivers::config`, which calls
+//! `validate` for the rest, so every error comes out together with file, line and key
 //! path (`devices[1].parse[0].fields.lat.type: unknown type "nubmer", ...`).
 //!
 //! Byte strings (`delimiter`, `frame_start`, `frame_end`, `request`, `write_template`)
 //! accept the escapes `\r`, `\n`, `\t`, `\0`, `\\` and `\xHH` on top of TOML's own, so
 //! `delimiter = '\x03'` (a literal string) means the byte 0x03.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{DeviceCheck, Diagnostics, PortRules, RawPort};
+use crate::config::closest;
+use crate::drivers::config::{DeviceCheck, PortRules, RawPort};
 
 type S<T> = Spanned<T>;
 
@@ -24,8 +25,6 @@ pub(crate) const DEFAULT_MAX_FRAME: usize = 1024;
 /// Upper bound for `max_frame`: memory per device stays small whatever the config says.
 pub(crate) const MAX_MAX_FRAME: usize = 1024 * 1024;
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub(crate) const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 pub(crate) const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(60);
 /// The point name of the write-back command topic: `<point_topic("command")>/set`.
 pub const COMMAND_POINT: &str = "command";
@@ -128,8 +127,8 @@ const LINE_PORT: PortRules = PortRules {
 };
 
 /// The port's settings (the shared serial port type).
-pub type PortSettings = crate::config::SerialPortConfig;
-pub use crate::config::{FlowControl, Parity};
+pub type PortSettings = crate::drivers::config::SerialPortConfig;
+pub use crate::drivers::config::{FlowControl, Parity};
 
 /// How the byte stream is cut into frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,14 +254,8 @@ pub(crate) fn validate(
     raw: &RawSerialDevice,
     span: Range<usize>,
     prefix: &str,
-    d: &mut Diagnostics<'_>,
-    reported: &HashSet<String>,
+    mut v: DeviceCheck<'_, '_>,
 ) -> Option<SerialConfig> {
-    let mut v = DeviceCheck {
-        d,
-        reported,
-        ok: true,
-    };
     let port = v.serial_port(
         RawPort {
             port: &raw.port,
@@ -391,12 +384,7 @@ pub(crate) fn validate(
         })
     });
 
-    let (backoff_min, backoff_max) = v.backoff(
-        &raw.backoff_min,
-        &raw.backoff_max,
-        prefix,
-        (DEFAULT_BACKOFF_MIN, DEFAULT_BACKOFF_MAX),
-    );
+    let (backoff_min, backoff_max) = v.backoff(&raw.backoff_min, &raw.backoff_max, prefix);
     let status_interval = v
         .positive_duration(&raw.status_interval, &format!("{prefix}.status_interval"))
         .unwrap_or(DEFAULT_STATUS_INTERVAL);
@@ -614,7 +602,7 @@ impl DeviceCheck<'_, '_> {
                     format!("{prefix}.fields.{name}"),
                     format!("the regex has no capture named {name:?}"),
                 );
-                diagnostic.hint = Some(match crate::config::closest(name, &names) {
+                diagnostic.hint = Some(match closest(name, &names) {
                     Some(close) => format!("did you mean `{close}`?"),
                     None if names.is_empty() => {
                         "name a capture in the regex with (?P<name>...)".to_owned()

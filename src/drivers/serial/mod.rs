@@ -29,6 +29,7 @@ pub use config::{
     SerialConfig, WriteBack, COMMAND_POINT,
 };
 pub use framing::{FrameCodec, FrameEvent};
+pub(crate) use port::open as open_port;
 
 use super::DeviceContext;
 

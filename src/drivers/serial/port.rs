@@ -26,11 +26,11 @@ use tokio_serial::SerialStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{PortSettings, SerialConfig, COMMAND_POINT};
+use super::config::{FlowControl, Parity, PortSettings, SerialConfig, COMMAND_POINT};
 use super::framing::{FrameCodec, FrameEvent};
 use super::parse::{self, Parsed};
 use crate::broker::{BrokerError, InternalSubscription};
-use crate::config::PayloadFormat;
+use crate::drivers::config::PayloadFormat;
 use crate::drivers::{rfc3339, DeviceContext};
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
@@ -249,10 +249,37 @@ pub(crate) async fn run(
     let _ = driver.publish_status(false).await;
 }
 
-/// Opens the port with its settings. Synchronous: opening a tty does not block.
-fn open(settings: &PortSettings) -> Result<SerialStream, String> {
-    SerialStream::open(&settings.builder())
+/// Opens a serial port with its settings (for Modbus RTU lines too). Synchronous: opening
+/// a tty does not block.
+pub(crate) fn open(settings: &PortSettings) -> Result<SerialStream, String> {
+    SerialStream::open(&builder(settings))
         .map_err(|e| format!("cannot open {}: {e}", settings.path))
+}
+
+/// A tokio-serial builder with these settings.
+fn builder(settings: &PortSettings) -> tokio_serial::SerialPortBuilder {
+    tokio_serial::new(settings.path.as_str(), settings.baud)
+        .parity(match settings.parity {
+            Parity::None => tokio_serial::Parity::None,
+            Parity::Even => tokio_serial::Parity::Even,
+            Parity::Odd => tokio_serial::Parity::Odd,
+        })
+        .data_bits(match settings.data_bits {
+            5 => tokio_serial::DataBits::Five,
+            6 => tokio_serial::DataBits::Six,
+            7 => tokio_serial::DataBits::Seven,
+            _ => tokio_serial::DataBits::Eight,
+        })
+        .stop_bits(if settings.stop_bits == 2 {
+            tokio_serial::StopBits::Two
+        } else {
+            tokio_serial::StopBits::One
+        })
+        .flow_control(match settings.flow_control {
+            FlowControl::None => tokio_serial::FlowControl::None,
+            FlowControl::Software => tokio_serial::FlowControl::Software,
+            FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+        })
 }
 
 impl Driver {

@@ -2,6 +2,8 @@
 //! so the gateway does something real with no hardware. A write to a writable point
 //! replaces its waveform with the written value.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
@@ -11,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeviceContext, DeviceStatus};
-use crate::config::{SimulatedConfig, SimulatedPoint, Waveform};
 use crate::model::{Quality, Reading, Value, WriteOutcome};
+use config::{SimulatedConfig, SimulatedPoint, Waveform};
 
 /// One point's generator state.
 #[derive(Debug, Clone)]

@@ -1,0 +1,539 @@
+//! What every device has: the validated [`DeviceConfig`] (name, topic template, payload
+//! format, poll interval and the driver's own settings), the `[[devices]]` array's
+//! validation (each entry's common keys here, once; the driver's keys in its own
+//! `config.rs`), and the serial port settings that Modbus RTU and serial line devices share.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::{Range, RangeInclusive};
+use std::time::Duration;
+
+use toml::de::DeValue;
+use toml::Spanned;
+
+use super::modbus::config::RawModbusDevice;
+use super::serial::config::RawSerialDevice;
+use super::simulated::config::{RawSimulatedDevice, SimulatedConfig};
+use crate::config::{closest, parse_duration, report_missing, Checker, Diagnostic, Diagnostics, S};
+
+const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu", "serial"];
+const DEFAULT_DEVICE_TOPIC: &str = "{gateway}/{device}/{point}";
+const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// Reopen / reconnect backoff bounds of drivers that hold a connection.
+const DEFAULT_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How a duration is written, for the hint under an invalid driver setting.
+const DURATION_HINT: &str = "write a number and a unit, like \"100ms\", \"1s\" or \"5m\"";
+
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub name: String,
+    /// Topic template with `{gateway}`, `{device}`, `{point}`; default
+    /// `{gateway}/{device}/{point}`. The gateway id is NOT substituted yet (drivers do it).
+    pub topic: String,
+    pub payload: PayloadFormat,
+    /// Poll / sample interval. Default 1s.
+    pub poll: Duration,
+    pub driver: DriverConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadFormat {
+    /// `{"value":..,"ts":"RFC 3339","quality":"good"}`
+    Json,
+    /// The bare value as text.
+    Plain,
+}
+
+#[derive(Debug, Clone)]
+pub enum DriverConfig {
+    Simulated(SimulatedConfig),
+    Modbus(crate::drivers::modbus::ModbusConfig),
+    Serial(crate::drivers::serial::SerialConfig),
+}
+
+/// The keys every `[[devices]]` entry has, as written.
+pub(crate) struct RawCommon<'r> {
+    pub(crate) name: &'r Option<S<String>>,
+    pub(crate) topic: &'r Option<S<String>>,
+    pub(crate) payload: &'r Option<S<String>>,
+    pub(crate) poll: &'r Option<S<String>>,
+}
+
+impl Checker<'_> {
+    /// The `[[devices]]` array, each entry checked by its driver; `None` for a device with
+    /// errors.
+    pub(crate) fn devices(&mut self, value: Spanned<DeValue<'_>>) -> Vec<Option<DeviceConfig>> {
+        let Some(array) =
+            self.array_of_tables(value, "devices", "write each device as [[devices]]")
+        else {
+            return vec![None];
+        };
+        let mut names: HashMap<String, (usize, usize)> = HashMap::new();
+        let mut devices = Vec::new();
+        for (index, item) in array.into_iter().enumerate() {
+            let prefix = format!("devices[{index}]");
+            let item_span = item.span();
+            let driver = match item.get_ref() {
+                DeValue::Table(table) => table
+                    .iter()
+                    .find(|(key, _)| key.get_ref() == "driver")
+                    .map(|(_, value)| (value.get_ref().as_str().map(str::to_owned), value.span())),
+                _ => {
+                    self.d.error(Some(item_span), prefix, "expected a table");
+                    devices.push(None);
+                    continue;
+                }
+            };
+            let known = format!("known drivers: {}", DRIVERS.join(", "));
+            let device = match driver {
+                None => {
+                    self.missing(item_span, format!("{prefix}.driver"), Some(&known));
+                    None
+                }
+                Some((None, span)) => {
+                    self.d
+                        .error(Some(span), format!("{prefix}.driver"), "expected a string");
+                    None
+                }
+                Some((Some(driver), _)) if driver == "simulated" => self
+                    .deserialize::<S<RawSimulatedDevice>>(item, &prefix)
+                    .and_then(|raw| self.simulated_device(raw, &prefix, &mut names)),
+                Some((Some(driver), _)) if driver == "modbus-tcp" || driver == "modbus-rtu" => self
+                    .deserialize::<S<RawModbusDevice>>(item, &prefix)
+                    .and_then(|raw| self.modbus_device(raw, &prefix, &mut names)),
+                Some((Some(driver), _)) if driver == "serial" => self
+                    .deserialize::<S<RawSerialDevice>>(item, &prefix)
+                    .and_then(|raw| self.serial_device(raw, &prefix, &mut names)),
+                Some((Some(driver), span)) => {
+                    let diagnostic = self.d.error(
+                        Some(span),
+                        format!("{prefix}.driver"),
+                        format!(
+                            "unknown driver {driver:?}, expected one of {}",
+                            DRIVERS.join(", ")
+                        ),
+                    );
+                    if let Some(close) = closest(&driver, DRIVERS) {
+                        diagnostic.hint = Some(format!("did you mean `{close}`?"));
+                    }
+                    None
+                }
+            };
+            devices.push(device);
+        }
+        devices
+    }
+
+    /// One device: the keys every device has, then the driver's own (`driver_keys`).
+    pub(crate) fn device(
+        &mut self,
+        common: RawCommon<'_>,
+        span: Range<usize>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+        driver_keys: impl FnOnce(&mut Self) -> Option<DriverConfig>,
+    ) -> Option<DeviceConfig> {
+        let name = self.device_name(common.name, span, prefix, names);
+        let topic = self.device_topic(common.topic, prefix);
+        let payload = self.payload(common.payload, prefix);
+        let poll = self.positive_duration(common.poll, &format!("{prefix}.poll"), DEFAULT_POLL);
+        let driver = driver_keys(self);
+        Some(DeviceConfig {
+            name: name?,
+            topic,
+            payload,
+            poll,
+            driver: driver?,
+        })
+    }
+
+    /// A `modbus-tcp` or `modbus-rtu` device: its Modbus keys in `drivers::modbus::config`.
+    fn modbus_device(
+        &mut self,
+        raw: S<RawModbusDevice>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+    ) -> Option<DeviceConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let common = RawCommon {
+            name: &raw.name,
+            topic: &raw.topic,
+            payload: &raw.payload,
+            poll: &raw.poll,
+        };
+        self.device(common, span.clone(), prefix, names, |c| {
+            super::modbus::config::validate(&raw, span, prefix, c.device_check())
+                .map(DriverConfig::Modbus)
+        })
+    }
+
+    /// A `serial` device: its serial keys in `drivers::serial::config`.
+    fn serial_device(
+        &mut self,
+        raw: S<RawSerialDevice>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+    ) -> Option<DeviceConfig> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let common = RawCommon {
+            name: &raw.name,
+            topic: &raw.topic,
+            payload: &raw.payload,
+            poll: &raw.poll,
+        };
+        self.device(common, span.clone(), prefix, names, |c| {
+            super::serial::config::validate(&raw, span, prefix, c.device_check())
+                .map(DriverConfig::Serial)
+        })
+    }
+
+    fn device_name(
+        &mut self,
+        name: &Option<S<String>>,
+        span: Range<usize>,
+        prefix: &str,
+        names: &mut HashMap<String, (usize, usize)>,
+    ) -> Option<String> {
+        let key_path = format!("{prefix}.name");
+        let Some(name) = name else {
+            self.missing(span, key_path, None);
+            return None;
+        };
+        if !self.name(name, &key_path) {
+            return None;
+        }
+        let (line, _) = self.d.position(name.span().start);
+        let index = prefix
+            .trim_start_matches("devices[")
+            .trim_end_matches(']')
+            .parse()
+            .unwrap_or(0);
+        if let Some((other_index, other_line)) = names.get(name.get_ref()) {
+            self.d.error(
+                Some(name.span()),
+                key_path,
+                format!(
+                    "duplicate device name {:?}, already used by devices[{other_index}] (line {other_line})",
+                    name.get_ref()
+                ),
+            );
+        } else {
+            names.insert(name.get_ref().clone(), (index, line));
+        }
+        Some(name.get_ref().clone())
+    }
+
+    fn device_topic(&mut self, topic: &Option<S<String>>, prefix: &str) -> String {
+        let Some(topic) = topic else {
+            return DEFAULT_DEVICE_TOPIC.to_owned();
+        };
+        let key_path = format!("{prefix}.topic");
+        self.placeholders(topic, &key_path, &["gateway", "device", "point"]);
+        let text = topic.get_ref();
+        if text.contains(['+', '#']) {
+            self.d.error(
+                Some(topic.span()),
+                &key_path,
+                format!("topic template {text:?} contains a wildcard (`+` or `#`)"),
+            );
+        } else if !text.contains("{point}") {
+            self.d
+                .error(
+                    Some(topic.span()),
+                    &key_path,
+                    format!("topic template {text:?} has no {{point}}, so every point would publish to the same topic"),
+                )
+                .hint = Some(format!("e.g. topic = \"{DEFAULT_DEVICE_TOPIC}\""));
+        }
+        text.clone()
+    }
+
+    fn payload(&mut self, payload: &Option<S<String>>, prefix: &str) -> PayloadFormat {
+        match payload.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("json", _)) => PayloadFormat::Json,
+            Some(("plain", _)) => PayloadFormat::Plain,
+            Some((other, span)) => {
+                self.d.error(
+                    Some(span),
+                    format!("{prefix}.payload"),
+                    format!("unknown payload format {other:?}, expected json or plain"),
+                );
+                PayloadFormat::Json
+            }
+        }
+    }
+}
+
+impl<'a> Checker<'a> {
+    /// The diagnostics of one device's driver keys, for drivers that report through
+    /// [`DeviceCheck`].
+    pub(crate) fn device_check(&mut self) -> DeviceCheck<'_, 'a> {
+        DeviceCheck {
+            d: &mut self.d,
+            reported: &self.reported,
+            ok: true,
+        }
+    }
+}
+
+/// One serial port's settings, shared by Modbus RTU and serial line devices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SerialPortConfig {
+    pub path: String,
+    /// Default 9600.
+    pub baud: u32,
+    pub parity: Parity,
+    /// Default 8.
+    pub data_bits: u8,
+    /// 1 or 2, default 1.
+    pub stop_bits: u8,
+    /// Default none.
+    pub flow_control: FlowControl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowControl {
+    None,
+    Software,
+    Hardware,
+}
+
+const PARITIES: &[&str] = &["none", "even", "odd"];
+const FLOW_CONTROLS: &[&str] = &["none", "software", "hardware"];
+const DEFAULT_BAUD: u32 = 9600;
+
+/// The diagnostics of one device, and whether any was recorded.
+pub(crate) struct DeviceCheck<'v, 'a> {
+    pub(crate) d: &'v mut Diagnostics<'a>,
+    /// Key paths serde already reported (present but of the wrong type).
+    pub(crate) reported: &'v HashSet<String>,
+    pub(crate) ok: bool,
+}
+
+/// The raw serial port keys of a device.
+pub(crate) struct RawPort<'r> {
+    pub(crate) port: &'r Option<S<String>>,
+    pub(crate) baud: &'r Option<S<i64>>,
+    pub(crate) parity: &'r Option<S<String>>,
+    pub(crate) data_bits: &'r Option<S<i64>>,
+    pub(crate) stop_bits: &'r Option<S<i64>>,
+    /// `None` for drivers without the key (Modbus RTU).
+    pub(crate) flow_control: Option<&'r Option<S<String>>>,
+}
+
+/// What a driver accepts and defaults to.
+pub(crate) struct PortRules {
+    pub(crate) default_parity: Parity,
+    pub(crate) bauds: RangeInclusive<u32>,
+    pub(crate) data_bits: RangeInclusive<u8>,
+    pub(crate) port_hint: &'static str,
+    pub(crate) baud_hint: &'static str,
+    pub(crate) data_bits_note: &'static str,
+}
+
+impl DeviceCheck<'_, '_> {
+    pub(crate) fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key_path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
+        self.ok = false;
+        self.d.error(span, key_path, message)
+    }
+
+    pub(crate) fn missing(&mut self, span: Range<usize>, key_path: String, hint: Option<&str>) {
+        self.ok = false;
+        report_missing(self.d, self.reported, span, key_path, hint);
+    }
+
+    pub(crate) fn unknown(
+        &mut self,
+        value: &S<String>,
+        key_path: &str,
+        what: &str,
+        known: &[&str],
+    ) {
+        let text = value.get_ref();
+        let diagnostic = self.error(
+            Some(value.span()),
+            key_path,
+            format!(
+                "unknown {what} {text:?}, expected one of {}",
+                known.join(", ")
+            ),
+        );
+        if let Some(close) = closest(&text.to_ascii_lowercase(), known) {
+            diagnostic.hint = Some(format!("did you mean `{close}`?"));
+        }
+    }
+
+    pub(crate) fn duration(&mut self, value: &S<String>, key_path: &str) -> Option<Duration> {
+        let duration = parse_duration(self.d, value, key_path, DURATION_HINT);
+        self.ok &= duration.is_some();
+        duration
+    }
+
+    pub(crate) fn positive_duration(
+        &mut self,
+        value: &Option<S<String>>,
+        key_path: &str,
+    ) -> Option<Duration> {
+        let value = value.as_ref()?;
+        let duration = self.duration(value, key_path)?;
+        if duration.is_zero() {
+            self.error(Some(value.span()), key_path, "must be more than zero");
+            return None;
+        }
+        Some(duration)
+    }
+
+    /// Reconnect backoff bounds (`backoff_min`, `backoff_max`), each more than zero and
+    /// min not above max. Default 1s..60s.
+    pub(crate) fn backoff(
+        &mut self,
+        min: &Option<S<String>>,
+        max: &Option<S<String>>,
+        prefix: &str,
+    ) -> (Duration, Duration) {
+        let backoff_min = self
+            .positive_duration(min, &format!("{prefix}.backoff_min"))
+            .unwrap_or(DEFAULT_BACKOFF_MIN);
+        let backoff_max = self
+            .positive_duration(max, &format!("{prefix}.backoff_max"))
+            .unwrap_or(DEFAULT_BACKOFF_MAX);
+        if backoff_min > backoff_max {
+            self.error(
+                max.as_ref().map(S::span),
+                format!("{prefix}.backoff_max"),
+                "backoff_max is less than backoff_min",
+            );
+        }
+        (backoff_min, backoff_max)
+    }
+
+    /// Path, baud, parity, data bits, stop bits and flow control of a serial port.
+    pub(crate) fn serial_port(
+        &mut self,
+        raw: RawPort<'_>,
+        span: Range<usize>,
+        prefix: &str,
+        rules: &PortRules,
+    ) -> Option<SerialPortConfig> {
+        let path = match raw.port {
+            None => {
+                self.missing(span, format!("{prefix}.port"), Some(rules.port_hint));
+                None
+            }
+            Some(port) if port.get_ref().trim().is_empty() => {
+                self.error(
+                    Some(port.span()),
+                    format!("{prefix}.port"),
+                    "must not be empty",
+                );
+                None
+            }
+            Some(port) => Some(port.get_ref().trim().to_owned()),
+        };
+        let baud = match raw.baud {
+            None => DEFAULT_BAUD,
+            Some(baud) => match u32::try_from(*baud.get_ref()) {
+                Ok(baud) if rules.bauds.contains(&baud) => baud,
+                _ => {
+                    self.error(
+                        Some(baud.span()),
+                        format!("{prefix}.baud"),
+                        format!(
+                            "{} is not a usable baud rate, expected {} to {}",
+                            baud.get_ref(),
+                            rules.bauds.start(),
+                            rules.bauds.end()
+                        ),
+                    )
+                    .hint = Some(rules.baud_hint.into());
+                    DEFAULT_BAUD
+                }
+            },
+        };
+        let parity = match raw.parity {
+            None => rules.default_parity,
+            Some(parity) => match parity.get_ref().to_ascii_lowercase().as_str() {
+                "none" => Parity::None,
+                "even" => Parity::Even,
+                "odd" => Parity::Odd,
+                _ => {
+                    self.unknown(parity, &format!("{prefix}.parity"), "parity", PARITIES);
+                    rules.default_parity
+                }
+            },
+        };
+        let data_bits = match raw.data_bits {
+            None => 8,
+            Some(bits) => match u8::try_from(*bits.get_ref()) {
+                Ok(n) if rules.data_bits.contains(&n) => n,
+                _ => {
+                    self.error(
+                        Some(bits.span()),
+                        format!("{prefix}.data_bits"),
+                        format!(
+                            "{} data bits, expected {} to {}{}",
+                            bits.get_ref(),
+                            rules.data_bits.start(),
+                            rules.data_bits.end(),
+                            rules.data_bits_note
+                        ),
+                    );
+                    8
+                }
+            },
+        };
+        let stop_bits = match raw.stop_bits {
+            None => 1,
+            Some(bits) if matches!(bits.get_ref(), 1 | 2) => {
+                u8::try_from(*bits.get_ref()).unwrap_or(1)
+            }
+            Some(bits) => {
+                self.error(
+                    Some(bits.span()),
+                    format!("{prefix}.stop_bits"),
+                    format!("{} stop bits, expected 1 or 2", bits.get_ref()),
+                );
+                1
+            }
+        };
+        let flow_control = match raw.flow_control.and_then(Option::as_ref) {
+            None => FlowControl::None,
+            Some(flow) => match flow.get_ref().to_ascii_lowercase().as_str() {
+                "none" => FlowControl::None,
+                "software" | "xonxoff" | "xon/xoff" => FlowControl::Software,
+                "hardware" | "rtscts" | "rts/cts" => FlowControl::Hardware,
+                _ => {
+                    self.unknown(
+                        flow,
+                        &format!("{prefix}.flow_control"),
+                        "flow control",
+                        FLOW_CONTROLS,
+                    );
+                    FlowControl::None
+                }
+            },
+        };
+        Some(SerialPortConfig {
+            path: path?,
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+            flow_control,
+        })
+    }
+}
