@@ -5,10 +5,7 @@
 //! Malformed Packet or 0x82 Protocol Error as the specification classes it, in 3.1.1 with
 //! nothing sent. Another client on the same broker keeps publishing and receiving.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
+use crate::util::mqtt;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{Client, Raw, TestBroker, Version};
 

@@ -3,10 +3,7 @@
 //! source address holds at most `max_connections_per_address` sockets. Clients bind to
 //! other 127/8 addresses (Linux routes all of them to `lo`) to be different addresses.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-
+use crate::util::mqtt;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 

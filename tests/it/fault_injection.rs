@@ -43,14 +43,7 @@
 //! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test fault_injection --
 //! --nocapture`.
 
-#[path = "support/cloud.rs"]
-mod cloud;
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
-
+use crate::util::{cloud, gateway, mqtt};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io::{Read, Write};
@@ -63,8 +56,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cloud::{mosquitto_available, Cloud, CloudOptions};
+use gateway::GatewayProcess;
 use mqtt::{Frame, Version};
-use process::GatewayProcess;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

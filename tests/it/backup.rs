@@ -3,15 +3,13 @@
 //! and retained message (nothing is left only in `broker.db-wal`), and `fieldmq backup`
 //! copies a running gateway's stores into files a gateway starts from.
 
-#[path = "support/process.rs"]
-mod process;
-
+use crate::util::gateway;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const QUEUED: u64 = 300;
@@ -19,7 +17,7 @@ const QUEUED: u64 = 300;
 const PADDING: usize = 1024;
 
 fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    process::write_config(dir, data, "")
+    gateway::write_config(dir, data, "")
 }
 
 fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
@@ -192,7 +190,7 @@ async fn fieldmq_backup_copies_a_running_gateway_and_the_copy_starts_with_everyt
     drop(other);
 
     let copy = dir.path().join("backup");
-    let (code, stdout, stderr) = process::run_to_end(
+    let (code, stdout, stderr) = gateway::run_to_end(
         &[
             "backup",
             "-c",
@@ -222,7 +220,7 @@ async fn fieldmq_backup_copies_a_running_gateway_and_the_copy_starts_with_everyt
     // On a stopped gateway the files are copied directly.
     let config = write_config(dir.path(), &data);
     let stopped_copy = dir.path().join("backup-stopped");
-    let (code, stdout, stderr) = process::run_to_end(
+    let (code, stdout, stderr) = gateway::run_to_end(
         &[
             "backup",
             "-c",

@@ -12,10 +12,7 @@
 //! sleeps are for time that must pass (an expiry, a will delay) or to show that something
 //! does *not* happen.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
+use crate::util::mqtt;
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;

@@ -12,12 +12,7 @@
 //! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
 //! output, and fails under CI (see tests/support/skip.rs).
 
-#[path = "support/process.rs"]
-mod process;
-
-#[path = "support/skip.rs"]
-mod skip;
-
+use crate::util::{gateway, skip};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -25,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
 
 const TOPIC: &str = "fill/data";

@@ -2,10 +2,7 @@
 //! rumqttc clients (MQTT 3.1.1 and 5), and raw bytes over TCP where a client library would
 //! hide the behaviour (CONNACK codes, keep alive, malformed and oversize packets).
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
+use crate::util::mqtt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

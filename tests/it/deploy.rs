@@ -12,20 +12,15 @@
 //! A missing `systemd-analyze` skips its test with a message on a developer machine and fails
 //! it in CI (`CI` set).
 
+use crate::util::{free_port, gateway, skip};
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-#[path = "support/process.rs"]
-mod process;
-
-#[path = "support/skip.rs"]
-mod skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fieldmq");
 
@@ -197,7 +192,7 @@ fn the_readme_run_command_runs_the_gateway_binary() {
             }
         })
         .collect();
-    let mut gateway = process::GatewayProcess::start_with_args(&args);
+    let mut gateway = gateway::GatewayProcess::start_with_args(&args);
 
     // The demo's simulated device publishes on demo/sim/... every second.
     let mut options = rumqttc::MqttOptions::new(
@@ -482,14 +477,6 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A port that was free a moment ago (the gateway binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s, client id "deploy-test") and the

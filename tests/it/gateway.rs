@@ -1,10 +1,8 @@
 //! End to end: the real `fieldmq` binary with the demo configuration, watched by real MQTT
 //! clients.
 
-#[path = "support/process.rs"]
-mod process;
-
-use process::GatewayProcess;
+use crate::util::gateway;
+use gateway::GatewayProcess;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -321,7 +319,7 @@ routes = [ { out = "plant/#", remote_prefix = "site/" } ]
 "#,
     )
     .expect("write config");
-    let (code, _, stderr) = process::run_to_end(&["check", "-c"], Some(&config));
+    let (code, _, stderr) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("ca.pem"), "{stderr}");
     assert!(stderr.contains("uplinks[cloud]"), "{stderr}");

@@ -2,10 +2,7 @@
 //! subscriber's queue, however many there are. Real broker in-process, real clients
 //! (rumqttc, and raw bytes where the test must control reading and acknowledging).
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
+use crate::util::mqtt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 

@@ -10,13 +10,7 @@
 //! Needs `node` and `npm ci --prefix tests/js`; without them the tests skip with a
 //! message, unless `CI` is set, where they fail.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
-#[path = "support/skip.rs"]
-mod skip;
-
+use crate::util::{mqtt, skip};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

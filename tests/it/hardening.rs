@@ -2,25 +2,20 @@
 //! everyone by not reading, publish where its ACL (or the `$` rule) forbids, through a
 //! publish or through its will.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
-
+use crate::util::{gateway, mqtt};
 use std::path::Path;
 use std::time::Duration;
 
 use fieldmq::config::BrokerConfig;
+use gateway::GatewayProcess;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{within, Client, Raw, Version};
-use process::GatewayProcess;
 
 fn gateway_config(dir: &Path, acl_file: Option<&Path>) -> std::path::PathBuf {
     let acl = acl_file
         .map(|path| format!("acl_file = \"{}\"", path.display()))
         .unwrap_or_default();
-    process::write_config(dir, &dir.join("data"), &acl)
+    gateway::write_config(dir, &dir.join("data"), &acl)
 }
 
 // ---------------------------------------------------------------------------------------

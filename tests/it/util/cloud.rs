@@ -3,16 +3,13 @@
 //!
 //! Tests that need Mosquitto call [`mosquitto_available`] first: on a machine without it
 //! they skip with a message, unless `CI` is set, where a missing Mosquitto is a failure.
-#![allow(dead_code)]
 
-#[path = "skip.rs"]
-mod skip;
-
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{free_port, skip};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -33,14 +30,6 @@ pub(crate) fn mosquitto_available(test: &str) -> bool {
         );
     }
     found
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable in tests).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Certificates for one test: a CA, a server certificate for `localhost`/`127.0.0.1`, a
