@@ -110,7 +110,7 @@ fn the_acl_file_rules_as_mosquitto_applies_them() {
 // ---------------------------------------------------------------------------------------
 
 /// `mosquitto_passwd` from the `mosquitto` package; `None` (`test` skipped, see
-/// tests/support/skip.rs) when it is not installed, and a failure under CI, where it must be.
+/// tests/it/util/skip.rs) when it is not installed, and a failure under CI, where it must be.
 fn mosquitto_passwd(test: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)

@@ -105,23 +105,6 @@ fn check_and_run_warn_about_password_and_acl_files_every_user_may_read() {
     assert!(!stdout.contains("warning:"), "{stdout}");
 }
 
-/// A TLS client that trusts only `ca_pem` (not the CA that signed the server).
-fn client_trusting(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca_pem).expect("CA file");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("PEM")).expect("root");
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 /// Plain MQTT to the TLS port: returns once the gateway has closed the socket.
 async fn plain_tcp_to_tls_port(addr: std::net::SocketAddr) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -178,7 +161,8 @@ async fn failed_tls_handshakes_are_logged_with_peer_and_reason_at_most_10_a_minu
     // Three kinds of failure: plain TCP, a client that does not trust the server's
     // certificate, a client without the required certificate.
     plain_tcp_to_tls_port(addr).await;
-    failed_tls(addr, client_trusting(&pki.client_ca)).await;
+    let client_ca = std::fs::read_to_string(&pki.client_ca).expect("CA file");
+    failed_tls(addr, pki::client_trusting(&client_ca, None)).await;
     failed_tls(addr, pki.client_config(None)).await;
     // Then a scanner's worth of them.
     for _ in 0..20 {

@@ -10,7 +10,7 @@
 //! inside a user and mount namespace of its own (`unshare --user --map-root-user --mount`),
 //! where it may mount; the tmpfs and the gateway live in that namespace only. Where neither
 //! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
-//! output, and fails under CI (see tests/support/skip.rs).
+//! output, and fails under CI (see tests/it/util/skip.rs).
 
 use crate::util::{gateway, skip};
 use std::collections::{BTreeSet, HashMap};
@@ -102,6 +102,15 @@ const TEST: &str =
 /// Set in the copy of this test that runs inside its own user and mount namespace.
 const IN_NAMESPACE: &str = "FIELDMQ_FULL_DISK_IN_NAMESPACE";
 
+/// The test's path inside the integration binary (`full_disk::...`), to run it alone.
+fn test_path() -> String {
+    let module = module_path!();
+    let module = module
+        .split_once("::")
+        .map_or(module, |(_crate, path)| path);
+    format!("{module}::{TEST}")
+}
+
 /// A tmpfs of `size`; `None` when the test ran instead in a namespace of its own (and
 /// passed there) or was skipped.
 fn tmpfs_or_run_elsewhere(size: &str) -> Option<Tmpfs> {
@@ -128,7 +137,7 @@ fn tmpfs_or_run_elsewhere(size: &str) -> Option<Tmpfs> {
     let output = Command::new("unshare")
         .args(namespace)
         .arg(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .args(["--exact", &test_path(), "--nocapture", "--test-threads=1"])
         .env(IN_NAMESPACE, "1")
         .output()
         .expect("run the test in a user namespace");

@@ -2,21 +2,21 @@
 //! the cloud, our broker in-process as the local bus, SQLite outboxes in temp dirs, and the
 //! real `fieldmq` binary for kill -9 / SIGTERM. No mocks: where a test must see or shape the
 //! wire (the protocol level of a CONNECT, a held PUBCOMP, a cut link) a loopback proxy sits
-//! between the uplink and the real cloud (`support/proxy.rs`); the ALPN test's TLS server
+//! between the uplink and the real cloud (`util/proxy.rs`); the ALPN test's TLS server
 //! is a rustls server that records the ClientHello.
 //!
 //! Tests that need Mosquitto skip with a message when it is not installed, and fail when
 //! `CI` is set.
 
 use crate::util::gateway::GatewayProcess;
-use crate::util::{cloud, free_port, mqtt, proxy};
+use crate::util::{cloud, free_port, mqtt, pki, proxy};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloud::{make_certs, mosquitto_available, Cloud, CloudOptions, PathBufs};
+use cloud::{mosquitto_available, Cloud, CloudOptions, PathBufs};
 use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, RunningBroker};
 use fieldmq::config::{
     BrokerConfig, GatewayConfig, InRoute, ListenerConfig, MqttVersion, OutRoute, QueueConfig,
@@ -25,6 +25,7 @@ use fieldmq::config::{
 use fieldmq::model::{Message, MessageProperties, Origin, QoS};
 use fieldmq::store::OutboxStats;
 use fieldmq::uplink::{self, RunningUplink};
+use pki::make_certs;
 use proxy::Proxy;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -1892,14 +1893,8 @@ async fn the_alpn_protocols_are_offered_in_the_tls_handshake() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server_config = {
-        let chain =
-            rustls_pemfile::certs(&mut std::fs::read(&certs.server_cert).unwrap().as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-        let key =
-            rustls_pemfile::private_key(&mut std::fs::read(&certs.server_key).unwrap().as_slice())
-                .unwrap()
-                .unwrap();
+        let chain = pki::certs(&std::fs::read_to_string(&certs.server_cert).unwrap());
+        let key = pki::key(&std::fs::read_to_string(&certs.server_key).unwrap());
         let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

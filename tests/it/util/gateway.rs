@@ -40,6 +40,11 @@ impl GatewayProcess {
     fn spawn(args: &[&std::ffi::OsStr], envs: &[(&str, &str)]) -> GatewayProcess {
         let mut child = Command::new(binary())
             .args(args)
+            // Under a systemd service manager the test runner has these; the gateway must
+            // see only what a test gives it.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(envs.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
@@ -142,7 +147,17 @@ impl GatewayProcess {
 
     /// Whether the process is still running.
     pub(crate) fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
+        self.exit_status().is_none()
+    }
+
+    /// The exit status, once the process has ended.
+    pub(crate) fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+
+    /// SIGTERM without waiting.
+    pub(crate) fn request_stop(&self) {
+        self.signal("-TERM");
     }
 
     /// SIGSTOP: the process freezes with its sockets open, as under a long stall.
