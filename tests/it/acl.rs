@@ -112,18 +112,7 @@ fn the_acl_file_rules_as_mosquitto_applies_them() {
 /// `mosquitto_passwd` from the `mosquitto` package; `None` (`test` skipped, see
 /// tests/it/util/skip.rs) when it is not installed, and a failure under CI, where it must be.
 fn mosquitto_passwd(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("mosquitto_passwd"))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        skip::skip(
-            test,
-            "mosquitto_passwd is not on PATH (apt-get install mosquitto)",
-        );
-    }
-    found
+    skip::tool_on_path(test, "mosquitto_passwd", "apt-get install mosquitto")
 }
 
 fn run(tool: &Path, args: &[&str]) {

@@ -3,7 +3,7 @@
 //! and retained message (nothing is left only in `broker.db-wal`), and `fieldmq backup`
 //! copies a running gateway's stores into files a gateway starts from.
 
-use crate::util::gateway;
+use crate::util::{gateway, mqtt};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,26 +31,7 @@ fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
 /// Register the persistent subscriber (then offline), queue `QUEUED` numbered QoS 1
 /// messages for it and one retained message; returns after every PUBACK.
 async fn queue_for_offline_subscriber(addr: SocketAddr) {
-    let (sub, mut sub_events) = AsyncClient::new(options(addr, "backup-sub", false), 10);
-    sub.subscribe("load/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match sub_events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("subscriber: {error}"),
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
-    sub.disconnect().await.expect("disconnect");
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while sub_events.poll().await.is_ok() {}
-    })
-    .await;
+    mqtt::register_offline_subscriber(options(addr, "backup-sub", false), "load/#").await;
 
     let (publisher, mut events) = AsyncClient::new(options(addr, "backup-pub", true), 400);
     for n in 0..QUEUED {

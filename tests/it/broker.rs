@@ -10,42 +10,10 @@ use std::time::{Duration, Instant};
 use fieldmq::broker::InternalSubscribeOptions;
 use fieldmq::model::{Message, Origin, QoS};
 use mqtt::packet::{self, Connect, Will};
-use mqtt::{within, Client, Frame, Raw, Received, TestBroker, Version};
-
-async fn start_default() -> TestBroker {
-    mqtt::start(mqtt::config()).await
-}
-
-/// A 3.1.1 client subscribed to `alive/#` before anything bad happens: it must keep
-/// publishing and receiving afterwards.
-async fn witness(broker: &TestBroker) -> Client {
-    let mut witness = Client::connect(Version::V311, broker.addr, "witness").await;
-    assert_eq!(witness.subscribe("alive/#", 1).await, Some(1));
-    witness
-}
-
-async fn assert_still_works(witness: &mut Client, tag: &str) {
-    let tag: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let tag = tag.as_str();
-    let topic = format!("alive/{tag}");
-    witness.publish(&topic, 1, false, tag.as_bytes()).await;
-    let received = witness.recv().await;
-    assert_eq!(
-        (received.topic.as_str(), received.payload.as_slice()),
-        (topic.as_str(), tag.as_bytes()),
-        "the other client still publishes and receives after {tag}"
-    );
-}
-
-fn connect_for(version: Version, client_id: &str) -> Connect<'_> {
-    match version {
-        Version::V311 => Connect::v311(client_id),
-        Version::V5 => Connect::v5(client_id),
-    }
-}
+use mqtt::{
+    assert_still_works, connect_for, start_default, within, witness, Client, Frame, Raw, Received,
+    TestBroker, Version,
+};
 
 /// A raw client of `version` sends `bad` after connecting: the broker closes that
 /// connection (MQTT 5: after a DISCONNECT with one of `v5_reasons`), and the witness is

@@ -45,18 +45,7 @@ fn mode(path: &Path) -> u32 {
 /// Finds `tool` on PATH; `None` means "skip `test`", except in CI, where the tool must be
 /// there (tests/it/util/skip.rs).
 fn tool(test: &str, name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        skip::skip(
-            test,
-            &format!("{name} is not on PATH (apt-get install systemd)"),
-        );
-    }
-    found
+    skip::tool_on_path(test, name, "apt-get install systemd")
 }
 
 // --- the unit file -----------------------------------------------------------------------

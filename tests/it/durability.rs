@@ -233,7 +233,11 @@ async fn with_batched_durability_a_kill_9_loses_only_what_was_acknowledged_in_th
     // store takes in one transaction (4,096) per window, so a backlog that waited a window
     // for every transaction would show.
     for n in 0..7 {
-        register(gateway.addr, &format!("durable-extra-{n}")).await;
+        mqtt::register_offline_subscriber(
+            options(gateway.addr, &format!("durable-extra-{n}"), false),
+            "load/#",
+        )
+        .await;
     }
     // The sessions themselves are written within commit_window too: wait until they are.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -326,26 +330,6 @@ async fn with_batched_durability_a_kill_9_loses_only_what_was_acknowledged_in_th
     }
     eprintln!("{lost_total} of {acked_total} acknowledged messages lost across two kills");
     assert!(gateway.terminate().success());
-}
-
-/// A persistent session `id` subscribed to `load/#` with QoS 1, then offline.
-async fn register(addr: SocketAddr, id: &str) {
-    let (client, mut events) = AsyncClient::new(options(addr, id, false), 10);
-    client
-        .subscribe("load/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("{id}: {error}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{id}: no SUBACK within 10 s"));
 }
 
 /// Connect the persistent subscriber and take its queue up to the sentinel `end`: the

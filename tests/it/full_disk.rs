@@ -12,7 +12,7 @@
 //! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
 //! output, and fails under CI (see tests/it/util/skip.rs).
 
-use crate::util::{gateway, skip};
+use crate::util::{gateway, mqtt, skip};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -202,30 +202,9 @@ fn number(payload: &[u8]) -> Option<u64> {
     text.split(':').next()?.parse().ok()
 }
 
-/// Create a persistent session subscribed to [`TOPIC`] with QoS 1, then go offline.
+/// A persistent session `id` subscribed to [`TOPIC`] with QoS 1, then offline.
 async fn register(addr: SocketAddr, id: &str) {
-    let (client, mut events) = AsyncClient::new(options(addr, id, false, 10), 10);
-    client
-        .subscribe(TOPIC, QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("subscriber {id} failed: {error}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no SUBACK for {id} within 10 s"));
-    let _ = client.disconnect().await;
-    // Let the DISCONNECT go out before the event loop is dropped.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while events.poll().await.is_ok() {}
-    })
-    .await;
+    mqtt::register_offline_subscriber(options(addr, id, false, 10), TOPIC).await;
 }
 
 /// How one publisher connection ended.

@@ -240,7 +240,7 @@ async fn a_will_to_a_topic_the_acl_denies_is_refused_at_connect() {
 
 #[tokio::test]
 async fn a_will_to_a_dollar_topic_is_refused_at_connect() {
-    let broker = mqtt::start(mqtt::config()).await;
+    let broker = mqtt::start_default().await;
     for (connect, code) in [
         (Connect::v311("sys-will-311"), 5u8),
         (Connect::v5("sys-will-5"), 0x87),
@@ -261,7 +261,7 @@ async fn a_will_to_a_dollar_topic_is_refused_at_connect() {
 
 #[tokio::test]
 async fn clients_cannot_publish_to_dollar_topics() {
-    let broker = mqtt::start(mqtt::config()).await;
+    let broker = mqtt::start_default().await;
     let mut watcher = Client::connect(Version::V5, broker.addr, "watcher").await;
     assert_eq!(watcher.subscribe("$SYS/#", 1).await, Some(1));
 

@@ -92,7 +92,7 @@ fn passwd_pub_and_sub_work_against_a_gateway_that_requires_passwords() {
 
     // sub -n 2: the retained message at once (so the subscription is in place), then one
     // published after it.
-    let mut sub = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+    let mut sub = Command::new(gateway::binary())
         .args(["sub", "-p", &port.to_string(), "-u", "bob", "-P", "hunter2"])
         .args([
             "-q",
