@@ -11,41 +11,9 @@ use fieldmq::broker::InternalSubscribeOptions;
 use fieldmq::model::{Message, Origin, QoS};
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{
-    assert_still_works, connect_for, start_default, within, witness, Client, Frame, Raw, Received,
-    TestBroker, Version,
+    assert_bad_packet_closes_only_its_connection, assert_still_works, connect_for, start_default,
+    within, witness, Client, Frame, Raw, Received, Version,
 };
-
-/// A raw client of `version` sends `bad` after connecting: the broker closes that
-/// connection (MQTT 5: after a DISCONNECT with one of `v5_reasons`), and the witness is
-/// unaffected.
-async fn assert_bad_packet_closes_only_its_connection(
-    broker: &TestBroker,
-    witness: &mut Client,
-    version: Version,
-    what: &str,
-    bad: &[u8],
-    v5_reasons: &[u8],
-) {
-    let id = format!("bad-{}", what.replace(' ', "-"));
-    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
-    raw.send(bad).await;
-    let frames = raw.expect_closed().await;
-    match version {
-        Version::V311 => assert!(
-            frames.is_empty(),
-            "{what}: 3.1.1 has no server DISCONNECT, got {frames:?}"
-        ),
-        Version::V5 => {
-            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
-            let reason = frames[0].disconnect_reason();
-            assert!(
-                v5_reasons.contains(&reason),
-                "{what}: DISCONNECT reason {reason:#04x}, expected one of {v5_reasons:02x?}"
-            );
-        }
-    }
-    assert_still_works(witness, &format!("{what}-{version:?}")).await;
-}
 
 fn message(received: &Received) -> (String, String) {
     (

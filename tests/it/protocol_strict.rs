@@ -8,20 +8,13 @@
 use crate::util::mqtt;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{
-    assert_still_works, connect_for, start_default, witness, Client, Raw, TestBroker, Version,
+    assert_still_works, bad_client_id, connect_for, start_default, witness, Client, Raw,
+    TestBroker, Version,
 };
 
 const MALFORMED: u8 = 0x81;
 const PROTOCOL_ERROR: u8 = 0x82;
 const BOTH: [Version; 2] = [Version::V311, Version::V5];
-
-fn client_id(what: &str, version: Version) -> String {
-    let what: String = what
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    format!("bad-{what}-{version:?}")
-}
 
 /// After a good CONNECT, `bad` closes the connection: MQTT 5 with exactly one DISCONNECT
 /// carrying `v5_reason`, 3.1.1 with nothing sent. The witness is unaffected.
@@ -33,25 +26,15 @@ async fn assert_refused(
     bad: &[u8],
     v5_reason: u8,
 ) {
-    let id = client_id(what, version);
-    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
-    raw.send(bad).await;
-    let frames = raw.expect_closed().await;
-    match version {
-        Version::V311 => assert!(
-            frames.is_empty(),
-            "{what}: 3.1.1 closes without sending anything, got {frames:?}"
-        ),
-        Version::V5 => {
-            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
-            assert_eq!(
-                frames[0].disconnect_reason(),
-                v5_reason,
-                "{what}: DISCONNECT reason"
-            );
-        }
-    }
-    assert_still_works(witness, &format!("{what}-{version:?}")).await;
+    mqtt::assert_bad_packet_closes_only_its_connection(
+        broker,
+        witness,
+        version,
+        what,
+        bad,
+        &[v5_reason],
+    )
+    .await;
 }
 
 /// A CONNECT that must be refused: MQTT 5 gets exactly one CONNACK with `v5_reason`, 3.1.1
@@ -104,7 +87,7 @@ async fn a_connect_with_the_reserved_flag_set_is_malformed() {
     let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
-        let id = client_id("reserved", version);
+        let id = bad_client_id("reserved", version);
         let bad = with_connect_flags(&connect_for(version, &id), |f| f | 0x01);
         assert_connect_refused(
             &broker,
@@ -123,7 +106,7 @@ async fn a_connect_with_will_qos_3_is_malformed() {
     let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
-        let id = client_id("will-qos-3", version);
+        let id = bad_client_id("will-qos-3", version);
         let connect = Connect {
             will: Some(Will {
                 topic: "will/t",
@@ -155,7 +138,7 @@ async fn a_connect_with_will_qos_or_will_retain_but_no_will_flag_is_malformed() 
             ("will qos without will", 0x08),
             ("will retain without will", 0x20),
         ] {
-            let id = client_id(what, version);
+            let id = bad_client_id(what, version);
             let bad = with_connect_flags(&connect_for(version, &id), |f| f | bits);
             assert_connect_refused(&broker, &mut witness, version, what, &bad, MALFORMED).await;
         }

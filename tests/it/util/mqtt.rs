@@ -169,6 +169,47 @@ pub(crate) fn connect_for(version: Version, client_id: &str) -> packet::Connect<
     }
 }
 
+/// A client id for a raw client that misbehaves in the way `what` names.
+pub(crate) fn bad_client_id(what: &str, version: Version) -> String {
+    let what: String = what
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("bad-{what}-{version:?}")
+}
+
+/// A raw client of `version` sends `bad` after a good CONNECT: the broker closes that
+/// connection (3.1.1 without sending anything, MQTT 5 after exactly one DISCONNECT with one
+/// of `v5_reasons`), and the [`witness`] is unaffected.
+pub(crate) async fn assert_bad_packet_closes_only_its_connection(
+    broker: &TestBroker,
+    witness: &mut Client,
+    version: Version,
+    what: &str,
+    bad: &[u8],
+    v5_reasons: &[u8],
+) {
+    let id = bad_client_id(what, version);
+    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
+    raw.send(bad).await;
+    let frames = raw.expect_closed().await;
+    match version {
+        Version::V311 => assert!(
+            frames.is_empty(),
+            "{what}: 3.1.1 closes without sending anything, got {frames:?}"
+        ),
+        Version::V5 => {
+            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
+            let reason = frames[0].disconnect_reason();
+            assert!(
+                v5_reasons.contains(&reason),
+                "{what}: DISCONNECT reason {reason:#04x}, expected one of {v5_reasons:02x?}"
+            );
+        }
+    }
+    assert_still_works(witness, &format!("{what}-{version:?}")).await;
+}
+
 /// A persistent 3.1.1 session (`options` with a clean session off) subscribed to `filter`
 /// with QoS 1, then offline: returns once the SUBACK (10 s at most) and the DISCONNECT
 /// are through.
