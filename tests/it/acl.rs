@@ -4,7 +4,6 @@
 //! acknowledged 0x87 in 5; delivery only of what the subscriber may read), and a client
 //! certificate's CN used as the username.
 
-use crate::util::{mqtt, pki, skip};
 use fieldmq::broker::Acl;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +14,8 @@ use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Raw, TestBroker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::util::{mqtt, pki, skip};
 
 /// An ACL file as Mosquitto users write it.
 const ACL_FILE: &str = "\

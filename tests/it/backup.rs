@@ -3,7 +3,6 @@
 //! and retained message (nothing is left only in `broker.db-wal`), and `fieldmq backup`
 //! copies a running gateway's stores into files a gateway starts from.
 
-use crate::util::{gateway, mqtt};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +10,8 @@ use std::time::Duration;
 
 use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use crate::util::{gateway, mqtt};
 
 const QUEUED: u64 = 300;
 /// Bytes of padding after each message's number: enough WAL that its checkpoint takes a while.

@@ -2,7 +2,6 @@
 //! rumqttc clients (MQTT 3.1.1 and 5), and raw bytes over TCP where a client library would
 //! hide the behaviour (CONNACK codes, keep alive, malformed and oversize packets).
 
-use crate::util::mqtt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +13,8 @@ use mqtt::{
     assert_bad_packet_closes_only_its_connection, assert_still_works, connect_for, start_default,
     within, witness, Client, Frame, Raw, Received, Version,
 };
+
+use crate::util::mqtt;
 
 fn message(received: &Received) -> (String, String) {
     (

@@ -3,7 +3,6 @@
 //! both protocol versions (tokio-tungstenite carrying packets encoded by rumqttc's
 //! codecs), and handshakes that never hold up other clients.
 
-use crate::util::{mqtt, pki};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +18,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::util::{mqtt, pki};
 
 async fn start(listener: fieldmq::config::ListenerConfig) -> TestBroker {
     let mut config = mqtt::config();

@@ -12,8 +12,6 @@
 //! A missing `systemd-analyze` skips its test with a message on a developer machine and fails
 //! it in CI (`CI` set).
 
-use crate::util::gateway::{self, GatewayProcess};
-use crate::util::skip;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -22,6 +20,9 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use crate::util::gateway::{self, GatewayProcess};
+use crate::util::skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fieldmq");
 

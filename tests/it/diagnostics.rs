@@ -3,7 +3,6 @@
 //! read (`fieldmq run` logs the same warnings), and failed TLS handshakes are logged with
 //! the client's address and the reason, at most 10 lines a minute per listener.
 
-use crate::util::{gateway, mqtt, pki};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +11,8 @@ use gateway::GatewayProcess;
 use mqtt::within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::util::{gateway, mqtt, pki};
 
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");

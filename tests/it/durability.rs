@@ -3,7 +3,6 @@
 //! message whose PUBACK its publisher received. Also session expiry, a corrupt database, and
 //! a broker left waiting for acknowledgements going idle.
 
-use crate::util::{gateway, mqtt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +10,8 @@ use std::time::Duration;
 
 use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use crate::util::{gateway, mqtt};
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
     gateway::write_config(dir, &dir.join("data"), "max_queued_messages = 100000")

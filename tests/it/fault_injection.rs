@@ -43,7 +43,6 @@
 //! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test fault_injection --
 //! --nocapture`.
 
-use crate::util::{cloud, gateway, mqtt};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::io::{Read, Write};
@@ -64,6 +63,8 @@ use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::util::{cloud, gateway, mqtt};
 
 const GATEWAY: &str = "fault";
 const PUBLISHERS: u32 = 3;

@@ -12,7 +12,6 @@
 //! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
 //! output, and fails under CI (see tests/it/util/skip.rs).
 
-use crate::util::{gateway, mqtt, skip};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use crate::util::{gateway, mqtt, skip};
 
 const TOPIC: &str = "fill/data";
 /// Bytes of padding after the number in each payload.

@@ -1,7 +1,6 @@
 //! End to end: the real `fieldmq` binary with the demo configuration, watched by real MQTT
 //! clients.
 
-use crate::util::gateway;
 use gateway::GatewayProcess;
 
 use std::net::SocketAddr;
@@ -10,6 +9,8 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+use crate::util::gateway;
 
 /// The demo config, moved to a free port and a temporary data directory.
 fn demo_config(dir: &std::path::Path) -> std::path::PathBuf {

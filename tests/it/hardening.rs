@@ -2,7 +2,6 @@
 //! everyone by not reading, publish where its ACL (or the `$` rule) forbids, through a
 //! publish or through its will.
 
-use crate::util::{gateway, mqtt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -10,6 +9,8 @@ use fieldmq::config::BrokerConfig;
 use gateway::GatewayProcess;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{within, Client, Raw, Version};
+
+use crate::util::{gateway, mqtt};
 
 fn gateway_config(dir: &Path, acl_file: Option<&Path>) -> std::path::PathBuf {
     let acl = acl_file

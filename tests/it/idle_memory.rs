@@ -4,13 +4,14 @@
 //! figure on a release build (docs/benchmarks.md); this test only guards it, with a wide
 //! margin for a debug build on a busy machine.
 
-use crate::util::{gateway, mqtt};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use gateway::GatewayProcess;
 use mqtt::packet::Connect;
+
+use crate::util::{gateway, mqtt};
 
 /// Clients opened before the first reading, so that one-time growth (tables, allocator
 /// arenas) is not counted per client.

@@ -12,7 +12,6 @@
 //! sleeps are for time that must pass (an expiry, a will delay) or to show that something
 //! does *not* happen.
 
-use crate::util::mqtt;
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +30,8 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::util::mqtt;
 
 // ---------------------------------------------------------------------------------------
 // The broker

@@ -10,12 +10,13 @@
 //! Needs `node` and `npm ci --prefix tests/js`; without them the tests skip with a
 //! message, unless `CI` is set, where they fail.
 
-use crate::util::{mqtt, skip};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use fieldmq::config::ListenerConfig;
 use mqtt::{Client, TestBroker, Version};
+
+use crate::util::{mqtt, skip};
 
 const BURST: usize = 50;
 

@@ -5,12 +5,13 @@
 //! Malformed Packet or 0x82 Protocol Error as the specification classes it, in 3.1.1 with
 //! nothing sent. Another client on the same broker keeps publishing and receiving.
 
-use crate::util::mqtt;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{
     assert_still_works, bad_client_id, connect_for, start_default, witness, Client, Raw,
     TestBroker, Version,
 };
+
+use crate::util::mqtt;
 
 const MALFORMED: u8 = 0x81;
 const PROTOCOL_ERROR: u8 = 0x82;

@@ -4,7 +4,6 @@
 //! prints `topic payload` lines and stops after `-n` messages or fails after `-W` without
 //! one.
 
-use crate::util::{cloud, gateway};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gateway::GatewayProcess;
+
+use crate::util::{cloud, gateway};
 
 const LIMIT: Duration = Duration::from_secs(20);
 

@@ -8,8 +8,6 @@
 //! Tests that need Mosquitto skip with a message when it is not installed, and fail when
 //! `CI` is set.
 
-use crate::util::gateway::GatewayProcess;
-use crate::util::{cloud, free_port, mqtt, pki, proxy};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +29,9 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::util::gateway::GatewayProcess;
+use crate::util::{cloud, free_port, mqtt, pki, proxy};
 
 const GATEWAY: &str = "line1";
 
