@@ -40,7 +40,7 @@
 //! row (default 1; seed, seed + 1, ...), `FIELDMQ_FAULT_ROUNDS` faults per seed (default
 //! 8). The seed is printed at the start and in every failure; a seed replays the same fault
 //! schedule (kinds, delays, durations), not the same interleaving of the processes.
-//! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test fault_injection --
+//! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test it fault_injection:: --
 //! --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
