@@ -686,7 +686,6 @@ impl Raw {
 
     /// Open from `source` (any 127/8 address on Linux), so the broker sees another client
     /// address than 127.0.0.1.
-    #[allow(dead_code)] // not every test binary uses it
     pub(crate) async fn open_from(addr: SocketAddr, source: std::net::IpAddr) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
