@@ -49,7 +49,7 @@ pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
 /// The embedded demo configuration ([`DEMO_CONFIG`]).
 pub fn demo() -> Config {
     parse(DEMO_CONFIG, Path::new("<embedded demo>"))
-        .expect("the embedded demo config is valid (tests/config.rs checks it)")
+        .expect("the embedded demo config is valid (tests/it/config.rs checks it)")
 }
 
 impl Config {

@@ -1,4 +1,4 @@
-// MQTT.js as a real client of the broker, driven by tests/mqttjs.rs: connect, publish a
+// MQTT.js as a real client of the broker, driven by tests/it/mqttjs.rs: connect, publish a
 // burst of QoS 2 messages without waiting for any acknowledgement (as MQTT.js applications
 // do), and print one line of JSON saying what happened.
 //

@@ -10,21 +10,13 @@
 //! Needs `node` and `npm ci --prefix tests/js`; without them the tests skip with a
 //! message, unless `CI` is set, where they fail.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
-#[path = "support/skip.rs"]
-mod skip;
-
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use fieldmq::broker::config::ListenerConfig;
-use fieldmq::broker::{self, RunningBroker};
-use mqtt::{Client, Version};
-use tokio_util::sync::CancellationToken;
+use mqtt::{Client, TestBroker, Version};
+
+use crate::util::{mqtt, skip};
 
 const BURST: usize = 50;
 
@@ -51,21 +43,8 @@ fn mqttjs_available(test: &str) -> bool {
     false
 }
 
-/// The broker with one TCP and one WebSocket listener; stopped when dropped.
-struct Broker {
-    tcp: SocketAddr,
-    ws: SocketAddr,
-    shutdown: CancellationToken,
-    _running: RunningBroker,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn start() -> Broker {
+/// The broker with one TCP (first) and one WebSocket listener.
+async fn start() -> TestBroker {
     let mut config = mqtt::config();
     let any = "127.0.0.1:0".parse().expect("address");
     config.listeners = vec![
@@ -79,16 +58,7 @@ async fn start() -> Broker {
         usize::from(config.max_inflight) < BURST,
         "the burst must exceed MQTT 5's Receive Maximum"
     );
-    let shutdown = CancellationToken::new();
-    let running = broker::start(&config, shutdown.clone())
-        .await
-        .expect("broker starts");
-    Broker {
-        tcp: running.local_addrs[0],
-        ws: running.local_addrs[1],
-        shutdown,
-        _running: running,
-    }
+    mqtt::start(config).await
 }
 
 /// What burst.js printed.
@@ -156,8 +126,8 @@ async fn received(subscriber: &mut Client, sentinel_from: &mut Client, prefix: &
     numbers
 }
 
-async fn subscriber(broker: &Broker, id: &str) -> Client {
-    let mut client = Client::connect(Version::V311, broker.tcp, id).await;
+async fn subscriber(broker: &TestBroker, id: &str) -> Client {
+    let mut client = Client::connect(Version::V311, broker.addrs[0], id).await;
     assert_eq!(client.subscribe("burst/#", 2).await, Some(2));
     assert_eq!(client.subscribe("sentinel/#", 1).await, Some(1));
     client
@@ -170,8 +140,8 @@ async fn an_mqtt_js_3_1_1_burst_of_50_qos_2_publishes_is_all_acknowledged_and_de
     }
     let broker = start().await;
     let mut sub = subscriber(&broker, "sub-311").await;
-    let tcp = format!("mqtt://{}", broker.tcp);
-    let ws = format!("ws://{}/mqtt", broker.ws);
+    let tcp = format!("mqtt://{}", broker.addrs[0]);
+    let ws = format!("ws://{}/mqtt", broker.addrs[1]);
     for (url, prefix) in [(tcp, "burst/tcp"), (ws, "burst/ws")] {
         let outcome = burst(&url, 4, prefix).await;
         assert_eq!(
@@ -181,7 +151,7 @@ async fn an_mqtt_js_3_1_1_burst_of_50_qos_2_publishes_is_all_acknowledged_and_de
             outcome.json
         );
         assert!(outcome.errors.is_empty(), "{url}: {:?}", outcome.errors);
-        let mut sentinel_from = Client::connect(Version::V311, broker.tcp, "sentinel").await;
+        let mut sentinel_from = Client::connect(Version::V311, broker.addrs[0], "sentinel").await;
         assert_eq!(
             received(&mut sub, &mut sentinel_from, prefix).await,
             (0..BURST).collect::<Vec<_>>(),
@@ -197,8 +167,8 @@ async fn an_mqtt_js_mqtt_5_burst_beyond_receive_maximum_gets_disconnect_0x93() {
     }
     let broker = start().await;
     let mut sub = subscriber(&broker, "sub-5").await;
-    let tcp = format!("mqtt://{}", broker.tcp);
-    let ws = format!("ws://{}/mqtt", broker.ws);
+    let tcp = format!("mqtt://{}", broker.addrs[0]);
+    let ws = format!("ws://{}/mqtt", broker.addrs[1]);
     for (url, prefix) in [(tcp, "burst/tcp5"), (ws, "burst/ws5")] {
         let outcome = burst(&url, 5, prefix).await;
         assert_eq!(outcome.receive_maximum, Some(20), "{url}: {}", outcome.json);
@@ -211,7 +181,7 @@ async fn an_mqtt_js_mqtt_5_burst_beyond_receive_maximum_gets_disconnect_0x93() {
         );
         assert!(outcome.acked < BURST, "{url}: {}", outcome.json);
         // What was accepted before the disconnect is delivered once, none twice.
-        let mut sentinel_from = Client::connect(Version::V311, broker.tcp, "sentinel").await;
+        let mut sentinel_from = Client::connect(Version::V311, broker.addrs[0], "sentinel").await;
         let got = received(&mut sub, &mut sentinel_from, prefix).await;
         let mut unique = got.clone();
         unique.dedup();

@@ -49,12 +49,16 @@ pub(crate) fn config() -> BrokerConfig {
     }
 }
 
-/// A running broker; stopped when dropped.
+/// A broker started in-process; cancelled when dropped, or stopped and awaited by
+/// [`TestBroker::stop`].
 pub(crate) struct TestBroker {
+    /// The first listener's address.
     pub(crate) addr: SocketAddr,
+    /// Every listener's address, in the order of the config.
+    pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) handle: BrokerHandle,
     shutdown: CancellationToken,
-    _running: RunningBroker,
+    running: Option<RunningBroker>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -64,8 +68,52 @@ impl Drop for TestBroker {
     }
 }
 
+impl TestBroker {
+    pub(crate) async fn start(config: &BrokerConfig) -> TestBroker {
+        TestBroker::start_in(config, None).await
+    }
+
+    async fn start_in(config: &BrokerConfig, dir: Option<tempfile::TempDir>) -> TestBroker {
+        let shutdown = CancellationToken::new();
+        let running = within(
+            "the broker to start",
+            broker::start(config, shutdown.clone()),
+        )
+        .await
+        .expect("broker starts");
+        TestBroker {
+            addr: running.local_addrs[0],
+            addrs: running.local_addrs.clone(),
+            handle: running.handle.clone(),
+            shutdown,
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    /// Cancel the shutdown token, without waiting for the broker to finish.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Cancel the shutdown token and wait until listeners, connections and router are done.
+    pub(crate) async fn stop(mut self) {
+        self.shutdown.cancel();
+        let running = self.running.take().expect("a running broker");
+        within("the broker to stop", running.wait()).await;
+    }
+
+    pub(crate) async fn sessions(&self) -> usize {
+        self.handle.stats().await.expect("stats").sessions
+    }
+
+    pub(crate) async fn clients_connected(&self) -> usize {
+        self.handle.stats().await.expect("stats").clients_connected
+    }
+}
+
 pub(crate) async fn start(config: BrokerConfig) -> TestBroker {
-    start_in(config, None).await
+    TestBroker::start(&config).await
 }
 
 /// A broker that refuses anonymous clients and knows `user` with password `password`.
@@ -80,21 +128,115 @@ pub(crate) async fn start_with_password(user: &str, password: &str) -> TestBroke
     let mut config = config();
     config.allow_anonymous = false;
     config.password_file = Some(path);
-    start_in(config, Some(dir)).await
+    TestBroker::start_in(&config, Some(dir)).await
 }
 
-async fn start_in(config: BrokerConfig, dir: Option<tempfile::TempDir>) -> TestBroker {
-    let shutdown = CancellationToken::new();
-    let running = broker::start(&config, shutdown.clone())
-        .await
-        .expect("broker starts");
-    TestBroker {
-        addr: running.local_addrs[0],
-        handle: running.handle.clone(),
-        shutdown,
-        _running: running,
-        _dir: dir,
+/// A broker with [`config`].
+pub(crate) async fn start_default() -> TestBroker {
+    start(config()).await
+}
+
+/// A 3.1.1 client subscribed to `alive/#` before anything bad happens: it must keep
+/// publishing and receiving afterwards (see [`assert_still_works`]).
+pub(crate) async fn witness(broker: &TestBroker) -> Client {
+    let mut witness = Client::connect(Version::V311, broker.addr, "witness").await;
+    assert_eq!(witness.subscribe("alive/#", 1).await, Some(1));
+    witness
+}
+
+/// The [`witness`] still publishes and receives after what `tag` names.
+pub(crate) async fn assert_still_works(witness: &mut Client, tag: &str) {
+    let tag: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let tag = tag.as_str();
+    let topic = format!("alive/{tag}");
+    witness.publish(&topic, 1, false, tag.as_bytes()).await;
+    let received = witness.recv().await;
+    assert_eq!(
+        (received.topic.as_str(), received.payload.as_slice()),
+        (topic.as_str(), tag.as_bytes()),
+        "the other client still publishes and receives after {tag}"
+    );
+}
+
+/// A raw CONNECT of `version` with default settings.
+pub(crate) fn connect_for(version: Version, client_id: &str) -> packet::Connect<'_> {
+    match version {
+        Version::V311 => packet::Connect::v311(client_id),
+        Version::V5 => packet::Connect::v5(client_id),
     }
+}
+
+/// A client id for a raw client that misbehaves in the way `what` names.
+pub(crate) fn bad_client_id(what: &str, version: Version) -> String {
+    let what: String = what
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("bad-{what}-{version:?}")
+}
+
+/// A raw client of `version` sends `bad` after a good CONNECT: the broker closes that
+/// connection (3.1.1 without sending anything, MQTT 5 after exactly one DISCONNECT with one
+/// of `v5_reasons`), and the [`witness`] is unaffected.
+pub(crate) async fn assert_bad_packet_closes_only_its_connection(
+    broker: &TestBroker,
+    witness: &mut Client,
+    version: Version,
+    what: &str,
+    bad: &[u8],
+    v5_reasons: &[u8],
+) {
+    let id = bad_client_id(what, version);
+    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
+    raw.send(bad).await;
+    let frames = raw.expect_closed().await;
+    match version {
+        Version::V311 => assert!(
+            frames.is_empty(),
+            "{what}: 3.1.1 closes without sending anything, got {frames:?}"
+        ),
+        Version::V5 => {
+            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
+            let reason = frames[0].disconnect_reason();
+            assert!(
+                v5_reasons.contains(&reason),
+                "{what}: DISCONNECT reason {reason:#04x}, expected one of {v5_reasons:02x?}"
+            );
+        }
+    }
+    assert_still_works(witness, &format!("{what}-{version:?}")).await;
+}
+
+/// A persistent 3.1.1 session (`options` with a clean session off) subscribed to `filter`
+/// with QoS 1, then offline: returns once the SUBACK (10 s at most) and the DISCONNECT
+/// are through.
+pub(crate) async fn register_offline_subscriber(options: rumqttc::MqttOptions, filter: &str) {
+    let id = options.client_id();
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => return,
+                Ok(_) => {}
+                Err(error) => panic!("subscriber {id} failed: {error}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no SUBACK for {id} within 10 s"));
+    client.disconnect().await.expect("disconnect");
+    // Let the DISCONNECT go out before the event loop is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -544,7 +686,6 @@ impl Raw {
 
     /// Open from `source` (any 127/8 address on Linux), so the broker sees another client
     /// address than 127.0.0.1.
-    #[allow(dead_code)] // not every test binary uses it
     pub(crate) async fn open_from(addr: SocketAddr, source: std::net::IpAddr) -> Raw {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket

@@ -1,18 +1,16 @@
 //! End to end: the real `fieldmq` binary with the demo configuration, watched by real MQTT
 //! clients.
 
-#[path = "support/process.rs"]
-mod process;
-
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+use crate::util::gateway;
 
 /// The demo config, moved to a free port and a temporary data directory.
 fn demo_config(dir: &std::path::Path) -> std::path::PathBuf {
@@ -221,12 +219,8 @@ impl RawWatcher {
 
 #[test]
 fn version_prints_the_crate_version() {
-    let output = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
-        .arg("--version")
-        .output()
-        .expect("run");
-    assert!(output.status.success());
-    let text = String::from_utf8_lossy(&output.stdout);
+    let (code, text, _) = gateway::run_to_end(&["--version"], None);
+    assert_eq!(code, Some(0));
     assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
 }
 
@@ -235,13 +229,8 @@ fn a_bad_config_fails_to_start_with_exit_code_2_and_names_the_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[gateway]\nid = \"x\"\npoll = 3\n").expect("write");
-    let output = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
-        .args(["run", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert_eq!(output.status.code(), Some(2));
-    let text = String::from_utf8_lossy(&output.stderr);
+    let (code, _, text) = gateway::run_to_end(&["run", "-c"], Some(&path));
+    assert_eq!(code, Some(2));
     assert!(text.contains("bad.toml:3"), "{text}");
 }
 
@@ -252,18 +241,8 @@ fn check_accepts_every_example_config() {
     for entry in std::fs::read_dir(dir).expect("config dir") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let output = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
-                .args(["check", "-c"])
-                .arg(&path)
-                .output()
-                .expect("run");
-            assert_eq!(
-                output.status.code(),
-                Some(0),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let (code, _, stderr) = gateway::run_to_end(&["check", "-c"], Some(&path));
+            assert_eq!(code, Some(0), "{}: {stderr}", path.display());
             checked += 1;
         }
     }
@@ -321,7 +300,7 @@ routes = [ { out = "plant/#", remote_prefix = "site/" } ]
 "#,
     )
     .expect("write config");
-    let (code, _, stderr) = process::run_to_end(&["check", "-c"], Some(&config));
+    let (code, _, stderr) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("ca.pem"), "{stderr}");
     assert!(stderr.contains("uplinks[cloud]"), "{stderr}");

@@ -4,16 +4,6 @@
 //! acknowledged 0x87 in 5; delivery only of what the subscriber may read), and a client
 //! certificate's CN used as the username.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[allow(dead_code)]
-#[path = "support/tls.rs"]
-mod tls;
-
-#[path = "support/skip.rs"]
-mod skip;
-
 use fieldmq::broker::Acl;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +14,8 @@ use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Raw, TestBroker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::util::{mqtt, pki, skip};
 
 /// An ACL file as Mosquitto users write it.
 const ACL_FILE: &str = "\
@@ -119,20 +111,9 @@ fn the_acl_file_rules_as_mosquitto_applies_them() {
 // ---------------------------------------------------------------------------------------
 
 /// `mosquitto_passwd` from the `mosquitto` package; `None` (`test` skipped, see
-/// tests/support/skip.rs) when it is not installed, and a failure under CI, where it must be.
+/// tests/it/util/skip.rs) when it is not installed, and a failure under CI, where it must be.
 fn mosquitto_passwd(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("mosquitto_passwd"))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        skip::skip(
-            test,
-            "mosquitto_passwd is not on PATH (apt-get install mosquitto)",
-        );
-    }
-    found
+    skip::tool_on_path(test, "mosquitto_passwd", "apt-get install mosquitto")
 }
 
 fn run(tool: &Path, args: &[&str]) {
@@ -146,7 +127,7 @@ fn run(tool: &Path, args: &[&str]) {
 /// A broker with a password file made by `mosquitto_passwd` (alice, bob) and the ACL
 /// file above; anonymous clients refused. `tls` adds a TLS listener with client
 /// certificates whose CN is the username.
-async fn start(tool: &Path, dir: &Path, tls: Option<&tls::Pki>) -> TestBroker {
+async fn start(tool: &Path, dir: &Path, tls: Option<&pki::Pki>) -> TestBroker {
     let passwd = dir.join("passwd");
     let passwd_s = passwd.to_str().expect("UTF-8 path");
     run(tool, &["-c", "-b", passwd_s, "alice", "alice-pw"]);
@@ -161,7 +142,7 @@ async fn start(tool: &Path, dir: &Path, tls: Option<&tls::Pki>) -> TestBroker {
     if let Some(pki) = tls {
         let mut listener_tls = pki.listener_tls(true, true);
         listener_tls.identity_as_username = true;
-        config.listeners = vec![tls::listener(Some(listener_tls), false)];
+        config.listeners = vec![pki::listener(Some(listener_tls), false)];
     }
     mqtt::start(config).await
 }
@@ -358,11 +339,11 @@ async fn anonymous_clients_are_refused_with_a_password_file() {
 /// Over TLS: CONNECT without username, then one SUBSCRIBE; (CONNACK code, SUBACK code).
 async fn tls_session(
     addr: std::net::SocketAddr,
-    pki: &tls::Pki,
-    identity: Option<&tls::Identity>,
+    pki: &pki::Pki,
+    identity: Option<&pki::Identity>,
 ) -> Result<(u8, u8), String> {
     within("a TLS client", async {
-        let mut stream = tls::connect(addr, pki.client_config(identity))
+        let mut stream = pki::connect(addr, pki.client_config(identity))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         stream
@@ -397,7 +378,7 @@ async fn a_client_certificate_cn_is_the_username() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = tls::Pki::new();
+    let pki = pki::Pki::new();
     let broker = start(&tool, dir.path(), Some(&pki)).await;
     // CN sensor-1, no username or password in CONNECT: accepted as user sensor-1, whose
     // ACL lines allow sensors/#.

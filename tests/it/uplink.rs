@@ -2,19 +2,11 @@
 //! the cloud, our broker in-process as the local bus, SQLite outboxes in temp dirs, and the
 //! real `fieldmq` binary for kill -9 / SIGTERM. No mocks: where a test must see or shape the
 //! wire (the protocol level of a CONNECT, a held PUBCOMP, a cut link) a loopback proxy sits
-//! between the uplink and the real cloud (`support/proxy.rs`); the ALPN test's TLS server
+//! between the uplink and the real cloud (`util/proxy.rs`); the ALPN test's TLS server
 //! is a rustls server that records the ClientHello.
 //!
 //! Tests that need Mosquitto skip with a message when it is not installed, and fail when
 //! `CI` is set.
-
-#[path = "support/cloud.rs"]
-mod cloud;
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/proxy.rs"]
-mod proxy;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -22,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloud::{make_certs, mosquitto_available, Cloud, CloudOptions, PathBufs};
+use cloud::{mosquitto_available, Cloud, CloudOptions, PathBufs};
 use fieldmq::broker::config::{BrokerConfig, ListenerConfig};
 use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, RunningBroker};
 use fieldmq::config::GatewayConfig;
@@ -33,11 +25,15 @@ use fieldmq::uplink::config::{
     WhenFull,
 };
 use fieldmq::uplink::{self, RunningUplink};
+use pki::make_certs;
 use proxy::Proxy;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::util::gateway::GatewayProcess;
+use crate::util::{cloud, free_port, mqtt, pki, proxy};
 
 const GATEWAY: &str = "line1";
 
@@ -952,7 +948,7 @@ async fn a_corrupt_outbox_stops_the_uplink_at_start_with_an_error_naming_the_fil
     std::fs::write(&path, vec![0xa5u8; 4096]).unwrap();
     let shutdown = CancellationToken::new();
     let local = local_broker(false, &shutdown).await;
-    let config = uplink_config("cloud", cloud::free_port());
+    let config = uplink_config("cloud", free_port());
     let err = match uplink::start(
         config,
         &gateway(dir.path()),
@@ -976,12 +972,6 @@ async fn a_corrupt_outbox_stops_the_uplink_at_start_with_an_error_naming_the_fil
 
 // ---------------------------------------------------------------------------------------
 // The real binary: kill -9 and SIGTERM.
-
-struct GatewayProcess {
-    child: std::process::Child,
-    config: PathBuf,
-    local_addr: SocketAddr,
-}
 
 fn gateway_toml(dir: &Path, cloud_port: u16, extra_uplink: &str) -> PathBuf {
     let text = format!(
@@ -1015,87 +1005,6 @@ routes = [
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-impl GatewayProcess {
-    fn start(config: &Path) -> GatewayProcess {
-        GatewayProcess::start_with_env(config, &[])
-    }
-
-    /// Start with extra environment variables (e.g. an uplink's `password_env`).
-    fn start_with_env(config: &Path, env: &[(&str, &str)]) -> GatewayProcess {
-        use std::io::{BufRead, BufReader};
-        // FIELDMQ_BIN runs another build of the gateway (e.g. a release binary).
-        let binary = std::env::var("FIELDMQ_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fieldmq").to_string());
-        let mut child = std::process::Command::new(binary)
-            .args(["run", "-c"])
-            .arg(config)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start fieldmq");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("FIELDMQ_TEST_VERBOSE").is_some() {
-                    eprintln!("[gateway] {line}");
-                }
-                if let Some(addr) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("listener ready"))
-                {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the gateway reports its listener within 20 s");
-        GatewayProcess {
-            child,
-            config: config.to_path_buf(),
-            local_addr: addr.parse().expect("listener address"),
-        }
-    }
-
-    fn signal(&mut self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the gateway did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.signal("-KILL");
-        self.wait(Duration::from_secs(5));
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]
@@ -1149,8 +1058,7 @@ async fn sigterm_sends_offline_before_disconnect_and_no_will() {
         status.next(Duration::from_secs(15)).await.map(|m| m.1),
         Some("online".into())
     );
-    gateway.signal("-TERM");
-    let exit = gateway.wait(Duration::from_secs(15));
+    let exit = gateway.terminate_within(Duration::from_secs(15));
     assert!(exit.success(), "clean exit: {exit}");
     // The will has the same topic and payload; its reason (`connection lost`) tells it
     // apart from the gateway's own message.
@@ -1204,7 +1112,7 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
     let mut gateway = GatewayProcess::start(&config);
 
     // Fill the outbox through the gateway's own MQTT listener while the cloud is down.
-    let publisher = CloudClient::connect(gateway.local_addr, "plc", &[], false).await;
+    let publisher = CloudClient::connect(gateway.addr, "plc", &[], false).await;
     for n in 0..COUNT {
         publisher
             .client
@@ -1218,7 +1126,7 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
             .unwrap();
     }
     let mut status_sub = CloudClient::connect(
-        gateway.local_addr,
+        gateway.addr,
         "status-reader",
         &[&format!("fieldmq/{GATEWAY}/status/uplinks/cloud")],
         false,
@@ -1259,7 +1167,7 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
             proxy.dropped_publishes()
         );
         gateway.kill9();
-        gateway = GatewayProcess::start(&gateway.config.clone());
+        gateway = GatewayProcess::start(&config);
     }
     let received =
         collect_sequence(&mut subscriber, COUNT as usize, Duration::from_secs(180)).await;
@@ -1280,20 +1188,12 @@ async fn ten_kills_while_draining_100000_messages_lose_nothing_and_duplicate_at_
     drop(gateway);
 }
 
-/// A port on 127.0.0.1 where nothing listens: the cloud is unreachable.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// Publish `count` QoS 1 messages (payload: `first` + their index) on `plant/seq` as fast as
 /// the gateway reads them, kill -9 the gateway once a tenth of them are acknowledged, and
 /// return the numbers whose PUBACK arrived.
 async fn publish_until_killed(gateway: &mut GatewayProcess, first: u32, count: u16) -> Vec<u32> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = tokio::net::TcpStream::connect(gateway.local_addr)
-        .await
-        .unwrap();
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let (mut read, mut write) = stream.into_split();
     let mut connect = Vec::new();
@@ -1387,7 +1287,7 @@ async fn with_sync_durability_every_puback_means_the_message_is_in_the_outbox_ac
     const COUNT: u16 = 20_000;
     const ROUNDS: u32 = 5;
     let dir = tempfile::tempdir().unwrap();
-    let config = gateway_toml(dir.path(), closed_port(), "");
+    let config = gateway_toml(dir.path(), free_port(), "");
     let mut acked = Vec::new();
     for round in 0..ROUNDS {
         let mut gateway = GatewayProcess::start(&config);
@@ -1817,7 +1717,7 @@ async fn message_expiry_is_reduced_by_the_time_queued_and_expired_rows_are_dropp
     // Queued while the cloud is unreachable.
     let away = CancellationToken::new();
     let running = start_uplink(
-        uplink_config("cloud", closed_port()),
+        uplink_config("cloud", free_port()),
         dir.path(),
         &local.handle,
         &away,
@@ -1956,7 +1856,7 @@ bind = "127.0.0.1:0"
         ],
     );
     let mut status = CloudClient::connect(
-        gateway.local_addr,
+        gateway.addr,
         "status-reader",
         &[&format!("fieldmq/{GATEWAY}/status/uplinks/+")],
         false,
@@ -1996,14 +1896,8 @@ async fn the_alpn_protocols_are_offered_in_the_tls_handshake() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server_config = {
-        let chain =
-            rustls_pemfile::certs(&mut std::fs::read(&certs.server_cert).unwrap().as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-        let key =
-            rustls_pemfile::private_key(&mut std::fs::read(&certs.server_key).unwrap().as_slice())
-                .unwrap()
-                .unwrap();
+        let chain = pki::certs(&std::fs::read_to_string(&certs.server_cert).unwrap());
+        let key = pki::key(&std::fs::read_to_string(&certs.server_key).unwrap());
         let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

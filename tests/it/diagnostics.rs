@@ -3,23 +3,16 @@
 //! read (`fieldmq run` logs the same warnings), and failed TLS handshakes are logged with
 //! the client's address and the reason, at most 10 lines a minute per listener.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
-#[allow(dead_code)]
-#[path = "support/tls.rs"]
-mod tls;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use gateway::GatewayProcess;
 use mqtt::within;
-use process::GatewayProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::util::{gateway, mqtt, pki};
 
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -27,7 +20,7 @@ fn chmod(path: &Path, mode: u32) {
 
 #[test]
 fn check_prints_each_listener_as_the_url_clients_connect_to() {
-    let pki = tls::Pki::new();
+    let pki = pki::Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let tls = format!(
         "tls = {{ cert = \"{}\", key = \"{}\" }}",
@@ -46,7 +39,7 @@ fn check_prints_each_listener_as_the_url_clients_connect_to() {
         ),
     )
     .expect("write config");
-    let (code, stdout, stderr) = process::run_to_end(&["check", "-c"], Some(&config));
+    let (code, stdout, stderr) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(0), "{stderr}");
     for url in [
         "mqtt://127.0.0.1:1883 ",
@@ -87,7 +80,7 @@ fn check_and_run_warn_about_password_and_acl_files_every_user_may_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config_with_auth_files(dir.path());
 
-    let (code, stdout, stderr) = process::run_to_end(&["check", "-c"], Some(&config));
+    let (code, stdout, stderr) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(0), "a warning is not an error: {stderr}");
     assert!(
         stdout.contains("warning: password file") && stdout.contains("readable by every user"),
@@ -108,26 +101,9 @@ fn check_and_run_warn_about_password_and_acl_files_every_user_may_read() {
     // Readable by owner and group only (the documented chmod 640): no warning.
     chmod(&dir.path().join("passwd"), 0o640);
     chmod(&dir.path().join("acl"), 0o640);
-    let (code, stdout, _) = process::run_to_end(&["check", "-c"], Some(&config));
+    let (code, stdout, _) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(0));
     assert!(!stdout.contains("warning:"), "{stdout}");
-}
-
-/// A TLS client that trusts only `ca_pem` (not the CA that signed the server).
-fn client_trusting(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca_pem).expect("CA file");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.expect("PEM")).expect("root");
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 /// Plain MQTT to the TLS port: returns once the gateway has closed the socket.
@@ -146,7 +122,7 @@ async fn plain_tcp_to_tls_port(addr: std::net::SocketAddr) {
 /// A TLS attempt that fails; returns once it has.
 async fn failed_tls(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>) {
     within("a refused TLS client", async {
-        if let Ok(mut stream) = tls::connect(addr, config).await {
+        if let Ok(mut stream) = pki::connect(addr, config).await {
             // TLS 1.3: the server checks the client's certificate after the client's side
             // of the handshake; the refusal shows on the first read.
             let _ = stream
@@ -164,7 +140,7 @@ async fn failed_tls(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_tls_handshakes_are_logged_with_peer_and_reason_at_most_10_a_minute() {
-    let pki = tls::Pki::new();
+    let pki = pki::Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("fieldmq.toml");
     std::fs::write(
@@ -186,7 +162,8 @@ async fn failed_tls_handshakes_are_logged_with_peer_and_reason_at_most_10_a_minu
     // Three kinds of failure: plain TCP, a client that does not trust the server's
     // certificate, a client without the required certificate.
     plain_tcp_to_tls_port(addr).await;
-    failed_tls(addr, client_trusting(&pki.client_ca)).await;
+    let client_ca = std::fs::read_to_string(&pki.client_ca).expect("CA file");
+    failed_tls(addr, pki::client_trusting(&client_ca, None)).await;
     failed_tls(addr, pki.client_config(None)).await;
     // Then a scanner's worth of them.
     for _ in 0..20 {

@@ -2,10 +2,6 @@
 //! rumqttc clients (MQTT 3.1.1 and 5), and raw bytes over TCP where a client library would
 //! hide the behaviour (CONNACK codes, keep alive, malformed and oversize packets).
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,74 +9,12 @@ use std::time::{Duration, Instant};
 use fieldmq::broker::InternalSubscribeOptions;
 use fieldmq::model::{Message, Origin, QoS};
 use mqtt::packet::{self, Connect, Will};
-use mqtt::{within, Client, Frame, Raw, Received, TestBroker, Version};
+use mqtt::{
+    assert_bad_packet_closes_only_its_connection, assert_still_works, connect_for, start_default,
+    within, witness, Client, Frame, Raw, Received, Version,
+};
 
-async fn start_default() -> TestBroker {
-    mqtt::start(mqtt::config()).await
-}
-
-/// A 3.1.1 client subscribed to `alive/#` before anything bad happens: it must keep
-/// publishing and receiving afterwards.
-async fn witness(broker: &TestBroker) -> Client {
-    let mut witness = Client::connect(Version::V311, broker.addr, "witness").await;
-    assert_eq!(witness.subscribe("alive/#", 1).await, Some(1));
-    witness
-}
-
-async fn assert_still_works(witness: &mut Client, tag: &str) {
-    let tag: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let tag = tag.as_str();
-    let topic = format!("alive/{tag}");
-    witness.publish(&topic, 1, false, tag.as_bytes()).await;
-    let received = witness.recv().await;
-    assert_eq!(
-        (received.topic.as_str(), received.payload.as_slice()),
-        (topic.as_str(), tag.as_bytes()),
-        "the other client still publishes and receives after {tag}"
-    );
-}
-
-fn connect_for(version: Version, client_id: &str) -> Connect<'_> {
-    match version {
-        Version::V311 => Connect::v311(client_id),
-        Version::V5 => Connect::v5(client_id),
-    }
-}
-
-/// A raw client of `version` sends `bad` after connecting: the broker closes that
-/// connection (MQTT 5: after a DISCONNECT with one of `v5_reasons`), and the witness is
-/// unaffected.
-async fn assert_bad_packet_closes_only_its_connection(
-    broker: &TestBroker,
-    witness: &mut Client,
-    version: Version,
-    what: &str,
-    bad: &[u8],
-    v5_reasons: &[u8],
-) {
-    let id = format!("bad-{}", what.replace(' ', "-"));
-    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
-    raw.send(bad).await;
-    let frames = raw.expect_closed().await;
-    match version {
-        Version::V311 => assert!(
-            frames.is_empty(),
-            "{what}: 3.1.1 has no server DISCONNECT, got {frames:?}"
-        ),
-        Version::V5 => {
-            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
-            let reason = frames[0].disconnect_reason();
-            assert!(
-                v5_reasons.contains(&reason),
-                "{what}: DISCONNECT reason {reason:#04x}, expected one of {v5_reasons:02x?}"
-            );
-        }
-    }
-    assert_still_works(witness, &format!("{what}-{version:?}")).await;
-}
+use crate::util::mqtt;
 
 fn message(received: &Received) -> (String, String) {
     (

@@ -2,25 +2,21 @@
 //! everyone by not reading, publish where its ACL (or the `$` rule) forbids, through a
 //! publish or through its will.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
-
 use std::path::Path;
 use std::time::Duration;
 
 use fieldmq::broker::config::BrokerConfig;
+use gateway::GatewayProcess;
 use mqtt::packet::{self, Connect, Will};
 use mqtt::{within, Client, Raw, Version};
-use process::GatewayProcess;
+
+use crate::util::{gateway, mqtt};
 
 fn gateway_config(dir: &Path, acl_file: Option<&Path>) -> std::path::PathBuf {
     let acl = acl_file
         .map(|path| format!("acl_file = \"{}\"", path.display()))
         .unwrap_or_default();
-    process::write_config(dir, &dir.join("data"), &acl)
+    gateway::write_config(dir, &dir.join("data"), &acl)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ async fn a_will_to_a_topic_the_acl_denies_is_refused_at_connect() {
 
 #[tokio::test]
 async fn a_will_to_a_dollar_topic_is_refused_at_connect() {
-    let broker = mqtt::start(mqtt::config()).await;
+    let broker = mqtt::start_default().await;
     for (connect, code) in [
         (Connect::v311("sys-will-311"), 5u8),
         (Connect::v5("sys-will-5"), 0x87),
@@ -266,7 +262,7 @@ async fn a_will_to_a_dollar_topic_is_refused_at_connect() {
 
 #[tokio::test]
 async fn clients_cannot_publish_to_dollar_topics() {
-    let broker = mqtt::start(mqtt::config()).await;
+    let broker = mqtt::start_default().await;
     let mut watcher = Client::connect(Version::V5, broker.addr, "watcher").await;
     assert_eq!(watcher.subscribe("$SYS/#", 1).await, Some(1));
 

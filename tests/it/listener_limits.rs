@@ -3,15 +3,13 @@
 //! source address holds at most `max_connections_per_address` sockets. Clients bind to
 //! other 127/8 addresses (Linux routes all of them to `lo`) to be different addresses.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Raw, Version, WAIT};
+
+use crate::util::mqtt;
 
 fn ip(text: &str) -> IpAddr {
     text.parse().expect("an IP address")

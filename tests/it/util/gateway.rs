@@ -1,4 +1,3 @@
-#![allow(dead_code)] // each test binary uses a part of this
 //! The real `fieldmq` binary as a child process: start it on a config, learn its listener
 //! address from its log, stop it with SIGTERM or kill it with SIGKILL.
 
@@ -15,29 +14,60 @@ pub(crate) struct GatewayProcess {
     pub(crate) log: std::sync::mpsc::Receiver<String>,
 }
 
+/// The `fieldmq` binary the tests run: this build's, or another one (e.g. a release
+/// binary) named by `FIELDMQ_BIN`.
+pub(crate) fn binary() -> std::ffi::OsString {
+    std::env::var_os("FIELDMQ_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_fieldmq").into())
+}
+
 impl GatewayProcess {
     /// Start `fieldmq run -c config` and wait (20 s at most) for "MQTT listener ready".
     pub(crate) fn start(config: &Path) -> GatewayProcess {
-        GatewayProcess::start_with_args(&["run".as_ref(), "-c".as_ref(), config.as_os_str()])
+        GatewayProcess::start_with_env(config, &[])
+    }
+
+    /// [`GatewayProcess::start`] with extra environment variables for the gateway (e.g. an
+    /// uplink's `password_env`): the test process's own environment stays untouched.
+    pub(crate) fn start_with_env(config: &Path, envs: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::spawn(&["run".as_ref(), "-c".as_ref(), config.as_os_str()], envs)
     }
 
     /// Start `fieldmq` with `args` and wait (20 s at most) for "MQTT listener ready".
     pub(crate) fn start_with_args(args: &[&std::ffi::OsStr]) -> GatewayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+        GatewayProcess::spawn(args, &[])
+    }
+
+    fn spawn(args: &[&std::ffi::OsStr], envs: &[(&str, &str)]) -> GatewayProcess {
+        let mut child = Command::new(binary())
             .args(args)
+            // Under a systemd service manager the test runner has these; the gateway must
+            // see only what a test gives it.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(envs.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .expect("start fieldmq");
         let stderr = child.stderr.take().expect("stderr");
+        // FIELDMQ_TEST_VERBOSE echoes the gateway's log next to the test's output.
+        let verbose = std::env::var_os("FIELDMQ_TEST_VERBOSE").is_some();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (log_tx, log_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if verbose {
+                    eprintln!("[gateway] {line}");
+                }
                 if line.contains("MQTT listener ready") {
-                    if let Some(addr) = line.split("addr=").nth(1) {
-                        let _ = ready_tx.send(Ok(addr.trim().to_owned()));
+                    if let Some(addr) = line
+                        .split("addr=")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                    {
+                        let _ = ready_tx.send(Ok(addr.to_owned()));
                     }
                 }
                 let _ = log_tx.send(line);
@@ -89,8 +119,13 @@ impl GatewayProcess {
 
     /// SIGTERM, then wait (10 s at most) for the exit status.
     pub(crate) fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, then wait (`limit` at most) for the exit status.
+    pub(crate) fn terminate_within(&mut self, limit: Duration) -> ExitStatus {
         self.signal("-TERM");
-        self.wait_exit(Duration::from_secs(10))
+        self.wait_exit(limit)
     }
 
     /// SIGINT (Ctrl-C), then wait (10 s at most) for the exit status.
@@ -112,7 +147,17 @@ impl GatewayProcess {
 
     /// Whether the process is still running.
     pub(crate) fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
+        self.exit_status().is_none()
+    }
+
+    /// The exit status, once the process has ended.
+    pub(crate) fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait")
+    }
+
+    /// SIGTERM without waiting.
+    pub(crate) fn request_stop(&self) {
+        self.signal("-TERM");
     }
 
     /// SIGSTOP: the process freezes with its sockets open, as under a long stall.
@@ -141,7 +186,7 @@ impl Drop for GatewayProcess {
 
 /// Run `fieldmq` with arguments to completion: (exit code, stdout, stderr).
 pub(crate) fn run_to_end(args: &[&str], config: Option<&Path>) -> (Option<i32>, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fieldmq"));
+    let mut command = Command::new(binary());
     command.args(args);
     if let Some(config) = config {
         command.arg(config);
@@ -162,7 +207,7 @@ pub(crate) fn run_within(
     envs: &[(&str, &str)],
     limit: Duration,
 ) -> (Option<i32>, String, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+    let child = Command::new(binary())
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())

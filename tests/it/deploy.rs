@@ -14,18 +14,15 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[path = "support/process.rs"]
-mod process;
-
-#[path = "support/skip.rs"]
-mod skip;
+use crate::util::gateway::{self, GatewayProcess};
+use crate::util::skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fieldmq");
 
@@ -47,20 +44,9 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// Finds `tool` on PATH; `None` means "skip `test`", except in CI, where the tool must be
-/// there (tests/support/skip.rs).
+/// there (tests/it/util/skip.rs).
 fn tool(test: &str, name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        skip::skip(
-            test,
-            &format!("{name} is not on PATH (apt-get install systemd)"),
-        );
-    }
-    found
+    skip::tool_on_path(test, name, "apt-get install systemd")
 }
 
 // --- the unit file -----------------------------------------------------------------------
@@ -197,7 +183,7 @@ fn the_readme_run_command_runs_the_gateway_binary() {
             }
         })
         .collect();
-    let mut gateway = process::GatewayProcess::start_with_args(&args);
+    let mut gateway = gateway::GatewayProcess::start_with_args(&args);
 
     // The demo's simulated device publishes on demo/sim/... every second.
     let mut options = rumqttc::MqttOptions::new(
@@ -465,33 +451,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 // --- the notify protocol -------------------------------------------------------------------
 
-/// The gateway process; killed on drop so a failed assertion leaves nothing running.
-struct Gateway {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Gateway {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port that was free a moment ago (the gateway binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s, client id "deploy-test") and the
 /// CONNACK that accepts it: proof that READY=1 came from a broker that serves clients.
 fn mqtt_connect_is_accepted(port: u16) -> Result<(), String> {
@@ -526,38 +485,20 @@ fn gateway_speaks_the_systemd_notify_protocol() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_path = dir.path().join("notify.sock");
     let manager = UnixDatagram::bind(&socket_path).expect("bind notify socket");
-    let port = free_port();
-    let config = dir.path().join("fieldmq.toml");
-    fs::write(
+    let config = gateway::write_config(dir.path(), &dir.path().join("data"), "");
+    let watchdog_usec = WATCHDOG_USEC.to_string();
+    let mut gateway = GatewayProcess::start_with_env(
         &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().expect("UTF-8 path")),
+            ("WATCHDOG_USEC", &watchdog_usec),
+        ],
+    );
+    let port = gateway.addr.port();
+    let context = |gateway: &GatewayProcess| {
         format!(
-            "[gateway]\nid = \"t\"\ndata_dir = {data:?}\n\n[broker]\nallow_anonymous = true\n\n\
-             [[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n",
-            data = dir.path().join("data").display().to_string(),
-        ),
-    )
-    .expect("write config");
-    let log = dir.path().join("gateway.log");
-    let mut gateway = Gateway {
-        child: Command::new(BIN)
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("WATCHDOG_USEC", WATCHDOG_USEC.to_string())
-            .env_remove("WATCHDOG_PID")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).expect("log file"))
-            .stderr(fs::File::create(dir.path().join("gateway.err")).expect("log file"))
-            .spawn()
-            .expect("start fieldmq"),
-        log: log.clone(),
-    };
-    let err_log = dir.path().join("gateway.err");
-    let context = |gateway: &Gateway| {
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            gateway.log(),
-            fs::read_to_string(&err_log).unwrap_or_default()
+            "log:\n{}",
+            gateway.log.try_iter().collect::<Vec<_>>().join("\n")
         )
     };
 
@@ -640,11 +581,7 @@ fn gateway_speaks_the_systemd_notify_protocol() {
     );
 
     // 3. SIGTERM: STOPPING=1, then a clean exit within the gateway's own deadline.
-    let status = Command::new("kill")
-        .args(["-TERM", &gateway.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    gateway.request_stop();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut stopping = false;
     while let Some((_, message)) = recv(deadline) {
@@ -659,7 +596,7 @@ fn gateway_speaks_the_systemd_notify_protocol() {
         context(&gateway)
     );
     let exit = loop {
-        if let Some(exit) = gateway.child.try_wait().expect("try_wait") {
+        if let Some(exit) = gateway.exit_status() {
             break exit;
         }
         assert!(

@@ -2,10 +2,6 @@
 //! subscriber's queue, however many there are. Real broker in-process, real clients
 //! (rumqttc, and raw bytes where the test must control reading and acknowledging).
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -14,6 +10,8 @@ use fieldmq::broker::InternalSubscribeOptions;
 use fieldmq::model::{Message, QoS};
 use mqtt::packet::{self, Connect};
 use mqtt::{within, Client, Frame, Raw, Received, TestBroker, Version};
+
+use crate::util::mqtt;
 
 /// The queue bound of the subscribers under test: small, so that delivering the retained
 /// messages takes many pages.

@@ -4,18 +4,14 @@
 //! figure on a release build (docs/benchmarks.md); this test only guards it, with a wide
 //! margin for a debug build on a busy machine.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use gateway::GatewayProcess;
 use mqtt::packet::Connect;
-use process::GatewayProcess;
+
+use crate::util::{gateway, mqtt};
 
 /// Clients opened before the first reading, so that one-time growth (tables, allocator
 /// arenas) is not counted per client.
@@ -61,7 +57,7 @@ fn open_idle_clients(addr: SocketAddr, first: usize, count: usize) -> Vec<TcpStr
 #[test]
 fn each_idle_client_costs_the_broker_process_a_few_kib() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = process::write_config(dir.path(), &dir.path().join("data"), "");
+    let config = gateway::write_config(dir.path(), &dir.path().join("data"), "");
     // The listener table is the last one: all clients come from 127.0.0.1.
     let mut text = std::fs::read_to_string(&config).expect("read config");
     text.push_str("max_connections_per_address = 0\nmax_connections = 1000\n");

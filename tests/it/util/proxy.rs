@@ -14,7 +14,6 @@
 //!
 //! Packets are framed (fixed header and remaining length) but otherwise forwarded as they
 //! are. Every wait is bounded.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -12,10 +12,6 @@
 //! sleeps are for time that must pass (an expiry, a will delay) or to show that something
 //! does *not* happen.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fieldmq::broker::config::{BrokerConfig, Durability, ListenerConfig};
-use fieldmq::broker::{self, BrokerHandle, RunningBroker};
-use mqtt::{within, Raw};
+use mqtt::{within, Raw, TestBroker};
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Filter, LastWill, LastWillProperties, Packet, PubAck, PubComp, PubRec,
@@ -35,7 +30,8 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::util::mqtt;
 
 // ---------------------------------------------------------------------------------------
 // The broker
@@ -57,53 +53,6 @@ fn durable_config(dir: &Path) -> BrokerConfig {
         store_path: dir.join("broker.db"),
         max_queued_messages: 10_000,
         ..config()
-    }
-}
-
-/// A broker started in-process; cancelled when dropped, or stopped and awaited by `stop`.
-struct Broker {
-    addr: SocketAddr,
-    handle: BrokerHandle,
-    shutdown: CancellationToken,
-    running: Option<RunningBroker>,
-}
-
-impl Broker {
-    async fn start(config: &BrokerConfig) -> Broker {
-        let shutdown = CancellationToken::new();
-        let running = within(
-            "the broker to start",
-            broker::start(config, shutdown.clone()),
-        )
-        .await
-        .expect("broker starts");
-        Broker {
-            addr: running.local_addrs[0],
-            handle: running.handle.clone(),
-            shutdown,
-            running: Some(running),
-        }
-    }
-
-    /// Cancel the shutdown token and wait until listeners, connections and router are done.
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        let running = self.running.take().expect("a running broker");
-        within("the broker to stop", running.wait()).await;
-    }
-
-    async fn sessions(&self) -> usize {
-        self.handle.stats().await.expect("stats").sessions
-    }
-
-    async fn clients_connected(&self) -> usize {
-        self.handle.stats().await.expect("stats").clients_connected
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 
@@ -571,7 +520,7 @@ impl Library {
 
 #[tokio::test]
 async fn session_expiry_set_at_connect_or_at_disconnect_decides_if_the_session_survives() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut publisher = Peer::connect(broker.addr, "expiry-publisher", properties()).await;
     // (expiry in CONNECT, new expiry in DISCONNECT, session kept)
     let cases: [(Option<u32>, Option<u32>, bool); 8] = [
@@ -622,7 +571,7 @@ async fn session_expiry_set_at_connect_or_at_disconnect_decides_if_the_session_s
 
 #[tokio::test]
 async fn a_disconnect_that_gives_expiry_to_a_session_created_without_it_is_a_protocol_error() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut peer = Peer::connect(broker.addr, "no-expiry", properties()).await;
     peer.subscribe(filter("never/kept", QoS::AtLeastOnce)).await;
     peer.send(Packet::Disconnect(Disconnect {
@@ -666,7 +615,7 @@ async fn count_rows(db: &Path, table: &str, client_id: &str) -> i64 {
 async fn a_durable_session_expires_on_time_and_its_rows_leave_the_store_while_0xffffffff_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = durable_config(dir.path());
-    let broker = Broker::start(&config).await;
+    let broker = TestBroker::start(&config).await;
     let mut publisher = Peer::connect(broker.addr, "se-publisher", properties()).await;
 
     // `short` expires 1 s after it goes away, `forever` never, `extended` had 1 s but asked
@@ -751,7 +700,7 @@ async fn a_durable_session_expires_on_time_and_its_rows_leave_the_store_while_0x
     }
 
     // And after a restart: the kept sessions are there with their messages, in order.
-    let broker = Broker::start(&config).await;
+    let broker = TestBroker::start(&config).await;
     for client_id in ["forever", "extended"] {
         let (mut peer, present) = Peer::resume(broker.addr, client_id, with_expiry(60)).await;
         assert!(present, "{client_id} survives the restart");
@@ -778,7 +727,7 @@ async fn queued_messages_beyond_the_memory_window_and_retained_ones_survive_a_re
     const AFTER_RESTART: usize = 300;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = durable_config(dir.path());
-    let broker = Broker::start(&config).await;
+    let broker = TestBroker::start(&config).await;
 
     let mut keeper = Peer::connect(broker.addr, "keeper", with_expiry(3600)).await;
     keeper.subscribe(filter("keep/#", QoS::AtLeastOnce)).await;
@@ -811,7 +760,7 @@ async fn queued_messages_beyond_the_memory_window_and_retained_ones_survive_a_re
 
     // 1000 of the 1200 come back into memory, 200 stay on disk; 300 more arrive while
     // the session is offline and go to disk behind them.
-    let broker = Broker::start(&config).await;
+    let broker = TestBroker::start(&config).await;
     let (mut publisher, _) = Peer::open(
         broker.addr,
         connect_packet("keep-publisher", true, properties()),
@@ -858,7 +807,7 @@ async fn queued_messages_beyond_the_memory_window_and_retained_ones_survive_a_re
 
 #[tokio::test]
 async fn expired_messages_are_not_delivered_and_valid_ones_carry_their_remaining_interval() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let expiring = |seconds: u32| PublishProperties {
         message_expiry_interval: Some(seconds),
         ..PublishProperties::default()
@@ -963,7 +912,7 @@ fn aliased(topic: &str, alias: u16, payload: &str) -> Publish {
 
 #[tokio::test]
 async fn topic_aliases_from_a_client_reach_subscribers_as_full_topics() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut subscriber = Peer::connect(broker.addr, "alias-sub", properties()).await;
     subscriber
         .subscribe(filter("alias/#", QoS::AtLeastOnce))
@@ -1013,7 +962,7 @@ async fn topic_aliases_from_a_client_reach_subscribers_as_full_topics() {
 
 #[tokio::test]
 async fn a_topic_alias_of_0_or_above_the_maximum_gets_disconnect_0x94_and_an_unknown_one_0x82() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let (_, ack) = Peer::open(
         broker.addr,
         connect_packet("probe", true, properties()),
@@ -1051,7 +1000,7 @@ async fn a_topic_alias_of_0_or_above_the_maximum_gets_disconnect_0x94_and_an_unk
 
 #[tokio::test]
 async fn a_client_with_topic_alias_maximum_10_receives_repeated_topics_as_aliases() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut aliasing = Peer::connect(
         broker.addr,
         "alias-taker",
@@ -1119,7 +1068,7 @@ async fn a_client_with_topic_alias_maximum_10_receives_repeated_topics_as_aliase
 
 #[tokio::test]
 async fn no_local_keeps_a_clients_own_messages_from_it_but_not_others() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut quiet = Peer::connect(broker.addr, "no-local", properties()).await;
     quiet
         .subscribe(Filter {
@@ -1150,7 +1099,7 @@ async fn no_local_keeps_a_clients_own_messages_from_it_but_not_others() {
 
 #[tokio::test]
 async fn retain_as_published_keeps_the_retain_flag_and_without_it_the_flag_is_cleared() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut publisher = Peer::connect(broker.addr, "rap-pub", properties()).await;
     publisher
         .publish(retained(message("rap/old", QoS::AtLeastOnce, "old")))
@@ -1196,7 +1145,7 @@ async fn retain_as_published_keeps_the_retain_flag_and_without_it_the_flag_is_cl
 
 #[tokio::test]
 async fn retain_handling_0_sends_retained_on_every_subscribe_1_only_on_a_new_one_2_never() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut publisher = Peer::connect(broker.addr, "rh-pub", properties()).await;
     publisher
         .publish(retained(message("rh/r", QoS::AtLeastOnce, "kept")))
@@ -1232,7 +1181,7 @@ async fn retain_handling_0_sends_retained_on_every_subscribe_1_only_on_a_new_one
 
 #[tokio::test]
 async fn subscription_identifiers_come_with_every_matching_message() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut publisher = Peer::connect(broker.addr, "sid-pub", properties()).await;
     publisher
         .publish(retained(message("sid/r", QoS::AtLeastOnce, "retained")))
@@ -1291,7 +1240,7 @@ async fn subscription_identifiers_come_with_every_matching_message() {
 
 #[tokio::test]
 async fn the_broker_never_has_more_qos_2_messages_in_flight_than_the_clients_receive_maximum() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut slow = Peer::connect(
         broker.addr,
         "rm-slow",
@@ -1343,7 +1292,7 @@ async fn the_broker_never_has_more_qos_2_messages_in_flight_than_the_clients_rec
 
 #[tokio::test]
 async fn a_client_exceeding_the_advertised_receive_maximum_with_qos_2_gets_disconnect_0x93() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let (mut flood, ack) = Peer::open(
         broker.addr,
         connect_packet("flood", true, properties()),
@@ -1385,7 +1334,7 @@ async fn a_client_exceeding_the_advertised_receive_maximum_with_qos_2_gets_disco
 
 #[tokio::test]
 async fn a_message_larger_than_the_clients_maximum_packet_size_is_dropped_and_later_ones_arrive() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     // Receive Maximum 1: a dropped QoS 1 message must not hold the only slot either.
     let mut small = Peer::connect(
         broker.addr,
@@ -1422,7 +1371,7 @@ async fn a_message_larger_than_the_clients_maximum_packet_size_is_dropped_and_la
 
 #[tokio::test]
 async fn a_packet_larger_than_the_advertised_maximum_packet_size_gets_disconnect_0x95() {
-    let broker = Broker::start(&BrokerConfig {
+    let broker = TestBroker::start(&BrokerConfig {
         max_packet_size: 2048,
         ..config()
     })
@@ -1451,7 +1400,7 @@ async fn a_packet_larger_than_the_advertised_maximum_packet_size_gets_disconnect
 
 #[tokio::test]
 async fn connack_advertises_what_the_broker_supports_and_its_configured_limits() {
-    let broker = Broker::start(&BrokerConfig {
+    let broker = TestBroker::start(&BrokerConfig {
         max_inflight: 7,
         max_packet_size: 4096,
         ..config()
@@ -1492,7 +1441,7 @@ async fn connack_advertises_what_the_broker_supports_and_its_configured_limits()
 
 #[tokio::test]
 async fn a_keep_alive_above_a_3600_s_maximum_is_answered_with_server_keep_alive_3600() {
-    let broker = Broker::start(&BrokerConfig {
+    let broker = TestBroker::start(&BrokerConfig {
         max_keep_alive: 3600,
         ..config()
     })
@@ -1523,7 +1472,7 @@ async fn a_keep_alive_above_a_3600_s_maximum_is_answered_with_server_keep_alive_
 
 #[tokio::test]
 async fn request_and_response_properties_pass_unchanged_between_two_v5_clients() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let (mut responder, _) =
         Library::connect(mqtt::Client::options_v5(broker.addr, "responder")).await;
     responder.subscribe("service/request").await;
@@ -1612,7 +1561,7 @@ async fn with_will(addr: SocketAddr, client_id: &str, will: LastWill, expiry: u3
 
 #[tokio::test]
 async fn a_will_waits_for_its_delay_and_a_reconnect_within_the_delay_cancels_it() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut observer = Peer::connect(broker.addr, "will-observer", properties()).await;
     observer.subscribe(filter("will/#", QoS::AtLeastOnce)).await;
 
@@ -1664,7 +1613,7 @@ async fn a_will_waits_for_its_delay_and_a_reconnect_within_the_delay_cancels_it(
 
 #[tokio::test]
 async fn a_session_taken_over_within_the_will_delay_does_not_publish_the_will() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut observer = Peer::connect(broker.addr, "takeover-observer", properties()).await;
     observer.subscribe(filter("will/#", QoS::AtLeastOnce)).await;
 
@@ -1689,7 +1638,7 @@ async fn a_session_taken_over_within_the_will_delay_does_not_publish_the_will() 
 
 #[tokio::test]
 async fn members_of_a_shared_subscription_split_the_messages_and_a_plain_subscriber_gets_all() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut members = Vec::new();
     for id in ["worker-a", "worker-b"] {
         let mut member = Peer::connect(broker.addr, id, properties()).await;
@@ -1731,10 +1680,10 @@ async fn members_of_a_shared_subscription_split_the_messages_and_a_plain_subscri
 
 #[tokio::test]
 async fn a_broker_shutting_down_sends_disconnect_0x8b_with_a_reason_string_to_mqtt_5_clients() {
-    let broker = Broker::start(&config()).await;
+    let broker = TestBroker::start(&config()).await;
     let mut v5 = Peer::connect(broker.addr, "shutdown-v5", properties()).await;
     let mut v311 = Raw::connected(broker.addr, &mqtt::packet::Connect::v311("shutdown-v311")).await;
-    broker.shutdown.cancel();
+    broker.begin_shutdown();
 
     let disconnect = v5.expect_disconnect().await;
     assert_eq!(

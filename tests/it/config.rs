@@ -11,6 +11,8 @@ use fieldmq::model::{QoS, Value};
 use fieldmq::service::config;
 use fieldmq::uplink::config::{MqttVersion, SecretSource, UrlScheme, WhenFull};
 
+use crate::util::pki;
+
 /// A valid start for bad configs: lines 1 to 4.
 const HEAD: &str = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n";
 
@@ -865,18 +867,11 @@ fn every_bad_config_is_reported_with_its_line_and_key_path() {
 fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     use fieldmq::broker::config::Durability;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("cert");
-    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
-    std::fs::write(dir.path().join("server.crt"), cert.pem()).expect("write");
-    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).expect("write");
+    let ca = pki::Ca::new("fieldmq test CA");
+    let server = ca.server("localhost");
+    pki::write_pem(dir.path(), "ca.pem", &ca.pem);
+    pki::write_pem(dir.path(), "server.crt", &server.cert);
+    pki::write_pem(dir.path(), "server.key", &server.key);
     std::fs::write(dir.path().join("acl"), "topic read #\n").expect("write");
 
     let text = "[gateway]\nid = \"gw\"\ndata_dir = \"data\"\n\

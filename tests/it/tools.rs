@@ -4,26 +4,22 @@
 //! prints `topic payload` lines and stops after `-n` messages or fails after `-W` without
 //! one.
 
-#[path = "support/process.rs"]
-mod process;
-
-#[path = "support/cloud.rs"]
-mod cloud;
-
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
+
+use crate::util::{cloud, gateway};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// `fieldmq args...` to completion (bounded): (exit code, stdout, stderr).
 fn fieldmq(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-    process::run_within(&args, envs, LIMIT)
+    gateway::run_within(&args, envs, LIMIT)
 }
 
 /// A password file line for `user`, made by `fieldmq passwd`; the password from the
@@ -72,7 +68,7 @@ fn tool(
 fn passwd_pub_and_sub_work_against_a_gateway_that_requires_passwords() {
     let dir = tempfile::tempdir().expect("tempdir");
     let passwd = write_password_file(dir.path());
-    let config = process::write_config(
+    let config = gateway::write_config(
         dir.path(),
         &dir.path().join("data"),
         &format!("password_file = \"{}\"", passwd.display()),
@@ -97,7 +93,7 @@ fn passwd_pub_and_sub_work_against_a_gateway_that_requires_passwords() {
 
     // sub -n 2: the retained message at once (so the subscription is in place), then one
     // published after it.
-    let mut sub = Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+    let mut sub = Command::new(gateway::binary())
         .args(["sub", "-p", &port.to_string(), "-u", "bob", "-P", "hunter2"])
         .args([
             "-q",

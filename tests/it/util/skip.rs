@@ -8,6 +8,7 @@
 //! `--nocapture`, next to the test's `ok`.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 /// Fail under CI; elsewhere print `SKIPPED <test>: <reason>` where `cargo test` shows it.
 pub(crate) fn skip(test: &str, reason: &str) {
@@ -18,4 +19,18 @@ pub(crate) fn skip(test: &str, reason: &str) {
         std::io::stderr().lock(),
         "SKIPPED {test}: {reason} (not run; with CI=true this is a failure)"
     );
+}
+
+/// `name` found on PATH; `None` means "skip `test`" (see [`skip`]), `install` says where the
+/// tool comes from.
+pub(crate) fn tool_on_path(test: &str, name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        skip(test, &format!("{name} is not on PATH ({install})"));
+    }
+    found
 }

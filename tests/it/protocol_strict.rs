@@ -5,57 +5,17 @@
 //! Malformed Packet or 0x82 Protocol Error as the specification classes it, in 3.1.1 with
 //! nothing sent. Another client on the same broker keeps publishing and receiving.
 
-#[path = "support/mqtt.rs"]
-#[allow(dead_code)]
-mod mqtt;
-
 use mqtt::packet::{self, Connect, Will};
-use mqtt::{Client, Raw, TestBroker, Version};
+use mqtt::{
+    assert_still_works, bad_client_id, connect_for, start_default, witness, Client, Raw,
+    TestBroker, Version,
+};
+
+use crate::util::mqtt;
 
 const MALFORMED: u8 = 0x81;
 const PROTOCOL_ERROR: u8 = 0x82;
 const BOTH: [Version; 2] = [Version::V311, Version::V5];
-
-async fn start() -> TestBroker {
-    mqtt::start(mqtt::config()).await
-}
-
-/// A 3.1.1 client subscribed to `alive/#` before anything bad happens.
-async fn witness(broker: &TestBroker) -> Client {
-    let mut witness = Client::connect(Version::V311, broker.addr, "witness").await;
-    assert_eq!(witness.subscribe("alive/#", 1).await, Some(1));
-    witness
-}
-
-async fn assert_still_works(witness: &mut Client, tag: &str) {
-    let tag: String = tag
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let topic = format!("alive/{tag}");
-    witness.publish(&topic, 1, false, tag.as_bytes()).await;
-    let received = witness.recv().await;
-    assert_eq!(
-        (received.topic.as_str(), received.payload.as_slice()),
-        (topic.as_str(), tag.as_bytes()),
-        "the other client still publishes and receives after {tag}"
-    );
-}
-
-fn connect_for(version: Version, client_id: &str) -> Connect<'_> {
-    match version {
-        Version::V311 => Connect::v311(client_id),
-        Version::V5 => Connect::v5(client_id),
-    }
-}
-
-fn client_id(what: &str, version: Version) -> String {
-    let what: String = what
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    format!("bad-{what}-{version:?}")
-}
 
 /// After a good CONNECT, `bad` closes the connection: MQTT 5 with exactly one DISCONNECT
 /// carrying `v5_reason`, 3.1.1 with nothing sent. The witness is unaffected.
@@ -67,25 +27,15 @@ async fn assert_refused(
     bad: &[u8],
     v5_reason: u8,
 ) {
-    let id = client_id(what, version);
-    let mut raw = Raw::connected(broker.addr, &connect_for(version, &id)).await;
-    raw.send(bad).await;
-    let frames = raw.expect_closed().await;
-    match version {
-        Version::V311 => assert!(
-            frames.is_empty(),
-            "{what}: 3.1.1 closes without sending anything, got {frames:?}"
-        ),
-        Version::V5 => {
-            assert_eq!(frames.len(), 1, "{what}: one DISCONNECT, got {frames:?}");
-            assert_eq!(
-                frames[0].disconnect_reason(),
-                v5_reason,
-                "{what}: DISCONNECT reason"
-            );
-        }
-    }
-    assert_still_works(witness, &format!("{what}-{version:?}")).await;
+    mqtt::assert_bad_packet_closes_only_its_connection(
+        broker,
+        witness,
+        version,
+        what,
+        bad,
+        &[v5_reason],
+    )
+    .await;
 }
 
 /// A CONNECT that must be refused: MQTT 5 gets exactly one CONNACK with `v5_reason`, 3.1.1
@@ -135,10 +85,10 @@ fn props(version: Version, properties: &[u8]) -> Option<&[u8]> {
 
 #[tokio::test]
 async fn a_connect_with_the_reserved_flag_set_is_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
-        let id = client_id("reserved", version);
+        let id = bad_client_id("reserved", version);
         let bad = with_connect_flags(&connect_for(version, &id), |f| f | 0x01);
         assert_connect_refused(
             &broker,
@@ -154,10 +104,10 @@ async fn a_connect_with_the_reserved_flag_set_is_malformed() {
 
 #[tokio::test]
 async fn a_connect_with_will_qos_3_is_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
-        let id = client_id("will-qos-3", version);
+        let id = bad_client_id("will-qos-3", version);
         let connect = Connect {
             will: Some(Will {
                 topic: "will/t",
@@ -182,14 +132,14 @@ async fn a_connect_with_will_qos_3_is_malformed() {
 
 #[tokio::test]
 async fn a_connect_with_will_qos_or_will_retain_but_no_will_flag_is_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         for (what, bits) in [
             ("will qos without will", 0x08),
             ("will retain without will", 0x20),
         ] {
-            let id = client_id(what, version);
+            let id = bad_client_id(what, version);
             let bad = with_connect_flags(&connect_for(version, &id), |f| f | bits);
             assert_connect_refused(&broker, &mut witness, version, what, &bad, MALFORMED).await;
         }
@@ -198,7 +148,7 @@ async fn a_connect_with_will_qos_or_will_retain_but_no_will_flag_is_malformed() 
 
 #[tokio::test]
 async fn a_3_1_1_connect_with_a_password_but_no_user_name_is_refused_and_mqtt_5_allows_it() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let bad = Connect {
         password: Some("secret"),
@@ -227,7 +177,7 @@ async fn a_3_1_1_connect_with_a_password_but_no_user_name_is_refused_and_mqtt_5_
 
 #[tokio::test]
 async fn an_mqtt_5_connect_with_session_expiry_twice_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let properties = [
         packet::property_u32(packet::SESSION_EXPIRY, 10),
@@ -251,7 +201,7 @@ async fn an_mqtt_5_connect_with_session_expiry_twice_is_a_protocol_error() {
 
 #[tokio::test]
 async fn an_mqtt_5_will_with_will_delay_twice_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let mut body = Vec::new();
     packet::put_bytes(&mut body, b"MQTT");
@@ -286,7 +236,7 @@ async fn an_mqtt_5_will_with_will_delay_twice_is_a_protocol_error() {
 
 #[tokio::test]
 async fn subscribe_unsubscribe_and_pubrel_with_fixed_header_flags_other_than_0010_are_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let no_props = props(version, &[]);
@@ -312,7 +262,7 @@ async fn subscribe_unsubscribe_and_pubrel_with_fixed_header_flags_other_than_001
 
 #[tokio::test]
 async fn puback_pubrec_pubcomp_pingreq_and_disconnect_with_reserved_flags_set_are_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let cases = [
@@ -330,7 +280,7 @@ async fn puback_pubrec_pubcomp_pingreq_and_disconnect_with_reserved_flags_set_ar
 
 #[tokio::test]
 async fn a_qos_0_publish_with_dup_set_is_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let bad = packet::publish_with(0x38, "dup/0", None, props(version, &[]), b"x");
@@ -344,7 +294,7 @@ async fn a_qos_0_publish_with_dup_set_is_malformed() {
 
 #[tokio::test]
 async fn subscribe_unsubscribe_and_qos_2_publish_with_packet_id_0_are_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let no_props = props(version, &[]);
@@ -370,7 +320,7 @@ async fn subscribe_unsubscribe_and_qos_2_publish_with_packet_id_0_are_malformed(
 
 #[tokio::test]
 async fn an_unsubscribe_without_filters_is_refused_as_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let bad = packet::unsubscribe_with(0xA2, 7, props(version, &[]), &[]);
@@ -388,7 +338,7 @@ async fn an_unsubscribe_without_filters_is_refused_as_a_protocol_error() {
 
 #[tokio::test]
 async fn a_subscribe_without_filters_is_refused_as_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let bad = packet::subscribe_with(0x82, 7, props(version, &[]), &[]);
@@ -410,7 +360,7 @@ async fn a_subscribe_without_filters_is_refused_as_a_protocol_error() {
 
 #[tokio::test]
 async fn reserved_subscription_option_bits_are_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     // MQTT 5: bits 6 and 7 are reserved.
     for options in [0x41, 0x81] {
@@ -429,7 +379,7 @@ async fn reserved_subscription_option_bits_are_malformed() {
 
 #[tokio::test]
 async fn a_subscription_with_qos_3_is_refused() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     for version in BOTH {
         let bad = packet::subscribe_with(0x82, 1, props(version, &[]), &[("a/b", 3)]);
@@ -448,7 +398,7 @@ async fn a_subscription_with_qos_3_is_refused() {
 
 #[tokio::test]
 async fn an_mqtt_5_subscription_with_retain_handling_3_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let bad = packet::subscribe_with(0x82, 1, Some(&[]), &[("a/b", 0x31)]);
     assert_refused(
@@ -468,7 +418,7 @@ async fn an_mqtt_5_subscription_with_retain_handling_3_is_a_protocol_error() {
 
 #[tokio::test]
 async fn an_mqtt_5_publish_with_topic_alias_twice_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let properties = [
         packet::property_u16(packet::TOPIC_ALIAS, 1),
@@ -489,7 +439,7 @@ async fn an_mqtt_5_publish_with_topic_alias_twice_is_a_protocol_error() {
 
 #[tokio::test]
 async fn any_single_valued_mqtt_5_property_given_twice_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let twice = |property: Vec<u8>| [property.clone(), property].concat();
     let expiry_twice = twice(packet::property_u32(0x02, 60));
@@ -531,7 +481,7 @@ async fn any_single_valued_mqtt_5_property_given_twice_is_a_protocol_error() {
 
 #[tokio::test]
 async fn an_mqtt_5_subscription_identifier_of_0_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let properties = packet::property_varint(packet::SUBSCRIPTION_IDENTIFIER, 0);
     let bad = packet::subscribe_with(0x82, 1, Some(&properties), &[("a/b", 1)]);
@@ -548,7 +498,7 @@ async fn an_mqtt_5_subscription_identifier_of_0_is_a_protocol_error() {
 
 #[tokio::test]
 async fn an_mqtt_5_publish_from_a_client_with_a_subscription_identifier_is_a_protocol_error() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let properties = packet::property_varint(packet::SUBSCRIPTION_IDENTIFIER, 3);
     let bad = packet::publish_with(0x30, "sub/id", None, Some(&properties), b"x");
@@ -565,7 +515,7 @@ async fn an_mqtt_5_publish_from_a_client_with_a_subscription_identifier_is_a_pro
 
 #[tokio::test]
 async fn an_mqtt_5_property_not_valid_in_its_packet_or_overrunning_its_list_is_malformed() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
     let session_expiry = packet::property_u32(packet::SESSION_EXPIRY, 1);
     // A property list whose length (2) ends inside its Topic Alias (3 bytes).
@@ -592,7 +542,7 @@ async fn an_mqtt_5_property_not_valid_in_its_packet_or_overrunning_its_list_is_m
 /// MQTT 5 subscription option, a QoS 1 PUBLISH with DUP, a PUBREL with its flags.
 #[tokio::test]
 async fn valid_packets_at_the_edges_of_the_rules_are_accepted() {
-    let broker = start().await;
+    let broker = start_default().await;
     let mut witness = witness(&broker).await;
 
     let mut v5 = Raw::connected(broker.addr, &Connect::v5("edges-5")).await;

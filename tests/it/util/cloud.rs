@@ -1,22 +1,16 @@
-//! A cloud broker for tests: Mosquitto on a free loopback port, with or without TLS, plus
-//! certificates made with rcgen and a small rumqttc subscriber.
+//! A cloud broker for tests: Mosquitto on a free loopback port, with or without TLS
+//! (certificates from [`super::pki`]).
 //!
 //! Tests that need Mosquitto call [`mosquitto_available`] first: on a machine without it
 //! they skip with a message, unless `CI` is set, where a missing Mosquitto is a failure.
-#![allow(dead_code)]
 
-#[path = "skip.rs"]
-mod skip;
-
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use super::pki::Certs;
+use super::{free_port, skip};
 
 /// Whether `mosquitto` can be run. Panics in CI when it cannot.
 pub(crate) fn mosquitto_available(test: &str) -> bool {
@@ -33,100 +27,6 @@ pub(crate) fn mosquitto_available(test: &str) -> bool {
         );
     }
     found
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable in tests).
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// Certificates for one test: a CA, a server certificate for `localhost`/`127.0.0.1`, a
-/// client certificate signed by the CA, and a second, unrelated CA with its own client.
-pub(crate) struct Certs {
-    pub(crate) dir: PathBuf,
-    pub(crate) ca: PathBuf,
-    pub(crate) server_cert: PathBuf,
-    pub(crate) server_key: PathBuf,
-    pub(crate) client_cert: PathBuf,
-    pub(crate) client_key: PathBuf,
-    pub(crate) other_ca: PathBuf,
-    pub(crate) other_client_cert: PathBuf,
-    pub(crate) other_client_key: PathBuf,
-}
-
-fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let key = KeyPair::generate().expect("ca key");
-    let cert = params.self_signed(&key).expect("ca cert");
-    (cert.pem(), Issuer::new(params, key))
-}
-
-fn leaf(
-    name: &str,
-    sans: Vec<SanType>,
-    usage: ExtendedKeyUsagePurpose,
-    issuer: &Issuer<'static, KeyPair>,
-) -> (String, String) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.subject_alt_names = sans;
-    params.extended_key_usages = vec![usage];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate().expect("leaf key");
-    let cert = params.signed_by(&key, issuer).expect("leaf cert");
-    (cert.pem(), key.serialize_pem())
-}
-
-pub(crate) fn make_certs(dir: &Path) -> Certs {
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).expect("write pem");
-        path
-    };
-    let (ca_pem, issuer) = new_ca("fieldmq test CA");
-    let (server_pem, server_key) = leaf(
-        "localhost",
-        vec![
-            SanType::DnsName("localhost".try_into().expect("dns name")),
-            SanType::IpAddress([127, 0, 0, 1].into()),
-        ],
-        ExtendedKeyUsagePurpose::ServerAuth,
-        &issuer,
-    );
-    let (client_pem, client_key) = leaf(
-        "line1-pi",
-        Vec::new(),
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &issuer,
-    );
-    let (other_pem, other_issuer) = new_ca("some other CA");
-    let (other_client_pem, other_client_key) = leaf(
-        "intruder",
-        Vec::new(),
-        ExtendedKeyUsagePurpose::ClientAuth,
-        &other_issuer,
-    );
-    Certs {
-        dir: dir.to_path_buf(),
-        ca: write("ca.pem", &ca_pem),
-        server_cert: write("server.pem", &server_pem),
-        server_key: write("server.key", &server_key),
-        client_cert: write("client.pem", &client_pem),
-        client_key: write("client.key", &client_key),
-        other_ca: write("other-ca.pem", &other_pem),
-        other_client_cert: write("other-client.pem", &other_client_pem),
-        other_client_key: write("other-client.key", &other_client_key),
-    }
 }
 
 /// How to run the cloud broker.

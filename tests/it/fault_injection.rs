@@ -40,16 +40,8 @@
 //! row (default 1; seed, seed + 1, ...), `FIELDMQ_FAULT_ROUNDS` faults per seed (default
 //! 8). The seed is printed at the start and in every failure; a seed replays the same fault
 //! schedule (kinds, delays, durations), not the same interleaving of the processes.
-//! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test fault_injection --
+//! Ten seeds: `FIELDMQ_FAULT_SEEDS=10 cargo test --release --test it fault_injection:: --
 //! --nocapture`.
-
-#[path = "support/cloud.rs"]
-mod cloud;
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[path = "support/process.rs"]
-mod process;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -63,14 +55,16 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use cloud::{mosquitto_available, Cloud, CloudOptions};
+use gateway::GatewayProcess;
 use mqtt::{Frame, Version};
-use process::GatewayProcess;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::util::{cloud, gateway, mqtt};
 
 const GATEWAY: &str = "fault";
 const PUBLISHERS: u32 = 3;

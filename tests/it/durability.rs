@@ -3,23 +3,18 @@
 //! message whose PUBACK its publisher received. Also session expiry, a corrupt database, and
 //! a broker left waiting for acknowledgements going idle.
 
-#[path = "support/process.rs"]
-mod process;
-
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
+use crate::util::{gateway, mqtt};
+
 fn write_config(dir: &Path) -> std::path::PathBuf {
-    process::write_config(dir, &dir.join("data"), "max_queued_messages = 100000")
+    gateway::write_config(dir, &dir.join("data"), "max_queued_messages = 100000")
 }
 
 fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
@@ -222,7 +217,7 @@ async fn with_batched_durability_a_kill_9_loses_only_what_was_acknowledged_in_th
     /// For the commit itself and a busy machine's scheduling.
     const MARGIN: Duration = Duration::from_millis(250);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = process::write_config(
+    let config = gateway::write_config(
         dir.path(),
         &dir.path().join("data"),
         "max_queued_messages = 100000\ndurability = \"batched\"\ncommit_window = \"500ms\"",
@@ -239,7 +234,11 @@ async fn with_batched_durability_a_kill_9_loses_only_what_was_acknowledged_in_th
     // store takes in one transaction (4,096) per window, so a backlog that waited a window
     // for every transaction would show.
     for n in 0..7 {
-        register(gateway.addr, &format!("durable-extra-{n}")).await;
+        mqtt::register_offline_subscriber(
+            options(gateway.addr, &format!("durable-extra-{n}"), false),
+            "load/#",
+        )
+        .await;
     }
     // The sessions themselves are written within commit_window too: wait until they are.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -332,26 +331,6 @@ async fn with_batched_durability_a_kill_9_loses_only_what_was_acknowledged_in_th
     }
     eprintln!("{lost_total} of {acked_total} acknowledged messages lost across two kills");
     assert!(gateway.terminate().success());
-}
-
-/// A persistent session `id` subscribed to `load/#` with QoS 1, then offline.
-async fn register(addr: SocketAddr, id: &str) {
-    let (client, mut events) = AsyncClient::new(options(addr, id, false), 10);
-    client
-        .subscribe("load/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("{id}: {error}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{id}: no SUBACK within 10 s"));
 }
 
 /// Connect the persistent subscriber and take its queue up to the sentinel `end`: the
@@ -495,7 +474,7 @@ async fn a_subscriber_killed_mid_drain_gets_the_rest_and_nothing_it_acknowledged
 /// copies it after applying every operation sent to the store before the request.
 fn committed_copy(config: &Path, dir: &Path) -> std::path::PathBuf {
     let dest = dir.join("committed");
-    let (code, _, stderr) = process::run_to_end(
+    let (code, _, stderr) = gateway::run_to_end(
         &["backup", dest.to_str().expect("UTF-8 path"), "-c"],
         Some(config),
     );
@@ -629,7 +608,7 @@ fn a_corrupt_broker_database_stops_the_start_with_an_error_naming_the_file() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     std::fs::write(data.join("broker.db"), vec![0x42; 16384]).expect("garbage");
-    let (code, _, stderr) = process::run_to_end(&["run", "-c"], Some(&config));
+    let (code, _, stderr) = gateway::run_to_end(&["run", "-c"], Some(&config));
     assert_ne!(code, Some(0), "must not start: {stderr}");
     assert!(stderr.contains("broker.db"), "{stderr}");
     assert!(stderr.contains("move the file aside"), "{stderr}");
@@ -653,7 +632,7 @@ fn a_broker_database_from_a_newer_fieldmq_stops_the_start_with_an_error_naming_t
         .expect("set user_version");
     let before = std::fs::read(&database).expect("read broker.db");
 
-    let (code, _, stderr) = process::run_within(
+    let (code, _, stderr) = gateway::run_within(
         &["run".as_ref(), "-c".as_ref(), config.as_os_str()],
         &[],
         Duration::from_secs(20),

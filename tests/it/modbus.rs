@@ -23,6 +23,8 @@ use tokio::time::{timeout, Instant};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
+use crate::util::gateway;
+
 // ---------------------------------------------------------------------------------------
 // The device: a tokio-modbus server with registers, a request log and failure switches.
 
@@ -833,7 +835,7 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);
     let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+    let output = tokio::process::Command::new(gateway::binary())
         .args([
             "probe",
             "--tcp",
@@ -872,7 +874,7 @@ async fn probe_prints_every_interpretation() {
     // A read the device refuses (it answers with a Modbus exception) exits non-zero with
     // the exception by name.
     state.lock().unwrap().exception_from = Some(100);
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fieldmq"))
+    let output = tokio::process::Command::new(gateway::binary())
         .args([
             "probe",
             "--tcp",

@@ -10,13 +10,7 @@
 //! inside a user and mount namespace of its own (`unshare --user --map-root-user --mount`),
 //! where it may mount; the tmpfs and the gateway live in that namespace only. Where neither
 //! works (user namespaces disabled) the test is skipped with a line in the `cargo test`
-//! output, and fails under CI (see tests/support/skip.rs).
-
-#[path = "support/process.rs"]
-mod process;
-
-#[path = "support/skip.rs"]
-mod skip;
+//! output, and fails under CI (see tests/it/util/skip.rs).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -25,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
+
+use crate::util::{gateway, mqtt, skip};
 
 const TOPIC: &str = "fill/data";
 /// Bytes of padding after the number in each payload.
@@ -107,6 +103,15 @@ const TEST: &str =
 /// Set in the copy of this test that runs inside its own user and mount namespace.
 const IN_NAMESPACE: &str = "FIELDMQ_FULL_DISK_IN_NAMESPACE";
 
+/// The test's path inside the integration binary (`full_disk::...`), to run it alone.
+fn test_path() -> String {
+    let module = module_path!();
+    let module = module
+        .split_once("::")
+        .map_or(module, |(_crate, path)| path);
+    format!("{module}::{TEST}")
+}
+
 /// A tmpfs of `size`; `None` when the test ran instead in a namespace of its own (and
 /// passed there) or was skipped.
 fn tmpfs_or_run_elsewhere(size: &str) -> Option<Tmpfs> {
@@ -133,7 +138,7 @@ fn tmpfs_or_run_elsewhere(size: &str) -> Option<Tmpfs> {
     let output = Command::new("unshare")
         .args(namespace)
         .arg(std::env::current_exe().expect("the test binary"))
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .args(["--exact", &test_path(), "--nocapture", "--test-threads=1"])
         .env(IN_NAMESPACE, "1")
         .output()
         .expect("run the test in a user namespace");
@@ -198,30 +203,9 @@ fn number(payload: &[u8]) -> Option<u64> {
     text.split(':').next()?.parse().ok()
 }
 
-/// Create a persistent session subscribed to [`TOPIC`] with QoS 1, then go offline.
+/// A persistent session `id` subscribed to [`TOPIC`] with QoS 1, then offline.
 async fn register(addr: SocketAddr, id: &str) {
-    let (client, mut events) = AsyncClient::new(options(addr, id, false, 10), 10);
-    client
-        .subscribe(TOPIC, QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("subscriber {id} failed: {error}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no SUBACK for {id} within 10 s"));
-    let _ = client.disconnect().await;
-    // Let the DISCONNECT go out before the event loop is dropped.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while events.poll().await.is_ok() {}
-    })
-    .await;
+    mqtt::register_offline_subscriber(options(addr, id, false, 10), TOPIC).await;
 }
 
 /// How one publisher connection ended.

@@ -3,23 +3,22 @@
 //! and retained message (nothing is left only in `broker.db-wal`), and `fieldmq backup`
 //! copies a running gateway's stores into files a gateway starts from.
 
-#[path = "support/process.rs"]
-mod process;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use process::GatewayProcess;
+use gateway::GatewayProcess;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+use crate::util::{gateway, mqtt};
 
 const QUEUED: u64 = 300;
 /// Bytes of padding after each message's number: enough WAL that its checkpoint takes a while.
 const PADDING: usize = 1024;
 
 fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    process::write_config(dir, data, "")
+    gateway::write_config(dir, data, "")
 }
 
 fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
@@ -33,26 +32,7 @@ fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
 /// Register the persistent subscriber (then offline), queue `QUEUED` numbered QoS 1
 /// messages for it and one retained message; returns after every PUBACK.
 async fn queue_for_offline_subscriber(addr: SocketAddr) {
-    let (sub, mut sub_events) = AsyncClient::new(options(addr, "backup-sub", false), 10);
-    sub.subscribe("load/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match sub_events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => return,
-                Ok(_) => {}
-                Err(error) => panic!("subscriber: {error}"),
-            }
-        }
-    })
-    .await
-    .expect("SUBACK");
-    sub.disconnect().await.expect("disconnect");
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while sub_events.poll().await.is_ok() {}
-    })
-    .await;
+    mqtt::register_offline_subscriber(options(addr, "backup-sub", false), "load/#").await;
 
     let (publisher, mut events) = AsyncClient::new(options(addr, "backup-pub", true), 400);
     for n in 0..QUEUED {
@@ -192,7 +172,7 @@ async fn fieldmq_backup_copies_a_running_gateway_and_the_copy_starts_with_everyt
     drop(other);
 
     let copy = dir.path().join("backup");
-    let (code, stdout, stderr) = process::run_to_end(
+    let (code, stdout, stderr) = gateway::run_to_end(
         &[
             "backup",
             "-c",
@@ -222,7 +202,7 @@ async fn fieldmq_backup_copies_a_running_gateway_and_the_copy_starts_with_everyt
     // On a stopped gateway the files are copied directly.
     let config = write_config(dir.path(), &data);
     let stopped_copy = dir.path().join("backup-stopped");
-    let (code, stdout, stderr) = process::run_to_end(
+    let (code, stdout, stderr) = gateway::run_to_end(
         &[
             "backup",
             "-c",

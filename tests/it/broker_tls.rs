@@ -3,13 +3,6 @@
 //! both protocol versions (tokio-tungstenite carrying packets encoded by rumqttc's
 //! codecs), and handshakes that never hold up other clients.
 
-#[allow(dead_code)]
-#[path = "support/mqtt.rs"]
-mod mqtt;
-#[allow(dead_code)]
-#[path = "support/tls.rs"]
-mod tls;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,14 +10,16 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use mqtt::{within, Client, TestBroker};
+use pki::Pki;
 use rumqttc::TlsConfiguration;
-use tls::Pki;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::WebSocketStream;
+
+use crate::util::{mqtt, pki};
 
 async fn start(listener: fieldmq::broker::config::ListenerConfig) -> TestBroker {
     let mut config = mqtt::config();
@@ -72,7 +67,7 @@ async fn round_trip(a: &mut Client, b: &mut Client, topic: &str) {
 #[tokio::test]
 async fn a_tls_listener_serves_mqtt_3_1_1_and_5() {
     let pki = Pki::new();
-    let broker = start(tls::listener(Some(pki.listener_tls(false, false)), false)).await;
+    let broker = start(pki::listener(Some(pki.listener_tls(false, false)), false)).await;
     let config = pki.client_config(None);
     let (mut v3, _) =
         Client::connect_v3(tls_options_v3(broker.addr, "tls-v3", config.clone())).await;
@@ -88,7 +83,7 @@ async fn try_connect_tls(
     config: Arc<rustls::ClientConfig>,
 ) -> Result<Vec<u8>, String> {
     within("a TLS attempt", async {
-        let mut stream = tls::connect(addr, config)
+        let mut stream = pki::connect(addr, config)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         // With TLS 1.3 the server checks the client certificate after the client's side
@@ -113,7 +108,7 @@ const CONNACK_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 #[tokio::test]
 async fn mutual_tls_accepts_the_right_certificate_and_refuses_others() {
     let pki = Pki::new();
-    let broker = start(tls::listener(Some(pki.listener_tls(true, true)), false)).await;
+    let broker = start(pki::listener(Some(pki.listener_tls(true, true)), false)).await;
 
     let good = pki.client_config(Some(&pki.client));
     assert_eq!(
@@ -140,7 +135,7 @@ async fn mutual_tls_accepts_the_right_certificate_and_refuses_others() {
 #[tokio::test]
 async fn optional_client_certificates_are_still_verified() {
     let pki = Pki::new();
-    let broker = start(tls::listener(Some(pki.listener_tls(true, false)), false)).await;
+    let broker = start(pki::listener(Some(pki.listener_tls(true, false)), false)).await;
     let none = try_connect_tls(broker.addr, pki.client_config(None)).await;
     assert_eq!(none, Ok(CONNACK_ACCEPTED.to_vec()));
     let good = try_connect_tls(broker.addr, pki.client_config(Some(&pki.client))).await;
@@ -391,7 +386,7 @@ async fn tcp(addr: SocketAddr) -> TcpStream {
 
 #[tokio::test]
 async fn a_websocket_listener_serves_mqtt_3_1_1_and_5() {
-    let broker = start(tls::listener(None, true)).await;
+    let broker = start(pki::listener(None, true)).await;
     let mut v3 = WsClient::open(tcp(broker.addr).await, V::V311).await;
     v3.connect("ws-v3").await;
     let mut v5 = WsClient::open(tcp(broker.addr).await, V::V5).await;
@@ -409,7 +404,7 @@ async fn a_websocket_listener_serves_mqtt_3_1_1_and_5() {
 
 #[tokio::test]
 async fn a_websocket_on_another_path_is_not_found() {
-    let broker = start(tls::listener(None, true)).await;
+    let broker = start(pki::listener(None, true)).await;
     let request = "ws://localhost/other"
         .into_client_request()
         .expect("request");
@@ -429,22 +424,22 @@ async fn a_websocket_on_another_path_is_not_found() {
 #[tokio::test]
 async fn a_secure_websocket_listener_serves_mqtt_3_1_1_and_5() {
     let pki = Pki::new();
-    let broker = start(tls::listener(Some(pki.listener_tls(true, true)), true)).await;
+    let broker = start(pki::listener(Some(pki.listener_tls(true, true)), true)).await;
     let config = pki.client_config(Some(&pki.client));
-    let stream = tls::connect(broker.addr, config.clone())
+    let stream = pki::connect(broker.addr, config.clone())
         .await
         .expect("TLS");
     let mut v3 = WsClient::open(stream, V::V311).await;
     v3.connect("wss-v3").await;
     v3.echo("wss/v3").await;
-    let stream = tls::connect(broker.addr, config).await.expect("TLS");
+    let stream = pki::connect(broker.addr, config).await.expect("TLS");
     let mut v5 = WsClient::open(stream, V::V5).await;
     v5.connect("wss-v5").await;
     v5.echo("wss/v5").await;
 
     // Without a client certificate there is no WebSocket at all.
     let refused = within("a refused attempt", async {
-        let stream = tls::connect(broker.addr, pki.client_config(None)).await?;
+        let stream = pki::connect(broker.addr, pki.client_config(None)).await?;
         let request = "ws://localhost/mqtt"
             .into_client_request()
             .expect("request");
@@ -483,7 +478,7 @@ where
 #[tokio::test]
 async fn an_idle_connection_does_not_delay_a_tls_client() {
     let pki = Pki::new();
-    let broker = start(tls::listener(Some(pki.listener_tls(false, false)), false)).await;
+    let broker = start(pki::listener(Some(pki.listener_tls(false, false)), false)).await;
     // One that opens TCP and sends nothing, one that stops inside its ClientHello.
     let silent = tcp(broker.addr).await;
     let mut partial = tcp(broker.addr).await;
@@ -502,7 +497,7 @@ async fn an_idle_connection_does_not_delay_a_tls_client() {
 
 #[tokio::test]
 async fn an_idle_connection_does_not_delay_a_websocket_client() {
-    let broker = start(tls::listener(None, true)).await;
+    let broker = start(pki::listener(None, true)).await;
     let silent = tcp(broker.addr).await;
     let mut partial = tcp(broker.addr).await;
     partial
@@ -519,7 +514,7 @@ async fn an_idle_connection_does_not_delay_a_websocket_client() {
 
 #[tokio::test]
 async fn an_idle_connection_does_not_delay_a_tcp_client() {
-    let broker = start(tls::listener(None, false)).await;
+    let broker = start(pki::listener(None, false)).await;
     let silent = tcp(broker.addr).await;
     second_connack_is_prompt(vec![silent], || async {
         let mut stream = tcp(broker.addr).await;
@@ -537,12 +532,12 @@ async fn an_idle_connection_does_not_delay_a_tcp_client() {
 #[tokio::test]
 async fn a_client_past_the_listener_limit_is_refused_over_tls_too() {
     let pki = Pki::new();
-    let mut listener = tls::listener(Some(pki.listener_tls(false, false)), false);
+    let mut listener = pki::listener(Some(pki.listener_tls(false, false)), false);
     listener.max_connections = 1;
     let broker = start(listener).await;
     let config = pki.client_config(None);
     // A connection counts once its CONNECT is read (a TLS handshake alone does not).
-    let mut first = tls::connect(broker.addr, config.clone())
+    let mut first = pki::connect(broker.addr, config.clone())
         .await
         .expect("TLS");
     first
@@ -610,13 +605,13 @@ async fn connect_timeout_counts_from_accept_across_tls_websocket_and_connect() {
         listener.connect_timeout = CONNECT_TIMEOUT;
         listener
     };
-    let tls_broker = start(with_timeout(tls::listener(
+    let tls_broker = start(with_timeout(pki::listener(
         Some(pki.listener_tls(false, false)),
         false,
     )))
     .await;
-    let ws_broker = start(with_timeout(tls::listener(None, true))).await;
-    let tcp_broker = start(with_timeout(tls::listener(None, false))).await;
+    let ws_broker = start(with_timeout(pki::listener(None, true))).await;
+    let tcp_broker = start(with_timeout(pki::listener(None, false))).await;
     let config = pki.client_config(None);
 
     let silent_tls = async {

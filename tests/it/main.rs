@@ -1,0 +1,30 @@
+//! The integration tests: one binary, one module per part of the product, and the shared
+//! harness in [`util`] (the real `fieldmq` binary as a child process, an in-process broker,
+//! Mosquitto as the cloud, certificates, MQTT clients and a shaping proxy).
+//!
+//! Run one module with `cargo test --test it uplink::`.
+
+mod util;
+
+mod acl;
+mod backup;
+mod broker;
+mod broker_tls;
+mod config;
+mod deploy;
+mod diagnostics;
+mod durability;
+mod fault_injection;
+mod full_disk;
+mod gateway;
+mod hardening;
+mod idle_memory;
+mod listener_limits;
+mod modbus;
+mod mqtt5;
+mod mqttjs;
+mod protocol_strict;
+mod retained;
+mod serial;
+mod tools;
+mod uplink;
