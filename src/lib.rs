@@ -37,6 +37,6 @@ pub mod uplink;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::broker::persist::{fuzz_decode_properties, fuzz_store_row};
     pub use crate::broker::protocol::{fuzz_check, fuzz_read, fuzz_read_connect, FuzzRead};
+    pub use crate::store::sessions::{fuzz_decode_properties, fuzz_store_row};
 }

@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use self::run::{as_row, PendingRuns, Record};
-use super::session::{Delivery, InflightState};
+use crate::broker::session::{Delivery, InflightState};
 use crate::config::Durability;
 use crate::model::{Message, MessageProperties, Origin, QoS};
 
@@ -223,7 +223,7 @@ pub(crate) enum Waiter {
     Publish(oneshot::Sender<bool>, bool, u64),
     /// The store's share of an acknowledgement that other stores hold too, with
     /// [`Persist::failures`] from before the message's ops were sent.
-    Share(super::ack::AckShare, u64),
+    Share(crate::broker::AckShare, u64),
 }
 
 impl Waiter {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
-use super::super::session::Delivery;
+use crate::broker::session::Delivery;
 
 /// One queued message inside a run.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

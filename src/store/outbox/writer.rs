@@ -420,8 +420,8 @@ impl Writer {
                     let _ = reply.send(Ok(self.queue.stats()));
                 }
                 Request::Backup { dest, reply } => {
-                    let result =
-                        super::backup::copy_database(&self.conn, &dest).map_err(StoreError::Backup);
+                    let result = crate::store::backup::copy_database(&self.conn, &dest)
+                        .map_err(StoreError::Backup);
                     let _ = reply.send(result);
                 }
                 _ => {}
