@@ -50,6 +50,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::backup::BackupError;
+use super::{properties, Failure};
 use crate::config::QueueConfig;
 use crate::model::{MessageProperties, QoS};
 
@@ -104,7 +106,7 @@ pub enum StoreError {
     #[error("outbox {path} is closed (its thread stopped)", path = path.display())]
     Closed { path: PathBuf },
     #[error(transparent)]
-    Backup(#[from] crate::store::backup::BackupError),
+    Backup(#[from] BackupError),
     #[error(
         "cannot read or write the ack mark file {path} ({source}): check that its directory \
          is writable by the fieldmq user",
@@ -118,22 +120,12 @@ pub enum StoreError {
 
 impl StoreError {
     fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
-        use rusqlite::ErrorCode;
         let path = path.to_path_buf();
-        match source.sqlite_error_code() {
-            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-                StoreError::Corrupt { path, source }
-            }
-            Some(
-                ErrorCode::ReadOnly
-                | ErrorCode::CannotOpen
-                | ErrorCode::PermissionDenied
-                | ErrorCode::DiskFull,
-            ) => StoreError::Unwritable { path, source },
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-                StoreError::Locked { path, source }
-            }
-            _ => StoreError::Sqlite { path, source },
+        match Failure::of(&source) {
+            Failure::Corrupt => StoreError::Corrupt { path, source },
+            Failure::Unwritable => StoreError::Unwritable { path, source },
+            Failure::Locked => StoreError::Locked { path, source },
+            Failure::Other => StoreError::Sqlite { path, source },
         }
     }
 }
@@ -155,7 +147,7 @@ impl OutboxRecord {
         let props = self
             .properties
             .as_deref()
-            .map(writer::encode_properties)
+            .map(properties::encode)
             .map_or(0, |p| p.len());
         (self.topic.len() + self.payload.len() + props) as u64
     }
@@ -310,14 +302,10 @@ impl Outbox {
     /// Open (or create) the outbox at `path` and start its thread. Fails with a clear
     /// [`StoreError`] when the file is damaged, not a database, unwritable or locked.
     pub async fn open(path: &Path, bounds: QueueConfig) -> Result<Outbox, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            }
-        }
+        super::create_parent_dir(path).map_err(|source| StoreError::Directory {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_path = path.to_path_buf();
