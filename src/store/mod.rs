@@ -1,17 +1,17 @@
 //! Every SQLite file of the gateway, and what they share.
 //!
-//! - [`sessions`]: the broker's durable sessions, subscriptions, queued and in-flight
+//! - `sessions`: the broker's durable sessions, subscriptions, queued and in-flight
 //!   messages and retained messages (one file, `broker.db`).
 //! - [`outbox`]: one uplink's queue of messages waiting for the cloud's acknowledgement
 //!   (one file per uplink).
-//! - [`properties`]: the one stored form of MQTT 5 message properties, used by both.
+//! - `properties`: the one stored form of MQTT 5 message properties, used by both.
 //! - [`backup`]: online copies of a store's file, made by the thread that owns it.
 //!
 //! This module holds what both stores do the same way: opening a file with its pragmas
-//! ([`open`]), schema versioning in `PRAGMA user_version`, reading an SQLite error as what
-//! an operator must do about it ([`Failure`]), switching `synchronous` per commit
-//! ([`SyncLevel`]), one write transaction per batch ([`in_transaction`]), gathering the
-//! requests that wait into one batch ([`drain_into`]), and the checkpoint at close.
+//! (`open`), schema versioning in `PRAGMA user_version`, reading an SQLite error as what an
+//! operator must do about it (`Failure`), switching `synchronous` per commit (`SyncLevel`),
+//! one write transaction per batch (`in_transaction`), gathering the requests that wait
+//! into one batch (`drain_into`), and the checkpoint at close.
 //!
 //! Each store owns its connection on one OS thread of its own (SQLite never blocks the
 //! runtime); async code talks to that thread through a bounded channel. Only this module

@@ -47,12 +47,7 @@ async fn sessions_queues_in_flight_state_and_retained_survive_a_reopen() {
         send_inflight(&persist, &client, 1, 9, InflightState::Released).await;
         send_remove(&persist, &client, 2).await;
         let retained = Message::internal("t", "r/1", "kept", QoS::AtLeastOnce, true);
-        persist
-            .send(Op::Retain {
-                topic: retained.topic.clone(),
-                message: Some(retained),
-            })
-            .await;
+        send_retain(&persist, retained).await;
         persist.barrier().await.await.expect("committed");
     }
     // The writer thread closes when the last sender is dropped; give it the lock back.
@@ -109,6 +104,16 @@ async fn send_inflight(
             seq,
             pkid,
             state,
+        })
+        .await;
+}
+
+/// Keep `message` as the retained message of its topic.
+async fn send_retain(persist: &Persist, message: Message) {
+    persist
+        .send(Op::Retain {
+            topic: message.topic.clone(),
+            message: Some(message),
         })
         .await;
 }
@@ -640,4 +645,70 @@ fn a_file_that_is_not_a_database_is_refused_with_a_clear_error() {
     assert!(matches!(error, PersistError::Corrupt { .. }), "{text}");
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("move the file aside"), "{text}");
+}
+
+/// Retained messages and queued runs whose properties are in the form the store wrote
+/// before the one stored form (serde's form of `MessageProperties`) load intact.
+#[tokio::test]
+async fn properties_stored_in_the_older_form_load_intact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("broker.db");
+    let client: Arc<str> = Arc::from("c1");
+    let properties = Arc::new(crate::model::MessageProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        content_type: Some("text/plain".into()),
+        response_topic: Some("replies/1".into()),
+        correlation_data: Some(Bytes::from_static(&[0, 0x7f, 0xff])),
+        user_properties: vec![("site".into(), "north".into())],
+    });
+    {
+        let persist = open_with_session(&path, &client, 10).await;
+        let mut queued = delivery("a/1", 1);
+        queued.message.properties = Some(properties.clone());
+        persist
+            .send(Op::Enqueue {
+                seq: 1,
+                client_id: client.clone(),
+                delivery: queued,
+            })
+            .await;
+        let mut retained = Message::internal("t", "r/1", "kept", QoS::AtLeastOnce, true);
+        retained.properties = Some(properties.clone());
+        send_retain(&persist, retained).await;
+        persist.barrier().await.await.expect("committed");
+    }
+    let older = serde_json::to_string(&*properties).expect("older form");
+    let conn = take_over(&path);
+    conn.execute("UPDATE retained SET properties = ?1", [&older])
+        .expect("retained row in the older form");
+    let stored: Vec<u8> = conn
+        .query_row("SELECT messages FROM queue", [], |row| row.get(0))
+        .expect("one run");
+    let mut rewritten = run::Run::default();
+    for record in run::records(&stored) {
+        let mut record = record.expect("decodes");
+        record.properties = Some(&older);
+        rewritten.push(&record).expect("encodes");
+    }
+    conn.execute("UPDATE queue SET messages = ?1", [&rewritten.bytes])
+        .expect("run in the older form");
+    drop(conn);
+
+    let (_persist, snapshot) = reopen(&path, 10).await;
+    assert_eq!(snapshot.retained[0].properties, Some(properties.clone()));
+    let queued = &snapshot.sessions[0].queue[0].delivery.message;
+    assert_eq!(queued.properties, Some(properties));
+}
+
+/// A connection of its own to the database once the store's writer has let go of it.
+fn take_over(path: &Path) -> Connection {
+    for _ in 0..100 {
+        let opened = Connection::open(path).expect("open");
+        if opened.execute_batch("BEGIN IMMEDIATE; COMMIT;").is_ok() {
+            return opened;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the store did not release {}", path.display());
 }
