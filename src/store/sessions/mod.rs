@@ -16,6 +16,10 @@
 //! - Messages of one client are delivered in `seq` order; `queue_marks` records what was
 //!   in flight (so a restart resends it with the same packet id) and what was removed out
 //!   of order (an acknowledgement out of order, an expired or dropped message).
+//!
+//! Files: `ops` (what the broker sends, who waits), `schema` (tables, open, migrations),
+//! `load` (the start, pages of a spilled queue, quarantine), `writer` (the thread, group
+//! commit, retry on a full disk, purge and vacuum), `run` (the encoding of queued messages).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
