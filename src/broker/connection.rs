@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use super::acl::Acl;
 use super::auth::PasswordFile;
 use super::config::{BrokerConfig, DeniedReason};
-use super::persist::{Op, PageReply, Persist, StoredDelivery};
 use super::protocol::{
     self, AckReason, ConnAckOut, ConnackCode, ConnectRequest, DisconnectReason, Incoming, Outgoing,
     PublishIn, PublishOut, ReadError, SubAckCode, Version, ViolationKind,
@@ -24,6 +23,7 @@ use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
 use super::topic;
 use crate::model::{Message, Origin, QoS};
+use crate::store::sessions::{Op, PageReply, Persist, StoredDelivery};
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
 const PAGE_SIZE: usize = 1000;

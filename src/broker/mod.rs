@@ -10,11 +10,10 @@ mod auth;
 pub mod config;
 mod connection;
 mod listener;
-// pub(crate) for the `fuzzing` facade in lib.rs.
-pub(crate) mod persist;
 pub(crate) mod protocol;
 mod router;
-mod session;
+// pub(crate): the session store keeps deliveries and their in-flight state.
+pub(crate) mod session;
 mod sys;
 pub use crate::topic;
 
@@ -28,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{Message, QoS};
 use config::{BrokerConfig, Durability};
 
+pub use crate::store::sessions::PersistError;
 pub use ack::AckShare;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
-pub use persist::PersistError;
 pub use router::BrokerStats;
 use router::{Router, RouterRequest};
 
@@ -261,7 +260,7 @@ pub struct RunningBroker {
 /// not keep the store open at shutdown.
 #[derive(Debug, Clone)]
 pub struct StoreBackup {
-    persist: persist::WeakPersist,
+    persist: crate::store::sessions::WeakPersist,
     path: std::path::PathBuf,
 }
 
@@ -324,7 +323,7 @@ pub async fn start(
 
     let store = match config.durability {
         Durability::Memory => None,
-        durability => Some(persist::Persist::open(
+        durability => Some(crate::store::sessions::Persist::open(
             &config.store_path,
             durability,
             config.commit_window,

@@ -23,12 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::ack::AckShare;
 use super::connection::Counters;
-use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
 use super::session::{Congestion, Delivery, Inflight, Limits, RetainedRoom, Session};
 use super::topic;
 use crate::model::{Message, Origin, QoS};
 use crate::store::config::Durability;
+use crate::store::sessions::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 
 /// How often expired sessions and delayed wills are looked at.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);

@@ -6,19 +6,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AppendReport, DropCounters, DropReason, OutboxRecord, OutboxStats, StoreError, StoredMessage,
 };
-use crate::model::{MessageProperties, QoS};
+use crate::model::QoS;
+use crate::store::backup::copy_database;
+use crate::store::{self, now_ms, properties, Settings, SyncLevel, Synchronous};
 use crate::uplink::config::{QueueConfig, WhenFull};
 
 /// Requests executed in one transaction at most. More waiting requests go to the next one.
 const MAX_BATCH: usize = 512;
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
+/// Prepared statements the outbox keeps.
+const STATEMENT_CACHE: usize = 32;
 /// At most one drop summary per reason in this interval.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// `max_age` is applied at most this often.
@@ -65,7 +69,7 @@ struct Writer {
     conn: Connection,
     queue: Queue,
     /// The `synchronous` level the connection is at (see [`Writer::execute`]).
-    full_sync: bool,
+    sync: SyncLevel,
 }
 
 /// What the thread knows about the queue without asking SQLite.
@@ -114,12 +118,7 @@ pub(super) fn run(
     );
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
+        store::drain_into(&mut rx, &mut batch, MAX_BATCH);
         if let Some(close) = writer.execute(batch) {
             writer.close();
             let _ = close.send(Ok(()));
@@ -129,47 +128,28 @@ pub(super) fn run(
     writer.close();
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 impl Writer {
     fn open(path: &Path, bounds: QueueConfig) -> Result<(Writer, Opened), StoreError> {
         let err = |e| StoreError::classify(path, e);
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
-        // Another process holding the file is an error at open, not a wait.
-        conn.busy_timeout(Duration::from_millis(200)).map_err(err)?;
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
-            .map_err(err)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(err)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(outbox = %path.display(), mode, "outbox could not switch to WAL mode");
-        }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        let settings = Settings {
+            what: "outbox",
+            statement_cache: STATEMENT_CACHE,
+            stable_plans: false,
+            incremental_vacuum: false,
+            synchronous: Synchronous::Full,
+        };
+        let (mut conn, sync) = store::open(path, &settings).map_err(err)?;
 
         // A write transaction at open proves the file is a database, is writable and is not
         // used by another process, before anything counts as accepted.
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
-        let version: i64 = tx
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(err)?;
-        if version > SCHEMA_VERSION {
+        let version = store::user_version(&tx).map_err(err)?;
+        if let Some(reason) = store::newer_schema(version, SCHEMA_VERSION) {
             return Err(StoreError::Sqlite {
                 path: path.to_path_buf(),
-                source: rusqlite::Error::InvalidParameterName(format!(
-                    "schema version {version} was written by a newer fieldmq (this one knows {SCHEMA_VERSION})"
-                )),
+                source: rusqlite::Error::InvalidParameterName(reason),
             });
         }
         tx.execute_batch(
@@ -292,7 +272,7 @@ impl Writer {
             .map_err(err)?;
         let mut writer = Writer {
             conn,
-            full_sync: true,
+            sync,
             queue: Queue {
                 path: path.to_path_buf(),
                 bounds,
@@ -330,13 +310,7 @@ impl Writer {
             conn, mut queue, ..
         } = self;
         queue.flush_drop_log(true);
-        if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-            tracing::warn!(outbox = %queue.path.display(), error = %e, "outbox checkpoint at close failed");
-        }
-        if let Err((_, e)) = conn.close() {
-            tracing::warn!(outbox = %queue.path.display(), error = %e, "outbox close failed");
-        }
-        tracing::debug!(outbox = %queue.path.display(), "outbox closed");
+        store::checkpoint_and_close(conn, &queue.path, "outbox");
     }
 
     /// Execute one batch. Returns the reply of a close request: the thread must stop.
@@ -365,15 +339,13 @@ impl Writer {
             // NORMAL: it survives a crash or kill -9 (the WAL is written before the commit
             // returns), and after a power cut at worst rows reappear and are sent again,
             // never lost. The next FULL commit or checkpoint makes it durable as well.
-            let full = !appends.is_empty();
-            if full != self.full_sync {
-                let level = if full { "FULL" } else { "NORMAL" };
-                match self.conn.pragma_update(None, "synchronous", level) {
-                    Ok(()) => self.full_sync = full,
-                    Err(e) => {
-                        tracing::warn!(outbox = %self.queue.path.display(), error = %e, level, "cannot change the sync level");
-                    }
-                }
+            let level = if appends.is_empty() {
+                Synchronous::Normal
+            } else {
+                Synchronous::Full
+            };
+            if let Err(e) = self.sync.set(&self.conn, level) {
+                tracing::warn!(outbox = %self.queue.path.display(), error = %e, ?level, "cannot change the sync level");
             }
             let saved = self.queue.snapshot();
             match self.write(&appends, &deletes, expire) {
@@ -420,8 +392,7 @@ impl Writer {
                     let _ = reply.send(Ok(self.queue.stats()));
                 }
                 Request::Backup { dest, reply } => {
-                    let result =
-                        super::backup::copy_database(&self.conn, &dest).map_err(StoreError::Backup);
+                    let result = copy_database(&self.conn, &dest).map_err(StoreError::Backup);
                     let _ = reply.send(result);
                 }
                 _ => {}
@@ -498,7 +469,7 @@ impl Writer {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 for record in records {
-                    let properties = record.properties.as_deref().map(encode_properties);
+                    let properties = record.properties.as_deref().map(properties::encode);
                     let size = (record.topic.len()
                         + record.payload.len()
                         + properties.as_ref().map_or(0, String::len))
@@ -596,8 +567,7 @@ impl Writer {
                     qos: QoS::from_u8(qos).unwrap_or(QoS::AtLeastOnce),
                     retain: row.get(4)?,
                     properties: properties
-                        .as_deref()
-                        .and_then(decode_properties)
+                        .and_then(|stored| properties::decode(stored.as_bytes()).ok())
                         .map(Arc::new),
                 },
                 enqueued_at: from_ms(enqueued_ms),
@@ -758,90 +728,6 @@ impl Queue {
         self.drop_log.pending = DropCounters::default();
         self.drop_log.last = Some(Instant::now());
     }
-}
-
-/// MQTT 5 properties as a small JSON object.
-pub(super) fn encode_properties(p: &MessageProperties) -> String {
-    let mut object = serde_json::Map::new();
-    if let Some(v) = p.payload_format_indicator {
-        object.insert("pfi".into(), v.into());
-    }
-    if let Some(v) = p.message_expiry_interval {
-        object.insert("expiry".into(), v.into());
-    }
-    if let Some(v) = &p.content_type {
-        object.insert("content_type".into(), v.clone().into());
-    }
-    if let Some(v) = &p.response_topic {
-        object.insert("response_topic".into(), v.clone().into());
-    }
-    if let Some(v) = &p.correlation_data {
-        let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
-        object.insert("correlation".into(), hex.into());
-    }
-    if !p.user_properties.is_empty() {
-        let pairs: Vec<serde_json::Value> = p
-            .user_properties
-            .iter()
-            .map(|(k, v)| serde_json::json!([k, v]))
-            .collect();
-        object.insert("user".into(), pairs.into());
-    }
-    serde_json::Value::Object(object).to_string()
-}
-
-pub(super) fn decode_properties(text: &str) -> Option<MessageProperties> {
-    let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    let object = value.as_object()?;
-    let correlation_data = object
-        .get("correlation")
-        .and_then(|v| v.as_str())
-        .and_then(|hex| {
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|b| u8::from_str_radix(b, 16).ok())
-                })
-                .collect::<Option<Vec<u8>>>()
-        })
-        .map(Bytes::from);
-    let user_properties = object
-        .get("user")
-        .and_then(|v| v.as_array())
-        .map(|pairs| {
-            pairs
-                .iter()
-                .filter_map(|pair| {
-                    let pair = pair.as_array()?;
-                    Some((
-                        pair.first()?.as_str()?.to_string(),
-                        pair.get(1)?.as_str()?.to_string(),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Some(MessageProperties {
-        payload_format_indicator: object
-            .get("pfi")
-            .and_then(|v| v.as_u64())
-            .and_then(|v| u8::try_from(v).ok()),
-        message_expiry_interval: object
-            .get("expiry")
-            .and_then(|v| v.as_u64())
-            .and_then(|v| u32::try_from(v).ok()),
-        content_type: object
-            .get("content_type")
-            .and_then(|v| v.as_str())
-            .map(String::from),
-        response_topic: object
-            .get("response_topic")
-            .and_then(|v| v.as_str())
-            .map(String::from),
-        correlation_data,
-        user_properties,
-    })
 }
 
 /// `Option<Instant>`: never happened, or longer ago than `interval`.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
-use super::super::session::Delivery;
+use crate::broker::session::Delivery;
 
 /// One queued message inside a run.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -24,7 +24,8 @@ pub(super) struct Record<'a> {
     #[serde(with = "serde_bytes")]
     pub(super) payload: &'a [u8],
     pub(super) subscription_ids: Vec<usize>,
-    /// The MQTT 5 properties as JSON, as in the `retained` table.
+    /// The MQTT 5 properties in their stored form (`store::properties`), as in the
+    /// `retained` table.
     pub(super) properties: Option<&'a str>,
 }
 

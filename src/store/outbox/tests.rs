@@ -166,22 +166,26 @@ async fn discarded_rows_count_as_rejected() {
     );
 }
 
-#[tokio::test]
-async fn properties_survive_the_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(&dir.path().join("o.db"), bounds(10, WhenFull::DropOldest))
-        .await
-        .unwrap();
-    let properties = MessageProperties {
+/// A message with every MQTT 5 property the outbox keeps.
+fn every_property() -> MessageProperties {
+    MessageProperties {
         payload_format_indicator: Some(1),
         message_expiry_interval: Some(60),
         content_type: Some("application/json".into()),
         response_topic: Some("r/t".into()),
         correlation_data: Some(Bytes::from_static(&[0, 1, 0xfe])),
         user_properties: vec![("k".into(), "v".into())],
-    };
+    }
+}
+
+#[tokio::test]
+async fn properties_survive_the_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&dir.path().join("o.db"), bounds(10, WhenFull::DropOldest))
+        .await
+        .unwrap();
     let mut rec = record(1);
-    rec.properties = Some(Arc::new(properties));
+    rec.properties = Some(Arc::new(every_property()));
     rec.retain = true;
     outbox.append(vec![rec.clone()]).await.unwrap();
     let rows = outbox.read_after(0, 1).await.unwrap();
@@ -445,4 +449,42 @@ async fn deleting_scattered_seqs_deletes_exactly_those_rows() {
         records(0..10)[3..].iter().map(|r| r.size()).sum::<u64>()
             - [4, 6, 7].iter().map(|&i| record(i).size()).sum::<u64>()
     );
+}
+
+/// An outbox file as the gateway wrote it before the stores shared one properties encoding:
+/// its rows open with their properties intact and count the same bytes.
+#[tokio::test]
+async fn an_existing_outbox_file_opens_with_its_properties_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let stored = r#"{"pfi":1,"expiry":60,"content_type":"application/json","response_topic":"r/t","correlation":"0001fe","user":[["k","v"]]}"#;
+    let size = "sites/a/t/1".len() + 1 + stored.len();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                 payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+                 properties TEXT, size INTEGER NOT NULL, enqueued_ms INTEGER NOT NULL);
+             CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, properties, size, enqueued_ms)
+             VALUES ('sites/a/t/1', x'31', 1, 0, ?1, ?2, ?3)",
+            rusqlite::params![stored, size as i64, crate::store::now_ms()],
+        )
+        .unwrap();
+    }
+    let outbox = Outbox::open(&path, bounds(10, WhenFull::DropOldest))
+        .await
+        .unwrap();
+    let rows = outbox.read_after(0, 1).await.unwrap();
+    assert_eq!(
+        rows[0].record.properties.as_deref(),
+        Some(&every_property())
+    );
+    assert_eq!(rows[0].record.size(), size as u64, "counts the same bytes");
+    assert_eq!(outbox.stats().await.unwrap().bytes, size as u64);
 }
