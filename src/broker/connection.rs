@@ -20,10 +20,10 @@ use super::protocol::{
     PublishIn, PublishOut, ReadError, SubAckCode, Version, ViolationKind,
 };
 use super::router::{ConnectReply, RouterRequest};
-use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
+use super::session::{Congestion, Delivery, Handed, Inflight, Room, Session};
 use super::topic;
 use crate::model::{Message, Origin, QoS};
-use crate::store::sessions::{Op, PageReply, Persist, StoredDelivery};
+use crate::store::sessions::{InflightState, Op, PageReply, Persist, StoredDelivery};
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
 const PAGE_SIZE: usize = 1000;
@@ -1008,8 +1008,11 @@ impl Connection {
                 _ = &mut wake => wake.set(session.wake.notified()),
                 rows = next_page(&mut self.page_reply), if self.page_reply.is_some() => {
                     self.page_reply = None;
-                    self.session
-                        .add_page(rows.into_iter().map(|(_, row)| row.delivery).collect());
+                    self.session.add_page(
+                        rows.into_iter()
+                            .map(|(_, row)| Delivery::from(row.delivery))
+                            .collect(),
+                    );
                 }
                 Some(ack) = self.pending_acks.next(), if !self.pending_acks.is_empty() => {
                     if let Err(close) = self.acknowledge_ready(ack, stream).await {

@@ -4,7 +4,6 @@
 //! In-process publishers and subscribers (drivers, uplinks, the gateway status) talk to the
 //! same router through a [`BrokerHandle`]: no loopback socket.
 
-mod ack;
 mod acl;
 mod auth;
 pub mod config;
@@ -28,7 +27,7 @@ use crate::model::{Message, QoS};
 use config::{BrokerConfig, Durability};
 
 pub use crate::store::sessions::PersistError;
-pub use ack::AckShare;
+pub use crate::store::AckShare;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use router::BrokerStats;

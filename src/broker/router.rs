@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::ack::AckShare;
 use super::connection::Counters;
 use super::protocol::{SubAckCode, SubscriptionRequest};
 use super::session::{Congestion, Delivery, Inflight, Limits, RetainedRoom, Session};
@@ -29,6 +28,7 @@ use super::topic;
 use crate::model::{Message, Origin, QoS};
 use crate::store::config::Durability;
 use crate::store::sessions::{Op, Persist, Snapshot, StoredSubscription, Waiter};
+use crate::store::AckShare;
 
 /// How often expired sessions and delayed wills are looked at.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -248,10 +248,10 @@ impl Router {
                 match row.inflight {
                     Some((pkid, state)) => inflight.push(Inflight {
                         pkid,
-                        delivery: row.delivery,
+                        delivery: row.delivery.into(),
                         state,
                     }),
-                    None => queue.push(row.delivery),
+                    None => queue.push(row.delivery.into()),
                 }
             }
             session.restore(inflight, queue, stored.spilled);
@@ -353,9 +353,8 @@ impl Router {
             self.next_seq += 1;
             delivery.seq = Some(seq);
             self.persist(Op::Enqueue {
-                seq,
                 client_id: client_id.clone(),
-                delivery: delivery.clone(),
+                delivery: delivery.queued(seq),
             })
             .await;
         }

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Message, QoS};
+use crate::store::sessions::{InflightState, QueuedDelivery};
 
 /// One message on its way to one client, with the QoS and flags it is delivered with.
 #[derive(Debug)]
@@ -106,6 +107,32 @@ impl Delivery {
     fn size(&self) -> u64 {
         (self.message.topic.len() + self.message.payload.len()) as u64
     }
+
+    /// What the store writes for this delivery under row `seq`. Costs what a clone does:
+    /// the topic and payload are shared, not copied.
+    pub(crate) fn queued(&self, seq: u64) -> QueuedDelivery {
+        QueuedDelivery {
+            message: self.message.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            seq,
+        }
+    }
+}
+
+/// A delivery loaded from the store: it holds no share of the queue memory budget yet.
+impl From<QueuedDelivery> for Delivery {
+    fn from(queued: QueuedDelivery) -> Delivery {
+        Delivery {
+            message: queued.message,
+            qos: queued.qos,
+            retain: queued.retain,
+            subscription_ids: queued.subscription_ids,
+            seq: Some(queued.seq),
+            memory: None,
+        }
+    }
 }
 
 /// What the connection did with a delivery handed to it by [`Session::send_queued`].
@@ -128,17 +155,6 @@ pub(crate) struct SendReport {
     pub(crate) dropped: Vec<u64>,
     /// QoS 2 messages now in flight: (row, packet id).
     pub(crate) qos2_sent: Vec<(u64, u16)>,
-}
-
-/// What an in-flight message waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum InflightState {
-    /// QoS 1 sent, waiting for PUBACK.
-    Qos1Sent,
-    /// QoS 2 sent, waiting for PUBREC.
-    Qos2Sent,
-    /// PUBREL sent, waiting for PUBCOMP.
-    Released,
 }
 
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@
 //! runtime); async code talks to that thread through a bounded channel. Only this module
 //! and its children use SQLite: the broker and the uplinks see the stores' APIs.
 
+mod ack;
 pub mod backup;
 pub mod config;
 pub mod outbox;
@@ -30,6 +31,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::mpsc;
 
+pub use ack::AckShare;
 pub use outbox::{
     ack_mark_path, AckMark, AppendReport, DropCounters, DropReason, Outbox, OutboxRecord,
     OutboxStats, StoreError, StoredMessage,

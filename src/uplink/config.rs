@@ -12,8 +12,10 @@ use toml::de::DeValue;
 use toml::Spanned;
 use url::{Host, Url};
 
-use crate::config::{closest, Checker, RawScalar, RawSize, S};
+use crate::config::{Checker, RawScalar, S};
 use crate::model::QoS;
+use crate::store::config::RawQueue;
+pub use crate::store::config::{QueueConfig, WhenFull};
 use crate::topic::valid_filter;
 
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -21,9 +23,6 @@ const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
 const DEFAULT_UPLINK_INFLIGHT: u16 = 100;
 const DEFAULT_RECONNECT_MIN: Duration = Duration::from_secs(1);
 const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(60);
-const DEFAULT_QUEUE_MESSAGES: u64 = 1_000_000;
-const DEFAULT_QUEUE_BYTES: u64 = 256 * 1024 * 1024;
-const DEFAULT_QUEUE_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_WS_PATH: &str = "/mqtt";
 
 #[derive(Debug, Clone)]
@@ -106,34 +105,6 @@ pub struct WillConfig {
     pub retain: bool,
     /// MQTT 5 will delay.
     pub delay: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct QueueConfig {
-    /// Default 1,000,000.
-    pub max_messages: u64,
-    /// Default 256 MiB.
-    pub max_bytes: u64,
-    /// Default 7 days.
-    pub max_age: Duration,
-    pub when_full: WhenFull,
-}
-
-impl Default for QueueConfig {
-    fn default() -> Self {
-        QueueConfig {
-            max_messages: DEFAULT_QUEUE_MESSAGES,
-            max_bytes: DEFAULT_QUEUE_BYTES,
-            max_age: DEFAULT_QUEUE_AGE,
-            when_full: WhenFull::DropOldest,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WhenFull {
-    DropOldest,
-    DropNew,
 }
 
 #[derive(Debug, Clone)]
@@ -336,15 +307,6 @@ pub(crate) struct RawWill {
 pub(crate) struct RawReconnect {
     pub(crate) min: Option<S<String>>,
     pub(crate) max: Option<S<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawQueue {
-    pub(crate) max_messages: Option<S<i64>>,
-    pub(crate) max_bytes: Option<S<RawSize>>,
-    pub(crate) max_age: Option<S<String>>,
-    pub(crate) when_full: Option<S<String>>,
 }
 
 /// One route; exactly one of `out` / `in` must be set, validation checks which other keys
@@ -584,7 +546,7 @@ impl Checker<'_> {
         });
 
         let (reconnect_min, reconnect_max) = self.reconnect(&raw.reconnect, &key("reconnect"));
-        let queue = self.queue(&raw.queue, &key("queue"));
+        let queue = self.outbox_queue(&raw.queue, &key("queue"));
 
         let mut routes_out = Vec::new();
         let mut routes_in = Vec::new();
@@ -776,49 +738,6 @@ impl Checker<'_> {
             );
         }
         (min, max)
-    }
-
-    fn queue(&mut self, raw: &Option<S<RawQueue>>, prefix: &str) -> QueueConfig {
-        let mut queue = QueueConfig::default();
-        let Some(raw) = raw else {
-            return queue;
-        };
-        let raw = raw.get_ref();
-        queue.max_messages = self.integer(
-            &raw.max_messages,
-            &format!("{prefix}.max_messages"),
-            1,
-            i64::MAX,
-            DEFAULT_QUEUE_MESSAGES as i64,
-        ) as u64;
-        if let Some(bytes) = &raw.max_bytes {
-            queue.max_bytes = self
-                .size(bytes, &format!("{prefix}.max_bytes"))
-                .unwrap_or(DEFAULT_QUEUE_BYTES);
-        }
-        queue.max_age = self.positive_duration(
-            &raw.max_age,
-            &format!("{prefix}.max_age"),
-            DEFAULT_QUEUE_AGE,
-        );
-        if let Some(when_full) = &raw.when_full {
-            queue.when_full = match when_full.get_ref().as_str() {
-                "drop_oldest" => WhenFull::DropOldest,
-                "drop_new" => WhenFull::DropNew,
-                other => {
-                    let diagnostic = self.d.error(
-                        Some(when_full.span()),
-                        format!("{prefix}.when_full"),
-                        format!("unknown policy {other:?}, expected drop_oldest or drop_new"),
-                    );
-                    if let Some(close) = closest(other, &["drop_oldest", "drop_new"]) {
-                        diagnostic.hint = Some(format!("did you mean `{close}`?"));
-                    }
-                    WhenFull::DropOldest
-                }
-            };
-        }
-        queue
     }
 
     fn route(&mut self, raw: &S<RawRoute>, prefix: &str) -> Option<Route> {

@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::backup::BackupError;
 use super::{properties, Failure};
 use crate::model::{MessageProperties, QoS};
-use crate::uplink::config::QueueConfig;
+use crate::store::config::QueueConfig;
 
 /// Requests waiting for the writer thread. Callers wait when it is full (backpressure:
 /// nothing that must be stored is dropped here).

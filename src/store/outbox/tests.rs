@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::uplink::config::WhenFull;
+use crate::store::config::WhenFull;
 
 fn bounds(max_messages: u64, when_full: WhenFull) -> QueueConfig {
     QueueConfig {

@@ -14,8 +14,8 @@ use super::{
 };
 use crate::model::QoS;
 use crate::store::backup::copy_database;
+use crate::store::config::{QueueConfig, WhenFull};
 use crate::store::{self, now_ms, properties, Settings, SyncLevel, Synchronous};
-use crate::uplink::config::{QueueConfig, WhenFull};
 
 /// Requests executed in one transaction at most. More waiting requests go to the next one.
 const MAX_BATCH: usize = 512;

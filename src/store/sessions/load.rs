@@ -11,8 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::run::{self, as_row, Record};
 use super::schema::MARK_REMOVED;
 use super::writer::Garbage;
-use super::{Snapshot, StoredDelivery, StoredSession, StoredSubscription};
-use crate::broker::session::{Delivery, InflightState};
+use super::{
+    InflightState, QueuedDelivery, Snapshot, StoredDelivery, StoredSession, StoredSubscription,
+};
 use crate::model::{Message, MessageProperties, Origin, QoS};
 use crate::store::{self, now_ms, properties};
 
@@ -104,13 +105,12 @@ impl RowReader {
             received: instant_from_ms(record.received_ms, self.now, self.now_ms),
         };
         StoredDelivery {
-            delivery: Delivery {
+            delivery: QueuedDelivery {
                 message,
                 qos,
                 retain: record.retain,
                 subscription_ids: record.subscription_ids,
-                seq: Some(record.seq),
-                memory: None,
+                seq: record.seq,
             },
             inflight,
         }

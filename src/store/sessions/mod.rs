@@ -30,7 +30,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::backup::BackupError;
 use super::Failure;
-use crate::broker::session::{Delivery, InflightState};
 use crate::model::{Message, QoS};
 use crate::store::config::Durability;
 
@@ -96,10 +95,33 @@ pub(crate) struct StoredSubscription {
     pub(crate) subscription_id: Option<usize>,
 }
 
-/// One queued message of one session, as loaded at start.
+/// One message queued for one client under its row `seq`, as the store writes and loads
+/// it: the message with the QoS and flags it is delivered with.
+#[derive(Debug, Clone)]
+pub(crate) struct QueuedDelivery {
+    pub(crate) message: Message,
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    pub(crate) subscription_ids: Vec<usize>,
+    pub(crate) seq: u64,
+}
+
+/// What an in-flight message waits for; kept with its row so that a restart sends it
+/// again with the same packet id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InflightState {
+    /// QoS 1 sent, waiting for PUBACK.
+    Qos1Sent,
+    /// QoS 2 sent, waiting for PUBREC.
+    Qos2Sent,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// One queued message of one session, as loaded at start or in a page.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredDelivery {
-    pub(crate) delivery: Delivery,
+    pub(crate) delivery: QueuedDelivery,
     /// Packet id and state when it was in flight.
     pub(crate) inflight: Option<(u16, InflightState)>,
 }

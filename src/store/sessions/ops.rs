@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::{StoredDelivery, StoredSubscription};
-use crate::broker::session::{Delivery, InflightState};
-use crate::broker::AckShare;
+use super::{InflightState, QueuedDelivery, StoredDelivery, StoredSubscription};
 use crate::model::Message;
 use crate::store::backup::BackupError;
+use crate::store::AckShare;
 
 pub(crate) enum Op {
     /// Create or update a session (expiry, connected state).
@@ -28,10 +27,10 @@ pub(crate) enum Op {
         client_id: Arc<str>,
         subscriptions: Vec<StoredSubscription>,
     },
+    /// Queue a message for a client under its `delivery.seq`.
     Enqueue {
-        seq: u64,
         client_id: Arc<str>,
-        delivery: Delivery,
+        delivery: QueuedDelivery,
     },
     Inflight {
         client_id: Arc<str>,

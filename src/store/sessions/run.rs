@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::session::Delivery;
+use super::QueuedDelivery;
 
 /// One queued message inside a run.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -138,13 +138,12 @@ pub(super) fn as_row(n: u64) -> i64 {
 
 /// The record of a delivery about to be queued.
 pub(super) fn record_of<'a>(
-    seq: u64,
-    delivery: &'a Delivery,
+    delivery: &'a QueuedDelivery,
     received_ms: i64,
     properties: Option<&'a str>,
 ) -> Record<'a> {
     Record {
-        seq,
+        seq: delivery.seq,
         received_ms,
         qos: delivery.qos as u8,
         retain: delivery.retain,

@@ -10,14 +10,13 @@ use super::schema::SCHEMA_VERSION;
 use super::writer::{trim_retry, PURGE_IDLE};
 use super::*;
 
-fn delivery(topic: &str, seq: u64) -> Delivery {
-    Delivery {
+fn delivery(topic: &str, seq: u64) -> QueuedDelivery {
+    QueuedDelivery {
         message: Message::internal("t", topic, "payload", QoS::AtLeastOnce, false),
         qos: QoS::AtLeastOnce,
         retain: false,
         subscription_ids: vec![3],
-        seq: Some(seq),
-        memory: None,
+        seq,
     }
 }
 
@@ -128,7 +127,6 @@ async fn enqueue(persist: &Persist, client: &Arc<str>, seqs: std::ops::RangeIncl
     for seq in seqs {
         persist
             .send(Op::Enqueue {
-                seq,
                 client_id: client.clone(),
                 delivery: delivery(&format!("a/{seq}"), seq),
             })
@@ -176,7 +174,6 @@ fn a_retry_past_its_bound_drops_the_oldest_queued_rows_and_keeps_the_rest() {
         connected: false,
     };
     let row = |seq| Op::Enqueue {
-        seq,
         client_id: client.clone(),
         delivery: delivery("t", seq),
     };
@@ -188,7 +185,7 @@ fn a_retry_past_its_bound_drops_the_oldest_queued_rows_and_keeps_the_rest() {
         .iter()
         .map(|op| match op {
             Op::Session { expiry, .. } => format!("session {expiry}"),
-            Op::Enqueue { seq, .. } => format!("row {seq}"),
+            Op::Enqueue { delivery, .. } => format!("row {}", delivery.seq),
             _ => "other".into(),
         })
         .collect();
@@ -236,16 +233,12 @@ async fn an_acknowledged_watermark_hides_rows_at_once_and_they_are_purged_when_i
         acknowledge_through(&persist, &client, 4, 4).await;
     }
     let (persist, snapshot) = reopen(&path, 100).await;
-    let seqs: Vec<Option<u64>> = snapshot.sessions[0]
+    let seqs: Vec<u64> = snapshot.sessions[0]
         .queue
         .iter()
         .map(|d| d.delivery.seq)
         .collect();
-    assert_eq!(
-        seqs,
-        vec![Some(5), Some(6)],
-        "acknowledged rows are not loaded"
-    );
+    assert_eq!(seqs, vec![5, 6], "acknowledged rows are not loaded");
     assert_eq!(snapshot.sessions[0].spilled, 0);
     // The rows under the watermark go once the store has been idle for a moment.
     let mut physical = Vec::new();
@@ -308,12 +301,12 @@ fn assert_upgraded_in_place(old_schema: &str) {
         queued,
         vec![
             (
-                Some(41),
+                41,
                 "a/1".to_string(),
                 QoS::AtLeastOnce,
                 Some((7, InflightState::Qos1Sent))
             ),
-            (Some(42), "a/2".to_string(), QoS::ExactlyOnce, None),
+            (42, "a/2".to_string(), QoS::ExactlyOnce, None),
         ],
         "the queue rows moved into runs, the in-flight state into marks"
     );
@@ -410,7 +403,7 @@ async fn removals_and_in_flight_marks_inside_a_written_run_survive_a_reopen() {
             .await;
         persist.barrier().await.await.expect("committed");
     }
-    type Queued = Vec<(Option<u64>, Option<(u16, InflightState)>)>;
+    type Queued = Vec<(u64, Option<(u16, InflightState)>)>;
     let queued = |snapshot: &Snapshot| -> Queued {
         snapshot.sessions[0]
             .queue
@@ -422,10 +415,10 @@ async fn removals_and_in_flight_marks_inside_a_written_run_survive_a_reopen() {
     assert_eq!(
         queued(&snapshot),
         vec![
-            (Some(1), None),
-            (Some(2), Some((7, InflightState::Qos2Sent))),
-            (Some(4), None),
-            (Some(6), None)
+            (1, None),
+            (2, Some((7, InflightState::Qos2Sent))),
+            (4, None),
+            (6, None)
         ],
         "3 removed, 5 dropped as the oldest past 4"
     );
@@ -446,7 +439,7 @@ async fn removals_and_in_flight_marks_inside_a_written_run_survive_a_reopen() {
     acknowledge_through(&persist, &client, 2, 2).await;
     drop(persist);
     let (persist, snapshot) = reopen(&path, 100).await;
-    assert_eq!(queued(&snapshot), vec![(Some(4), None), (Some(6), None)]);
+    assert_eq!(queued(&snapshot), vec![(4, None), (6, None)]);
     assert_eq!(snapshot.next_seq, 7);
     persist
         .send(Op::DropSession {
@@ -473,7 +466,6 @@ async fn the_file_shrinks_once_acknowledged_messages_are_purged() {
             delivery.message.payload = Bytes::from(payload.clone());
             persist
                 .send(Op::Enqueue {
-                    seq,
                     client_id: client.clone(),
                     delivery,
                 })
@@ -668,7 +660,6 @@ async fn properties_stored_in_the_older_form_load_intact() {
         queued.message.properties = Some(properties.clone());
         persist
             .send(Op::Enqueue {
-                seq: 1,
                 client_id: client.clone(),
                 delivery: queued,
             })

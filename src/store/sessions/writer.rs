@@ -15,7 +15,7 @@ use super::load::{page, read_queue, RowReader};
 use super::ops::Op;
 use super::run::{self, as_row, PendingRuns};
 use super::schema::{incremental_vacuum, MARK_REMOVED};
-use crate::broker::session::InflightState;
+use super::InflightState;
 use crate::model::Message;
 use crate::store::backup::copy_database;
 use crate::store::{self, now_ms, properties, SyncLevel, Synchronous};
@@ -307,22 +307,21 @@ impl Writer {
                 match op {
                     Op::Barrier(done) => barriers.push(done),
                     Op::Enqueue {
-                        seq, ref client_id, ..
-                    } if done(client_id, seq) => {
-                        never_written.insert(seq);
+                        ref client_id,
+                        ref delivery,
+                    } if done(client_id, delivery.seq) => {
+                        never_written.insert(delivery.seq);
                     }
                     Op::Inflight {
                         seq, ref client_id, ..
                     } if done(client_id, seq) => {}
                     Op::Enqueue {
-                        seq,
                         ref client_id,
                         ref delivery,
                     } => {
                         let properties = encode_properties(&delivery.message);
                         let received_ms = ms_from_instant(delivery.message.received);
-                        let record =
-                            run::record_of(seq, delivery, received_ms, properties.as_deref());
+                        let record = run::record_of(delivery, received_ms, properties.as_deref());
                         runs.add(client_id, &record)?;
                         written.push(op);
                     }

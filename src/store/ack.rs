@@ -1,16 +1,16 @@
-//! A publisher's acknowledgement shared between the stores its message goes to.
+//! A publisher's acknowledgement shared between the stores its message goes to: the
+//! promise that it is committed everywhere it must be. The broker makes it; the broker's
+//! store and the uplinks' outboxes keep it.
 //!
 //! With `durability = "sync"`, a QoS 1/2 publish is acknowledged only once every store that
 //! must hold it has committed: the broker's own store (persistent sessions, retained) and
-//! the outbox of every uplink that asked for it ([`InternalSubscribeOptions::commit`]).
+//! the outbox of every uplink that asked for it (an internal subscription with `commit`).
 //! Each of them holds an [`AckShare`]; the acknowledgement is sent when the last share is
 //! gone, and only if every share was released with [`AckShare::stored`]. A share dropped
 //! without it (a failed commit, a subscriber that stopped) withholds the acknowledgement:
 //! the publisher's connection then closes and its client sends the message again.
 //!
 //! Nothing is allocated for a publish that no such subscriber matches.
-//!
-//! [`InternalSubscribeOptions::commit`]: super::InternalSubscribeOptions::commit
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
