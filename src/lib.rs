@@ -26,10 +26,10 @@ pub mod config;
 pub mod drivers;
 pub mod essential;
 pub mod model;
+pub mod mqtt;
 pub mod pem;
 pub mod service;
 pub mod store;
-pub mod topic;
 pub mod uplink;
 
 /// Entry points for the fuzz targets in `fuzz/` (docs/fuzzing.md): re-exports of internal

@@ -21,9 +21,9 @@ use super::protocol::{
 };
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Handed, Inflight, InflightState, Room, Session};
-use super::topic;
 use crate::config::{BrokerConfig, DeniedReason};
 use crate::model::{Message, Origin, QoS};
+use crate::mqtt::topic;
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
 const PAGE_SIZE: usize = 1000;

@@ -26,9 +26,9 @@ use super::connection::Counters;
 use super::persist::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 use super::protocol::{SubAckCode, SubscriptionRequest};
 use super::session::{Congestion, Delivery, Inflight, Limits, RetainedRoom, Session};
-use super::topic;
 use crate::config::Durability;
 use crate::model::{Message, Origin, QoS};
+use crate::mqtt::topic;
 
 /// How often expired sessions and delayed wills are looked at.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);

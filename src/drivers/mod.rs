@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
+use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
 use crate::config::{DeviceConfig, DriverConfig, PayloadFormat};
 use crate::model::{
     Message, MessageProperties, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest,
@@ -73,7 +73,7 @@ impl DeviceContext {
     }
 
     /// Publish one reading on its point topic, in the device's payload format.
-    pub async fn publish_reading(&self, reading: &Reading) -> Result<(), BrokerError> {
+    pub async fn publish_reading(&self, reading: &Reading) -> Result<(), BusError> {
         let payload = match encode_reading(reading, self.payload) {
             Some(payload) => payload,
             None => return Ok(()),
@@ -95,13 +95,13 @@ impl DeviceContext {
         topic: String,
         payload: impl Into<Bytes>,
         retain: bool,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         let message = Message::internal(&self.origin, topic, payload, QoS::AtLeastOnce, retain);
         self.broker.publish(message).await
     }
 
     /// Publish the device's status (retained).
-    pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BrokerError> {
+    pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BusError> {
         let payload = match status {
             DeviceStatus::Online => json!({"status": "online", "ts": now_rfc3339()}),
             DeviceStatus::Offline { error } => {
@@ -125,7 +125,7 @@ impl DeviceContext {
     pub async fn subscribe_writes(
         &self,
         points: &[&str],
-    ) -> Result<InternalSubscription, BrokerError> {
+    ) -> Result<InternalSubscription, BusError> {
         let filters = points
             .iter()
             .map(|p| (format!("{}/set", self.point_topic(p)), QoS::AtLeastOnce))
@@ -158,7 +158,7 @@ impl DeviceContext {
         &self,
         request: &WriteRequest,
         outcome: &WriteOutcome,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         let payload = serde_json::to_string(outcome)
             .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
         let result_topic = format!("{}/set/result", self.point_topic(&request.point));

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::Inbound;
 use super::{route, SharedCounters};
-use crate::broker::{AckShare, BrokerHandle, InternalSubscription};
+use crate::broker::bus::{AckShare, BrokerHandle, InternalSubscription};
 use crate::config::{InRoute, OutRoute};
 use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
@@ -178,7 +178,8 @@ pub(super) async fn run_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
+    use crate::broker::bus::{BusError, InternalSubscribeOptions};
+    use crate::broker::{self, RunningBroker};
     use crate::config::{BrokerConfig, Durability, ListenerConfig, QueueConfig, WhenFull};
     use crate::model::QoS;
     use bytes::Bytes;
@@ -294,7 +295,7 @@ mod tests {
         .await
         .expect("answered, not hung");
         assert!(
-            matches!(answer, Err(BrokerError::NotStored)),
+            matches!(answer, Err(BusError::NotStored)),
             "not acknowledged: {answer:?}"
         );
         setup.stop.cancel();

@@ -7,8 +7,8 @@
 //! A template replaces `{topic}` with the whole local topic. Without either, the topic is
 //! kept. When several routes match a topic, the first one in the configuration wins.
 
-use crate::broker::topic;
 use crate::config::{InRoute, OutRoute};
+use crate::mqtt::topic;
 
 /// Replace the literal prefix of `filter` in `topic` with `new_prefix`. When nothing is left
 /// after the prefix (a filter without wildcards, or `a/#` matching `a`), the new prefix is

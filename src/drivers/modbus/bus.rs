@@ -933,7 +933,7 @@ async fn forward_writes(
     context: DeviceContext,
     names: Vec<String>,
     device: usize,
-    mut subscription: crate::broker::InternalSubscription,
+    mut subscription: crate::broker::bus::InternalSubscription,
     tx: mpsc::Sender<WriteCommand>,
     shutdown: CancellationToken,
 ) {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{PortSettings, SerialConfig, COMMAND_POINT};
 use super::framing::{FrameCodec, FrameEvent};
 use super::parse::{self, Parsed};
-use crate::broker::{BrokerError, InternalSubscription};
+use crate::broker::bus::{BusError, InternalSubscription};
 use crate::config::PayloadFormat;
 use crate::drivers::{rfc3339, DeviceContext};
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
@@ -607,7 +607,7 @@ impl Driver {
         };
         match result {
             Ok(()) => true,
-            Err(BrokerError::Closed) => false,
+            Err(BusError::Closed) => false,
             Err(error) => {
                 tracing::warn!(device = %self.context.device, %error, "cannot publish");
                 true
@@ -615,7 +615,7 @@ impl Driver {
         }
     }
 
-    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BrokerError> {
+    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BusError> {
         self.context.publish_raw(topic, payload, false).await
     }
 
@@ -647,7 +647,7 @@ impl Driver {
                 self.published = Some(self.health.clone());
                 true
             }
-            Err(BrokerError::Closed) => false,
+            Err(BusError::Closed) => false,
             Err(error) => {
                 tracing::warn!(device = %self.context.device, %error, "cannot publish status");
                 true
