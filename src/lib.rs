@@ -15,11 +15,15 @@
 //!
 //! - [`config`]: the TOML file, parsed and validated.
 //! - [`model`]: messages, readings, values, write requests.
-//! - [`broker`]: the embedded MQTT broker and the in-process [`broker::BrokerHandle`].
+//! - [`broker`]: the embedded MQTT broker; drivers and uplinks reach it only through the
+//!   in-process bus, [`broker::bus::BrokerHandle`].
+//! - [`mqtt`]: topic rules and the translation to and from rumqttc's packet types.
 //! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then
-//!   a [`model::Message`] in [`drivers::publish_reading`].
+//!   a [`model::Message`] in [`drivers::DeviceContext::publish_sample`], its payload
+//!   encoded by [`drivers::payload`].
 //! - [`service`]: wiring, signals, shutdown.
 
+mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;

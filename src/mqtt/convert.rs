@@ -48,29 +48,31 @@ impl From<QoS> for v5::QoS {
     }
 }
 
+/// The message properties of a rumqttc MQTT 5 value that carries them under MQTT's names
+/// (a PUBLISH's properties, a will's), moved out of it.
+macro_rules! message_properties {
+    ($properties:expr) => {{
+        let p = $properties;
+        MessageProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        }
+    }};
+}
+
 /// The message properties of a received MQTT 5 PUBLISH. Its per-hop properties (topic
 /// alias, subscription identifiers) are the connection's business, not the message's.
 pub(crate) fn properties_from_v5(p: PublishProperties) -> MessageProperties {
-    MessageProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-    }
+    message_properties!(p)
 }
 
 /// The message properties of an MQTT 5 will (its delay is the session's business).
 pub(crate) fn will_properties_from_v5(p: LastWillProperties) -> MessageProperties {
-    MessageProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-    }
+    message_properties!(p)
 }
 
 /// The properties of an MQTT 5 PUBLISH carrying a message with these properties, without
