@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use mqtt::within;
 use process::GatewayProcess;
+use rustls::pki_types::{pem::PemObject, CertificateDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -117,8 +118,7 @@ fn check_and_run_warn_about_password_and_acl_files_every_user_may_read() {
 fn client_trusting(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca_pem).expect("CA file");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_file_iter(ca_pem).expect("CA file") {
         roots.add(cert.expect("PEM")).expect("root");
     }
     Arc::new(

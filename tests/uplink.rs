@@ -1994,14 +1994,12 @@ async fn the_alpn_protocols_are_offered_in_the_tls_handshake() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server_config = {
-        let chain =
-            rustls_pemfile::certs(&mut std::fs::read(&certs.server_cert).unwrap().as_slice())
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-        let key =
-            rustls_pemfile::private_key(&mut std::fs::read(&certs.server_key).unwrap().as_slice())
-                .unwrap()
-                .unwrap();
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&certs.server_cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&certs.server_key).unwrap();
         let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

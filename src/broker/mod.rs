@@ -29,6 +29,7 @@ use crate::config::{BrokerConfig, Durability};
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use bus::{AckShare, BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
+pub use listener::TlsError;
 pub use persist::PersistError;
 pub use router::BrokerStats;
 use router::Router;
@@ -54,8 +55,8 @@ pub enum BrokerError {
     Store(#[from] PersistError),
     #[error(transparent)]
     Acl(#[from] AclError),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A started broker: its handle, the addresses it listens on, and its tasks.
@@ -157,7 +158,7 @@ pub async fn start(
 
     let mut bound = Vec::new();
     for listener in &config.listeners {
-        listener::prepare(listener).map_err(|e| BrokerError::Tls(e.to_string()))?;
+        listener::prepare(listener)?;
         let socket = tokio::net::TcpListener::bind(listener.bind)
             .await
             .map_err(|source| BrokerError::Bind {

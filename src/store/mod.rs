@@ -1,7 +1,7 @@
 //! The durable outbox of one uplink: an SQLite file that holds every message an out-route
 //! accepted until the cloud has acknowledged it.
 //!
-//! One dedicated OS thread owns the `rusqlite::Connection` ([`writer`]); async code talks to
+//! One dedicated OS thread owns the `rusqlite::Connection` (`writer`); async code talks to
 //! it through a bounded channel with a oneshot reply per request ([`Outbox`]). The thread
 //! drains every request that is waiting and executes all writes of that batch in ONE
 //! transaction (group commit), then answers reads.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use fieldmq::config::{ListenerConfig, ListenerTls};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
@@ -128,15 +129,13 @@ impl Pki {
 }
 
 fn certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("PEM certificates")
 }
 
 fn key(pem: &str) -> PrivateKeyDer<'static> {
-    rustls_pemfile::private_key(&mut pem.as_bytes())
-        .expect("PEM key")
-        .expect("a private key")
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("a PEM private key")
 }
 
 /// A listener on an ephemeral 127.0.0.1 port.

@@ -1,7 +1,7 @@
 //! Modbus device configuration: the raw serde structs for a `modbus-tcp` / `modbus-rtu`
 //! device and their validation into [`ModbusConfig`]. The keys every device has (`name`,
 //! `topic`, `payload`, `poll`) are read here but validated by `config::validate`, which
-//! also calls [`validate`] for the rest, so errors come out together with file, line and
+//! also calls `validate` for the rest, so errors come out together with file, line and
 //! key path (`devices[2].points[0].type: unknown type "flaot", ...`).
 //!
 //! Addresses are 0-based protocol addresses, as they travel in the request: the register a

@@ -1,7 +1,7 @@
 //! Serial device configuration: the raw serde struct for a `driver = "serial"` device and
 //! its validation into [`SerialConfig`]. The keys every device has (`name`, `topic`,
 //! `payload`, `poll`) are read here but validated by `config::validate`, which calls
-//! [`validate`] for the rest, so every error comes out together with file, line and key
+//! `validate` for the rest, so every error comes out together with file, line and key
 //! path (`devices[1].parse[0].fields.lat.type: unknown type "nubmer", ...`).
 //!
 //! Byte strings (`delimiter`, `frame_start`, `frame_end`, `request`, `write_template`)
