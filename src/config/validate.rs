@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::mqtt::topic::valid_filter;
+use crate::pem::PemContent as Pem;
 use regex::Regex;
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml::de::{DeTable, DeValue};
@@ -2331,35 +2332,9 @@ enum Route {
     In(InRoute),
 }
 
-/// What a PEM file must hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pem {
-    Certificates,
-    PrivateKey,
-}
-
 /// Checks that `path` holds at least one PEM certificate, or a private key.
-fn check_pem(path: &Path, wanted: Pem) -> Result<(), String> {
-    use rustls_pemfile::Item;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut found = false;
-    for item in rustls_pemfile::read_all(&mut reader) {
-        let item = item.map_err(|e| format!("not valid PEM: {e}"))?;
-        found |= matches!(
-            (wanted, item),
-            (Pem::Certificates, Item::X509Certificate(_))
-                | (
-                    Pem::PrivateKey,
-                    Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_)
-                )
-        );
-    }
-    match (found, wanted) {
-        (true, _) => Ok(()),
-        (false, Pem::Certificates) => Err("no PEM certificate in this file".into()),
-        (false, Pem::PrivateKey) => Err("no PEM private key in this file".into()),
-    }
+fn check_pem(path: &Path, wanted: Pem) -> Result<(), crate::pem::ContentError> {
+    crate::pem::check_content(path, wanted)
 }
 
 #[cfg(test)]
