@@ -25,8 +25,8 @@ use super::ack::AckShare;
 use super::connection::Counters;
 use super::protocol::{SubAckCode, SubscriptionRequest};
 use super::session::{Congestion, Delivery, Inflight, Limits, RetainedRoom, Session};
-use super::topic;
 use crate::model::{Message, Origin, QoS};
+use crate::mqtt::topic;
 use crate::store::config::Durability;
 use crate::store::sessions::{Op, Persist, Snapshot, StoredSubscription, Waiter};
 

@@ -14,7 +14,7 @@ use url::{Host, Url};
 
 use crate::config::{closest, Checker, RawScalar, RawSize, S};
 use crate::model::QoS;
-use crate::topic::valid_filter;
+use crate::mqtt::topic::valid_filter;
 
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(3600);
