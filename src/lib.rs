@@ -17,21 +17,25 @@
 //!   section (`broker::config`, `drivers::config`, `uplink::config`), and
 //!   [`service::config`] assembles the whole file.
 //! - [`model`]: messages, readings, values, write requests.
-//! - [`broker`]: the embedded MQTT broker and the in-process [`broker::BrokerHandle`].
+//! - [`broker`]: the embedded MQTT broker; drivers and uplinks reach it only through the
+//!   in-process bus, [`broker::bus::BrokerHandle`].
+//! - [`mqtt`]: topic rules and the translation to and from rumqttc's packet types.
 //! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then
-//!   a [`model::Message`] in [`drivers::publish_reading`].
+//!   a [`model::Message`] in [`drivers::DeviceContext::publish_sample`], its payload
+//!   encoded by [`drivers::payload`].
 //! - [`service`]: wiring, signals, shutdown.
 
+mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod essential;
 pub mod model;
+pub mod mqtt;
 pub mod pem;
 pub mod service;
 pub mod store;
-pub mod topic;
 pub mod uplink;
 
 /// Entry points for the fuzz targets in `fuzz/` (docs/fuzzing.md): re-exports of internal

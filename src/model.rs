@@ -1,8 +1,9 @@
 //! The types every part of the gateway speaks: messages on the internal bus, device
 //! readings and their values, and write commands.
 //!
-//! A driver turns raw registers or frames into [`Reading`]s; `drivers::publish_reading`
-//! turns a reading into a [`Message`] on the broker. A write arrives as a [`Message`] on
+//! A driver turns raw registers or frames into [`Reading`]s;
+//! [`DeviceContext::publish_reading`](crate::drivers::DeviceContext::publish_reading) turns
+//! a reading into a [`Message`] on the broker. A write arrives as a [`Message`] on
 //! `<point topic>/set` and is parsed into a [`WriteRequest`].
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! UTF-8 strings cut from the input, with a few invariants.
 #![no_main]
 
-use fieldmq::topic::{literal_prefix, matches, parse_filter, valid_filter, valid_topic_name};
+use fieldmq::mqtt::topic::{literal_prefix, matches, parse_filter, valid_filter, valid_topic_name};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::topic;
+use crate::mqtt::topic;
 
 /// What a line may start with.
 const KEYWORDS: &str = "expected user, topic or pattern";

@@ -21,8 +21,8 @@ use super::protocol::{
 };
 use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Delivery, Handed, Inflight, Room, Session};
-use super::topic;
 use crate::model::{Message, Origin, QoS};
+use crate::mqtt::topic;
 use crate::store::sessions::{InflightState, Op, PageReply, Persist, StoredDelivery};
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.

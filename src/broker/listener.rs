@@ -42,7 +42,7 @@ pub(crate) mod tls;
 #[path = "websocket.rs"]
 pub(crate) mod websocket;
 
-pub(crate) use tls::TlsError;
+pub use tls::TlsError;
 
 /// What a listener does with each accepted socket before MQTT starts, built once at start.
 #[derive(Clone)]

@@ -14,6 +14,7 @@ use rumqttc::mqttbytes::{self as mqtt4bytes, v4};
 use rumqttc::v5::mqttbytes::{self as mqtt5bytes, v5};
 
 use crate::model::{MessageProperties, QoS};
+use crate::mqtt::convert;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
@@ -417,38 +418,6 @@ fn read_error_v5(e: mqtt5bytes::Error) -> ReadError {
     }
 }
 
-fn qos_from_v4(q: mqtt4bytes::QoS) -> QoS {
-    match q {
-        mqtt4bytes::QoS::AtMostOnce => QoS::AtMostOnce,
-        mqtt4bytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        mqtt4bytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-fn qos_to_v4(q: QoS) -> mqtt4bytes::QoS {
-    match q {
-        QoS::AtMostOnce => mqtt4bytes::QoS::AtMostOnce,
-        QoS::AtLeastOnce => mqtt4bytes::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => mqtt4bytes::QoS::ExactlyOnce,
-    }
-}
-
-fn qos_from_v5(q: mqtt5bytes::QoS) -> QoS {
-    match q {
-        mqtt5bytes::QoS::AtMostOnce => QoS::AtMostOnce,
-        mqtt5bytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        mqtt5bytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-fn qos_to_v5(q: QoS) -> mqtt5bytes::QoS {
-    match q {
-        QoS::AtMostOnce => mqtt5bytes::QoS::AtMostOnce,
-        QoS::AtLeastOnce => mqtt5bytes::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => mqtt5bytes::QoS::ExactlyOnce,
-    }
-}
-
 fn connect_from_v4(c: v4::Connect) -> ConnectRequest {
     ConnectRequest {
         version: Version::V311,
@@ -462,7 +431,7 @@ fn connect_from_v4(c: v4::Connect) -> ConnectRequest {
         will: c.last_will.map(|w| Will {
             topic: w.topic,
             payload: w.message,
-            qos: qos_from_v4(w.qos),
+            qos: QoS::from(w.qos),
             retain: w.retain,
             properties: None,
             delay: 0,
@@ -497,16 +466,9 @@ fn connect_from_v5(
             Will {
                 topic: String::from_utf8_lossy(&w.topic).into_owned(),
                 payload: w.message,
-                qos: qos_from_v5(w.qos),
+                qos: QoS::from(w.qos),
                 retain: w.retain,
-                properties: w.properties.map(|p| MessageProperties {
-                    payload_format_indicator: p.payload_format_indicator,
-                    message_expiry_interval: p.message_expiry_interval,
-                    content_type: p.content_type,
-                    response_topic: p.response_topic,
-                    correlation_data: p.correlation_data,
-                    user_properties: p.user_properties,
-                }),
+                properties: w.properties.map(convert::will_properties_from_v5),
                 delay,
             }
         }),
@@ -525,7 +487,7 @@ fn incoming_from_v4(packet: v4::Packet) -> Result<Incoming, ReadError> {
         v4::Packet::Publish(p) => Incoming::Publish(PublishIn {
             topic: p.topic,
             payload: p.payload,
-            qos: qos_from_v4(p.qos),
+            qos: QoS::from(p.qos),
             retain: p.retain,
             pkid: p.pkid,
             properties: None,
@@ -542,7 +504,7 @@ fn incoming_from_v4(packet: v4::Packet) -> Result<Incoming, ReadError> {
                 .into_iter()
                 .map(|f| SubscriptionRequest {
                     filter: f.path,
-                    qos: qos_from_v4(f.qos),
+                    qos: QoS::from(f.qos),
                     no_local: false,
                     retain_as_published: false,
                     retain_handling: 0,
@@ -573,23 +535,16 @@ fn incoming_from_v5(packet: v5::Packet) -> Result<Incoming, ReadError> {
             let topic = String::from_utf8(p.topic.to_vec())
                 .map_err(|_| ReadError::Malformed("topic is not valid UTF-8".into()))?;
             let (properties, topic_alias) = match p.properties {
-                Some(props) => (
-                    Some(MessageProperties {
-                        payload_format_indicator: props.payload_format_indicator,
-                        message_expiry_interval: props.message_expiry_interval,
-                        content_type: props.content_type,
-                        response_topic: props.response_topic,
-                        correlation_data: props.correlation_data,
-                        user_properties: props.user_properties,
-                    }),
-                    props.topic_alias,
-                ),
+                Some(props) => {
+                    let topic_alias = props.topic_alias;
+                    (Some(convert::properties_from_v5(props)), topic_alias)
+                }
                 None => (None, None),
             };
             Incoming::Publish(PublishIn {
                 topic,
                 payload: p.payload,
-                qos: qos_from_v5(p.qos),
+                qos: QoS::from(p.qos),
                 retain: p.retain,
                 pkid: p.pkid,
                 properties,
@@ -608,7 +563,7 @@ fn incoming_from_v5(packet: v5::Packet) -> Result<Incoming, ReadError> {
                 .into_iter()
                 .map(|f| SubscriptionRequest {
                     filter: f.path,
-                    qos: qos_from_v5(f.qos),
+                    qos: QoS::from(f.qos),
                     no_local: f.nolocal,
                     retain_as_published: f.preserve_retain,
                     retain_handling: match f.retain_forward_rule {
@@ -696,7 +651,7 @@ fn to_v4(packet: &Outgoing) -> v4::Packet {
         }),
         Outgoing::Publish(p) => v4::Packet::Publish(v4::Publish {
             dup: p.dup,
-            qos: qos_to_v4(p.qos),
+            qos: p.qos.into(),
             retain: p.retain,
             topic: p.topic.to_string(),
             pkid: p.pkid,
@@ -713,7 +668,7 @@ fn to_v4(packet: &Outgoing) -> v4::Packet {
             return_codes: codes
                 .iter()
                 .map(|c| match c {
-                    SubAckCode::Granted(q) => v4::SubscribeReasonCode::Success(qos_to_v4(*q)),
+                    SubAckCode::Granted(q) => v4::SubscribeReasonCode::Success((*q).into()),
                     _ => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
@@ -777,21 +732,20 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
                 || p.topic_alias.is_some()
                 || !p.subscription_ids.is_empty();
             let properties = has_props.then(|| {
-                let props = p.properties.as_deref().cloned().unwrap_or_default();
-                v5::PublishProperties {
-                    payload_format_indicator: props.payload_format_indicator,
-                    message_expiry_interval: p.message_expiry,
-                    topic_alias: p.topic_alias,
-                    response_topic: props.response_topic,
-                    correlation_data: props.correlation_data,
-                    user_properties: props.user_properties,
-                    subscription_identifiers: p.subscription_ids.clone(),
-                    content_type: props.content_type,
-                }
+                let mut properties = p
+                    .properties
+                    .as_deref()
+                    .map(convert::properties_to_v5)
+                    .unwrap_or_default();
+                // What is left of the expiry, not what the publisher set.
+                properties.message_expiry_interval = p.message_expiry;
+                properties.topic_alias = p.topic_alias;
+                properties.subscription_identifiers = p.subscription_ids.clone();
+                properties
             });
             v5::Packet::Publish(v5::Publish {
                 dup: p.dup,
-                qos: qos_to_v5(p.qos),
+                qos: p.qos.into(),
                 retain: p.retain,
                 topic: if p.topic_known {
                     Bytes::new()
@@ -844,7 +798,7 @@ fn to_v5(packet: &Outgoing) -> v5::Packet {
             return_codes: codes
                 .iter()
                 .map(|c| match c {
-                    SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success(qos_to_v5(*q)),
+                    SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success((*q).into()),
                     SubAckCode::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
                     SubAckCode::Unspecified => v5::SubscribeReasonCode::Unspecified,
                     SubAckCode::TopicFilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,

@@ -13,16 +13,19 @@ use crate::pem::{self, PemError};
 
 /// A listener's TLS files cannot be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TlsError {
+pub enum TlsError {
     #[error("TLS {0}")]
     Pem(#[from] PemError),
-    #[error("TLS client_ca file {path}: {reason}")]
-    ClientCa { path: PathBuf, reason: String },
-    #[error("TLS cert {cert} and key {key} cannot be used together: {reason}")]
+    #[error("TLS client_ca file {path}: {source}")]
+    ClientCa {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("TLS cert {cert} and key {key} cannot be used together: {source}")]
     CertKey {
         cert: PathBuf,
         key: PathBuf,
-        reason: String,
+        source: rustls::Error,
     },
 }
 
@@ -41,24 +44,24 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsE
             } else {
                 builder.allow_unauthenticated()
             };
-            builder.build().map_err(|e| TlsError::ClientCa {
+            builder.build().map_err(|source| TlsError::ClientCa {
                 path: ca.clone(),
-                reason: e.to_string(),
+                source,
             })?
         }
         None => WebPkiClientVerifier::no_client_auth(),
     };
-    let cert_key = |reason: String| TlsError::CertKey {
+    let cert_key = |source: rustls::Error| TlsError::CertKey {
         cert: tls.cert.clone(),
         key: tls.key.clone(),
-        reason,
+        source,
     };
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| cert_key(e.to_string()))?
+        .map_err(cert_key)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| cert_key(e.to_string()))?;
+        .map_err(cert_key)?;
     Ok(Arc::new(config))
 }
 
@@ -76,7 +79,8 @@ pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use rustls::RootCertStore;
     use rustls::{ClientConfig, ClientConnection, ServerConnection};
     use std::path::Path;
@@ -140,7 +144,7 @@ mod tests {
     fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(cert.expect("pem")).expect("root");
         }
         let builder = ClientConfig::builder_with_provider(provider)
@@ -149,12 +153,10 @@ mod tests {
             .with_root_certificates(roots);
         let config = match identity {
             Some((cert, key)) => {
-                let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+                let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
                     .collect::<Result<Vec<_>, _>>()
                     .expect("certs");
-                let key = rustls_pemfile::private_key(&mut key.as_bytes())
-                    .expect("pem")
-                    .expect("key");
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
                 builder
                     .with_client_auth_cert(certs, key)
                     .expect("client auth")

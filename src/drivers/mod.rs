@@ -1,10 +1,12 @@
 //! Device drivers. Each configured device runs as one task that owns its connection to the
-//! device; what it reads becomes a [`Reading`], and [`DeviceContext::publish_reading`] turns
-//! the reading into an MQTT message on the embedded broker. Writes arrive as messages on
+//! device; what it reads becomes a [`Reading`] (or, for a serial frame, a set of fields),
+//! and [`DeviceContext::publish_sample`] turns it into an MQTT message on the embedded
+//! broker, in the device's [`payload`] format. Writes arrive as messages on
 //! `<point topic>/set` and are answered on `<point topic>/set/result`.
 
 pub mod config;
 pub mod modbus;
+pub mod payload;
 pub mod serial;
 pub mod simulated;
 
@@ -15,11 +17,10 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
-use crate::model::{
-    Message, MessageProperties, QoS, Quality, Reading, Value, WriteOutcome, WriteRequest,
-};
+use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
+use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
+use payload::Sample;
 
 /// Everything a driver needs to talk to the bus for one device.
 #[derive(Debug, Clone)]
@@ -74,14 +75,20 @@ impl DeviceContext {
     }
 
     /// Publish one reading on its point topic, in the device's payload format.
-    pub async fn publish_reading(&self, reading: &Reading) -> Result<(), BrokerError> {
-        let payload = match encode_reading(reading, self.payload) {
-            Some(payload) => payload,
-            None => return Ok(()),
+    pub async fn publish_reading(&self, reading: &Reading) -> Result<(), BusError> {
+        self.publish_sample(&reading.point, Sample::Reading(reading))
+            .await
+    }
+
+    /// Publish what `point` reports on its topic, in the device's payload format (nothing
+    /// when the format has nothing to say about it).
+    pub async fn publish_sample(&self, point: &str, sample: Sample<'_>) -> Result<(), BusError> {
+        let Some(payload) = payload::encode(self.payload, sample) else {
+            return Ok(());
         };
         let message = Message::internal(
             &self.origin,
-            self.point_topic(&reading.point),
+            self.point_topic(point),
             payload,
             QoS::AtLeastOnce,
             false,
@@ -96,13 +103,13 @@ impl DeviceContext {
         topic: String,
         payload: impl Into<Bytes>,
         retain: bool,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         let message = Message::internal(&self.origin, topic, payload, QoS::AtLeastOnce, retain);
         self.broker.publish(message).await
     }
 
     /// Publish the device's status (retained).
-    pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BrokerError> {
+    pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BusError> {
         let payload = match status {
             DeviceStatus::Online => json!({"status": "online", "ts": now_rfc3339()}),
             DeviceStatus::Offline { error } => {
@@ -126,7 +133,7 @@ impl DeviceContext {
     pub async fn subscribe_writes(
         &self,
         points: &[&str],
-    ) -> Result<InternalSubscription, BrokerError> {
+    ) -> Result<InternalSubscription, BusError> {
         let filters = points
             .iter()
             .map(|p| (format!("{}/set", self.point_topic(p)), QoS::AtLeastOnce))
@@ -159,7 +166,7 @@ impl DeviceContext {
         &self,
         request: &WriteRequest,
         outcome: &WriteOutcome,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), BusError> {
         let payload = serde_json::to_string(outcome)
             .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
         let result_topic = format!("{}/set/result", self.point_topic(&request.point));
@@ -187,29 +194,6 @@ impl DeviceContext {
             self.broker.publish(message).await?;
         }
         Ok(())
-    }
-}
-
-/// The payload of a reading; `None` when the format has nothing to say (a plain-format
-/// reading without a value).
-pub fn encode_reading(reading: &Reading, format: PayloadFormat) -> Option<Bytes> {
-    match format {
-        PayloadFormat::Json => {
-            let mut body = json!({
-                "value": reading.value,
-                "ts": rfc3339(reading.timestamp),
-                "quality": match reading.quality { Quality::Good => "good", Quality::Bad(_) => "bad" },
-            });
-            if let (Quality::Bad(reason), Some(map)) = (&reading.quality, body.as_object_mut()) {
-                map.insert("error".into(), json!(reason));
-            }
-            Some(Bytes::from(body.to_string()))
-        }
-        PayloadFormat::Plain => reading
-            .value
-            .as_ref()
-            .filter(|_| reading.quality == Quality::Good)
-            .map(|v| Bytes::from(v.to_string())),
     }
 }
 
@@ -255,6 +239,15 @@ fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
+impl DriverConfig {
+    /// Whether devices of this driver run in a task shared with other devices (Modbus RTU
+    /// devices on one serial port share a bus), started by [`modbus::device_tasks`] for all
+    /// of them at once instead of by [`run_device`] for each.
+    pub fn shares_bus(&self) -> bool {
+        matches!(self, DriverConfig::Modbus(_))
+    }
+}
+
 /// Run one device until shutdown.
 pub async fn run_device(device: DeviceConfig, context: DeviceContext, shutdown: CancellationToken) {
     match &device.driver {
@@ -284,23 +277,5 @@ mod tests {
         assert!(parse_write_value(b"").is_err());
         assert!(parse_write_value(br#"{"v": 3}"#).is_err());
         assert!(parse_write_value(&[0xff, 0xfe]).is_err());
-    }
-
-    #[test]
-    fn json_payload_carries_value_time_and_quality() {
-        let reading = Reading {
-            device: "d".into(),
-            point: "p".into(),
-            value: Some(Value::Float(1.5)),
-            quality: Quality::Good,
-            timestamp: SystemTime::UNIX_EPOCH,
-        };
-        let payload = encode_reading(&reading, PayloadFormat::Json).expect("payload");
-        let parsed: serde_json::Value = serde_json::from_slice(&payload).expect("json");
-        assert_eq!(parsed["value"], json!(1.5));
-        assert_eq!(parsed["ts"], json!("1970-01-01T00:00:00Z"));
-        assert_eq!(parsed["quality"], json!("good"));
-        let plain = encode_reading(&reading, PayloadFormat::Plain).expect("payload");
-        assert_eq!(&plain[..], b"1.5");
     }
 }

@@ -18,7 +18,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
-use crate::drivers::config::DriverConfig;
 use crate::drivers::{self, DeviceContext};
 use crate::model::{Message, QoS};
 use config::Config;
@@ -77,7 +76,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     for device in config.devices.iter().cloned() {
         let context =
             DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
-        if matches!(device.driver, DriverConfig::Modbus(_)) {
+        if device.driver.shares_bus() {
             modbus.push((device, context));
             continue;
         }

@@ -14,9 +14,9 @@ use url::{Host, Url};
 
 use crate::config::{Checker, RawScalar, S};
 use crate::model::QoS;
+use crate::mqtt::topic::valid_filter;
 use crate::store::config::RawQueue;
 pub use crate::store::config::{QueueConfig, WhenFull};
-use crate::topic::valid_filter;
 
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(3600);

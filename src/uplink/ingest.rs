@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{InRoute, OutRoute};
 use super::link::Inbound;
 use super::{route, SharedCounters};
-use crate::broker::{AckShare, BrokerHandle, InternalSubscription};
+use crate::broker::bus::{AckShare, BrokerHandle, InternalSubscription};
 use crate::model::{Message, Origin};
 use crate::store::{Outbox, OutboxRecord};
 
@@ -178,8 +178,9 @@ pub(super) async fn run_inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::bus::{BusError, InternalSubscribeOptions};
     use crate::broker::config::{BrokerConfig, Durability, ListenerConfig};
-    use crate::broker::{self, BrokerError, InternalSubscribeOptions, RunningBroker};
+    use crate::broker::{self, RunningBroker};
     use crate::model::QoS;
     use crate::uplink::config::{QueueConfig, WhenFull};
     use bytes::Bytes;
@@ -295,7 +296,7 @@ mod tests {
         .await
         .expect("answered, not hung");
         assert!(
-            matches!(answer, Err(BrokerError::NotStored)),
+            matches!(answer, Err(BusError::NotStored)),
             "not acknowledged: {answer:?}"
         );
         setup.stop.cancel();

@@ -21,14 +21,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
 use rumqttc::v5::mqttbytes::v5 as m5;
 use rumqttc::Outgoing;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{MqttVersion, UplinkConfig, UrlScheme};
+use crate::backoff::{Backoff, Jitter};
 use crate::model::{MessageProperties, QoS};
+use crate::mqtt::convert;
 
 /// Largest packet we accept from the cloud.
 const MAX_INCOMING_PACKET: u32 = 1024 * 1024;
@@ -36,6 +37,8 @@ const MAX_INCOMING_PACKET: u32 = 1024 * 1024;
 const MAX_OUTGOING_PACKET: usize = 16 * 1024 * 1024;
 /// TCP connect + TLS handshake + CONNACK.
 const CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Shortest wait between reconnects, whatever `reconnect_min` says.
+const MIN_RECONNECT_DELAY: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 pub(super) enum LinkEvent {
@@ -87,63 +90,6 @@ pub(super) enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
-fn v4_qos(qos: QoS) -> rumqttc::QoS {
-    match qos {
-        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
-        QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
-    }
-}
-
-fn v5_qos(qos: QoS) -> rumqttc::v5::mqttbytes::QoS {
-    match qos {
-        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-    }
-}
-
-fn from_v4_qos(qos: rumqttc::QoS) -> QoS {
-    match qos {
-        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
-        rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-fn from_v5_qos(qos: rumqttc::v5::mqttbytes::QoS) -> QoS {
-    match qos {
-        rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-fn to_v5_properties(p: &MessageProperties) -> m5::PublishProperties {
-    m5::PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        topic_alias: None,
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone(),
-        user_properties: p.user_properties.clone(),
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type.clone(),
-    }
-}
-
-fn from_v5_properties(p: m5::PublishProperties) -> Option<MessageProperties> {
-    let properties = MessageProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        content_type: p.content_type,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-    };
-    (properties != MessageProperties::default()).then_some(properties)
-}
-
 impl Client {
     /// Queue a publish without waiting (never blocks the caller on rumqttc's progress).
     pub(super) fn try_publish(
@@ -156,17 +102,17 @@ impl Client {
     ) -> Result<(), SubmitError> {
         match self {
             Client::V311(client) => client
-                .try_publish(topic, v4_qos(qos), retain, payload.to_vec())
+                .try_publish(topic, qos.into(), retain, payload.to_vec())
                 .map_err(v4_error),
             Client::V5(client) => match properties {
                 Some(p) => client.try_publish_with_properties(
                     topic,
-                    v5_qos(qos),
+                    qos.into(),
                     retain,
                     payload,
-                    to_v5_properties(p),
+                    convert::properties_to_v5(p),
                 ),
-                None => client.try_publish(topic, v5_qos(qos), retain, payload),
+                None => client.try_publish(topic, qos.into(), retain, payload),
             }
             .map_err(v5_error),
         }
@@ -178,11 +124,11 @@ impl Client {
                 .try_subscribe_many(
                     filters
                         .iter()
-                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(*q))),
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), (*q).into())),
                 )
                 .map_err(v4_error),
             Client::V5(client) => client
-                .try_subscribe_many(filters.iter().map(|(f, q)| m5::Filter::new(f, v5_qos(*q))))
+                .try_subscribe_many(filters.iter().map(|(f, q)| m5::Filter::new(f, (*q).into())))
                 .map_err(v5_error),
         }
     }
@@ -244,7 +190,7 @@ pub(super) fn connect(
     // Room for the whole window plus subscribes and the final offline/disconnect, so that
     // `try_*` rarely finds the channel full.
     let capacity = usize::from(window) + 64;
-    match config.protocol {
+    let (client, eventloop) = match config.protocol {
         MqttVersion::V5 => {
             let mut options =
                 rumqttc::v5::MqttOptions::new(config.client_id.clone(), host.clone(), port);
@@ -283,14 +229,13 @@ pub(super) fn connect(
                 options.set_last_will(m5::LastWill::new(
                     will.topic.clone(),
                     will.payload.clone().into_bytes(),
-                    v5_qos(will.qos),
+                    will.qos.into(),
                     will.retain,
                     Some(properties),
                 ));
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
-            let task = tokio::spawn(poll_v5(eventloop, context));
-            (Client::V5(client), task)
+            (Client::V5(client), EventLoop::V5(eventloop))
         }
         MqttVersion::V311 => {
             let mut options = rumqttc::MqttOptions::new(config.client_id.clone(), host, port);
@@ -311,7 +256,7 @@ pub(super) fn connect(
                 options.set_last_will(rumqttc::LastWill::new(
                     will.topic.clone(),
                     will.payload.clone().into_bytes(),
-                    v4_qos(will.qos),
+                    will.qos.into(),
                     will.retain,
                 ));
             }
@@ -319,41 +264,10 @@ pub(super) fn connect(
             let mut network = rumqttc::NetworkOptions::new();
             network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
             eventloop.set_network_options(network);
-            let task = tokio::spawn(poll_v4(eventloop, context));
-            (Client::V311(client), task)
+            (Client::V311(client), EventLoop::V311(eventloop))
         }
-    }
-}
-
-/// Reconnect delays: exponential from `min` to `max`, each drawn uniformly from
-/// `[d/2, d]` so that gateways restarted together do not reconnect together.
-pub(super) struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub(super) fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min: min.max(Duration::from_millis(10)),
-            max: max.max(min),
-            attempt: 0,
-        }
-    }
-
-    pub(super) fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub(super) fn next_delay(&mut self) -> Duration {
-        let factor = 2u32.saturating_pow(self.attempt.min(20));
-        self.attempt = self.attempt.saturating_add(1);
-        let ceiling = self.min.saturating_mul(factor).min(self.max);
-        let floor = ceiling / 2;
-        let jitter = rand::rng().random_range(0..=(ceiling - floor).as_millis() as u64);
-        floor + Duration::from_millis(jitter)
-    }
+    };
+    (client, tokio::spawn(PollTask::new(context).run(eventloop)))
 }
 
 /// Logs connection errors once per change of error, not once per attempt.
@@ -399,39 +313,6 @@ pub(super) fn explain(error: String) -> String {
     }
 }
 
-/// What the poll loops do after a connection error: wait for the sender's reset, remove
-/// queued publishes from rumqttc, back off. Returns false when the task must end.
-async fn after_error(
-    context: &PollContext,
-    backoff: &mut Backoff,
-    log: &mut ErrorLog,
-    error: String,
-) -> bool {
-    let error = explain(error);
-    let (reset, done) = oneshot::channel();
-    if context
-        .events
-        .send(LinkEvent::Down {
-            error: error.clone(),
-            reset,
-        })
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    // The sender has forgotten its in-flight rows once this resolves (or it is gone).
-    if done.await.is_err() {
-        return false;
-    }
-    let delay = backoff.next_delay();
-    log.failed(&error, delay);
-    tokio::select! {
-        _ = context.stop.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
-}
-
 /// What the poll task does with one rumqttc event.
 enum Forward {
     Link(LinkEvent),
@@ -450,50 +331,100 @@ enum Flow {
     Done,
 }
 
-/// Forward `events` in order, up to the first that ends the loop.
-async fn forward_all(context: &PollContext, events: Vec<Forward>) -> Flow {
-    for event in events {
-        let flow = forward(context, event).await;
-        if !matches!(flow, Flow::Continue) {
-            return flow;
-        }
-    }
-    Flow::Continue
+/// What one poll of the event loop gave.
+enum Polled {
+    Event(Forward),
+    /// Every client handle is gone.
+    RequestsDone,
+    /// The connection failed or could not be made.
+    Failed(String),
 }
 
-async fn forward(context: &PollContext, forward: Forward) -> Flow {
-    let delivered = match forward {
-        Forward::Link(event) => context.events.send(event).await.is_ok(),
-        Forward::Inbound(inbound) => context.inbound.send(inbound).await.is_ok(),
-        Forward::Disconnected => {
-            let _ = context.events.send(LinkEvent::Stopped).await;
-            return Flow::Done;
+/// rumqttc's MQTT 3.1.1 or MQTT 5 event loop: the two differ only in their types, so the
+/// poll task sees them through this one face.
+// One per uplink, owned by its poll task for the task's whole life: the size difference
+// between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum EventLoop {
+    V311(rumqttc::EventLoop),
+    V5(rumqttc::v5::EventLoop),
+}
+
+impl EventLoop {
+    async fn poll(&mut self, uplink: &str) -> Polled {
+        match self {
+            EventLoop::V311(eventloop) => {
+                use rumqttc::ConnectionError;
+                match eventloop.poll().await {
+                    Ok(event) => Polled::Event(from_v4(event, uplink)),
+                    Err(ConnectionError::RequestsDone) => Polled::RequestsDone,
+                    Err(ConnectionError::ConnectionRefused(code)) => Polled::Failed(refused(code)),
+                    Err(ConnectionError::Tls(tls)) => Polled::Failed(format!("TLS: {tls}")),
+                    Err(other) => Polled::Failed(other.to_string()),
+                }
+            }
+            EventLoop::V5(eventloop) => {
+                use rumqttc::v5::ConnectionError;
+                match eventloop.poll().await {
+                    Ok(event) => Polled::Event(from_v5(event, uplink)),
+                    Err(ConnectionError::RequestsDone) => Polled::RequestsDone,
+                    Err(ConnectionError::ConnectionRefused(code)) => Polled::Failed(refused(code)),
+                    Err(ConnectionError::Tls(tls)) => Polled::Failed(format!("TLS: {tls}")),
+                    Err(other) => Polled::Failed(other.to_string()),
+                }
+            }
         }
-        Forward::Nothing => true,
-    };
-    if delivered {
-        Flow::Continue
-    } else {
-        Flow::Stop
+    }
+
+    /// What rumqttc read or wrote before a connection error and has not handed out yet.
+    fn take_earlier_events(&mut self, uplink: &str) -> Vec<Forward> {
+        match self {
+            EventLoop::V311(eventloop) => eventloop
+                .state
+                .events
+                .drain(..)
+                .map(|event| from_v4(event, uplink))
+                .collect(),
+            EventLoop::V5(eventloop) => eventloop
+                .state
+                .events
+                .drain(..)
+                .map(|event| from_v5(event, uplink))
+                .collect(),
+        }
+    }
+
+    /// Requests submitted before the sender's reset may still sit in rumqttc's channel:
+    /// move them into `pending` and drop every publish (the outbox resends).
+    fn drop_queued_publishes(&mut self) {
+        match self {
+            EventLoop::V311(eventloop) => {
+                eventloop.clean();
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
+            }
+            EventLoop::V5(eventloop) => {
+                eventloop.clean();
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, rumqttc::v5::Request::Publish(_)));
+            }
+        }
     }
 }
 
-fn from_v5(
-    event: rumqttc::v5::Event,
-    context: &PollContext,
-    backoff: &mut Backoff,
-    log: &mut ErrorLog,
-) -> Forward {
+fn refused(code: impl std::fmt::Debug) -> String {
+    format!("connection refused by the broker: {code:?}")
+}
+
+fn from_v5(event: rumqttc::v5::Event, uplink: &str) -> Forward {
     use rumqttc::v5::{Event, Incoming};
     match event {
-        Event::Incoming(Incoming::ConnAck(connack)) => {
-            backoff.reset();
-            log.connected(connack.session_present);
-            Forward::Link(LinkEvent::Connected {
-                session_present: connack.session_present,
-                max_packet_size: connack.properties.and_then(|p| p.max_packet_size),
-            })
-        }
+        Event::Incoming(Incoming::ConnAck(connack)) => Forward::Link(LinkEvent::Connected {
+            session_present: connack.session_present,
+            max_packet_size: connack.properties.and_then(|p| p.max_packet_size),
+        }),
         Event::Incoming(Incoming::PubAck(ack)) => {
             let refused = !matches!(
                 ack.reason,
@@ -522,14 +453,17 @@ fn from_v5(
         Event::Incoming(Incoming::Publish(publish)) => Forward::Inbound(Inbound {
             topic: String::from_utf8_lossy(&publish.topic).into_owned(),
             payload: publish.payload,
-            qos: from_v5_qos(publish.qos),
+            qos: publish.qos.into(),
             retain: publish.retain,
-            properties: publish.properties.and_then(from_v5_properties),
+            properties: publish
+                .properties
+                .map(convert::properties_from_v5)
+                .filter(|p| *p != MessageProperties::default()),
         }),
         Event::Incoming(Incoming::SubAck(suback)) => {
             for code in &suback.return_codes {
                 if !matches!(code, m5::SubscribeReasonCode::Success(_)) {
-                    tracing::warn!(uplink = %context.name, reason = ?code, "cloud refused an in-route subscription");
+                    tracing::warn!(uplink, reason = ?code, "cloud refused an in-route subscription");
                 }
             }
             Forward::Nothing
@@ -540,22 +474,13 @@ fn from_v5(
     }
 }
 
-fn from_v4(
-    event: rumqttc::Event,
-    context: &PollContext,
-    backoff: &mut Backoff,
-    log: &mut ErrorLog,
-) -> Forward {
+fn from_v4(event: rumqttc::Event, uplink: &str) -> Forward {
     use rumqttc::{Event, Incoming};
     match event {
-        Event::Incoming(Incoming::ConnAck(connack)) => {
-            backoff.reset();
-            log.connected(connack.session_present);
-            Forward::Link(LinkEvent::Connected {
-                session_present: connack.session_present,
-                max_packet_size: None,
-            })
-        }
+        Event::Incoming(Incoming::ConnAck(connack)) => Forward::Link(LinkEvent::Connected {
+            session_present: connack.session_present,
+            max_packet_size: None,
+        }),
         Event::Incoming(Incoming::PubAck(ack)) => Forward::Link(LinkEvent::Acked {
             pkid: ack.pkid,
             refused: None,
@@ -567,14 +492,14 @@ fn from_v4(
         Event::Incoming(Incoming::Publish(publish)) => Forward::Inbound(Inbound {
             topic: publish.topic,
             payload: publish.payload,
-            qos: from_v4_qos(publish.qos),
+            qos: publish.qos.into(),
             retain: publish.retain,
             properties: None,
         }),
         Event::Incoming(Incoming::SubAck(suback)) => {
             for code in &suback.return_codes {
                 if matches!(code, rumqttc::SubscribeReasonCode::Failure) {
-                    tracing::warn!(uplink = %context.name, "cloud refused an in-route subscription");
+                    tracing::warn!(uplink, "cloud refused an in-route subscription");
                 }
             }
             Forward::Nothing
@@ -585,125 +510,120 @@ fn from_v4(
     }
 }
 
-async fn poll_v5(mut eventloop: rumqttc::v5::EventLoop, context: PollContext) {
-    use rumqttc::v5::ConnectionError;
-    let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
-    let mut log = ErrorLog {
-        name: context.name.clone(),
-        last: None,
-    };
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(event) => event,
-            Err(ConnectionError::RequestsDone) => break,
-            Err(e) => {
-                let error = e.to_string();
-                let error = match e {
-                    ConnectionError::ConnectionRefused(code) => {
-                        format!("connection refused by the broker: {code:?}")
-                    }
-                    ConnectionError::Tls(tls) => format!("TLS: {tls}"),
-                    _ => error,
-                };
-                // What rumqttc read or wrote before the error (e.g. a PUBACK that refused a
-                // message, just before the cloud closed the connection) belongs to the
-                // failed connection: hand it over before the sender forgets that connection.
-                let earlier: Vec<Forward> = eventloop
-                    .state
-                    .events
-                    .drain(..)
-                    .map(|event| from_v5(event, &context, &mut backoff, &mut log))
-                    .collect();
-                match forward_all(&context, earlier).await {
-                    Flow::Continue => {}
-                    Flow::Stop => break,
-                    Flow::Done => return,
-                }
-                if !after_error(&context, &mut backoff, &mut log, error).await {
-                    break;
-                }
-                // Requests submitted before the sender's reset may still sit in rumqttc's
-                // channel: move them into `pending` and drop every publish (the outbox resends).
-                eventloop.clean();
-                eventloop
-                    .pending
-                    .retain(|r| !matches!(r, rumqttc::v5::Request::Publish(_)));
-                continue;
-            }
-        };
-        let event = from_v5(event, &context, &mut backoff, &mut log);
-        match forward(&context, event).await {
-            Flow::Continue => {}
-            Flow::Stop => break,
-            Flow::Done => return,
-        }
-    }
-    let _ = context.events.send(LinkEvent::Stopped).await;
+/// The poll task: drives one event loop, hands its events over, reconnects with backoff.
+struct PollTask {
+    context: PollContext,
+    backoff: Backoff,
+    log: ErrorLog,
 }
 
-async fn poll_v4(mut eventloop: rumqttc::EventLoop, context: PollContext) {
-    use rumqttc::ConnectionError;
-    let mut backoff = Backoff::new(context.reconnect_min, context.reconnect_max);
-    let mut log = ErrorLog {
-        name: context.name.clone(),
-        last: None,
-    };
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(event) => event,
-            Err(ConnectionError::RequestsDone) => break,
-            Err(e) => {
-                let error = match e {
-                    ConnectionError::ConnectionRefused(code) => {
-                        format!("connection refused by the broker: {code:?}")
-                    }
-                    ConnectionError::Tls(tls) => format!("TLS: {tls}"),
-                    other => other.to_string(),
-                };
-                // As with MQTT 5: events of the failed connection first.
-                let earlier: Vec<Forward> = eventloop
-                    .state
-                    .events
-                    .drain(..)
-                    .map(|event| from_v4(event, &context, &mut backoff, &mut log))
-                    .collect();
-                match forward_all(&context, earlier).await {
-                    Flow::Continue => {}
-                    Flow::Stop => break,
-                    Flow::Done => return,
-                }
-                if !after_error(&context, &mut backoff, &mut log, error).await {
-                    break;
-                }
-                eventloop.clean();
-                eventloop
-                    .pending
-                    .retain(|r| !matches!(r, rumqttc::Request::Publish(_)));
-                continue;
-            }
-        };
-        let event = from_v4(event, &context, &mut backoff, &mut log);
-        match forward(&context, event).await {
-            Flow::Continue => {}
-            Flow::Stop => break,
-            Flow::Done => return,
+impl PollTask {
+    fn new(context: PollContext) -> PollTask {
+        PollTask {
+            backoff: Backoff::new(
+                context.reconnect_min.max(MIN_RECONNECT_DELAY),
+                context.reconnect_max,
+                Jitter::UpToHalf,
+            ),
+            log: ErrorLog {
+                name: context.name.clone(),
+                last: None,
+            },
+            context,
         }
     }
-    let _ = context.events.send(LinkEvent::Stopped).await;
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    async fn run(mut self, mut eventloop: EventLoop) {
+        loop {
+            let flow = match eventloop.poll(&self.context.name).await {
+                Polled::Event(event) => self.forward(event).await,
+                Polled::RequestsDone => Flow::Stop,
+                Polled::Failed(error) => {
+                    // What rumqttc read or wrote before the error (e.g. a PUBACK that refused
+                    // a message, just before the cloud closed the connection) belongs to the
+                    // failed connection: hand it over before the sender forgets that
+                    // connection.
+                    let earlier = eventloop.take_earlier_events(&self.context.name);
+                    match self.forward_all(earlier).await {
+                        Flow::Continue => {
+                            if self.after_error(error).await {
+                                eventloop.drop_queued_publishes();
+                                Flow::Continue
+                            } else {
+                                Flow::Stop
+                            }
+                        }
+                        ended => ended,
+                    }
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Stop => break,
+                Flow::Done => return,
+            }
+        }
+        let _ = self.context.events.send(LinkEvent::Stopped).await;
+    }
 
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
-        let delays: Vec<Duration> = (0..6).map(|_| backoff.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
-        assert!(delays[3] >= Duration::from_secs(4) && delays[3] <= Duration::from_secs(8));
-        assert!(delays[5] <= Duration::from_secs(8));
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_secs(1));
+    /// Forward `events` in order, up to the first that ends the loop.
+    async fn forward_all(&mut self, events: Vec<Forward>) -> Flow {
+        for event in events {
+            let flow = self.forward(event).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn forward(&mut self, forward: Forward) -> Flow {
+        let delivered = match forward {
+            Forward::Link(event) => {
+                if let LinkEvent::Connected {
+                    session_present, ..
+                } = event
+                {
+                    self.backoff.reset();
+                    self.log.connected(session_present);
+                }
+                self.context.events.send(event).await.is_ok()
+            }
+            Forward::Inbound(inbound) => self.context.inbound.send(inbound).await.is_ok(),
+            Forward::Disconnected => {
+                let _ = self.context.events.send(LinkEvent::Stopped).await;
+                return Flow::Done;
+            }
+            Forward::Nothing => true,
+        };
+        if delivered {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+
+    /// After a connection error: wait for the sender's reset, then back off. Returns false
+    /// when the task must end.
+    async fn after_error(&mut self, error: String) -> bool {
+        let error = explain(error);
+        let (reset, done) = oneshot::channel();
+        let down = LinkEvent::Down {
+            error: error.clone(),
+            reset,
+        };
+        if self.context.events.send(down).await.is_err() {
+            return false;
+        }
+        // The sender has forgotten its in-flight rows once this resolves (or it is gone).
+        if done.await.is_err() {
+            return false;
+        }
+        let delay = self.backoff.next_delay();
+        self.log.failed(&error, delay);
+        tokio::select! {
+            _ = self.context.stop.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
     }
 }

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, BrokerHandle, InternalSubscribeOptions};
+use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
 use crate::config::GatewayConfig;
 use crate::store::{Outbox, StoreError};
 use config::{SecretSource, UplinkConfig, UrlScheme};
@@ -83,7 +83,7 @@ pub enum UplinkError {
     #[error("uplink {uplink}: {what}")]
     Unsupported { uplink: String, what: String },
     #[error("uplink {uplink}: local broker: {source}")]
-    Broker { uplink: String, source: BrokerError },
+    Broker { uplink: String, source: BusError },
     #[error("uplink {uplink}: the MQTT event loop stopped unexpectedly")]
     LinkStopped { uplink: String },
     #[error("uplink {uplink}: shutdown deadline passed before {unfinished} finished")]

@@ -8,7 +8,7 @@
 //! kept. When several routes match a topic, the first one in the configuration wins.
 
 use super::config::{InRoute, OutRoute};
-use crate::broker::topic;
+use crate::mqtt::topic;
 
 /// Replace the literal prefix of `filter` in `topic` with `new_prefix`. When nothing is left
 /// after the prefix (a filter without wildcards, or `a/#` matching `a`), the new prefix is

@@ -23,7 +23,7 @@ use super::inflight::{Inflight, Written};
 use super::link::{Client, LinkEvent, SubmitError};
 use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
-use crate::broker::BrokerHandle;
+use crate::broker::bus::BrokerHandle;
 use crate::model::{Message, MessageProperties, QoS};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 

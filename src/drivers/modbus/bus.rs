@@ -17,7 +17,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -30,6 +29,7 @@ use super::codec::{self, Encoded};
 use super::config::{ModbusConfig, SerialSettings, Table, Transport};
 use super::plan::{self, ReadRequest};
 use super::report::Reporter;
+use crate::backoff::{Backoff, Jitter};
 use crate::drivers::{DeviceContext, DeviceStatus};
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
@@ -138,39 +138,6 @@ pub fn exception_name(code: ExceptionCode) -> String {
         ExceptionCode::Custom(_) => "unknown exception",
     };
     format!("{name} (exception {})", u8::from(code))
-}
-
-/// Exponential backoff with jitter.
-#[derive(Debug, Clone)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Option<Duration>,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            current: None,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let next = match self.current {
-            None => self.min,
-            Some(current) => current.saturating_mul(2).min(self.max),
-        };
-        self.current = Some(next);
-        // ±25 %, so devices and gateways that failed together do not retry together.
-        let factor = rand::rng().random_range(0.75..=1.25);
-        next.mul_f64(factor).min(self.max)
-    }
-
-    fn reset(&mut self) {
-        self.current = None;
-    }
 }
 
 /// The link a bus owns.
@@ -342,7 +309,11 @@ impl Bus {
                             attempted: false,
                         })
                         .collect(),
-                    backoff: Backoff::new(device.config.backoff_min, device.config.backoff_max),
+                    backoff: Backoff::new(
+                        device.config.backoff_min,
+                        device.config.backoff_max,
+                        Jitter::Quarter,
+                    ),
                     config: device.config,
                     context: device.context,
                     failures: 0,
@@ -357,7 +328,7 @@ impl Bus {
             link,
             connection: None,
             free_at: now,
-            link_backoff: Backoff::new(backoff_min, backoff_max),
+            link_backoff: Backoff::new(backoff_min, backoff_max, Jitter::Quarter),
             link_error: None,
             devices,
         }
@@ -483,7 +454,7 @@ impl Bus {
                     return true;
                 }
                 Err(error) => {
-                    let wait = self.link_backoff.next();
+                    let wait = self.link_backoff.next_delay();
                     tracing::warn!(link = %self.link.describe(), %error, retry_in = ?wait, "modbus link down");
                     self.link_error = Some(error.clone());
                     let now = Instant::now();
@@ -860,7 +831,7 @@ impl Device {
         self.failures += 1;
         self.last_failure = Some(format!("{}: {reason}", self.context.device));
         if self.failures >= FAILURES_BEFORE_BACKOFF {
-            let wait = self.backoff.next();
+            let wait = self.backoff.next_delay();
             tracing::warn!(device = %self.context.device, failures = self.failures, retry_in = ?wait, "device backed off");
             self.retry_at = Some(now.max(Instant::now()) + wait);
         }
@@ -931,7 +902,7 @@ async fn forward_writes(
     context: DeviceContext,
     names: Vec<String>,
     device: usize,
-    mut subscription: crate::broker::InternalSubscription,
+    mut subscription: crate::broker::bus::InternalSubscription,
     tx: mpsc::Sender<WriteCommand>,
     shutdown: CancellationToken,
 ) {

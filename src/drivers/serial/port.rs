@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use rand::Rng as _;
+
 use serde_json::{json, Map, Value as Json};
 use tokio::io::{AsyncWriteExt as _, WriteHalf};
 use tokio::time::{sleep_until, timeout, Instant, MissedTickBehavior};
@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::{FlowControl, Parity, PortSettings, SerialConfig, COMMAND_POINT};
 use super::framing::{FrameCodec, FrameEvent};
 use super::parse::{self, Parsed};
-use crate::broker::{BrokerError, InternalSubscription};
-use crate::drivers::config::PayloadFormat;
+use crate::backoff::{Backoff, Jitter};
+use crate::broker::bus::{BusError, InternalSubscription};
+use crate::drivers::payload::Sample;
 use crate::drivers::{rfc3339, DeviceContext};
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
@@ -86,26 +87,6 @@ enum Health {
     Offline(String),
     /// The port is open but the device misbehaves (no response to a poll).
     Bad(String),
-}
-
-/// Exponential backoff with ±25 % jitter, so gateways that lost a port together do not
-/// retry in lockstep.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Option<Duration>,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let next = match self.current {
-            None => self.min,
-            Some(current) => current.saturating_mul(2).min(self.max),
-        };
-        self.current = Some(next);
-        next.mul_f64(rand::rng().random_range(0.75..=1.25))
-    }
 }
 
 /// Rate-limited warnings of one kind.
@@ -188,11 +169,7 @@ pub(crate) async fn run(
             }
         },
     };
-    let mut backoff = Backoff {
-        min: config.backoff_min,
-        max: config.backoff_max.max(config.backoff_min),
-        current: None,
-    };
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max, Jitter::Quarter);
     let mut driver = Driver {
         config,
         poll: poll.max(Duration::from_millis(1)),
@@ -210,7 +187,7 @@ pub(crate) async fn run(
     loop {
         let reason = match open(&driver.config.port) {
             Ok(stream) => {
-                backoff.current = None;
+                backoff.reset();
                 driver.counters.opens += 1;
                 if driver.counters.opens > 1 {
                     tracing::info!(device = %driver.context.device, %port, "serial port open again");
@@ -231,7 +208,7 @@ pub(crate) async fn run(
             }
             Err(reason) => reason,
         };
-        let wait = backoff.next();
+        let wait = backoff.next_delay();
         if driver.health != Health::Offline(reason.clone()) {
             if !matches!(driver.health, Health::Offline(_)) {
                 tracing::warn!(device = %driver.context.device, %port, %reason, retry_in = ?wait, "serial port offline");
@@ -600,9 +577,11 @@ impl Driver {
                 let Some(rule) = self.config.rules.get(rule) else {
                     return true;
                 };
-                let topic = self.context.point_topic(&rule.topic);
-                self.publish(topic, fields_payload(fields, self.context.payload))
-                    .await
+                let sample = Sample::Fields {
+                    fields,
+                    timestamp: SystemTime::now(),
+                };
+                self.context.publish_sample(&rule.topic, sample).await
             }
             Parsed::Unmatched { text } => {
                 self.counters.unmatched += 1;
@@ -634,7 +613,7 @@ impl Driver {
         };
         match result {
             Ok(()) => true,
-            Err(BrokerError::Closed) => false,
+            Err(BusError::Closed) => false,
             Err(error) => {
                 tracing::warn!(device = %self.context.device, %error, "cannot publish");
                 true
@@ -642,7 +621,7 @@ impl Driver {
         }
     }
 
-    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BrokerError> {
+    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BusError> {
         self.context.publish_raw(topic, payload, false).await
     }
 
@@ -674,37 +653,10 @@ impl Driver {
                 self.published = Some(self.health.clone());
                 true
             }
-            Err(BrokerError::Closed) => false,
+            Err(BusError::Closed) => false,
             Err(error) => {
                 tracing::warn!(device = %self.context.device, %error, "cannot publish status");
                 true
-            }
-        }
-    }
-}
-
-/// The payload of a matched rule. JSON: `{"value": {fields}, "ts": .., "quality": "good"}`
-/// (the shape of a reading, with the fields as the value). Plain: the bare value when the
-/// rule has one field, else the fields object.
-fn fields_payload(fields: Map<String, Json>, format: PayloadFormat) -> Bytes {
-    match format {
-        PayloadFormat::Json => Bytes::from(
-            json!({
-                "value": Json::Object(fields),
-                "ts": rfc3339(SystemTime::now()),
-                "quality": "good",
-            })
-            .to_string(),
-        ),
-        PayloadFormat::Plain => {
-            if fields.len() == 1 {
-                match fields.into_iter().next().map(|(_, v)| v) {
-                    Some(Json::String(text)) => Bytes::from(text),
-                    Some(other) => Bytes::from(other.to_string()),
-                    None => Bytes::new(),
-                }
-            } else {
-                Bytes::from(Json::Object(fields).to_string())
             }
         }
     }
@@ -714,43 +666,5 @@ async fn next_write(writes: &mut Option<InternalSubscription>) -> Option<Message
     match writes {
         Some(subscription) => subscription.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_with_jitter() {
-        let mut backoff = Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_millis(400),
-            current: None,
-        };
-        let waits: Vec<Duration> = (0..5).map(|_| backoff.next()).collect();
-        let nominal = [100u64, 200, 400, 400, 400];
-        for (wait, nominal) in waits.iter().zip(nominal) {
-            let nominal = Duration::from_millis(nominal);
-            assert!(
-                *wait >= nominal.mul_f64(0.75) && *wait <= nominal.mul_f64(1.25),
-                "{wait:?} vs {nominal:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn plain_payload_of_one_field_is_the_bare_value() {
-        let mut fields = Map::new();
-        fields.insert("t".into(), json!(21.5));
-        assert_eq!(
-            &fields_payload(fields.clone(), PayloadFormat::Plain)[..],
-            b"21.5"
-        );
-        fields.insert("u".into(), json!("C"));
-        assert_eq!(
-            &fields_payload(fields, PayloadFormat::Plain)[..],
-            br#"{"t":21.5,"u":"C"}"#
-        );
     }
 }

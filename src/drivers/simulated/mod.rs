@@ -150,7 +150,7 @@ pub(crate) async fn run(
 }
 
 async fn next_write(
-    writes: &mut Option<crate::broker::InternalSubscription>,
+    writes: &mut Option<crate::broker::bus::InternalSubscription>,
 ) -> Option<crate::model::Message> {
     match writes {
         Some(subscription) => subscription.recv().await,

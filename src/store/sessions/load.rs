@@ -283,7 +283,7 @@ pub(super) fn load(
         while let Some(row) = rows.next()? {
             let filter = row.get_ref(0)?.as_bytes()?;
             let filter = match std::str::from_utf8(filter) {
-                Ok(text) if crate::topic::parse_filter(text).is_some() => text.to_owned(),
+                Ok(text) if crate::mqtt::topic::parse_filter(text).is_some() => text.to_owned(),
                 _ => {
                     unusable.push(Unusable {
                         table: "subscriptions",
@@ -337,7 +337,7 @@ pub(super) fn load(
         let stored_properties = row.get_ref(3)?.as_bytes_or_null()?;
         let problem = match std::str::from_utf8(topic_bytes) {
             Err(_) => Some("the topic is not UTF-8".to_owned()),
-            Ok(topic) if !crate::topic::valid_topic_name(topic) => {
+            Ok(topic) if !crate::mqtt::topic::valid_topic_name(topic) => {
                 Some("not a valid topic name".to_owned())
             }
             Ok(_) => stored_properties.and_then(|stored| {

@@ -1,0 +1,145 @@
+//! Payload formats: how what a driver read becomes the bytes of an MQTT message. Every
+//! driver publishes through [`encode`], in the device's [`PayloadFormat`]; a new format is
+//! one more variant there and one more arm here.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value as Json};
+
+use super::config::PayloadFormat;
+use super::rfc3339;
+use crate::model::{Quality, Reading};
+
+/// What one point reports.
+#[derive(Debug)]
+pub enum Sample<'a> {
+    /// A register, a coil, a simulated value or a reply: one value with its quality.
+    Reading(&'a Reading),
+    /// The named fields a serial parse rule took from one frame (always good).
+    Fields {
+        fields: Map<String, Json>,
+        timestamp: SystemTime,
+    },
+}
+
+/// The payload of one sample; `None` when the format has nothing to say (a plain-format
+/// reading without a good value).
+///
+/// JSON: `{"value": .., "ts": "RFC 3339", "quality": "good"}`, with `"error"` for a bad
+/// reading and the fields object as the value of a frame. Plain: the bare value; a frame's
+/// single field bare, several as a JSON object.
+pub fn encode(format: PayloadFormat, sample: Sample<'_>) -> Option<Bytes> {
+    match (format, sample) {
+        (PayloadFormat::Json, Sample::Reading(reading)) => {
+            let mut body = json!({
+                "value": reading.value,
+                "ts": rfc3339(reading.timestamp),
+                "quality": match reading.quality { Quality::Good => "good", Quality::Bad(_) => "bad" },
+            });
+            if let (Quality::Bad(reason), Some(map)) = (&reading.quality, body.as_object_mut()) {
+                map.insert("error".into(), json!(reason));
+            }
+            Some(Bytes::from(body.to_string()))
+        }
+        (PayloadFormat::Json, Sample::Fields { fields, timestamp }) => Some(Bytes::from(
+            json!({
+                "value": Json::Object(fields),
+                "ts": rfc3339(timestamp),
+                "quality": "good",
+            })
+            .to_string(),
+        )),
+        (PayloadFormat::Plain, Sample::Reading(reading)) => reading
+            .value
+            .as_ref()
+            .filter(|_| reading.quality == Quality::Good)
+            .map(|v| Bytes::from(v.to_string())),
+        (PayloadFormat::Plain, Sample::Fields { fields, .. }) => Some(plain_fields(fields)),
+    }
+}
+
+fn plain_fields(fields: Map<String, Json>) -> Bytes {
+    if fields.len() != 1 {
+        return Bytes::from(Json::Object(fields).to_string());
+    }
+    match fields.into_iter().next().map(|(_, v)| v) {
+        Some(Json::String(text)) => Bytes::from(text),
+        Some(other) => Bytes::from(other.to_string()),
+        None => Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Value;
+
+    #[test]
+    fn json_payload_carries_value_time_and_quality() {
+        let reading = Reading {
+            device: "d".into(),
+            point: "p".into(),
+            value: Some(Value::Float(1.5)),
+            quality: Quality::Good,
+            timestamp: SystemTime::UNIX_EPOCH,
+        };
+        let payload = encode(PayloadFormat::Json, Sample::Reading(&reading)).expect("payload");
+        let parsed: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+        assert_eq!(parsed["value"], json!(1.5));
+        assert_eq!(parsed["ts"], json!("1970-01-01T00:00:00Z"));
+        assert_eq!(parsed["quality"], json!("good"));
+        let plain = encode(PayloadFormat::Plain, Sample::Reading(&reading)).expect("payload");
+        assert_eq!(&plain[..], b"1.5");
+    }
+
+    #[test]
+    fn a_bad_reading_has_an_error_in_json_and_no_plain_payload() {
+        let reading = Reading {
+            device: "d".into(),
+            point: "p".into(),
+            value: None,
+            quality: Quality::Bad("no response".into()),
+            timestamp: SystemTime::UNIX_EPOCH,
+        };
+        let payload = encode(PayloadFormat::Json, Sample::Reading(&reading)).expect("payload");
+        assert_eq!(
+            &payload[..],
+            br#"{"value":null,"ts":"1970-01-01T00:00:00Z","quality":"bad","error":"no response"}"#
+        );
+        assert_eq!(
+            encode(PayloadFormat::Plain, Sample::Reading(&reading)),
+            None
+        );
+    }
+
+    fn fields_payload(fields: Map<String, Json>, format: PayloadFormat) -> Bytes {
+        let timestamp = SystemTime::UNIX_EPOCH;
+        encode(format, Sample::Fields { fields, timestamp }).expect("fields always have a payload")
+    }
+
+    #[test]
+    fn plain_payload_of_one_field_is_the_bare_value() {
+        let mut fields = Map::new();
+        fields.insert("t".into(), json!(21.5));
+        assert_eq!(
+            &fields_payload(fields.clone(), PayloadFormat::Plain)[..],
+            b"21.5"
+        );
+        fields.insert("u".into(), json!("C"));
+        assert_eq!(
+            &fields_payload(fields, PayloadFormat::Plain)[..],
+            br#"{"t":21.5,"u":"C"}"#
+        );
+    }
+
+    #[test]
+    fn json_payload_of_a_frame_has_its_fields_as_the_value() {
+        let mut fields = Map::new();
+        fields.insert("t".into(), json!(21.5));
+        assert_eq!(
+            &fields_payload(fields, PayloadFormat::Json)[..],
+            br#"{"value":{"t":21.5},"ts":"1970-01-01T00:00:00Z","quality":"good"}"#
+        );
+    }
+}
