@@ -59,6 +59,19 @@ pub(crate) struct RawCommon<'r> {
     pub(crate) poll: &'r Option<S<String>>,
 }
 
+/// The common keys of a raw device struct: every driver's raw struct names them alike.
+macro_rules! common_keys {
+    ($raw:expr) => {
+        $crate::drivers::config::RawCommon {
+            name: &$raw.name,
+            topic: &$raw.topic,
+            payload: &$raw.payload,
+            poll: &$raw.poll,
+        }
+    };
+}
+pub(crate) use common_keys;
+
 impl Checker<'_> {
     /// The `[[devices]]` array, each entry checked by its driver; `None` for a device with
     /// errors.
@@ -156,12 +169,7 @@ impl Checker<'_> {
     ) -> Option<DeviceConfig> {
         let span = raw.span();
         let raw = raw.into_inner();
-        let common = RawCommon {
-            name: &raw.name,
-            topic: &raw.topic,
-            payload: &raw.payload,
-            poll: &raw.poll,
-        };
+        let common = common_keys!(raw);
         self.device(common, span.clone(), prefix, names, |c| {
             super::modbus::config::validate(&raw, span, prefix, c.device_check())
                 .map(DriverConfig::Modbus)
@@ -177,12 +185,7 @@ impl Checker<'_> {
     ) -> Option<DeviceConfig> {
         let span = raw.span();
         let raw = raw.into_inner();
-        let common = RawCommon {
-            name: &raw.name,
-            topic: &raw.topic,
-            payload: &raw.payload,
-            poll: &raw.poll,
-        };
+        let common = common_keys!(raw);
         self.device(common, span.clone(), prefix, names, |c| {
             super::serial::config::validate(&raw, span, prefix, c.device_check())
                 .map(DriverConfig::Serial)

@@ -268,6 +268,19 @@ mod tests {
         Message::internal("plc", "plant/line1", Bytes::from_static(b"42"), qos, false)
     }
 
+    /// Publishes a QoS 1 message and waits for its answer, which must come within 5 s.
+    async fn publish_qos_1_answered(setup: &Setup) -> Result<bool, BusError> {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            setup
+                .broker
+                .handle
+                .publish_and_wait(message(QoS::AtLeastOnce)),
+        )
+        .await
+        .expect("answered, not hung")
+    }
+
     #[tokio::test]
     async fn a_qos_1_publish_is_answered_only_once_the_outbox_holds_it() {
         let setup = start(false, bounds(1000)).await;
@@ -286,15 +299,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_outbox_commit_withholds_the_acknowledgement() {
         let setup = start(true, bounds(1000)).await;
-        let answer = tokio::time::timeout(
-            Duration::from_secs(5),
-            setup
-                .broker
-                .handle
-                .publish_and_wait(message(QoS::AtLeastOnce)),
-        )
-        .await
-        .expect("answered, not hung");
+        let answer = publish_qos_1_answered(&setup).await;
         assert!(
             matches!(answer, Err(BusError::NotStored)),
             "not acknowledged: {answer:?}"
@@ -306,16 +311,7 @@ mod tests {
     async fn a_message_the_full_outbox_refuses_is_still_acknowledged() {
         let setup = start(false, bounds(1)).await;
         for _ in 0..2 {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                setup
-                    .broker
-                    .handle
-                    .publish_and_wait(message(QoS::AtLeastOnce)),
-            )
-            .await
-            .expect("answered, not hung")
-            .expect("acknowledged");
+            publish_qos_1_answered(&setup).await.expect("acknowledged");
         }
         let stats = setup.outbox.stats().await.expect("stats");
         assert_eq!(

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{Checker, RawScalar, S};
-use crate::drivers::config::{DeviceConfig, DriverConfig, RawCommon};
+use crate::drivers::config::{common_keys, DeviceConfig, DriverConfig};
 use crate::model::Value;
 
 const WAVEFORMS: &[&str] = &["sine", "ramp", "random_walk", "constant"];
@@ -88,12 +88,7 @@ impl Checker<'_> {
     ) -> Option<DeviceConfig> {
         let span = raw.span();
         let raw = raw.into_inner();
-        let common = RawCommon {
-            name: &raw.name,
-            topic: &raw.topic,
-            payload: &raw.payload,
-            poll: &raw.poll,
-        };
+        let common = common_keys!(raw);
         self.device(common, span.clone(), prefix, names, |c| {
             let mut points = Vec::new();
             let mut point_names: HashMap<String, usize> = HashMap::new();
