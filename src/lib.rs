@@ -34,6 +34,7 @@ pub mod essential;
 pub mod model;
 pub mod mqtt;
 pub mod pem;
+pub mod reload;
 pub mod service;
 pub mod store;
 pub mod uplink;
