@@ -24,6 +24,7 @@ mod modbus;
 mod mqtt5;
 mod mqttjs;
 mod protocol_strict;
+mod reload;
 mod retained;
 mod serial;
 mod tools;
