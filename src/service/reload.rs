@@ -146,31 +146,45 @@ mod tests {
         config::parse(text, std::path::Path::new("/etc/fieldmq/test.toml")).expect("valid")
     }
 
+    const BASE: &str = "[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/a\"\n";
+    const ANONYMOUS: &str = "[broker]\nallow_anonymous = true\n";
+
     #[test]
     fn a_changed_data_dir_is_named_and_devices_are_not() {
-        let running = parse("[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/a\"\n");
-        let wanted = parse(
-            "[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/b\"\n\
-             [[devices]]\nname = \"d\"\ndriver = \"simulated\"\n\
-             points = [{ name = \"p\", waveform = \"constant\", value = 1.0 }]\n",
-        );
+        let running = parse(&format!("{BASE}{ANONYMOUS}"));
+        let wanted = parse(&format!(
+            "{}{ANONYMOUS}[[devices]]\nname = \"d\"\ndriver = \"simulated\"\n\
+             points = [{{ name = \"p\", waveform = \"constant\", value = 1.0 }}]\n",
+            BASE.replace("/var/lib/a", "/var/lib/b")
+        ));
+        let refused = fixed_keys_changed(&running, &wanted);
         assert_eq!(
-            fixed_keys_changed(&running, &wanted),
-            vec![
-                "gateway.data_dir cannot change while the gateway runs; restart to apply it"
-                    .to_owned()
-            ]
+            refused.first().map(String::as_str),
+            Some("gateway.data_dir cannot change while the gateway runs; restart to apply it")
         );
+        assert!(!refused.iter().any(|r| r.contains("device")), "{refused:?}");
     }
 
     #[test]
-    fn listeners_and_access_keys_may_change() {
-        let running = parse("[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/a\"\n");
-        let wanted = parse(
-            "[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/a\"\nshutdown_timeout = \"3s\"\n\
-             [broker]\nallow_anonymous = false\n\
-             [[broker.listeners]]\nbind = \"127.0.0.1:1884\"\n",
+    fn listeners_access_and_the_shutdown_timeout_may_change() {
+        let running = parse(&format!("{BASE}{ANONYMOUS}"));
+        let wanted = parse(&format!(
+            "{BASE}shutdown_timeout = \"3s\"\n{ANONYMOUS}\
+             [[broker.listeners]]\nbind = \"127.0.0.1:1884\"\n"
+        ));
+        assert_eq!(fixed_keys_changed(&running, &wanted), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_changed_store_setting_is_named() {
+        let running = parse(&format!("{BASE}{ANONYMOUS}"));
+        let wanted = parse(&format!("{BASE}{ANONYMOUS}durability = \"memory\"\n"));
+        assert_eq!(
+            fixed_keys_changed(&running, &wanted),
+            vec![
+                "broker.durability cannot change while the gateway runs; restart to apply it"
+                    .to_owned()
+            ]
         );
-        assert!(fixed_keys_changed(&running, &wanted).is_empty());
     }
 }
