@@ -559,3 +559,114 @@ async fn a_reload_asked_during_shutdown_is_answered_stopping() {
         Err(fieldmq::reload::ReloadError::Stopping)
     );
 }
+
+#[tokio::test]
+async fn a_listener_is_added_and_removed_without_dropping_clients_of_the_one_that_stays() {
+    let s = setup();
+    write(&s.config, &gateway_file(&s.data, "", ""));
+    let mut gateway = GatewayProcess::start(&s.config);
+    let mut stays = Raw::connected(gateway.addr, &packet::Connect::v311("stays")).await;
+
+    let port = free_port();
+    let second = format!("[[broker.listeners]]\nbind = \"127.0.0.1:{port}\"\n");
+    write(&s.config, &gateway_file(&s.data, "", &second));
+    let (code, stdout, stderr) = reload(&s.config);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("listener 127.0.0.1:{port}: added")),
+        "{stdout}"
+    );
+    let added: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut on_added = Raw::connected(added, &packet::Connect::v311("on-added")).await;
+    ping_raw(&mut stays).await;
+
+    write(&s.config, &gateway_file(&s.data, "", ""));
+    let (code, stdout, stderr) = reload(&s.config);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("listener 127.0.0.1:{port}: removed")),
+        "{stdout}"
+    );
+    // The removed listener's client is disconnected; the other one is not.
+    tokio::time::timeout(WAIT, on_added.expect_closed())
+        .await
+        .expect("the removed listener's client is closed in time");
+    ping_raw(&mut stays).await;
+    assert!(
+        tokio::net::TcpStream::connect(added).await.is_err(),
+        "the removed listener still accepts"
+    );
+    gateway.terminate();
+}
+
+/// PINGREQ answered by PINGRESP on a [`Raw`] connection.
+async fn ping_raw(raw: &mut Raw) {
+    raw.send(&packet::pingreq()).await;
+    let pong = next(raw).await;
+    assert_eq!(pong.kind(), 13, "expected PINGRESP, got {pong:?}");
+}
+
+#[tokio::test]
+async fn an_uplink_reconnects_with_its_rotated_client_certificate_and_keeps_its_config() {
+    let test = "an_uplink_reconnects_with_its_rotated_client_certificate_and_keeps_its_config";
+    if !mosquitto_available(test) {
+        return;
+    }
+    let s = setup();
+    let dir = s.config.parent().expect("dir").to_path_buf();
+    let ca = pki::Ca::new("cloud CA");
+    let server = ca.server("localhost");
+    let first = ca.client("first-pi");
+    let ca_file = pki::write_pem(&dir, "ca.pem", &ca.pem);
+    let server_cert = pki::write_pem(&dir, "cloud.pem", &server.cert);
+    let server_key = pki::write_pem(&dir, "cloud.key", &server.key);
+    let cert = pki::write_pem(&dir, "client.pem", &first.cert);
+    let key = pki::write_pem(&dir, "client.key", &first.key);
+    let cloud = Cloud::start(CloudOptions {
+        mtls: Some((
+            crate::util::cloud::PathBufs {
+                ca: ca_file.clone(),
+                cert: server_cert,
+                key: server_key,
+            },
+            true,
+        )),
+        extra: vec!["use_identity_as_username true".into()],
+    });
+    let tls_port = cloud.tls_port.expect("a TLS listener");
+    let uplink = format!(
+        "[[uplinks]]\nname = \"cloud\"\nurl = \"mqtts://127.0.0.1:{tls_port}\"\n\
+         ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+         routes = [ {{ out = \"test/#\", remote_prefix = \"site/\" }} ]\n",
+        ca_file.display(),
+        cert.display(),
+        key.display()
+    );
+    write(&s.config, &gateway_file(&s.data, "", &uplink));
+    let mut gateway = GatewayProcess::start(&s.config);
+    let wait_for_cloud = |needle: &str| {
+        let deadline = Instant::now() + WAIT;
+        while !cloud.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "cloud never logged {needle:?}: {}",
+                cloud.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for_cloud("u'first-pi'");
+
+    // Only the files change, not the configuration.
+    let second = ca.client("second-pi");
+    pki::write_pem(&dir, "client.pem", &second.cert);
+    pki::write_pem(&dir, "client.key", &second.key);
+    let (code, stdout, stderr) = reload(&s.config);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("uplink cloud: reconnected (its TLS files changed)"),
+        "{stdout}"
+    );
+    wait_for_cloud("u'second-pi'");
+    gateway.terminate();
+}
