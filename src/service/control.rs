@@ -253,9 +253,18 @@ pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
         return Some(config.gateway.data_dir);
     }
     let text = std::fs::read_to_string(path).ok()?;
-    let table: toml::Table = toml::from_str(&text).ok()?;
-    let dir = match table.get("gateway").and_then(|g| g.get("data_dir")) {
-        Some(toml::Value::String(dir)) => PathBuf::from(dir),
+    // The document the configuration itself is parsed into (no second TOML reader).
+    let (_, root) = crate::config::parse_toml(&text, path).ok()?;
+    let gateway = match root.get_ref() {
+        toml::de::DeValue::Table(table) => table.get("gateway").map(|g| g.get_ref()),
+        _ => return None,
+    };
+    let data_dir = match gateway {
+        Some(toml::de::DeValue::Table(gateway)) => gateway.get("data_dir").map(|d| d.get_ref()),
+        _ => None,
+    };
+    let dir = match data_dir {
+        Some(toml::de::DeValue::String(dir)) => PathBuf::from(dir.as_ref()),
         Some(_) => return None,
         None => PathBuf::from(crate::config::DEFAULT_DATA_DIR),
     };
