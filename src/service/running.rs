@@ -367,3 +367,97 @@ impl Uplinks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::config::{BrokerConfig, Durability};
+
+    fn rtu(name: &str, port: &str, unit: u8, poll: &str) -> String {
+        format!(
+            "[[devices]]\nname = \"{name}\"\ndriver = \"modbus-rtu\"\nport = \"{port}\"\n\
+             baud = 9600\nunit = {unit}\npoll = \"{poll}\"\n\
+             points = [{{ name = \"power\", table = \"input\", address = 12, type = \"f32:CDAB\" }}]\n"
+        )
+    }
+
+    fn devices(devices: &str) -> Vec<DeviceConfig> {
+        let text = format!(
+            "[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/g\"\n[broker]\nallow_anonymous = true\n{devices}"
+        );
+        crate::service::config::parse(&text, std::path::Path::new("/etc/fieldmq/g.toml"))
+            .expect("valid")
+            .devices
+    }
+
+    /// A change to one RTU device restarts its serial line (and so its neighbour on the
+    /// line); a line without changes, and a device of its own, keep running.
+    #[tokio::test]
+    async fn a_changed_rtu_device_restarts_its_line_and_nothing_else() {
+        let config = BrokerConfig {
+            durability: Durability::Memory,
+            listeners: Vec::new(),
+            ..BrokerConfig::default()
+        };
+        let broker_stop = CancellationToken::new();
+        let broker = crate::broker::start(&config, broker_stop.clone())
+            .await
+            .expect("broker");
+        let shutdown = CancellationToken::new();
+        // The ports do not exist: a missing port is retried with backoff, not fatal.
+        let before = format!(
+            "{}{}{}",
+            rtu("a1", "/dev/fieldmq-test-a", 1, "1s"),
+            rtu("a2", "/dev/fieldmq-test-a", 2, "1s"),
+            rtu("b1", "/dev/fieldmq-test-b", 1, "1s"),
+        );
+        let mut running = Devices::start(
+            &devices(&before),
+            "g",
+            "g/status",
+            broker.handle.clone(),
+            shutdown.clone(),
+        );
+        assert_eq!(running.task_count(), 2, "one task per serial line");
+        let untouched = running
+            .tasks
+            .iter()
+            .find(|t| t.key == TaskKey::SerialLine("/dev/fieldmq-test-b".into()))
+            .map(|t| t.task.id())
+            .expect("line b");
+
+        let after = before.replacen("unit = 2\npoll = \"1s\"", "unit = 2\npoll = \"5s\"", 1);
+        assert_ne!(after, before);
+        let changes = running.apply(&devices(&after)).await;
+        assert_eq!(
+            changes,
+            vec![
+                "device a1: restarted (its serial line /dev/fieldmq-test-a restarted)".to_owned(),
+                "device a2: restarted".to_owned(),
+            ]
+        );
+        let line_b = running
+            .tasks
+            .iter()
+            .find(|t| t.key == TaskKey::SerialLine("/dev/fieldmq-test-b".into()))
+            .map(|t| t.task.id());
+        assert_eq!(line_b, Some(untouched), "line b's task kept running");
+
+        let changes = running
+            .apply(&devices(&rtu("b1", "/dev/fieldmq-test-b", 1, "1s")))
+            .await;
+        assert_eq!(
+            changes,
+            vec![
+                "device a1: removed".to_owned(),
+                "device a2: removed".to_owned()
+            ]
+        );
+        assert_eq!(running.task_count(), 1);
+
+        shutdown.cancel();
+        running.wait().await;
+        broker_stop.cancel();
+        broker.wait().await;
+    }
+}
