@@ -670,3 +670,46 @@ async fn an_uplink_reconnects_with_its_rotated_client_certificate_and_keeps_its_
     wait_for_cloud("u'second-pi'");
     gateway.terminate();
 }
+
+#[tokio::test]
+async fn a_changed_password_applies_to_the_next_connect_and_keeps_open_connections() {
+    let s = setup();
+    let passwords = s.config.with_file_name("passwd");
+    let hash = |password: &str| {
+        let (code, out, err) = gateway::run_to_end(&["passwd", "alice", password], None);
+        assert_eq!(code, Some(0), "{err}");
+        out
+    };
+    write(&passwords, &hash("first secret"));
+    let text = gateway_file(&s.data, "", "").replace(
+        "allow_anonymous = true",
+        &format!(
+            "allow_anonymous = false\npassword_file = \"{}\"",
+            passwords.display()
+        ),
+    );
+    write(&s.config, &text);
+    let mut gateway = GatewayProcess::start(&s.config);
+    let login = |id: &'static str, password: &'static str| packet::Connect {
+        username: Some("alice"),
+        password: Some(password),
+        ..packet::Connect::v311(id)
+    };
+    let mut open = Raw::connected(gateway.addr, &login("open", "first secret")).await;
+
+    write(&passwords, &hash("second secret"));
+    let (code, stdout, stderr) = reload(&s.config);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("password file: reloaded"), "{stdout}");
+
+    let (_old, refused) = Raw::connect(gateway.addr, &login("old", "first secret")).await;
+    assert_eq!(
+        refused.connack().1,
+        4,
+        "the old password is refused: {refused:?}"
+    );
+    let (_new, accepted) = Raw::connect(gateway.addr, &login("new", "second secret")).await;
+    assert_eq!(accepted.connack().1, 0, "the new password is accepted");
+    ping_raw(&mut open).await;
+    gateway.terminate();
+}
