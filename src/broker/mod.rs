@@ -69,7 +69,7 @@ pub struct RunningBroker {
     shutdown: CancellationToken,
     settings: Arc<connection::Settings>,
     /// What the password and ACL files held when last loaded.
-    access_files: u64,
+    access_files: AccessFiles,
     router: tokio::task::JoinHandle<()>,
     router_stop: CancellationToken,
     /// Asks the store for backups (with `sync` and `batched` durability).
@@ -285,13 +285,20 @@ fn load_access(config: &BrokerConfig) -> Result<connection::Access, BrokerError>
     })
 }
 
-fn access_fingerprint(config: &BrokerConfig) -> u64 {
-    crate::pem::fingerprint(
-        [config.password_file.as_ref(), config.acl_file.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|p| p.as_path()),
-    )
+/// What the password file and the ACL file hold, each on its own (a reload reports them
+/// apart).
+fn access_fingerprint(config: &BrokerConfig) -> AccessFiles {
+    let one = |file: &Option<std::path::PathBuf>| crate::pem::fingerprint(file.as_deref());
+    AccessFiles {
+        passwords: one(&config.password_file),
+        acl: one(&config.acl_file),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AccessFiles {
+    passwords: u64,
+    acl: u64,
 }
 
 /// What a reload of the broker's section will do, prepared (files loaded, new sockets
@@ -299,7 +306,7 @@ fn access_fingerprint(config: &BrokerConfig) -> u64 {
 pub struct BrokerReload {
     access: Option<connection::Access>,
     access_changes: Vec<String>,
-    access_files: u64,
+    access_files: AccessFiles,
     /// Per new listener, in config order: what to do with it.
     listeners: Vec<ListenerPlan>,
 }
@@ -374,15 +381,18 @@ impl RunningBroker {
                 (None, true) => access_changes.push(format!("{what}: removed")),
                 (None, false) => {}
             };
-        let files_changed = access_files != self.access_files;
-        if files_changed || access.passwords.is_some() != running.passwords.is_some() {
+        if access_files.passwords != self.access_files.passwords
+            || access.passwords.is_some() != running.passwords.is_some()
+        {
             changed(
                 "password file",
                 config.password_file.as_ref(),
                 running.passwords.is_some(),
             );
         }
-        if files_changed || access.acl.is_some() != running.acl.is_some() {
+        if access_files.acl != self.access_files.acl
+            || access.acl.is_some() != running.acl.is_some()
+        {
             changed("acl", config.acl_file.as_ref(), running.acl.is_some());
         }
         if access.allow_anonymous != running.allow_anonymous {
