@@ -69,6 +69,13 @@ enum Command {
         config: PathBuf,
         dest: PathBuf,
     },
+    /// Ask the running gateway to apply its configuration file again and print what
+    /// changed (exit 0 applied, 1 refused, 2 no gateway answers). CONFIG names the data
+    /// directory whose control socket to use.
+    Reload {
+        #[arg(short, long, default_value = "/etc/fieldmq/fieldmq.toml")]
+        config: PathBuf,
+    },
     /// Subscribe and print `topic payload` lines.
     Sub {
         #[command(flatten)]
@@ -125,6 +132,7 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Reload { config } => reload(&config),
         Command::Probe(args) => block_on(async move {
             let report = fieldmq::drivers::modbus::probe::probe(&args)
                 .await
@@ -151,19 +159,13 @@ fn main() -> ExitCode {
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
-            let mut exit = fieldmq::service::Exit::Stopped;
             let threads = config.gateway.runtime_threads();
             tracing::info!(runtime_threads = threads, "starting");
-            let code = block_on_threads(Some(threads), async {
-                exit = fieldmq::service::run_until_signal(config)
+            block_on_threads(Some(threads), async {
+                fieldmq::service::run_until_signal(config)
                     .await
-                    .map_err(|e| e.to_string())?;
-                Ok(())
-            });
-            if exit == fieldmq::service::Exit::Restart {
-                return ExitCode::from(fieldmq::service::RESTART_EXIT_CODE);
-            }
-            code
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Sub {
             connect,
@@ -200,6 +202,60 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())
         }),
+    }
+}
+
+/// `fieldmq reload`: 0 applied, 1 refused (or the gateway cannot reload now), 2 no gateway
+/// answers (or the file names no data directory).
+fn reload(path: &std::path::Path) -> ExitCode {
+    use fieldmq::service::control::{self, ReloadOutcome};
+    // Only the data directory is taken from the file (its control socket); the gateway
+    // reads the file itself, and reports its errors.
+    let Some(data_dir) = control::data_dir_of(path) else {
+        eprintln!(
+            "error: {}: cannot read the gateway's data directory from it (see `fieldmq check -c {}`)",
+            path.display(),
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(control::reload(&data_dir)) {
+        Ok(ReloadOutcome::Applied(changes)) => {
+            if changes.is_empty() {
+                println!("reloaded: nothing changed");
+            } else {
+                println!("reloaded:");
+                for change in changes {
+                    println!("  {change}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ReloadOutcome::Refused(errors)) => {
+            eprintln!("reload refused, nothing changed:");
+            for error in errors {
+                eprintln!("  {error}");
+            }
+            ExitCode::from(1)
+        }
+        Ok(ReloadOutcome::NotNow(reason)) => {
+            eprintln!("reload refused: {reason}");
+            ExitCode::from(1)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -146,6 +146,22 @@ pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
     }
 }
 
+/// What the files at `paths` hold now, as one number: a reload compares it with the one
+/// taken when they were loaded to tell whether a certificate, key or CA file was replaced
+/// on disk (certificate rotation). A file that cannot be read counts as its error kind.
+pub fn fingerprint<'a>(paths: impl IntoIterator<Item = &'a Path>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        path.hash(&mut hasher);
+        match std::fs::read(path) {
+            Ok(bytes) => bytes.hash(&mut hasher),
+            Err(error) => error.kind().hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

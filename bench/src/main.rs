@@ -8,7 +8,7 @@
 //!
 //! `broker`, `durable`, `memory` and `retained` start fieldmq's release binary and Mosquitto
 //! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process;
-//! `uplink` and `modbus` run the gateway's library in this process; `disk` and `wake`
+//! `uplink`, `modbus` and `reload` run the gateway's library in this process; `disk` and `wake`
 //! measure the machine alone. Method and current figures: docs/benchmarks.md.
 
 use anyhow::{Context, Result};
@@ -23,6 +23,7 @@ mod memory;
 mod modbus;
 mod proc;
 mod queue;
+mod reload;
 mod retained;
 mod stats;
 mod uplink;
@@ -59,6 +60,8 @@ enum Cmd {
     Uplink(uplink::UplinkArgs),
     /// The Modbus TCP driver polling a simulated device: values/s, delay to a subscriber, CPU.
     Modbus(modbus::ModbusArgs),
+    /// Live reload, request to report: a file that did not change, and one device changed.
+    Reload(reload::ReloadArgs),
 }
 
 fn main() -> Result<()> {
@@ -80,5 +83,6 @@ fn main() -> Result<()> {
         Cmd::Disk(args) => disk::run(&args),
         Cmd::Wake(args) => wake::run(&args),
         Cmd::Modbus(args) => modbus::run(&args),
+        Cmd::Reload(args) => runtime()?.block_on(reload::run(&args)),
     }
 }

@@ -43,7 +43,7 @@ const DENIED_REASONS: &[(&str, DeniedReason)] = &[
     ("unspecified-error", DeniedReason::Unspecified),
 ];
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
     pub listeners: Vec<ListenerConfig>,
     pub allow_anonymous: bool,
@@ -149,7 +149,7 @@ impl ListenerConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// MQTT over WebSocket (subprotocol `mqtt`) at `websocket_path`.
@@ -170,7 +170,7 @@ pub struct ListenerConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerTls {
     pub cert: PathBuf,
     pub key: PathBuf,

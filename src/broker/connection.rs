@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -79,12 +79,21 @@ pub(crate) struct Counters {
     pub(crate) slow_clients_disconnected: AtomicU64,
 }
 
-/// What every connection needs to know, fixed at start.
+/// Who may connect and what they may do: replaced as a whole by a reload, read by every
+/// CONNECT, PUBLISH, SUBSCRIBE and delivery (so a connected client is held to a new ACL from
+/// its next packet).
+#[derive(Debug, Default)]
+pub(crate) struct Access {
+    pub(crate) allow_anonymous: bool,
+    pub(crate) passwords: Option<PasswordFile>,
+    pub(crate) acl: Option<Acl>,
+}
+
+/// What every connection needs to know: fixed at start, but for [`Access`].
 #[derive(Debug)]
 pub(crate) struct Settings {
-    allow_anonymous: bool,
-    passwords: Option<Arc<PasswordFile>>,
-    acl: Option<Arc<Acl>>,
+    /// Read per check without an await under the lock: uncontended but for a reload's swap.
+    access: RwLock<Arc<Access>>,
     max_packet_size: u32,
     max_inflight: u16,
     max_keep_alive: u16,
@@ -98,14 +107,16 @@ pub(crate) struct Settings {
 impl Settings {
     pub(crate) fn from_config(
         config: &BrokerConfig,
-        passwords: Option<Arc<PasswordFile>>,
-        acl: Option<Arc<Acl>>,
+        passwords: Option<PasswordFile>,
+        acl: Option<Acl>,
         counters: Arc<Counters>,
     ) -> Settings {
         Settings {
-            allow_anonymous: config.allow_anonymous,
-            passwords,
-            acl,
+            access: RwLock::new(Arc::new(Access {
+                allow_anonymous: config.allow_anonymous,
+                passwords,
+                acl,
+            })),
             max_packet_size: config.max_packet_size,
             max_inflight: config.max_inflight.max(1),
             max_keep_alive: config.max_keep_alive.max(1),
@@ -117,6 +128,31 @@ impl Settings {
             next_connection: AtomicU64::new(1),
             counters,
         }
+    }
+
+    /// The access rules now (a reload may replace them at any time).
+    pub(crate) fn access(&self) -> Arc<Access> {
+        self.access
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replace the access rules: new CONNECTs and every connection's next check use them.
+    pub(crate) fn replace_access(&self, access: Access) {
+        *self
+            .access
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(access);
+    }
+
+    /// Whether the ACL (if any) allows `check`, read under the lock without cloning.
+    fn acl_allows(&self, check: impl FnOnce(&Acl) -> bool) -> bool {
+        let access = self
+            .access
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        access.acl.as_ref().is_none_or(check)
     }
 }
 
@@ -648,10 +684,7 @@ fn may_publish_to(
     topic: &str,
 ) -> bool {
     !topic.starts_with('$')
-        && settings
-            .acl
-            .as_ref()
-            .is_none_or(|acl| acl.can_publish(username, client_id, topic))
+        && settings.acl_allows(|acl| acl.can_publish(username, client_id, topic))
 }
 
 /// Check the credentials; the client certificate's CN becomes the username.
@@ -665,7 +698,8 @@ fn authenticate(
         connect.username = Some(common_name);
         return Ok(());
     }
-    match (&connect.username, &settings.passwords) {
+    let access = settings.access();
+    match (&connect.username, &access.passwords) {
         (Some(user), Some(passwords)) => {
             let password = connect.password.as_deref().unwrap_or("");
             if passwords.verify(user, password) {
@@ -674,7 +708,7 @@ fn authenticate(
                 Err(ConnackCode::BadCredentials)
             }
         }
-        _ if settings.allow_anonymous => Ok(()),
+        _ if access.allow_anonymous => Ok(()),
         (Some(_), None) => Err(ConnackCode::BadCredentials),
         (None, _) => Err(ConnackCode::NotAuthorized),
     }
@@ -1377,9 +1411,7 @@ impl Connection {
     fn may_subscribe(&self, filter: &str) -> bool {
         let filter = topic::parse_filter(filter).map_or(filter, |f| f.filter);
         self.settings
-            .acl
-            .as_ref()
-            .is_none_or(|acl| acl.can_subscribe(self.username.as_deref(), &self.client_id, filter))
+            .acl_allows(|acl| acl.can_subscribe(self.username.as_deref(), &self.client_id, filter))
     }
 
     fn may_publish(&self, topic: &str) -> bool {
@@ -1407,9 +1439,7 @@ impl Connection {
 
     fn may_receive(&self, topic: &str) -> bool {
         self.settings
-            .acl
-            .as_ref()
-            .is_none_or(|acl| acl.can_receive(self.username.as_deref(), &self.client_id, topic))
+            .acl_allows(|acl| acl.can_receive(self.username.as_deref(), &self.client_id, topic))
     }
 
     fn protocol_error(&mut self, what: &str) -> Close {

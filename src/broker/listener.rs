@@ -44,7 +44,9 @@ pub(crate) mod websocket;
 
 pub use tls::TlsError;
 
-/// What a listener does with each accepted socket before MQTT starts, built once at start.
+/// What a listener does with each accepted socket before MQTT starts: built at start and
+/// again by a reload whose TLS files changed (new handshakes use it; open connections keep
+/// theirs).
 #[derive(Clone)]
 pub(crate) struct Transport {
     tls: Option<TlsAcceptor>,
@@ -260,22 +262,20 @@ impl Refusals {
     }
 }
 
-/// Accept on `socket` until `shutdown`; a listener whose TLS files cannot be loaded logs
-/// why and accepts nothing (call [`prepare`] at start to fail the start instead).
+/// A listener's transport, replaced by a reload (certificate rotation) and read once per
+/// accepted socket.
+pub(crate) type SharedTransport = Arc<std::sync::RwLock<Transport>>;
+
+/// Accept on `socket` until `shutdown`, each socket with the transport `transport` holds
+/// when it is accepted (see [`prepare`]).
 pub(crate) async fn run(
     socket: TcpListener,
     config: ListenerConfig,
+    transport: SharedTransport,
     settings: Arc<Settings>,
     broker: BrokerHandle,
     shutdown: CancellationToken,
 ) {
-    let transport = match prepare(&config) {
-        Ok(transport) => transport,
-        Err(error) => {
-            tracing::error!(listener = %config.bind, %error, "listener not started");
-            return;
-        }
-    };
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
     let per_address = (config.max_connections_per_address > 0).then(|| {
@@ -332,6 +332,10 @@ pub(crate) async fn run(
                 let settings = settings.clone();
                 let router = broker.router.clone();
                 let shutdown = shutdown.clone();
+                let transport = transport
+                    .read()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
                 if transport.is_plain() {
                     // The connection's future is the task itself: a future awaited in
                     // another keeps its arguments twice, and the task is allocated for the
@@ -341,7 +345,6 @@ pub(crate) async fn run(
                     ));
                     continue;
                 }
-                let transport = transport.clone();
                 let refusals = refusals.clone();
                 tasks.spawn(async move {
                     // Boxed: the TLS and WebSocket handshakes' state (rustls, tungstenite) is

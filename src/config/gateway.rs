@@ -14,7 +14,7 @@ const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_STATUS_TOPIC: &str = "fieldmq/{gateway}/status";
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     /// Default cloud client id and the `{gateway}` topic variable.
     pub id: String,

@@ -22,5 +22,5 @@ pub use gateway::GatewayConfig;
 pub(crate) use check::{parse_duration, report_missing, Checker, Pem};
 pub(crate) use document::parse_toml;
 pub(crate) use error::{closest, Diagnostics};
-pub(crate) use gateway::RawGateway;
+pub(crate) use gateway::{RawGateway, DEFAULT_DATA_DIR};
 pub(crate) use raw::{RawScalar, RawSize, S};

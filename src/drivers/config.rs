@@ -24,7 +24,7 @@ const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How a duration is written, for the hint under an invalid driver setting.
 const DURATION_HINT: &str = "write a number and a unit, like \"100ms\", \"1s\" or \"5m\"";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeviceConfig {
     pub name: String,
     /// Topic template with `{gateway}`, `{device}`, `{point}`; default
@@ -44,7 +44,7 @@ pub enum PayloadFormat {
     Plain,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DriverConfig {
     Simulated(SimulatedConfig),
     Modbus(crate::drivers::modbus::ModbusConfig),

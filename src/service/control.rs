@@ -3,8 +3,14 @@
 //! stores hold their files with `locking_mode = EXCLUSIVE`, so while the gateway runs no
 //! other process can read them, and the copy must be made by the threads that own them.
 //!
-//! Protocol: one request line, `backup <absolute directory>`; answered with a line
-//! `copied <file>` per store copied, then `ok`, or `error <reason>` and nothing more.
+//! It also serves `fieldmq reload`: the gateway applies its configuration file again.
+//!
+//! Protocol: one request line.
+//! - `backup <absolute directory>`: answered with a line `copied <file>` per store copied,
+//!   then `ok`, or `error <reason>` and nothing more.
+//! - `reload`: answered with a line `change <text>` per change and `applied`, or a line
+//!   `error <text>` per error and `refused`, or `stopping` (or `busy`) when the gateway
+//!   cannot reload now.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Config;
 use crate::broker::StoreBackup;
+use crate::reload::{ReloadError, Reloader};
 use crate::store::config::Durability;
 use crate::store::Outbox;
 
@@ -54,13 +61,28 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 }
 
 /// What a backup copies: the broker store and each uplink's outbox, under their own file
-/// names.
+/// names. A reload that adds, restarts or removes uplinks replaces the outboxes.
 pub(crate) struct Stores {
-    pub(crate) broker: Option<StoreBackup>,
-    pub(crate) outboxes: Vec<Outbox>,
+    broker: Option<StoreBackup>,
+    outboxes: std::sync::Mutex<Vec<Outbox>>,
 }
 
 impl Stores {
+    pub(crate) fn new(broker: Option<StoreBackup>, outboxes: Vec<Outbox>) -> Stores {
+        Stores {
+            broker,
+            outboxes: std::sync::Mutex::new(outboxes),
+        }
+    }
+
+    /// The running uplinks' outboxes after a reload.
+    pub(crate) fn replace_outboxes(&self, outboxes: Vec<Outbox>) {
+        *self
+            .outboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = outboxes;
+    }
+
     async fn copy_to(&self, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
         std::fs::create_dir_all(dir).map_err(|source| BackupError::Directory {
             path: dir.to_path_buf(),
@@ -72,7 +94,12 @@ impl Stores {
             broker.copy_to(dest.clone()).await?;
             copied.push(dest);
         }
-        for outbox in &self.outboxes {
+        let outboxes = self
+            .outboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        for outbox in &outboxes {
             let dest = dir.join(file_name(outbox.path()));
             outbox
                 .backup(dest.clone())
@@ -104,6 +131,7 @@ pub(crate) async fn serve(
     listener: UnixListener,
     path: PathBuf,
     stores: Arc<Stores>,
+    reloader: Reloader,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -118,21 +146,27 @@ pub(crate) async fn serve(
                 }
             },
         };
-        // One request at a time: backups are rare and each store does one at a time anyway.
-        if let Err(error) = answer(stream, &stores).await {
+        // One request at a time: backups and reloads are rare, and each store does one
+        // backup at a time and the service one reload at a time anyway.
+        if let Err(error) = answer(stream, &stores, &reloader).await {
             tracing::warn!(%error, "control request failed");
         }
     }
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: UnixStream, stores: &Stores) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, stores: &Stores, reloader: &Reloader) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(4096));
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| std::io::Error::other("no request in time"))??;
+    if line.trim_end() == "reload" {
+        let reply = reload_reply(reloader).await;
+        write.write_all(reply.as_bytes()).await?;
+        return write.shutdown().await;
+    }
     let reply = match line.trim_end().strip_prefix("backup ") {
         Some(dir) if Path::new(dir).is_absolute() => {
             let dir = PathBuf::from(dir);
@@ -152,10 +186,132 @@ async fn answer(stream: UnixStream, stores: &Stores) -> std::io::Result<()> {
                 }
             }
         }
-        _ => "error expected `backup <absolute directory>`\n".to_owned(),
+        _ => "error expected `backup <absolute directory>` or `reload`\n".to_owned(),
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// The answer to `reload`: one line per change or error (newlines in them become spaces,
+/// so each stays one line), then the outcome.
+async fn reload_reply(reloader: &Reloader) -> String {
+    let one_line = |text: &str| text.replace(['\n', '\r'], " ");
+    match reloader.reload().await {
+        Ok(report) => {
+            let mut reply = String::new();
+            for change in &report.changes {
+                reply.push_str(&format!("change {}\n", one_line(change)));
+            }
+            for error in &report.errors {
+                reply.push_str(&format!("error {}\n", one_line(error)));
+            }
+            reply
+                + if report.applied {
+                    "applied\n"
+                } else {
+                    "refused\n"
+                }
+        }
+        Err(ReloadError::Stopping) => "stopping\n".to_owned(),
+        Err(ReloadError::Busy) => "busy\n".to_owned(),
+    }
+}
+
+/// How `fieldmq reload` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The gateway applied the file: one line per change.
+    Applied(Vec<String>),
+    /// The gateway changed nothing: the errors in the file or the keys that cannot change.
+    Refused(Vec<String>),
+    /// The gateway is stopping or already busy with too many reloads.
+    NotNow(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadAskError {
+    #[error(
+        "no gateway answers on {path} ({source}); is it running with this data directory?",
+        path = path.display()
+    )]
+    NotRunning {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the gateway's control socket {path} failed: {source}", path = path.display())]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The data directory named by the configuration file at `path`, even when the file has
+/// errors a reload would refuse (the gateway reports those): only a file that is not TOML
+/// at all, or cannot be read, gives `None`.
+pub fn data_dir_of(path: &Path) -> Option<PathBuf> {
+    if let Ok(config) = super::config::load(path) {
+        return Some(config.gateway.data_dir);
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    // The document the configuration itself is parsed into (no second TOML reader).
+    let (_, root) = crate::config::parse_toml(&text, path).ok()?;
+    let gateway = match root.get_ref() {
+        toml::de::DeValue::Table(table) => table.get("gateway").map(|g| g.get_ref()),
+        _ => return None,
+    };
+    let data_dir = match gateway {
+        Some(toml::de::DeValue::Table(gateway)) => gateway.get("data_dir").map(|d| d.get_ref()),
+        _ => None,
+    };
+    let dir = match data_dir {
+        Some(toml::de::DeValue::String(dir)) => PathBuf::from(dir.as_ref()),
+        Some(_) => return None,
+        None => PathBuf::from(crate::config::DEFAULT_DATA_DIR),
+    };
+    Some(match path.parent() {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir,
+    })
+}
+
+/// Ask the gateway running on `data_dir` to reload its configuration file (`fieldmq
+/// reload`), and wait for its report.
+pub async fn reload(data_dir: &Path) -> Result<ReloadOutcome, ReloadAskError> {
+    let path = socket_path(data_dir);
+    let stream = UnixStream::connect(&path)
+        .await
+        .map_err(|source| ReloadAskError::NotRunning {
+            path: path.clone(),
+            source,
+        })?;
+    let io = |source| ReloadAskError::Socket {
+        path: path.clone(),
+        source,
+    };
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"reload\n").await.map_err(io)?;
+    let mut lines = BufReader::new(read).lines();
+    let (mut changes, mut errors) = (Vec::new(), Vec::new());
+    while let Some(line) = lines.next_line().await.map_err(io)? {
+        if let Some(change) = line.strip_prefix("change ") {
+            changes.push(change.to_owned());
+        } else if let Some(error) = line.strip_prefix("error ") {
+            errors.push(error.to_owned());
+        } else if line == "applied" {
+            return Ok(ReloadOutcome::Applied(changes));
+        } else if line == "refused" {
+            return Ok(ReloadOutcome::Refused(errors));
+        } else if line == "stopping" {
+            return Ok(ReloadOutcome::NotNow("the gateway is stopping".into()));
+        } else if line == "busy" {
+            return Ok(ReloadOutcome::NotNow(
+                "too many reloads are waiting; try again".into(),
+            ));
+        }
+    }
+    Err(io(std::io::Error::other(
+        "the gateway closed the socket without an answer",
+    )))
 }
 
 /// Back up the stores of the gateway configured by `config` into the directory `dir`:

@@ -1,6 +1,9 @@
 //! Wiring: starts the broker, the devices and the uplinks from a [`Config`], publishes the
 //! gateway status, and stops everything in order on shutdown under a deadline.
 //!
+//! Reloads (SIGHUP, `fieldmq reload`, the HTTP API) are applied by the supervisor, one at
+//! a time, between start and shutdown (`reload.rs`; what runs by name is in `running.rs`).
+//!
 //! Shutdown order: devices and uplinks stop (uplinks flush and say `offline` to their
 //! cloud), the gateway publishes `offline` retained on the local broker, then the broker
 //! closes client connections after delivering what is queued for them.
@@ -9,18 +12,20 @@ pub mod config;
 pub mod control;
 mod notify;
 pub mod preflight;
+mod reload;
+mod running;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
-use crate::drivers::{self, DeviceContext};
 use crate::model::{Message, QoS};
+use crate::reload::{ReloadRequest, Reloader};
 use config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,10 +43,14 @@ pub enum ServiceError {
     Uplink(#[from] crate::uplink::UplinkError),
 }
 
-/// A gateway that has started: its broker addresses and its stop switch.
+/// A gateway that has started: its broker addresses, its reload trigger and its stop
+/// switch.
 pub struct Gateway {
     pub local_addrs: Vec<SocketAddr>,
     pub broker: BrokerHandle,
+    /// Asks the gateway to apply its configuration file again (SIGHUP, `fieldmq reload`,
+    /// the HTTP API).
+    pub reloader: Reloader,
     shutdown: CancellationToken,
     finished: tokio::task::JoinHandle<()>,
 }
@@ -64,95 +73,94 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // The broker has its own token: it must outlive devices and uplinks so their last
     // words (the `offline` status) reach local clients.
     let broker_shutdown = CancellationToken::new();
-    let running = broker::start(&config.broker, broker_shutdown.clone()).await?;
-    let handle = running.handle.clone();
-    let local_addrs = running.local_addrs.clone();
+    let broker = broker::start(&config.broker, broker_shutdown.clone()).await?;
+    let handle = broker.handle.clone();
+    let local_addrs = broker.local_addrs.clone();
 
     let status_topic = config.gateway.status_topic.clone();
     publish_status(&handle, &status_topic, "online").await;
 
-    let mut sources = JoinSet::new();
-    // Modbus devices are grouped: RTU devices on one serial port share one bus task.
-    let mut modbus = Vec::new();
-    for device in config.devices.iter().cloned() {
-        let context =
-            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
-        if device.driver.shares_bus() {
-            modbus.push((device, context));
-            continue;
-        }
-        sources.spawn(drivers::run_device(device, context, shutdown.clone()));
-    }
-    for task in drivers::modbus::device_tasks(modbus, shutdown.clone()) {
-        sources.spawn(task);
-    }
+    // Devices stop with `shutdown`, each also alone with its own child token (reload).
+    let devices = running::Devices::start(
+        &config.devices,
+        &config.gateway.id,
+        &status_topic,
+        handle.clone(),
+        shutdown.clone(),
+    );
 
     // Uplinks stop after the devices, so the last readings still reach their outboxes.
     let uplink_shutdown = CancellationToken::new();
-    let mut uplinks = Vec::new();
-    for uplink in config.uplinks.iter().cloned() {
-        let started = crate::uplink::start(
-            uplink,
-            &config.gateway,
-            handle.clone(),
-            uplink_shutdown.clone(),
-        )
-        .await;
-        match started {
-            Ok(running) => uplinks.push(running),
-            Err(error) => {
-                // Fatal at start (a damaged outbox, a bad certificate): stop what started.
-                shutdown.cancel();
-                uplink_shutdown.cancel();
-                for running in uplinks {
-                    let _ = running.wait().await;
-                }
-                while sources.join_next().await.is_some() {}
-                broker_shutdown.cancel();
-                return Err(error.into());
-            }
+    let uplinks = match running::Uplinks::start(
+        &config.uplinks,
+        &config.gateway,
+        handle.clone(),
+        uplink_shutdown.clone(),
+    )
+    .await
+    {
+        Ok(uplinks) => uplinks,
+        Err(error) => {
+            // Fatal at start (a damaged outbox, a bad certificate): stop what started.
+            shutdown.cancel();
+            let mut devices = devices;
+            devices.wait().await;
+            broker_shutdown.cancel();
+            return Err(error.into());
         }
-    }
+    };
 
-    // `fieldmq backup` asks the running gateway through this socket (see control.rs).
-    let stores = Arc::new(control::Stores {
-        broker: running.store_backup(),
-        outboxes: uplinks.iter().map(|u| u.outbox().clone()).collect(),
-    });
+    // `fieldmq backup` and `fieldmq reload` ask the running gateway through this socket
+    // (see control.rs). It answers until the broker has stopped: a reload asked during
+    // shutdown is told the gateway is stopping.
+    let (reloader, reload_requests) = Reloader::new();
+    let stores = Arc::new(control::Stores::new(
+        broker.store_backup(),
+        uplinks.outboxes(),
+    ));
     let socket = control::socket_path(&config.gateway.data_dir);
+    let control_stop = CancellationToken::new();
     match control::bind(&config.gateway.data_dir) {
         Ok(listener) => {
-            sources.spawn(control::serve(listener, socket, stores, shutdown.clone()));
+            tokio::spawn(control::serve(
+                listener,
+                socket,
+                stores.clone(),
+                reloader.clone(),
+                control_stop.clone(),
+            ));
         }
         Err(error) => tracing::warn!(
             path = %socket.display(), %error,
-            "no control socket: `fieldmq backup` works only while the gateway is stopped"
+            "no control socket: `fieldmq backup` works only while the gateway is stopped, `fieldmq reload` not at all"
         ),
     }
 
-    let deadline = config.gateway.shutdown_timeout;
     let finished = crate::essential::spawn(
         "gateway-supervisor",
         supervise(
             Running {
-                broker: running,
+                config,
+                broker,
                 handle: handle.clone(),
-                sources,
+                devices,
                 uplinks,
+                stores,
             },
-            status_topic,
+            reload_requests,
             Stops {
                 shutdown: shutdown.clone(),
                 uplinks: uplink_shutdown,
                 broker: broker_shutdown,
+                control: control_stop,
             },
-            deadline,
         ),
     );
 
     Ok(Gateway {
         local_addrs,
         broker: handle,
+        reloader,
         shutdown,
         finished,
     })
@@ -165,77 +173,91 @@ async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
     }
 }
 
-/// What [`supervise`] stops, in order.
+/// What runs, and the configuration it runs: [`supervise`] applies reloads to it and stops
+/// it in order.
 struct Running {
+    config: Config,
     broker: broker::RunningBroker,
     handle: BrokerHandle,
-    sources: JoinSet<()>,
-    uplinks: Vec<crate::uplink::RunningUplink>,
+    devices: running::Devices,
+    uplinks: running::Uplinks,
+    stores: Arc<control::Stores>,
 }
 
-/// The stop switches: sources first, then uplinks, then the broker.
+/// The stop switches: sources first, then uplinks, then the broker, then the control
+/// socket.
 struct Stops {
     shutdown: CancellationToken,
     uplinks: CancellationToken,
     broker: CancellationToken,
+    control: CancellationToken,
 }
 
-async fn supervise(mut running: Running, status_topic: String, stops: Stops, deadline: Duration) {
-    stops.shutdown.cancelled().await;
-    tracing::info!("stopping");
-    let mut uplinks_left: Vec<String> = running
-        .uplinks
-        .iter()
-        .map(|u| u.name().to_owned())
-        .collect();
-    let stopped = tokio::time::timeout(deadline, async {
-        while running.sources.join_next().await.is_some() {}
-        stops.uplinks.cancel();
-        for uplink in running.uplinks.drain(..) {
-            let name = uplink.name().to_owned();
-            if let Err(error) = uplink.wait().await {
-                tracing::warn!(uplink = %name, %error, "uplink stopped with an error");
-            }
-            uplinks_left.retain(|n| *n != name);
+/// Apply reload requests one at a time until shutdown, then stop everything in order.
+async fn supervise(
+    mut running: Running,
+    mut reload_requests: mpsc::Receiver<ReloadRequest>,
+    stops: Stops,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stops.shutdown.cancelled() => break,
+            request = reload_requests.recv() => match request {
+                Some(request) => {
+                    let report = reload::reload(&mut running).await;
+                    request.answer(report);
+                }
+                // Every trigger is gone: only shutdown is left to wait for.
+                None => {
+                    stops.shutdown.cancelled().await;
+                    break;
+                }
+            },
         }
-        publish_status(&running.handle, &status_topic, "offline").await;
+    }
+    // Requests waiting now, and any made later, are answered "the gateway is stopping".
+    drop(reload_requests);
+    tracing::info!("stopping");
+    let deadline = running.config.gateway.shutdown_timeout;
+    let stopped = tokio::time::timeout(deadline, async {
+        running.devices.wait().await;
+        stops.uplinks.cancel();
+        running.uplinks.wait().await;
+        publish_status(
+            &running.handle,
+            &running.config.gateway.status_topic,
+            "offline",
+        )
+        .await;
         stops.broker.cancel();
-        running.broker.wait().await;
     })
     .await;
     match stopped {
-        Ok(()) => tracing::info!("stopped"),
+        Ok(()) => {
+            running.broker.wait().await;
+            tracing::info!("stopped");
+        }
         Err(_) => {
             tracing::warn!(
-                devices_left = running.sources.len(),
-                uplinks_left = ?uplinks_left,
+                devices_left = running.devices.task_count(),
+                uplinks_left = ?running.uplinks.names(),
                 "shutdown deadline of {deadline:?} reached; exiting anyway"
             );
             stops.uplinks.cancel();
             stops.broker.cancel();
         }
     }
+    stops.control.cancel();
 }
-
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// SIGTERM or SIGINT: a normal stop.
-    Stopped,
-    /// SIGHUP with a valid configuration file: stopped so that the service manager starts
-    /// the gateway again with the new file (exit status [`RESTART_EXIT_CODE`]).
-    Restart,
-}
-
-/// Exit status asking systemd to start the gateway again (`RestartForceExitStatus=`).
-pub const RESTART_EXIT_CODE: u8 = 75;
 
 /// How often the watchdog health probe asks the router for its counters.
 const HEALTH_PROBE: Duration = Duration::from_secs(5);
 
-/// Run until SIGINT or SIGTERM (or SIGHUP, see [`Exit::Restart`]), then stop gracefully.
-/// Tells systemd when ready and pings its watchdog while the router answers.
-pub async fn run_until_signal(config: Config) -> Result<Exit, ServiceError> {
+/// Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP applies the configuration
+/// file again (see [`reload`]) and never stops the gateway. Tells systemd when ready, shows
+/// the last reload in its status line, and pings its watchdog while the router answers.
+pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServiceError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?;
@@ -243,7 +265,6 @@ pub async fn run_until_signal(config: Config) -> Result<Exit, ServiceError> {
 
     let shutdown = CancellationToken::new();
     let summary = ready_message(&config);
-    let source = config.source.clone();
     let gateway = start(config, shutdown.clone()).await?;
     for addr in &gateway.local_addrs {
         tracing::info!(%addr, "MQTT listener ready");
@@ -264,30 +285,50 @@ pub async fn run_until_signal(config: Config) -> Result<Exit, ServiceError> {
             .run_watchdog(move || healthy.load(Ordering::Relaxed), shutdown.clone()),
     );
 
-    let exit = loop {
+    // SIGHUPs are applied by a task of their own so that SIGTERM is never kept waiting
+    // behind a reload; signals that arrive while one is applied fold into the next.
+    let (hangups, hangup_requests) = mpsc::channel::<()>(1);
+    let reloads = tokio::spawn(reload_on_hangup(
+        hangup_requests,
+        gateway.reloader.clone(),
+        notifier.clone(),
+    ));
+    loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break Exit::Stopped; }
-            _ = sigint.recv() => { tracing::info!("SIGINT received"); break Exit::Stopped; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT received"); break; }
             _ = sighup.recv() => {
-                // Restart only into a configuration that loads: a typo must not take the
-                // gateway down.
-                match config::load(&source) {
-                    Ok(_) => {
-                        tracing::info!(config = %source.display(), "SIGHUP: configuration is valid, restarting to apply it");
-                        break Exit::Restart;
-                    }
-                    Err(error) => {
-                        tracing::error!(config = %source.display(), "SIGHUP ignored, the configuration has errors:\n{error}");
-                    }
-                }
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // Full: a reload is already waiting and will read the file as it is now.
+                let _ = hangups.try_send(());
             }
         }
-    };
+    }
     notifier.stopping();
+    drop(hangups);
     gateway.stop().await;
+    reloads.abort();
     watchdog.abort();
     probe.abort();
-    Ok(exit)
+    Ok(())
+}
+
+/// Ask for a reload for each SIGHUP; the report is logged by the reload itself.
+async fn reload_on_hangup(
+    mut hangups: mpsc::Receiver<()>,
+    reloader: Reloader,
+    notifier: notify::Notifier,
+) {
+    while hangups.recv().await.is_some() {
+        match reloader.reload().await {
+            Ok(report) if report.applied => notifier.status(&format!(
+                "configuration reloaded: {} change(s)",
+                report.changes.len()
+            )),
+            Ok(_) => notifier.status("configuration reload refused, nothing changed: see the log"),
+            Err(error) => tracing::warn!(%error, "SIGHUP: no reload"),
+        }
+    }
 }
 
 async fn probe_health(broker: BrokerHandle, healthy: Arc<AtomicBool>, shutdown: CancellationToken) {

@@ -144,7 +144,6 @@ impl Notifier {
 
     /// A one-line summary shown by `systemctl status fieldmq` ("Status: ..."). Newlines
     /// would end the field, so they are replaced by spaces.
-    #[allow(dead_code)] // for runtime summaries (an uplink going down); unused so far
     pub(crate) fn status(&self, line: &str) {
         let line = self.remember_status(line);
         self.send(&[NotifyState::Status(&line)]);

@@ -33,7 +33,7 @@ pub(crate) const DURABILITIES: &[(&str, Durability)] = &[
 ];
 
 /// The bounds of an outbox and what happens when one is reached.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
     /// Default 1,000,000.
     pub max_messages: u64,

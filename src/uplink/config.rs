@@ -25,7 +25,7 @@ const DEFAULT_RECONNECT_MIN: Duration = Duration::from_secs(1);
 const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(60);
 const DEFAULT_WS_PATH: &str = "/mqtt";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UplinkConfig {
     pub name: String,
     pub url: UplinkUrl,
@@ -87,7 +87,7 @@ pub enum SecretSource {
     Env(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     /// CA bundle; `None` means the system roots.
     pub ca: Option<PathBuf>,
@@ -96,7 +96,7 @@ pub struct TlsConfig {
     pub alpn: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WillConfig {
     /// `{gateway}` already substituted.
     pub topic: String,
@@ -107,7 +107,7 @@ pub struct WillConfig {
     pub delay: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutRoute {
     /// Local topic filter.
     pub filter: String,
@@ -125,7 +125,7 @@ pub struct OutRoute {
     pub durable: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InRoute {
     /// Remote topic filter, `{gateway}` already substituted.
     pub filter: String,

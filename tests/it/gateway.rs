@@ -235,36 +235,6 @@ fn a_bad_config_fails_to_start_with_exit_code_2_and_names_the_line() {
 }
 
 #[test]
-fn sighup_restarts_into_a_valid_config_and_ignores_a_broken_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = demo_config(dir.path());
-    let good = std::fs::read_to_string(&config).expect("read");
-
-    // A broken file: the gateway logs the errors and keeps running.
-    let mut gateway = GatewayProcess::start(&config);
-    std::fs::write(&config, format!("{good}\n[broker]\nbogus = 1\n")).expect("break it");
-    gateway.hangup();
-    let mut said = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !said.contains("SIGHUP ignored") && std::time::Instant::now() < deadline {
-        if let Ok(line) = gateway.log.recv_timeout(Duration::from_millis(200)) {
-            said.push_str(&line);
-            said.push('\n');
-        }
-    }
-    assert!(said.contains("SIGHUP ignored"), "{said}");
-    assert!(
-        gateway.is_running(),
-        "a broken config must not stop the gateway"
-    );
-
-    // A valid file: a graceful stop with the restart exit status.
-    std::fs::write(&config, &good).expect("repair it");
-    let status = gateway.hangup_and_wait();
-    assert_eq!(status.code(), Some(75), "{status:?}");
-}
-
-#[test]
 fn check_reports_an_uplink_certificate_that_is_not_pem_with_its_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("ca.pem"), "this is not a certificate\n").expect("write");

@@ -25,6 +25,7 @@ mod modbus;
 mod mqtt5;
 mod mqttjs;
 mod protocol_strict;
+mod reload;
 mod retained;
 mod serial;
 mod tools;

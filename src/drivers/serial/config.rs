@@ -89,7 +89,7 @@ pub(crate) struct RawField {
 }
 
 /// A validated serial device (the part specific to the serial driver).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SerialConfig {
     pub port: PortSettings,
     pub framing: Framing,
@@ -191,6 +191,24 @@ pub struct WriteBack {
     /// When set, the next frame matching it (within `timeout`) is the reply; its `value`
     /// capture (or first capture, or whole match) is published as the result.
     pub reply_match: Option<Regex>,
+}
+
+// A regex compares by its pattern: two rules with the same text behave the same (a
+// reload compares configurations).
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        self.pattern.as_str() == other.pattern.as_str()
+            && self.topic == other.topic
+            && self.fields == other.fields
+    }
+}
+
+impl PartialEq for WriteBack {
+    fn eq(&self, other: &Self) -> bool {
+        self.template == other.template
+            && self.reply_match.as_ref().map(Regex::as_str)
+                == other.reply_match.as_ref().map(Regex::as_str)
+    }
 }
 
 impl WriteBack {

@@ -15,12 +15,12 @@ const WAVEFORMS: &[&str] = &["sine", "ramp", "random_walk", "constant"];
 /// A sine's or a ramp's period.
 const DEFAULT_PERIOD: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimulatedConfig {
     pub points: Vec<SimulatedPoint>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimulatedPoint {
     pub name: String,
     pub waveform: Waveform,

@@ -134,13 +134,7 @@ impl GatewayProcess {
         self.wait_exit(Duration::from_secs(10))
     }
 
-    /// SIGHUP, then wait (10 s at most) for the exit status.
-    pub(crate) fn hangup_and_wait(&mut self) -> ExitStatus {
-        self.signal("-HUP");
-        self.wait_exit(Duration::from_secs(10))
-    }
-
-    /// SIGHUP without waiting.
+    /// SIGHUP (reload the configuration) without waiting.
     pub(crate) fn hangup(&self) {
         self.signal("-HUP");
     }

@@ -1,0 +1,463 @@
+//! What runs by name: the devices (a task per device, or per serial line for the Modbus
+//! RTU devices that share it) and the uplinks, each with a child cancellation token of its
+//! own, so that a reload can stop, restart or start one without touching the others.
+//! Cancelling the parent tokens (the gateway's shutdown) stops them all.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerHandle;
+use crate::config::GatewayConfig;
+use crate::drivers::config::{DeviceConfig, DriverConfig};
+use crate::drivers::modbus::Transport;
+use crate::drivers::{self, DeviceContext};
+use crate::store::Outbox;
+use crate::uplink::config::UplinkConfig;
+use crate::uplink::{RunningUplink, UplinkError};
+
+/// How long a device task may take to stop when a reload stops it before it is aborted.
+const DEVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What runs as one task: a device alone, or a serial line with its RTU devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TaskKey {
+    Device(String),
+    SerialLine(String),
+}
+
+impl TaskKey {
+    fn of(device: &DeviceConfig) -> TaskKey {
+        match &device.driver {
+            DriverConfig::Modbus(modbus) => match &modbus.transport {
+                Transport::Rtu(serial) => TaskKey::SerialLine(serial.path.clone()),
+                Transport::Tcp { .. } => TaskKey::Device(device.name.clone()),
+            },
+            _ => TaskKey::Device(device.name.clone()),
+        }
+    }
+}
+
+/// Devices grouped into tasks, in the order they first appear.
+fn group(devices: &[DeviceConfig]) -> Vec<(TaskKey, Vec<DeviceConfig>)> {
+    let mut groups: Vec<(TaskKey, Vec<DeviceConfig>)> = Vec::new();
+    for device in devices {
+        let key = TaskKey::of(device);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(device.clone()),
+            None => groups.push((key, vec![device.clone()])),
+        }
+    }
+    groups
+}
+
+struct DeviceTask {
+    key: TaskKey,
+    devices: Vec<DeviceConfig>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl DeviceTask {
+    async fn stop(self) {
+        self.stop.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(DEVICE_STOP_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(devices = ?names(&self.devices), "device task did not stop in time; aborted");
+            task.abort();
+        }
+    }
+}
+
+fn names(devices: &[DeviceConfig]) -> Vec<&str> {
+    devices.iter().map(|d| d.name.as_str()).collect()
+}
+
+/// The running devices.
+pub(crate) struct Devices {
+    tasks: Vec<DeviceTask>,
+    gateway_id: String,
+    status_topic: String,
+    broker: BrokerHandle,
+    shutdown: CancellationToken,
+}
+
+impl Devices {
+    /// Start every device in `devices`; each task stops when `shutdown` is cancelled.
+    pub(crate) fn start(
+        devices: &[DeviceConfig],
+        gateway_id: &str,
+        status_topic: &str,
+        broker: BrokerHandle,
+        shutdown: CancellationToken,
+    ) -> Devices {
+        let mut running = Devices {
+            tasks: Vec::new(),
+            gateway_id: gateway_id.to_owned(),
+            status_topic: status_topic.to_owned(),
+            broker,
+            shutdown,
+        };
+        for (key, members) in group(devices) {
+            running.spawn(key, members);
+        }
+        running
+    }
+
+    fn spawn(&mut self, key: TaskKey, devices: Vec<DeviceConfig>) {
+        let stop = self.shutdown.child_token();
+        let contexts: Vec<(DeviceConfig, DeviceContext)> = devices
+            .iter()
+            .cloned()
+            .map(|device| {
+                let context = DeviceContext::new(
+                    &self.gateway_id,
+                    &self.status_topic,
+                    &device,
+                    self.broker.clone(),
+                );
+                (device, context)
+            })
+            .collect();
+        let task = match contexts.first() {
+            Some((device, _)) if !device.driver.shares_bus() => {
+                let mut contexts = contexts;
+                let (device, context) = contexts.remove(0);
+                tokio::spawn(drivers::run_device(device, context, stop.clone()))
+            }
+            _ => {
+                // One future for a TCP device or a serial line (device_tasks groups them
+                // the same way).
+                let tasks = drivers::modbus::device_tasks(contexts, stop.clone());
+                tokio::spawn(futures::future::join_all(tasks).map(|_| ()))
+            }
+        };
+        self.tasks.push(DeviceTask {
+            key,
+            devices,
+            stop,
+            task,
+        });
+    }
+
+    /// How many device tasks run.
+    pub(crate) fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Make the running devices those of `wanted`: a task whose devices are unchanged
+    /// keeps running; a task with a changed, added or removed device restarts (on a serial
+    /// line, so do its other devices); a task left without devices stops. Returns one line
+    /// per device that changed.
+    pub(crate) async fn apply(&mut self, wanted: &[DeviceConfig]) -> Vec<String> {
+        let before: HashMap<String, DeviceConfig> = self
+            .tasks
+            .iter()
+            .flat_map(|t| t.devices.iter().map(|d| (d.name.clone(), d.clone())))
+            .collect();
+        let mut old = std::mem::take(&mut self.tasks);
+        let mut keep = Vec::new();
+        let mut start = Vec::new();
+        for (key, members) in group(wanted) {
+            match old.iter().position(|t| t.key == key) {
+                Some(index) if old[index].devices == members => keep.push(old.remove(index)),
+                _ => start.push((key, members)),
+            }
+        }
+        // Every task that does not stay stops before any starts: a serial port or a
+        // device's connection is free again for its successor.
+        for task in old {
+            task.stop().await;
+        }
+        self.tasks = keep;
+        let mut changes = Vec::new();
+        for (key, members) in start {
+            for device in &members {
+                let line = match before.get(&device.name) {
+                    None => "added".to_owned(),
+                    Some(old) if old == device => match &key {
+                        TaskKey::SerialLine(port) => {
+                            format!("restarted (its serial line {port} restarted)")
+                        }
+                        TaskKey::Device(_) => "restarted".to_owned(),
+                    },
+                    Some(_) => "restarted".to_owned(),
+                };
+                changes.push(format!("device {}: {line}", device.name));
+            }
+            self.spawn(key, members);
+        }
+        for name in before.keys() {
+            if !wanted.iter().any(|d| d.name == *name) {
+                changes.push(format!("device {name}: removed"));
+            }
+        }
+        changes.sort();
+        changes
+    }
+
+    /// Wait for every device task to end (after the parent token was cancelled).
+    pub(crate) async fn wait(&mut self) {
+        while !self.tasks.is_empty() {
+            let _ = self.tasks.remove(0).task.await;
+        }
+    }
+}
+
+/// What an uplink's TLS files hold now (see [`crate::pem::fingerprint`]).
+fn uplink_tls_files(config: &UplinkConfig) -> u64 {
+    match &config.tls {
+        Some(tls) => crate::pem::fingerprint(
+            [tls.ca.as_ref(), tls.cert.as_ref(), tls.key.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|p| p.as_path()),
+        ),
+        None => 0,
+    }
+}
+
+struct UplinkTask {
+    config: UplinkConfig,
+    tls_files: u64,
+    stop: CancellationToken,
+    uplink: RunningUplink,
+}
+
+impl UplinkTask {
+    /// Stop the uplink (it flushes, says `offline` to its cloud and closes its outbox).
+    async fn stop(self) {
+        self.stop.cancel();
+        let name = self.config.name;
+        if let Err(error) = self.uplink.wait().await {
+            tracing::warn!(uplink = %name, %error, "uplink stopped with an error");
+        }
+    }
+}
+
+/// The running uplinks.
+pub(crate) struct Uplinks {
+    tasks: Vec<UplinkTask>,
+    gateway: GatewayConfig,
+    broker: BrokerHandle,
+    shutdown: CancellationToken,
+}
+
+impl Uplinks {
+    /// Start every uplink of `uplinks`; stops those started and fails at the first that
+    /// cannot start.
+    pub(crate) async fn start(
+        uplinks: &[UplinkConfig],
+        gateway: &GatewayConfig,
+        broker: BrokerHandle,
+        shutdown: CancellationToken,
+    ) -> Result<Uplinks, UplinkError> {
+        let mut running = Uplinks {
+            tasks: Vec::new(),
+            gateway: gateway.clone(),
+            broker,
+            shutdown,
+        };
+        for config in uplinks {
+            if let Err(error) = running.start_one(config.clone()).await {
+                running.shutdown.cancel();
+                running.wait().await;
+                return Err(error);
+            }
+        }
+        Ok(running)
+    }
+
+    async fn start_one(&mut self, config: UplinkConfig) -> Result<(), UplinkError> {
+        let stop = self.shutdown.child_token();
+        let tls_files = uplink_tls_files(&config);
+        let uplink = crate::uplink::start(
+            config.clone(),
+            &self.gateway,
+            self.broker.clone(),
+            stop.clone(),
+        )
+        .await?;
+        self.tasks.push(UplinkTask {
+            config,
+            tls_files,
+            stop,
+            uplink,
+        });
+        Ok(())
+    }
+
+    /// The names of the running uplinks.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.config.name.clone()).collect()
+    }
+
+    /// Every running uplink's outbox (for backups).
+    pub(crate) fn outboxes(&self) -> Vec<Outbox> {
+        self.tasks
+            .iter()
+            .map(|t| t.uplink.outbox().clone())
+            .collect()
+    }
+
+    /// Make the running uplinks those of `wanted`: an unchanged uplink keeps its cloud
+    /// connection, session and outbox; a changed one, or one whose TLS files changed on
+    /// disk, restarts (its outbox file is closed and reopened); a removed one stops (its
+    /// outbox file stays on disk). Returns one line per uplink that changed.
+    pub(crate) async fn apply(&mut self, wanted: &[UplinkConfig]) -> Vec<String> {
+        let mut changes = Vec::new();
+        let mut old = std::mem::take(&mut self.tasks);
+        let mut start = Vec::new();
+        for config in wanted {
+            let line = match old.iter().position(|t| t.config.name == config.name) {
+                Some(index) => {
+                    let task = &old[index];
+                    let tls_files = uplink_tls_files(config);
+                    if task.config == *config && task.tls_files == tls_files {
+                        self.tasks.push(old.remove(index));
+                        continue;
+                    }
+                    let line = if task.config == *config {
+                        "reconnected (its TLS files changed)"
+                    } else {
+                        "restarted"
+                    };
+                    old.remove(index).stop().await;
+                    line
+                }
+                None => "added",
+            };
+            start.push((config.clone(), line));
+        }
+        for removed in old {
+            changes.push(format!(
+                "uplink {}: removed (its outbox file is kept)",
+                removed.config.name
+            ));
+            removed.stop().await;
+        }
+        for (config, line) in start {
+            let name = config.name.clone();
+            match self.start_one(config).await {
+                Ok(()) => changes.push(format!("uplink {name}: {line}")),
+                Err(error) => {
+                    tracing::error!(uplink = %name, %error, "uplink not started");
+                    changes.push(format!("uplink {name}: not started: {error}"));
+                }
+            }
+        }
+        changes
+    }
+
+    /// Wait for every uplink to stop (after the parent token was cancelled), logging
+    /// errors. Those not yet stopped stay listed in [`Uplinks::names`].
+    pub(crate) async fn wait(&mut self) {
+        while !self.tasks.is_empty() {
+            let task = self.tasks.remove(0);
+            let name = task.config.name.clone();
+            if let Err(error) = task.uplink.wait().await {
+                tracing::warn!(uplink = %name, %error, "uplink stopped with an error");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::config::{BrokerConfig, Durability};
+
+    fn rtu(name: &str, port: &str, unit: u8, poll: &str) -> String {
+        format!(
+            "[[devices]]\nname = \"{name}\"\ndriver = \"modbus-rtu\"\nport = \"{port}\"\n\
+             baud = 9600\nunit = {unit}\npoll = \"{poll}\"\n\
+             points = [{{ name = \"power\", table = \"input\", address = 12, type = \"f32:CDAB\" }}]\n"
+        )
+    }
+
+    fn devices(devices: &str) -> Vec<DeviceConfig> {
+        let text = format!(
+            "[gateway]\nid = \"g\"\ndata_dir = \"/var/lib/g\"\n[broker]\nallow_anonymous = true\n{devices}"
+        );
+        crate::service::config::parse(&text, std::path::Path::new("/etc/fieldmq/g.toml"))
+            .expect("valid")
+            .devices
+    }
+
+    /// A change to one RTU device restarts its serial line (and so its neighbour on the
+    /// line); a line without changes, and a device of its own, keep running.
+    #[tokio::test]
+    async fn a_changed_rtu_device_restarts_its_line_and_nothing_else() {
+        let config = BrokerConfig {
+            durability: Durability::Memory,
+            listeners: Vec::new(),
+            ..BrokerConfig::default()
+        };
+        let broker_stop = CancellationToken::new();
+        let broker = crate::broker::start(&config, broker_stop.clone())
+            .await
+            .expect("broker");
+        let shutdown = CancellationToken::new();
+        // The ports do not exist: a missing port is retried with backoff, not fatal.
+        let before = format!(
+            "{}{}{}",
+            rtu("a1", "/dev/fieldmq-test-a", 1, "1s"),
+            rtu("a2", "/dev/fieldmq-test-a", 2, "1s"),
+            rtu("b1", "/dev/fieldmq-test-b", 1, "1s"),
+        );
+        let mut running = Devices::start(
+            &devices(&before),
+            "g",
+            "g/status",
+            broker.handle.clone(),
+            shutdown.clone(),
+        );
+        assert_eq!(running.task_count(), 2, "one task per serial line");
+        let untouched = running
+            .tasks
+            .iter()
+            .find(|t| t.key == TaskKey::SerialLine("/dev/fieldmq-test-b".into()))
+            .map(|t| t.task.id())
+            .expect("line b");
+
+        let after = before.replacen("unit = 2\npoll = \"1s\"", "unit = 2\npoll = \"5s\"", 1);
+        assert_ne!(after, before);
+        let changes = running.apply(&devices(&after)).await;
+        assert_eq!(
+            changes,
+            vec![
+                "device a1: restarted (its serial line /dev/fieldmq-test-a restarted)".to_owned(),
+                "device a2: restarted".to_owned(),
+            ]
+        );
+        let line_b = running
+            .tasks
+            .iter()
+            .find(|t| t.key == TaskKey::SerialLine("/dev/fieldmq-test-b".into()))
+            .map(|t| t.task.id());
+        assert_eq!(line_b, Some(untouched), "line b's task kept running");
+
+        let changes = running
+            .apply(&devices(&rtu("b1", "/dev/fieldmq-test-b", 1, "1s")))
+            .await;
+        assert_eq!(
+            changes,
+            vec![
+                "device a1: removed".to_owned(),
+                "device a2: removed".to_owned()
+            ]
+        );
+        assert_eq!(running.task_count(), 1);
+
+        shutdown.cancel();
+        running.wait().await;
+        broker_stop.cancel();
+        broker.wait().await;
+    }
+}
