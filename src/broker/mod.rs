@@ -29,7 +29,7 @@ pub use crate::store::sessions::PersistError;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use bus::{AckShare, BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
-pub use listener::TlsError;
+pub use listener::{BindError, TlsError};
 pub use router::BrokerStats;
 use router::Router;
 
@@ -43,11 +43,8 @@ const ROUTER_QUEUE: usize = 4096;
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -156,14 +153,9 @@ pub async fn start(
     });
 
     let mut bound = Vec::new();
-    for listener in &config.listeners {
+    for (index, listener) in config.listeners.iter().enumerate() {
         listener::prepare(listener)?;
-        let socket = tokio::net::TcpListener::bind(listener.bind)
-            .await
-            .map_err(|source| BrokerError::Bind {
-                addr: listener.bind,
-                source,
-            })?;
+        let socket = listener::bind(listener, index).await?;
         bound.push((socket, listener.clone()));
     }
 
@@ -192,12 +184,14 @@ pub async fn start(
     }
 
     let mut local_addrs = Vec::new();
-    for (socket, listener_config) in bound {
-        let addr = socket.local_addr().map_err(|source| BrokerError::Bind {
+    for (index, (socket, listener_config)) in bound.into_iter().enumerate() {
+        let addr = socket.local_addr().map_err(|source| BindError {
             addr: listener_config.bind,
+            index,
             source,
         })?;
-        tracing::info!(%addr, websocket = listener_config.websocket, "broker listening");
+        // The service logs every listener it started at info (see `service::log_listeners`).
+        tracing::debug!(%addr, websocket = listener_config.websocket, "broker listening");
         local_addrs.push(addr);
         listeners.spawn(crate::essential::guard(
             "broker-listener",
