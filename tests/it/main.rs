@@ -10,6 +10,7 @@ mod acl;
 mod backup;
 mod broker;
 mod broker_tls;
+mod cli;
 mod config;
 mod deploy;
 mod diagnostics;
