@@ -672,3 +672,82 @@ fn a_listen_address_in_use_names_it_and_suggests_stopping_mosquitto_or_changing_
     );
     drop(holder);
 }
+
+// --- the package's generated files ---------------------------------------------------------
+
+#[test]
+fn the_deb_assets_install_every_generated_completion_and_the_man_page() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = Command::new("bash")
+        .arg(repo.join("scripts/generate-completions.sh"))
+        .args(["--bin", env!("CARGO_BIN_EXE_fieldmq"), "--out"])
+        .arg(out.path())
+        .output()
+        .expect("run generate-completions.sh");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut written: Vec<String> = std::fs::read_dir(out.path())
+        .expect("read the output")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        ["_fieldmq", "fieldmq.1.gz", "fieldmq.bash", "fieldmq.fish"]
+    );
+
+    let manifest: toml::Table = std::fs::read_to_string(repo.join("Cargo.toml"))
+        .expect("read Cargo.toml")
+        .parse()
+        .expect("Cargo.toml is TOML");
+    let assets = manifest["package"]["metadata"]["deb"]["assets"]
+        .as_array()
+        .expect("deb assets");
+    let installs = |source: &str| -> Option<(String, String)> {
+        assets.iter().find_map(|asset| {
+            let asset = asset.as_array()?;
+            (asset[0].as_str()? == source).then(|| {
+                (
+                    asset[1].as_str().unwrap_or_default().to_owned(),
+                    asset[2].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+    };
+    for (file, destination) in [
+        (
+            "fieldmq.bash",
+            "usr/share/bash-completion/completions/fieldmq",
+        ),
+        ("_fieldmq", "usr/share/zsh/vendor-completions/_fieldmq"),
+        (
+            "fieldmq.fish",
+            "usr/share/fish/vendor_completions.d/fieldmq.fish",
+        ),
+        ("fieldmq.1.gz", "usr/share/man/man1/fieldmq.1.gz"),
+    ] {
+        assert_eq!(
+            installs(&format!("target/generated/{file}")),
+            Some((destination.to_owned(), "644".to_owned())),
+            "the .deb installs {file} at /{destination}"
+        );
+    }
+    // The packaged page is the binary's page, compressed.
+    let gunzip = Command::new("gzip")
+        .args(["-dc"])
+        .arg(out.path().join("fieldmq.1.gz"))
+        .output()
+        .expect("gzip -dc");
+    let (_, page, _) = fieldmq(&["man"], &[]);
+    assert_eq!(String::from_utf8_lossy(&gunzip.stdout), page);
+}
