@@ -233,8 +233,8 @@ for triple in "${targets[@]}"; do
     # describe the same command line.
     "${qemu[@]}" "$bin" completions bash | cmp -s - target/generated/fieldmq.bash \
         || fail "$triple: 'completions bash' differs from target/generated/fieldmq.bash"
-    "${qemu[@]}" "$bin" man | cmp -s - <(gzip -dc target/generated/fieldmq.1.gz) \
-        || fail "$triple: 'man' differs from target/generated/fieldmq.1.gz"
+    "${qemu[@]}" "$bin" man | cmp -s - <(gzip -dc target/generated/man/fieldmq.1.gz) \
+        || fail "$triple: 'man' differs from target/generated/man/fieldmq.1.gz"
     echo "    completions and man page match the host build's"
     for config in "${configs[@]}"; do
         if ! out=$("${qemu[@]}" "$bin" check -c "$config" 2>&1); then

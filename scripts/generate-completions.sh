@@ -9,7 +9,8 @@
 #            under CARGO_TARGET_DIR when set; built with `cargo build` if neither exists)
 #     --out  where to write (default target/generated, the path Cargo.toml's deb assets name)
 #
-# Writes fieldmq.bash, _fieldmq (zsh), fieldmq.fish and fieldmq.1.gz, and prints each path.
+# Writes fieldmq.bash, _fieldmq (zsh), fieldmq.fish and man/*.1.gz (fieldmq.1.gz and a page per
+# command), and prints each path.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,5 +52,12 @@ write() {
 write fieldmq.bash "$bin" completions bash
 write _fieldmq "$bin" completions zsh
 write fieldmq.fish "$bin" completions fish
-# -n: no name or time stamp in the header, so the same page gives the same bytes.
-write fieldmq.1.gz sh -c '"$1" man | gzip -9n' sh "$bin"
+# The man pages: fieldmq.1 and one per command (fieldmq-run.1, ...), which fieldmq.1 names.
+rm -rf "$out/man"
+mkdir -p "$out/man"
+"$bin" man --dir "$out/man"
+for page in "$out/man"/*.1; do
+    # -n: no name or time stamp in the header, so the same page gives the same bytes.
+    gzip -9nf "$page"
+    echo "$page.gz"
+done

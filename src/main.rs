@@ -14,6 +14,7 @@ use fieldmq::service::config;
 #[command(
     name = "fieldmq",
     version,
+    propagate_version = true,
     about = "Edge gateway: field devices to MQTT, with durable cloud uplinks"
 )]
 struct Args {
@@ -115,7 +116,11 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the manual page (roff) to stdout: `fieldmq man | man -l -`.
-    Man,
+    Man {
+        /// Instead, write fieldmq.1 and a page per command (fieldmq-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -168,9 +173,15 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Man => {
-            let page = clap_mangen::Man::new(Args::command());
-            match page.render(&mut std::io::stdout()) {
+        Command::Man { dir } => {
+            // Without the `help` command: the page lists commands that have a page of their own.
+            let command = Args::command().disable_help_subcommand(true);
+            let written = match &dir {
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(command, dir)),
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+            };
+            match written {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: cannot write the manual page: {error}");

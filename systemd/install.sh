@@ -73,14 +73,16 @@ generated=""
 if "$bin" man >/dev/null 2>&1; then
     generated="$(mktemp -d)"
     bash "$repo/scripts/generate-completions.sh" --bin "$bin" --out "$generated" >/dev/null
-elif [ -f "$repo/target/generated/fieldmq.1.gz" ]; then
+elif [ -f "$repo/target/generated/man/fieldmq.1.gz" ]; then
     generated="$repo/target/generated"
 fi
 if [ -n "$generated" ]; then
     put "$generated/fieldmq.bash"  /usr/share/bash-completion/completions/fieldmq     0644
     put "$generated/_fieldmq"      /usr/share/zsh/vendor-completions/_fieldmq         0644
     put "$generated/fieldmq.fish"  /usr/share/fish/vendor_completions.d/fieldmq.fish  0644
-    put "$generated/fieldmq.1.gz"  /usr/share/man/man1/fieldmq.1.gz                   0644
+    for page in "$generated"/man/*.1.gz; do
+        put "$page" "/usr/share/man/man1/$(basename "$page")" 0644
+    done
     [ "$generated" = "$repo/target/generated" ] || rm -rf "$generated"
 else
     echo "warning: $bin does not run here and target/generated is empty: no shell completions" >&2

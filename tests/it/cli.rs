@@ -690,21 +690,31 @@ fn the_deb_assets_install_every_generated_completion_and_the_man_page() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut written: Vec<String> = std::fs::read_dir(out.path())
-        .expect("read the output")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    written.sort();
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("read the output")
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    };
     assert_eq!(
-        written,
-        ["_fieldmq", "fieldmq.1.gz", "fieldmq.bash", "fieldmq.fish"]
+        names(out.path()),
+        ["_fieldmq", "fieldmq.bash", "fieldmq.fish", "man"]
     );
+    let mut pages: Vec<String> = subcommands()
+        .iter()
+        .map(|name| format!("fieldmq-{name}.1.gz"))
+        .collect();
+    pages.push("fieldmq.1.gz".to_owned());
+    pages.sort();
+    assert_eq!(names(&out.path().join("man")), pages, "a page per command");
 
     let manifest: toml::Table = std::fs::read_to_string(repo.join("Cargo.toml"))
         .expect("read Cargo.toml")
@@ -734,7 +744,7 @@ fn the_deb_assets_install_every_generated_completion_and_the_man_page() {
             "fieldmq.fish",
             "usr/share/fish/vendor_completions.d/fieldmq.fish",
         ),
-        ("fieldmq.1.gz", "usr/share/man/man1/fieldmq.1.gz"),
+        ("man/*.1.gz", "usr/share/man/man1/"),
     ] {
         assert_eq!(
             installs(&format!("target/generated/{file}")),
@@ -745,7 +755,7 @@ fn the_deb_assets_install_every_generated_completion_and_the_man_page() {
     // The packaged page is the binary's page, compressed.
     let gunzip = Command::new("gzip")
         .args(["-dc"])
-        .arg(out.path().join("fieldmq.1.gz"))
+        .arg(out.path().join("man/fieldmq.1.gz"))
         .output()
         .expect("gzip -dc");
     let (_, page, _) = fieldmq(&["man"], &[]);
