@@ -156,6 +156,12 @@ fn main() -> ExitCode {
         Command::Passwd { username, password } => {
             let password = match password.map_or_else(new_password, Ok) {
                 Ok(password) => password,
+                Err(passwd::PasswordError::Io(error))
+                    if error.kind() == std::io::ErrorKind::Interrupted =>
+                {
+                    eprintln!("interrupted; nothing written");
+                    return ExitCode::from(130);
+                }
                 Err(error) => {
                     eprintln!("error: {error}");
                     return ExitCode::FAILURE;
@@ -337,8 +343,26 @@ fn new_password() -> Result<String, passwd::PasswordError> {
     use std::io::IsTerminal;
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
+        // rpassword answers Ctrl-C by raising SIGINT while the terminal is still without
+        // echo; by default that kills the process before the terminal is restored. With a
+        // handler registered, rpassword returns `Interrupted` and restores the terminal.
+        let _ctrl_c = catch_ctrl_c();
         passwd::prompt_twice(|prompt| rpassword::prompt_password(prompt))
     } else {
         passwd::read_line(stdin.lock())
     }
+}
+
+/// Register a SIGINT handler (tokio's, so no other crate) for as long as the result lives;
+/// `None` when it cannot be, and Ctrl-C then ends the process as usual.
+fn catch_ctrl_c() -> Option<(tokio::runtime::Runtime, tokio::signal::unix::Signal)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .ok()?;
+    let signal = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok()?
+    };
+    Some((runtime, signal))
 }

@@ -6,7 +6,8 @@
 //!   JSON object a line with `level` and `message`;
 //! - `fieldmq passwd` without a password asks twice on a terminal (a pty this test owns as
 //!   the child's controlling terminal) without echoing what is typed, refuses two different
-//!   answers, and reads one line from standard input when that is a pipe;
+//!   answers, leaves the terminal echoing after Ctrl-C, and reads one line from standard
+//!   input when that is a pipe;
 //! - `fieldmq completions` and `fieldmq man` cover every subcommand;
 //! - a listen address another socket holds fails the start with the address, the listener's
 //!   place in the configuration and what to do about it.
@@ -463,9 +464,19 @@ fn echoes(fd: &OwnedFd) -> bool {
     termios.c_lflag & libc::ECHO != 0
 }
 
-/// `fieldmq passwd user` on a terminal: each answer is typed once the prompt shows and the
-/// terminal has stopped echoing. Returns (exit code, stdout, everything the terminal showed).
-fn passwd_on_a_terminal(user: &str, answers: &[&str]) -> (Option<i32>, String, String) {
+/// What `fieldmq passwd` did on a terminal.
+struct OnTerminal {
+    code: Option<i32>,
+    stdout: String,
+    /// Everything the terminal showed.
+    shown: String,
+    /// Whether the terminal echoes again after the process ended.
+    echoes_after: bool,
+}
+
+/// `fieldmq passwd user` on a terminal: each answer is typed, with a line end, once the prompt
+/// shows and the terminal has stopped echoing.
+fn passwd_on_a_terminal(user: &str, answers: &[&str]) -> OnTerminal {
     let (master, slave) = pty();
     let mut command = Command::new(gateway::binary());
     command
@@ -535,15 +546,27 @@ fn passwd_on_a_terminal(user: &str, answers: &[&str]) -> (Option<i32>, String, S
     };
     // Let the reader take the last bytes (the error message) before the pty goes away.
     std::thread::sleep(Duration::from_millis(100));
+    let echoes_after = echoes(&slave);
     drop(slave);
-    (status.code(), stdout, screen())
+    OnTerminal {
+        code: status.code(),
+        stdout,
+        shown: screen(),
+        echoes_after,
+    }
 }
 
 #[test]
 fn passwd_asks_twice_on_a_terminal_without_echoing_the_password() {
     let password = "typed-pässwörd";
-    let (code, stdout, shown) = passwd_on_a_terminal("alice", &[password, password]);
+    let OnTerminal {
+        code,
+        stdout,
+        shown,
+        echoes_after,
+    } = passwd_on_a_terminal("alice", &[password, password]);
     assert_eq!(code, Some(0), "the terminal showed {shown:?}");
+    assert!(echoes_after, "the terminal echoes again afterwards");
     assert!(shown.contains("Password: "), "{shown:?}");
     assert!(shown.contains("Reenter password: "), "{shown:?}");
     assert!(
@@ -555,17 +578,42 @@ fn passwd_asks_twice_on_a_terminal_without_echoing_the_password() {
 
 #[test]
 fn passwd_on_a_terminal_refuses_two_different_answers_and_an_empty_one() {
-    let (code, stdout, shown) = passwd_on_a_terminal("alice", &["first-answer", "second-answer"]);
+    let OnTerminal {
+        code,
+        stdout,
+        shown,
+        ..
+    } = passwd_on_a_terminal("alice", &["first-answer", "second-answer"]);
     assert_eq!(code, Some(1), "{shown:?}");
     assert!(stdout.is_empty(), "{stdout}");
     assert!(shown.contains("do not match"), "{shown:?}");
     assert!(!shown.contains("first-answer"), "{shown:?}");
 
-    let (code, stdout, shown) = passwd_on_a_terminal("alice", &[""]);
+    let OnTerminal {
+        code,
+        stdout,
+        shown,
+        ..
+    } = passwd_on_a_terminal("alice", &[""]);
     assert_eq!(code, Some(1), "{shown:?}");
     assert!(stdout.is_empty(), "{stdout}");
     assert!(shown.contains("empty"), "{shown:?}");
     assert!(!shown.contains("Reenter"), "not asked again: {shown:?}");
+}
+
+#[test]
+fn ctrl_c_at_the_password_prompt_exits_130_and_leaves_the_terminal_echoing() {
+    let OnTerminal {
+        code,
+        stdout,
+        shown,
+        echoes_after,
+    } = passwd_on_a_terminal("alice", &["half\u{3}"]);
+    assert_eq!(code, Some(130), "{shown:?}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(shown.contains("interrupted"), "{shown:?}");
+    assert!(!shown.contains("half"), "{shown:?}");
+    assert!(echoes_after, "the terminal echoes again after Ctrl-C");
 }
 
 // --- completions and man page ------------------------------------------------------------
