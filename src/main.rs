@@ -55,6 +55,7 @@ impl ConnectArgs {
 enum Command {
     /// Run the gateway (the embedded demo configuration when no file is given).
     Run {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -62,6 +63,7 @@ enum Command {
     },
     /// Validate a configuration file and print a summary (exit 0 valid, 2 invalid).
     Check {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -69,6 +71,7 @@ enum Command {
     /// missing; files of the same name are replaced), from a running gateway (through its
     /// control socket) or a stopped one.
     Backup {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
         dest: PathBuf,
