@@ -3,10 +3,13 @@
 #   1. installs Debian's cross compilers and qemu-user if missing, and the rustup targets;
 #   2. cross-compiles `--release` for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
 #      (one at a time, into the shared target/ dir);
-#   3. smoke-tests each binary under qemu-user: `--version`, `check -c` on every example config,
+#   3. writes the shell completions and man page for the packages with the host build
+#      (scripts/generate-completions.sh into target/generated) and checks that each ARM binary
+#      prints the same;
+#   4. smoke-tests each binary under qemu-user: `--version`, `check -c` on every example config,
 #      and a short `run` of the demo on a free loopback port with a subscriber that must
 #      receive one reading;
-#   4. prints the stripped binary sizes and the time of every step.
+#   5. prints the stripped binary sizes and the time of every step.
 #
 #   bash cross/ci-arm.sh                   what .ci/run calls (after the host tests)
 #   bash cross/ci-arm.sh --measure 60      also sample idle RSS/CPU of the demo for 60 s,
@@ -122,6 +125,13 @@ fi
 echo "    subscriber: ${sub_cmd[*]}"
 done_step "host subscriber"
 
+# --- shell completions and man page for the packages ------------------------------------------
+# Made by a host build (the ARM binaries cannot run here outside qemu) into target/generated,
+# where Cargo.toml's deb assets and systemd/install.sh take them from.
+step "shell completions and man page (host build)"
+bash scripts/generate-completions.sh | sed 's/^/    /'
+done_step "completions and man page"
+
 # subscribe_one PORT TOPIC: print one message on TOPIC, fail after 60 s.
 subscribe_one() {
     local port="$1" topic="$2"
@@ -219,6 +229,13 @@ for triple in "${targets[@]}"; do
     bin="$target_dir/$triple/release/fieldmq"
     step "smoke test $triple under ${qemu[0]}"
     echo "    $("${qemu[@]}" "$bin" --version)"
+    # The packaged completions and man page came from the host build: the ARM binary must
+    # describe the same command line.
+    "${qemu[@]}" "$bin" completions bash | cmp -s - target/generated/fieldmq.bash \
+        || fail "$triple: 'completions bash' differs from target/generated/fieldmq.bash"
+    "${qemu[@]}" "$bin" man | cmp -s - <(gzip -dc target/generated/man/fieldmq.1.gz) \
+        || fail "$triple: 'man' differs from target/generated/man/fieldmq.1.gz"
+    echo "    completions and man page match the host build's"
     for config in "${configs[@]}"; do
         if ! out=$("${qemu[@]}" "$bin" check -c "$config" 2>&1); then
             echo "$out" >&2

@@ -1,5 +1,10 @@
-//! Small MQTT tools built into the binary so a bare machine can watch and poke the broker:
-//! `fieldmq sub` and `fieldmq pub`. They are ordinary MQTT clients (rumqttc).
+//! The operator's command line beyond `run`: small MQTT tools built into the binary so a bare
+//! machine can watch and poke the broker (`fieldmq sub` and `fieldmq pub`, ordinary MQTT
+//! clients on rumqttc), the log set-up ([`logging`]) and the password prompt of `fieldmq
+//! passwd` ([`passwd`]).
+
+pub mod logging;
+pub mod passwd;
 
 use std::time::Duration;
 

@@ -5,14 +5,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use fieldmq::cli::{self, Endpoint};
+use clap::{CommandFactory, Parser, Subcommand};
+use fieldmq::cli::logging::{self, LogArgs};
+use fieldmq::cli::{self, passwd, Endpoint};
 use fieldmq::service::config;
 
 #[derive(Parser)]
 #[command(
     name = "fieldmq",
     version,
+    propagate_version = true,
     about = "Edge gateway: field devices to MQTT, with durable cloud uplinks"
 )]
 struct Args {
@@ -53,11 +55,15 @@ impl ConnectArgs {
 enum Command {
     /// Run the gateway (the embedded demo configuration when no file is given).
     Run {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Validate a configuration file and print a summary (exit 0 valid, 2 invalid).
     Check {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
     },
@@ -65,9 +71,12 @@ enum Command {
     /// missing; files of the same name are replaced), from a running gateway (through its
     /// control socket) or a stopped one.
     Backup {
+        /// The configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
         dest: PathBuf,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Ask the running gateway to apply its configuration file again and print what
     /// changed (exit 0 applied, 1 refused, 2 no gateway answers). CONFIG names the data
@@ -102,11 +111,25 @@ enum Command {
     /// Read a Modbus register range and print it in every type and byte order.
     Probe(fieldmq::drivers::modbus::probe::ProbeArgs),
     /// Print a Mosquitto-compatible password file line (`$7$` PBKDF2-SHA512).
+    ///
+    /// The password comes from the argument, else FIELDMQ_NEW_PASSWORD, else a prompt on the
+    /// terminal (twice, not echoed), else one line of standard input.
     Passwd {
         username: String,
-        /// The password (read from the FIELDMQ_NEW_PASSWORD environment variable if absent).
+        /// The password (better left out: arguments show in `ps` and in shell history).
         #[arg(env = "FIELDMQ_NEW_PASSWORD", hide_env_values = true)]
-        password: String,
+        password: Option<String>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `fieldmq man | man -l -`.
+    Man {
+        /// Instead, write fieldmq.1 and a page per command (fieldmq-run.1, ...) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -114,7 +137,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::Check { config } => check(&config),
-        Command::Backup { config, dest } => {
+        Command::Backup { config, dest, log } => {
+            logging::init(&log, "warn");
             let config = match config::load(&config) {
                 Ok(config) => config,
                 Err(error) => {
@@ -141,26 +165,76 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Passwd { username, password } => {
+            let password = match password.map_or_else(new_password, Ok) {
+                Ok(password) => password,
+                Err(passwd::PasswordError::Io(error))
+                    if error.kind() == std::io::ErrorKind::Interrupted =>
+                {
+                    eprintln!("interrupted; nothing written");
+                    return ExitCode::from(130);
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
             println!("{}", fieldmq::broker::hash_password(&username, &password));
             ExitCode::SUCCESS
         }
-        Command::Run { config } => {
-            let config = match config {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Args::command(),
+                "fieldmq",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => {
+            // Without the `help` command: the page lists commands that have a page of their own.
+            let command = Args::command().disable_help_subcommand(true);
+            let written = match &dir {
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(command, dir)),
+                None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: cannot write the manual page: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config, log } => {
+            let (config, source) = match config {
                 Some(path) => match config::load(&path) {
-                    Ok(config) => config,
+                    Ok(config) => {
+                        let shown = std::path::absolute(&path).unwrap_or(path);
+                        (config, shown.display().to_string())
+                    }
                     Err(error) => {
                         eprintln!("{error}");
                         return ExitCode::from(2);
                     }
                 },
-                None => config::demo(),
+                None => (config::demo(), "embedded demo".to_owned()),
             };
-            init_logging(&config.gateway.log_level);
+            logging::init(&log, &config.gateway.log_level);
+            let threads = config.gateway.runtime_threads();
+            // The first line says what runs, from which file, with its data where; the
+            // listener lines follow once they are bound.
+            let data_dir = &config.gateway.data_dir;
+            tracing::info!(
+                version = %env!("CARGO_PKG_VERSION"),
+                config = %source,
+                data_dir = %std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.clone()).display(),
+                runtime_threads = threads,
+                "starting fieldmq"
+            );
             for warning in config.warnings() {
                 tracing::warn!("{warning}");
             }
-            let threads = config.gateway.runtime_threads();
-            tracing::info!(runtime_threads = threads, "starting");
             block_on_threads(Some(threads), async {
                 fieldmq::service::run_until_signal(config)
                     .await
@@ -318,22 +392,31 @@ fn block_on_threads(
     }
 }
 
-/// Logs for people reading journalctl: no colours and no timestamps under systemd (the
-/// journal adds its own), `RUST_LOG` overrides the configured level.
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+/// The password for `passwd` when none was given: asked on the terminal, or read from a pipe.
+fn new_password() -> Result<String, passwd::PasswordError> {
     use std::io::IsTerminal;
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!under_journald && std::io::stderr().is_terminal());
-    if under_journald {
-        builder.without_time().init();
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        // rpassword answers Ctrl-C by raising SIGINT while the terminal is still without
+        // echo; by default that kills the process before the terminal is restored. With a
+        // handler registered, rpassword returns `Interrupted` and restores the terminal.
+        let _ctrl_c = catch_ctrl_c();
+        passwd::prompt_twice(|prompt| rpassword::prompt_password(prompt))
     } else {
-        builder.init();
+        passwd::read_line(stdin.lock())
     }
+}
+
+/// Register a SIGINT handler (tokio's, so no other crate) for as long as the result lives;
+/// `None` when it cannot be, and Ctrl-C then ends the process as usual.
+fn catch_ctrl_c() -> Option<(tokio::runtime::Runtime, tokio::signal::unix::Signal)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .ok()?;
+    let signal = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok()?
+    };
+    Some((runtime, signal))
 }

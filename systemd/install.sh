@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install fieldmq as a systemd service: binary, unit, sysusers.d and tmpfiles.d entries, docs,
-# and an example configuration (only if none exists yet). Prints every file it installs.
+# shell completions and man page, and an example configuration (only if none exists yet). Prints every file it installs.
 #
 #   sudo systemd/install.sh [--bin PATH] [--config PATH]
 #     --bin     the fieldmq binary (default target/release/fieldmq)
@@ -64,6 +64,29 @@ put "$here/fieldmq.sysusers"    /usr/lib/sysusers.d/fieldmq.conf        0644
 put "$here/fieldmq.tmpfiles"    /usr/lib/tmpfiles.d/fieldmq.conf        0644
 if [ -f "$repo/docs/raspberry-pi.md" ]; then
     put "$repo/docs/raspberry-pi.md" /usr/share/doc/fieldmq/raspberry-pi.md 0644
+fi
+
+# Shell completions and the man page are made by running fieldmq: by --bin when it runs here,
+# else (a cross-compiled binary) taken from target/generated, which
+# scripts/generate-completions.sh fills with a host build.
+generated=""
+if "$bin" man >/dev/null 2>&1; then
+    generated="$(mktemp -d)"
+    bash "$repo/scripts/generate-completions.sh" --bin "$bin" --out "$generated" >/dev/null
+elif [ -f "$repo/target/generated/man/fieldmq.1.gz" ]; then
+    generated="$repo/target/generated"
+fi
+if [ -n "$generated" ]; then
+    put "$generated/fieldmq.bash"  /usr/share/bash-completion/completions/fieldmq     0644
+    put "$generated/_fieldmq"      /usr/share/zsh/vendor-completions/_fieldmq         0644
+    put "$generated/fieldmq.fish"  /usr/share/fish/vendor_completions.d/fieldmq.fish  0644
+    for page in "$generated"/man/*.1.gz; do
+        put "$page" "/usr/share/man/man1/$(basename "$page")" 0644
+    done
+    [ "$generated" = "$repo/target/generated" ] || rm -rf "$generated"
+else
+    echo "warning: $bin does not run here and target/generated is empty: no shell completions" >&2
+    echo "  or man page installed (run scripts/generate-completions.sh first)" >&2
 fi
 
 # The example config: never overwrite one that is there. /etc/fieldmq is root:fieldmq 0750

@@ -52,6 +52,12 @@ remove /usr/lib/systemd/system/fieldmq.service
 remove /usr/lib/sysusers.d/fieldmq.conf
 remove /usr/lib/tmpfiles.d/fieldmq.conf
 remove /usr/share/doc/fieldmq/raspberry-pi.md
+remove /usr/share/bash-completion/completions/fieldmq
+remove /usr/share/zsh/vendor-completions/_fieldmq
+remove /usr/share/fish/vendor_completions.d/fieldmq.fish
+for page in "$destdir"/usr/share/man/man1/fieldmq.1.gz "$destdir"/usr/share/man/man1/fieldmq-*.1.gz; do
+    remove "${page#"$destdir"}"
+done
 rmdir "$destdir/usr/share/doc/fieldmq" 2>/dev/null || true
 
 if [ "$purge" = yes ]; then

@@ -55,6 +55,55 @@ pub(crate) struct Transport {
     websocket: Option<Arc<str>>,
 }
 
+/// A listener that cannot take its address: which address, which listener of the
+/// configuration, and (in the message) what an operator can do about the usual causes.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} (broker.listeners[{index}]): {source}{}", bind_hint(.source.kind(), .addr, *.index))]
+pub struct BindError {
+    pub addr: SocketAddr,
+    /// The listener's position in `[[broker.listeners]]` (0 for the first).
+    pub index: usize,
+    pub source: std::io::Error,
+}
+
+/// The next step for the errors a bind commonly meets on a gateway.
+fn bind_hint(kind: std::io::ErrorKind, addr: &SocketAddr, index: usize) -> String {
+    use std::io::ErrorKind;
+    let port = addr.port();
+    match kind {
+        // Debian's and Raspberry Pi OS's mosquitto package starts mosquitto.service on 1883
+        // as soon as it is installed, so this is the first thing people meet.
+        ErrorKind::AddrInUse => format!(
+            "\n  hint: another program listens on port {port} (`sudo ss -ltnp 'sport = :{port}'` shows which)\
+             \n  hint: an installed Mosquitto holds 1883 by default: `sudo systemctl stop mosquitto` \
+             (and `sudo systemctl disable mosquitto` to keep it stopped)\
+             \n  hint: or change `bind` in broker.listeners[{index}] of the configuration"
+        ),
+        ErrorKind::PermissionDenied if port < 1024 => format!(
+            "\n  hint: ports below 1024 need CAP_NET_BIND_SERVICE (under systemd: \
+             AmbientCapabilities= in a drop-in, see fieldmq.service)\
+             \n  hint: or change `bind` in broker.listeners[{index}] of the configuration"
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "\n  hint: no network interface of this machine has the address {}; \
+             change `bind` in broker.listeners[{index}] (0.0.0.0 listens on every interface)",
+            addr.ip()
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Take the listener's address (before anything is accepted, so a start fails whole).
+pub(crate) async fn bind(config: &ListenerConfig, index: usize) -> Result<TcpListener, BindError> {
+    TcpListener::bind(config.bind)
+        .await
+        .map_err(|source| BindError {
+            addr: config.bind,
+            index,
+            source,
+        })
+}
+
 /// Build the listener's transport: loads and checks its TLS files. Call at start so a bad
 /// certificate fails the start instead of the first connection.
 pub(crate) fn prepare(config: &ListenerConfig) -> Result<Transport, TlsError> {

@@ -28,7 +28,7 @@ pub use crate::store::sessions::PersistError;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use bus::{AckShare, BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
-pub use listener::TlsError;
+pub use listener::{BindError, TlsError};
 pub use router::BrokerStats;
 use router::Router;
 
@@ -42,11 +42,8 @@ const ROUTER_QUEUE: usize = 4096;
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -194,8 +191,8 @@ pub async fn start(
     });
 
     let mut bound = Vec::new();
-    for listener in &config.listeners {
-        bound.push(bind(listener).await?);
+    for (index, listener) in config.listeners.iter().enumerate() {
+        bound.push(bind(listener, index).await?);
     }
 
     let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
@@ -243,21 +240,19 @@ pub async fn start(
 
 /// A listener bound and its transport built, not yet accepting.
 struct BoundListener {
+    index: usize,
     socket: tokio::net::TcpListener,
     config: ListenerConfig,
     transport: listener::Transport,
     tls_files: u64,
 }
 
-async fn bind(config: &ListenerConfig) -> Result<BoundListener, BrokerError> {
+/// `index` is the listener's place in `[[broker.listeners]]`, for the error message.
+async fn bind(config: &ListenerConfig, index: usize) -> Result<BoundListener, BrokerError> {
     let transport = listener::prepare(config)?;
-    let socket = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .map_err(|source| BrokerError::Bind {
-            addr: config.bind,
-            source,
-        })?;
+    let socket = listener::bind(config, index).await?;
     Ok(BoundListener {
+        index,
         socket,
         config: config.clone(),
         transport,
@@ -322,8 +317,9 @@ enum ListenerPlan {
     Keep(usize),
     /// The running listener at this index stays; new handshakes use this transport.
     Rotate(usize, listener::Transport, u64),
-    /// The running listener at this index stops and this one (same address) starts.
-    Restart(usize, ListenerConfig),
+    /// The running listener at this index stops and this one (same address, at this place
+    /// in the new configuration) starts.
+    Restart(usize, usize, ListenerConfig),
     /// A new listener, already bound.
     Add(BoundListener),
 }
@@ -338,11 +334,13 @@ impl RunningBroker {
         let addr = bound
             .socket
             .local_addr()
-            .map_err(|source| BrokerError::Bind {
+            .map_err(|source| BindError {
                 addr: bound.config.bind,
+                index: bound.index,
                 source,
             })?;
-        tracing::info!(%addr, websocket = bound.config.websocket, "broker listening");
+        // The service logs every listener it started at info (see `service::log_listeners`).
+        tracing::debug!(%addr, websocket = bound.config.websocket, "broker listening");
         let stop = self.shutdown.child_token();
         let transport = Arc::new(std::sync::RwLock::new(bound.transport));
         let task = tokio::spawn(crate::essential::guard(
@@ -411,7 +409,7 @@ impl RunningBroker {
 
         let mut taken = vec![false; self.listeners.len()];
         let mut listeners = Vec::new();
-        for wanted in &config.listeners {
+        for (position, wanted) in config.listeners.iter().enumerate() {
             let same_bind = self
                 .listeners
                 .iter()
@@ -428,10 +426,10 @@ impl RunningBroker {
                         ListenerPlan::Rotate(index, listener::prepare(wanted)?, tls_files)
                     } else {
                         listener::prepare(wanted)?;
-                        ListenerPlan::Restart(index, wanted.clone())
+                        ListenerPlan::Restart(index, position, wanted.clone())
                     }
                 }
-                None => ListenerPlan::Add(bind(wanted).await?),
+                None => ListenerPlan::Add(bind(wanted, position).await?),
             };
             listeners.push(plan);
         }
@@ -474,11 +472,11 @@ impl RunningBroker {
                         kept.push(listener);
                     }
                 }
-                ListenerPlan::Restart(index, config) => {
+                ListenerPlan::Restart(index, position, config) => {
                     if let Some(listener) = old[index].take() {
                         listener.stop().await;
                     }
-                    restart.push(config);
+                    restart.push((position, config));
                 }
                 ListenerPlan::Add(bound) => add.push(bound),
             }
@@ -488,8 +486,8 @@ impl RunningBroker {
             removed.stop().await;
         }
         self.listeners = kept;
-        for config in restart {
-            match bind(&config).await {
+        for (position, config) in restart {
+            match bind(&config, position).await {
                 Ok(bound) => match self.spawn_listener(bound) {
                     Ok(_) => changes.push(format!("listener {}: restarted", config.bind)),
                     Err(error) => {

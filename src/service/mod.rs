@@ -43,10 +43,51 @@ pub enum ServiceError {
     Uplink(#[from] crate::uplink::UplinkError),
 }
 
+/// One address the gateway serves, as the start-up log and the status show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerAddr {
+    /// What is served there: `"MQTT"`, `"HTTP"`.
+    pub service: &'static str,
+    /// How: `"tcp"`, `"tls"`, `"websocket"`, `"websocket+tls"`.
+    pub transport: &'static str,
+    pub addr: SocketAddr,
+}
+
+impl ListenerAddr {
+    fn mqtt(config: &broker::config::ListenerConfig, addr: SocketAddr) -> ListenerAddr {
+        let transport = match (config.websocket, config.tls.is_some()) {
+            (false, false) => "tcp",
+            (false, true) => "tls",
+            (true, false) => "websocket",
+            (true, true) => "websocket+tls",
+        };
+        ListenerAddr {
+            service: "MQTT",
+            transport,
+            addr,
+        }
+    }
+}
+
+/// One info line per listener (`MQTT listener ready addr=… transport=…`): with the
+/// `starting` line before them they tell an operator what runs where.
+pub fn log_listeners(listeners: &[ListenerAddr]) {
+    for listener in listeners {
+        tracing::info!(
+            addr = %listener.addr,
+            transport = %listener.transport,
+            "{} listener ready",
+            listener.service
+        );
+    }
+}
+
 /// A gateway that has started: its broker addresses, its reload trigger and its stop
 /// switch.
 pub struct Gateway {
     pub local_addrs: Vec<SocketAddr>,
+    /// Every address it serves, in the order started (the broker's listeners first).
+    pub listeners: Vec<ListenerAddr>,
     pub broker: BrokerHandle,
     /// Asks the gateway to apply its configuration file again (SIGHUP, `fieldmq reload`,
     /// the HTTP API).
@@ -76,6 +117,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let broker = broker::start(&config.broker, broker_shutdown.clone()).await?;
     let handle = broker.handle.clone();
     let local_addrs = broker.local_addrs.clone();
+    // The broker binds its listeners in the configuration's order.
+    let listeners: Vec<ListenerAddr> = config
+        .broker
+        .listeners
+        .iter()
+        .zip(&local_addrs)
+        .map(|(listener, addr)| ListenerAddr::mqtt(listener, *addr))
+        .collect();
 
     let status_topic = config.gateway.status_topic.clone();
     publish_status(&handle, &status_topic, "online").await;
@@ -159,6 +208,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
 
     Ok(Gateway {
         local_addrs,
+        listeners,
         broker: handle,
         reloader,
         shutdown,
@@ -266,9 +316,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
     let shutdown = CancellationToken::new();
     let summary = ready_message(&config);
     let gateway = start(config, shutdown.clone()).await?;
-    for addr in &gateway.local_addrs {
-        tracing::info!(%addr, "MQTT listener ready");
-    }
+    log_listeners(&gateway.listeners);
     let notifier = notify::Notifier::from_env();
     notifier.ready_with_status(&summary);
 

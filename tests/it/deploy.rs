@@ -372,6 +372,10 @@ fn install_script_installs_every_file_with_its_mode_into_destdir() {
         ("usr/lib/sysusers.d/fieldmq.conf", 0o644),
         ("usr/lib/tmpfiles.d/fieldmq.conf", 0o644),
         ("etc/fieldmq/fieldmq.toml", 0o640),
+        ("usr/share/bash-completion/completions/fieldmq", 0o644),
+        ("usr/share/zsh/vendor-completions/_fieldmq", 0o644),
+        ("usr/share/fish/vendor_completions.d/fieldmq.fish", 0o644),
+        ("usr/share/man/man1/fieldmq.1.gz", 0o644),
     ];
     for (path, want) in expected {
         let got = mode(&root.join(path));
@@ -390,6 +394,17 @@ fn install_script_installs_every_file_with_its_mode_into_destdir() {
         read(root.join("usr/lib/systemd/system/fieldmq.service")),
         read(repo().join("systemd/fieldmq.service"))
     );
+    // The completions and the man page are the installed binary's own.
+    let completions = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("fieldmq completions bash");
+    assert_eq!(
+        fs::read(root.join("usr/share/bash-completion/completions/fieldmq")).expect("installed"),
+        completions.stdout
+    );
+    let man = fs::read(root.join("usr/share/man/man1/fieldmq.1.gz")).expect("installed man page");
+    assert_eq!(&man[..2], b"\x1f\x8b", "the man page is gzipped");
     let config: toml::Table = read(root.join("etc/fieldmq/fieldmq.toml"))
         .parse()
         .expect("installed config is TOML");
@@ -427,6 +442,8 @@ fn reinstall_keeps_the_config_and_uninstall_keeps_it_unless_purged() {
         "usr/lib/systemd/system/fieldmq.service",
         "usr/lib/sysusers.d/fieldmq.conf",
         "usr/lib/tmpfiles.d/fieldmq.conf",
+        "usr/share/bash-completion/completions/fieldmq",
+        "usr/share/man/man1/fieldmq.1.gz",
     ] {
         assert!(!root.join(gone).exists(), "/{gone} should be removed");
         assert!(printed.contains(&format!("removed   /{gone}")), "{printed}");

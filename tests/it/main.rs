@@ -11,6 +11,7 @@ mod backup;
 mod broker;
 mod broker_tls;
 mod check;
+mod cli;
 mod config;
 mod deploy;
 mod diagnostics;
