@@ -115,8 +115,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // Modbus devices are grouped: RTU devices on one serial port share one bus task.
     let mut modbus = Vec::new();
     for device in config.devices.iter().cloned() {
+        let rtu_bus = match &device.driver {
+            drivers::config::DriverConfig::Modbus(modbus) => match &modbus.transport {
+                drivers::modbus::Transport::Rtu(settings) => Some(metrics.rtu_bus(&settings.path)),
+                drivers::modbus::Transport::Tcp { .. } => None,
+            },
+            _ => None,
+        };
         let context =
-            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
+            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone())
+                .with_metrics(metrics.device(&device.name), rtu_bus);
         if device.driver.shares_bus() {
             modbus.push((device, context));
             continue;
@@ -131,10 +139,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let uplink_shutdown = CancellationToken::new();
     let mut uplinks = Vec::new();
     for uplink in config.uplinks.iter().cloned() {
-        let started = crate::uplink::start(
+        let uplink_metrics = metrics.uplink(&uplink.name);
+        let started = crate::uplink::start_with_metrics(
             uplink,
             &config.gateway,
             handle.clone(),
+            uplink_metrics,
             uplink_shutdown.clone(),
         )
         .await;
