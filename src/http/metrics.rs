@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::Router;
 
 use super::HttpContext;
-use crate::broker::BrokerStats;
-use crate::metrics::{BrokerSnapshot, Format};
+use crate::broker::{BrokerStats, ListenerSnapshot};
+use crate::metrics::{BrokerSnapshot, Format, ListenerSample};
 
 /// The longest a scrape waits for the broker's router; past it the broker's families are
 /// those of the last scrape.
@@ -31,7 +31,9 @@ async fn metrics(State(context): State<HttpContext>, headers: HeaderMap) -> Resp
         .map(Format::from_accept)
         .unwrap_or(Format::PrometheusText);
     match tokio::time::timeout(BROKER_STATS_TIMEOUT, context.broker.stats()).await {
-        Ok(Ok(stats)) => context.metrics.set_broker(snapshot(&stats)),
+        Ok(Ok(stats)) => context
+            .metrics
+            .set_broker(snapshot(&stats, &context.listeners.snapshot())),
         Ok(Err(error)) => tracing::debug!(%error, "metrics: no broker statistics"),
         Err(_) => tracing::warn!("metrics: the broker router did not answer in time"),
     }
@@ -45,13 +47,26 @@ async fn metrics(State(context): State<HttpContext>, headers: HeaderMap) -> Resp
     }
 }
 
-fn snapshot(stats: &BrokerStats) -> BrokerSnapshot {
+fn snapshot(stats: &BrokerStats, listeners: &[ListenerSnapshot]) -> BrokerSnapshot {
     BrokerSnapshot {
+        listeners: listeners
+            .iter()
+            .map(|l| ListenerSample {
+                url: l.url.clone(),
+                connections: l.connections,
+                handshakes: l.handshakes,
+                accepted: l.accepted,
+                refused_over_handshakes: l.refused_over_handshakes,
+                refused_over_address: l.refused_over_address,
+                failed_handshakes: l.failed_handshakes,
+            })
+            .collect(),
         clients_connected: stats.clients_connected as u64,
         sessions: stats.sessions as u64,
         subscriptions: stats.subscriptions as u64,
         retained: stats.retained as u64,
         messages_received: stats.messages_received,
+        messages_received_by_qos: stats.messages_received_by_qos,
         messages_sent: stats.messages_sent,
         messages_dropped: stats.messages_dropped,
         publishes_denied: stats.publishes_denied,

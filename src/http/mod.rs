@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::BrokerHandle;
-use crate::broker::{AuthError, PasswordFile};
+use crate::broker::{AuthError, BrokerListeners, PasswordFile};
 use crate::metrics::Metrics;
 use crate::pem::PemError;
 use crate::reload::Reloader;
@@ -59,6 +59,8 @@ pub struct HttpContext {
     pub metrics: Arc<Metrics>,
     /// The broker's counters, read at scrape time.
     pub broker: BrokerHandle,
+    /// The broker listeners' counters, read at scrape time.
+    pub listeners: BrokerListeners,
 }
 
 /// A started HTTP listener.

@@ -90,6 +90,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
                 broker: handle.clone(),
+                listeners: running.listeners(),
             };
             match http::start(http_config, context, shutdown.clone()).await {
                 Ok(running) => {

@@ -66,9 +66,12 @@ fn promtool_check_metrics_accepts_the_output() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut gateway, addr) = start_gateway(dir.path(), free_port());
+    // A socket in its MQTT handshake (nothing sent) shows on its listener.
+    let _silent = std::net::TcpStream::connect(gateway.addr).expect("connect to MQTT");
     // Wait for a poll so that the device's histogram and gauges have samples.
     std::thread::sleep(Duration::from_millis(600));
     let answer = get(addr, "/metrics", &[]);
+    let listener = format!("listener=\"mqtt://{}\"", gateway.addr);
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.header("content-type"),
@@ -85,6 +88,17 @@ fn promtool_check_metrics_accepts_the_output() {
         assert!(
             answer.body.contains(family),
             "no {family} in:\n{}",
+            answer.body
+        );
+    }
+    for sample in [
+        format!("fieldmq_broker_handshakes{{{listener}}} 1"),
+        format!("fieldmq_broker_accepted_connections_total{{{listener}}} 1"),
+        format!("fieldmq_broker_connections{{{listener}}} 0"),
+    ] {
+        assert!(
+            answer.body.contains(&sample),
+            "no {sample} in:\n{}",
             answer.body
         );
     }
