@@ -57,6 +57,8 @@ pub struct BrokerStats {
     pub bytes_sent: u64,
     /// Size of the broker's database on disk (0 with `durability = "memory"`).
     pub store_bytes: u64,
+    /// How long the broker store's commits take (empty with `durability = "memory"`).
+    pub store_commits: crate::store::commit_times::CommitTimesSnapshot,
 }
 
 pub(crate) struct ConnectReply {
@@ -585,6 +587,11 @@ impl Router {
             .slow_clients_disconnected
             .load(Ordering::Relaxed);
         stats.store_bytes = self.persist.as_ref().map_or(0, Persist::size);
+        stats.store_commits = self
+            .persist
+            .as_ref()
+            .map(Persist::commit_times)
+            .unwrap_or_default();
         for entry in self.sessions.values() {
             let state = entry.session.lock();
             stats.messages_dropped += state.dropped;

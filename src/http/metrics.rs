@@ -12,7 +12,7 @@ use axum::Router;
 
 use super::HttpContext;
 use crate::broker::{BrokerStats, ListenerSnapshot};
-use crate::metrics::{BrokerSnapshot, Format, ListenerSample};
+use crate::metrics::{BrokerSnapshot, Format, HistogramSample, ListenerSample};
 
 /// The longest a scrape waits for the broker's router; past it the broker's families are
 /// those of the last scrape.
@@ -75,5 +75,16 @@ fn snapshot(stats: &BrokerStats, listeners: &[ListenerSnapshot]) -> BrokerSnapsh
         bytes_received: stats.bytes_received,
         bytes_sent: stats.bytes_sent,
         store_bytes: stats.store_bytes,
+        // No commit yet (or no store file): no histogram rather than an empty one.
+        store_commits: (!stats.store_commits.buckets.is_empty()).then(|| HistogramSample {
+            buckets: stats
+                .store_commits
+                .buckets
+                .iter()
+                .map(|(bound_us, count)| (*bound_us as f64 / 1e6, *count))
+                .collect(),
+            count: stats.store_commits.count,
+            sum: stats.store_commits.sum_us as f64 / 1e6,
+        }),
     }
 }

@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use snapshot::{BrokerSnapshot, ListenerSample, UplinkSnapshot};
+pub use snapshot::{BrokerSnapshot, HistogramSample, ListenerSample, UplinkSnapshot};
 
 /// The two text formats a scraper may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

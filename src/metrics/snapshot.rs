@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
@@ -28,7 +28,7 @@ pub struct ListenerSample {
 }
 
 /// The broker's counters, as its router and listeners report them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct BrokerSnapshot {
     pub listeners: Vec<ListenerSample>,
     pub clients_connected: u64,
@@ -49,6 +49,17 @@ pub struct BrokerSnapshot {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub store_bytes: u64,
+    /// The store's commit durations: `(upper bound in seconds, cumulative count)`, count
+    /// and sum in seconds; `None` without a store file.
+    pub store_commits: Option<HistogramSample>,
+}
+
+/// A histogram read from a part that keeps its own buckets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramSample {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
 }
 
 /// An uplink's outbox as its status tick last saw it.
@@ -371,6 +382,20 @@ fn encode_broker(
         "Bytes sent to MQTT clients",
         &[(&[], b.bytes_sent)],
     )?;
+    if let Some(commits) = &b.store_commits {
+        let mut metric = encoder.encode_descriptor(
+            "broker_store_commit_duration_seconds",
+            "Time of one commit of the broker's SQLite store (with its fsync when synced)",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<NoLabelSet>(
+            commits.sum,
+            commits.count,
+            &commits.buckets,
+            None,
+        )?;
+    }
     gauge(
         encoder,
         "broker_store_size_bytes",
