@@ -49,6 +49,8 @@ pub struct BrokerStats {
     pub messages_dropped: u64,
     /// Messages waiting in client session queues, in memory or on disk, not yet sent.
     pub messages_queued: u64,
+    /// Bytes (payload and topic) of the queued messages held in memory.
+    pub bytes_queued: u64,
     /// Publishes and wills dropped: denied by the ACL, or to a `$` topic.
     pub publishes_denied: u64,
     /// Clients disconnected for not reading (`slow_client_timeout`).
@@ -596,6 +598,7 @@ impl Router {
             let state = entry.session.lock();
             stats.messages_dropped += state.dropped;
             stats.messages_queued += state.queue.len() as u64 + state.spilled;
+            stats.bytes_queued += state.queued_bytes();
         }
         stats
     }

@@ -72,6 +72,7 @@ fn snapshot(stats: &BrokerStats, listeners: &[ListenerSnapshot]) -> BrokerSnapsh
         publishes_denied: stats.publishes_denied,
         slow_clients_disconnected: stats.slow_clients_disconnected,
         messages_queued: stats.messages_queued,
+        bytes_queued: stats.bytes_queued,
         bytes_received: stats.bytes_received,
         bytes_sent: stats.bytes_sent,
         store_bytes: stats.store_bytes,

@@ -46,6 +46,8 @@ pub struct BrokerSnapshot {
     /// Clients cut for not reading.
     pub slow_clients_disconnected: u64,
     pub messages_queued: u64,
+    /// Bytes of the queued messages held in memory.
+    pub bytes_queued: u64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub store_bytes: u64,
@@ -369,6 +371,12 @@ fn encode_broker(
         "broker_queued_messages",
         "Messages waiting in session queues, in memory or on disk",
         &[(&[], b.messages_queued as i64)],
+    )?;
+    gauge(
+        encoder,
+        "broker_queued_bytes",
+        "Bytes (payload and topic) of the queued messages held in memory",
+        &[(&[], b.bytes_queued as i64)],
     )?;
     counter(
         encoder,
