@@ -206,20 +206,15 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
-            // What an uplink reads at start (certificates, keys, password sources) is
-            // checked here too, so a bad file shows up before the gateway runs.
-            let problems: Vec<String> = config
-                .uplinks
-                .iter()
-                .flat_map(|uplink| {
-                    fieldmq::uplink::check(uplink)
-                        .into_iter()
-                        .map(move |e| format!("uplinks[{}]: {e}", uplink.name))
-                })
-                .collect();
-            if !problems.is_empty() {
-                for problem in &problems {
-                    eprintln!("{}: {problem}", path.display());
+            // What `run` would refuse once the file is valid (files that do not load, an
+            // unset password variable, a data directory it cannot write) shows up here too.
+            let findings = fieldmq::service::preflight::preflight(&config);
+            for warning in &findings.warnings {
+                println!("warning: {warning}");
+            }
+            if !findings.errors.is_empty() {
+                for error in &findings.errors {
+                    eprintln!("{error}");
                 }
                 eprintln!("{}: invalid", path.display());
                 return ExitCode::from(2);

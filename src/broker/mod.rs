@@ -134,6 +134,12 @@ impl RunningBroker {
     }
 }
 
+/// Loads a listener's TLS files as [`start`] will (certificate, key and client CA, and
+/// whether the key matches the certificate), without binding: for `fieldmq check`.
+pub fn check_listener_tls(listener: &config::ListenerConfig) -> Result<(), TlsError> {
+    listener::prepare(listener).map(drop)
+}
+
 /// Bind every listener and start the router. Fails before accepting anything when a
 /// listener cannot bind or the password file cannot be read.
 pub async fn start(

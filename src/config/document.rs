@@ -13,7 +13,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::check::Checker;
-use super::error::{ConfigError, Diagnostics};
+use super::error::{ConfigError, Diagnostic, Diagnostics};
 
 /// Parses `text` into a document; every syntax error becomes a diagnostic.
 pub(crate) fn parse_toml<'t>(
@@ -48,6 +48,51 @@ pub(crate) fn parse_toml<'t>(
         }
     }
     Err(diagnostics.into_error())
+}
+
+/// A diagnostic about the key at `key_path` (`broker.listeners[0].bind`) of the file
+/// `source`, placed at the key's line, or at the nearest enclosing key that the file
+/// writes (a default has no line of its own), or at no line when the file cannot be read
+/// again. For problems found after validation, by looking at the machine.
+pub fn diagnostic_at(source: &Path, key_path: &str, message: impl Into<String>) -> Diagnostic {
+    let text = std::fs::read_to_string(source).unwrap_or_default();
+    let mut diagnostics = Diagnostics::new(source, &text);
+    let (document, _) = DeTable::parse_recoverable(&text);
+    let root = Spanned::new(document.span(), DeValue::Table(document.into_inner()));
+    let span = span_of(&root, key_path);
+    diagnostics.error(span, key_path, message).clone()
+}
+
+/// The span of the deepest key along `key_path` that the document has.
+fn span_of(root: &Spanned<DeValue<'_>>, key_path: &str) -> Option<Range<usize>> {
+    let mut value = root;
+    let mut found = None;
+    for segment in key_path.split('.') {
+        let (name, indices) = match segment.split_once('[') {
+            Some((name, rest)) => (name, Some(rest)),
+            None => (segment, None),
+        };
+        let DeValue::Table(table) = value.get_ref() else {
+            break;
+        };
+        let Some((key, child)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            break;
+        };
+        found = Some(key.span());
+        value = child;
+        for index in indices.into_iter().flat_map(|rest| rest.split('[')) {
+            let index: Option<usize> = index.trim_end_matches(']').parse().ok();
+            let DeValue::Array(array) = value.get_ref() else {
+                return found;
+            };
+            let Some(element) = index.and_then(|i| array.get(i)) else {
+                return found;
+            };
+            found = Some(element.span());
+            value = element;
+        }
+    }
+    found
 }
 
 /// The directory relative paths in the file are resolved against, made absolute so the
@@ -266,6 +311,26 @@ impl Checker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diagnostic_at_a_key_path_gets_the_line_of_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("x.toml");
+        std::fs::write(
+            &file,
+            "[gateway]\nid = \"g\"\n[[broker.listeners]]\nbind = \"a\"\n[[broker.listeners]]\nbind = \"b\"\n",
+        )
+        .expect("write");
+        let at = |path: &str| diagnostic_at(&file, path, "m").line;
+        assert_eq!(at("broker.listeners[1].bind"), Some(6));
+        assert_eq!(at("broker.listeners[0]"), Some(3));
+        assert_eq!(
+            at("gateway.data_dir"),
+            Some(1),
+            "a default: the enclosing table"
+        );
+        assert_eq!(at("uplinks[0].password_env"), None);
+    }
 
     #[test]
     fn key_paths_follow_tables_and_arrays() {

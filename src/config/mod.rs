@@ -15,6 +15,7 @@ mod error;
 mod gateway;
 mod raw;
 
+pub use document::diagnostic_at;
 pub use error::{ConfigError, Diagnostic};
 pub use gateway::GatewayConfig;
 

@@ -51,6 +51,25 @@ pub enum DriverConfig {
     Serial(crate::drivers::serial::SerialConfig),
 }
 
+impl DriverConfig {
+    /// The points that have a `unit`, with it (serial fields have none).
+    pub fn point_units(&self) -> Vec<(String, String)> {
+        match self {
+            DriverConfig::Simulated(sim) => sim
+                .points
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.unit.clone()?)))
+                .collect(),
+            DriverConfig::Modbus(modbus) => modbus
+                .points
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.unit.clone()?)))
+                .collect(),
+            DriverConfig::Serial(_) => Vec::new(),
+        }
+    }
+}
+
 /// The keys every `[[devices]]` entry has, as written.
 pub(crate) struct RawCommon<'r> {
     pub(crate) name: &'r Option<S<String>>,

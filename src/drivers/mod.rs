@@ -10,6 +10,7 @@ pub mod payload;
 pub mod serial;
 pub mod simulated;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -37,6 +38,60 @@ pub struct DeviceContext {
     metrics: DeviceMetrics,
     /// The shared RTU line this device is on (Modbus RTU only).
     rtu_bus_metrics: RtuBusMetrics,
+    /// The MQTT 5 properties of each point's readings (content type, payload format, the
+    /// `unit` user property), built once; `readings` for points without a unit.
+    point_properties: Arc<HashMap<String, Arc<MessageProperties>>>,
+    readings: Arc<MessageProperties>,
+    /// The units of points that have one, for the JSON payload.
+    units: Arc<HashMap<String, String>>,
+    /// The properties of the JSON the driver writes itself (status, write results).
+    json: Arc<MessageProperties>,
+    /// The properties of plain text the driver writes itself (an unmatched frame).
+    plain: Arc<MessageProperties>,
+}
+
+/// What a text payload a driver built itself is, for its MQTT 5 content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    Json,
+    Plain,
+}
+
+/// Content type of plain text payloads.
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
+/// Largest `/set` payload a driver reads; a larger one is refused without being parsed
+/// (no point takes more than a line of text).
+pub const MAX_WRITE_PAYLOAD: usize = 1024;
+
+/// What a message on a device's `/set` topics asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortedWrite {
+    /// A write to a writable point with a value that parses; the driver checks the value
+    /// against the point's type.
+    Request(WriteRequest),
+    /// A write the device refuses before touching anything; answer it with
+    /// [`DeviceContext::refuse_write`].
+    Refused(RefusedWrite),
+    /// A topic of another device that shares this device's topic space (a template
+    /// without `{device}`): not ours to answer.
+    NotMine,
+}
+
+/// A `/set` that gets an error result without reaching the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedWrite {
+    pub point: String,
+    pub reason: String,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+/// Whether a device has a point, and whether it may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointAccess {
+    Writable,
+    ReadOnly,
 }
 
 /// Device health, published retained on the device status topic.
@@ -54,6 +109,25 @@ impl DeviceContext {
         device: &DeviceConfig,
         broker: BrokerHandle,
     ) -> DeviceContext {
+        let content_type = match device.payload {
+            PayloadFormat::Json => "application/json",
+            PayloadFormat::Plain => TEXT_PLAIN,
+        };
+        let readings = MessageProperties {
+            // Both formats write UTF-8 text (a plain frame field is a decoded string).
+            payload_format_indicator: Some(1),
+            content_type: Some(content_type.to_owned()),
+            ..MessageProperties::default()
+        };
+        let units: HashMap<String, String> = device.driver.point_units().into_iter().collect();
+        let point_properties = units
+            .iter()
+            .map(|(point, unit)| {
+                let mut properties = readings.clone();
+                properties.user_properties = vec![("unit".to_owned(), unit.clone())];
+                (point.clone(), Arc::new(properties))
+            })
+            .collect();
         DeviceContext {
             gateway: gateway.to_owned(),
             device: device.name.clone(),
@@ -64,6 +138,15 @@ impl DeviceContext {
             broker,
             metrics: DeviceMetrics::detached(),
             rtu_bus_metrics: RtuBusMetrics::detached(),
+            point_properties: Arc::new(point_properties),
+            readings: Arc::new(readings),
+            units: Arc::new(units),
+            json: Arc::new(json_properties()),
+            plain: Arc::new(MessageProperties {
+                payload_format_indicator: Some(1),
+                content_type: Some(TEXT_PLAIN.to_owned()),
+                ..MessageProperties::default()
+            }),
         }
     }
 
@@ -109,28 +192,41 @@ impl DeviceContext {
     /// Publish what `point` reports on its topic, in the device's payload format (nothing
     /// when the format has nothing to say about it).
     pub async fn publish_sample(&self, point: &str, sample: Sample<'_>) -> Result<(), BusError> {
-        let Some(payload) = payload::encode(self.payload, sample) else {
+        let unit = self.units.get(point).map(String::as_str);
+        let Some(payload) = payload::encode(self.payload, sample, unit) else {
             return Ok(());
         };
-        let message = Message::internal(
+        let mut message = Message::internal(
             &self.origin,
             self.point_topic(point),
             payload,
             QoS::AtLeastOnce,
             false,
         );
+        let properties = self.point_properties.get(point).unwrap_or(&self.readings);
+        message.properties = Some(properties.clone());
         self.broker.publish(message).await
     }
 
-    /// Publish a payload the driver built itself (a parsed frame, a status with counters)
-    /// under this device's name.
-    pub async fn publish_raw(
+    /// The unit of `point`, if its configuration gives one.
+    pub fn unit(&self, point: &str) -> Option<&str> {
+        self.units.get(point).map(String::as_str)
+    }
+
+    /// Publish text the driver built itself (an unmatched frame, a status with counters)
+    /// under this device's name, marked UTF-8 with its content type.
+    pub async fn publish_text(
         &self,
         topic: String,
-        payload: impl Into<Bytes>,
+        payload: String,
         retain: bool,
+        kind: TextKind,
     ) -> Result<(), BusError> {
-        let message = Message::internal(&self.origin, topic, payload, QoS::AtLeastOnce, retain);
+        let mut message = Message::internal(&self.origin, topic, payload, QoS::AtLeastOnce, retain);
+        message.properties = Some(match kind {
+            TextKind::Json => self.json.clone(),
+            TextKind::Plain => self.plain.clone(),
+        });
         self.broker.publish(message).await
     }
 
@@ -145,45 +241,150 @@ impl DeviceContext {
                 json!({"status": "error", "error": error, "ts": now_rfc3339()})
             }
         };
-        let message = Message::internal(
+        let mut message = Message::internal(
             &self.origin,
             self.status_topic.clone(),
             payload.to_string(),
             QoS::AtLeastOnce,
             true,
         );
+        message.properties = Some(self.json.clone());
         self.broker.publish(message).await
     }
 
-    /// Subscribe to `<point topic>/set` for every writable point.
+    /// Publish the device's status (retained) and wait until the broker has taken it: the
+    /// last word of a driver that stops, which must be stored before the broker closes.
+    pub async fn publish_stopped(&self) {
+        let payload = json!({"status": "offline", "error": "gateway stopped", "ts": now_rfc3339()});
+        self.publish_final_status(payload.to_string()).await;
+    }
+
+    /// Publish a retained status payload the driver built and wait until the broker has
+    /// taken it (see [`DeviceContext::publish_stopped`]).
+    pub async fn publish_final_status(&self, payload: String) {
+        let mut message = Message::internal(
+            &self.origin,
+            self.status_topic.clone(),
+            payload,
+            QoS::AtLeastOnce,
+            true,
+        );
+        message.properties = Some(self.json.clone());
+        if let Err(error) = self.broker.publish_and_wait(message).await {
+            tracing::warn!(device = %self.device, %error, "cannot publish the offline status");
+        }
+    }
+
+    /// Subscribe to `<point topic>/set` for every point of the device, writable or not,
+    /// so that every write gets an answer: one wildcard filter when `{point}` is a whole
+    /// topic level (the router matches each publish against every filter, and a device may
+    /// have hundreds of points; the wildcard also catches writes to points the device does
+    /// not have), else one filter per point.
     pub async fn subscribe_writes(
         &self,
         points: &[&str],
     ) -> Result<InternalSubscription, BusError> {
-        let filters = points
-            .iter()
-            .map(|p| (format!("{}/set", self.point_topic(p)), QoS::AtLeastOnce))
-            .collect();
+        let wildcard = self.point_topic("+");
+        let whole_level = wildcard
+            .split('/')
+            .all(|level| level == "+" || !level.contains('+'));
+        let filters = if whole_level {
+            vec![(format!("{wildcard}/set"), QoS::AtLeastOnce)]
+        } else {
+            points
+                .iter()
+                .map(|p| (format!("{}/set", self.point_topic(p)), QoS::AtLeastOnce))
+                .collect()
+        };
         self.broker
             .subscribe(&self.origin, filters, InternalSubscribeOptions::default())
             .await
     }
 
-    /// Which of `points` a message on a `/set` topic addresses, and the value it carries.
-    pub fn parse_write(&self, message: &Message, points: &[&str]) -> Result<WriteRequest, String> {
-        let point = points
-            .iter()
-            .find(|p| *message.topic == format!("{}/set", self.point_topic(p)))
-            .ok_or_else(|| format!("no writable point has the topic {}", message.topic))?;
-        let value = parse_write_value(&message.payload)?;
+    /// The point a `/set` topic names, when the topic has this device's shape.
+    fn point_of_set_topic<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let base = topic.strip_suffix("/set")?;
+        let template = self
+            .topic_template
+            .replace("{gateway}", &self.gateway)
+            .replace("{device}", &self.device);
+        let (prefix, suffix) = template.split_once("{point}")?;
+        let point = base.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        (!point.is_empty() && !point.contains('/')).then_some(point)
+    }
+
+    /// Sorts a message on one of this device's `/set` topics: a request for a writable
+    /// point with a value that parses, a refusal (unknown point, read-only point, payload
+    /// too large, not UTF-8, empty, not a value), or another device's topic. `access`
+    /// says whether the device has a point by that name and whether it is writable.
+    pub fn sort_write(
+        &self,
+        message: &Message,
+        access: impl Fn(&str) -> Option<PointAccess>,
+    ) -> SortedWrite {
+        let Some(point) = self.point_of_set_topic(&message.topic) else {
+            return SortedWrite::NotMine;
+        };
         let properties = message.properties.as_deref();
-        Ok(WriteRequest {
+        let refuse = |reason: String| {
+            SortedWrite::Refused(RefusedWrite {
+                point: point.to_owned(),
+                reason,
+                response_topic: properties.and_then(|p| p.response_topic.clone()),
+                correlation_data: properties.and_then(|p| p.correlation_data.clone()),
+            })
+        };
+        match access(point) {
+            // Without `{device}` in the template, other devices' points share the topic
+            // space: only a topic naming one of our points is ours.
+            None if !self.topic_template.contains("{device}") => SortedWrite::NotMine,
+            None => refuse(format!(
+                "device {} has no point named {point:?}",
+                self.device
+            )),
+            Some(PointAccess::ReadOnly) => refuse(format!("point {point} is not writable")),
+            Some(PointAccess::Writable) => match parse_write_value(&message.payload) {
+                Err(reason) => refuse(reason),
+                Ok(value) => SortedWrite::Request(WriteRequest {
+                    device: self.device.clone(),
+                    point: point.to_owned(),
+                    value,
+                    response_topic: properties.and_then(|p| p.response_topic.clone()),
+                    correlation_data: properties.and_then(|p| p.correlation_data.clone()),
+                }),
+            },
+        }
+    }
+
+    /// Answers a write that is refused before it reaches the device, with a warning that
+    /// names the device, the point and the reason.
+    pub async fn refuse_write(&self, refused: RefusedWrite) {
+        tracing::warn!(device = %self.device, point = %refused.point, reason = %refused.reason, "write refused");
+        let request = WriteRequest {
             device: self.device.clone(),
-            point: (*point).to_owned(),
-            value,
-            response_topic: properties.and_then(|p| p.response_topic.clone()),
-            correlation_data: properties.and_then(|p| p.correlation_data.clone()),
+            point: refused.point,
+            value: Value::Text(String::new()),
+            response_topic: refused.response_topic,
+            correlation_data: refused.correlation_data,
+        };
+        let outcome = WriteOutcome::Error {
+            reason: refused.reason,
+        };
+        if let Err(error) = self.publish_write_result(&request, &outcome).await {
+            tracing::warn!(device = %self.device, %error, "cannot publish write result");
+        }
+    }
+
+    /// Answers a write request the driver refused after looking at its value (a type
+    /// mismatch, out of range), with the same warning as [`DeviceContext::refuse_write`].
+    pub async fn refuse_request(&self, request: &WriteRequest, reason: String) {
+        self.refuse_write(RefusedWrite {
+            point: request.point.clone(),
+            reason,
+            response_topic: request.response_topic.clone(),
+            correlation_data: request.correlation_data.clone(),
         })
+        .await;
     }
 
     /// Publish the outcome of a write to `<point topic>/set/result`, and to the MQTT 5
@@ -196,15 +397,15 @@ impl DeviceContext {
         let payload = serde_json::to_string(outcome)
             .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
         let result_topic = format!("{}/set/result", self.point_topic(&request.point));
-        self.broker
-            .publish(Message::internal(
-                &self.origin,
-                result_topic,
-                payload.clone(),
-                QoS::AtLeastOnce,
-                false,
-            ))
-            .await?;
+        let mut result = Message::internal(
+            &self.origin,
+            result_topic,
+            payload.clone(),
+            QoS::AtLeastOnce,
+            false,
+        );
+        result.properties = Some(self.json.clone());
+        self.broker.publish(result).await?;
         if let Some(response_topic) = &request.response_topic {
             let mut message = Message::internal(
                 &self.origin,
@@ -215,7 +416,7 @@ impl DeviceContext {
             );
             message.properties = Some(Arc::new(MessageProperties {
                 correlation_data: request.correlation_data.clone(),
-                ..MessageProperties::default()
+                ..json_properties()
             }));
             self.broker.publish(message).await?;
         }
@@ -223,8 +424,24 @@ impl DeviceContext {
     }
 }
 
-/// A write payload: a JSON value, `{"value": ...}`, or plain text (`true`, `42`, `on`).
+/// The MQTT 5 properties of a JSON payload: content type and payload format UTF-8.
+fn json_properties() -> MessageProperties {
+    MessageProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".to_owned()),
+        ..MessageProperties::default()
+    }
+}
+
+/// A write payload: a JSON value, `{"value": ...}`, or plain text (`true`, `42`, `on`), at
+/// most [`MAX_WRITE_PAYLOAD`] bytes.
 pub fn parse_write_value(payload: &[u8]) -> Result<Value, String> {
+    if payload.len() > MAX_WRITE_PAYLOAD {
+        return Err(format!(
+            "write payload of {} bytes is larger than the limit of {MAX_WRITE_PAYLOAD} bytes",
+            payload.len()
+        ));
+    }
     let text = std::str::from_utf8(payload)
         .map_err(|_| "write payload is not UTF-8".to_owned())?
         .trim();

@@ -26,10 +26,11 @@ pub enum Sample<'a> {
 /// The payload of one sample; `None` when the format has nothing to say (a plain-format
 /// reading without a good value).
 ///
-/// JSON: `{"value": .., "ts": "RFC 3339", "quality": "good"}`, with `"error"` for a bad
-/// reading and the fields object as the value of a frame. Plain: the bare value; a frame's
-/// single field bare, several as a JSON object.
-pub fn encode(format: PayloadFormat, sample: Sample<'_>) -> Option<Bytes> {
+/// JSON: `{"value": .., "ts": "RFC 3339", "quality": "good"}`, with `"unit"` when the
+/// point has one, `"error"` for a bad reading and the fields object as the value of a
+/// frame. Plain: the bare value; a frame's single field bare, several as a JSON object.
+/// (The unit travels as an MQTT 5 user property too, set by the caller.)
+pub fn encode(format: PayloadFormat, sample: Sample<'_>, unit: Option<&str>) -> Option<Bytes> {
     match (format, sample) {
         (PayloadFormat::Json, Sample::Reading(reading)) => {
             let mut body = json!({
@@ -37,19 +38,27 @@ pub fn encode(format: PayloadFormat, sample: Sample<'_>) -> Option<Bytes> {
                 "ts": rfc3339(reading.timestamp),
                 "quality": match reading.quality { Quality::Good => "good", Quality::Bad(_) => "bad" },
             });
-            if let (Quality::Bad(reason), Some(map)) = (&reading.quality, body.as_object_mut()) {
-                map.insert("error".into(), json!(reason));
+            if let Some(map) = body.as_object_mut() {
+                if let Some(unit) = unit {
+                    map.insert("unit".into(), json!(unit));
+                }
+                if let Quality::Bad(reason) = &reading.quality {
+                    map.insert("error".into(), json!(reason));
+                }
             }
             Some(Bytes::from(body.to_string()))
         }
-        (PayloadFormat::Json, Sample::Fields { fields, timestamp }) => Some(Bytes::from(
-            json!({
+        (PayloadFormat::Json, Sample::Fields { fields, timestamp }) => {
+            let mut body = json!({
                 "value": Json::Object(fields),
                 "ts": rfc3339(timestamp),
                 "quality": "good",
-            })
-            .to_string(),
-        )),
+            });
+            if let (Some(unit), Some(map)) = (unit, body.as_object_mut()) {
+                map.insert("unit".into(), json!(unit));
+            }
+            Some(Bytes::from(body.to_string()))
+        }
         (PayloadFormat::Plain, Sample::Reading(reading)) => reading
             .value
             .as_ref()
@@ -84,13 +93,35 @@ mod tests {
             quality: Quality::Good,
             timestamp: SystemTime::UNIX_EPOCH,
         };
-        let payload = encode(PayloadFormat::Json, Sample::Reading(&reading)).expect("payload");
+        let payload =
+            encode(PayloadFormat::Json, Sample::Reading(&reading), None).expect("payload");
         let parsed: serde_json::Value = serde_json::from_slice(&payload).expect("json");
         assert_eq!(parsed["value"], json!(1.5));
         assert_eq!(parsed["ts"], json!("1970-01-01T00:00:00Z"));
         assert_eq!(parsed["quality"], json!("good"));
-        let plain = encode(PayloadFormat::Plain, Sample::Reading(&reading)).expect("payload");
+        let plain = encode(PayloadFormat::Plain, Sample::Reading(&reading), None).expect("payload");
         assert_eq!(&plain[..], b"1.5");
+        assert_eq!(parsed.get("unit"), None);
+    }
+
+    #[test]
+    fn json_payload_names_the_unit_and_plain_stays_bare() {
+        let reading = Reading {
+            device: "d".into(),
+            point: "p".into(),
+            value: Some(Value::Float(21.5)),
+            quality: Quality::Good,
+            timestamp: SystemTime::UNIX_EPOCH,
+        };
+        let payload =
+            encode(PayloadFormat::Json, Sample::Reading(&reading), Some("°C")).expect("payload");
+        assert_eq!(
+            std::str::from_utf8(&payload).expect("utf-8"),
+            r#"{"value":21.5,"ts":"1970-01-01T00:00:00Z","quality":"good","unit":"°C"}"#
+        );
+        let plain =
+            encode(PayloadFormat::Plain, Sample::Reading(&reading), Some("°C")).expect("payload");
+        assert_eq!(&plain[..], b"21.5");
     }
 
     #[test]
@@ -102,20 +133,22 @@ mod tests {
             quality: Quality::Bad("no response".into()),
             timestamp: SystemTime::UNIX_EPOCH,
         };
-        let payload = encode(PayloadFormat::Json, Sample::Reading(&reading)).expect("payload");
+        let payload =
+            encode(PayloadFormat::Json, Sample::Reading(&reading), None).expect("payload");
         assert_eq!(
             &payload[..],
             br#"{"value":null,"ts":"1970-01-01T00:00:00Z","quality":"bad","error":"no response"}"#
         );
         assert_eq!(
-            encode(PayloadFormat::Plain, Sample::Reading(&reading)),
+            encode(PayloadFormat::Plain, Sample::Reading(&reading), None),
             None
         );
     }
 
     fn fields_payload(fields: Map<String, Json>, format: PayloadFormat) -> Bytes {
         let timestamp = SystemTime::UNIX_EPOCH;
-        encode(format, Sample::Fields { fields, timestamp }).expect("fields always have a payload")
+        encode(format, Sample::Fields { fields, timestamp }, None)
+            .expect("fields always have a payload")
     }
 
     #[test]

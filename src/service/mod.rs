@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 mod notify;
+pub mod preflight;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

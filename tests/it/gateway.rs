@@ -235,21 +235,6 @@ fn a_bad_config_fails_to_start_with_exit_code_2_and_names_the_line() {
 }
 
 #[test]
-fn check_accepts_every_example_config() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(dir).expect("config dir") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let (code, _, stderr) = gateway::run_to_end(&["check", "-c"], Some(&path));
-            assert_eq!(code, Some(0), "{}: {stderr}", path.display());
-            checked += 1;
-        }
-    }
-    assert!(checked >= 1);
-}
-
-#[test]
 fn sighup_restarts_into_a_valid_config_and_ignores_a_broken_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = demo_config(dir.path());
@@ -303,7 +288,10 @@ routes = [ { out = "plant/#", remote_prefix = "site/" } ]
     let (code, _, stderr) = gateway::run_to_end(&["check", "-c"], Some(&config));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("ca.pem"), "{stderr}");
-    assert!(stderr.contains("uplinks[cloud]"), "{stderr}");
+    assert!(
+        stderr.contains("bad-tls.toml:7:") && stderr.contains("uplinks[0]: uplink cloud"),
+        "{stderr}"
+    );
 }
 
 /// SIGINT (Ctrl-C in a terminal) stops the gateway as SIGTERM does: `offline` goes out

@@ -584,14 +584,25 @@ poll = "1h"
 points = [
   {{ name = "pump", table = "coil", address = 3, writable = true }},
   {{ name = "setpoint", table = "holding", address = 10, type = "u16", writable = true }},
-  {{ name = "flow", table = "holding", address = 20, type = "f32:CDAB", writable = true }},
+  {{ name = "flow", table = "holding", address = 20, type = "f32:CDAB", writable = true, unit = "m³/h" }},
   {{ name = "locked", table = "holding", address = 30 }},
+  {{ name = "trim", table = "holding", address = 40, type = "i16", writable = true }},
 ]
 "#
     ))
     .await;
-    // The first readings mean the bus (and its write subscription) is running.
-    assert_eq!(gw.next_on("gw/plc/flow").await["value"], 25.0);
+    // The first readings mean the bus (and its write subscription) is running. The unit
+    // travels in the payload and as an MQTT 5 user property.
+    let (flow, reading) = gw.next_message("gw/plc/flow", |_| true).await;
+    assert_eq!(reading["value"], 25.0);
+    assert_eq!(reading["unit"], "m³/h");
+    let properties = flow.properties.as_deref().expect("properties");
+    assert_eq!(properties.content_type.as_deref(), Some("application/json"));
+    assert_eq!(properties.payload_format_indicator, Some(1));
+    assert_eq!(
+        properties.user_properties,
+        vec![("unit".to_owned(), "m³/h".to_owned())]
+    );
 
     // A coil.
     gw.publish("gw/plc/pump/set", "true").await;
@@ -655,6 +666,14 @@ points = [
         ("gw/plc/flow", "1e39", "out of range for f32"),
         ("gw/plc/pump", "maybe", "expected true/false"),
         ("gw/plc/setpoint", "", "empty write payload"),
+        ("gw/plc/setpoint", "not json", "expected a number"),
+        ("gw/plc/trim", "40000", "out of range for i16"),
+        ("gw/plc/trim", "-32769", "out of range for i16"),
+        (
+            "gw/plc/nosuch",
+            "1",
+            "device plc has no point named \"nosuch\"",
+        ),
     ] {
         gw.publish(&format!("{topic}/set"), payload).await;
         let result = gw.next_on(&format!("{topic}/set/result")).await;

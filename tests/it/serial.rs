@@ -471,6 +471,18 @@ async fn a_command_is_written_to_the_port_and_the_reply_is_the_result() {
     .await;
     gateway.status("online").await;
 
+    // A read-only point and an unknown one are answered with the reason, and never
+    // reach the port (see what the device received, below).
+    for (point, reason) in [
+        ("temperature", "point temperature is not writable"),
+        ("nosuch", "device sensor has no point named \"nosuch\""),
+    ] {
+        let topic = format!("gw/sensor/{point}/set");
+        gateway.command(&topic, "1").await;
+        let result = gateway.next_on(&format!("{topic}/result"), |_| true).await;
+        assert_eq!(result, json!({"status": "error", "reason": reason}));
+    }
+
     gateway.command("gw/sensor/command/set", "42").await;
     let result = gateway
         .next_on("gw/sensor/command/set/result", |_| true)

@@ -30,7 +30,7 @@ use super::config::{ModbusConfig, SerialSettings, Table, Transport};
 use super::plan::{self, ReadRequest};
 use super::report::Reporter;
 use crate::backoff::{Backoff, Jitter};
-use crate::drivers::{DeviceContext, DeviceStatus};
+use crate::drivers::{DeviceContext, DeviceStatus, PointAccess, SortedWrite};
 use crate::metrics::ErrorKind;
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
@@ -343,30 +343,20 @@ impl Bus {
         let (tx, mut writes) = mpsc::channel(WRITE_QUEUE);
         let mut forwarders = JoinSet::new();
         for (index, device) in self.devices.iter().enumerate() {
-            let names: Vec<String> = device
+            let points: Vec<(String, bool)> = device
                 .config
                 .points
                 .iter()
-                .map(|p| p.name.clone())
+                .map(|p| (p.name.clone(), p.writable))
                 .collect();
-            // One wildcard filter per device when `{point}` is a whole topic level: the
-            // router matches every publish against every filter, and a device may have
-            // hundreds of points. Every point is covered, so a write to a read-only point
-            // is answered ("not writable") rather than ignored.
-            let wildcard = device.context.point_topic("+");
-            let filters: Vec<&str> = if wildcard
-                .split('/')
-                .all(|level| level == "+" || !level.contains('+'))
-            {
-                vec!["+"]
-            } else {
-                names.iter().map(String::as_str).collect()
-            };
-            match device.context.subscribe_writes(&filters).await {
+            // Every point is covered, so a write to a read-only or unknown point is
+            // answered rather than ignored.
+            let names: Vec<&str> = points.iter().map(|(name, _)| name.as_str()).collect();
+            match device.context.subscribe_writes(&names).await {
                 Ok(subscription) => {
                     forwarders.spawn(forward_writes(
                         device.context.clone(),
-                        names,
+                        points,
                         index,
                         subscription,
                         tx.clone(),
@@ -412,11 +402,8 @@ impl Bus {
             }
         }
         forwarders.shutdown().await;
-        for device in &mut self.devices {
-            let status = DeviceStatus::Offline {
-                error: "gateway stopped".into(),
-            };
-            let _ = device.context.publish_status(&status).await;
+        for device in &self.devices {
+            device.context.publish_stopped().await;
         }
         if let Some(mut connection) = self.connection.take() {
             let _ = timeout(
@@ -930,16 +917,25 @@ fn far_future() -> Instant {
 }
 
 /// Turns `<point topic>/set` messages of one device into commands for its bus. A message
-/// that cannot be parsed is answered here, without reaching the device.
+/// that cannot be parsed, or names a read-only or unknown point, is answered here, without
+/// reaching the device.
 async fn forward_writes(
     context: DeviceContext,
-    names: Vec<String>,
+    points: Vec<(String, bool)>,
     device: usize,
     mut subscription: crate::broker::bus::InternalSubscription,
     tx: mpsc::Sender<WriteCommand>,
     shutdown: CancellationToken,
 ) {
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let access = |name: &str| {
+        points
+            .iter()
+            .find(|(point, _)| point == name)
+            .map(|(_, writable)| match writable {
+                true => PointAccess::Writable,
+                false => PointAccess::ReadOnly,
+            })
+    };
     loop {
         let message: Message = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -948,34 +944,16 @@ async fn forward_writes(
                 None => return,
             },
         };
-        match context.parse_write(&message, &refs) {
-            Ok(request) => {
+        match context.sort_write(&message, access) {
+            SortedWrite::Request(request) => {
                 // Waits when the bus is busy: a command is never dropped.
                 if tx.send(WriteCommand { device, request }).await.is_err() {
                     return;
                 }
             }
-            Err(reason) => {
-                let point = refs
-                    .iter()
-                    .find(|p| *message.topic == format!("{}/set", context.point_topic(p)));
-                let Some(point) = point else {
-                    // With a wildcard filter this may be another device's point.
-                    tracing::debug!(device = %context.device, topic = %message.topic, %reason, "write not for this device");
-                    continue;
-                };
-                let properties = message.properties.as_deref();
-                let request = WriteRequest {
-                    device: context.device.clone(),
-                    point: (*point).to_owned(),
-                    value: Value::Text(String::new()),
-                    response_topic: properties.and_then(|p| p.response_topic.clone()),
-                    correlation_data: properties.and_then(|p| p.correlation_data.clone()),
-                };
-                tracing::warn!(device = %context.device, point, %reason, "bad write");
-                let _ = context
-                    .publish_write_result(&request, &WriteOutcome::Error { reason })
-                    .await;
+            SortedWrite::Refused(refused) => context.refuse_write(refused).await,
+            SortedWrite::NotMine => {
+                tracing::debug!(device = %context.device, topic = %message.topic, "write not for this device");
             }
         }
     }

@@ -16,7 +16,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 
 use serde_json::{json, Map, Value as Json};
@@ -32,7 +31,7 @@ use super::parse::{self, Parsed};
 use crate::backoff::{Backoff, Jitter};
 use crate::broker::bus::{BusError, InternalSubscription};
 use crate::drivers::payload::Sample;
-use crate::drivers::{rfc3339, DeviceContext};
+use crate::drivers::{rfc3339, DeviceContext, PointAccess, SortedWrite, TextKind};
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
 /// Least time between two warnings of one kind (bad checksum, over-long frame ...): a
@@ -159,15 +158,21 @@ pub(crate) async fn run(
     context: DeviceContext,
     shutdown: CancellationToken,
 ) {
-    let writes = match &config.write {
-        None => None,
-        Some(_) => match context.subscribe_writes(&[COMMAND_POINT]).await {
-            Ok(subscription) => Some(subscription),
-            Err(error) => {
-                tracing::error!(device = %context.device, %error, "cannot subscribe to commands; write-back is off");
-                None
-            }
-        },
+    // Every point's `/set` is subscribed, so that a write to a read-only point, or to
+    // `command` on a device without write-back, is answered rather than ignored.
+    let mut points: Vec<&str> = config
+        .rules
+        .iter()
+        .map(|rule| rule.topic.as_str())
+        .collect();
+    points.extend(config.unmatched_topic.as_deref());
+    points.push(COMMAND_POINT);
+    let writes = match context.subscribe_writes(&points).await {
+        Ok(subscription) => Some(subscription),
+        Err(error) => {
+            tracing::error!(device = %context.device, %error, "cannot subscribe to commands; write-back is off");
+            None
+        }
     };
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max, Jitter::Quarter);
     let mut driver = Driver {
@@ -222,8 +227,10 @@ pub(crate) async fn run(
             break;
         }
     }
-    driver.health = Health::Offline("gateway stopping".to_owned());
-    let _ = driver.publish_status(false).await;
+    // The last word waits until the broker has it: the broker stops right after us.
+    driver.health = Health::Offline("gateway stopped".to_owned());
+    let payload = driver.status_payload();
+    driver.context.publish_final_status(payload).await;
 }
 
 /// Opens a serial port with its settings (for Modbus RTU lines too). Synchronous: opening
@@ -378,27 +385,29 @@ impl Driver {
         }
     }
 
-    /// A `/set` message as a request; a message that cannot be parsed is answered with
-    /// the reason at once (`None`).
+    /// A `/set` message as a request; a message that cannot be parsed, or is for a
+    /// read-only or unknown point, is answered with the reason at once (`None`).
     async fn command(&self, message: &Message) -> Option<WriteRequest> {
-        let reason = match self.context.parse_write(message, &[COMMAND_POINT]) {
-            Ok(request) => return Some(request),
-            Err(reason) => reason,
+        let config = &self.config;
+        let access = |name: &str| {
+            if name == COMMAND_POINT && config.write.is_some() {
+                Some(PointAccess::Writable)
+            } else if config.rules.iter().any(|rule| rule.topic == name)
+                || config.unmatched_topic.as_deref() == Some(name)
+            {
+                Some(PointAccess::ReadOnly)
+            } else {
+                None
+            }
         };
-        tracing::warn!(device = %self.context.device, topic = %message.topic, %reason, "bad command");
-        let properties = message.properties.as_deref();
-        let request = WriteRequest {
-            device: self.context.device.clone(),
-            point: COMMAND_POINT.to_owned(),
-            value: Value::Text(String::new()),
-            response_topic: properties.and_then(|p| p.response_topic.clone()),
-            correlation_data: properties.and_then(|p| p.correlation_data.clone()),
-        };
-        let _ = self
-            .context
-            .publish_write_result(&request, &WriteOutcome::Error { reason })
-            .await;
-        None
+        match self.context.sort_write(message, access) {
+            SortedWrite::Request(request) => Some(request),
+            SortedWrite::Refused(refused) => {
+                self.context.refuse_write(refused).await;
+                None
+            }
+            SortedWrite::NotMine => None,
+        }
     }
 
     /// Writes one command; returns the reply to wait for, if any. `Err` when the port
@@ -408,10 +417,11 @@ impl Driver {
         message: &Message,
         writer: &mut WriteHalf<SerialStream>,
     ) -> Result<Option<Pending>, String> {
-        let Some(write) = self.config.write.clone() else {
+        let Some(request) = self.command(message).await else {
             return Ok(None);
         };
-        let Some(request) = self.command(message).await else {
+        // `command` sorts as writable only with write-back configured.
+        let Some(write) = self.config.write.clone() else {
             return Ok(None);
         };
         let bytes = write.render(&request.value.to_string());
@@ -588,7 +598,9 @@ impl Driver {
                 match &self.config.unmatched_topic {
                     Some(point) => {
                         let topic = self.context.point_topic(point);
-                        self.publish(topic, Bytes::from(text)).await
+                        self.context
+                            .publish_text(topic, text, false, TextKind::Plain)
+                            .await
                     }
                     None => {
                         tracing::debug!(device = %self.context.device, frame = %text, "frame matches no rule, dropped");
@@ -621,10 +633,6 @@ impl Driver {
         }
     }
 
-    async fn publish(&self, topic: String, payload: Bytes) -> Result<(), BusError> {
-        self.context.publish_raw(topic, payload, false).await
-    }
-
     /// Publishes the status when it changed (or always, with `periodic`). Retained, in the
     /// shape of `DeviceContext::publish_status` plus the port and the counters. `false`
     /// when the broker is gone.
@@ -632,6 +640,27 @@ impl Driver {
         if !periodic && self.published.as_ref() == Some(&self.health) {
             return true;
         }
+        let status_topic = self.context.status_topic().to_owned();
+        let payload = self.status_payload();
+        match self
+            .context
+            .publish_text(status_topic, payload, true, TextKind::Json)
+            .await
+        {
+            Ok(()) => {
+                self.published = Some(self.health.clone());
+                true
+            }
+            Err(BusError::Closed) => false,
+            Err(error) => {
+                tracing::warn!(device = %self.context.device, %error, "cannot publish status");
+                true
+            }
+        }
+    }
+
+    /// The status JSON: the health, the port and the counters.
+    fn status_payload(&self) -> String {
         let mut body = Map::new();
         let (status, error) = match &self.health {
             Health::Starting => ("offline", Some("not opened yet")),
@@ -646,19 +675,7 @@ impl Driver {
         body.insert("ts".into(), json!(rfc3339(SystemTime::now())));
         body.insert("port".into(), json!(self.config.port.path));
         body.insert("counters".into(), self.counters.to_json());
-        let status_topic = self.context.status_topic().to_owned();
-        let payload = Json::Object(body).to_string();
-        match self.context.publish_raw(status_topic, payload, true).await {
-            Ok(()) => {
-                self.published = Some(self.health.clone());
-                true
-            }
-            Err(BusError::Closed) => false,
-            Err(error) => {
-                tracing::warn!(device = %self.context.device, %error, "cannot publish status");
-                true
-            }
-        }
+        Json::Object(body).to_string()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The simulated device: points that follow waveforms (sine, ramp, random walk, constant),
 //! so the gateway does something real with no hardware. A write to a writable point
-//! replaces its waveform with the written value.
+//! replaces its waveform with the written value, once the value fits the point's type (a
+//! number for a waveform or a numeric constant, a boolean for a boolean constant).
 
 pub mod config;
 
@@ -12,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeviceContext, DeviceStatus};
+use super::{DeviceContext, DeviceStatus, PointAccess, SortedWrite};
 use crate::model::{Quality, Reading, Value, WriteOutcome};
 use config::{SimulatedConfig, SimulatedPoint, Waveform};
 
@@ -78,21 +79,23 @@ pub(crate) async fn run(
         .iter()
         .map(|p| (p.name.clone(), Generator::new(p)))
         .collect();
-    let writable: Vec<&str> = config
-        .points
-        .iter()
-        .filter(|p| p.writable)
-        .map(|p| p.name.as_str())
-        .collect();
-    let mut writes = if writable.is_empty() {
-        None
-    } else {
-        match context.subscribe_writes(&writable).await {
-            Ok(subscription) => Some(subscription),
-            Err(error) => {
-                tracing::error!(device = %context.device, %error, "cannot subscribe to writes");
-                None
-            }
+    let names: Vec<&str> = config.points.iter().map(|p| p.name.as_str()).collect();
+    let access = |name: &str| {
+        config
+            .points
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| match p.writable {
+                true => PointAccess::Writable,
+                false => PointAccess::ReadOnly,
+            })
+    };
+    // Every point is subscribed, writable or not: a write to a read-only point is answered.
+    let mut writes = match context.subscribe_writes(&names).await {
+        Ok(subscription) => Some(subscription),
+        Err(error) => {
+            tracing::error!(device = %context.device, %error, "cannot subscribe to writes");
+            None
         }
     };
     if let Err(error) = context.publish_status(&DeviceStatus::Online).await {
@@ -125,29 +128,111 @@ pub(crate) async fn run(
                 }
             }
             Some(message) = next_write(&mut writes) => {
-                let request = match context.parse_write(&message, &writable) {
-                    Ok(request) => request,
-                    Err(reason) => {
-                        tracing::warn!(device = %context.device, topic = %message.topic, %reason, "bad write");
+                let request = match context.sort_write(&message, access) {
+                    SortedWrite::Request(request) => request,
+                    SortedWrite::Refused(refused) => {
+                        context.refuse_write(refused).await;
                         continue;
                     }
+                    SortedWrite::NotMine => continue,
+                };
+                let point = config.points.iter().find(|p| p.name == request.point);
+                let value = match point.map(|p| accept(p, &request.value)) {
+                    Some(Ok(value)) => value,
+                    Some(Err(reason)) => {
+                        context.refuse_request(&request, reason).await;
+                        continue;
+                    }
+                    None => continue, // sort_write found the point: cannot happen
                 };
                 if let Some(generator) = generators.get_mut(&request.point) {
-                    generator.waveform = Waveform::Constant { value: request.value.clone() };
+                    generator.waveform = Waveform::Constant { value: value.clone() };
                 }
-                tracing::info!(device = %context.device, point = %request.point, value = %request.value, "point written");
-                let outcome = WriteOutcome::Ok { value: request.value.clone() };
+                tracing::info!(device = %context.device, point = %request.point, %value, "point written");
+                let outcome = WriteOutcome::Ok { value: value.clone() };
                 let _ = context.publish_write_result(&request, &outcome).await;
                 let reading = Reading {
                     device: context.device.clone(),
                     point: request.point.clone(),
-                    value: Some(request.value.clone()),
+                    value: Some(value),
                     quality: Quality::Good,
                     timestamp: SystemTime::now(),
                 };
                 let _ = context.publish_reading(&reading).await;
             }
         }
+    }
+    context.publish_stopped().await;
+}
+
+/// The value a write puts into `point`, converted to the point's type, or why it does
+/// not fit: a waveform and a numeric constant take numbers (an integer constant only
+/// whole ones), a boolean constant `true`/`false`, `on`/`off` or `1`/`0`, a text constant
+/// any value as text.
+fn accept(point: &SimulatedPoint, value: &Value) -> Result<Value, String> {
+    let number = |value: &Value| match value {
+        Value::Int(i) => Ok(*i as f64),
+        Value::Float(x) => Ok(*x),
+        other => Err(format!(
+            "expected a number for point {}, got {}",
+            point.name,
+            describe(other)
+        )),
+    };
+    match &point.waveform {
+        Waveform::Sine { .. } | Waveform::Ramp { .. } | Waveform::RandomWalk { .. } => {
+            number(value).map(Value::Float)
+        }
+        Waveform::Constant {
+            value: Value::Float(_),
+        } => number(value).map(Value::Float),
+        Waveform::Constant {
+            value: Value::Int(_),
+        } => match value {
+            Value::Int(i) => Ok(Value::Int(*i)),
+            Value::Float(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Ok(Value::Int(*x as i64)),
+            other => Err(format!(
+                "expected an integer for point {}, got {}",
+                point.name,
+                describe(other)
+            )),
+        },
+        Waveform::Constant {
+            value: Value::Bool(_),
+        } => match value {
+            Value::Bool(b) => Ok(Value::Bool(*b)),
+            Value::Int(0) => Ok(Value::Bool(false)),
+            Value::Int(1) => Ok(Value::Bool(true)),
+            Value::Text(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "on" | "1" => Ok(Value::Bool(true)),
+                "false" | "off" | "0" => Ok(Value::Bool(false)),
+                _ => Err(format!(
+                    "expected true/false, on/off or 1/0 for point {}, got {}",
+                    point.name,
+                    describe(value)
+                )),
+            },
+            other => Err(format!(
+                "expected true/false, on/off or 1/0 for point {}, got {}",
+                point.name,
+                describe(other)
+            )),
+        },
+        Waveform::Constant {
+            value: Value::Text(_),
+        } => Ok(Value::Text(value.to_string())),
+    }
+}
+
+/// A written value as a reason shows it: text quoted (and cut short), the rest bare.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Text(text) if text.chars().count() > 40 => {
+            let head: String = text.chars().take(40).collect();
+            format!("{head:?}...")
+        }
+        Value::Text(text) => format!("{text:?}"),
+        other => other.to_string(),
     }
 }
 
@@ -163,6 +248,36 @@ async fn next_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_values_must_fit_the_point_type() {
+        let sine = point(Waveform::Sine {
+            min: 0.0,
+            max: 1.0,
+            period: Duration::from_secs(1),
+        });
+        assert_eq!(accept(&sine, &Value::Int(3)), Ok(Value::Float(3.0)));
+        let refused = accept(&sine, &Value::Text("not json".into())).expect_err("text");
+        assert!(refused.contains("expected a number"), "{refused}");
+        assert!(accept(&sine, &Value::Bool(true)).is_err());
+        let int = point(Waveform::Constant {
+            value: Value::Int(1),
+        });
+        assert_eq!(accept(&int, &Value::Float(4.0)), Ok(Value::Int(4)));
+        assert!(accept(&int, &Value::Float(4.5)).is_err());
+        let switch = point(Waveform::Constant {
+            value: Value::Bool(false),
+        });
+        assert_eq!(
+            accept(&switch, &Value::Text("on".into())),
+            Ok(Value::Bool(true))
+        );
+        assert!(accept(&switch, &Value::Int(2)).is_err());
+        let text = point(Waveform::Constant {
+            value: Value::Text(String::new()),
+        });
+        assert_eq!(accept(&text, &Value::Int(7)), Ok(Value::Text("7".into())));
+    }
 
     fn point(waveform: Waveform) -> SimulatedPoint {
         SimulatedPoint {
