@@ -28,7 +28,8 @@ pub use crate::store::sessions::PersistError;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use bus::{AckShare, BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
-pub use listener::{BindError, TlsError};
+use listener::ListenerStats;
+pub use listener::{BindError, ListenerSnapshot, TlsError};
 pub use router::BrokerStats;
 use router::Router;
 
@@ -61,6 +62,8 @@ pub struct RunningBroker {
     /// [`RunningBroker::listener_addrs`] after a reload.
     pub local_addrs: Vec<SocketAddr>,
     listeners: Vec<RunningListener>,
+    /// The running listeners' counters, in configuration order, shared with the metrics.
+    listener_stats: BrokerListeners,
     sys: Option<tokio::task::JoinHandle<()>>,
     /// The parent of every listener's token: cancelled by the gateway at shutdown.
     shutdown: CancellationToken,
@@ -84,6 +87,7 @@ struct RunningListener {
     config: ListenerConfig,
     addr: SocketAddr,
     transport: listener::SharedTransport,
+    stats: Arc<ListenerStats>,
     /// What its TLS files held when last loaded.
     tls_files: u64,
     stop: CancellationToken,
@@ -94,6 +98,32 @@ impl RunningListener {
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Every listener's counters (connections and handshakes now, sockets accepted and
+/// refused), readable at any time without asking the router. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerListeners(Arc<std::sync::RwLock<Vec<Arc<ListenerStats>>>>);
+
+impl BrokerListeners {
+    /// One snapshot per listener, in configuration order.
+    pub fn snapshot(&self) -> Vec<ListenerSnapshot> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|stats| stats.snapshot())
+            .collect()
+    }
+
+    /// What the listeners are now (after a start or a reload).
+    fn replace(&self, listeners: &[RunningListener]) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            listeners.iter().map(|l| l.stats.clone()).collect();
     }
 }
 
@@ -122,6 +152,11 @@ impl StoreBackup {
 }
 
 impl RunningBroker {
+    /// The listeners' counters, for the metrics.
+    pub fn listeners(&self) -> BrokerListeners {
+        self.listener_stats.clone()
+    }
+
     /// A handle for backups of the store; `None` with `durability = "memory"`.
     pub fn store_backup(&self) -> Option<StoreBackup> {
         self.store_backup.clone()
@@ -222,6 +257,7 @@ pub async fn start(
         handle,
         local_addrs: Vec::new(),
         listeners: Vec::new(),
+        listener_stats: BrokerListeners::default(),
         sys,
         shutdown,
         settings,
@@ -331,24 +367,23 @@ impl RunningBroker {
     }
 
     fn spawn_listener(&mut self, bound: BoundListener) -> Result<SocketAddr, BrokerError> {
-        let addr = bound
-            .socket
-            .local_addr()
-            .map_err(|source| BindError {
-                addr: bound.config.bind,
-                index: bound.index,
-                source,
-            })?;
+        let addr = bound.socket.local_addr().map_err(|source| BindError {
+            addr: bound.config.bind,
+            index: bound.index,
+            source,
+        })?;
         // The service logs every listener it started at info (see `service::log_listeners`).
         tracing::debug!(%addr, websocket = bound.config.websocket, "broker listening");
         let stop = self.shutdown.child_token();
         let transport = Arc::new(std::sync::RwLock::new(bound.transport));
+        let stats = Arc::new(ListenerStats::new(&bound.config, addr));
         let task = tokio::spawn(crate::essential::guard(
             "broker-listener",
             listener::run(
                 bound.socket,
                 bound.config.clone(),
                 transport.clone(),
+                stats.clone(),
                 self.settings.clone(),
                 self.handle.clone(),
                 stop.clone(),
@@ -358,10 +393,12 @@ impl RunningBroker {
             config: bound.config,
             addr,
             transport,
+            stats,
             tls_files: bound.tls_files,
             stop,
             task,
         });
+        self.listener_stats.replace(&self.listeners);
         Ok(addr)
     }
 
@@ -486,6 +523,7 @@ impl RunningBroker {
             removed.stop().await;
         }
         self.listeners = kept;
+        self.listener_stats.replace(&self.listeners);
         for (position, config) in restart {
             match bind(&config, position).await {
                 Ok(bound) => match self.spawn_listener(bound) {

@@ -43,10 +43,14 @@ pub struct BrokerStats {
     pub subscriptions: usize,
     pub retained: usize,
     pub messages_received: u64,
+    /// `messages_received` by QoS (index 0, 1, 2).
+    pub messages_received_by_qos: [u64; 3],
     pub messages_sent: u64,
     pub messages_dropped: u64,
     /// Messages waiting in client session queues, in memory or on disk, not yet sent.
     pub messages_queued: u64,
+    /// Bytes (payload and topic) of the queued messages held in memory.
+    pub bytes_queued: u64,
     /// Publishes and wills dropped: denied by the ACL, or to a `$` topic.
     pub publishes_denied: u64,
     /// Clients disconnected for not reading (`slow_client_timeout`).
@@ -55,6 +59,8 @@ pub struct BrokerStats {
     pub bytes_sent: u64,
     /// Size of the broker's database on disk (0 with `durability = "memory"`).
     pub store_bytes: u64,
+    /// How long the broker store's commits take (empty with `durability = "memory"`).
+    pub store_commits: crate::store::commit_times::CommitTimesSnapshot,
 }
 
 pub(crate) struct ConnectReply {
@@ -583,10 +589,16 @@ impl Router {
             .slow_clients_disconnected
             .load(Ordering::Relaxed);
         stats.store_bytes = self.persist.as_ref().map_or(0, Persist::size);
+        stats.store_commits = self
+            .persist
+            .as_ref()
+            .map(Persist::commit_times)
+            .unwrap_or_default();
         for entry in self.sessions.values() {
             let state = entry.session.lock();
             stats.messages_dropped += state.dropped;
             stats.messages_queued += state.queue.len() as u64 + state.spilled;
+            stats.bytes_queued += state.queued_bytes();
         }
         stats
     }
@@ -985,6 +997,7 @@ impl Router {
         done: &mut Option<oneshot::Sender<bool>>,
     ) -> (bool, bool, Option<AckShare>) {
         self.stats.messages_received += 1;
+        self.stats.messages_received_by_qos[message.qos as usize] += 1;
         let mut wrote = false;
         if message.retain {
             let stored = if message.payload.is_empty() {

@@ -712,6 +712,11 @@ impl Session {
 }
 
 impl SessionState {
+    /// Bytes (payload and topic) of the messages waiting in memory.
+    pub(crate) fn queued_bytes(&self) -> u64 {
+        self.queued_bytes
+    }
+
     fn allocate_pkid(&mut self) -> Option<u16> {
         // Packet ids 1..=65535, skipping ids still in flight.
         for _ in 0..u16::MAX {

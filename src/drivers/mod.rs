@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
+use crate::metrics::{DeviceMetrics, RtuBusMetrics};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
 use payload::Sample;
@@ -34,6 +35,9 @@ pub struct DeviceContext {
     status_topic: String,
     origin: Arc<str>,
     broker: BrokerHandle,
+    metrics: DeviceMetrics,
+    /// The shared RTU line this device is on (Modbus RTU only).
+    rtu_bus_metrics: RtuBusMetrics,
     /// The MQTT 5 properties of each point's readings (content type, payload format, the
     /// `unit` user property), built once; `readings` for points without a unit.
     point_properties: Arc<HashMap<String, Arc<MessageProperties>>>,
@@ -132,6 +136,8 @@ impl DeviceContext {
             status_topic: format!("{gateway_status_topic}/devices/{}", device.name),
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
+            metrics: DeviceMetrics::detached(),
+            rtu_bus_metrics: RtuBusMetrics::detached(),
             point_properties: Arc::new(point_properties),
             readings: Arc::new(readings),
             units: Arc::new(units),
@@ -142,6 +148,26 @@ impl DeviceContext {
                 ..MessageProperties::default()
             }),
         }
+    }
+
+    /// Record this device's polls, errors and latency into `metrics` (and, on a shared
+    /// RTU line, the line's into `rtu_bus`); without it they are recorded nowhere.
+    pub fn with_metrics(mut self, metrics: DeviceMetrics, rtu_bus: Option<RtuBusMetrics>) -> Self {
+        self.metrics = metrics;
+        if let Some(rtu_bus) = rtu_bus {
+            self.rtu_bus_metrics = rtu_bus;
+        }
+        self
+    }
+
+    /// Where the driver records polls, errors, latency and point quality.
+    pub fn metrics(&self) -> &DeviceMetrics {
+        &self.metrics
+    }
+
+    /// Where a shared RTU line records its requests and busy time.
+    pub fn rtu_bus_metrics(&self) -> &RtuBusMetrics {
+        &self.rtu_bus_metrics
     }
 
     /// The topic of one point: the device's template with `{gateway}`, `{device}` and

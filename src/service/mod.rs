@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
+use crate::http::{self, HttpContext, HttpError};
+use crate::metrics::Metrics;
 use crate::model::{Message, QoS};
 use crate::reload::{ReloadRequest, Reloader};
 use config::Config;
@@ -41,6 +43,8 @@ pub enum ServiceError {
     Signal(std::io::Error),
     #[error("uplink: {0}")]
     Uplink(#[from] crate::uplink::UplinkError),
+    #[error("{0}")]
+    Http(#[from] HttpError),
 }
 
 /// One address the gateway serves, as the start-up log and the status show it.
@@ -88,10 +92,14 @@ pub struct Gateway {
     pub local_addrs: Vec<SocketAddr>,
     /// Every address it serves, in the order started (the broker's listeners first).
     pub listeners: Vec<ListenerAddr>,
+    /// The HTTP listener's bound address, when `[http]` is configured.
+    pub http_addr: Option<SocketAddr>,
     pub broker: BrokerHandle,
     /// Asks the gateway to apply its configuration file again (SIGHUP, `fieldmq reload`,
     /// the HTTP API).
     pub reloader: Reloader,
+    /// The registry the parts record into (what `GET /metrics` shows).
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     finished: tokio::task::JoinHandle<()>,
 }
@@ -126,6 +134,47 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .map(|(listener, addr)| ListenerAddr::mqtt(listener, *addr))
         .collect();
 
+    let mut listeners = listeners;
+    let metrics = Arc::new(Metrics::new());
+    // One reloader for every trigger: SIGHUP, the control socket, the HTTP API; the
+    // supervisor below answers its requests.
+    let (reloader, reload_requests) = Reloader::new();
+
+    // Bound before anything else starts, so that an address in use stops the start cleanly.
+    let http_addr = match &config.http {
+        Some(http_config) => {
+            let context = HttpContext {
+                reloader: reloader.clone(),
+                metrics: metrics.clone(),
+                broker: handle.clone(),
+                listeners: broker.listeners(),
+            };
+            match http::start(http_config, context, shutdown.clone()).await {
+                Ok(http) => {
+                    let addr = http.local_addr;
+                    listeners.push(ListenerAddr {
+                        service: "HTTP",
+                        transport: if http_config.tls.is_some() {
+                            "tls"
+                        } else {
+                            "tcp"
+                        },
+                        addr,
+                    });
+                    // Stops with `shutdown`, before the devices' last words.
+                    tokio::spawn(http.wait());
+                    Some(addr)
+                }
+                Err(error) => {
+                    broker_shutdown.cancel();
+                    broker.wait().await;
+                    return Err(error.into());
+                }
+            }
+        }
+        None => None,
+    };
+
     let status_topic = config.gateway.status_topic.clone();
     publish_status(&handle, &status_topic, "online").await;
 
@@ -135,6 +184,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         &config.gateway.id,
         &status_topic,
         handle.clone(),
+        metrics.clone(),
         shutdown.clone(),
     );
 
@@ -144,6 +194,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         &config.uplinks,
         &config.gateway,
         handle.clone(),
+        metrics.clone(),
         uplink_shutdown.clone(),
     )
     .await
@@ -162,7 +213,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // `fieldmq backup` and `fieldmq reload` ask the running gateway through this socket
     // (see control.rs). It answers until the broker has stopped: a reload asked during
     // shutdown is told the gateway is stopping.
-    let (reloader, reload_requests) = Reloader::new();
     let stores = Arc::new(control::Stores::new(
         broker.store_backup(),
         uplinks.outboxes(),
@@ -209,8 +259,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     Ok(Gateway {
         local_addrs,
         listeners,
+        http_addr,
         broker: handle,
         reloader,
+        metrics,
         shutdown,
         finished,
     })

@@ -4,6 +4,7 @@
 //! Cancelling the parent tokens (the gateway's shutdown) stops them all.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt as _;
@@ -15,6 +16,7 @@ use crate::config::GatewayConfig;
 use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
 use crate::drivers::{self, DeviceContext};
+use crate::metrics::Metrics;
 use crate::store::Outbox;
 use crate::uplink::config::UplinkConfig;
 use crate::uplink::{RunningUplink, UplinkError};
@@ -85,6 +87,7 @@ pub(crate) struct Devices {
     gateway_id: String,
     status_topic: String,
     broker: BrokerHandle,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
@@ -95,6 +98,7 @@ impl Devices {
         gateway_id: &str,
         status_topic: &str,
         broker: BrokerHandle,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Devices {
         let mut running = Devices {
@@ -102,6 +106,7 @@ impl Devices {
             gateway_id: gateway_id.to_owned(),
             status_topic: status_topic.to_owned(),
             broker,
+            metrics,
             shutdown,
         };
         for (key, members) in group(devices) {
@@ -116,12 +121,20 @@ impl Devices {
             .iter()
             .cloned()
             .map(|device| {
+                let rtu_bus = match &device.driver {
+                    DriverConfig::Modbus(modbus) => match &modbus.transport {
+                        Transport::Rtu(settings) => Some(self.metrics.rtu_bus(&settings.path)),
+                        Transport::Tcp { .. } => None,
+                    },
+                    _ => None,
+                };
                 let context = DeviceContext::new(
                     &self.gateway_id,
                     &self.status_topic,
                     &device,
                     self.broker.clone(),
-                );
+                )
+                .with_metrics(self.metrics.device(&device.name), rtu_bus);
                 (device, context)
             })
             .collect();
@@ -246,6 +259,7 @@ pub(crate) struct Uplinks {
     tasks: Vec<UplinkTask>,
     gateway: GatewayConfig,
     broker: BrokerHandle,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
@@ -256,12 +270,14 @@ impl Uplinks {
         uplinks: &[UplinkConfig],
         gateway: &GatewayConfig,
         broker: BrokerHandle,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Uplinks, UplinkError> {
         let mut running = Uplinks {
             tasks: Vec::new(),
             gateway: gateway.clone(),
             broker,
+            metrics,
             shutdown,
         };
         for config in uplinks {
@@ -277,10 +293,11 @@ impl Uplinks {
     async fn start_one(&mut self, config: UplinkConfig) -> Result<(), UplinkError> {
         let stop = self.shutdown.child_token();
         let tls_files = uplink_tls_files(&config);
-        let uplink = crate::uplink::start(
+        let uplink = crate::uplink::start_with_metrics(
             config.clone(),
             &self.gateway,
             self.broker.clone(),
+            self.metrics.uplink(&config.name),
             stop.clone(),
         )
         .await?;
@@ -416,6 +433,7 @@ mod tests {
             "g",
             "g/status",
             broker.handle.clone(),
+            Arc::new(Metrics::new()),
             shutdown.clone(),
         );
         assert_eq!(running.task_count(), 2, "one task per serial line");

@@ -19,6 +19,7 @@
 
 mod ack;
 pub mod backup;
+pub mod commit_times;
 pub mod config;
 pub mod outbox;
 pub(crate) mod properties;

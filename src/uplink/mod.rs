@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
 use crate::config::GatewayConfig;
+use crate::metrics::UplinkMetrics;
 use crate::store::{Outbox, StoreError};
 use config::{SecretSource, UplinkConfig, UrlScheme};
 
@@ -230,6 +231,17 @@ pub async fn start(
     broker: BrokerHandle,
     shutdown: CancellationToken,
 ) -> Result<RunningUplink, UplinkError> {
+    start_with_metrics(config, gateway, broker, UplinkMetrics::detached(), shutdown).await
+}
+
+/// [`start`], recording connections, sends and the outbox into `metrics`.
+pub async fn start_with_metrics(
+    config: UplinkConfig,
+    gateway: &GatewayConfig,
+    broker: BrokerHandle,
+    metrics: UplinkMetrics,
+    shutdown: CancellationToken,
+) -> Result<RunningUplink, UplinkError> {
     let name = config.name.clone();
     transport_supported(&config)?;
     let tls = match (&config.url.scheme, &config.tls) {
@@ -354,6 +366,7 @@ pub async fn start(
             direct: direct_rx,
             appended: appended_rx,
             counters,
+            metrics,
             stop: sender_stop.clone(),
             stop_budget: budget / 2,
         })

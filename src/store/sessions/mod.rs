@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backup::BackupError;
+use super::commit_times::{CommitTimes, CommitTimesSnapshot};
 use super::Failure;
 use crate::model::{Message, QoS};
 use crate::store::config::Durability;
@@ -152,6 +153,8 @@ pub(crate) struct Persist {
     tx: mpsc::Sender<Op>,
     size: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    /// How long the writer's commits take.
+    commit_times: Arc<CommitTimes>,
     /// Becomes true when the writer thread has checkpointed and closed the file.
     stopped: tokio::sync::watch::Receiver<bool>,
 }
@@ -171,6 +174,7 @@ impl Persist {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let size = Arc::new(AtomicU64::new(writer::file_size(path)));
         let failures = Arc::new(AtomicU64::new(0));
+        let commit_times = Arc::new(CommitTimes::default());
         let window = match durability {
             Durability::Batched => commit_window,
             _ => Duration::ZERO,
@@ -180,8 +184,11 @@ impl Persist {
             sync,
             path,
             window,
-            size.clone(),
-            failures.clone(),
+            writer::Shared {
+                size: size.clone(),
+                failures: failures.clone(),
+                commit_times: commit_times.clone(),
+            },
             garbage,
         );
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
@@ -196,6 +203,7 @@ impl Persist {
                 tx,
                 size,
                 failures,
+                commit_times,
                 stopped,
             },
             snapshot,
@@ -281,6 +289,11 @@ impl Persist {
     /// Bytes on disk (database and WAL), refreshed after commits.
     pub(crate) fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    /// How long the writer's commits have taken so far.
+    pub(crate) fn commit_times(&self) -> CommitTimesSnapshot {
+        self.commit_times.snapshot()
     }
 }
 

@@ -18,6 +18,7 @@ use super::schema::{incremental_vacuum, MARK_REMOVED};
 use super::InflightState;
 use crate::model::Message;
 use crate::store::backup::copy_database;
+use crate::store::commit_times::CommitTimes;
 use crate::store::{self, now_ms, properties, SyncLevel, Synchronous};
 
 /// Most ops applied in one transaction.
@@ -113,6 +114,8 @@ pub(super) struct Writer {
     size: Arc<AtomicU64>,
     /// Failed commits (their ops are lost from disk), shared with [`super::Persist::failures`].
     failures: Arc<AtomicU64>,
+    /// Shared with [`super::Persist::commit_times`].
+    commit_times: Arc<CommitTimes>,
     commits: u64,
     garbage: Garbage,
     /// The store has been idle for [`PURGE_IDLE`]: purge until an op arrives.
@@ -129,16 +132,27 @@ enum Next {
     Closed,
 }
 
+/// What the writer reports and [`super::Persist`] reads.
+pub(super) struct Shared {
+    pub(super) size: Arc<AtomicU64>,
+    pub(super) failures: Arc<AtomicU64>,
+    pub(super) commit_times: Arc<CommitTimes>,
+}
+
 impl Writer {
     pub(super) fn new(
         conn: Connection,
         sync: SyncLevel,
         path: &Path,
         window: Duration,
-        size: Arc<AtomicU64>,
-        failures: Arc<AtomicU64>,
+        shared: Shared,
         garbage: Garbage,
     ) -> Writer {
+        let Shared {
+            size,
+            failures,
+            commit_times,
+        } = shared;
         Writer {
             conn,
             path: path.to_path_buf(),
@@ -149,6 +163,7 @@ impl Writer {
             last_sync: Instant::now(),
             size,
             failures,
+            commit_times,
             commits: 0,
             garbage,
             purging: false,
@@ -302,6 +317,7 @@ impl Writer {
         let mut written = Vec::new();
         let mut ops = batch.into_iter();
         let tx = &self.conn;
+        let started = Instant::now();
         let result = store::in_transaction(tx, || {
             for op in ops.by_ref() {
                 match op {
@@ -391,6 +407,9 @@ impl Writer {
             }
             return;
         }
+        // The transaction with its commit (and fsync, when synced): what a publisher under
+        // `sync` waits for.
+        self.commit_times.record(started.elapsed());
         if sync {
             self.unsynced = false;
             self.last_sync = Instant::now();
