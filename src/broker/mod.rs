@@ -331,14 +331,11 @@ impl RunningBroker {
     }
 
     fn spawn_listener(&mut self, bound: BoundListener) -> Result<SocketAddr, BrokerError> {
-        let addr = bound
-            .socket
-            .local_addr()
-            .map_err(|source| BindError {
-                addr: bound.config.bind,
-                index: bound.index,
-                source,
-            })?;
+        let addr = bound.socket.local_addr().map_err(|source| BindError {
+            addr: bound.config.bind,
+            index: bound.index,
+            source,
+        })?;
         // The service logs every listener it started at info (see `service::log_listeners`).
         tracing::debug!(%addr, websocket = bound.config.websocket, "broker listening");
         let stop = self.shutdown.child_token();
