@@ -169,7 +169,9 @@ fn the_readme_run_command_runs_the_gateway_binary() {
     let copy = dir.path().join("demo.toml");
     fs::write(
         &copy,
-        original.replace("bind = \"127.0.0.1:1883\"", "bind = \"127.0.0.1:0\""),
+        original
+            .replace("bind = \"127.0.0.1:1883\"", "bind = \"127.0.0.1:0\"")
+            .replace("bind = \"127.0.0.1:8088\"", "bind = \"127.0.0.1:0\""),
     )
     .expect("write the config copy");
     let args: Vec<&std::ffi::OsStr> = program_args

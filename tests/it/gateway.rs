@@ -22,6 +22,8 @@ fn demo_config(dir: &std::path::Path) -> std::path::PathBuf {
     );
     let text = text
         .replace("127.0.0.1:1883", "127.0.0.1:0")
+        // The status page's port too: tests run side by side.
+        .replace("127.0.0.1:8088", "127.0.0.1:0")
         .replace("poll = \"1s\"", "poll = \"100ms\"");
     let path = dir.join("demo.toml");
     std::fs::write(&path, text).expect("write config");
