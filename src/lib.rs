@@ -31,11 +31,13 @@ pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod essential;
+pub mod http;
 pub mod model;
 pub mod mqtt;
 pub mod pem;
 pub mod reload;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod uplink;
 

@@ -121,6 +121,16 @@ pub async fn start(
     config: &BrokerConfig,
     shutdown: CancellationToken,
 ) -> Result<RunningBroker, BrokerError> {
+    start_with_status(config, shutdown, None).await
+}
+
+/// [`start`], listing connected clients on the status board (each recorded when it
+/// connects and removed when it disconnects; nothing per message).
+pub async fn start_with_status(
+    config: &BrokerConfig,
+    shutdown: CancellationToken,
+    clients: Option<crate::status::ClientBoard>,
+) -> Result<RunningBroker, BrokerError> {
     let passwords = match &config.password_file {
         Some(path) => Some(Arc::new(PasswordFile::load(path)?)),
         None => None,
@@ -130,12 +140,9 @@ pub async fn start(
         None => None,
     };
     let counters = Arc::new(connection::Counters::default());
-    let settings = Arc::new(connection::Settings::from_config(
-        config,
-        passwords,
-        acl,
-        counters.clone(),
-    ));
+    let mut settings = connection::Settings::from_config(config, passwords, acl, counters.clone());
+    settings.clients = clients;
+    let settings = Arc::new(settings);
 
     let store = match config.durability {
         Durability::Memory => None,

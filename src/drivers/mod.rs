@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
+use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
 use payload::Sample;
 
@@ -33,6 +34,9 @@ pub struct DeviceContext {
     status_topic: String,
     origin: Arc<str>,
     broker: BrokerHandle,
+    /// Where the status API sees this device's readings and state (none in tools and tests
+    /// that run a driver alone).
+    board: Option<DeviceBoard>,
 }
 
 /// Device health, published retained on the device status topic.
@@ -58,7 +62,14 @@ impl DeviceContext {
             status_topic: format!("{gateway_status_topic}/devices/{}", device.name),
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
+            board: None,
         }
+    }
+
+    /// Also show this device's readings and state on the status board.
+    pub fn with_status(mut self, board: DeviceBoard) -> DeviceContext {
+        self.board = Some(board);
+        self
     }
 
     /// The topic of one point: the device's template with `{gateway}`, `{device}` and
@@ -83,6 +94,19 @@ impl DeviceContext {
     /// Publish what `point` reports on its topic, in the device's payload format (nothing
     /// when the format has nothing to say about it).
     pub async fn publish_sample(&self, point: &str, sample: Sample<'_>) -> Result<(), BusError> {
+        if let Some(board) = &self.board {
+            match &sample {
+                Sample::Reading(reading) => board.record_reading(
+                    point,
+                    reading.value.as_ref(),
+                    &reading.quality,
+                    reading.timestamp,
+                ),
+                Sample::Fields { fields, timestamp } => {
+                    board.record_fields(point, fields, *timestamp)
+                }
+            }
+        }
         let Some(payload) = payload::encode(self.payload, sample) else {
             return Ok(());
         };
@@ -110,6 +134,16 @@ impl DeviceContext {
 
     /// Publish the device's status (retained).
     pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BusError> {
+        if let Some(board) = &self.board {
+            match status {
+                DeviceStatus::Online => board.set_state(DeviceState::Online, None),
+                DeviceStatus::Offline { error } => board.set_state(
+                    DeviceState::Offline,
+                    Some(error.as_str()).filter(|e| !e.is_empty()),
+                ),
+                DeviceStatus::Error { error } => board.set_state(DeviceState::Error, Some(error)),
+            }
+        }
         let payload = match status {
             DeviceStatus::Online => json!({"status": "online", "ts": now_rfc3339()}),
             DeviceStatus::Offline { error } => {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, BrokerError, BrokerHandle};
 use crate::drivers::{self, DeviceContext};
 use crate::model::{Message, QoS};
+use crate::status::{GatewayInfo, StatusBoard};
 use config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum ServiceError {
 pub struct Gateway {
     pub local_addrs: Vec<SocketAddr>,
     pub broker: BrokerHandle,
+    /// The live picture of this gateway.
+    pub status: StatusBoard,
     shutdown: CancellationToken,
     finished: tokio::task::JoinHandle<()>,
 }
@@ -63,7 +66,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // The broker has its own token: it must outlive devices and uplinks so their last
     // words (the `offline` status) reach local clients.
     let broker_shutdown = CancellationToken::new();
-    let running = broker::start(&config.broker, broker_shutdown.clone()).await?;
+    // The live picture the status API, the status page and `fieldmq status` show.
+    let board = StatusBoard::new(GatewayInfo {
+        id: config.gateway.id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_file: config.source.clone(),
+        data_dir: config.gateway.data_dir.clone(),
+    });
+    let running = broker::start_with_status(
+        &config.broker,
+        broker_shutdown.clone(),
+        Some(board.clients()),
+    )
+    .await?;
     let handle = running.handle.clone();
     let local_addrs = running.local_addrs.clone();
 
@@ -74,8 +89,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // Modbus devices are grouped: RTU devices on one serial port share one bus task.
     let mut modbus = Vec::new();
     for device in config.devices.iter().cloned() {
+        let device_board = board.register_device(
+            &device.name,
+            device.driver_name(),
+            &device.points_and_units(),
+        );
         let context =
-            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone());
+            DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone())
+                .with_status(device_board);
         if device.driver.shares_bus() {
             modbus.push((device, context));
             continue;
@@ -90,11 +111,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let uplink_shutdown = CancellationToken::new();
     let mut uplinks = Vec::new();
     for uplink in config.uplinks.iter().cloned() {
-        let started = crate::uplink::start(
+        let uplink_board = board.register_uplink(&uplink.name, &uplink.url.to_string());
+        let started = crate::uplink::start_with_status(
             uplink,
             &config.gateway,
             handle.clone(),
             uplink_shutdown.clone(),
+            Some(uplink_board),
         )
         .await;
         match started {
@@ -121,7 +144,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let socket = control::socket_path(&config.gateway.data_dir);
     match control::bind(&config.gateway.data_dir) {
         Ok(listener) => {
-            sources.spawn(control::serve(listener, socket, stores, shutdown.clone()));
+            sources.spawn(control::serve(
+                listener,
+                socket,
+                stores,
+                board.clone(),
+                shutdown.clone(),
+            ));
         }
         Err(error) => tracing::warn!(
             path = %socket.display(), %error,
@@ -152,6 +181,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     Ok(Gateway {
         local_addrs,
         broker: handle,
+        status: board,
         shutdown,
         finished,
     })

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
 use crate::config::GatewayConfig;
+use crate::status::UplinkBoard;
 use crate::store::{Outbox, StoreError};
 use config::{SecretSource, UplinkConfig, UrlScheme};
 
@@ -230,6 +231,17 @@ pub async fn start(
     broker: BrokerHandle,
     shutdown: CancellationToken,
 ) -> Result<RunningUplink, UplinkError> {
+    start_with_status(config, gateway, broker, shutdown, None).await
+}
+
+/// [`start`], showing the uplink's state, errors and backlog on the status board.
+pub async fn start_with_status(
+    config: UplinkConfig,
+    gateway: &GatewayConfig,
+    broker: BrokerHandle,
+    shutdown: CancellationToken,
+    board: Option<UplinkBoard>,
+) -> Result<RunningUplink, UplinkError> {
     let name = config.name.clone();
     transport_supported(&config)?;
     let tls = match (&config.url.scheme, &config.tls) {
@@ -356,6 +368,7 @@ pub async fn start(
             counters,
             stop: sender_stop.clone(),
             stop_budget: budget / 2,
+            board,
         })
         .run(),
     );

@@ -1,0 +1,3 @@
+//! The HTTP listener's routes.
+
+pub mod status;
