@@ -69,6 +69,16 @@ enum Command {
         config: PathBuf,
         dest: PathBuf,
     },
+    /// Show what the running gateway is doing: devices and points, uplinks, clients and
+    /// recent errors (asked through its control socket; no HTTP listener needed).
+    Status {
+        /// The configuration file the gateway runs with (default: the embedded demo's).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the whole status as JSON (the same document as `GET /api/v1/status`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Subscribe and print `topic payload` lines.
     Sub {
         #[command(flatten)]
@@ -121,6 +131,30 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())?;
                 for file in copied {
                     println!("{}", file.display());
+                }
+                Ok(())
+            })
+        }
+        Command::Status { config, json } => {
+            let config = match config {
+                Some(path) => match config::load(&path) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("{error}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => config::demo(),
+            };
+            block_on(async move {
+                let data_dir = &config.gateway.data_dir;
+                let (text, snapshot) = fieldmq::service::control::status(data_dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    println!("{text}");
+                } else {
+                    print!("{}", fieldmq::status::render_text(&snapshot));
                 }
                 Ok(())
             })

@@ -163,7 +163,7 @@ fn page_model(snapshot: StatusSnapshot) -> Page {
         .unwrap_or_default();
     Page {
         refresh_s: PAGE_REFRESH_S,
-        uptime: duration_text(gateway.uptime_s),
+        uptime: crate::status::duration_text(gateway.uptime_s),
         reloads,
         gateway,
         devices_count: devices.len(),
@@ -229,25 +229,6 @@ pub fn value_text(value: &serde_json::Value) -> String {
             _ => number.to_string(),
         },
         other => other.to_string(),
-    }
-}
-
-/// Seconds as `3d 4h`, `2h 5m`, `5m 3s` or `42s`.
-pub fn duration_text(seconds: u64) -> String {
-    let (days, hours, minutes, secs) = (
-        seconds / 86_400,
-        seconds / 3600 % 24,
-        seconds / 60 % 60,
-        seconds % 60,
-    );
-    if days > 0 {
-        format!("{days}d {hours}h")
-    } else if hours > 0 {
-        format!("{hours}h {minutes}m")
-    } else if minutes > 0 {
-        format!("{minutes}m {secs}s")
-    } else {
-        format!("{secs}s")
     }
 }
 
@@ -395,6 +376,7 @@ mod tests {
         assert_eq!(value_text(&serde_json::json!(42)), "42");
         assert_eq!(value_text(&serde_json::json!("on")), "on");
         assert_eq!(value_text(&serde_json::json!(true)), "true");
+        let duration_text = crate::status::duration_text;
         assert_eq!(duration_text(42), "42s");
         assert_eq!(duration_text(3 * 60 + 3), "3m 3s");
         assert_eq!(duration_text(2 * 3600 + 5 * 60), "2h 5m");

@@ -8,6 +8,7 @@
 //! device at a time. The broker records a client at connect and disconnect only, never per
 //! message.
 
+mod text;
 mod view;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -20,6 +21,7 @@ use std::time::{Instant, SystemTime};
 use crate::model::{Quality, Value};
 use crate::reload::{ReloadHistory, Reloader};
 
+pub use text::{duration as duration_text, render as render_text};
 pub use view::{
     ClientView, DeviceView, ErrorView, GatewayView, PointView, StatusSnapshot, UplinkView,
 };

@@ -26,5 +26,6 @@ mod mqttjs;
 mod protocol_strict;
 mod retained;
 mod serial;
+mod status;
 mod tools;
 mod uplink;
