@@ -23,6 +23,8 @@
 //! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then
 //!   a [`model::Message`] in [`drivers::DeviceContext::publish_sample`], its payload
 //!   encoded by [`drivers::payload`].
+//! - [`http`]: the HTTP listener (`/metrics`, the API); [`metrics`]: the registry parts
+//!   record into.
 //! - [`service`]: wiring, signals, shutdown.
 
 mod backoff;
@@ -32,6 +34,7 @@ pub mod config;
 pub mod drivers;
 pub mod essential;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod pem;

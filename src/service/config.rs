@@ -1,5 +1,5 @@
 //! The whole configuration file: the [`Config`] assembled from each part's section
-//! (`[gateway]`, `[broker]`, `[[devices]]`, `[[uplinks]]`), and [`load`], [`parse`] and the
+//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`), and [`load`], [`parse`] and the
 //! embedded [`demo`]. The parts validate their own sections; this is where they meet.
 
 use std::fmt::Write as _;
@@ -12,9 +12,10 @@ use crate::broker::config::{BrokerConfig, RawBroker};
 use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway, S};
 use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
+use crate::http::config::{HttpConfig, RawHttp};
 use crate::uplink::config::UplinkConfig;
 
-const TOP_LEVEL_KEYS: &[&str] = &["gateway", "broker", "devices", "uplinks"];
+const TOP_LEVEL_KEYS: &[&str] = &["gateway", "broker", "http", "devices", "uplinks"];
 
 /// The validated configuration of a whole gateway.
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub struct Config {
     pub source: PathBuf,
     pub gateway: GatewayConfig,
     pub broker: BrokerConfig,
+    /// The HTTP listener (`/metrics`, the API); `None` without an `[http]` table.
+    pub http: Option<HttpConfig>,
     pub devices: Vec<DeviceConfig>,
     pub uplinks: Vec<UplinkConfig>,
 }
@@ -125,6 +128,18 @@ impl Config {
                 listener.max_handshakes
             );
         }
+        if let Some(http) = &self.http {
+            let _ = writeln!(
+                out,
+                "http: {}{}",
+                http.url(),
+                if http.password_file.is_some() {
+                    ", basic authentication"
+                } else {
+                    ""
+                }
+            );
+        }
         for warning in self.warnings() {
             let _ = writeln!(out, "warning: {warning}");
         }
@@ -171,12 +186,14 @@ impl Checker<'_> {
         };
         let mut gateway = None;
         let mut broker = None;
+        let mut http = None;
         let mut devices = None;
         let mut uplinks = None;
         for (key, value) in table {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(value),
                 "broker" => broker = Some(value),
+                "http" => http = Some(value),
                 "devices" => devices = Some(value),
                 "uplinks" => uplinks = Some(value),
                 other => self.unknown_key(key.span(), other, other, TOP_LEVEL_KEYS),
@@ -200,6 +217,11 @@ impl Checker<'_> {
                 .map(|raw| self.broker(Some(raw))),
             None => Some(self.broker(None)),
         };
+        // Absent: no HTTP listener. Present but invalid: an error like any other section.
+        let http = http.map(|value| {
+            self.deserialize::<S<RawHttp>>(value, "http")
+                .and_then(|raw| self.http(raw))
+        });
         let devices = devices.map(|value| self.devices(value)).unwrap_or_default();
         let uplinks = uplinks.map(|value| self.uplinks(value)).unwrap_or_default();
 
@@ -213,6 +235,10 @@ impl Checker<'_> {
             source: source.to_path_buf(),
             gateway,
             broker,
+            http: match http {
+                Some(http) => Some(http?),
+                None => None,
+            },
             devices: devices.into_iter().collect::<Option<_>>()?,
             uplinks: uplinks.into_iter().collect::<Option<_>>()?,
         })

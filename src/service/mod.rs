@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, BrokerHandle};
 use crate::drivers::{self, DeviceContext};
+use crate::http::{self, HttpContext, HttpError};
+use crate::metrics::Metrics;
 use crate::model::{Message, QoS};
+use crate::reload::{ReloadReport, ReloadRequest, Reloader};
 use crate::status::{GatewayInfo, StatusBoard};
 use config::Config;
 
@@ -36,14 +39,20 @@ pub enum ServiceError {
     Signal(std::io::Error),
     #[error("uplink: {0}")]
     Uplink(#[from] crate::uplink::UplinkError),
+    #[error("{0}")]
+    Http(#[from] HttpError),
 }
 
 /// A gateway that has started: its broker addresses and its stop switch.
 pub struct Gateway {
     pub local_addrs: Vec<SocketAddr>,
+    /// The HTTP listener's bound address, when `[http]` is configured.
+    pub http_addr: Option<SocketAddr>,
     pub broker: BrokerHandle,
     /// The live picture of this gateway.
     pub status: StatusBoard,
+    /// The registry the parts record into (what `GET /metrics` shows).
+    pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     finished: tokio::task::JoinHandle<()>,
 }
@@ -82,10 +91,44 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let handle = running.handle.clone();
     let local_addrs = running.local_addrs.clone();
 
+    let metrics = Arc::new(Metrics::new());
+    let (reloader, reload_requests) = Reloader::new();
+    board.attach_reloader(reloader.clone());
+    let mut sources = JoinSet::new();
+    // PLACEHOLDER until live reload is wired (the reload part replaces this line): every
+    // request is answered "refused".
+    sources.spawn(refuse_reloads(reload_requests, shutdown.clone()));
+
+    // Bound before anything else starts, so that an address in use stops the start cleanly.
+    let http_addr = match &config.http {
+        Some(http_config) => {
+            let context = HttpContext {
+                reloader: reloader.clone(),
+                metrics: metrics.clone(),
+                broker: handle.clone(),
+                status: board.clone(),
+            };
+            match http::start(http_config, context, shutdown.clone()).await {
+                Ok(running) => {
+                    let addr = running.local_addr;
+                    sources.spawn(running.wait());
+                    Some(addr)
+                }
+                Err(error) => {
+                    shutdown.cancel();
+                    while sources.join_next().await.is_some() {}
+                    broker_shutdown.cancel();
+                    running.wait().await;
+                    return Err(error.into());
+                }
+            }
+        }
+        None => None,
+    };
+
     let status_topic = config.gateway.status_topic.clone();
     publish_status(&handle, &status_topic, "online").await;
 
-    let mut sources = JoinSet::new();
     // Modbus devices are grouped: RTU devices on one serial port share one bus task.
     let mut modbus = Vec::new();
     for device in config.devices.iter().cloned() {
@@ -180,11 +223,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
 
     Ok(Gateway {
         local_addrs,
+        http_addr,
         broker: handle,
         status: board,
+        metrics,
         shutdown,
         finished,
     })
+}
+
+/// Answers every reload request "refused" until live reload is wired in.
+async fn refuse_reloads(
+    mut requests: tokio::sync::mpsc::Receiver<ReloadRequest>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            request = requests.recv() => request,
+        };
+        let Some(request) = request else { return };
+        request.answer(ReloadReport::refused(vec![
+            "live reload is not available".into()
+        ]));
+    }
 }
 
 async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
