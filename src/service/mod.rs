@@ -79,7 +79,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let board = StatusBoard::new(GatewayInfo {
         id: config.gateway.id.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_file: config.source.clone(),
+        // Absolute, so that the status names the file whatever directory it started in.
+        config_file: match config.source.is_file() {
+            true => std::path::absolute(&config.source).unwrap_or_else(|_| config.source.clone()),
+            false => config.source.clone(),
+        },
         data_dir: config.gateway.data_dir.clone(),
     });
     let running = broker::start_with_status(
