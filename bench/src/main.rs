@@ -8,7 +8,7 @@
 //!
 //! `broker`, `durable`, `memory` and `retained` start fieldmq's release binary and Mosquitto
 //! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process;
-//! `uplink` and `modbus` run the gateway's library in this process; `disk` and `wake`
+//! `uplink`, `modbus` and `metrics` run the gateway's library in this process; `disk` and `wake`
 //! measure the machine alone. Method and current figures: docs/benchmarks.md.
 
 use anyhow::{Context, Result};
@@ -20,6 +20,7 @@ mod disk;
 mod durable;
 mod launch;
 mod memory;
+mod metrics;
 mod modbus;
 mod proc;
 mod queue;
@@ -57,6 +58,8 @@ enum Cmd {
     /// The uplink's store-and-forward path: outbox append, memory with the cloud down, drain,
     /// and end to end against a Mosquitto bridge.
     Uplink(uplink::UplinkArgs),
+    /// `GET /metrics` on a gateway with 100 simulated devices of 50 points: median and p99.
+    Metrics(metrics::MetricsArgs),
     /// The Modbus TCP driver polling a simulated device: values/s, delay to a subscriber, CPU.
     Modbus(modbus::ModbusArgs),
 }
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         Cmd::Memory(args) => runtime()?.block_on(memory::run(args)),
         Cmd::Retained(args) => runtime()?.block_on(retained::run(&args)),
         Cmd::Uplink(args) => runtime()?.block_on(uplink::run(&args)),
+        Cmd::Metrics(args) => runtime()?.block_on(metrics::run(&args)),
         Cmd::Disk(args) => disk::run(&args),
         Cmd::Wake(args) => wake::run(&args),
         Cmd::Modbus(args) => modbus::run(&args),

@@ -269,11 +269,81 @@ impl Refusals {
     }
 }
 
+/// A listener's limits and counters, shared with whoever reports them (the metrics read
+/// them at scrape time: nothing is counted twice).
+#[derive(Debug)]
+pub(crate) struct ListenerStats {
+    url: String,
+    max_connections: usize,
+    max_handshakes: usize,
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    accepted: AtomicU64,
+    refusals: Refusals,
+}
+
+/// One listener's counters as of now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSnapshot {
+    /// `mqtt://`, `mqtts://`, `ws://` or `wss://` and the bound address.
+    pub url: String,
+    /// Connections whose CONNECT has been read, open now.
+    pub connections: u64,
+    /// Sockets in their handshake (no CONNECT read yet) now.
+    pub handshakes: u64,
+    /// Sockets accepted since the start.
+    pub accepted: u64,
+    /// Sockets closed at once: too many in their handshake.
+    pub refused_over_handshakes: u64,
+    /// Sockets closed at once: too many from one address.
+    pub refused_over_address: u64,
+    /// TLS or WebSocket handshakes that failed.
+    pub failed_handshakes: u64,
+}
+
+impl ListenerStats {
+    pub(crate) fn new(config: &ListenerConfig, bound: SocketAddr) -> ListenerStats {
+        let mut with_bound = config.clone();
+        with_bound.bind = bound;
+        ListenerStats {
+            url: with_bound.url(),
+            max_connections: config.max_connections,
+            max_handshakes: config.max_handshakes,
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            handshakes: Arc::new(Semaphore::new(config.max_handshakes)),
+            accepted: AtomicU64::new(0),
+            refusals: Refusals {
+                listener: bound,
+                over_handshakes: AtomicU64::new(0),
+                over_address: AtomicU64::new(0),
+                failed_handshakes: AtomicU64::new(0),
+                log: log_limit::LogLimit::new(),
+            },
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> ListenerSnapshot {
+        let in_use = |max: usize, semaphore: &Semaphore| {
+            max.saturating_sub(semaphore.available_permits()) as u64
+        };
+        ListenerSnapshot {
+            url: self.url.clone(),
+            connections: in_use(self.max_connections, &self.connections),
+            handshakes: in_use(self.max_handshakes, &self.handshakes),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            refused_over_handshakes: self.refusals.over_handshakes.load(Ordering::Relaxed),
+            refused_over_address: self.refusals.over_address.load(Ordering::Relaxed),
+            failed_handshakes: self.refusals.failed_handshakes.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Accept on `socket` until `shutdown`; a listener whose TLS files cannot be loaded logs
 /// why and accepts nothing (call [`prepare`] at start to fail the start instead).
 pub(crate) async fn run(
     socket: TcpListener,
     config: ListenerConfig,
+    stats: Arc<ListenerStats>,
     settings: Arc<Settings>,
     broker: BrokerHandle,
     shutdown: CancellationToken,
@@ -285,20 +355,13 @@ pub(crate) async fn run(
             return;
         }
     };
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+    let connections = stats.connections.clone();
+    let handshakes = stats.handshakes.clone();
     let per_address = (config.max_connections_per_address > 0).then(|| {
         Arc::new(PerAddress {
             max: config.max_connections_per_address,
             open: Mutex::new(HashMap::new()),
         })
-    });
-    let refusals = Arc::new(Refusals {
-        listener: socket.local_addr().unwrap_or(config.bind),
-        over_handshakes: AtomicU64::new(0),
-        over_address: AtomicU64::new(0),
-        failed_handshakes: AtomicU64::new(0),
-        log: log_limit::LogLimit::new(),
     });
     let mut tasks = JoinSet::new();
     loop {
@@ -315,6 +378,8 @@ pub(crate) async fn run(
                         continue;
                     }
                 };
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let refusals = &stats.refusals;
                 // Both limits close the socket at once (dropping it): nothing is read from
                 // it and it costs no task.
                 let address_slot = match &per_address {
@@ -352,7 +417,7 @@ pub(crate) async fn run(
                     continue;
                 }
                 let transport = transport.clone();
-                let refusals = refusals.clone();
+                let stats = stats.clone();
                 tasks.spawn(async move {
                     // Boxed: the TLS and WebSocket handshakes' state (rustls, tungstenite) is
                     // about 11 KiB, and a future awaited inline is part of the task for the
@@ -364,7 +429,7 @@ pub(crate) async fn run(
                     let Handshaken { stream, identity } = match handshaken {
                         Ok(Ok(handshaken)) => handshaken,
                         Ok(Err(error)) => {
-                            refusals.failed_handshake(peer, &error);
+                            stats.refusals.failed_handshake(peer, &error);
                             return;
                         }
                         Err(_) => {

@@ -29,7 +29,8 @@ pub use crate::store::sessions::PersistError;
 pub use acl::{Acl, AclError};
 pub use auth::{hash_password, AuthError, PasswordFile};
 pub use bus::{AckShare, BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
-pub use listener::TlsError;
+use listener::ListenerStats;
+pub use listener::{ListenerSnapshot, TlsError};
 pub use router::BrokerStats;
 use router::Router;
 
@@ -63,6 +64,7 @@ pub struct RunningBroker {
     pub handle: BrokerHandle,
     /// Actual bound addresses, in config order (useful with port 0).
     pub local_addrs: Vec<SocketAddr>,
+    listener_stats: BrokerListeners,
     listeners: JoinSet<()>,
     router: tokio::task::JoinHandle<()>,
     router_stop: CancellationToken,
@@ -70,6 +72,18 @@ pub struct RunningBroker {
     store_backup: Option<StoreBackup>,
     /// Resolves when the store has checkpointed and closed its file.
     store_stopped: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+}
+
+/// Every listener's counters (connections and handshakes now, sockets accepted and
+/// refused), readable at any time without asking the router. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerListeners(Vec<Arc<ListenerStats>>);
+
+impl BrokerListeners {
+    /// One snapshot per listener, in configuration order.
+    pub fn snapshot(&self) -> Vec<ListenerSnapshot> {
+        self.0.iter().map(|stats| stats.snapshot()).collect()
+    }
 }
 
 /// Copies a running broker's store (see [`RunningBroker::store_backup`]). Holding it does
@@ -97,6 +111,11 @@ impl StoreBackup {
 }
 
 impl RunningBroker {
+    /// The listeners' counters, for the metrics.
+    pub fn listeners(&self) -> BrokerListeners {
+        self.listener_stats.clone()
+    }
+
     /// A handle for backups of the store; `None` with `durability = "memory"`.
     pub fn store_backup(&self) -> Option<StoreBackup> {
         self.store_backup.clone()
@@ -199,6 +218,7 @@ pub async fn start_with_status(
     }
 
     let mut local_addrs = Vec::new();
+    let mut listener_stats = Vec::new();
     for (socket, listener_config) in bound {
         let addr = socket.local_addr().map_err(|source| BrokerError::Bind {
             addr: listener_config.bind,
@@ -206,11 +226,14 @@ pub async fn start_with_status(
         })?;
         tracing::info!(%addr, websocket = listener_config.websocket, "broker listening");
         local_addrs.push(addr);
+        let stats = Arc::new(ListenerStats::new(&listener_config, addr));
+        listener_stats.push(stats.clone());
         listeners.spawn(crate::essential::guard(
             "broker-listener",
             listener::run(
                 socket,
                 listener_config,
+                stats,
                 settings.clone(),
                 handle.clone(),
                 shutdown.clone(),
@@ -221,6 +244,7 @@ pub async fn start_with_status(
     Ok(RunningBroker {
         handle,
         local_addrs,
+        listener_stats: BrokerListeners(listener_stats),
         listeners,
         router,
         router_stop,

@@ -43,6 +43,8 @@ pub struct BrokerStats {
     pub subscriptions: usize,
     pub retained: usize,
     pub messages_received: u64,
+    /// `messages_received` by QoS (index 0, 1, 2).
+    pub messages_received_by_qos: [u64; 3],
     pub messages_sent: u64,
     pub messages_dropped: u64,
     /// Messages waiting in client session queues, in memory or on disk, not yet sent.
@@ -985,6 +987,7 @@ impl Router {
         done: &mut Option<oneshot::Sender<bool>>,
     ) -> (bool, bool, Option<AckShare>) {
         self.stats.messages_received += 1;
+        self.stats.messages_received_by_qos[message.qos as usize] += 1;
         let mut wrote = false;
         if message.retain {
             let stored = if message.payload.is_empty() {

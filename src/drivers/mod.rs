@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
+use crate::metrics::{DeviceMetrics, RtuBusMetrics};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
 use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
@@ -37,6 +38,9 @@ pub struct DeviceContext {
     /// Where the status API sees this device's readings and state (none in tools and tests
     /// that run a driver alone).
     board: Option<DeviceBoard>,
+    metrics: DeviceMetrics,
+    /// The shared RTU line this device is on (Modbus RTU only).
+    rtu_bus_metrics: RtuBusMetrics,
 }
 
 /// Device health, published retained on the device status topic.
@@ -63,6 +67,8 @@ impl DeviceContext {
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
             board: None,
+            metrics: DeviceMetrics::detached(),
+            rtu_bus_metrics: RtuBusMetrics::detached(),
         }
     }
 
@@ -70,6 +76,26 @@ impl DeviceContext {
     pub fn with_status(mut self, board: DeviceBoard) -> DeviceContext {
         self.board = Some(board);
         self
+    }
+
+    /// Record this device's polls, errors and latency into `metrics` (and, on a shared
+    /// RTU line, the line's into `rtu_bus`); without it they are recorded nowhere.
+    pub fn with_metrics(mut self, metrics: DeviceMetrics, rtu_bus: Option<RtuBusMetrics>) -> Self {
+        self.metrics = metrics;
+        if let Some(rtu_bus) = rtu_bus {
+            self.rtu_bus_metrics = rtu_bus;
+        }
+        self
+    }
+
+    /// Where the driver records polls, errors, latency and point quality.
+    pub fn metrics(&self) -> &DeviceMetrics {
+        &self.metrics
+    }
+
+    /// Where a shared RTU line records its requests and busy time.
+    pub fn rtu_bus_metrics(&self) -> &RtuBusMetrics {
+        &self.rtu_bus_metrics
     }
 
     /// The topic of one point: the device's template with `{gateway}`, `{device}` and

@@ -1,17 +1,18 @@
-//! `GET /metrics`: the registry as OpenMetrics text. The broker's counters and the reload
+//! `GET /metrics`: the registry as OpenMetrics text (or the Prometheus text format for a
+//! client that does not ask for OpenMetrics in `Accept`). The broker's counters and the reload
 //! history are read at scrape time, so nothing on the broker's hot path counts twice.
 
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
 use super::HttpContext;
-use crate::broker::BrokerStats;
-use crate::metrics::{BrokerSnapshot, CONTENT_TYPE};
+use crate::broker::{BrokerStats, ListenerSnapshot};
+use crate::metrics::{BrokerSnapshot, Format, ListenerSample};
 
 /// The longest a scrape waits for the broker's router; past it the broker's families are
 /// those of the last scrape.
@@ -23,9 +24,16 @@ pub(super) fn routes(context: HttpContext) -> Router {
         .with_state(context)
 }
 
-async fn metrics(State(context): State<HttpContext>) -> Response {
+async fn metrics(State(context): State<HttpContext>, headers: HeaderMap) -> Response {
+    let format = headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .map(Format::from_accept)
+        .unwrap_or(Format::PrometheusText);
     match tokio::time::timeout(BROKER_STATS_TIMEOUT, context.broker.stats()).await {
-        Ok(Ok(stats)) => context.metrics.set_broker(snapshot(&stats)),
+        Ok(Ok(stats)) => context
+            .metrics
+            .set_broker(snapshot(&stats, &context.listeners.snapshot())),
         Ok(Err(error)) => tracing::debug!(%error, "metrics: no broker statistics"),
         Err(_) => tracing::warn!("metrics: the broker router did not answer in time"),
     }
@@ -33,19 +41,32 @@ async fn metrics(State(context): State<HttpContext>) -> Response {
     context
         .metrics
         .set_reloads(reloads.succeeded, reloads.failed);
-    match context.metrics.encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+    match context.metrics.encode(format) {
+        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
     }
 }
 
-fn snapshot(stats: &BrokerStats) -> BrokerSnapshot {
+fn snapshot(stats: &BrokerStats, listeners: &[ListenerSnapshot]) -> BrokerSnapshot {
     BrokerSnapshot {
+        listeners: listeners
+            .iter()
+            .map(|l| ListenerSample {
+                url: l.url.clone(),
+                connections: l.connections,
+                handshakes: l.handshakes,
+                accepted: l.accepted,
+                refused_over_handshakes: l.refused_over_handshakes,
+                refused_over_address: l.refused_over_address,
+                failed_handshakes: l.failed_handshakes,
+            })
+            .collect(),
         clients_connected: stats.clients_connected as u64,
         sessions: stats.sessions as u64,
         subscriptions: stats.subscriptions as u64,
         retained: stats.retained as u64,
         messages_received: stats.messages_received,
+        messages_received_by_qos: stats.messages_received_by_qos,
         messages_sent: stats.messages_sent,
         messages_dropped: stats.messages_dropped,
         publishes_denied: stats.publishes_denied,

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::BrokerHandle;
-use crate::broker::{AuthError, PasswordFile};
+use crate::broker::{AuthError, BrokerListeners, PasswordFile};
 use crate::metrics::Metrics;
 use crate::pem::PemError;
 use crate::reload::Reloader;
@@ -65,6 +65,8 @@ pub struct HttpContext {
     pub broker: BrokerHandle,
     /// The live picture the status API and page show.
     pub status: StatusBoard,
+    /// The broker listeners' counters, read at scrape time.
+    pub listeners: BrokerListeners,
 }
 
 /// A started HTTP listener.

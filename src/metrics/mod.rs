@@ -7,7 +7,8 @@
 //! [`Metrics::set_reloads`]) instead of being counted twice.
 //!
 //! Every name starts with `fieldmq_`; counters end in `_total`; units are seconds and
-//! bytes. `GET /metrics` (`src/http/`) encodes [`Metrics::encode`] as OpenMetrics text.
+//! bytes. `GET /metrics` (`src/http/`) encodes [`Metrics::encode`] as OpenMetrics text, or
+//! the Prometheus text format for a client that does not ask for OpenMetrics.
 
 mod process;
 mod snapshot;
@@ -22,10 +23,36 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use snapshot::{BrokerSnapshot, UplinkSnapshot};
+pub use snapshot::{BrokerSnapshot, ListenerSample, UplinkSnapshot};
 
-/// The OpenMetrics text content type `GET /metrics` answers with.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two text formats a scraper may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (what Prometheus asks for first).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (for tools that read only that, e.g. `promtool`).
+    PrometheusText,
+}
+
+impl Format {
+    /// The `Content-Type` of an answer in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::PrometheusText => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+
+    /// The format an `Accept` header asks for: OpenMetrics when it names it, else the
+    /// Prometheus text format.
+    pub fn from_accept(accept: &str) -> Format {
+        if accept.contains("application/openmetrics-text") {
+            Format::OpenMetrics
+        } else {
+            Format::PrometheusText
+        }
+    }
+}
 
 /// Label sets: a few name/value pairs.
 type Labels = Vec<(&'static str, String)>;
@@ -217,10 +244,17 @@ impl Metrics {
         self.scraped.set_reloads(succeeded, failed);
     }
 
-    /// Everything, as OpenMetrics text (ends with `# EOF`).
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+    /// Everything, in `format` (OpenMetrics ends with `# EOF`).
+    pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
         let mut text = String::with_capacity(16 * 1024);
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        match format {
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut text, &self.registry)?
+            }
+            Format::PrometheusText => {
+                prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?
+            }
+        }
         Ok(text)
     }
 }

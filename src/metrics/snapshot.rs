@@ -14,14 +14,30 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-/// The broker's counters, as its router reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One broker listener's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerSample {
+    /// The listener's URL (`mqtt://0.0.0.0:1883`), its label.
+    pub url: String,
+    pub connections: u64,
+    pub handshakes: u64,
+    pub accepted: u64,
+    pub refused_over_handshakes: u64,
+    pub refused_over_address: u64,
+    pub failed_handshakes: u64,
+}
+
+/// The broker's counters, as its router and listeners report them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BrokerSnapshot {
+    pub listeners: Vec<ListenerSample>,
     pub clients_connected: u64,
     pub sessions: u64,
     pub subscriptions: u64,
     pub retained: u64,
     pub messages_received: u64,
+    /// `messages_received` by QoS 0, 1, 2.
+    pub messages_received_by_qos: [u64; 3],
     pub messages_sent: u64,
     /// Queued messages dropped (a full session queue).
     pub messages_dropped: u64,
@@ -188,7 +204,7 @@ where
 impl Collector for Scraped {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (broker, reloads) = match self.values.lock() {
-            Ok(values) => (values.broker, values.reloads),
+            Ok(values) => (values.broker.clone(), values.reloads),
             Err(_) => (None, (0, 0)),
         };
         if let Some(b) = broker {
@@ -239,11 +255,82 @@ fn encode_broker(
         "Retained messages",
         &[(&[], b.retained as i64)],
     )?;
+    let urls: Vec<[(&str, &str); 1]> = b
+        .listeners
+        .iter()
+        .map(|l| [("listener", l.url.as_str())])
+        .collect();
+    let per_listener = |value: fn(&ListenerSample) -> u64| -> Vec<(&[(&str, &str)], u64)> {
+        urls.iter()
+            .zip(&b.listeners)
+            .map(|(labels, listener)| (labels.as_slice(), value(listener)))
+            .collect()
+    };
+    let gauges = |value: fn(&ListenerSample) -> u64| -> Vec<(&[(&str, &str)], i64)> {
+        per_listener(value)
+            .into_iter()
+            .map(|(labels, v)| (labels, v as i64))
+            .collect()
+    };
+    gauge(
+        encoder,
+        "broker_connections",
+        "MQTT connections open now (CONNECT read), by listener",
+        &gauges(|l| l.connections),
+    )?;
+    gauge(
+        encoder,
+        "broker_handshakes",
+        "Sockets in their handshake now (TLS, WebSocket, waiting for CONNECT), by listener",
+        &gauges(|l| l.handshakes),
+    )?;
+    counter(
+        encoder,
+        "broker_accepted_connections",
+        "Sockets accepted, by listener",
+        &per_listener(|l| l.accepted),
+    )?;
+    let refused_labels: Vec<[(&str, &str); 2]> = b
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            [
+                [("listener", l.url.as_str()), ("reason", "max_handshakes")],
+                [
+                    ("listener", l.url.as_str()),
+                    ("reason", "max_connections_per_address"),
+                ],
+                [("listener", l.url.as_str()), ("reason", "handshake_failed")],
+            ]
+        })
+        .collect();
+    let refused_values = b.listeners.iter().flat_map(|l| {
+        [
+            l.refused_over_handshakes,
+            l.refused_over_address,
+            l.failed_handshakes,
+        ]
+    });
+    let refused: Vec<(&[(&str, &str)], u64)> = refused_labels
+        .iter()
+        .zip(refused_values)
+        .map(|(labels, value)| (labels.as_slice(), value))
+        .collect();
+    counter(
+        encoder,
+        "broker_refused_connections",
+        "Sockets closed before CONNECT, by listener and reason",
+        &refused,
+    )?;
     counter(
         encoder,
         "broker_messages_received",
-        "PUBLISH packets received from clients and in-process publishers",
-        &[(&[], b.messages_received)],
+        "PUBLISH packets received from clients and in-process publishers, by QoS",
+        &[
+            (&[("qos", "0")], b.messages_received_by_qos[0]),
+            (&[("qos", "1")], b.messages_received_by_qos[1]),
+            (&[("qos", "2")], b.messages_received_by_qos[2]),
+        ],
     )?;
     counter(
         encoder,

@@ -111,6 +111,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 metrics: metrics.clone(),
                 broker: handle.clone(),
                 status: board.clone(),
+                listeners: running.listeners(),
             };
             match http::start(http_config, context, shutdown.clone()).await {
                 Ok(running) => {
@@ -141,8 +142,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
             device.driver_name(),
             &device.points_and_units(),
         );
+        let rtu_bus = match &device.driver {
+            drivers::config::DriverConfig::Modbus(modbus) => match &modbus.transport {
+                drivers::modbus::Transport::Rtu(settings) => Some(metrics.rtu_bus(&settings.path)),
+                drivers::modbus::Transport::Tcp { .. } => None,
+            },
+            _ => None,
+        };
         let context =
             DeviceContext::new(&config.gateway.id, &status_topic, &device, handle.clone())
+                .with_metrics(metrics.device(&device.name), rtu_bus)
                 .with_status(device_board);
         if device.driver.shares_bus() {
             modbus.push((device, context));
@@ -159,10 +168,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let mut uplinks = Vec::new();
     for uplink in config.uplinks.iter().cloned() {
         let uplink_board = board.register_uplink(&uplink.name, &uplink.url.to_string());
+        let uplink_metrics = metrics.uplink(&uplink.name);
         let started = crate::uplink::start_with_status(
             uplink,
             &config.gateway,
             handle.clone(),
+            uplink_metrics,
             uplink_shutdown.clone(),
             Some(uplink_board),
         )

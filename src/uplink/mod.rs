@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
 use crate::config::GatewayConfig;
+use crate::metrics::UplinkMetrics;
 use crate::status::UplinkBoard;
 use crate::store::{Outbox, StoreError};
 use config::{SecretSource, UplinkConfig, UrlScheme};
@@ -231,14 +232,27 @@ pub async fn start(
     broker: BrokerHandle,
     shutdown: CancellationToken,
 ) -> Result<RunningUplink, UplinkError> {
-    start_with_status(config, gateway, broker, shutdown, None).await
+    start_with_metrics(config, gateway, broker, UplinkMetrics::detached(), shutdown).await
 }
 
-/// [`start`], showing the uplink's state, errors and backlog on the status board.
+/// [`start`], recording connections, sends and the outbox into `metrics`.
+pub async fn start_with_metrics(
+    config: UplinkConfig,
+    gateway: &GatewayConfig,
+    broker: BrokerHandle,
+    metrics: UplinkMetrics,
+    shutdown: CancellationToken,
+) -> Result<RunningUplink, UplinkError> {
+    start_with_status(config, gateway, broker, metrics, shutdown, None).await
+}
+
+/// [`start_with_metrics`], also showing the uplink's state, errors and backlog on the
+/// status board.
 pub async fn start_with_status(
     config: UplinkConfig,
     gateway: &GatewayConfig,
     broker: BrokerHandle,
+    metrics: UplinkMetrics,
     shutdown: CancellationToken,
     board: Option<UplinkBoard>,
 ) -> Result<RunningUplink, UplinkError> {
@@ -366,6 +380,7 @@ pub async fn start_with_status(
             direct: direct_rx,
             appended: appended_rx,
             counters,
+            metrics,
             stop: sender_stop.clone(),
             stop_budget: budget / 2,
             board,

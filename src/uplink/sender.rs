@@ -24,6 +24,7 @@ use super::link::{Client, LinkEvent, SubmitError};
 use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
 use crate::broker::bus::BrokerHandle;
+use crate::metrics::{UplinkMetrics, UplinkSnapshot};
 use crate::model::{Message, MessageProperties, QoS};
 use crate::status::{Backlog, UplinkBoard, UplinkState};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
@@ -50,6 +51,8 @@ pub(super) struct SenderContext {
     pub direct: mpsc::Receiver<OutboxRecord>,
     pub appended: watch::Receiver<u64>,
     pub counters: Arc<SharedCounters>,
+    /// Connections, sends and the outbox snapshot for `/metrics`.
+    pub metrics: UplinkMetrics,
     pub stop: CancellationToken,
     /// How long the shutdown steps (flush, offline, disconnect) may take together.
     pub stop_budget: Duration,
@@ -84,6 +87,8 @@ pub(super) struct Sender {
     window: usize,
     inflight: Inflight,
     connected: bool,
+    /// Connected at least once this run: the next connection is a reconnect.
+    connected_before: bool,
     /// In-routes subscribed at least once by this process.
     subscribed_once: bool,
     need_subscribe: bool,
@@ -154,6 +159,7 @@ impl Sender {
             mark,
             marking: None,
             connected: false,
+            connected_before: false,
             subscribed_once: false,
             need_subscribe: false,
             need_birth: false,
@@ -249,6 +255,8 @@ impl Sender {
                 session_present,
                 max_packet_size,
             } => {
+                self.cx.metrics.connected(self.connected_before);
+                self.connected_before = true;
                 self.connected = true;
                 self.max_packet = max_packet_size;
                 self.need_birth = self.cx.config.birth.is_some();
@@ -274,6 +282,7 @@ impl Sender {
                     tracing::warn!(uplink = %self.name(), %error, unacknowledged = self.inflight.unacknowledged(), "uplink disconnected; unacknowledged rows will be sent again");
                 }
                 self.connected = false;
+                self.cx.metrics.disconnected();
                 self.inflight.reset();
                 self.buffer.clear();
                 self.need_birth = false;
@@ -396,6 +405,7 @@ impl Sender {
                 properties.as_deref(),
             ) {
                 Ok(()) => {
+                    self.cx.metrics.sent(1);
                     self.inflight.submit(Some(seq), qos);
                     self.cursor = seq;
                     self.buffer.pop_front();
@@ -473,6 +483,7 @@ impl Sender {
                 )
                 .is_ok();
         if sent {
+            self.cx.metrics.sent(1);
             self.inflight.submit(None, QoS::AtMostOnce);
         } else {
             self.cx
@@ -571,6 +582,17 @@ impl Sender {
             }
         };
         let not_durable = self.cx.counters.dropped_not_durable.load(Ordering::Relaxed);
+        self.cx.metrics.outbox(UplinkSnapshot {
+            backlog_messages: stats.depth,
+            backlog_bytes: stats.bytes,
+            oldest_age_seconds: stats.oldest_age(SystemTime::now()).as_secs(),
+            acknowledged: stats.acked,
+            dropped_oldest: stats.dropped.oldest,
+            dropped_new: stats.dropped.new,
+            dropped_expired: stats.dropped.expired,
+            dropped_rejected: stats.dropped.rejected,
+            dropped_not_durable: not_durable,
+        });
         let status = UplinkStatus::new(
             self.name(),
             self.connected,

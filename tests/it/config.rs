@@ -931,3 +931,68 @@ fn broker_storage_acl_sys_tls_and_websocket_keys_are_parsed() {
     assert_eq!(broker.listeners[0].websocket_path, "/mqtt");
     assert!(broker.listeners[0].tls.is_none());
 }
+
+#[test]
+fn the_http_table_is_optional_and_the_demo_has_one_on_loopback() {
+    let demo = config::demo();
+    let http = demo.http.as_ref().expect("the demo has an HTTP listener");
+    assert_eq!(http.bind.to_string(), "127.0.0.1:8088");
+    assert!(http.tls.is_none() && http.password_file.is_none());
+    assert!(demo.summary().contains("http: http://127.0.0.1:8088"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let without = parse_in(dir.path(), HEAD).expect("valid");
+    assert!(without.http.is_none(), "no [http] table, no listener");
+
+    let with = parse_in(
+        dir.path(),
+        &format!(
+            "{HEAD}[http]\nbind = \"0.0.0.0:9000\"\nmax_connections = 8\nheader_timeout = \"2s\"\n\
+             max_connection_age = \"30s\"\nmax_header_bytes = \"32KiB\"\nmax_body_bytes = \"1KiB\"\n"
+        ),
+    )
+    .expect("valid");
+    let http = with.http.expect("[http]");
+    assert_eq!(http.bind.to_string(), "0.0.0.0:9000");
+    assert_eq!(http.max_connections, 8);
+    assert_eq!(http.header_timeout, Duration::from_secs(2));
+    assert_eq!(http.max_connection_age, Duration::from_secs(30));
+    assert_eq!(http.max_header_bytes, 32 * 1024);
+    assert_eq!(http.max_body_bytes, 1024);
+}
+
+#[test]
+fn http_mistakes_are_reported_with_their_key_paths() {
+    let error = errors(&format!(
+        "{HEAD}[http]\nbind = \"localhost:80\"\npassword_file = \"missing-passwd\"\n\
+         max_connections = 0\nmax_header_bytes = \"1KiB\"\ntls = {{ cert = \"missing.crt\" }}\n"
+    ));
+    let paths: Vec<&str> = error
+        .diagnostics
+        .iter()
+        .map(|d| d.key_path.as_str())
+        .collect();
+    for expected in [
+        "http.bind",
+        "http.password_file",
+        "http.max_connections",
+        "http.max_header_bytes",
+        "http.tls.cert",
+        "http.tls.key",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "no {expected} in {paths:?}\n{error}"
+        );
+    }
+    let unknown = errors(&format!("{HEAD}[http]\nbind = \"127.0.0.1:0\"\nport = 1\n"));
+    assert!(unknown.to_string().contains("port"), "{unknown}");
+    let missing = errors(&format!("{HEAD}[http]\n"));
+    assert!(
+        missing
+            .diagnostics
+            .iter()
+            .any(|d| d.key_path == "http.bind"),
+        "{missing}"
+    );
+}

@@ -11,6 +11,7 @@ use serde_json::Value as Json;
 
 use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
 use crate::util::gateway::{run_within, GatewayProcess};
+use crate::util::http::{self, http_addr};
 use crate::util::skip::skip;
 
 /// How long a test waits for the status to show what it expects.
@@ -282,91 +283,11 @@ fn mqtt_connect(stream: &std::net::TcpStream, client_id: &str) {
     assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
 }
 
-/// The HTTP listener's address, from the gateway's "HTTP listener ready" log line.
-fn http_addr(gateway: &GatewayProcess) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Ok(line) = gateway
-        .log
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
-        if line.contains("HTTP listener ready") {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-            {
-                return addr.parse().expect("HTTP listener address");
-            }
-        }
-    }
-    panic!("the gateway did not log its HTTP listener");
-}
-
 /// A GET over a fresh connection: (status code, content type, body).
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP listener");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("end of headers");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| {
-                let (key, value) = l.split_once(':')?;
-                key.eq_ignore_ascii_case(name)
-                    .then(|| value.trim().to_owned())
-            })
-            .unwrap_or_default()
-    };
-    if header("transfer-encoding").eq_ignore_ascii_case("chunked") {
-        body = dechunk(&body);
-    }
-    (
-        code,
-        header("content-type"),
-        String::from_utf8(body).expect("UTF-8 body"),
-    )
-}
-
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("chunk size");
-        let size = usize::from_str_radix(
-            std::str::from_utf8(&raw[..line_end])
-                .expect("chunk size text")
-                .trim(),
-            16,
-        )
-        .expect("chunk size number");
-        if size == 0 {
-            return body;
-        }
-        let start = line_end + 2;
-        body.extend_from_slice(&raw[start..start + size]);
-        raw = &raw[start + size + 2..];
-    }
+    let answer = http::get(addr, path, &[]);
+    let content_type = answer.header("content-type").unwrap_or_default().to_owned();
+    (answer.status, content_type, answer.body)
 }
 
 /// `chromium` or `chromium-browser` on PATH; `None` means skip (a failure under CI).

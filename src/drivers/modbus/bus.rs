@@ -31,6 +31,7 @@ use super::plan::{self, ReadRequest};
 use super::report::Reporter;
 use crate::backoff::{Backoff, Jitter};
 use crate::drivers::{DeviceContext, DeviceStatus};
+use crate::metrics::ErrorKind;
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
 /// Consecutive failures after which a device is backed off.
@@ -50,6 +51,8 @@ struct Device {
     context: DeviceContext,
     reads: Vec<Scheduled>,
     reporters: Vec<Reporter>,
+    /// Whether each point's last reading was good (`None`: not read yet), for the metrics.
+    point_good: Vec<Option<bool>>,
     /// Consecutive link-level failures (timeouts, broken frames).
     failures: u32,
     last_failure: Option<String>,
@@ -300,6 +303,7 @@ impl Bus {
                 );
                 Device {
                     reporters: device.config.points.iter().map(Reporter::new).collect(),
+                    point_good: vec![None; device.config.points.len()],
                     reads: requests
                         .into_iter()
                         .map(|request| Scheduled {
@@ -514,9 +518,25 @@ impl Bus {
             ));
         };
         sleep_until(self.free_at).await;
+        let started = Instant::now();
         let result = call(connection, device.config.unit, op, device.config.timeout).await;
-        self.free_at = Instant::now() + self.silent + device.config.turnaround;
+        let finished = Instant::now();
+        self.free_at = finished + self.silent + device.config.turnaround;
         let tcp = matches!(self.link, Link::Tcp { .. });
+        let metrics = device.context.metrics();
+        match &result {
+            Ok(_) => metrics.request_ok(finished - started),
+            Err(Failure::Timeout(_)) => metrics.request_failed(ErrorKind::Timeout),
+            Err(Failure::Exception(_)) => metrics.request_failed(ErrorKind::Exception),
+            Err(Failure::Link(_)) => metrics.request_failed(ErrorKind::Io),
+        }
+        if !tcp {
+            // The line is busy from the request until the answer (or the timeout).
+            device
+                .context
+                .rtu_bus_metrics()
+                .request(finished - started, result.is_err());
+        }
         match &result {
             // A late answer would be taken for the next one's: start a fresh connection.
             Err(Failure::Timeout(_)) if tcp => self.connection = None,
@@ -547,6 +567,9 @@ impl Bus {
         }) else {
             return true;
         };
+        if let Some(device) = self.devices.get(d) {
+            device.context.metrics().poll();
+        }
         let op = Op::Read {
             table: request.table,
             start: request.start,
@@ -850,6 +873,16 @@ impl Device {
         let Some(reporter) = self.reporters.get_mut(index) else {
             return true;
         };
+        if let Some(good) = self.point_good.get_mut(index) {
+            *good = Some(matches!(quality, Quality::Good));
+            let good_points = self.point_good.iter().filter(|g| **g == Some(true)).count();
+            let bad_points = self
+                .point_good
+                .iter()
+                .filter(|g| **g == Some(false))
+                .count();
+            self.context.metrics().points(good_points, bad_points);
+        }
         if !reporter.offer(&value, &quality, at) {
             return true;
         }

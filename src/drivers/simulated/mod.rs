@@ -108,6 +108,8 @@ pub(crate) async fn run(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
                 let elapsed = started.elapsed();
+                context.metrics().poll();
+                context.metrics().points(config.points.len(), 0);
                 for point in &config.points {
                     let Some(generator) = generators.get_mut(&point.name) else { continue };
                     let reading = Reading {

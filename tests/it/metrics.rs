@@ -1,0 +1,254 @@
+//! `GET /metrics` read by the real Prometheus tools: `promtool check metrics` accepts the
+//! output, and a Prometheus server scraping the gateway finds broker, uplink and device
+//! series through its query API.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
+use crate::util::gateway::GatewayProcess;
+use crate::util::http::{self, get};
+use crate::util::{free_port, skip};
+
+const PROMETHEUS_INSTALL: &str = "apt-get install -y prometheus";
+
+/// A gateway with a simulated device and an uplink to `cloud_port` (nothing need listen
+/// there), its HTTP listener on an ephemeral port.
+fn start_gateway(dir: &Path, cloud_port: u16) -> (GatewayProcess, SocketAddr) {
+    let text = format!(
+        r#"
+[gateway]
+id = "metered"
+data_dir = "{data}"
+
+[broker]
+allow_anonymous = true
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+
+[http]
+bind = "127.0.0.1:0"
+
+[[devices]]
+name = "sim"
+driver = "simulated"
+poll = "200ms"
+points = [
+  {{ name = "t", waveform = "sine", min = 0.0, max = 10.0, period = "10s" }},
+  {{ name = "u", waveform = "constant", value = 1.0 }},
+]
+
+[[uplinks]]
+name = "cloud"
+url = "mqtt://127.0.0.1:{cloud_port}"
+client_id = "metered-gw"
+reconnect = {{ min = "200ms", max = "1s" }}
+routes = [ {{ out = "metered/#", qos = 1 }} ]
+"#,
+        data = dir.join("data").display()
+    );
+    let config = dir.join("fieldmq.toml");
+    std::fs::write(&config, text).expect("write config");
+    let gateway = GatewayProcess::start(&config);
+    let addr = http::http_addr(&gateway);
+    (gateway, addr)
+}
+
+#[test]
+fn promtool_check_metrics_accepts_the_output() {
+    let test = "metrics::promtool_check_metrics_accepts_the_output";
+    let Some(promtool) = skip::tool_on_path(test, "promtool", PROMETHEUS_INSTALL) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut gateway, addr) = start_gateway(dir.path(), free_port());
+    // A socket in its MQTT handshake (nothing sent) shows on its listener.
+    let _silent = std::net::TcpStream::connect(gateway.addr).expect("connect to MQTT");
+    // Wait for a poll so that the device's histogram and gauges have samples.
+    std::thread::sleep(Duration::from_millis(600));
+    let answer = get(addr, "/metrics", &[]);
+    let listener = format!("listener=\"mqtt://{}\"", gateway.addr);
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    for family in [
+        "fieldmq_broker_clients_connected",
+        "fieldmq_device_polls_total{device=\"sim\"}",
+        "fieldmq_device_points{device=\"sim\",quality=\"good\"} 2",
+        "fieldmq_uplink_connected{uplink=\"cloud\"}",
+        "fieldmq_build_info{version=",
+        "fieldmq_process_resident_memory_bytes",
+    ] {
+        assert!(
+            answer.body.contains(family),
+            "no {family} in:\n{}",
+            answer.body
+        );
+    }
+    for sample in [
+        format!("fieldmq_broker_handshakes{{{listener}}} 1"),
+        format!("fieldmq_broker_accepted_connections_total{{{listener}}} 1"),
+        format!("fieldmq_broker_connections{{{listener}}} 0"),
+    ] {
+        assert!(
+            answer.body.contains(&sample),
+            "no {sample} in:\n{}",
+            answer.body
+        );
+    }
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(answer.body.as_bytes())
+        .expect("write metrics to promtool");
+    let output = check.wait_with_output().expect("promtool result");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        answer.body
+    );
+
+    // Asked for OpenMetrics, the same registry in that format.
+    let open = get(
+        addr,
+        "/metrics",
+        &["Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5"],
+    );
+    assert_eq!(
+        open.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
+    gateway.terminate();
+}
+
+/// A Prometheus server on loopback scraping `target` every second, its data in `dir`.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(binary: &Path, dir: &Path, target: SocketAddr) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: fieldmq\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Prometheus { child, addr }
+    }
+
+    /// The query API's result for `query`, `None` while Prometheus is not answering.
+    fn query(&self, query: &str) -> Option<serde_json::Value> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let raw = http::try_send_raw(
+            self.addr,
+            format!(
+                "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                self.addr
+            )
+            .as_bytes(),
+        )?;
+        let answer = http::parse(&raw)?;
+        // Prometheus may answer chunked: the JSON sits between the chunk sizes.
+        let body = answer.body.trim();
+        let json = body
+            .find('{')
+            .and_then(|start| body.rfind('}').map(|end| &body[start..=end]))?;
+        let value: serde_json::Value = serde_json::from_str(json).ok()?;
+        Some(value["data"]["result"].clone())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_broker_uplink_and_device_series() {
+    let test = "metrics::prometheus_scrapes_broker_uplink_and_device_series";
+    let Some(prometheus) = skip::tool_on_path(test, "prometheus", PROMETHEUS_INSTALL) else {
+        return;
+    };
+    if !mosquitto_available(test) {
+        return;
+    }
+    let cloud = Cloud::start(CloudOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut gateway, addr) = start_gateway(dir.path(), cloud.port);
+    let server = Prometheus::start(&prometheus, dir.path(), addr);
+
+    let wanted = [
+        // The broker: the device's readings reach its router.
+        "fieldmq_broker_messages_received_total > 0",
+        // The uplink: connected to the Mosquitto cloud.
+        "fieldmq_uplink_connected{uplink=\"cloud\"} == 1",
+        // The device: polled.
+        "fieldmq_device_polls_total{device=\"sim\"} > 0",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut missing: Vec<&str> = wanted.to_vec();
+    while !missing.is_empty() {
+        missing.retain(|query| {
+            server
+                .query(query)
+                .and_then(|result| result.as_array().map(|series| series.is_empty()))
+                .unwrap_or(true)
+        });
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not find {missing:?} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Prometheus saw the target up, too.
+    let up = server
+        .query("up{job=\"fieldmq\"} == 1")
+        .expect("Prometheus answers");
+    assert_eq!(up.as_array().map(Vec::len), Some(1), "{up}");
+    gateway.terminate();
+}
