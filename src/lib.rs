@@ -25,6 +25,8 @@
 //!   encoded by [`drivers::payload`].
 //! - [`http`]: the HTTP listener (`/metrics`, the API); [`metrics`]: the registry parts
 //!   record into.
+//! - [`status`]: the live picture of the gateway that the status API, the status page and
+//!   `fieldmq status` show; the parts write into it through handles.
 //! - [`service`]: wiring, signals, shutdown.
 
 mod backoff;
@@ -40,6 +42,7 @@ pub mod mqtt;
 pub mod pem;
 pub mod reload;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod uplink;
 

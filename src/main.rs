@@ -85,6 +85,16 @@ enum Command {
         #[arg(short, long, default_value = "/etc/fieldmq/fieldmq.toml")]
         config: PathBuf,
     },
+    /// Show what the running gateway is doing: devices and points, uplinks, clients and
+    /// recent errors (asked through its control socket; no HTTP listener needed).
+    Status {
+        /// The configuration file the gateway runs with (default: the embedded demo's).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Print the whole status as JSON (the same document as `GET /api/v1/status`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Subscribe and print `topic payload` lines.
     Sub {
         #[command(flatten)]
@@ -157,6 +167,30 @@ fn main() -> ExitCode {
             })
         }
         Command::Reload { config } => reload(&config),
+        Command::Status { config, json } => {
+            let config = match config {
+                Some(path) => match config::load(&path) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("{error}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => config::demo(),
+            };
+            block_on(async move {
+                let data_dir = &config.gateway.data_dir;
+                let (text, snapshot) = fieldmq::service::control::status(data_dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    println!("{text}");
+                } else {
+                    print!("{}", fieldmq::status::render_text(&snapshot));
+                }
+                Ok(())
+            })
+        }
         Command::Probe(args) => block_on(async move {
             let report = fieldmq::drivers::modbus::probe::probe(&args)
                 .await

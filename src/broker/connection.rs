@@ -23,6 +23,7 @@ use super::router::{ConnectReply, RouterRequest};
 use super::session::{Congestion, Delivery, Handed, Inflight, Room, Session};
 use crate::model::{Message, Origin, QoS};
 use crate::mqtt::topic;
+use crate::status::{ClientBoard, ClientPresence, ProtocolVersion};
 use crate::store::sessions::{InflightState, Op, PageReply, Persist, StoredDelivery};
 
 /// Messages read from disk at a time for a persistent session whose queue spilled to disk.
@@ -102,6 +103,8 @@ pub(crate) struct Settings {
     denied: SubAckCode,
     next_connection: AtomicU64,
     pub(crate) counters: Arc<Counters>,
+    /// Where the status API lists connected clients (recorded at connect and disconnect).
+    pub(crate) clients: Option<ClientBoard>,
 }
 
 impl Settings {
@@ -127,6 +130,7 @@ impl Settings {
             },
             next_connection: AtomicU64::new(1),
             counters,
+            clients: None,
         }
     }
 
@@ -206,6 +210,7 @@ where
             mut conn,
             will,
             places,
+            presence,
         }) = Box::pin(open(
             &mut stream,
             &mut input,
@@ -272,6 +277,7 @@ where
         )
         .await;
         drop(conn);
+        drop(presence);
         linger_close(&mut stream, &mut input).await;
         drop(places);
     }
@@ -284,6 +290,8 @@ struct Opened {
     /// Kept aside until the connection ends; boxed, since most clients have none.
     will: Option<Box<protocol::Will>>,
     places: super::listener::Places,
+    /// The client's line in the status API's client list, while it is connected.
+    presence: Option<ClientPresence>,
 }
 
 /// Read and check the CONNECT, open the session in the router and queue the CONNACK.
@@ -320,6 +328,13 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         return None;
     };
     tracing::debug!(%peer, client = %client_id, version = ?connect.version, session_present, "client connected");
+    let presence = settings.clients.as_ref().map(|clients| {
+        let version = match connect.version {
+            protocol::Version::V311 => ProtocolVersion::V311,
+            protocol::Version::V5 => ProtocolVersion::V5,
+        };
+        clients.connected(client_id.clone(), peer, version, places.listener())
+    });
     let connected = Connected {
         connect,
         client_id,
@@ -330,7 +345,12 @@ async fn open<S: AsyncRead + AsyncWrite + Unpin>(
         assigned_client_id,
     };
     let (conn, will) = connected.into_connection(settings, router);
-    Some(Opened { conn, will, places })
+    Some(Opened {
+        conn,
+        will,
+        places,
+        presence,
+    })
 }
 
 /// A CONNECT that was read and accepted.

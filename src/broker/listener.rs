@@ -189,18 +189,26 @@ pub(crate) struct Admission {
     deadline: Instant,
     /// The socket's place in `max_connections_per_address`, for as long as it is open.
     address: Option<AddressSlot>,
+    /// The listener's bound address (the status API names it for each client).
+    listener: SocketAddr,
 }
 
 /// What an open connection holds in its listener's limits; given back when dropped.
 pub(crate) struct Places {
     connection: Option<OwnedSemaphorePermit>,
     _address: Option<AddressSlot>,
+    listener: SocketAddr,
 }
 
 impl Places {
     /// The listener was at `max_connections`: the client is to be refused.
     pub(crate) fn over_quota(&self) -> bool {
         self.connection.is_none()
+    }
+
+    /// The bound address of the listener the client came in through.
+    pub(crate) fn listener(&self) -> SocketAddr {
+        self.listener
     }
 }
 
@@ -217,6 +225,7 @@ impl Admission {
         Places {
             connection: self.connections.try_acquire_owned().ok(),
             _address: self.address,
+            listener: self.listener,
         }
     }
 }
@@ -442,6 +451,7 @@ pub(crate) async fn run(
                     connections: connections.clone(),
                     deadline: Instant::now() + config.connect_timeout,
                     address: address_slot,
+                    listener: refusals.listener,
                 };
                 let settings = settings.clone();
                 let router = broker.router.clone();
@@ -524,6 +534,7 @@ mod tests {
             connections: Arc::new(Semaphore::new(1)),
             deadline: Instant::now() + Duration::from_secs(10),
             address: None,
+            listener: addr,
         };
         // What the accept loop spawns for a plain TCP listener.
         let task = connection::serve(

@@ -197,15 +197,23 @@ pub async fn start(
     config: &BrokerConfig,
     shutdown: CancellationToken,
 ) -> Result<RunningBroker, BrokerError> {
+    start_with_status(config, shutdown, None).await
+}
+
+/// [`start`], listing connected clients on the status board (each recorded when it
+/// connects and removed when it disconnects; nothing per message).
+pub async fn start_with_status(
+    config: &BrokerConfig,
+    shutdown: CancellationToken,
+    clients: Option<crate::status::ClientBoard>,
+) -> Result<RunningBroker, BrokerError> {
     let access = load_access(config)?;
     let access_files = access_fingerprint(config);
     let counters = Arc::new(connection::Counters::default());
-    let settings = Arc::new(connection::Settings::from_config(
-        config,
-        access.passwords,
-        access.acl,
-        counters.clone(),
-    ));
+    let mut settings =
+        connection::Settings::from_config(config, access.passwords, access.acl, counters.clone());
+    settings.clients = clients;
+    let settings = Arc::new(settings);
 
     let store = match config.durability {
         Durability::Memory => None,

@@ -36,6 +36,39 @@ pub struct DeviceConfig {
     pub driver: DriverConfig,
 }
 
+impl DeviceConfig {
+    /// The driver's name as the configuration writes it (`simulated`, `modbus`, `serial`).
+    pub fn driver_name(&self) -> &'static str {
+        match self.driver {
+            DriverConfig::Simulated(_) => "simulated",
+            DriverConfig::Modbus(_) => "modbus",
+            DriverConfig::Serial(_) => "serial",
+        }
+    }
+
+    /// The configured points and their units, for the status before the first readings
+    /// (a serial device's points are its rules' topics, without units).
+    pub fn points_and_units(&self) -> Vec<(String, Option<String>)> {
+        match &self.driver {
+            DriverConfig::Simulated(config) => config
+                .points
+                .iter()
+                .map(|p| (p.name.clone(), p.unit.clone()))
+                .collect(),
+            DriverConfig::Modbus(config) => config
+                .points
+                .iter()
+                .map(|p| (p.name.clone(), p.unit.clone()))
+                .collect(),
+            DriverConfig::Serial(config) => config
+                .rules
+                .iter()
+                .map(|rule| (rule.topic.clone(), None))
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadFormat {
     /// `{"value":..,"ts":"RFC 3339","quality":"good"}`

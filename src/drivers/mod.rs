@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
 use crate::metrics::{DeviceMetrics, RtuBusMetrics};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
+use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
 use payload::Sample;
 
@@ -35,6 +36,9 @@ pub struct DeviceContext {
     status_topic: String,
     origin: Arc<str>,
     broker: BrokerHandle,
+    /// Where the status API sees this device's readings and state (none in tools and tests
+    /// that run a driver alone).
+    board: Option<DeviceBoard>,
     metrics: DeviceMetrics,
     /// The shared RTU line this device is on (Modbus RTU only).
     rtu_bus_metrics: RtuBusMetrics,
@@ -136,6 +140,7 @@ impl DeviceContext {
             status_topic: format!("{gateway_status_topic}/devices/{}", device.name),
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
+            board: None,
             metrics: DeviceMetrics::detached(),
             rtu_bus_metrics: RtuBusMetrics::detached(),
             point_properties: Arc::new(point_properties),
@@ -148,6 +153,12 @@ impl DeviceContext {
                 ..MessageProperties::default()
             }),
         }
+    }
+
+    /// Also show this device's readings and state on the status board.
+    pub fn with_status(mut self, board: DeviceBoard) -> DeviceContext {
+        self.board = Some(board);
+        self
     }
 
     /// Record this device's polls, errors and latency into `metrics` (and, on a shared
@@ -192,6 +203,19 @@ impl DeviceContext {
     /// Publish what `point` reports on its topic, in the device's payload format (nothing
     /// when the format has nothing to say about it).
     pub async fn publish_sample(&self, point: &str, sample: Sample<'_>) -> Result<(), BusError> {
+        if let Some(board) = &self.board {
+            match &sample {
+                Sample::Reading(reading) => board.record_reading(
+                    point,
+                    reading.value.as_ref(),
+                    &reading.quality,
+                    reading.timestamp,
+                ),
+                Sample::Fields { fields, timestamp } => {
+                    board.record_fields(point, fields, *timestamp)
+                }
+            }
+        }
         let unit = self.units.get(point).map(String::as_str);
         let Some(payload) = payload::encode(self.payload, sample, unit) else {
             return Ok(());
@@ -232,6 +256,16 @@ impl DeviceContext {
 
     /// Publish the device's status (retained).
     pub async fn publish_status(&self, status: &DeviceStatus) -> Result<(), BusError> {
+        if let Some(board) = &self.board {
+            match status {
+                DeviceStatus::Online => board.set_state(DeviceState::Online, None),
+                DeviceStatus::Offline { error } => board.set_state(
+                    DeviceState::Offline,
+                    Some(error.as_str()).filter(|e| !e.is_empty()),
+                ),
+                DeviceStatus::Error { error } => board.set_state(DeviceState::Error, Some(error)),
+            }
+        }
         let payload = match status {
             DeviceStatus::Online => json!({"status": "online", "ts": now_rfc3339()}),
             DeviceStatus::Offline { error } => {

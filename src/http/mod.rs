@@ -2,9 +2,10 @@
 //! and scrapers. It owns the socket, the connection limits, TLS and basic authentication;
 //! the endpoints come from sub-routers assembled in `router` below:
 //!
-//! - `GET /metrics`: Prometheus metrics (`metrics.rs`, from [`crate::metrics`]).
-//! - `POST /api/v1/reload`: apply the configuration file again (`reload.rs`, through
-//!   [`crate::reload::Reloader`]).
+//! - `GET /metrics`: Prometheus metrics ([`metrics`](self::metrics)).
+//! - `POST /api/v1/reload`: apply the configuration file again ([`reload`](self::reload)).
+//! - `GET /`, `GET /api/v1/status` and the other status endpoints: the status page and API
+//!   ([`status`](self::status)).
 //!
 //! What the endpoints show comes through [`HttpContext`], handles the service passes in;
 //! the listener stops with the gateway's cancellation token.
@@ -14,6 +15,7 @@ pub mod config;
 mod metrics;
 mod reload;
 mod serve;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use crate::broker::{AuthError, BrokerListeners, PasswordFile};
 use crate::metrics::Metrics;
 use crate::pem::PemError;
 use crate::reload::Reloader;
+use crate::status::StatusBoard;
 pub use config::HttpConfig;
 
 /// Why the HTTP listener could not start. Every variant names the address or file.
@@ -60,6 +63,8 @@ pub struct HttpContext {
     pub metrics: Arc<Metrics>,
     /// The broker's counters, read at scrape time.
     pub broker: BrokerHandle,
+    /// The live picture the status API and page show.
+    pub status: StatusBoard,
     /// The broker listeners' counters, read at scrape time.
     pub listeners: BrokerListeners,
 }
@@ -123,8 +128,8 @@ fn router(
 ) -> Router {
     let app = Router::new()
         .merge(metrics::routes(context.clone()))
-        .merge(reload::routes(context.reloader.clone()));
-    // The status API and page are merged here as well (src/http/status.rs).
+        .merge(reload::routes(context.reloader.clone()))
+        .merge(status::routes(context.status.clone()));
     let app = app
         .layer(axum::middleware::from_fn_with_state(
             max_body_bytes,

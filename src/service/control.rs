@@ -3,7 +3,8 @@
 //! stores hold their files with `locking_mode = EXCLUSIVE`, so while the gateway runs no
 //! other process can read them, and the copy must be made by the threads that own them.
 //!
-//! It also serves `fieldmq reload`: the gateway applies its configuration file again.
+//! It also serves `fieldmq reload` (the gateway applies its configuration file again) and
+//! `fieldmq status`, which needs no HTTP listener.
 //!
 //! Protocol: one request line.
 //! - `backup <absolute directory>`: answered with a line `copied <file>` per store copied,
@@ -11,6 +12,8 @@
 //! - `reload`: answered with a line `change <text>` per change and `applied`, or a line
 //!   `error <text>` per error and `refused`, or `stopping` (or `busy`) when the gateway
 //!   cannot reload now.
+//! - `status`: answered with one line of JSON (the [`StatusSnapshot`]), then the socket
+//!   closes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::config::Config;
 use crate::broker::StoreBackup;
 use crate::reload::{ReloadError, Reloader};
+use crate::status::StatusBoard;
+use crate::status::StatusSnapshot;
 use crate::store::config::Durability;
 use crate::store::Outbox;
 
@@ -132,6 +137,7 @@ pub(crate) async fn serve(
     path: PathBuf,
     stores: Arc<Stores>,
     reloader: Reloader,
+    board: StatusBoard,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -148,14 +154,19 @@ pub(crate) async fn serve(
         };
         // One request at a time: backups and reloads are rare, and each store does one
         // backup at a time and the service one reload at a time anyway.
-        if let Err(error) = answer(stream, &stores, &reloader).await {
+        if let Err(error) = answer(stream, &stores, &reloader, &board).await {
             tracing::warn!(%error, "control request failed");
         }
     }
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: UnixStream, stores: &Stores, reloader: &Reloader) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    stores: &Stores,
+    reloader: &Reloader,
+    board: &StatusBoard,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(4096));
@@ -164,6 +175,13 @@ async fn answer(stream: UnixStream, stores: &Stores, reloader: &Reloader) -> std
         .map_err(|_| std::io::Error::other("no request in time"))??;
     if line.trim_end() == "reload" {
         let reply = reload_reply(reloader).await;
+        write.write_all(reply.as_bytes()).await?;
+        return write.shutdown().await;
+    }
+    if line.trim_end() == "status" {
+        let mut reply = serde_json::to_string(&board.snapshot())
+            .unwrap_or_else(|e| format!("error cannot encode the status: {e}"));
+        reply.push('\n');
         write.write_all(reply.as_bytes()).await?;
         return write.shutdown().await;
     }
@@ -186,7 +204,7 @@ async fn answer(stream: UnixStream, stores: &Stores, reloader: &Reloader) -> std
                 }
             }
         }
-        _ => "error expected `backup <absolute directory>` or `reload`\n".to_owned(),
+        _ => "error expected `backup <absolute directory>`, `reload` or `status`\n".to_owned(),
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
@@ -398,4 +416,81 @@ fn copy_stopped(config: &Config, dir: &Path) -> Result<Vec<PathBuf>, BackupError
         copied.push(dest);
     }
     Ok(copied)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "no gateway is running on the data directory {data_dir} (no control socket at {socket}); \
+         start it with `fieldmq run`, or pass the configuration file it runs with (-c FILE)",
+        data_dir = data_dir.display(),
+        socket = socket.display()
+    )]
+    NotRunning { data_dir: PathBuf, socket: PathBuf },
+    #[error("the running gateway's control socket {path} failed: {source}", path = path.display())]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the gateway did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the gateway refused the status request: {0}")]
+    Refused(String),
+    #[error("the gateway's status answer is not valid JSON: {0}")]
+    Invalid(String),
+}
+
+/// The longest `fieldmq status` waits for the gateway's answer.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest status answer read (a gateway with thousands of points and clients stays
+/// far below it).
+const STATUS_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Ask the gateway running on `data_dir` for its status: the JSON text, as it sent it.
+pub async fn status_json(data_dir: &Path) -> Result<String, StatusError> {
+    let socket = socket_path(data_dir);
+    let io = |source| StatusError::Socket {
+        path: socket.clone(),
+        source,
+    };
+    let stream = match UnixStream::connect(&socket).await {
+        Ok(stream) => stream,
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(StatusError::NotRunning {
+                data_dir: data_dir.to_path_buf(),
+                socket,
+            })
+        }
+        Err(source) => return Err(io(source)),
+    };
+    let (read, mut write) = stream.into_split();
+    let exchange = async {
+        write.write_all(b"status\n").await.map_err(io)?;
+        let mut answer = String::new();
+        read.take(STATUS_MAX_BYTES)
+            .read_to_string(&mut answer)
+            .await
+            .map_err(io)?;
+        Ok::<_, StatusError>(answer)
+    };
+    let answer = tokio::time::timeout(STATUS_TIMEOUT, exchange)
+        .await
+        .map_err(|_| StatusError::Timeout(STATUS_TIMEOUT))??;
+    let answer = answer.trim_end();
+    if let Some(reason) = answer.strip_prefix("error ") {
+        return Err(StatusError::Refused(reason.to_owned()));
+    }
+    Ok(answer.to_owned())
+}
+
+/// [`status_json`], parsed.
+pub async fn status(data_dir: &Path) -> Result<(String, StatusSnapshot), StatusError> {
+    let json = status_json(data_dir).await?;
+    let snapshot = serde_json::from_str(&json).map_err(|e| StatusError::Invalid(e.to_string()))?;
+    Ok((json, snapshot))
 }

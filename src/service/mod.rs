@@ -28,6 +28,7 @@ use crate::http::{self, HttpContext, HttpError};
 use crate::metrics::Metrics;
 use crate::model::{Message, QoS};
 use crate::reload::{ReloadRequest, Reloader};
+use crate::status::{GatewayInfo, StatusBoard};
 use config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +99,8 @@ pub struct Gateway {
     /// Asks the gateway to apply its configuration file again (SIGHUP, `fieldmq reload`,
     /// the HTTP API).
     pub reloader: Reloader,
+    /// The live picture of this gateway.
+    pub status: StatusBoard,
     /// The registry the parts record into (what `GET /metrics` shows).
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -122,7 +125,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // The broker has its own token: it must outlive devices and uplinks so their last
     // words (the `offline` status) reach local clients.
     let broker_shutdown = CancellationToken::new();
-    let broker = broker::start(&config.broker, broker_shutdown.clone()).await?;
+    // The live picture the status API, the status page and `fieldmq status` show.
+    let board = StatusBoard::new(GatewayInfo {
+        id: config.gateway.id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        // Absolute, so that the status names the file whatever directory it started in.
+        config_file: match config.source.is_file() {
+            true => std::path::absolute(&config.source).unwrap_or_else(|_| config.source.clone()),
+            false => config.source.clone(),
+        },
+        data_dir: config.gateway.data_dir.clone(),
+    });
+    let broker = broker::start_with_status(
+        &config.broker,
+        broker_shutdown.clone(),
+        Some(board.clients()),
+    )
+    .await?;
     let handle = broker.handle.clone();
     let local_addrs = broker.local_addrs.clone();
     // The broker binds its listeners in the configuration's order.
@@ -139,6 +158,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     // One reloader for every trigger: SIGHUP, the control socket, the HTTP API; the
     // supervisor below answers its requests.
     let (reloader, reload_requests) = Reloader::new();
+    board.attach_reloader(reloader.clone());
 
     // Bound before anything else starts, so that an address in use stops the start cleanly.
     let http_addr = match &config.http {
@@ -147,6 +167,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 reloader: reloader.clone(),
                 metrics: metrics.clone(),
                 broker: handle.clone(),
+                status: board.clone(),
                 listeners: broker.listeners(),
             };
             match http::start(http_config, context, shutdown.clone()).await {
@@ -185,6 +206,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         &status_topic,
         handle.clone(),
         metrics.clone(),
+        board.clone(),
         shutdown.clone(),
     );
 
@@ -195,6 +217,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         &config.gateway,
         handle.clone(),
         metrics.clone(),
+        board.clone(),
         uplink_shutdown.clone(),
     )
     .await
@@ -226,6 +249,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 socket,
                 stores.clone(),
                 reloader.clone(),
+                board.clone(),
                 control_stop.clone(),
             ));
         }
@@ -262,6 +286,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         http_addr,
         broker: handle,
         reloader,
+        status: board,
         metrics,
         shutdown,
         finished,

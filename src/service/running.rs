@@ -17,6 +17,7 @@ use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
 use crate::drivers::{self, DeviceContext};
 use crate::metrics::Metrics;
+use crate::status::StatusBoard;
 use crate::store::Outbox;
 use crate::uplink::config::UplinkConfig;
 use crate::uplink::{RunningUplink, UplinkError};
@@ -88,6 +89,7 @@ pub(crate) struct Devices {
     status_topic: String,
     broker: BrokerHandle,
     metrics: Arc<Metrics>,
+    board: StatusBoard,
     shutdown: CancellationToken,
 }
 
@@ -99,6 +101,7 @@ impl Devices {
         status_topic: &str,
         broker: BrokerHandle,
         metrics: Arc<Metrics>,
+        board: StatusBoard,
         shutdown: CancellationToken,
     ) -> Devices {
         let mut running = Devices {
@@ -107,6 +110,7 @@ impl Devices {
             status_topic: status_topic.to_owned(),
             broker,
             metrics,
+            board,
             shutdown,
         };
         for (key, members) in group(devices) {
@@ -134,7 +138,12 @@ impl Devices {
                     &device,
                     self.broker.clone(),
                 )
-                .with_metrics(self.metrics.device(&device.name), rtu_bus);
+                .with_metrics(self.metrics.device(&device.name), rtu_bus)
+                .with_status(self.board.register_device(
+                    &device.name,
+                    device.driver_name(),
+                    &device.points_and_units(),
+                ));
                 (device, context)
             })
             .collect();
@@ -208,6 +217,7 @@ impl Devices {
         }
         for name in before.keys() {
             if !wanted.iter().any(|d| d.name == *name) {
+                self.board.remove_device(name);
                 changes.push(format!("device {name}: removed"));
             }
         }
@@ -260,6 +270,7 @@ pub(crate) struct Uplinks {
     gateway: GatewayConfig,
     broker: BrokerHandle,
     metrics: Arc<Metrics>,
+    board: StatusBoard,
     shutdown: CancellationToken,
 }
 
@@ -271,6 +282,7 @@ impl Uplinks {
         gateway: &GatewayConfig,
         broker: BrokerHandle,
         metrics: Arc<Metrics>,
+        board: StatusBoard,
         shutdown: CancellationToken,
     ) -> Result<Uplinks, UplinkError> {
         let mut running = Uplinks {
@@ -278,6 +290,7 @@ impl Uplinks {
             gateway: gateway.clone(),
             broker,
             metrics,
+            board,
             shutdown,
         };
         for config in uplinks {
@@ -293,12 +306,16 @@ impl Uplinks {
     async fn start_one(&mut self, config: UplinkConfig) -> Result<(), UplinkError> {
         let stop = self.shutdown.child_token();
         let tls_files = uplink_tls_files(&config);
-        let uplink = crate::uplink::start_with_metrics(
+        let board = self
+            .board
+            .register_uplink(&config.name, &config.url.to_string());
+        let uplink = crate::uplink::start_with_status(
             config.clone(),
             &self.gateway,
             self.broker.clone(),
             self.metrics.uplink(&config.name),
             stop.clone(),
+            Some(board),
         )
         .await?;
         self.tasks.push(UplinkTask {
@@ -353,6 +370,7 @@ impl Uplinks {
             start.push((config.clone(), line));
         }
         for removed in old {
+            self.board.remove_uplink(&removed.config.name);
             changes.push(format!(
                 "uplink {}: removed (its outbox file is kept)",
                 removed.config.name
@@ -389,6 +407,7 @@ impl Uplinks {
 mod tests {
     use super::*;
     use crate::broker::config::{BrokerConfig, Durability};
+    use crate::status::GatewayInfo;
 
     fn rtu(name: &str, port: &str, unit: u8, poll: &str) -> String {
         format!(
@@ -434,6 +453,12 @@ mod tests {
             "g/status",
             broker.handle.clone(),
             Arc::new(Metrics::new()),
+            StatusBoard::new(GatewayInfo {
+                id: "g".into(),
+                version: "test".into(),
+                config_file: "test.toml".into(),
+                data_dir: "data".into(),
+            }),
             shutdown.clone(),
         );
         assert_eq!(running.task_count(), 2, "one task per serial line");

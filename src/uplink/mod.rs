@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
 use crate::config::GatewayConfig;
 use crate::metrics::UplinkMetrics;
+use crate::status::UplinkBoard;
 use crate::store::{Outbox, StoreError};
 use config::{SecretSource, UplinkConfig, UrlScheme};
 
@@ -242,6 +243,19 @@ pub async fn start_with_metrics(
     metrics: UplinkMetrics,
     shutdown: CancellationToken,
 ) -> Result<RunningUplink, UplinkError> {
+    start_with_status(config, gateway, broker, metrics, shutdown, None).await
+}
+
+/// [`start_with_metrics`], also showing the uplink's state, errors and backlog on the
+/// status board.
+pub async fn start_with_status(
+    config: UplinkConfig,
+    gateway: &GatewayConfig,
+    broker: BrokerHandle,
+    metrics: UplinkMetrics,
+    shutdown: CancellationToken,
+    board: Option<UplinkBoard>,
+) -> Result<RunningUplink, UplinkError> {
     let name = config.name.clone();
     transport_supported(&config)?;
     let tls = match (&config.url.scheme, &config.tls) {
@@ -369,6 +383,7 @@ pub async fn start_with_metrics(
             metrics,
             stop: sender_stop.clone(),
             stop_budget: budget / 2,
+            board,
         })
         .run(),
     );

@@ -26,6 +26,7 @@ use super::{SharedCounters, UplinkError};
 use crate::broker::bus::BrokerHandle;
 use crate::metrics::{UplinkMetrics, UplinkSnapshot};
 use crate::model::{Message, MessageProperties, QoS};
+use crate::status::{Backlog, UplinkBoard, UplinkState};
 use crate::store::{AckMark, DropReason, Outbox, OutboxRecord, StoreError, StoredMessage};
 
 /// Rows read from the outbox at a time.
@@ -55,6 +56,8 @@ pub(super) struct SenderContext {
     pub stop: CancellationToken,
     /// How long the shutdown steps (flush, offline, disconnect) may take together.
     pub stop_budget: Duration,
+    /// Where the status API sees this uplink's state, errors and backlog.
+    pub board: Option<UplinkBoard>,
 }
 
 /// Rows leaving the outbox, waiting for one delete transaction.
@@ -265,9 +268,16 @@ impl Sender {
                 // changed since the cloud stored the session.
                 self.need_subscribe = has_routes && (!session_present || !self.subscribed_once);
                 self.rewind = true;
+                if let Some(board) = &self.cx.board {
+                    board.set_state(UplinkState::Connected);
+                }
                 self.publish_status(false).await;
             }
             LinkEvent::Down { error, reset } => {
+                if let Some(board) = &self.cx.board {
+                    board.set_error(&error);
+                    board.set_state(UplinkState::Disconnected);
+                }
                 if self.connected {
                     tracing::warn!(uplink = %self.name(), %error, unacknowledged = self.inflight.unacknowledged(), "uplink disconnected; unacknowledged rows will be sent again");
                 }
@@ -437,6 +447,9 @@ impl Sender {
             Err(e) => {
                 tracing::error!(uplink = %self.name(), error = %e, "cannot read the outbox");
                 self.last_error = Some(e.to_string());
+                if let Some(board) = &self.cx.board {
+                    board.set_error(&format!("cannot read the outbox: {e}"));
+                }
                 self.read_failed_at = Some(Instant::now());
                 false
             }
@@ -587,6 +600,15 @@ impl Sender {
             not_durable,
             self.last_error.clone(),
         );
+        if let Some(board) = &self.cx.board {
+            board.set_backlog(Backlog {
+                messages: status.queue_depth,
+                bytes: status.queue_bytes,
+                oldest_age_s: status.oldest_age_s,
+                dropped_total: status.dropped_total,
+                acked_total: status.acked_total,
+            });
+        }
         let changed = self.last_status.as_ref().is_none_or_changed(&status);
         if !force && !changed {
             return;
@@ -695,6 +717,9 @@ impl Sender {
             }
         }
         self.connected = false;
+        if let Some(board) = &self.cx.board {
+            board.set_state(UplinkState::Stopped);
+        }
         self.publish_status(true).await;
     }
 

@@ -31,6 +31,7 @@ mod protocol_strict;
 mod reload;
 mod retained;
 mod serial;
+mod status;
 mod tools;
 mod uplink;
 mod writes;
