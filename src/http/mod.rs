@@ -2,10 +2,11 @@
 //! and scrapers. It owns the socket, the connection limits, TLS and basic authentication;
 //! the endpoints come from sub-routers assembled in `router` below:
 //!
-//! - `GET /metrics`: Prometheus metrics ([`metrics`](self::metrics)).
-//! - `POST /api/v1/reload`: apply the configuration file again ([`reload`](self::reload)).
+//! - `GET /metrics`: Prometheus metrics (`metrics.rs`, from [`crate::metrics`]).
+//! - `POST /api/v1/reload`: apply the configuration file again (`reload.rs`, through
+//!   [`crate::reload::Reloader`]).
 //! - `GET /`, `GET /api/v1/status` and the other status endpoints: the status page and API
-//!   ([`status`](self::status)).
+//!   (`status.rs`, from [`crate::status`]).
 //!
 //! What the endpoints show comes through [`HttpContext`], handles the service passes in;
 //! the listener stops with the gateway's cancellation token.

@@ -382,7 +382,7 @@ async fn supervise(
 const HEALTH_PROBE: Duration = Duration::from_secs(5);
 
 /// Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP applies the configuration
-/// file again (see [`reload`]) and never stops the gateway. Tells systemd when ready, shows
+/// file again (see [`crate::reload`]) and never stops the gateway. Tells systemd when ready, shows
 /// the last reload in its status line, and pings its watchdog while the router answers.
 pub async fn run_until_signal(config: Config) -> Result<(), ServiceError> {
     use tokio::signal::unix::{signal, SignalKind};
