@@ -3,9 +3,9 @@
 #   1. installs Debian's cross compilers and qemu-user if missing, and the rustup targets;
 #   2. cross-compiles `--release` for aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf
 #      (one at a time, into the shared target/ dir);
-#   3. writes the shell completions and man page for the packages with the host build
+#   3. writes the shell completions and man pages for the packages on the host
 #      (scripts/generate-completions.sh into target/generated) and checks that each ARM binary
-#      prints the same;
+#      has every command they describe;
 #   4. smoke-tests each binary under qemu-user: `--version`, `check -c` on every example config,
 #      and a short `run` of the demo on a free loopback port with a subscriber that must
 #      receive one reading;
@@ -126,9 +126,9 @@ echo "    subscriber: ${sub_cmd[*]}"
 done_step "host subscriber"
 
 # --- shell completions and man page for the packages ------------------------------------------
-# Made by a host build (the ARM binaries cannot run here outside qemu) into target/generated,
+# Made on the host by fieldmq-docgen (they do not depend on the target) into target/generated,
 # where Cargo.toml's deb assets and systemd/install.sh take them from.
-step "shell completions and man page (host build)"
+step "shell completions and man pages (fieldmq-docgen)"
 bash scripts/generate-completions.sh | sed 's/^/    /'
 done_step "completions and man page"
 
@@ -229,15 +229,23 @@ for triple in "${targets[@]}"; do
     bin="$target_dir/$triple/release/fieldmq"
     step "smoke test $triple under ${qemu[0]}"
     echo "    $("${qemu[@]}" "$bin" --version)"
-    # The packaged completions and man page came from the host build: the ARM binary must
-    # describe the same command line.
-    "${qemu[@]}" "$bin" completions bash | cmp -s - target/generated/fieldmq.bash \
-        || fail "$triple: 'completions bash' differs from target/generated/fieldmq.bash"
-    "${qemu[@]}" "$bin" man | cmp -s - <(gzip -dc target/generated/man/fieldmq.1.gz) \
-        || fail "$triple: 'man' differs from target/generated/man/fieldmq.1.gz"
-    echo "    completions and man page match the host build's"
+    # The packaged completions and man pages came from the host (fieldmq-docgen, over the same
+    # command-line definition): each command they describe is one the ARM binary has.
+    for page in target/generated/man/fieldmq-*.1.gz; do
+        command=$(basename "$page" .1.gz)
+        command=${command#fieldmq-}
+        "${qemu[@]}" "$bin" "$command" --help >/dev/null \
+            || fail "$triple: the man page names '$command', which the binary does not have"
+    done
+    echo "    every command of the man pages is in the binary"
     for config in "${configs[@]}"; do
-        if ! out=$("${qemu[@]}" "$bin" check -c "$config" 2>&1); then
+        # `check` also refuses an unset password variable; the smoke test is about the file,
+        # so each variable the config names gets a placeholder.
+        secrets=()
+        while read -r var; do
+            secrets+=("$var=placeholder")
+        done < <(sed -n 's/^[[:space:]]*password_env[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$config")
+        if ! out=$(env "${secrets[@]}" "${qemu[@]}" "$bin" check -c "$config" 2>&1); then
             echo "$out" >&2
             fail "$triple: fieldmq check -c $config"
         fi
@@ -261,7 +269,8 @@ for triple in "${targets[@]}"; do
     bin="$target_dir/$triple/release/fieldmq"
     size=$(stat -c %s "$bin")
     awk -v s="$size" -v t="$triple" 'BEGIN { printf "    %-32s %9d bytes  %.2f MiB\n", t, s, s / 1048576 }'
-    [ "$size" -le $((8 * 1024 * 1024)) ] || echo "    warning: $triple binary is over the 8 MiB target" >&2
+    # The budget on the Pi (docs/raspberry-pi.md): a binary over it fails CI.
+    [ "$size" -le $((8 * 1024 * 1024)) ] || fail "$triple binary is $size bytes, over the 8 MiB budget"
 done
 echo
 echo "==> timings"

@@ -1,8 +1,9 @@
-//! The operator's command line beyond `run`: small MQTT tools built into the binary so a bare
-//! machine can watch and poke the broker (`fieldmq sub` and `fieldmq pub`, ordinary MQTT
-//! clients on rumqttc), the log set-up ([`logging`]) and the password prompt of `fieldmq
-//! passwd` ([`passwd`]).
+//! The operator's command line: its definition ([`args`]), the log set-up ([`logging`]), the
+//! password prompt of `fieldmq passwd` ([`passwd`]), and small MQTT tools built into the
+//! binary so a bare machine can watch and poke the broker (`fieldmq sub` and `fieldmq pub`,
+//! ordinary MQTT clients on rumqttc).
 
+pub mod args;
 pub mod logging;
 pub mod passwd;
 

@@ -2,10 +2,13 @@
 # Install fieldmq as a systemd service: binary, unit, sysusers.d and tmpfiles.d entries, docs,
 # shell completions and man page, and an example configuration (only if none exists yet). Prints every file it installs.
 #
-#   sudo systemd/install.sh [--bin PATH] [--config PATH]
-#     --bin     the fieldmq binary (default target/release/fieldmq)
-#     --config  the example config for /etc/fieldmq/fieldmq.toml (default systemd/fieldmq.toml,
-#               which is config/demo.toml with data_dir = "/var/lib/fieldmq")
+#   sudo systemd/install.sh [--bin PATH] [--config PATH] [--generated DIR]
+#     --bin        the fieldmq binary (default target/release/fieldmq)
+#     --generated  the completions and man pages (default target/generated, written by
+#                  scripts/generate-completions.sh, which this script runs when they are
+#                  missing and cargo is at hand)
+#     --config     the example config for /etc/fieldmq/fieldmq.toml (default systemd/fieldmq.toml,
+#                  which is config/demo.toml with data_dir = "/var/lib/fieldmq")
 #   DESTDIR=/tmp/root systemd/install.sh --bin target/aarch64-unknown-linux-gnu/release/fieldmq
 #
 # With DESTDIR set, files go under that directory (an image being built, a package, a test)
@@ -21,11 +24,12 @@ repo="$(dirname "$here")"
 
 bin="$repo/target/release/fieldmq"
 config="$here/fieldmq.toml"
+generated="$repo/target/generated"
 destdir="${DESTDIR:-}"
 destdir="${destdir%/}"
 
 usage() {
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
@@ -34,6 +38,8 @@ while [ $# -gt 0 ]; do
         --bin=*) bin="${1#--bin=}"; shift ;;
         --config) config="${2:?--config needs a path}"; shift 2 ;;
         --config=*) config="${1#--config=}"; shift ;;
+        --generated) generated="${2:?--generated needs a directory}"; shift 2 ;;
+        --generated=*) generated="${1#--generated=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "install.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -66,15 +72,14 @@ if [ -f "$repo/docs/raspberry-pi.md" ]; then
     put "$repo/docs/raspberry-pi.md" /usr/share/doc/fieldmq/raspberry-pi.md 0644
 fi
 
-# Shell completions and the man page are made by running fieldmq: by --bin when it runs here,
-# else (a cross-compiled binary) taken from target/generated, which
-# scripts/generate-completions.sh fills with a host build.
-generated=""
-if "$bin" man >/dev/null 2>&1; then
-    generated="$(mktemp -d)"
-    bash "$repo/scripts/generate-completions.sh" --bin "$bin" --out "$generated" >/dev/null
-elif [ -f "$repo/target/generated/man/fieldmq.1.gz" ]; then
-    generated="$repo/target/generated"
+# Shell completions and man pages do not depend on the target: scripts/generate-completions.sh
+# writes them on the build machine, from the same command-line definition as the binary.
+if [ ! -f "$generated/man/fieldmq.1.gz" ] && [ "$generated" = "$repo/target/generated" ] \
+    && command -v cargo >/dev/null; then
+    bash "$repo/scripts/generate-completions.sh" --out "$generated" >/dev/null || true
+fi
+if [ ! -f "$generated/man/fieldmq.1.gz" ]; then
+    generated=""
 fi
 if [ -n "$generated" ]; then
     put "$generated/fieldmq.bash"  /usr/share/bash-completion/completions/fieldmq     0644
@@ -83,10 +88,9 @@ if [ -n "$generated" ]; then
     for page in "$generated"/man/*.1.gz; do
         put "$page" "/usr/share/man/man1/$(basename "$page")" 0644
     done
-    [ "$generated" = "$repo/target/generated" ] || rm -rf "$generated"
 else
-    echo "warning: $bin does not run here and target/generated is empty: no shell completions" >&2
-    echo "  or man page installed (run scripts/generate-completions.sh first)" >&2
+    echo "warning: no completions or man pages in target/generated (or --generated): none installed" >&2
+    echo "  (run scripts/generate-completions.sh first)" >&2
 fi
 
 # The example config: never overwrite one that is there. /etc/fieldmq is root:fieldmq 0750

@@ -70,7 +70,10 @@ const NEVER: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 /// Counters shared by all connections (atomics: no lock on the hot path).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) messages_sent: AtomicU64,
+    /// PUBLISH packets handed to clients, by the QoS they were sent with.
+    pub(crate) messages_sent_by_qos: [AtomicU64; 3],
+    /// Their payload bytes, by the same QoS.
+    pub(crate) payload_bytes_sent_by_qos: [AtomicU64; 3],
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     /// Publishes (and wills) dropped: denied by the ACL, or to a `$` topic.
@@ -1601,9 +1604,13 @@ impl Connection {
                 self.page_reply = Some(rows);
             }
             let session = self.session.clone();
+            let mut sent = [(0u64, 0u64); 3];
             let report = session.send_queued(self.id, window, Instant::now(), |entry| {
                 let topic = &entry.delivery.message.topic;
                 if self.may_receive(topic) && self.encode_publish(entry, false) {
+                    let by_qos = &mut sent[entry.delivery.qos as usize];
+                    by_qos.0 += 1;
+                    by_qos.1 += entry.delivery.message.payload.len() as u64;
                     Handed::Sent
                 } else {
                     Handed::Dropped
@@ -1622,10 +1629,13 @@ impl Connection {
             if report.handed == 0 {
                 return;
             }
-            self.settings
-                .counters
-                .messages_sent
-                .fetch_add(report.handed as u64, Ordering::Relaxed);
+            let counters = &self.settings.counters;
+            for (qos, (messages, bytes)) in sent.into_iter().enumerate() {
+                if messages > 0 {
+                    counters.messages_sent_by_qos[qos].fetch_add(messages, Ordering::Relaxed);
+                    counters.payload_bytes_sent_by_qos[qos].fetch_add(bytes, Ordering::Relaxed);
+                }
+            }
         }
     }
 

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,13 @@ pub struct BrokerStats {
     pub messages_received: u64,
     /// `messages_received` by QoS (index 0, 1, 2).
     pub messages_received_by_qos: [u64; 3],
+    /// Payload bytes of the received messages, by QoS.
+    pub payload_bytes_received_by_qos: [u64; 3],
     pub messages_sent: u64,
+    /// `messages_sent` by the QoS they were sent with.
+    pub messages_sent_by_qos: [u64; 3],
+    /// Payload bytes of the sent messages, by that QoS.
+    pub payload_bytes_sent_by_qos: [u64; 3],
     pub messages_dropped: u64,
     /// Messages waiting in client session queues, in memory or on disk, not yet sent.
     pub messages_queued: u64,
@@ -580,7 +586,11 @@ impl Router {
         stats.sessions = self.sessions.len();
         stats.subscriptions = self.subscriptions.len();
         stats.retained = self.retained.len();
-        stats.messages_sent = self.counters.messages_sent.load(Ordering::Relaxed);
+        let load =
+            |counters: &[AtomicU64; 3]| counters.each_ref().map(|c| c.load(Ordering::Relaxed));
+        stats.messages_sent_by_qos = load(&self.counters.messages_sent_by_qos);
+        stats.messages_sent = stats.messages_sent_by_qos.iter().sum();
+        stats.payload_bytes_sent_by_qos = load(&self.counters.payload_bytes_sent_by_qos);
         stats.bytes_received = self.counters.bytes_received.load(Ordering::Relaxed);
         stats.bytes_sent = self.counters.bytes_sent.load(Ordering::Relaxed);
         stats.publishes_denied = self.counters.publishes_denied.load(Ordering::Relaxed);
@@ -998,6 +1008,8 @@ impl Router {
     ) -> (bool, bool, Option<AckShare>) {
         self.stats.messages_received += 1;
         self.stats.messages_received_by_qos[message.qos as usize] += 1;
+        self.stats.payload_bytes_received_by_qos[message.qos as usize] +=
+            message.payload.len() as u64;
         let mut wrote = false;
         if message.retain {
             let stored = if message.payload.is_empty() {

@@ -4,7 +4,9 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// The log flags of the commands that run the gateway.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -49,28 +51,32 @@ pub fn init(args: &LogArgs, configured: &str) {
     let rust_log = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty());
-    let (filter, rust_log_error) = match rust_log.as_deref().map(EnvFilter::try_new) {
+    let (filter, rust_log_error) = match rust_log.as_deref().map(parse_filter) {
         Some(Ok(filter)) => (filter, None),
         Some(Err(error)) => (fallback(wanted), Some(error)),
         None => (fallback(wanted), None),
     };
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let installed = match args.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
             .try_init(),
         LogFormat::Text => {
-            let builder = builder.with_ansi(!under_journald && std::io::stderr().is_terminal());
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(!under_journald && std::io::stderr().is_terminal());
             if under_journald {
-                builder.without_time().try_init()
+                registry.with(layer.without_time()).try_init()
             } else {
-                builder.try_init()
+                registry.with(layer).try_init()
             }
         }
     };
@@ -81,10 +87,32 @@ pub fn init(args: &LogArgs, configured: &str) {
     }
 }
 
+/// The levels a directive may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A log filter: a level (`info`), or targets with levels and a default
+/// (`info,fieldmq::uplink=debug`), as `RUST_LOG` is commonly written. A bare word must be a
+/// level (a misspelt `inof` is an error, not a target); span and field directives
+/// (`[span{field=value}]`) are not part of it.
+pub fn parse_filter(directives: &str) -> Result<Targets, String> {
+    for directive in directives.split(',').map(str::trim) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level ({}); a target's level is written target=level",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    directives
+        .trim()
+        .parse::<Targets>()
+        .map_err(|error| error.to_string())
+}
+
 /// `directives` as a filter; the configuration's `log_level` was checked at load, so "info"
 /// is only the answer to a value that cannot happen.
-fn fallback(directives: &str) -> EnvFilter {
-    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))
+fn fallback(directives: &str) -> Targets {
+    parse_filter(directives).unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
 }
 
 #[cfg(test)]
@@ -105,6 +133,20 @@ mod tests {
             args(0, false).directives("fieldmq=debug,info"),
             "fieldmq=debug,info"
         );
+    }
+
+    #[test]
+    fn filters_take_levels_and_targets_and_refuse_nonsense() {
+        assert!(parse_filter("info").is_ok());
+        assert!(parse_filter("warn,fieldmq::uplink=debug").is_ok());
+        assert!(parse_filter(" debug ").is_ok());
+        let filter = parse_filter("warn,fieldmq::uplink=debug").expect("valid");
+        assert!(filter.would_enable("fieldmq::uplink::run", &tracing::Level::DEBUG));
+        assert!(!filter.would_enable("fieldmq::broker", &tracing::Level::INFO));
+        assert!(parse_filter("loud").is_err());
+        assert!(parse_filter("fieldmq=chatty").is_err());
+        assert!(parse_filter("info,").is_err());
+        assert!(parse_filter("WARN").is_ok());
     }
 
     #[test]

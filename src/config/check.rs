@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use regex::Regex;
+use regex_lite::Regex;
 
 use super::error::{closest, ConfigError, Diagnostics};
 use super::gateway::DEFAULT_DATA_DIR;

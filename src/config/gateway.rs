@@ -87,7 +87,7 @@ impl Checker<'_> {
         self.data_dir = data_dir.clone();
         let log_level = match &raw.log_level {
             Some(level) => {
-                if let Err(error) = tracing_subscriber::EnvFilter::try_new(level.get_ref()) {
+                if let Err(error) = crate::cli::logging::parse_filter(level.get_ref()) {
                     self.d
                         .error(
                             Some(level.span()),

@@ -38,7 +38,12 @@ pub struct BrokerSnapshot {
     pub messages_received: u64,
     /// `messages_received` by QoS 0, 1, 2.
     pub messages_received_by_qos: [u64; 3],
-    pub messages_sent: u64,
+    /// Payload bytes received, by QoS 0, 1, 2.
+    pub payload_bytes_received_by_qos: [u64; 3],
+    /// PUBLISH packets sent to clients, by the QoS they were sent with.
+    pub messages_sent_by_qos: [u64; 3],
+    /// Payload bytes sent, by that QoS.
+    pub payload_bytes_sent_by_qos: [u64; 3],
     /// Queued messages dropped (a full session queue).
     pub messages_dropped: u64,
     /// Publishes refused by the ACL or to a `$` topic.
@@ -182,6 +187,15 @@ fn family<M: EncodeMetric>(
         value.encode(metric.encode_family(labels)?)?;
     }
     Ok(())
+}
+
+/// The three samples of a family labelled by QoS.
+fn by_qos(values: &[u64; 3]) -> [(&'static [(&'static str, &'static str)], u64); 3] {
+    [
+        (&[("qos", "0")], values[0]),
+        (&[("qos", "1")], values[1]),
+        (&[("qos", "2")], values[2]),
+    ]
 }
 
 fn counter(
@@ -339,17 +353,25 @@ fn encode_broker(
         encoder,
         "broker_messages_received",
         "PUBLISH packets received from clients and in-process publishers, by QoS",
-        &[
-            (&[("qos", "0")], b.messages_received_by_qos[0]),
-            (&[("qos", "1")], b.messages_received_by_qos[1]),
-            (&[("qos", "2")], b.messages_received_by_qos[2]),
-        ],
+        &by_qos(&b.messages_received_by_qos),
     )?;
     counter(
         encoder,
         "broker_messages_sent",
-        "PUBLISH packets sent to clients",
-        &[(&[], b.messages_sent)],
+        "PUBLISH packets sent to clients, by the QoS they were sent with",
+        &by_qos(&b.messages_sent_by_qos),
+    )?;
+    counter(
+        encoder,
+        "broker_payload_received_bytes",
+        "Payload bytes of the PUBLISH packets received, by QoS",
+        &by_qos(&b.payload_bytes_received_by_qos),
+    )?;
+    counter(
+        encoder,
+        "broker_payload_sent_bytes",
+        "Payload bytes of the PUBLISH packets sent, by the QoS they were sent with",
+        &by_qos(&b.payload_bytes_sent_by_qos),
     )?;
     counter(
         encoder,

@@ -148,14 +148,14 @@ mod tests {
                     pattern.push_str("(/.*)?");
                 }
                 "+" => pattern.push_str("[^/]*"),
-                literal => pattern.push_str(&regex::escape(literal)),
+                literal => pattern.push_str(&regex_lite::escape(literal)),
             }
             if index + 1 < levels.len() {
                 pattern.push('/');
             }
         }
         pattern.push('$');
-        regex::Regex::new(&pattern)
+        regex_lite::Regex::new(&pattern)
             .expect("reference pattern")
             .is_match(topic)
     }

@@ -8,7 +8,6 @@
 //!   the child's controlling terminal) without echoing what is typed, refuses two different
 //!   answers, leaves the terminal echoing after Ctrl-C, and reads one line from standard
 //!   input when that is a pipe;
-//! - `fieldmq completions` and `fieldmq man` cover every subcommand;
 //! - a listen address another socket holds fails the start with the address, the listener's
 //!   place in the configuration and what to do about it.
 
@@ -616,87 +615,6 @@ fn ctrl_c_at_the_password_prompt_exits_130_and_leaves_the_terminal_echoing() {
     assert!(echoes_after, "the terminal echoes again after Ctrl-C");
 }
 
-// --- completions and man page ------------------------------------------------------------
-
-/// The subcommands `fieldmq --help` lists (its "Commands:" section), `help` aside.
-fn subcommands() -> Vec<String> {
-    let (code, stdout, stderr) = fieldmq(&["--help"], &[]);
-    assert_eq!(code, Some(0), "{stderr}");
-    let names: Vec<String> = stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("Commands:"))
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .filter(|name| name != "help")
-        .collect();
-    for expected in ["run", "check", "passwd", "completions", "man"] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} in {names:?}"
-        );
-    }
-    names
-}
-
-#[test]
-fn bash_completions_offer_every_subcommand() {
-    let (code, script, stderr) = fieldmq(&["completions", "bash"], &[]);
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(
-        script.contains("complete -F _fieldmq"),
-        "a bash completion script"
-    );
-    for name in subcommands() {
-        assert!(
-            script.contains(&format!("fieldmq,{name})"))
-                || script.contains(&format!("fieldmq__{name}")),
-            "bash completion knows `{name}`"
-        );
-    }
-    // Options of a subcommand, too.
-    assert!(script.contains("--log-format"), "run's --log-format");
-}
-
-#[test]
-fn every_shell_gets_a_completion_script_and_an_unknown_one_is_refused() {
-    for (shell, marker) in [
-        ("zsh", "#compdef fieldmq"),
-        ("fish", "complete -c fieldmq"),
-        ("elvish", "edit:completion:arg-completer[fieldmq]"),
-        ("powershell", "Register-ArgumentCompleter"),
-    ] {
-        let (code, script, stderr) = fieldmq(&["completions", shell], &[]);
-        assert_eq!(code, Some(0), "{shell}: {stderr}");
-        assert!(script.contains(marker), "{shell}: {marker} in the script");
-        assert!(
-            script.contains("passwd"),
-            "{shell}: subcommands in the script"
-        );
-    }
-    let (code, _, stderr) = fieldmq(&["completions", "tcsh"], &[]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("bash"), "the choices are listed: {stderr}");
-}
-
-#[test]
-fn the_man_page_is_roff_and_lists_every_subcommand() {
-    let (code, page, stderr) = fieldmq(&["man"], &[]);
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(page.contains(".TH fieldmq 1"), "a roff page for section 1");
-    assert!(
-        page.contains(".SH NAME") && page.contains(".SH SUBCOMMANDS"),
-        "{page}"
-    );
-    let listed = &page[page.find(".SH SUBCOMMANDS").expect("subcommands")..];
-    for name in subcommands() {
-        assert!(
-            listed.contains(&format!("fieldmq\\-{}(1)", name.replace('-', "\\-"))),
-            "the man page lists `{name}`"
-        );
-    }
-}
-
 // --- a listen address in use -------------------------------------------------------------
 
 #[test]
@@ -719,93 +637,4 @@ fn a_listen_address_in_use_names_it_and_suggests_stopping_mosquitto_or_changing_
         "{stderr}"
     );
     drop(holder);
-}
-
-// --- the package's generated files ---------------------------------------------------------
-
-#[test]
-fn the_deb_assets_install_every_generated_completion_and_the_man_page() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = tempfile::tempdir().expect("tempdir");
-    let run = Command::new("bash")
-        .arg(repo.join("scripts/generate-completions.sh"))
-        .args(["--bin", env!("CARGO_BIN_EXE_fieldmq"), "--out"])
-        .arg(out.path())
-        .output()
-        .expect("run generate-completions.sh");
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let names = |dir: &Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .expect("read the output")
-            .map(|entry| {
-                entry
-                    .expect("entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        names.sort();
-        names
-    };
-    assert_eq!(
-        names(out.path()),
-        ["_fieldmq", "fieldmq.bash", "fieldmq.fish", "man"]
-    );
-    let mut pages: Vec<String> = subcommands()
-        .iter()
-        .map(|name| format!("fieldmq-{name}.1.gz"))
-        .collect();
-    pages.push("fieldmq.1.gz".to_owned());
-    pages.sort();
-    assert_eq!(names(&out.path().join("man")), pages, "a page per command");
-
-    let manifest: toml::Table = std::fs::read_to_string(repo.join("Cargo.toml"))
-        .expect("read Cargo.toml")
-        .parse()
-        .expect("Cargo.toml is TOML");
-    let assets = manifest["package"]["metadata"]["deb"]["assets"]
-        .as_array()
-        .expect("deb assets");
-    let installs = |source: &str| -> Option<(String, String)> {
-        assets.iter().find_map(|asset| {
-            let asset = asset.as_array()?;
-            (asset[0].as_str()? == source).then(|| {
-                (
-                    asset[1].as_str().unwrap_or_default().to_owned(),
-                    asset[2].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-        })
-    };
-    for (file, destination) in [
-        (
-            "fieldmq.bash",
-            "usr/share/bash-completion/completions/fieldmq",
-        ),
-        ("_fieldmq", "usr/share/zsh/vendor-completions/_fieldmq"),
-        (
-            "fieldmq.fish",
-            "usr/share/fish/vendor_completions.d/fieldmq.fish",
-        ),
-        ("man/*.1.gz", "usr/share/man/man1/"),
-    ] {
-        assert_eq!(
-            installs(&format!("target/generated/{file}")),
-            Some((destination.to_owned(), "644".to_owned())),
-            "the .deb installs {file} at /{destination}"
-        );
-    }
-    // The packaged page is the binary's page, compressed.
-    let gunzip = Command::new("gzip")
-        .args(["-dc"])
-        .arg(out.path().join("man/fieldmq.1.gz"))
-        .output()
-        .expect("gzip -dc");
-    let (_, page, _) = fieldmq(&["man"], &[]);
-    assert_eq!(String::from_utf8_lossy(&gunzip.stdout), page);
 }

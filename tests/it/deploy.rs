@@ -362,11 +362,39 @@ fn run_script(script: &str, destdir: &Path, args: &[&str]) -> String {
     stdout
 }
 
+/// What scripts/generate-completions.sh leaves for the installer (its content is tested with
+/// the generator, in docgen/tests): a file per shell and two man pages.
+fn generated_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let files = [
+        ("fieldmq.bash", b"complete -F _fieldmq fieldmq\n".to_vec()),
+        ("_fieldmq", b"#compdef fieldmq\n".to_vec()),
+        ("fieldmq.fish", b"complete -c fieldmq\n".to_vec()),
+        ("man/fieldmq.1.gz", b"\x1f\x8b main page".to_vec()),
+        ("man/fieldmq-run.1.gz", b"\x1f\x8b run page".to_vec()),
+    ];
+    files
+        .into_iter()
+        .map(|(name, bytes)| {
+            let path = dir.join(name);
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(&path, &bytes).expect("write");
+            (path, bytes)
+        })
+        .collect()
+}
+
 #[test]
 fn install_script_installs_every_file_with_its_mode_into_destdir() {
     let root = tempfile::tempdir().expect("tempdir");
     let root = root.path();
-    let printed = run_script("install.sh", root, &["--bin", BIN]);
+    let generated = tempfile::tempdir().expect("tempdir");
+    let files = generated_files(generated.path());
+    let generated_arg = generated.path().display().to_string();
+    let printed = run_script(
+        "install.sh",
+        root,
+        &["--bin", BIN, "--generated", &generated_arg],
+    );
 
     let expected = [
         ("usr/bin/fieldmq", 0o755),
@@ -396,17 +424,23 @@ fn install_script_installs_every_file_with_its_mode_into_destdir() {
         read(root.join("usr/lib/systemd/system/fieldmq.service")),
         read(repo().join("systemd/fieldmq.service"))
     );
-    // The completions and the man page are the installed binary's own.
-    let completions = Command::new(BIN)
-        .args(["completions", "bash"])
-        .output()
-        .expect("fieldmq completions bash");
-    assert_eq!(
-        fs::read(root.join("usr/share/bash-completion/completions/fieldmq")).expect("installed"),
-        completions.stdout
-    );
-    let man = fs::read(root.join("usr/share/man/man1/fieldmq.1.gz")).expect("installed man page");
-    assert_eq!(&man[..2], b"\x1f\x8b", "the man page is gzipped");
+    // The completions and man pages are the generated ones, each where its tool looks.
+    for (installed, (_, bytes)) in [
+        "usr/share/bash-completion/completions/fieldmq",
+        "usr/share/zsh/vendor-completions/_fieldmq",
+        "usr/share/fish/vendor_completions.d/fieldmq.fish",
+        "usr/share/man/man1/fieldmq.1.gz",
+        "usr/share/man/man1/fieldmq-run.1.gz",
+    ]
+    .iter()
+    .zip(&files)
+    {
+        assert_eq!(
+            &fs::read(root.join(installed)).expect("installed"),
+            bytes,
+            "/{installed}"
+        );
+    }
     let config: toml::Table = read(root.join("etc/fieldmq/fieldmq.toml"))
         .parse()
         .expect("installed config is TOML");
@@ -424,17 +458,47 @@ fn install_script_installs_every_file_with_its_mode_into_destdir() {
 }
 
 #[test]
+fn install_without_generated_files_installs_the_rest_and_says_so() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let empty = tempfile::tempdir().expect("tempdir");
+    let empty_arg = empty.path().display().to_string();
+    let out = Command::new("bash")
+        .arg(repo().join("systemd/install.sh"))
+        .args(["--bin", BIN, "--generated", &empty_arg])
+        .env("DESTDIR", root.path())
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no completions or man pages"), "{stderr}");
+    assert!(
+        stderr.contains("scripts/generate-completions.sh"),
+        "{stderr}"
+    );
+    assert!(root.path().join("usr/bin/fieldmq").is_file());
+    assert!(!root.path().join("usr/share/man/man1/fieldmq.1.gz").exists());
+}
+
+#[test]
 fn reinstall_keeps_the_config_and_uninstall_keeps_it_unless_purged() {
     let root = tempfile::tempdir().expect("tempdir");
     let root = root.path();
-    run_script("install.sh", root, &["--bin", BIN]);
+    let generated = tempfile::tempdir().expect("tempdir");
+    generated_files(generated.path());
+    let generated_arg = generated.path().display().to_string();
+    let install = ["--bin", BIN, "--generated", &generated_arg];
+    run_script("install.sh", root, &install);
     let config = root.join("etc/fieldmq/fieldmq.toml");
     fs::write(&config, "# edited by the user\n").expect("edit config");
     let state = root.join("var/lib/fieldmq");
     fs::create_dir_all(&state).expect("state dir");
     fs::write(state.join("outbox.db"), b"queued").expect("state file");
 
-    let printed = run_script("install.sh", root, &["--bin", BIN]);
+    let printed = run_script("install.sh", root, &install);
     assert!(printed.contains("kept"), "{printed}");
     assert_eq!(read(&config), "# edited by the user\n");
 

@@ -41,6 +41,8 @@ struct DeviceState {
     exception_from: Option<u16>,
     /// No answer at all (the client times out).
     mute: bool,
+    /// Register reads answer one register fewer than asked (a well-formed, short answer).
+    short: bool,
     dead_units: HashSet<u8>,
 }
 
@@ -83,7 +85,9 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         }
         _ => Ok(()),
     };
+    let short = s.short;
     let words = |map: &HashMap<u16, u16>, start: u16, count: u16| {
+        let count = if short { count - 1 } else { count };
         (start..start + count)
             .map(|a| map.get(&a).copied().unwrap_or(0))
             .collect::<Vec<_>>()
@@ -176,6 +180,8 @@ fn device_with(registers: &[(u16, u16)]) -> Shared {
 
 struct Gateway {
     broker: BrokerHandle,
+    /// What the devices record, as `GET /metrics` would show it.
+    metrics: Arc<fieldmq::metrics::Metrics>,
     messages: InternalSubscription,
     /// Received but not yet asked for, in arrival order.
     backlog: std::collections::VecDeque<Message>,
@@ -214,6 +220,7 @@ async fn start_gateway(devices_toml: &str) -> Gateway {
         .await
         .unwrap();
     let shutdown = CancellationToken::new();
+    let metrics = Arc::new(fieldmq::metrics::Metrics::new());
     let devices = config
         .devices
         .iter()
@@ -224,7 +231,8 @@ async fn start_gateway(devices_toml: &str) -> Gateway {
                 &config.gateway.status_topic,
                 &device,
                 handle.clone(),
-            );
+            )
+            .with_metrics(metrics.device(&device.name), None);
             (device, context)
         })
         .collect();
@@ -234,6 +242,7 @@ async fn start_gateway(devices_toml: &str) -> Gateway {
     std::mem::forget(running); // lives as long as the test
     Gateway {
         broker: handle,
+        metrics,
         messages,
         backlog: Default::default(),
         shutdown,
@@ -479,6 +488,55 @@ async fn two_hundred_scattered_points_use_the_planned_number_of_requests() {
             assert_eq!((start + count - 1) % 3, 0, "{keys}");
         }
     }
+}
+
+/// The value of one sample line of `GET /metrics` (`name{labels}`), if it is there.
+fn sample(metrics: &fieldmq::metrics::Metrics, series: &str) -> Option<f64> {
+    let text = metrics
+        .encode(fieldmq::metrics::Format::PrometheusText)
+        .expect("encode");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_answer_makes_the_points_bad_and_counts_as_a_decode_error() {
+    let state = device_with(&[(0, 1), (1, 2)]);
+    state.lock().unwrap().short = true;
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+timeout = "500ms"
+points = [ {{ name = "energy", table = "holding", address = 0, type = "u32" }} ]
+"#
+    ))
+    .await;
+    let reading = gw.next_on("gw/meter/energy").await;
+    assert_eq!(reading["quality"], "bad", "{reading}");
+    let error = reading["error"].as_str().unwrap_or_default();
+    assert!(error.contains("short response to holding 0"), "{error}");
+    let decode = r#"fieldmq_device_errors_total{device="meter",kind="decode"}"#;
+    assert!(
+        sample(&gw.metrics, decode).is_some_and(|n| n >= 1.0),
+        "{decode}"
+    );
+    // The transaction itself went through: no timeout, I/O or exception is counted.
+    for kind in ["timeout", "io", "exception"] {
+        let series = format!(r#"fieldmq_device_errors_total{{device="meter",kind="{kind}"}}"#);
+        assert_eq!(sample(&gw.metrics, &series).unwrap_or(0.0), 0.0, "{series}");
+    }
+
+    // A full answer again: good, and no more decode errors are counted.
+    state.lock().unwrap().short = false;
+    let good = gw.next_matching("gw/meter/energy", is_good).await;
+    assert_eq!(good["value"], 65538, "{good}");
+    let counted = sample(&gw.metrics, decode).unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(sample(&gw.metrics, decode).unwrap_or_default(), counted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

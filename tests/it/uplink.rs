@@ -364,10 +364,7 @@ async fn outbox_topics(running: &RunningUplink) -> Vec<String> {
 
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "fieldmq=info".into()),
-        )
+        .with_max_level(tracing::Level::INFO)
         .with_test_writer()
         .try_init();
 }

@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::client::{Client, Context};
 use tokio_modbus::slave::SlaveContext;
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, Encoded};
@@ -112,6 +112,9 @@ enum Failure {
     Timeout(Duration),
     /// I/O or framing: the connection is reopened.
     Link(String),
+    /// A well-formed answer that does not fit the request (a write echoed with another
+    /// address or value, another function's answer): the device answered, the link is fine.
+    Unexpected(String),
 }
 
 impl Failure {
@@ -121,7 +124,7 @@ impl Failure {
             Failure::Timeout(after) => {
                 format!("no response within {}", humantime::format_duration(*after))
             }
-            Failure::Link(error) => error.clone(),
+            Failure::Link(error) | Failure::Unexpected(error) => error.clone(),
         }
     }
 }
@@ -211,50 +214,86 @@ async fn call(
     limit: Duration,
 ) -> Result<Reply, Failure> {
     connection.set_slave(Slave(unit));
-    let result = timeout(limit, async {
-        match op {
-            Op::Read {
-                table,
-                start,
-                count,
-            } => match table {
-                Table::Coil => connection
-                    .read_coils(*start, *count)
-                    .await
-                    .map(|r| r.map(Reply::Bits)),
-                Table::Discrete => connection
-                    .read_discrete_inputs(*start, *count)
-                    .await
-                    .map(|r| r.map(Reply::Bits)),
-                Table::Holding => connection
-                    .read_holding_registers(*start, *count)
-                    .await
-                    .map(|r| r.map(Reply::Words)),
-                Table::Input => connection
-                    .read_input_registers(*start, *count)
-                    .await
-                    .map(|r| r.map(Reply::Words)),
-            },
-            Op::WriteCoil { address, value } => connection
-                .write_single_coil(*address, *value)
-                .await
-                .map(|r| r.map(|()| Reply::Done)),
-            Op::WriteRegister { address, value } => connection
-                .write_single_register(*address, *value)
-                .await
-                .map(|r| r.map(|()| Reply::Done)),
-            Op::WriteRegisters { address, values } => connection
-                .write_multiple_registers(*address, values)
-                .await
-                .map(|r| r.map(|()| Reply::Done)),
+    // Through `Client::call` rather than tokio-modbus' `Reader`/`Writer`: those check the
+    // answer with debug assertions only (a short answer from a device would panic a debug
+    // build and pass unnoticed in release); here every answer is checked the same way.
+    let request = match op {
+        Op::Read {
+            table,
+            start,
+            count,
+        } => match table {
+            Table::Coil => Request::ReadCoils(*start, *count),
+            Table::Discrete => Request::ReadDiscreteInputs(*start, *count),
+            Table::Holding => Request::ReadHoldingRegisters(*start, *count),
+            Table::Input => Request::ReadInputRegisters(*start, *count),
+        },
+        Op::WriteCoil { address, value } => Request::WriteSingleCoil(*address, *value),
+        Op::WriteRegister { address, value } => Request::WriteSingleRegister(*address, *value),
+        Op::WriteRegisters { address, values } => {
+            Request::WriteMultipleRegisters(*address, std::borrow::Cow::Borrowed(values))
         }
-    })
-    .await;
-    match result {
+    };
+    match timeout(limit, connection.call(request)).await {
         Err(_) => Err(Failure::Timeout(limit)),
         Ok(Err(error)) => Err(Failure::Link(error.to_string())),
         Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
-        Ok(Ok(Ok(reply))) => Ok(reply),
+        Ok(Ok(Ok(response))) => reply_to(op, response),
+    }
+}
+
+/// The answer to `op`, or why it does not fit. A read answered with fewer values than asked
+/// is still a reply: the points it does not cover go bad as a short response.
+fn reply_to(op: &Op, response: Response) -> Result<Reply, Failure> {
+    let unexpected = |what: String| Err(Failure::Unexpected(what));
+    match (op, response) {
+        (
+            Op::Read { count, .. },
+            Response::ReadCoils(mut bits) | Response::ReadDiscreteInputs(mut bits),
+        ) => {
+            // Bits come in whole bytes; the padding is not a value.
+            bits.truncate(usize::from(*count));
+            Ok(Reply::Bits(bits))
+        }
+        (
+            Op::Read { .. },
+            Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words),
+        ) => Ok(Reply::Words(words)),
+        (Op::WriteCoil { address, value }, Response::WriteSingleCoil(echo_address, echo_value)) => {
+            if (echo_address, echo_value) == (*address, *value) {
+                Ok(Reply::Done)
+            } else {
+                unexpected(format!(
+                    "the device echoed coil {echo_address} = {echo_value} for coil {address} = {value}"
+                ))
+            }
+        }
+        (
+            Op::WriteRegister { address, value },
+            Response::WriteSingleRegister(echo_address, echo_value),
+        ) => {
+            if (echo_address, echo_value) == (*address, *value) {
+                Ok(Reply::Done)
+            } else {
+                unexpected(format!(
+                    "the device echoed register {echo_address} = {echo_value} for register {address} = {value}"
+                ))
+            }
+        }
+        (
+            Op::WriteRegisters { address, values },
+            Response::WriteMultipleRegisters(echo_address, echo_count),
+        ) => {
+            if echo_address == *address && usize::from(echo_count) == values.len() {
+                Ok(Reply::Done)
+            } else {
+                unexpected(format!(
+                    "the device confirmed {echo_count} registers at {echo_address} for {} at {address}",
+                    values.len()
+                ))
+            }
+        }
+        (_, response) => unexpected(format!("an answer of another kind: {response:?}")),
     }
 }
 
@@ -516,6 +555,7 @@ impl Bus {
             Err(Failure::Timeout(_)) => metrics.request_failed(ErrorKind::Timeout),
             Err(Failure::Exception(_)) => metrics.request_failed(ErrorKind::Exception),
             Err(Failure::Link(_)) => metrics.request_failed(ErrorKind::Io),
+            Err(Failure::Unexpected(_)) => metrics.request_failed(ErrorKind::Decode),
         }
         if !tcp {
             // The line is busy from the request until the answer (or the timeout).
@@ -597,6 +637,10 @@ impl Bus {
                     if !device.publish(index, value, quality, due, timestamp).await {
                         return false;
                     }
+                }
+                if short {
+                    // The transaction succeeded, its answer did not hold what was asked.
+                    device.context.metrics().request_failed(ErrorKind::Decode);
                 }
                 if let Some(read) = device.reads.get_mut(r) {
                     read.error = short.then(|| {
@@ -814,8 +858,9 @@ impl Bus {
             Failure::Exception(code) => format!("device exception: {}", exception_name(*code)),
             Failure::Timeout(_) => format!("timeout: {}", failure.describe()),
             Failure::Link(error) => format!("link error: {error}"),
+            Failure::Unexpected(error) => format!("unexpected answer: {error}"),
         };
-        if !matches!(failure, Failure::Exception(_)) {
+        if !matches!(failure, Failure::Exception(_) | Failure::Unexpected(_)) {
             if let Some(device) = self.devices.get_mut(d) {
                 let _ = device.failed(&reason, Instant::now()).await;
                 let _ = device.update_status().await;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
-use regex::Regex;
+use regex_lite::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -454,7 +454,7 @@ impl DeviceCheck<'_, '_> {
     }
 
     fn regex(&mut self, value: &S<String>, key_path: &str) -> Option<Regex> {
-        match regex::RegexBuilder::new(value.get_ref())
+        match regex_lite::RegexBuilder::new(value.get_ref())
             .size_limit(REGEX_SIZE_LIMIT)
             .build()
         {

@@ -148,7 +148,7 @@ fn number(x: f64) -> Json {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use regex::Regex;
+    use regex_lite::Regex;
     use serde_json::json;
 
     fn rule(pattern: &str, topic: &str, fields: &[(&str, FieldType, f64)]) -> Rule {
