@@ -218,6 +218,7 @@ impl Devices {
         for name in before.keys() {
             if !wanted.iter().any(|d| d.name == *name) {
                 self.board.remove_device(name);
+                self.metrics.remove_device(name);
                 changes.push(format!("device {name}: removed"));
             }
         }
@@ -371,6 +372,7 @@ impl Uplinks {
         }
         for removed in old {
             self.board.remove_uplink(&removed.config.name);
+            self.metrics.remove_uplink(&removed.config.name);
             changes.push(format!(
                 "uplink {}: removed (its outbox file is kept)",
                 removed.config.name

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
 use crate::util::gateway::GatewayProcess;
-use crate::util::http::{self, get};
+use crate::util::http::{self, get, metric_value, request};
+use crate::util::mqtt::{Client, Version};
 use crate::util::{free_port, skip};
 
 const PROMETHEUS_INSTALL: &str = "apt-get install -y prometheus";
@@ -252,5 +253,99 @@ fn prometheus_scrapes_broker_uplink_and_device_series() {
         .query("up{job=\"fieldmq\"} == 1")
         .expect("Prometheus answers");
     assert_eq!(up.as_array().map(Vec::len), Some(1), "{up}");
+    gateway.terminate();
+}
+
+/// A gateway with only its broker and HTTP listener (nothing else publishes at QoS 1 or 2).
+fn start_broker_only(dir: &Path) -> (GatewayProcess, SocketAddr) {
+    let text = format!(
+        "[gateway]\nid = \"counted\"\ndata_dir = \"{}\"\n\n[broker]\nallow_anonymous = true\n\n\
+         [[broker.listeners]]\nbind = \"127.0.0.1:0\"\n\n[http]\nbind = \"127.0.0.1:0\"\n",
+        dir.join("data").display()
+    );
+    let config = dir.join("fieldmq.toml");
+    std::fs::write(&config, text).expect("write config");
+    let gateway = GatewayProcess::start(&config);
+    let addr = http::http_addr(&gateway);
+    (gateway, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_and_payload_bytes_are_counted_by_qos_each_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut gateway, addr) = start_broker_only(dir.path());
+    let mut subscriber = Client::connect(Version::V311, gateway.addr, "counted-sub").await;
+    subscriber.subscribe("q/#", 2).await;
+    let mut publisher = Client::connect(Version::V311, gateway.addr, "counted-pub").await;
+    let series = [
+        "fieldmq_broker_messages_received_total{qos=\"1\"}",
+        "fieldmq_broker_messages_received_total{qos=\"2\"}",
+        "fieldmq_broker_messages_sent_total{qos=\"1\"}",
+        "fieldmq_broker_messages_sent_total{qos=\"2\"}",
+        "fieldmq_broker_payload_received_bytes_total{qos=\"1\"}",
+        "fieldmq_broker_payload_received_bytes_total{qos=\"2\"}",
+        "fieldmq_broker_payload_sent_bytes_total{qos=\"1\"}",
+        "fieldmq_broker_payload_sent_bytes_total{qos=\"2\"}",
+    ];
+    let read = || {
+        let body = get(addr, "/metrics", &[]).body;
+        series.map(|s| metric_value(&body, s).unwrap_or_else(|| panic!("no {s} in:\n{body}")))
+    };
+    let before = read();
+    publisher.publish("q/one", 1, false, &[b'x'; 10]).await;
+    publisher.publish("q/two", 2, false, &[b'y'; 20]).await;
+    // Subscribed at QoS 2: each message goes out at the QoS it came in with.
+    for _ in 0..2 {
+        subscriber.recv().await;
+    }
+    let after = read();
+    let delta: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    assert_eq!(
+        delta,
+        [1.0, 1.0, 1.0, 1.0, 10.0, 20.0, 10.0, 20.0],
+        "received 1/2, sent 1/2, payload bytes received 1/2, sent 1/2"
+    );
+    gateway.terminate();
+}
+
+#[test]
+fn a_reload_takes_a_removed_device_and_uplink_off_the_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut gateway, addr) = start_gateway(dir.path(), free_port());
+    // A second device, to be removed.
+    let config = dir.path().join("fieldmq.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let with_gone = text.replacen(
+        "[[uplinks]]",
+        "[[devices]]\nname = \"gone\"\ndriver = \"simulated\"\npoll = \"200ms\"\n\
+         points = [ { name = \"v\", waveform = \"constant\", value = 2.0 } ]\n\n[[uplinks]]",
+        1,
+    );
+    std::fs::write(&config, &with_gone).expect("write config");
+    assert_eq!(request(addr, "POST", "/api/v1/reload", &[]).status, 200);
+    let polls = |device: &str| format!("fieldmq_device_polls_total{{device=\"{device}\"}}");
+    let uplink = "fieldmq_uplink_connected{uplink=\"cloud\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = get(addr, "/metrics", &[]).body;
+        if metric_value(&body, &polls("gone")).is_some_and(|n| n > 0.0) {
+            assert!(metric_value(&body, uplink).is_some(), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device gone never polled:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Without the second device and without the uplink.
+    let without = text[..text.find("[[uplinks]]").expect("uplink section")].to_owned();
+    std::fs::write(&config, without).expect("write config");
+    assert_eq!(request(addr, "POST", "/api/v1/reload", &[]).status, 200);
+    let body = get(addr, "/metrics", &[]).body;
+    assert!(!body.contains("device=\"gone\""), "{body}");
+    assert!(!body.contains("uplink=\"cloud\""), "{body}");
+    assert!(metric_value(&body, &polls("sim")).is_some(), "{body}");
     gateway.terminate();
 }

@@ -490,13 +490,12 @@ async fn two_hundred_scattered_points_use_the_planned_number_of_requests() {
     }
 }
 
-/// The value of one sample line of `GET /metrics` (`name{labels}`), if it is there.
+/// The value of one series as `GET /metrics` would show it, if it is there.
 fn sample(metrics: &fieldmq::metrics::Metrics, series: &str) -> Option<f64> {
     let text = metrics
         .encode(fieldmq::metrics::Format::PrometheusText)
         .expect("encode");
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    crate::util::http::metric_value(&text, series)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! The embedded broker runs in-process; every wait is bounded.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fieldmq::broker::config::BrokerConfig;
@@ -85,6 +86,8 @@ fn relink(link: &Path, target: &str) {
 
 struct Gateway {
     handle: BrokerHandle,
+    /// What the device records, as `GET /metrics` would show it.
+    metrics: Arc<fieldmq::metrics::Metrics>,
     messages: InternalSubscription,
     shutdown: CancellationToken,
     device: JoinHandle<()>,
@@ -122,21 +125,36 @@ async fn start(device: &str) -> Gateway {
         .await
         .expect("subscribe");
     let device = config.devices[0].clone();
+    let metrics = Arc::new(fieldmq::metrics::Metrics::new());
     let context = DeviceContext::new(
         &config.gateway.id,
         &config.gateway.status_topic,
         &device,
         handle.clone(),
-    );
+    )
+    .with_metrics(metrics.device(&device.name), None);
     let status_topic = context.status_topic().to_owned();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(drivers::run_device(device, context, shutdown.clone()));
     Gateway {
         handle,
+        metrics,
         messages,
         shutdown,
         device: task,
         status_topic,
+    }
+}
+
+impl Gateway {
+    /// The value of one of the device's series (`fieldmq_device_...{device="sensor"...}`).
+    fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .metrics
+            .encode(fieldmq::metrics::Format::PrometheusText)
+            .expect("encode");
+        crate::util::http::metric_value(&text, series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
     }
 }
 
@@ -282,6 +300,15 @@ async fn nmea_gga_and_rmc_sentences_become_fields_and_a_bad_checksum_is_dropped(
         })
         .await;
     assert_eq!(status["status"], "online");
+    // The bad checksum is a decode error; both rules' points read good.
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_errors_total{device="receiver",kind="decode"}"#),
+        1.0
+    );
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_points{device="receiver",quality="good"}"#),
+        2.0
+    );
     assert_eq!(status["counters"]["published"], 2);
     gateway.stop().await;
 }
@@ -409,6 +436,19 @@ async fn polling_sends_the_request_and_publishes_the_response() {
         let reading = gateway.next_on("gw/sensor/temperature", |_| true).await;
         assert_eq!(reading["value"]["t"], 21.5);
     }
+    // Each request is a poll; each answer a timed request and a good point.
+    assert!(gateway.metric(r#"fieldmq_device_polls_total{device="sensor"}"#) >= 3.0);
+    assert!(
+        gateway.metric(r#"fieldmq_device_request_duration_seconds_count{device="sensor"}"#) >= 3.0
+    );
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_points{device="sensor",quality="good"}"#),
+        1.0
+    );
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_errors_total{device="sensor",kind="timeout"}"#),
+        0.0
+    );
     gateway.stop().await;
     drop(pty._slave);
     let received = timeout(WAIT, device)
@@ -447,12 +487,29 @@ async fn a_device_that_does_not_respond_goes_bad_with_the_reason_and_recovers() 
         "{bad}"
     );
 
+    assert!(gateway.metric(r#"fieldmq_device_timeouts_total{device="sensor"}"#) >= 1.0);
+    assert!(
+        gateway.metric(r#"fieldmq_device_errors_total{device="sensor",kind="timeout"}"#) >= 1.0
+    );
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_points{device="sensor",quality="bad"}"#),
+        1.0
+    );
+
     answer_tx.send(true).expect("device alive");
     gateway.status("online").await;
     let good = gateway
         .next_on("gw/sensor/temperature", |r| r["quality"] == "good")
         .await;
     assert_eq!(good["value"]["t"], 21.5);
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_points{device="sensor",quality="good"}"#),
+        1.0
+    );
+    assert_eq!(
+        gateway.metric(r#"fieldmq_device_points{device="sensor",quality="bad"}"#),
+        0.0
+    );
     gateway.stop().await;
 }
 

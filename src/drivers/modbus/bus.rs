@@ -79,7 +79,7 @@ struct WriteCommand {
 
 /// What goes over the wire.
 #[derive(Debug, Clone)]
-enum Op {
+pub(super) enum Op {
     Read {
         table: Table,
         start: u16,
@@ -99,7 +99,7 @@ enum Op {
     },
 }
 
-enum Reply {
+pub(super) enum Reply {
     Words(Vec<u16>),
     Bits(Vec<bool>),
     Done,
@@ -107,7 +107,7 @@ enum Reply {
 
 /// Why a transaction failed. The device refusing is not a broken link.
 #[derive(Debug)]
-enum Failure {
+pub(super) enum Failure {
     Exception(ExceptionCode),
     Timeout(Duration),
     /// I/O or framing: the connection is reopened.
@@ -118,7 +118,7 @@ enum Failure {
 }
 
 impl Failure {
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             Failure::Exception(code) => exception_name(*code),
             Failure::Timeout(after) => {
@@ -207,7 +207,7 @@ pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, Str
 }
 
 /// Runs one transaction with a timeout.
-async fn call(
+pub(super) async fn call(
     connection: &mut Context,
     unit: u8,
     op: &Op,

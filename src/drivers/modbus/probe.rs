@@ -5,12 +5,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::bus::{connect, exception_name, Link};
+use super::bus::{call, connect, exception_name, Failure, Link, Op, Reply};
 use super::codec::{f32_to_f64, ordered_bytes};
 use super::config::{Order, Parity, SerialSettings, Table};
-use tokio_modbus::client::Reader;
-use tokio_modbus::slave::SlaveContext;
-use tokio_modbus::Slave;
 
 /// Arguments of `fieldmq probe`.
 #[derive(Debug, Clone, clap::Args)]
@@ -118,37 +115,25 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
     let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
         .await
         .map_err(ProbeError::Link)?;
-    connection.set_slave(Slave(args.unit));
     let (start, count) = (args.address, args.count);
-    let read = async {
-        match table {
-            Table::Coil => connection
-                .read_coils(start, count)
-                .await
-                .map(|r| r.map(Data::Bits)),
-            Table::Discrete => connection
-                .read_discrete_inputs(start, count)
-                .await
-                .map(|r| r.map(Data::Bits)),
-            Table::Holding => connection
-                .read_holding_registers(start, count)
-                .await
-                .map(|r| r.map(Data::Words)),
-            Table::Input => connection
-                .read_input_registers(start, count)
-                .await
-                .map(|r| r.map(Data::Words)),
-        }
+    let read = Op::Read {
+        table,
+        start,
+        count,
     };
-    let data = match tokio::time::timeout(args.timeout, read).await {
-        Err(_) => return Err(ProbeError::Timeout(args.timeout)),
-        Ok(Err(error)) => return Err(ProbeError::Link(error.to_string())),
-        Ok(Ok(Err(code))) => {
+    let data = match call(&mut connection, args.unit, &read, args.timeout).await {
+        Ok(Reply::Bits(bits)) => Data::Bits(bits),
+        Ok(Reply::Words(words)) => Data::Words(words),
+        Ok(Reply::Done) => Data::Words(Vec::new()),
+        Err(Failure::Timeout(after)) => return Err(ProbeError::Timeout(after)),
+        Err(Failure::Exception(code)) => {
             return Err(ProbeError::Exception {
                 exception: exception_name(code),
             })
         }
-        Ok(Ok(Ok(data))) => data,
+        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_))) => {
+            return Err(ProbeError::Link(failure.describe()))
+        }
     };
     let mut out = format!(
         "{table} {start}..={} of unit {} at {source} (0-based protocol addresses)\n\n",

@@ -32,6 +32,7 @@ use crate::backoff::{Backoff, Jitter};
 use crate::broker::bus::{BusError, InternalSubscription};
 use crate::drivers::payload::Sample;
 use crate::drivers::{rfc3339, DeviceContext, PointAccess, SortedWrite, TextKind};
+use crate::metrics::ErrorKind;
 use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
 
 /// Least time between two warnings of one kind (bad checksum, over-long frame ...): a
@@ -113,6 +114,7 @@ impl Throttle {
 #[derive(Debug)]
 enum Pending {
     Response {
+        sent: Instant,
         deadline: Instant,
     },
     Reply {
@@ -124,7 +126,7 @@ enum Pending {
 impl Pending {
     fn deadline(&self) -> Instant {
         match self {
-            Pending::Response { deadline } | Pending::Reply { deadline, .. } => *deadline,
+            Pending::Response { deadline, .. } | Pending::Reply { deadline, .. } => *deadline,
         }
     }
 }
@@ -149,6 +151,8 @@ struct Driver {
     throttle_garbled: Throttle,
     throttle_checksum: Throttle,
     throttle_invalid: Throttle,
+    /// Each point (rule topic) and whether its last reading was good, for the metrics.
+    point_quality: std::collections::BTreeMap<String, bool>,
 }
 
 /// Runs one serial device until `shutdown`.
@@ -187,6 +191,7 @@ pub(crate) async fn run(
         throttle_garbled: Throttle::default(),
         throttle_checksum: Throttle::default(),
         throttle_invalid: Throttle::default(),
+        point_quality: Default::default(),
     };
     let port = driver.config.port.path.clone();
     loop {
@@ -206,12 +211,16 @@ pub(crate) async fn run(
                 match driver.session(stream, &shutdown).await {
                     Ended::Shutdown => break,
                     Ended::Lost(reason) => {
+                        driver.context.metrics().request_failed(ErrorKind::Io);
                         tracing::warn!(device = %driver.context.device, %port, %reason, "serial port lost, reopening");
                         reason
                     }
                 }
             }
-            Err(reason) => reason,
+            Err(reason) => {
+                driver.context.metrics().request_failed(ErrorKind::Io);
+                reason
+            }
         };
         let wait = backoff.next_delay();
         if driver.health != Health::Offline(reason.clone()) {
@@ -326,7 +335,9 @@ impl Driver {
                     if let Err(reason) = self.write(&mut writer, &request).await {
                         break Ended::Lost(reason);
                     }
-                    pending = Some(Pending::Response { deadline: Instant::now() + self.config.timeout });
+                    let sent = Instant::now();
+                    self.context.metrics().poll();
+                    pending = Some(Pending::Response { sent, deadline: sent + self.config.timeout });
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     if let Some(expired) = pending.take() {
@@ -446,6 +457,14 @@ impl Driver {
         Ok(None)
     }
 
+    /// The points' qualities into the device's metrics.
+    fn record_points(&self) {
+        let good = self.point_quality.values().filter(|good| **good).count();
+        self.context
+            .metrics()
+            .points(good, self.point_quality.len() - good);
+    }
+
     /// A response or reply did not come in time. `false` when the broker is gone.
     async fn expired(&mut self, expired: Pending) -> bool {
         let limit = humantime::format_duration(self.config.timeout);
@@ -468,6 +487,12 @@ impl Driver {
             }
             Pending::Response { .. } => {
                 self.counters.timeouts += 1;
+                self.context.metrics().request_failed(ErrorKind::Timeout);
+                // Every point goes bad below, so each counts as bad.
+                for rule in &self.config.rules {
+                    self.point_quality.insert(rule.topic.clone(), false);
+                }
+                self.record_points();
                 let request = self.config.request.as_deref().unwrap_or_default();
                 let reason = format!(
                     "no response to request {:?} within {limit}",
@@ -515,6 +540,7 @@ impl Driver {
             FrameEvent::Frame(frame) => frame,
             FrameEvent::Overlong => {
                 self.counters.overlong += 1;
+                self.context.metrics().request_failed(ErrorKind::Decode);
                 if let Some(suppressed) = self.throttle_overlong.allow() {
                     tracing::warn!(device = %self.context.device, max_frame = self.config.max_frame, suppressed, "over-long frame discarded, resynchronising at the next delimiter");
                 }
@@ -522,6 +548,7 @@ impl Driver {
             }
             FrameEvent::Garbled { discarded } => {
                 self.counters.garbled += 1;
+                self.context.metrics().request_failed(ErrorKind::Decode);
                 if let Some(suppressed) = self.throttle_garbled.allow() {
                     tracing::warn!(device = %self.context.device, discarded, suppressed, "bytes outside any frame discarded");
                 }
@@ -530,7 +557,8 @@ impl Driver {
         };
         self.counters.frames += 1;
         match pending.take() {
-            Some(Pending::Response { .. }) => {
+            Some(Pending::Response { sent, .. }) => {
+                self.context.metrics().request_ok(sent.elapsed());
                 // Any frame answers the poll: the device is alive.
                 if matches!(self.health, Health::Bad(_)) {
                     tracing::info!(device = %self.context.device, "device responding again");
@@ -587,6 +615,8 @@ impl Driver {
                 let Some(rule) = self.config.rules.get(rule) else {
                     return true;
                 };
+                self.point_quality.insert(rule.topic.clone(), true);
+                self.record_points();
                 let sample = Sample::Fields {
                     fields,
                     timestamp: SystemTime::now(),
@@ -610,6 +640,7 @@ impl Driver {
             }
             Parsed::BadChecksum { text } => {
                 self.counters.bad_checksum += 1;
+                self.context.metrics().request_failed(ErrorKind::Decode);
                 if let Some(suppressed) = self.throttle_checksum.allow() {
                     tracing::warn!(device = %self.context.device, frame = %text.trim_end(), suppressed, "bad NMEA checksum, frame dropped");
                 }
@@ -617,6 +648,7 @@ impl Driver {
             }
             Parsed::Invalid { rule, reason } => {
                 self.counters.invalid += 1;
+                self.context.metrics().request_failed(ErrorKind::Decode);
                 if let Some(suppressed) = self.throttle_invalid.allow() {
                     tracing::warn!(device = %self.context.device, rule, %reason, suppressed, "frame dropped");
                 }

@@ -117,3 +117,15 @@ pub(crate) fn request(addr: SocketAddr, method: &str, path: &str, headers: &[&st
 pub(crate) fn get(addr: SocketAddr, path: &str, headers: &[&str]) -> Answer {
     request(addr, "GET", path, headers)
 }
+
+/// The value of the sample `series` (a metric name with its labels, as printed) in the
+/// Prometheus text `body`, if it is there.
+pub(crate) fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
