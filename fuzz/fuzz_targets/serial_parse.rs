@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use fieldmq::drivers::serial::config::{Checksum, Encoding, Field, FieldType, Rule};
 use fieldmq::drivers::serial::parse::{convert, decode, nmea_checksum_ok, parse};
 use libfuzzer_sys::fuzz_target;
-use regex::Regex;
+use regex_lite::Regex;
 
 fn field(name: &str, kind: FieldType, scale: f64) -> Field {
     Field {
