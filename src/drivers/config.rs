@@ -4,18 +4,24 @@
 //! `config.rs`), and the serial port settings that Modbus RTU and serial line devices share.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::ops::{Range, RangeInclusive};
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use toml::de::DeValue;
 use toml::Spanned;
 
 use super::modbus::config::RawModbusDevice;
+use super::payload::template::{PayloadTemplate, TemplateError, Variables};
 use super::serial::config::RawSerialDevice;
 use super::simulated::config::{RawSimulatedDevice, SimulatedConfig};
 use crate::config::{closest, parse_duration, report_missing, Checker, Diagnostic, Diagnostics, S};
 
 const DRIVERS: &[&str] = &["simulated", "modbus-tcp", "modbus-rtu", "serial"];
+const PAYLOAD_FORMATS: &[&str] = &["json", "plain", "influx"];
 const DEFAULT_DEVICE_TOPIC: &str = "{gateway}/{device}/{point}";
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
 /// Reopen / reconnect backoff bounds of drivers that hold a connection.
@@ -69,12 +75,62 @@ impl DeviceConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PayloadFormat {
-    /// `{"value":..,"ts":"RFC 3339","quality":"good"}`
-    Json,
-    /// The bare value as text.
-    Plain,
+pub use super::payload::PayloadFormat;
+
+/// A device's `payload` as written: a format's name, or a table with a template.
+#[derive(Debug)]
+pub(crate) enum RawPayload {
+    Name(String),
+    Template(RawTemplate),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTemplate {
+    template: Option<S<String>>,
+    content_type: Option<S<String>>,
+}
+
+impl<'de> Deserialize<'de> for RawPayload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PayloadVisitor;
+        impl<'de> Visitor<'de> for PayloadVisitor {
+            type Value = RawPayload;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a format name (json, plain, influx) or a table with a template")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPayload, E> {
+                Ok(RawPayload::Name(v.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawPayload, A::Error> {
+                RawTemplate::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawPayload::Template)
+            }
+        }
+        deserializer.deserialize_any(PayloadVisitor)
+    }
+}
+
+/// Compile a payload template and render it once on a sample reading, so that a misspelt
+/// variable or an unknown filter is found by `check`, not on the first reading.
+fn check_template(
+    source: &str,
+    content_type: Option<&str>,
+) -> Result<PayloadTemplate, TemplateError> {
+    let template = PayloadTemplate::compile(source, content_type)?;
+    let value = serde_json::json!(21.5);
+    template.render(&Variables {
+        value: &value,
+        ts: "2026-01-01T00:00:00Z",
+        ts_ms: 1_767_225_600_000,
+        quality: "good",
+        error: None,
+        unit: Some("°C"),
+        device: "device",
+        point: "point",
+        gateway: "gateway",
+    })?;
+    Ok(template)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +163,7 @@ impl DriverConfig {
 pub(crate) struct RawCommon<'r> {
     pub(crate) name: &'r Option<S<String>>,
     pub(crate) topic: &'r Option<S<String>>,
-    pub(crate) payload: &'r Option<S<String>>,
+    pub(crate) payload: &'r Option<S<RawPayload>>,
     pub(crate) poll: &'r Option<S<String>>,
 }
 
@@ -305,17 +361,54 @@ impl Checker<'_> {
         text.clone()
     }
 
-    fn payload(&mut self, payload: &Option<S<String>>, prefix: &str) -> PayloadFormat {
-        match payload.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
-            None | Some(("json", _)) => PayloadFormat::Json,
-            Some(("plain", _)) => PayloadFormat::Plain,
-            Some((other, span)) => {
-                self.d.error(
-                    Some(span),
-                    format!("{prefix}.payload"),
-                    format!("unknown payload format {other:?}, expected json or plain"),
-                );
-                PayloadFormat::Json
+    fn payload(&mut self, payload: &Option<S<RawPayload>>, prefix: &str) -> PayloadFormat {
+        let Some(payload) = payload else {
+            return PayloadFormat::Json;
+        };
+        let key = format!("{prefix}.payload");
+        match payload.get_ref() {
+            RawPayload::Name(name) => match name.as_str() {
+                "json" => PayloadFormat::Json,
+                "plain" => PayloadFormat::Plain,
+                "influx" => PayloadFormat::Influx,
+                other => {
+                    let diagnostic = self.d.error(
+                        Some(payload.span()),
+                        key,
+                        format!("unknown payload format {other:?}, expected json, plain, influx or a table with a template"),
+                    );
+                    diagnostic.hint = closest(other, PAYLOAD_FORMATS)
+                        .map(|close| format!("did you mean `{close}`?"))
+                        .or_else(|| Some("e.g. payload = { template = '{\"v\": {{ value }}}', content_type = \"application/json\" }".to_owned()));
+                    PayloadFormat::Json
+                }
+            },
+            RawPayload::Template(raw) => {
+                let Some(source) = &raw.template else {
+                    self.missing(payload.span(), format!("{key}.template"), None);
+                    return PayloadFormat::Json;
+                };
+                let content_type = raw.content_type.as_ref().map(|c| c.get_ref().as_str());
+                if let Some(content_type) = &raw.content_type {
+                    if content_type.get_ref().trim().is_empty() {
+                        self.d.error(
+                            Some(content_type.span()),
+                            format!("{key}.content_type"),
+                            "content type is empty",
+                        );
+                    }
+                }
+                match check_template(source.get_ref(), content_type) {
+                    Ok(template) => PayloadFormat::Template(Arc::new(template)),
+                    Err(error) => {
+                        self.d.error(
+                            Some(source.span()),
+                            format!("{key}.template"),
+                            format!("the template does not work: {error}"),
+                        );
+                        PayloadFormat::Json
+                    }
+                }
             }
         }
     }

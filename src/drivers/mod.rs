@@ -23,7 +23,7 @@ use crate::metrics::{DeviceMetrics, RtuBusMetrics};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
 use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
-use payload::Sample;
+use payload::{Labels, Sample, TEXT_PLAIN};
 
 /// Everything a driver needs to talk to the bus for one device.
 #[derive(Debug, Clone)]
@@ -52,6 +52,8 @@ pub struct DeviceContext {
     json: Arc<MessageProperties>,
     /// The properties of plain text the driver writes itself (an unmatched frame).
     plain: Arc<MessageProperties>,
+    /// Whether a failing payload template has been logged at warn.
+    template_warned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a text payload a driver built itself is, for its MQTT 5 content type.
@@ -60,9 +62,6 @@ pub enum TextKind {
     Json,
     Plain,
 }
-
-/// Content type of plain text payloads.
-const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 
 /// Largest `/set` payload a driver reads; a larger one is refused without being parsed
 /// (no point takes more than a line of text).
@@ -113,14 +112,10 @@ impl DeviceContext {
         device: &DeviceConfig,
         broker: BrokerHandle,
     ) -> DeviceContext {
-        let content_type = match device.payload {
-            PayloadFormat::Json => "application/json",
-            PayloadFormat::Plain => TEXT_PLAIN,
-        };
         let readings = MessageProperties {
-            // Both formats write UTF-8 text (a plain frame field is a decoded string).
+            // Every format writes UTF-8 text (a plain frame field is a decoded string).
             payload_format_indicator: Some(1),
-            content_type: Some(content_type.to_owned()),
+            content_type: Some(device.payload.content_type().to_owned()),
             ..MessageProperties::default()
         };
         let units: HashMap<String, String> = device.driver.point_units().into_iter().collect();
@@ -136,7 +131,7 @@ impl DeviceContext {
             gateway: gateway.to_owned(),
             device: device.name.clone(),
             topic_template: device.topic.clone(),
-            payload: device.payload,
+            payload: device.payload.clone(),
             status_topic: format!("{gateway_status_topic}/devices/{}", device.name),
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
@@ -152,6 +147,7 @@ impl DeviceContext {
                 content_type: Some(TEXT_PLAIN.to_owned()),
                 ..MessageProperties::default()
             }),
+            template_warned: Arc::default(),
         }
     }
 
@@ -216,9 +212,29 @@ impl DeviceContext {
                 }
             }
         }
-        let unit = self.units.get(point).map(String::as_str);
-        let Some(payload) = payload::encode(self.payload, sample, unit) else {
-            return Ok(());
+        let labels = Labels {
+            gateway: &self.gateway,
+            device: &self.device,
+            point,
+            unit: self.units.get(point).map(String::as_str),
+        };
+        let payload = match payload::encode(&self.payload, &labels, sample) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                self.metrics.payload_error();
+                // Once per device at warn: a template that fails on one value type fails
+                // on every poll, and the journal must not fill with it.
+                if !self
+                    .template_warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(device = %self.device, point, %error, "the payload template fails on this reading; nothing is published (logged once per device)");
+                } else {
+                    tracing::debug!(device = %self.device, point, %error, "the payload template fails");
+                }
+                return Ok(());
+            }
         };
         let mut message = Message::internal(
             &self.origin,

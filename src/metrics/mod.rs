@@ -82,6 +82,7 @@ struct DeviceFamilies {
     timeouts: Family<Labels, Counter>,
     request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     points: Family<Labels, Gauge>,
+    payload_errors: Family<Labels, Counter>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +108,7 @@ impl Metrics {
             timeouts: Family::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             points: Family::default(),
+            payload_errors: Family::default(),
         };
         registry.register(
             "device_polls",
@@ -132,6 +134,11 @@ impl Metrics {
             "device_points",
             "Points of a device by the quality of their last reading (good or bad)",
             device.points.clone(),
+        );
+        registry.register(
+            "device_payload_errors",
+            "Readings the device's payload template failed on (nothing was published for them)",
+            device.payload_errors.clone(),
         );
         let rtu_bus = RtuBusFamilies {
             requests: Family::default(),
@@ -188,6 +195,7 @@ impl Metrics {
                 .points
                 .get_or_create_owned(&with("quality", "good")),
             points_bad: families.points.get_or_create_owned(&with("quality", "bad")),
+            payload_errors: families.payload_errors.get_or_create_owned(&labels),
             last_good_unix_ms: last_good,
         }
     }
@@ -198,6 +206,7 @@ impl Metrics {
         let families = &self.device;
         families.polls.remove(&labels);
         families.timeouts.remove(&labels);
+        families.payload_errors.remove(&labels);
         families.request_seconds.remove(&labels);
         for kind in ErrorKind::ALL {
             let mut with = labels.clone();
@@ -299,6 +308,7 @@ pub struct DeviceMetrics {
     request_seconds: Histogram,
     points_good: Gauge,
     points_bad: Gauge,
+    payload_errors: Counter,
     last_good_unix_ms: Arc<AtomicU64>,
 }
 
@@ -312,6 +322,7 @@ impl DeviceMetrics {
             request_seconds: request_histogram(),
             points_good: Gauge::default(),
             points_bad: Gauge::default(),
+            payload_errors: Counter::default(),
             last_good_unix_ms: Arc::default(),
         }
     }
@@ -346,6 +357,11 @@ impl DeviceMetrics {
         if good > 0 {
             self.good_read_at(SystemTime::now());
         }
+    }
+
+    /// The payload template failed on a reading.
+    pub fn payload_error(&self) {
+        self.payload_errors.inc();
     }
 
     fn good_read_at(&self, at: SystemTime) {

@@ -44,7 +44,7 @@ pub(crate) struct RawModbusDevice {
     pub(crate) name: Option<S<String>>,
     pub(crate) driver: Option<S<String>>,
     pub(crate) topic: Option<S<String>>,
-    pub(crate) payload: Option<S<String>>,
+    pub(crate) payload: Option<S<crate::drivers::config::RawPayload>>,
     pub(crate) poll: Option<S<String>>,
     /// TCP: `host:port`.
     pub(crate) address: Option<S<String>>,

@@ -59,7 +59,7 @@ pub(crate) struct RawSimulatedDevice {
     #[allow(dead_code)] // read before this struct is chosen
     pub(crate) driver: Option<S<String>>,
     pub(crate) topic: Option<S<String>>,
-    pub(crate) payload: Option<S<String>>,
+    pub(crate) payload: Option<S<crate::drivers::config::RawPayload>>,
     pub(crate) poll: Option<S<String>>,
     pub(crate) points: Option<S<Vec<S<RawSimulatedPoint>>>>,
 }
