@@ -27,6 +27,7 @@ mod metrics;
 mod modbus;
 mod mqtt5;
 mod mqttjs;
+mod payloads;
 mod protocol_strict;
 mod reload;
 mod retained;

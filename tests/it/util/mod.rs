@@ -7,7 +7,8 @@
 //! - [`cloud`]: Mosquitto on loopback as the cloud broker;
 //! - [`pki`]: one certificate authority builder (rcgen) for servers and clients;
 //! - [`proxy`]: an MQTT-aware TCP proxy that cuts, holds back and refuses;
-//! - [`skip`]: skipping what this machine lacks, never under CI.
+//! - [`skip`]: skipping what this machine lacks, never under CI;
+//! - [`v5`]: an MQTT 5 client that keeps what it received.
 
 pub(crate) mod cloud;
 pub(crate) mod gateway;
@@ -16,6 +17,7 @@ pub(crate) mod mqtt;
 pub(crate) mod pki;
 pub(crate) mod proxy;
 pub(crate) mod skip;
+pub(crate) mod v5;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the small race with another process
 /// taking it meanwhile is acceptable in tests).
