@@ -23,6 +23,7 @@
 //! - [`drivers`]: device drivers; a register or frame becomes a [`model::Reading`] and then
 //!   a [`model::Message`] in [`drivers::DeviceContext::publish_sample`], its payload
 //!   encoded by [`drivers::payload`].
+//! - [`homeassistant`]: Home Assistant MQTT discovery, announcing the devices' points.
 //! - [`http`]: the HTTP listener (`/metrics`, the API); [`metrics`]: the registry parts
 //!   record into.
 //! - [`status`]: the live picture of the gateway that the status API, the status page and
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod drivers;
 pub mod essential;
+pub mod homeassistant;
 pub mod http;
 pub mod metrics;
 pub mod model;

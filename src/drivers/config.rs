@@ -133,6 +133,93 @@ fn check_template(
     Ok(template)
 }
 
+/// What kind of value a point carries, as far as its configuration tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointKind {
+    Bool,
+    Integer,
+    Float,
+    Text,
+}
+
+/// One point as its configuration describes it, for those who announce points (Home
+/// Assistant discovery).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointInfo {
+    pub name: String,
+    pub unit: Option<String>,
+    pub writable: bool,
+    pub kind: PointKind,
+}
+
+/// The topic of one point: `template` with `{gateway}`, `{device}` and `{point}` filled in.
+pub fn point_topic(template: &str, gateway: &str, device: &str, point: &str) -> String {
+    template
+        .replace("{gateway}", gateway)
+        .replace("{device}", device)
+        .replace("{point}", point)
+}
+
+impl DeviceConfig {
+    /// The topic `point`'s readings are published on.
+    pub fn point_topic(&self, gateway: &str, point: &str) -> String {
+        point_topic(&self.topic, gateway, &self.name, point)
+    }
+
+    /// The device's retained status topic under the gateway's status topic.
+    pub fn status_topic(&self, gateway_status_topic: &str) -> String {
+        format!("{gateway_status_topic}/devices/{}", self.name)
+    }
+
+    /// The points of a device with registers or simulated values (a serial device's
+    /// points are frames of named fields, not one value each: none here).
+    pub fn point_infos(&self) -> Vec<PointInfo> {
+        use crate::drivers::modbus::config::DataType;
+        use crate::drivers::simulated::config::Waveform;
+        use crate::model::Value;
+        match &self.driver {
+            DriverConfig::Simulated(config) => config
+                .points
+                .iter()
+                .map(|p| PointInfo {
+                    name: p.name.clone(),
+                    unit: p.unit.clone(),
+                    writable: p.writable,
+                    kind: match &p.waveform {
+                        Waveform::Constant {
+                            value: Value::Bool(_),
+                        } => PointKind::Bool,
+                        Waveform::Constant {
+                            value: Value::Int(_),
+                        } => PointKind::Integer,
+                        Waveform::Constant {
+                            value: Value::Text(_),
+                        } => PointKind::Text,
+                        _ => PointKind::Float,
+                    },
+                })
+                .collect(),
+            DriverConfig::Modbus(config) => config
+                .points
+                .iter()
+                .map(|p| PointInfo {
+                    name: p.name.clone(),
+                    unit: p.unit.clone(),
+                    writable: p.writable,
+                    kind: match p.data_type {
+                        DataType::Bool | DataType::Bit(_) => PointKind::Bool,
+                        DataType::String { .. } => PointKind::Text,
+                        DataType::F32 | DataType::F64 => PointKind::Float,
+                        _ if p.is_unscaled() => PointKind::Integer,
+                        _ => PointKind::Float,
+                    },
+                })
+                .collect(),
+            DriverConfig::Serial(_) => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum DriverConfig {
     Simulated(SimulatedConfig),

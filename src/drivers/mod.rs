@@ -132,7 +132,7 @@ impl DeviceContext {
             device: device.name.clone(),
             topic_template: device.topic.clone(),
             payload: device.payload.clone(),
-            status_topic: format!("{gateway_status_topic}/devices/{}", device.name),
+            status_topic: device.status_topic(gateway_status_topic),
             origin: Arc::from(format!("driver:{}", device.name)),
             broker,
             board: None,
@@ -180,10 +180,7 @@ impl DeviceContext {
     /// The topic of one point: the device's template with `{gateway}`, `{device}` and
     /// `{point}` filled in.
     pub fn point_topic(&self, point: &str) -> String {
-        self.topic_template
-            .replace("{gateway}", &self.gateway)
-            .replace("{device}", &self.device)
-            .replace("{point}", point)
+        config::point_topic(&self.topic_template, &self.gateway, &self.device, point)
     }
 
     pub fn status_topic(&self) -> &str {

@@ -1,5 +1,5 @@
 //! The whole configuration file: the [`Config`] assembled from each part's section
-//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`), and [`load`], [`parse`] and the
+//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`, `[homeassistant]`), and [`load`], [`parse`] and the
 //! embedded [`demo`]. The parts validate their own sections; this is where they meet.
 
 use std::fmt::Write as _;
@@ -12,10 +12,18 @@ use crate::broker::config::{BrokerConfig, RawBroker};
 use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway, S};
 use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
+use crate::homeassistant::config::{HomeAssistantConfig, RawHomeAssistant};
 use crate::http::config::{HttpConfig, RawHttp};
 use crate::uplink::config::UplinkConfig;
 
-const TOP_LEVEL_KEYS: &[&str] = &["gateway", "broker", "http", "devices", "uplinks"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "gateway",
+    "broker",
+    "http",
+    "devices",
+    "uplinks",
+    "homeassistant",
+];
 
 /// The validated configuration of a whole gateway.
 #[derive(Debug, Clone)]
@@ -28,6 +36,8 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     pub devices: Vec<DeviceConfig>,
     pub uplinks: Vec<UplinkConfig>,
+    /// Home Assistant MQTT discovery; `None` without a `[homeassistant]` table.
+    pub homeassistant: Option<HomeAssistantConfig>,
 }
 
 /// The demo configuration embedded in the binary: one simulated device, no uplinks.
@@ -189,6 +199,7 @@ impl Checker<'_> {
         let mut http = None;
         let mut devices = None;
         let mut uplinks = None;
+        let mut homeassistant = None;
         for (key, value) in table {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(value),
@@ -196,6 +207,7 @@ impl Checker<'_> {
                 "http" => http = Some(value),
                 "devices" => devices = Some(value),
                 "uplinks" => uplinks = Some(value),
+                "homeassistant" => homeassistant = Some(value),
                 other => self.unknown_key(key.span(), other, other, TOP_LEVEL_KEYS),
             }
         }
@@ -224,6 +236,10 @@ impl Checker<'_> {
         });
         let devices = devices.map(|value| self.devices(value)).unwrap_or_default();
         let uplinks = uplinks.map(|value| self.uplinks(value)).unwrap_or_default();
+        let homeassistant = homeassistant.map(|value| {
+            self.deserialize::<S<RawHomeAssistant>>(value, "homeassistant")
+                .map(|raw| self.homeassistant(raw))
+        });
 
         let gateway = gateway??;
         let mut broker = broker??;
@@ -241,6 +257,10 @@ impl Checker<'_> {
             },
             devices: devices.into_iter().collect::<Option<_>>()?,
             uplinks: uplinks.into_iter().collect::<Option<_>>()?,
+            homeassistant: match homeassistant {
+                Some(homeassistant) => Some(homeassistant?),
+                None => None,
+            },
         })
     }
 }

@@ -210,6 +210,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown.clone(),
     );
 
+    if config.homeassistant.is_some() {
+        tokio::spawn(announce(
+            handle.clone(),
+            config.homeassistant.clone(),
+            None,
+            config.gateway.id.clone(),
+            status_topic.clone(),
+            config.devices.clone(),
+        ));
+    }
+
     // Uplinks stop after the devices, so the last readings still reach their outboxes.
     let uplink_shutdown = CancellationToken::new();
     let uplinks = match running::Uplinks::start(
@@ -291,6 +302,50 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown,
         finished,
     })
+}
+
+/// Publish the Home Assistant discovery messages of `devices` and clear those of points
+/// that are gone; what it did is logged and returned for the reload report.
+pub(crate) async fn announce(
+    broker: BrokerHandle,
+    config: Option<crate::homeassistant::HomeAssistantConfig>,
+    previous_prefix: Option<String>,
+    gateway_id: String,
+    status_topic: String,
+    devices: Vec<crate::drivers::config::DeviceConfig>,
+) -> Option<String> {
+    let gateway = crate::homeassistant::Gateway {
+        id: &gateway_id,
+        status_topic: &status_topic,
+    };
+    match crate::homeassistant::sync(
+        &broker,
+        config.as_ref(),
+        previous_prefix.as_deref(),
+        gateway,
+        &devices,
+    )
+    .await
+    {
+        Ok(summary) => {
+            tracing::info!(
+                published = summary.published,
+                removed = summary.removed,
+                devices_left_out = summary.skipped_devices,
+                "Home Assistant discovery"
+            );
+            (summary.published + summary.removed > 0).then(|| {
+                format!(
+                    "homeassistant: {} discovery message(s) published, {} removed",
+                    summary.published, summary.removed
+                )
+            })
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Home Assistant discovery failed");
+            None
+        }
+    }
 }
 
 async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {

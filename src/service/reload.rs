@@ -56,6 +56,23 @@ pub(super) async fn reload(running: &mut Running) -> ReloadReport {
     // Uplinks first: an added uplink's out-routes then see an added device's first readings.
     changes.extend(running.uplinks.apply(&wanted.uplinks).await);
     changes.extend(running.devices.apply(&wanted.devices).await);
+    if wanted.homeassistant.is_some() || running.config.homeassistant.is_some() {
+        changes.extend(
+            super::announce(
+                running.handle.clone(),
+                wanted.homeassistant.clone(),
+                running
+                    .config
+                    .homeassistant
+                    .as_ref()
+                    .map(|c| c.discovery_prefix.clone()),
+                wanted.gateway.id.clone(),
+                wanted.gateway.status_topic.clone(),
+                wanted.devices.clone(),
+            )
+            .await,
+        );
+    }
     running.stores.replace_outboxes(running.uplinks.outboxes());
     if wanted.gateway.shutdown_timeout != running.config.gateway.shutdown_timeout {
         changes.push(format!(
