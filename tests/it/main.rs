@@ -20,6 +20,7 @@ mod fault_injection;
 mod full_disk;
 mod gateway;
 mod hardening;
+mod homeassistant;
 mod http;
 mod idle_memory;
 mod listener_limits;

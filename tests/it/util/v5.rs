@@ -61,6 +61,24 @@ impl Client {
         }
     }
 
+    /// Everything that arrives until nothing has for `quiet` (at most 10 s in all), with
+    /// what was kept from before.
+    pub(crate) async fn drain(&mut self, quiet: Duration) -> Vec<Publish> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let until = (tokio::time::Instant::now() + quiet).min(deadline);
+            match tokio::time::timeout_at(until, self.events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(publish)))) => {
+                    self.received.push_back(publish)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => panic!("connection lost: {error}"),
+                Err(_) => break,
+            }
+        }
+        self.received.drain(..).collect()
+    }
+
     /// Publishes `payload` on `<topic>/set` and returns the JSON of `<topic>/set/result`.
     pub(crate) async fn write(&mut self, topic: &str, payload: impl Into<Bytes>) -> Json {
         self.client
