@@ -173,6 +173,13 @@ impl Config {
                 humantime::format_duration(device.poll)
             );
         }
+        if let Some(homeassistant) = &self.homeassistant {
+            let _ = writeln!(
+                out,
+                "homeassistant: discovery under {}/",
+                homeassistant.discovery_prefix
+            );
+        }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
             let _ = writeln!(
