@@ -87,8 +87,8 @@ pub(crate) enum RawPayload {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTemplate {
-    template: Option<S<String>>,
-    content_type: Option<S<String>>,
+    pub(crate) template: Option<S<String>>,
+    pub(crate) content_type: Option<S<String>>,
 }
 
 impl<'de> Deserialize<'de> for RawPayload {
@@ -111,16 +111,10 @@ impl<'de> Deserialize<'de> for RawPayload {
     }
 }
 
-/// Compile a payload template and render it once on a sample reading, so that a misspelt
-/// variable or an unknown filter is found by `check`, not on the first reading.
-fn check_template(
-    source: &str,
-    content_type: Option<&str>,
-) -> Result<PayloadTemplate, TemplateError> {
-    let template = PayloadTemplate::compile(source, content_type)?;
-    let value = serde_json::json!(21.5);
-    template.render(&Variables {
-        value: &value,
+/// A sample reading for checking a device's template.
+fn sample_variables(value: &serde_json::Value) -> Variables<'_> {
+    Variables {
+        value,
         ts: "2026-01-01T00:00:00Z",
         ts_ms: 1_767_225_600_000,
         quality: "good",
@@ -129,8 +123,7 @@ fn check_template(
         device: "device",
         point: "point",
         gateway: "gateway",
-    })?;
-    Ok(template)
+    }
 }
 
 /// What kind of value a point carries, as far as its configuration tells.
@@ -448,6 +441,46 @@ impl Checker<'_> {
         text.clone()
     }
 
+    /// A `{ template = .., content_type = .. }` table at `key`: compiled, and rendered once
+    /// by `sample` so that a misspelt variable or an unknown filter is found by `check`,
+    /// not on the first message. `None` (and an error) when it does not work.
+    pub(crate) fn template(
+        &mut self,
+        raw: &RawTemplate,
+        span: Range<usize>,
+        key: &str,
+        sample: impl FnOnce(&PayloadTemplate) -> Result<String, TemplateError>,
+    ) -> Option<PayloadTemplate> {
+        let Some(source) = &raw.template else {
+            self.missing(span, format!("{key}.template"), None);
+            return None;
+        };
+        if let Some(content_type) = &raw.content_type {
+            if content_type.get_ref().trim().is_empty() {
+                self.d.error(
+                    Some(content_type.span()),
+                    format!("{key}.content_type"),
+                    "content type is empty",
+                );
+                return None;
+            }
+        }
+        let content_type = raw.content_type.as_ref().map(|c| c.get_ref().as_str());
+        let checked = PayloadTemplate::compile(source.get_ref(), content_type)
+            .and_then(|template| sample(&template).map(|_| template));
+        match checked {
+            Ok(template) => Some(template),
+            Err(error) => {
+                self.d.error(
+                    Some(source.span()),
+                    format!("{key}.template"),
+                    format!("the template does not work: {error}"),
+                );
+                None
+            }
+        }
+    }
+
     fn payload(&mut self, payload: &Option<S<RawPayload>>, prefix: &str) -> PayloadFormat {
         let Some(payload) = payload else {
             return PayloadFormat::Json;
@@ -470,33 +503,12 @@ impl Checker<'_> {
                     PayloadFormat::Json
                 }
             },
-            RawPayload::Template(raw) => {
-                let Some(source) = &raw.template else {
-                    self.missing(payload.span(), format!("{key}.template"), None);
-                    return PayloadFormat::Json;
-                };
-                let content_type = raw.content_type.as_ref().map(|c| c.get_ref().as_str());
-                if let Some(content_type) = &raw.content_type {
-                    if content_type.get_ref().trim().is_empty() {
-                        self.d.error(
-                            Some(content_type.span()),
-                            format!("{key}.content_type"),
-                            "content type is empty",
-                        );
-                    }
-                }
-                match check_template(source.get_ref(), content_type) {
-                    Ok(template) => PayloadFormat::Template(Arc::new(template)),
-                    Err(error) => {
-                        self.d.error(
-                            Some(source.span()),
-                            format!("{key}.template"),
-                            format!("the template does not work: {error}"),
-                        );
-                        PayloadFormat::Json
-                    }
-                }
-            }
+            RawPayload::Template(raw) => self
+                .template(raw, payload.span(), &key, |template| {
+                    template.render(&sample_variables(&serde_json::json!(21.5)))
+                })
+                .map(|template| PayloadFormat::Template(Arc::new(template)))
+                .unwrap_or(PayloadFormat::Json),
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use regex_lite::Regex;
@@ -13,6 +13,8 @@ use toml::Spanned;
 use url::{Host, Url};
 
 use crate::config::{Checker, RawScalar, S};
+use crate::drivers::config::RawTemplate;
+use crate::drivers::payload::template::{PayloadTemplate, RouteVariables};
 use crate::model::QoS;
 use crate::mqtt::topic::valid_filter;
 use crate::store::config::RawQueue;
@@ -123,6 +125,8 @@ pub struct OutRoute {
     pub retain: bool,
     /// Default true. Only QoS 0 routes may set false (best effort, not queued on disk).
     pub durable: bool,
+    /// Reshapes each message's payload for the cloud (`payload = { template = .. }`).
+    pub payload: Option<Arc<PayloadTemplate>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -324,6 +328,7 @@ pub(crate) struct RawRoute {
     pub(crate) qos: Option<S<i64>>,
     pub(crate) retain: Option<S<bool>>,
     pub(crate) durable: Option<S<bool>>,
+    pub(crate) payload: Option<S<RawTemplate>>,
 }
 
 impl Checker<'_> {
@@ -821,6 +826,24 @@ impl Checker<'_> {
                         ok = false;
                     }
                 }
+                let payload = match &r.payload {
+                    Some(raw) => {
+                        let sample = RouteVariables::of(
+                            "site/device/point",
+                            br#"{"value":21.5,"ts":"2026-01-01T00:00:00Z","quality":"good"}"#,
+                            Some("V"),
+                            "gateway",
+                            std::time::SystemTime::UNIX_EPOCH,
+                        );
+                        let template =
+                            self.template(raw.get_ref(), raw.span(), &key("payload"), |t| {
+                                t.render_route(&sample)
+                            });
+                        ok &= template.is_some();
+                        template.map(Arc::new)
+                    }
+                    None => None,
+                };
                 ok.then(|| {
                     Route::Out(OutRoute {
                         filter,
@@ -829,6 +852,7 @@ impl Checker<'_> {
                         qos,
                         retain: r.retain.as_ref().is_some_and(|retain| *retain.get_ref()),
                         durable,
+                        payload,
                     })
                 })
             }
@@ -842,6 +866,7 @@ impl Checker<'_> {
                     ),
                     ("retain", r.retain.as_ref().map(Spanned::span)),
                     ("durable", r.durable.as_ref().map(Spanned::span)),
+                    ("payload", r.payload.as_ref().map(Spanned::span)),
                 ];
                 for (name, span) in out_only {
                     if let Some(span) = span {

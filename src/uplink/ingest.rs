@@ -3,7 +3,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -12,7 +14,8 @@ use super::config::{InRoute, OutRoute};
 use super::link::Inbound;
 use super::{route, SharedCounters};
 use crate::broker::bus::{AckShare, BrokerHandle, InternalSubscription};
-use crate::model::{Message, Origin};
+use crate::drivers::payload::template::{PayloadTemplate, RouteVariables};
+use crate::model::{Message, MessageProperties, Origin};
 use crate::store::{Outbox, OutboxRecord};
 
 /// Messages stored per append (one transaction may hold several appends).
@@ -20,6 +23,8 @@ const INGEST_BATCH: usize = 2048;
 
 pub(super) struct IngestContext {
     pub name: String,
+    /// The gateway id, for route templates.
+    pub gateway: String,
     pub routes: Vec<OutRoute>,
     pub subscription: InternalSubscription,
     pub outbox: Outbox,
@@ -28,6 +33,8 @@ pub(super) struct IngestContext {
     pub appended: watch::Sender<u64>,
     pub counters: Arc<SharedCounters>,
     pub stop: CancellationToken,
+    /// Whether a failing route template has been logged at warn.
+    pub template_warned: std::sync::atomic::AtomicBool,
 }
 
 pub(super) async fn run_ingest(mut cx: IngestContext) {
@@ -60,6 +67,45 @@ pub(super) async fn run_ingest(mut cx: IngestContext) {
     }
 }
 
+/// A message's payload as the route's template writes it, with the template's content type.
+/// A rendering that fails keeps the message as it was (the cloud gets the data in the
+/// local shape rather than not at all) and is logged once per route set at warn.
+fn reshape(
+    cx: &IngestContext,
+    template: &PayloadTemplate,
+    message: &Message,
+) -> (Bytes, Option<Arc<MessageProperties>>) {
+    let unit = message.properties.as_ref().and_then(|p| {
+        p.user_properties
+            .iter()
+            .find(|(key, _)| key == "unit")
+            .map(|(_, value)| value.as_str())
+    });
+    let variables = RouteVariables::of(
+        &message.topic,
+        &message.payload,
+        unit,
+        &cx.gateway,
+        SystemTime::now(),
+    );
+    match template.render_route(&variables) {
+        Ok(text) => {
+            let mut properties = message.properties.as_deref().cloned().unwrap_or_default();
+            properties.payload_format_indicator = Some(1);
+            properties.content_type = Some(template.content_type().to_owned());
+            (Bytes::from(text), Some(Arc::new(properties)))
+        }
+        Err(error) => {
+            if !cx.template_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(uplink = %cx.name, topic = %message.topic, %error, "a route's payload template fails on this message; it is sent unchanged (logged once)");
+            } else {
+                tracing::debug!(uplink = %cx.name, topic = %message.topic, %error, "a route's payload template fails");
+            }
+            (message.payload.clone(), message.properties.clone())
+        }
+    }
+}
+
 /// Store a batch in the outbox. The publishers' acknowledgement shares that came with it are
 /// released once the records are committed; a message that needs no storing (expired,
 /// matched only by a `durable = false` route) releases its share at once, and so does one
@@ -80,12 +126,16 @@ async fn store(cx: &IngestContext, batch: Vec<(Message, Option<AckShare>)>) {
             release(share);
             continue;
         };
+        let (payload, properties) = match &route.payload {
+            Some(template) => reshape(cx, template, &message),
+            None => (message.payload, message.properties),
+        };
         let record = OutboxRecord {
             topic,
-            payload: message.payload,
+            payload,
             qos: route.qos,
             retain: route.retain && message.retain,
-            properties: message.properties,
+            properties,
         };
         if route.durable {
             records.push(record);
@@ -241,6 +291,7 @@ mod tests {
         let (direct, _direct_rx) = mpsc::channel(16);
         tokio::spawn(run_ingest(IngestContext {
             name: "cloud".into(),
+            gateway: "gw".into(),
             routes: vec![OutRoute {
                 filter: "plant/#".into(),
                 remote_prefix: Some("site/".into()),
@@ -248,6 +299,7 @@ mod tests {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 durable: true,
+                payload: None,
             }],
             subscription,
             outbox: ingest_outbox,
@@ -255,6 +307,7 @@ mod tests {
             appended: watch::channel(0).0,
             counters: Arc::default(),
             stop: stop.clone(),
+            template_warned: Default::default(),
         }));
         Setup {
             broker,

@@ -345,6 +345,7 @@ pub async fn start_with_status(
             "uplink-ingest",
             ingest::run_ingest(ingest::IngestContext {
                 name: name.clone(),
+                gateway: gateway.id.clone(),
                 routes: config.routes_out.clone(),
                 subscription,
                 outbox: outbox.clone(),
@@ -352,6 +353,7 @@ pub async fn start_with_status(
                 appended: appended_tx,
                 counters: counters.clone(),
                 stop: shutdown.clone(),
+                template_warned: Default::default(),
             }),
         )
     });

@@ -81,6 +81,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             durable: true,
+            payload: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use influxdb_line_protocol::{parse_lines, FieldValue};
 
+use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
 use crate::util::gateway::{self, GatewayProcess};
 use crate::util::v5::{json, properties, Client};
 
@@ -158,6 +159,104 @@ points = [ { name = "power", waveform = "ramp", min = 0.0, max = 1000.0, period 
     assert_eq!(p.content_type.as_deref(), Some("application/json"));
     assert_eq!(p.payload_format_indicator, Some(1));
     assert_eq!(p.user_properties, vec![("unit".to_owned(), "W".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uplink_route_reshapes_payloads_for_the_cloud_and_keeps_others_as_they_are() {
+    if !mosquitto_available("route_template") {
+        return;
+    }
+    let cloud = Cloud::start(CloudOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[devices]]
+name = "meter"
+driver = "simulated"
+topic = "plant/{{device}}/{{point}}"
+poll = "100ms"
+points = [ {{ name = "voltage", waveform = "constant", value = 230.5, unit = "V" }} ]
+
+[[uplinks]]
+name = "cloud"
+url = "mqtt://127.0.0.1:{port}"
+reconnect = {{ min = "200ms", max = "1s" }}
+routes = [
+  {{ out = "plant/#", remote_prefix = "shaped/", payload = {{ template = '{{"id": "{{{{ gateway }}}}:{{{{ topic }}}}", "v": {{{{ value }}}}, "t": {{{{ ts_ms }}}}, "u": "{{{{ unit }}}}"}}', content_type = "application/json" }} }},
+  {{ out = "raw/#", remote_prefix = "raw/" }},
+]
+"#,
+            port = cloud.port
+        ),
+    );
+    let gateway = GatewayProcess::start(&config);
+    let mut cloud_client =
+        Client::connect(cloud.addr(), "cloud-side", &["shaped/#", "raw/#"]).await;
+    let shaped = cloud_client.next_on("shaped/meter/voltage", |_| true).await;
+    let body = json(&shaped);
+    assert_eq!(body["id"], "gw:plant/meter/voltage", "{body}");
+    assert_eq!(body["v"], 230.5, "{body}");
+    assert_eq!(body["u"], "V", "{body}");
+    let t = body["t"].as_i64().expect("milliseconds");
+    let now_ms = now_ns() / 1_000_000;
+    assert!((now_ms - 60_000..=now_ms + 1_000).contains(&t), "{t}");
+    let p = properties(&shaped);
+    assert_eq!(p.content_type.as_deref(), Some("application/json"));
+    assert_eq!(p.payload_format_indicator, Some(1));
+
+    // A route without a template forwards the payload unchanged (published once the
+    // shaped reading shows the uplink runs).
+    let mut local = Client::connect(gateway.addr, "local", &[]).await;
+    local
+        .client
+        .publish(
+            "raw/x",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "not JSON ✓",
+        )
+        .await
+        .expect("publish");
+    // rumqttc sends when its event loop is polled.
+    local.drain(Duration::from_millis(300)).await;
+
+    let raw = cloud_client.next_on("raw/x", |_| true).await;
+    assert_eq!(&raw.payload[..], "not JSON ✓".as_bytes());
+}
+
+#[test]
+fn a_route_template_is_checked_and_belongs_to_out_routes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (route, key, message) in [
+        (
+            "{ out = \"a/#\", payload = { template = '{{ device }}' } }",
+            "uplinks[0].routes[0].payload.template",
+            "undefined",
+        ),
+        (
+            "{ in = \"a/#\", payload = { template = '{{ value }}' } }",
+            "uplinks[0].routes[0].payload",
+            "belongs to `out` routes",
+        ),
+    ] {
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "[[uplinks]]\nname = \"c\"\nurl = \"mqtt://127.0.0.1:1\"\nroutes = [ {route} ]\n"
+            ),
+        );
+        let (code, stderr) = check(&config);
+        assert_eq!(code, Some(2), "{stderr}");
+        let at = format!("{}:11:", config.display());
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with(&at) && l.contains(key) && l.contains(message)),
+            "expected {at} {key}: ...{message}... in:\n{stderr}"
+        );
+    }
 }
 
 /// `fieldmq check -c FILE`: (exit code, stderr).

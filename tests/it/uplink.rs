@@ -82,6 +82,7 @@ fn uplink_config(name: &str, port: u16) -> UplinkConfig {
             qos: QoS::AtLeastOnce,
             retain: false,
             durable: true,
+            payload: None,
         }],
         routes_in: vec![InRoute {
             filter: format!("sites/{GATEWAY}/cmd/#"),
@@ -387,6 +388,7 @@ async fn out_and_in_routes_remap_both_ways_with_qos_0_and_1_and_make_no_loop() {
         qos: QoS::AtMostOnce,
         retain: false,
         durable: false,
+        payload: None,
     });
     let mut watcher = CloudClient::connect(cloud.addr(), "watcher", &["#"], false).await;
     let mut local_cmds = local
@@ -1506,6 +1508,7 @@ async fn durable_false_messages_are_dropped_and_counted_while_the_link_is_down()
             qos: QoS::AtMostOnce,
             retain: false,
             durable: false,
+            payload: None,
         },
     );
     let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;
@@ -1591,6 +1594,7 @@ async fn a_qos_2_row_is_deleted_on_pubcomp_not_before() {
             qos: QoS::ExactlyOnce,
             retain: false,
             durable: true,
+            payload: None,
         },
     );
     let running = start_uplink(config, dir.path(), &local.handle, &shutdown).await;

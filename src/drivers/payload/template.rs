@@ -39,6 +39,77 @@ pub struct Variables<'a> {
     pub gateway: &'a str,
 }
 
+/// What a route's template is rendered with: any message on the local broker. A reading in
+/// fieldmq's JSON gives `value`, `ts`, `quality`, `unit` and `error` from its fields; any
+/// other payload is the `value` itself (parsed when it is JSON), good, timed when the
+/// route took it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteVariables {
+    /// The local topic.
+    pub topic: String,
+    /// The payload as text (invalid UTF-8 replaced).
+    pub payload: String,
+    /// The payload parsed as JSON; none when it is not JSON.
+    pub json: serde_json::Value,
+    pub value: serde_json::Value,
+    pub ts: String,
+    pub ts_ms: i64,
+    pub quality: String,
+    pub error: Option<String>,
+    pub unit: Option<String>,
+    pub gateway: String,
+}
+
+impl RouteVariables {
+    /// The variables of a message on `topic`; `unit` is its MQTT 5 `unit` user property,
+    /// `now` the time to give a payload without its own.
+    pub fn of(
+        topic: &str,
+        payload: &[u8],
+        unit: Option<&str>,
+        gateway: &str,
+        now: std::time::SystemTime,
+    ) -> RouteVariables {
+        let text = String::from_utf8_lossy(payload).into_owned();
+        let json: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+        let field = |name: &str| json.get(name).and_then(serde_json::Value::as_str);
+        let reading_ts = field("ts").and_then(|ts| {
+            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()
+        });
+        let (ts, ts_ms) = match reading_ts {
+            Some(at) => (
+                field("ts").unwrap_or_default().to_owned(),
+                i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or_default(),
+            ),
+            None => {
+                let at = time::OffsetDateTime::from(now);
+                (
+                    at.format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or_default(),
+                )
+            }
+        };
+        let value = match json.get("value") {
+            Some(value) if json.is_object() => value.clone(),
+            _ if !json.is_null() => json.clone(),
+            _ => serde_json::Value::String(text.clone()),
+        };
+        RouteVariables {
+            topic: topic.to_owned(),
+            quality: field("quality").unwrap_or("good").to_owned(),
+            error: field("error").map(str::to_owned),
+            unit: field("unit").or(unit).map(str::to_owned),
+            gateway: gateway.to_owned(),
+            payload: text,
+            json,
+            value,
+            ts,
+            ts_ms,
+        }
+    }
+}
+
 /// A template that does not parse, or a rendering that fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
@@ -98,6 +169,15 @@ impl PayloadTemplate {
 
     /// Render the payload of one sample.
     pub fn render(&self, variables: &Variables<'_>) -> Result<String, TemplateError> {
+        self.render_with(variables)
+    }
+
+    /// Render the payload of a message an uplink route reshapes.
+    pub fn render_route(&self, variables: &RouteVariables) -> Result<String, TemplateError> {
+        self.render_with(variables)
+    }
+
+    fn render_with<T: serde::Serialize>(&self, variables: &T) -> Result<String, TemplateError> {
         let template = self.env.get_template(NAME)?;
         Ok(template.render(minijinja::value::Serde(variables))?)
     }
@@ -314,6 +394,33 @@ mod tests {
             .render(&variables(&big, None))
             .expect_err("out of fuel");
         assert!(error.message.contains("too long"), "{error}");
+    }
+
+    #[test]
+    fn a_route_reads_fieldmq_json_and_takes_anything_else_as_the_value() {
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(10);
+        let reading =
+            r#"{"value":21.5,"ts":"2026-01-02T03:04:05.5Z","quality":"good","unit":"°C"}"#
+                .as_bytes();
+        let v = RouteVariables::of("gw/boiler/temp", reading, None, "gw", at);
+        assert_eq!(v.value, json!(21.5));
+        assert_eq!(v.ts, "2026-01-02T03:04:05.5Z");
+        assert_eq!(v.ts_ms, 1_767_323_045_500);
+        assert_eq!(v.unit.as_deref(), Some("°C"));
+        let other = RouteVariables::of("x", b"on", Some("V"), "gw", at);
+        assert_eq!(other.value, json!("on"));
+        assert_eq!(other.json, json!(null));
+        assert_eq!(other.ts_ms, 10_000);
+        assert_eq!(other.quality, "good");
+        assert_eq!(other.unit.as_deref(), Some("V"));
+        let list = RouteVariables::of("x", b"[1,2]", None, "gw", at);
+        assert_eq!(list.value, json!([1, 2]));
+        let template = PayloadTemplate::compile("{{ topic }}={{ value }}@{{ ts_ms }}", None)
+            .expect("compiles");
+        assert_eq!(
+            template.render_route(&v).expect("renders"),
+            "gw/boiler/temp=21.5@1767323045500"
+        );
     }
 
     #[test]
