@@ -1,5 +1,6 @@
 //! The whole configuration file: the [`Config`] assembled from each part's section
-//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`, `[homeassistant]`), and [`load`], [`parse`] and the
+//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`, `[homeassistant]`,
+//! `[[modbus_servers]]`), and [`load`], [`parse`] and the
 //! embedded [`demo`]. The parts validate their own sections; this is where they meet.
 
 use std::fmt::Write as _;
@@ -14,6 +15,7 @@ use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
 use crate::homeassistant::config::{HomeAssistantConfig, RawHomeAssistant};
 use crate::http::config::{HttpConfig, RawHttp};
+use crate::modbus_server::config::ModbusServerConfig;
 use crate::uplink::config::UplinkConfig;
 
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -23,6 +25,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "devices",
     "uplinks",
     "homeassistant",
+    "modbus_servers",
 ];
 
 /// The validated configuration of a whole gateway.
@@ -38,6 +41,8 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     /// Home Assistant MQTT discovery; `None` without a `[homeassistant]` table.
     pub homeassistant: Option<HomeAssistantConfig>,
+    /// Modbus TCP servers for SCADA systems and PLCs (`[[modbus_servers]]`).
+    pub modbus_servers: Vec<ModbusServerConfig>,
 }
 
 /// The demo configuration embedded in the binary: one simulated device, no uplinks.
@@ -180,6 +185,16 @@ impl Config {
                 homeassistant.discovery_prefix
             );
         }
+        for server in &self.modbus_servers {
+            let _ = writeln!(
+                out,
+                "modbus server: {}, {} map entr{}, max {} connections",
+                server.bind,
+                server.map.len(),
+                if server.map.len() == 1 { "y" } else { "ies" },
+                server.max_connections
+            );
+        }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
             let _ = writeln!(
@@ -207,6 +222,7 @@ impl Checker<'_> {
         let mut devices = None;
         let mut uplinks = None;
         let mut homeassistant = None;
+        let mut modbus_servers = None;
         for (key, value) in table {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(value),
@@ -215,6 +231,7 @@ impl Checker<'_> {
                 "devices" => devices = Some(value),
                 "uplinks" => uplinks = Some(value),
                 "homeassistant" => homeassistant = Some(value),
+                "modbus_servers" => modbus_servers = Some(value),
                 other => self.unknown_key(key.span(), other, other, TOP_LEVEL_KEYS),
             }
         }
@@ -248,6 +265,12 @@ impl Checker<'_> {
                 .map(|raw| self.homeassistant(raw))
         });
 
+        // Map entries name devices and points: checked against the valid devices.
+        let valid_devices: Vec<DeviceConfig> = devices.iter().flatten().cloned().collect();
+        let modbus_servers = modbus_servers
+            .map(|value| self.modbus_servers(value, &valid_devices))
+            .unwrap_or_default();
+
         let gateway = gateway??;
         let mut broker = broker??;
         // The broker's database lives in the data directory unless given an absolute path.
@@ -268,6 +291,7 @@ impl Checker<'_> {
                 Some(homeassistant) => Some(homeassistant?),
                 None => None,
             },
+            modbus_servers: modbus_servers.into_iter().collect::<Option<_>>()?,
         })
     }
 }
