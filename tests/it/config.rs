@@ -818,6 +818,77 @@ fn cases() -> Vec<Case> {
             Some("did you mean `max_handshakes`?"),
         ),
         case(
+            "modbus server: unknown key with a hint",
+            modbus_server("bnd = \"0.0.0.0:502\"\n", MAP_ENTRY),
+            10,
+            "modbus_servers[0].bnd",
+            "unknown key `bnd`",
+            Some("did you mean `bind`?"),
+        ),
+        case(
+            "modbus server: a map entry naming an unknown device",
+            modbus_server("", &MAP_ENTRY.replace("\"meter\"", "\"meterr\"")),
+            12,
+            "modbus_servers[0].map[0].device",
+            "no device named \"meterr\"",
+            Some("did you mean `meter`?"),
+        ),
+        case(
+            "modbus server: a map entry naming an unknown point",
+            modbus_server("", &MAP_ENTRY.replace("\"power\"", "\"powr\"")),
+            12,
+            "modbus_servers[0].map[0].point",
+            "device \"meter\" has no point named \"powr\"",
+            Some("did you mean `power`?"),
+        ),
+        case(
+            "modbus server: overlapping map entries",
+            modbus_server(
+                "",
+                &format!("{MAP_ENTRY},\n  {{ table = \"holding\", address = 1, topic = \"a/b\" }}"),
+            ),
+            13,
+            "modbus_servers[0].map[1]",
+            "holding 1..=1 overlaps modbus_servers[0].map[0] (holding 0..=1)",
+            None,
+        ),
+        case(
+            "modbus server: an entry past address 65535",
+            modbus_server("", &MAP_ENTRY.replace("address = 0", "address = 65535")),
+            12,
+            "modbus_servers[0].map[0]",
+            "runs past address 65535",
+            None,
+        ),
+        case(
+            "modbus server: a device whose payload it cannot read",
+            format!(
+                "{HEAD}[[devices]]\nname = \"meter\"\ndriver = \"simulated\"\npayload = \"influx\"\n\
+                 points = [{{ name = \"power\", waveform = \"constant\", value = 1.5 }}]\n\
+                 [[modbus_servers]]\nbind = \"127.0.0.1:0\"\nmap = [\n  {MAP_ENTRY}\n]\n"
+            ),
+            13,
+            "modbus_servers[0].map[0].device",
+            "reads json and plain payloads only",
+            Some("payload = \"json\""),
+        ),
+        case(
+            "modbus server: a sentinel without bad_quality = sentinel",
+            modbus_server("sentinel = -1\n", MAP_ENTRY),
+            10,
+            "modbus_servers[0].sentinel",
+            "only used with bad_quality = \"sentinel\"",
+            None,
+        ),
+        case(
+            "modbus server: an unknown type",
+            modbus_server("", &MAP_ENTRY.replace("\"f32\"", "\"f23\"")),
+            12,
+            "modbus_servers[0].map[0].type",
+            "unknown type \"f23\" for holding registers, expected one of u16",
+            None,
+        ),
+        case(
             "unknown when_full policy",
             format!("{HEAD}{UPLINK}queue = {{ when_full = \"drop_olest\" }}\n"),
             8,
@@ -826,6 +897,25 @@ fn cases() -> Vec<Case> {
             Some("did you mean `drop_oldest`?"),
         ),
     ]
+}
+
+/// One map entry of a Modbus server (to put on line 12 by [`modbus_server`]).
+const MAP_ENTRY: &str =
+    "{ table = \"holding\", address = 0, device = \"meter\", point = \"power\", type = \"f32\" }";
+
+/// A simulated device `meter` (lines 5 to 8), then a Modbus server: `keys` from line 10,
+/// its `bind` after them, and `entries` from line 12 when `keys` is empty.
+fn modbus_server(keys: &str, entries: &str) -> String {
+    format!(
+        "{HEAD}[[devices]]\nname = \"meter\"\ndriver = \"simulated\"\n\
+         points = [{{ name = \"power\", waveform = \"constant\", value = 1.5 }}]\n\
+         [[modbus_servers]]\n{keys}{}map = [\n  {entries}\n]\n",
+        if keys.is_empty() {
+            "bind = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        }
+    )
 }
 
 #[test]
