@@ -554,6 +554,7 @@ mod product {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 durable: true,
+                payload: None,
             }],
             routes_in: Vec::new(),
             reconnect_min: Duration::from_millis(500),
