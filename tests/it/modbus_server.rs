@@ -109,17 +109,15 @@ struct Gateway {
     shutdown: CancellationToken,
     /// The Modbus servers' addresses, in the configuration's order.
     modbus: Vec<SocketAddr>,
+    /// The configuration file (for reloads).
+    path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Gateway {
     async fn start(rest: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[broker]\nallow_anonymous = true\n\
-             [[broker.listeners]]\nbind = \"127.0.0.1:0\"\n\n{rest}",
-            dir.path().join("data").display()
-        );
+        let text = Gateway::text(dir.path(), rest);
         let path = dir.path().join("fieldmq.toml");
         std::fs::write(&path, &text).unwrap();
         let config = fieldmq::service::config::load(&path)
@@ -138,8 +136,32 @@ impl Gateway {
             running: Some(running),
             shutdown,
             modbus,
+            path,
             _dir: dir,
         }
+    }
+
+    fn text(dir: &Path, rest: &str) -> String {
+        format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\n[broker]\nallow_anonymous = true\n\
+             [[broker.listeners]]\nbind = \"127.0.0.1:0\"\n\n{rest}",
+            dir.join("data").display()
+        )
+    }
+
+    /// Writes `rest` as the new configuration and reloads it; the report's changes.
+    async fn reload(&self, rest: &str) -> Vec<String> {
+        let dir = self.path.parent().unwrap();
+        std::fs::write(&self.path, Gateway::text(dir, rest)).unwrap();
+        let report = timeout(
+            Duration::from_secs(15),
+            self.running.as_ref().unwrap().reloader.reload(),
+        )
+        .await
+        .expect("the reload finishes")
+        .expect("the gateway reloads");
+        assert!(report.applied, "{report:?}");
+        report.changes
     }
 
     fn broker(&self) -> fieldmq::broker::BrokerHandle {
@@ -586,5 +608,49 @@ async fn modbus_server_caps_connections_and_lets_idle_clients_go() {
             "the sentinel for a value not yet known"
         );
     }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn modbus_server_restarts_with_a_changed_map_on_reload() {
+    let port = crate::util::free_port();
+    let server = |address: u16| {
+        format!(
+            "[[modbus_servers]]\nbind = \"127.0.0.1:{port}\"\nbad_quality = \"sentinel\"\nsentinel = 9\n\
+             map = [{{ table = \"holding\", address = {address}, topic = \"plant/a\" }}]\n"
+        )
+    };
+    let gateway = Gateway::start(&server(0)).await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(gateway.modbus, vec![addr]);
+    let mut context = tokio_modbus::client::tcp::connect(addr).await.unwrap();
+    assert_eq!(
+        context.read_holding_registers(0, 1).await.unwrap(),
+        Ok(vec![9])
+    );
+
+    // Unchanged: nothing restarts, the connection stays.
+    let changes = gateway.reload(&server(0)).await;
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(
+        context.read_holding_registers(0, 1).await.unwrap(),
+        Ok(vec![9])
+    );
+
+    // The entry moves to address 5: the server restarts on the same address.
+    let changes = gateway.reload(&server(5)).await;
+    assert_eq!(
+        changes,
+        vec!["modbus_servers: 1 server(s) (re)started".to_owned()]
+    );
+    let mut context = tokio_modbus::client::tcp::connect(addr).await.unwrap();
+    assert_eq!(
+        context.read_holding_registers(0, 1).await.unwrap(),
+        Err(ExceptionCode::IllegalDataAddress)
+    );
+    assert_eq!(
+        context.read_holding_registers(5, 1).await.unwrap(),
+        Ok(vec![9])
+    );
     gateway.stop().await;
 }
