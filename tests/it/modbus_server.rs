@@ -654,3 +654,84 @@ async fn modbus_server_restarts_with_a_changed_map_on_reload() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn modbus_server_serves_many_clients_at_once_while_the_broker_keeps_routing() {
+    let gateway = Gateway::start(&topic_server(40, "60s")).await;
+    let addr = gateway.modbus[0];
+    let broker = gateway.broker();
+    broker
+        .publish(Message::internal(
+            "test",
+            "plant/a",
+            "7",
+            QoS::AtLeastOnce,
+            true,
+        ))
+        .await
+        .unwrap();
+    // Silent clients hold places but no one's time.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut echo = broker
+        .subscribe(
+            "echo",
+            vec![("plant/echo".into(), QoS::AtMostOnce)],
+            InternalSubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut context = tokio_modbus::client::tcp::connect(addr).await.unwrap();
+                let mut served = 0;
+                for _ in 0..200 {
+                    let words =
+                        timeout(Duration::from_secs(2), context.read_holding_registers(0, 1))
+                            .await
+                            .expect("a prompt answer")
+                            .unwrap()
+                            .unwrap();
+                    if words == vec![7] {
+                        served += 1;
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    // Meanwhile the broker routes a message at once.
+    let sent = Instant::now();
+    broker
+        .publish(Message::internal(
+            "test",
+            "plant/echo",
+            "x",
+            QoS::AtMostOnce,
+            false,
+        ))
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(1), echo.recv())
+        .await
+        .expect("the broker routes within 1 s while 32 Modbus clients read")
+        .expect("message");
+    let routed = sent.elapsed();
+    let mut total = 0;
+    for client in clients {
+        total += client.await.unwrap();
+    }
+    assert_eq!(total, 32 * 200, "every read answered with the value");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "6,400 reads took {:?}",
+        started.elapsed()
+    );
+    assert!(routed < Duration::from_secs(1), "{routed:?}");
+    drop(silent);
+    gateway.stop().await;
+}
