@@ -49,10 +49,20 @@ const MAX_WRITE_COILS: usize = 1968;
 /// Why a server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ModbusServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", privileged_hint(*addr, source))]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot subscribe to the mapped topics: {0}")]
     Bus(#[from] crate::broker::bus::BusError),
+}
+
+/// Port 502 is privileged: say what the service needs when that is why the bind failed.
+fn privileged_hint(addr: SocketAddr, error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        " (a port below 1024 needs CAP_NET_BIND_SERVICE: add AmbientCapabilities= and \
+         CapabilityBoundingSet=CAP_NET_BIND_SERVICE in a drop-in, see systemd/fieldmq.service)"
+    } else {
+        ""
+    }
 }
 
 /// A running server: its bound address, and its task (which ends on cancellation).
@@ -582,5 +592,31 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_privileged_port_names_the_capability() {
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let error = ModbusServerError::Bind {
+            addr: "0.0.0.0:502".parse().unwrap(),
+            source: denied,
+        };
+        assert!(
+            error.to_string().contains("CAP_NET_BIND_SERVICE"),
+            "{error}"
+        );
+        let in_use = ModbusServerError::Bind {
+            addr: "0.0.0.0:5020".parse().unwrap(),
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        };
+        assert!(
+            !in_use.to_string().contains("CAP_NET_BIND_SERVICE"),
+            "{in_use}"
+        );
     }
 }
