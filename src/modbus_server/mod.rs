@@ -178,6 +178,8 @@ pub async fn start(
     let feed_shared = shared.clone();
     let feed_stop = shutdown.clone();
     let feed = tokio::spawn(async move {
+        // Entries whose last value could not be served: warned once until one is served.
+        let mut failing = std::collections::HashSet::new();
         loop {
             let message = tokio::select! {
                 _ = feed_stop.cancelled() => break,
@@ -199,8 +201,15 @@ pub async fn start(
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             for &entry in entries {
-                if let Err(error) = image.update(entry, &message.payload) {
-                    tracing::warn!(server = %feed_shared.name, topic = %message.topic, %error, "value not served (the entry reads as bad)");
+                match image.update(entry, &message.payload) {
+                    Ok(()) => {
+                        failing.remove(&entry);
+                    }
+                    Err(error) => {
+                        if failing.insert(entry) {
+                            tracing::warn!(server = %feed_shared.name, topic = %message.topic, %error, "value not served (the entry reads as bad until a value fits)");
+                        }
+                    }
                 }
             }
         }
