@@ -1086,3 +1086,81 @@ fn http_mistakes_are_reported_with_their_key_paths() {
         "{missing}"
     );
 }
+
+#[test]
+fn modbus_server_keys_are_parsed_with_their_defaults() {
+    use fieldmq::drivers::modbus::config::{DataType, Order, Table};
+    use fieldmq::modbus_server::config::{BadQuality, Source};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"{HEAD}[[devices]]
+name = "meter"
+driver = "simulated"
+points = [{{ name = "power", waveform = "constant", value = 1.5 }}]
+[[modbus_servers]]
+bind = "127.0.0.1:5020"
+map = [
+  {{ table = "holding", address = 4, device = "meter", point = "power", type = "f32:CDAB", scale = 0.5 }},
+  {{ table = "coil", address = 0, topic = "plant/relay", writable = true }},
+]
+[[modbus_servers]]
+bind = "127.0.0.1:5021"
+unit_ids = [1, 247]
+max_connections = 2
+idle_timeout = "5s"
+write_timeout = "1s"
+bad_quality = "sentinel"
+sentinel = -9999
+map = [{{ table = "input", address = 0, topic = "plant/level", type = "i32", order = "DCBA" }}]
+"#
+    );
+    let config = parse_in(dir.path(), &text).expect("valid");
+    let [first, second] = &config.modbus_servers[..] else {
+        panic!("two servers: {:?}", config.modbus_servers);
+    };
+    assert_eq!(first.bind.to_string(), "127.0.0.1:5020");
+    assert!(first.unit_ids.is_empty(), "every unit id by default");
+    assert_eq!(first.max_connections, 16);
+    assert_eq!(first.idle_timeout, Duration::from_secs(60));
+    assert_eq!(first.write_timeout, Duration::from_secs(5));
+    assert_eq!(first.bad_quality, BadQuality::Exception);
+    let float = &first.map[0];
+    assert_eq!(
+        (
+            float.table,
+            float.address,
+            float.data_type,
+            float.order,
+            float.scale,
+            float.writable
+        ),
+        (Table::Holding, 4, DataType::F32, Order::Cdab, 0.5, false)
+    );
+    assert_eq!(
+        float.source,
+        Source::Point {
+            device: "meter".into(),
+            point: "power".into()
+        }
+    );
+    let coil = &first.map[1];
+    assert_eq!(
+        (coil.table, coil.data_type, coil.writable),
+        (Table::Coil, DataType::Bool, true)
+    );
+    assert_eq!(coil.source, Source::Topic("plant/relay".into()));
+    assert_eq!(second.unit_ids, vec![1, 247]);
+    assert_eq!(second.max_connections, 2);
+    assert_eq!(second.idle_timeout, Duration::from_secs(5));
+    assert_eq!(second.write_timeout, Duration::from_secs(1));
+    assert_eq!(second.bad_quality, BadQuality::Sentinel(-9999.0));
+    assert_eq!(
+        (second.map[0].data_type, second.map[0].order),
+        (DataType::I32, Order::Dcba)
+    );
+    let summary = config.summary();
+    assert!(
+        summary.contains("modbus server: 127.0.0.1:5020, 2 map entries, max 16 connections"),
+        "{summary}"
+    );
+}
