@@ -65,17 +65,37 @@ fn privileged_hint(addr: SocketAddr, error: &io::Error) -> &'static str {
     }
 }
 
+/// The last payload of each topic a server serves (readings are not retained, so a
+/// restarted server starts from these).
+pub type LastPayloads = HashMap<String, Bytes>;
+
 /// A running server: its bound address, and its task (which ends on cancellation).
-#[derive(Debug)]
 pub struct ModbusServer {
     pub local_addr: SocketAddr,
+    shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
 
+impl std::fmt::Debug for ModbusServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModbusServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ModbusServer {
-    /// Waits until the server has stopped (its token cancelled).
-    pub async fn wait(self) {
+    /// Waits until the server has stopped (its token cancelled); the last payload of each
+    /// topic it served, for the server that replaces it.
+    pub async fn wait(self) -> LastPayloads {
         let _ = self.task.await;
+        std::mem::take(
+            &mut *self
+                .shared
+                .last
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 }
 
@@ -94,6 +114,8 @@ struct Shared {
     pending: Pending,
     next_id: AtomicU64,
     broker: BrokerHandle,
+    /// The last payload of each mapped topic.
+    last: Mutex<LastPayloads>,
 }
 
 /// The topic entry `entry` takes its value from.
@@ -107,7 +129,8 @@ fn value_topic(entry: &MapEntry, devices: &[DeviceConfig], gateway: &str) -> Opt
     }
 }
 
-/// Starts server number `index` of the configuration. It runs until `shutdown` is
+/// Starts server number `index` of the configuration, its image filled from `seed` (the
+/// last payloads of the server it replaces, or nothing). It runs until `shutdown` is
 /// cancelled.
 pub async fn start(
     config: &ModbusServerConfig,
@@ -115,6 +138,7 @@ pub async fn start(
     devices: &[DeviceConfig],
     gateway: &str,
     broker: BrokerHandle,
+    seed: &LastPayloads,
     shutdown: CancellationToken,
 ) -> Result<ModbusServer, ModbusServerError> {
     let name = format!("modbus-server-{index}");
@@ -162,9 +186,20 @@ pub async fn start(
         )
         .await?;
 
+    let mut image = Image::new(config.map.clone(), config.bad_quality);
+    let mut last = LastPayloads::new();
+    for (topic, entries) in &by_topic {
+        if let Some(payload) = seed.get(topic) {
+            for &entry in entries {
+                // A value that does not fit is reported when the next one arrives.
+                let _ = image.update(entry, payload);
+            }
+            last.insert(topic.clone(), payload.clone());
+        }
+    }
     let shared = Arc::new(Shared {
         name: name.clone(),
-        image: RwLock::new(Image::new(config.map.clone(), config.bad_quality)),
+        image: RwLock::new(image),
         unit_ids: config.unit_ids.clone(),
         write_timeout: config.write_timeout,
         write_topics,
@@ -172,6 +207,7 @@ pub async fn start(
         pending: Arc::new(Mutex::new(HashMap::new())),
         next_id: AtomicU64::new(1),
         broker,
+        last: Mutex::new(last),
     });
 
     // The image's feed and the write results.
@@ -195,6 +231,11 @@ pub async fn start(
             let Some(entries) = by_topic.get(&*message.topic) else {
                 continue;
             };
+            feed_shared
+                .last
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(message.topic.to_string(), message.payload.clone());
             // No await while the lock is held.
             let mut image = feed_shared
                 .image
@@ -261,7 +302,11 @@ pub async fn start(
         let _ = feed.await;
     });
     tracing::info!(server = %name, addr = %local_addr, "Modbus TCP server listening");
-    Ok(ModbusServer { local_addr, task })
+    Ok(ModbusServer {
+        local_addr,
+        shared,
+        task,
+    })
 }
 
 /// Routes a write result from the reply topic to the write waiting for it.

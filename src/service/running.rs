@@ -18,7 +18,7 @@ use crate::drivers::modbus::Transport;
 use crate::drivers::{self, DeviceContext};
 use crate::metrics::Metrics;
 use crate::modbus_server::config::ModbusServerConfig;
-use crate::modbus_server::{self, ModbusServer, ModbusServerError};
+use crate::modbus_server::{self, LastPayloads, ModbusServer, ModbusServerError};
 use crate::status::StatusBoard;
 use crate::store::Outbox;
 use crate::uplink::config::UplinkConfig;
@@ -437,7 +437,7 @@ impl ModbusServers {
             parent,
             servers: Vec::new(),
         };
-        if let Err(error) = servers.start_all().await {
+        if let Err(error) = servers.start_all(&LastPayloads::new()).await {
             servers.token.cancel();
             servers.wait().await;
             return Err(error);
@@ -445,7 +445,9 @@ impl ModbusServers {
         Ok(servers)
     }
 
-    async fn start_all(&mut self) -> Result<(), ModbusServerError> {
+    /// Starts every configured server, their images filled from `seed` (the last payloads
+    /// of the servers they replace).
+    async fn start_all(&mut self, seed: &LastPayloads) -> Result<(), ModbusServerError> {
         for (index, config) in self.configs.iter().enumerate() {
             let server = modbus_server::start(
                 config,
@@ -453,6 +455,7 @@ impl ModbusServers {
                 &self.devices,
                 &self.gateway,
                 self.broker.clone(),
+                seed,
                 self.token.clone(),
             )
             .await?;
@@ -476,11 +479,16 @@ impl ModbusServers {
             return Vec::new();
         }
         self.token.cancel();
-        self.wait().await;
+        // Readings are not retained: the new servers start from the old ones' last values
+        // (merged, so that an entry moved to another server keeps its value).
+        let mut last = LastPayloads::new();
+        for payloads in self.wait_last().await {
+            last.extend(payloads);
+        }
         self.configs = wanted.to_vec();
         self.devices = devices.to_vec();
         self.token = self.parent.child_token();
-        match self.start_all().await {
+        match self.start_all(&last).await {
             Ok(()) => vec![format!(
                 "modbus_servers: {} server(s) (re)started",
                 self.servers.len()
@@ -494,9 +502,16 @@ impl ModbusServers {
 
     /// Waits for every server to stop (after a token was cancelled).
     pub(crate) async fn wait(&mut self) {
+        self.wait_last().await;
+    }
+
+    /// [`ModbusServers::wait`], keeping each server's last payloads.
+    async fn wait_last(&mut self) -> Vec<LastPayloads> {
+        let mut last = Vec::new();
         for server in self.servers.drain(..) {
-            server.wait().await;
+            last.push(server.wait().await);
         }
+        last
     }
 }
 

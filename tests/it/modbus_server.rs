@@ -612,7 +612,7 @@ async fn modbus_server_caps_connections_and_lets_idle_clients_go() {
 }
 
 #[tokio::test]
-async fn modbus_server_restarts_with_a_changed_map_on_reload() {
+async fn modbus_server_restarts_with_a_changed_map_on_reload_keeping_the_last_values() {
     let port = crate::util::free_port();
     let server = |address: u16| {
         format!(
@@ -628,13 +628,30 @@ async fn modbus_server_restarts_with_a_changed_map_on_reload() {
         context.read_holding_registers(0, 1).await.unwrap(),
         Ok(vec![9])
     );
+    // A value that is not retained, as device readings are not.
+    gateway
+        .broker()
+        .publish(Message::internal(
+            "lan",
+            "plant/a",
+            "3",
+            QoS::AtLeastOnce,
+            false,
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while context.read_holding_registers(0, 1).await.unwrap() != Ok(vec![3]) {
+        assert!(Instant::now() < deadline, "3 never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Unchanged: nothing restarts, the connection stays.
     let changes = gateway.reload(&server(0)).await;
     assert!(changes.is_empty(), "{changes:?}");
     assert_eq!(
         context.read_holding_registers(0, 1).await.unwrap(),
-        Ok(vec![9])
+        Ok(vec![3])
     );
 
     // The entry moves to address 5: the server restarts on the same address.
@@ -648,9 +665,10 @@ async fn modbus_server_restarts_with_a_changed_map_on_reload() {
         context.read_holding_registers(0, 1).await.unwrap(),
         Err(ExceptionCode::IllegalDataAddress)
     );
+    // The restarted server still serves the last value, not the sentinel.
     assert_eq!(
         context.read_holding_registers(5, 1).await.unwrap(),
-        Ok(vec![9])
+        Ok(vec![3])
     );
     gateway.stop().await;
 }
