@@ -11,7 +11,6 @@ use toml::Spanned;
 use crate::broker::config::{BrokerConfig, RawBroker};
 use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway, S};
 use crate::drivers::config::{DeviceConfig, DriverConfig};
-use crate::drivers::modbus::Transport;
 use crate::homeassistant::config::{HomeAssistantConfig, RawHomeAssistant};
 use crate::http::config::{HttpConfig, RawHttp};
 use crate::uplink::config::UplinkConfig;
@@ -157,13 +156,7 @@ impl Config {
         for device in &self.devices {
             let (driver, points) = match &device.driver {
                 DriverConfig::Simulated(sim) => ("simulated", sim.points.len()),
-                DriverConfig::Modbus(modbus) => (
-                    match modbus.transport {
-                        Transport::Tcp { .. } => "modbus-tcp",
-                        Transport::Rtu(_) => "modbus-rtu",
-                    },
-                    modbus.points.len(),
-                ),
+                DriverConfig::Modbus(modbus) => (modbus.transport.describe(), modbus.points.len()),
                 DriverConfig::Serial(serial) => ("serial", serial.rules.len()),
             };
             let _ = writeln!(

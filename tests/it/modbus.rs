@@ -907,6 +907,90 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
     );
 }
 
+/// A serial device server in transparent mode: a TCP listener whose every connection is
+/// bridged byte for byte to the pty at `path`; returns its address and a count of the
+/// connections it accepted.
+async fn serve_device_server(path: String) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            use tokio_serial::SerialPortBuilderExt as _;
+            let Ok(mut port) = tokio_serial::new(&path, 115_200).open_native_async() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut socket, &mut port).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_over_tcp_reaches_two_units_behind_one_device_server_on_one_connection() {
+    let state = device_with(&[(0, 21), (1, 0xFFFE)]);
+    let (addr, accepted) = serve_device_server(serve_rtu(state.clone())).await;
+    let device = |name: &str, unit: u8| {
+        format!(
+            r#"[[devices]]
+name = "{name}"
+driver = "modbus-tcp"
+transport = "rtu-over-tcp"
+address = "{addr}"
+unit = {unit}
+poll = "100ms"
+timeout = "500ms"
+points = [ {{ name = "a", table = "holding", address = 0 }}, {{ name = "b", table = "holding", address = 1, type = "i16" }} ]
+"#
+        )
+    };
+    let mut gw = start_gateway(&format!("{}{}", device("left", 3), device("right", 4))).await;
+    let a = gw.next_on("gw/left/a").await;
+    assert_eq!(a["value"], 21, "{a}");
+    let b = gw.next_on("gw/right/b").await;
+    assert_eq!(b["value"], -2, "{b}");
+    // Both units answered, through RTU frames (CRC checked by both sides), over one
+    // connection: the units behind one address share it, one request at a time.
+    let units: HashSet<u8> = state
+        .lock()
+        .unwrap()
+        .reads
+        .iter()
+        .map(|(unit, ..)| *unit)
+        .collect();
+    assert_eq!(units, HashSet::from([3, 4]));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn rtu_over_tcp_is_a_transport_of_modbus_tcp_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "driver = \"modbus-tcp\"\naddress = \"10.0.0.1:4001\"\ntransport = \"rtu\"\n",
+            "devices[0].transport: unknown transport \"rtu\"",
+        ),
+        (
+            "driver = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\nunit = 1\ntransport = \"rtu-over-tcp\"\n",
+            "devices[0].transport: `transport` is not used by driver modbus-rtu",
+        ),
+    ];
+    for (keys, message) in cases {
+        let path = dir.path().join("fieldmq.toml");
+        std::fs::write(
+            &path,
+            format!("{HEADER}[[devices]]\nname = \"d\"\n{keys}points = [ {{ name = \"p\", table = \"holding\", address = 0 }} ]\n"),
+        )
+        .unwrap();
+        let error = config::load(&path).expect_err("refused");
+        assert!(error.to_string().contains(message), "{error}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);

@@ -150,6 +150,7 @@ pub fn exception_name(code: ExceptionCode) -> String {
 #[derive(Debug, Clone)]
 pub(crate) enum Link {
     Tcp { address: String },
+    RtuOverTcp { address: String },
     Rtu(SerialSettings),
 }
 
@@ -159,6 +160,9 @@ impl Link {
             Transport::Tcp { address } => Link::Tcp {
                 address: address.clone(),
             },
+            Transport::RtuOverTcp { address } => Link::RtuOverTcp {
+                address: address.clone(),
+            },
             Transport::Rtu(settings) => Link::Rtu(settings.clone()),
         }
     }
@@ -166,13 +170,15 @@ impl Link {
     fn describe(&self) -> String {
         match self {
             Link::Tcp { address } => address.clone(),
+            Link::RtuOverTcp { address } => format!("{address} (rtu-over-tcp)"),
             Link::Rtu(settings) => settings.path.clone(),
         }
     }
 
     fn silent_interval(&self) -> Duration {
         match self {
-            Link::Tcp { .. } => Duration::ZERO,
+            // The device server keeps the serial line's timing.
+            Link::Tcp { .. } | Link::RtuOverTcp { .. } => Duration::ZERO,
             Link::Rtu(settings) => settings.silent_interval(),
         }
     }
@@ -182,28 +188,38 @@ impl Link {
 pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, String> {
     match link {
         Link::Tcp { address } => {
-            let addresses = timeout(limit, tokio::net::lookup_host(address.as_str()))
-                .await
-                .map_err(|_| format!("cannot resolve {address}: timed out"))?
-                .map_err(|e| format!("cannot resolve {address}: {e}"))?;
-            let mut last = format!("{address} resolves to no address");
-            for socket in addresses {
-                match timeout(limit, tokio::net::TcpStream::connect(socket)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = stream.set_nodelay(true);
-                        return Ok(tokio_modbus::client::tcp::attach(stream));
-                    }
-                    Ok(Err(e)) => last = format!("cannot connect to {address}: {e}"),
-                    Err(_) => last = format!("cannot connect to {address}: timed out"),
-                }
-            }
-            Err(last)
+            let stream = connect_tcp(address, limit).await?;
+            Ok(tokio_modbus::client::tcp::attach(stream))
+        }
+        Link::RtuOverTcp { address } => {
+            let stream = connect_tcp(address, limit).await?;
+            Ok(tokio_modbus::client::rtu::attach(stream))
         }
         Link::Rtu(settings) => {
             let stream = crate::drivers::serial::open_port(settings)?;
             Ok(tokio_modbus::client::rtu::attach(stream))
         }
     }
+}
+
+/// A TCP connection to `address` (each resolved address tried in turn), bounded by `limit`.
+async fn connect_tcp(address: &str, limit: Duration) -> Result<tokio::net::TcpStream, String> {
+    let addresses = timeout(limit, tokio::net::lookup_host(address))
+        .await
+        .map_err(|_| format!("cannot resolve {address}: timed out"))?
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?;
+    let mut last = format!("{address} resolves to no address");
+    for socket in addresses {
+        match timeout(limit, tokio::net::TcpStream::connect(socket)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = format!("cannot connect to {address}: {e}"),
+            Err(_) => last = format!("cannot connect to {address}: timed out"),
+        }
+    }
+    Err(last)
 }
 
 /// Runs one transaction with a timeout.

@@ -48,6 +48,8 @@ pub(crate) struct RawModbusDevice {
     pub(crate) poll: Option<S<String>>,
     /// TCP: `host:port`.
     pub(crate) address: Option<S<String>>,
+    /// TCP: `tcp` (MBAP framing, the default) or `rtu-over-tcp`.
+    pub(crate) transport: Option<S<String>>,
     /// RTU: the serial port.
     pub(crate) port: Option<S<String>>,
     pub(crate) baud: Option<S<i64>>,
@@ -113,7 +115,32 @@ pub enum Transport {
     Tcp {
         address: String,
     },
+    /// RTU frames (with CRC) over a TCP socket: a serial device server in transparent mode.
+    RtuOverTcp {
+        address: String,
+    },
     Rtu(SerialSettings),
+}
+
+impl Transport {
+    /// The TCP address a TCP transport connects to (devices at one address share a
+    /// connection); `None` for a serial line.
+    pub fn tcp_address(&self) -> Option<&str> {
+        match self {
+            Transport::Tcp { address } | Transport::RtuOverTcp { address } => Some(address),
+            Transport::Rtu(_) => None,
+        }
+    }
+
+    /// The driver name and framing, for summaries: `modbus-tcp`, `modbus-tcp (rtu-over-tcp)`,
+    /// `modbus-rtu`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Transport::Tcp { .. } => "modbus-tcp",
+            Transport::RtuOverTcp { .. } => "modbus-tcp (rtu-over-tcp)",
+            Transport::Rtu(_) => "modbus-rtu",
+        }
+    }
 }
 
 /// What a Modbus RTU line accepts: even parity by default (the Modbus serial line
@@ -367,7 +394,10 @@ pub(crate) fn validate(
 
     // Keys of the other transport are mistakes worth naming.
     let foreign: Vec<(&str, Option<Range<usize>>)> = if rtu {
-        vec![("address", raw.address.as_ref().map(Spanned::span))]
+        vec![
+            ("address", raw.address.as_ref().map(Spanned::span)),
+            ("transport", raw.transport.as_ref().map(Spanned::span)),
+        ]
     } else {
         vec![
             ("port", raw.port.as_ref().map(Spanned::span)),
@@ -593,9 +623,26 @@ impl DeviceCheck<'_, '_> {
             .hint = Some("write address = \"host:port\", e.g. \"192.168.1.50:502\"".into());
             return None;
         }
-        Some(Transport::Tcp {
-            address: format!("{host}:{port}"),
-        })
+        let address = format!("{host}:{port}");
+        match raw
+            .transport
+            .as_ref()
+            .map(|t| (t.get_ref().as_str(), t.span()))
+        {
+            None | Some(("tcp", _)) => Some(Transport::Tcp { address }),
+            Some(("rtu-over-tcp", _)) => Some(Transport::RtuOverTcp { address }),
+            Some((other, span)) => {
+                self.error(
+                    Some(span),
+                    format!("{prefix}.transport"),
+                    format!("unknown transport {other:?}, expected \"tcp\" or \"rtu-over-tcp\""),
+                )
+                .hint = Some(
+                    "rtu-over-tcp is for serial device servers in transparent mode; a Modbus TCP gateway is \"tcp\"".into(),
+                );
+                None
+            }
+        }
     }
 
     fn point(
