@@ -44,6 +44,8 @@ struct DeviceState {
     /// Register reads answer one register fewer than asked (a well-formed, short answer).
     short: bool,
     dead_units: HashSet<u8>,
+    /// Addresses not in the map: a read that covers one answers "illegal data address".
+    holes: HashSet<u16>,
 }
 
 type Shared = Arc<Mutex<DeviceState>>;
@@ -81,6 +83,12 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
     }
     let check = |s: &DeviceState, start: u16, count: u16| match s.exception_from {
         Some(from) if u32::from(start) + u32::from(count) > u32::from(from) => {
+            Err(ExceptionCode::IllegalDataAddress)
+        }
+        _ if s.holes.iter().any(|&hole| {
+            (u32::from(start)..u32::from(start) + u32::from(count)).contains(&u32::from(hole))
+        }) =>
+        {
             Err(ExceptionCode::IllegalDataAddress)
         }
         _ => Ok(()),
@@ -626,6 +634,62 @@ points = [
     assert_eq!(reading["value"], 1);
     gw.next_matching(status_topic, |s| s["status"] == "online")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_read_over_a_hole_is_split_and_the_hole_is_skipped_afterwards() {
+    let registers: Vec<(u16, u16)> = (0..12).map(|a| (a, 100 + a)).collect();
+    let state = device_with(&registers);
+    state.lock().unwrap().holes = HashSet::from([5, 9]);
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    // One read of 0..=11 by the plan (gaps of one register are merged); 9 is a point, 5 is not.
+    let points: Vec<String> = [0u16, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+        .iter()
+        .map(|a| format!("{{ name = \"r{a}\", table = \"holding\", address = {a} }}"))
+        .collect();
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+max_gap = 1
+backoff_max = "5s"
+points = [ {} ]
+"#,
+        points.join(", ")
+    ))
+    .await;
+    for a in [0u16, 4, 6, 8, 10, 11] {
+        let reading = gw.next_matching(&format!("gw/meter/r{a}"), is_good).await;
+        assert_eq!(reading["value"], 100 + a, "{reading}");
+    }
+    let hole = gw.next_on("gw/meter/r9").await;
+    assert_eq!(hole["quality"], "bad", "{hole}");
+    assert!(
+        hole["error"]
+            .as_str()
+            .unwrap()
+            .contains("illegal data address (exception 2) reading holding 9..=9"),
+        "{hole}"
+    );
+    // Steady state: the points around the holes keep being read, every cycle, and no
+    // request covers 5 again; 9 alone is asked at most once per backoff_max.
+    let settled = state.lock().unwrap().reads.len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reads: Vec<(u16, u16)> = state.lock().unwrap().reads[settled..]
+        .iter()
+        .map(|(_, _, start, count)| (*start, *count))
+        .collect();
+    let covers = |address: u16| {
+        reads
+            .iter()
+            .filter(|(start, count)| (*start..*start + *count).contains(&address))
+            .count()
+    };
+    assert_eq!(covers(5), 0, "{reads:?}");
+    assert!(covers(9) <= 1, "{reads:?}");
+    assert!(covers(0) >= 10 && covers(11) >= 10, "{reads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -668,8 +668,38 @@ impl Bus {
                     });
                 }
             }
+            Err(Failure::Exception(ExceptionCode::IllegalDataAddress))
+                if request.points.len() > 1 =>
+            {
+                // A merged read that covers an address the device does not have: read
+                // its halves on their own, now, until the address is found; the rest of
+                // the points keep working.
+                device.succeeded();
+                if let Some((first, second)) = plan::split(&request, &device.config.points) {
+                    tracing::info!(device = %device.context.device, unit, request = %request.describe(), into = %format!("{} and {}", first.describe(), second.describe()), "illegal data address on a merged read: splitting it");
+                    let now = Instant::now();
+                    if let Some(read) = device.reads.get_mut(r) {
+                        read.request = first;
+                        read.due = now;
+                    }
+                    device.reads.push(Scheduled {
+                        request: second,
+                        due: now,
+                        error: None,
+                        attempted: false,
+                    });
+                }
+            }
             Err(Failure::Exception(code)) => {
                 device.succeeded();
+                if code == ExceptionCode::IllegalDataAddress {
+                    // The address this point covers is not in the device's map: asked
+                    // again only every `backoff_max`, not every poll.
+                    let recheck = device.config.backoff_max.max(request.interval);
+                    if let Some(read) = device.reads.get_mut(r) {
+                        read.due = Instant::now() + recheck;
+                    }
+                }
                 let reason = format!("{} reading {}", exception_name(code), request.describe());
                 tracing::warn!(device = %device.context.device, unit, request = %request.describe(), exception = %exception_name(code), "modbus exception");
                 if let Some(read) = device.reads.get_mut(r) {
