@@ -279,14 +279,17 @@ pub enum ErrorKind {
     Io,
     /// An answer that could not be decoded into the point's value.
     Decode,
+    /// RTU: bytes came back without a valid frame (a CRC error, noise).
+    Frame,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 4] = [
+    const ALL: [ErrorKind; 5] = [
         ErrorKind::Timeout,
         ErrorKind::Exception,
         ErrorKind::Io,
         ErrorKind::Decode,
+        ErrorKind::Frame,
     ];
 
     fn label(self) -> &'static str {
@@ -295,6 +298,7 @@ impl ErrorKind {
             ErrorKind::Exception => "exception",
             ErrorKind::Io => "io",
             ErrorKind::Decode => "decode",
+            ErrorKind::Frame => "crc",
         }
     }
 }
@@ -304,7 +308,7 @@ impl ErrorKind {
 pub struct DeviceMetrics {
     polls: Counter,
     timeouts: Counter,
-    errors: [Counter; 4],
+    errors: [Counter; 5],
     request_seconds: Histogram,
     points_good: Gauge,
     points_bad: Gauge,

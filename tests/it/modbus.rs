@@ -1055,6 +1055,95 @@ fn rtu_over_tcp_is_a_transport_of_modbus_tcp_only() {
     }
 }
 
+/// Modbus CRC-16 (polynomial 0xA001, initial 0xFFFF), sent low byte first.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc = 0xFFFFu16;
+    for &byte in data {
+        crc ^= u16::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_rtu_answer_is_a_counted_crc_error_and_the_next_answer_decodes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_serial::SerialPort as _;
+    // A device written by hand on a pty: it answers every "read holding registers" with
+    // 0x1234 per register, the first answer with one data byte flipped (its CRC no longer
+    // fits).
+    let (a, b) = tokio_serial::SerialStream::pair().expect("pty pair");
+    let (mut device, path) = match (a.name(), b.name()) {
+        (_, Some(path)) => {
+            std::mem::forget(b);
+            (a, path)
+        }
+        (Some(path), None) => {
+            std::mem::forget(a);
+            (b, path)
+        }
+        (None, None) => panic!("pty without a name"),
+    };
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        let mut request = [0u8; 8];
+        while device.read_exact(&mut request).await.is_ok() {
+            if request[1] != 0x03 || crc16(&request[..6]).to_le_bytes() != request[6..8] {
+                continue;
+            }
+            let registers = u16::from_be_bytes([request[4], request[5]]);
+            let mut frame = vec![request[0], 0x03, (registers * 2) as u8];
+            for _ in 0..registers {
+                frame.extend_from_slice(&[0x12, 0x34]);
+            }
+            let crc = crc16(&frame);
+            frame.extend_from_slice(&crc.to_le_bytes());
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                frame[3] ^= 0x40;
+            }
+            if device.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-rtu"
+port = "{path}"
+baud = 115200
+parity = "none"
+unit = 1
+poll = "200ms"
+timeout = "300ms"
+points = [ {{ name = "v", table = "holding", address = 0 }} ]
+"#
+    ))
+    .await;
+    let first = gw.next_on("gw/meter/v").await;
+    assert_eq!(first["quality"], "bad", "{first}");
+    let error = first["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("without a valid frame (CRC error or noise)"),
+        "{error}"
+    );
+    // The very next answer decodes: the garbled bytes did not stay in front of it.
+    let next = gw.next_on("gw/meter/v").await;
+    assert_eq!(next["value"], 0x1234, "{next}");
+    assert_eq!(next["quality"], "good", "{next}");
+    let crc = r#"fieldmq_device_errors_total{device="meter",kind="crc"}"#;
+    assert_eq!(sample(&gw.metrics, crc), Some(1.0), "{crc}");
+    let timeouts = r#"fieldmq_device_errors_total{device="meter",kind="timeout"}"#;
+    assert_eq!(sample(&gw.metrics, timeouts), Some(0.0), "{timeouts}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);

@@ -17,9 +17,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
@@ -112,6 +118,13 @@ pub(super) enum Failure {
     Timeout(Duration),
     /// I/O or framing: the connection is reopened.
     Link(String),
+    /// RTU: bytes came back but never a valid frame (a CRC error, noise on the line, a
+    /// collision). The connection is reopened at once, so no leftover byte can join the
+    /// next answer.
+    Garbled {
+        bytes: usize,
+        after: Duration,
+    },
     /// A well-formed answer that does not fit the request (a write echoed with another
     /// address or value, another function's answer): the device answered, the link is fine.
     Unexpected(String),
@@ -125,6 +138,10 @@ impl Failure {
                 format!("no response within {}", humantime::format_duration(*after))
             }
             Failure::Link(error) | Failure::Unexpected(error) => error.clone(),
+            Failure::Garbled { bytes, after } => format!(
+                "no valid answer within {}: {bytes} byte(s) without a valid frame (CRC error or noise)",
+                humantime::format_duration(*after)
+            ),
         }
     }
 }
@@ -184,21 +201,89 @@ impl Link {
     }
 }
 
+/// An open link: the tokio-modbus client and, for RTU framing, the count of bytes received
+/// since the last request was sent.
+pub(crate) struct Connection {
+    context: Context,
+    /// tokio-modbus' RTU decoder skips a frame with a bad CRC byte by byte, silently: to the
+    /// caller a garbled answer looks like no answer. This count tells them apart.
+    received: Option<Arc<AtomicUsize>>,
+}
+
+/// A stream that counts the bytes read from it.
+#[derive(Debug)]
+struct Counted<S> {
+    inner: S,
+    received: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            self.received
+                .fetch_add(buf.filled().len() - before, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn rtu_connection<S>(stream: S) -> Connection
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Unpin + Send + 'static,
+{
+    let received = Arc::new(AtomicUsize::new(0));
+    let counted = Counted {
+        inner: stream,
+        received: received.clone(),
+    };
+    Connection {
+        context: tokio_modbus::client::rtu::attach(counted),
+        received: Some(received),
+    }
+}
+
 /// Opens the link. TCP connects (bounded by `limit`), RTU opens the serial port.
-pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, String> {
+pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Connection, String> {
     match link {
         Link::Tcp { address } => {
             let stream = connect_tcp(address, limit).await?;
-            Ok(tokio_modbus::client::tcp::attach(stream))
+            Ok(Connection {
+                context: tokio_modbus::client::tcp::attach(stream),
+                received: None,
+            })
         }
-        Link::RtuOverTcp { address } => {
-            let stream = connect_tcp(address, limit).await?;
-            Ok(tokio_modbus::client::rtu::attach(stream))
-        }
-        Link::Rtu(settings) => {
-            let stream = crate::drivers::serial::open_port(settings)?;
-            Ok(tokio_modbus::client::rtu::attach(stream))
-        }
+        Link::RtuOverTcp { address } => Ok(rtu_connection(connect_tcp(address, limit).await?)),
+        Link::Rtu(settings) => Ok(rtu_connection(crate::drivers::serial::open_port(settings)?)),
     }
 }
 
@@ -224,12 +309,16 @@ async fn connect_tcp(address: &str, limit: Duration) -> Result<tokio::net::TcpSt
 
 /// Runs one transaction with a timeout.
 pub(super) async fn call(
-    connection: &mut Context,
+    connection: &mut Connection,
     unit: u8,
     op: &Op,
     limit: Duration,
 ) -> Result<Reply, Failure> {
-    connection.set_slave(Slave(unit));
+    let Connection { context, received } = connection;
+    context.set_slave(Slave(unit));
+    if let Some(received) = received {
+        received.store(0, Ordering::Relaxed);
+    }
     // Through `Client::call` rather than tokio-modbus' `Reader`/`Writer`: those check the
     // answer with debug assertions only (a short answer from a device would panic a debug
     // build and pass unnoticed in release); here every answer is checked the same way.
@@ -250,8 +339,14 @@ pub(super) async fn call(
             Request::WriteMultipleRegisters(*address, std::borrow::Cow::Borrowed(values))
         }
     };
-    match timeout(limit, connection.call(request)).await {
-        Err(_) => Err(Failure::Timeout(limit)),
+    match timeout(limit, context.call(request)).await {
+        Err(_) => match received.as_ref().map(|r| r.load(Ordering::Relaxed)) {
+            Some(bytes) if bytes > 0 => Err(Failure::Garbled {
+                bytes,
+                after: limit,
+            }),
+            _ => Err(Failure::Timeout(limit)),
+        },
         Ok(Err(error)) => Err(Failure::Link(error.to_string())),
         Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
         Ok(Ok(Ok(response))) => reply_to(op, response),
@@ -317,7 +412,7 @@ fn reply_to(op: &Op, response: Response) -> Result<Reply, Failure> {
 pub(crate) struct Bus {
     link: Link,
     silent: Duration,
-    connection: Option<Context>,
+    connection: Option<Connection>,
     /// RTU: no frame before this (silent interval + turnaround).
     free_at: Instant,
     link_backoff: Backoff,
@@ -463,7 +558,7 @@ impl Bus {
         if let Some(mut connection) = self.connection.take() {
             let _ = timeout(
                 Duration::from_secs(1),
-                tokio_modbus::client::Client::disconnect(&mut connection),
+                tokio_modbus::client::Client::disconnect(&mut connection.context),
             )
             .await;
         }
@@ -571,6 +666,7 @@ impl Bus {
             Err(Failure::Timeout(_)) => metrics.request_failed(ErrorKind::Timeout),
             Err(Failure::Exception(_)) => metrics.request_failed(ErrorKind::Exception),
             Err(Failure::Link(_)) => metrics.request_failed(ErrorKind::Io),
+            Err(Failure::Garbled { .. }) => metrics.request_failed(ErrorKind::Frame),
             Err(Failure::Unexpected(_)) => metrics.request_failed(ErrorKind::Decode),
         }
         if !tcp {
@@ -583,6 +679,11 @@ impl Bus {
         match &result {
             // A late answer would be taken for the next one's: start a fresh connection.
             Err(Failure::Timeout(_)) if tcp => self.connection = None,
+            // Reopened at once (the link itself is fine): a fresh decoder for the next answer.
+            Err(Failure::Garbled { .. }) => {
+                tracing::debug!(link = %self.link.describe(), "garbled RTU answer, reopening the link");
+                self.connection = None;
+            }
             Err(Failure::Link(error)) => {
                 tracing::warn!(link = %self.link.describe(), %error, "modbus link failed, reopening");
                 self.connection = None;
@@ -904,6 +1005,7 @@ impl Bus {
             Failure::Exception(code) => format!("device exception: {}", exception_name(*code)),
             Failure::Timeout(_) => format!("timeout: {}", failure.describe()),
             Failure::Link(error) => format!("link error: {error}"),
+            Failure::Garbled { .. } => format!("link error: {}", failure.describe()),
             Failure::Unexpected(error) => format!("unexpected answer: {error}"),
         };
         if !matches!(failure, Failure::Exception(_) | Failure::Unexpected(_)) {

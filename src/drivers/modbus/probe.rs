@@ -138,7 +138,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
                 exception: exception_name(code),
             })
         }
-        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_))) => {
+        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_) | Failure::Garbled { .. })) => {
             return Err(ProbeError::Link(failure.describe()))
         }
     };
