@@ -37,6 +37,8 @@ struct DeviceState {
     /// (unit, table, start, count) of every read.
     reads: Vec<(u8, &'static str, u16, u16)>,
     writes: usize,
+    /// The function code of every write, in order.
+    write_functions: Vec<u8>,
     /// Reads that touch an address at or above this answer "illegal data address".
     exception_from: Option<u16>,
     /// No answer at all (the client times out).
@@ -128,20 +130,31 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         }
         Request::WriteSingleCoil(address, value) => {
             s.writes += 1;
+            s.write_functions.push(5);
             s.coils.insert(address, value);
             Response::WriteSingleCoil(address, value)
         }
         Request::WriteSingleRegister(address, value) => {
             s.writes += 1;
+            s.write_functions.push(6);
             s.holding.insert(address, value);
             Response::WriteSingleRegister(address, value)
         }
         Request::WriteMultipleRegisters(address, values) => {
             s.writes += 1;
+            s.write_functions.push(16);
             for (i, value) in values.iter().enumerate() {
                 s.holding.insert(address + i as u16, *value);
             }
             Response::WriteMultipleRegisters(address, values.len() as u16)
+        }
+        Request::WriteMultipleCoils(address, values) => {
+            s.writes += 1;
+            s.write_functions.push(15);
+            for (i, value) in values.iter().enumerate() {
+                s.coils.insert(address + i as u16, *value);
+            }
+            Response::WriteMultipleCoils(address, values.len() as u16)
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
@@ -690,6 +703,53 @@ points = [ {} ]
     assert_eq!(covers(5), 0, "{reads:?}");
     assert!(covers(9) <= 1, "{reads:?}");
     assert!(covers(0) >= 10 && covers(11) >= 10, "{reads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_functions_are_fc05_fc06_fc16_by_default_and_fc15_fc16_with_write_multiple() {
+    for (multiple, expected) in [(false, vec![5u8, 6, 16, 6]), (true, vec![15, 16, 16, 16])] {
+        let state = device_with(&[(10, 5), (40, 0b1000)]);
+        let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut gw = start_gateway(&format!(
+            r#"[[devices]]
+name = "plc"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1h"
+write_multiple = {multiple}
+points = [
+  {{ name = "pump", table = "coil", address = 3, writable = true }},
+  {{ name = "setpoint", table = "holding", address = 10, writable = true }},
+  {{ name = "flow", table = "holding", address = 20, type = "f32", writable = true }},
+  {{ name = "valve", table = "holding", address = 40, type = "bit", bit = 0, writable = true }},
+]
+"#
+        ))
+        .await;
+        gw.next_on("gw/plc/valve").await;
+        for (point, value) in [
+            ("pump", "true"),
+            ("setpoint", "7"),
+            ("flow", "2.5"),
+            ("valve", "true"),
+        ] {
+            gw.publish(&format!("gw/plc/{point}/set"), value).await;
+            let result = gw.next_on(&format!("gw/plc/{point}/set/result")).await;
+            assert_eq!(result["status"], "ok", "{point}: {result}");
+        }
+        let s = state.lock().unwrap();
+        // The bit is a read-modify-write: its read is in `reads`, its write here.
+        let functions: Vec<u8> = s.write_functions.clone();
+        assert_eq!(functions, expected, "write_multiple = {multiple}");
+        assert_eq!(s.coils.get(&3), Some(&true));
+        assert_eq!(s.holding.get(&10), Some(&7));
+        assert_eq!(s.holding.get(&40), Some(&0b1001), "the other bits kept");
+        // The f32 went in one request, never two.
+        assert_eq!(
+            functions.iter().filter(|&&f| f == 16).count(),
+            if multiple { 3 } else { 1 }
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,6 +103,10 @@ pub(super) enum Op {
         address: u16,
         values: Vec<u16>,
     },
+    WriteCoils {
+        address: u16,
+        values: Vec<bool>,
+    },
 }
 
 pub(super) enum Reply {
@@ -338,6 +342,9 @@ pub(super) async fn call(
         Op::WriteRegisters { address, values } => {
             Request::WriteMultipleRegisters(*address, std::borrow::Cow::Borrowed(values))
         }
+        Op::WriteCoils { address, values } => {
+            Request::WriteMultipleCoils(*address, std::borrow::Cow::Borrowed(values))
+        }
     };
     match timeout(limit, context.call(request)).await {
         Err(_) => match received.as_ref().map(|r| r.load(Ordering::Relaxed)) {
@@ -400,6 +407,19 @@ fn reply_to(op: &Op, response: Response) -> Result<Reply, Failure> {
             } else {
                 unexpected(format!(
                     "the device confirmed {echo_count} registers at {echo_address} for {} at {address}",
+                    values.len()
+                ))
+            }
+        }
+        (
+            Op::WriteCoils { address, values },
+            Response::WriteMultipleCoils(echo_address, echo_count),
+        ) => {
+            if echo_address == *address && usize::from(echo_count) == values.len() {
+                Ok(Reply::Done)
+            } else {
+                unexpected(format!(
+                    "the device confirmed {echo_count} coils at {echo_address} for {} at {address}",
                     values.len()
                 ))
             }
@@ -918,8 +938,24 @@ impl Bus {
                 return error(format!("device offline ({last})"));
             }
         }
-        tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded), "writing");
+        let multiple = device.config.write_multiple;
+        tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded, multiple), "writing");
+        // One register as FC06, or as FC16 for devices that only take that.
+        let one_register = |address: u16, value: u16| {
+            if multiple {
+                Op::WriteRegisters {
+                    address,
+                    values: vec![value],
+                }
+            } else {
+                Op::WriteRegister { address, value }
+            }
+        };
         let op = match encoded {
+            Encoded::Coil(value) if multiple => Op::WriteCoils {
+                address: point.address,
+                values: vec![value],
+            },
             Encoded::Coil(value) => Op::WriteCoil {
                 address: point.address,
                 value,
@@ -940,19 +976,16 @@ impl Bus {
                     Err(failure) => return self.write_failed(d, failure).await,
                 };
                 let mask = 1u16 << bit;
-                Op::WriteRegister {
-                    address: point.address,
-                    value: if value {
+                one_register(
+                    point.address,
+                    if value {
                         current | mask
                     } else {
                         current & !mask
                     },
-                }
+                )
             }
-            Encoded::Registers(words) if words.len() == 1 => Op::WriteRegister {
-                address: point.address,
-                value: words[0],
-            },
+            Encoded::Registers(words) if words.len() == 1 => one_register(point.address, words[0]),
             Encoded::Registers(words) => Op::WriteRegisters {
                 address: point.address,
                 values: words,

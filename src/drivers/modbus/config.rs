@@ -65,6 +65,7 @@ pub(crate) struct RawModbusDevice {
     pub(crate) max_bits_per_request: Option<S<i64>>,
     pub(crate) backoff_min: Option<S<String>>,
     pub(crate) backoff_max: Option<S<String>>,
+    pub(crate) write_multiple: Option<S<bool>>,
     pub(crate) points: Option<S<Vec<S<RawModbusPoint>>>>,
 }
 
@@ -106,6 +107,9 @@ pub struct ModbusConfig {
     /// Reconnect / retry backoff bounds. Default 1s..60s.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Write with FC15/FC16 (write multiple coils / registers) even for one coil or one
+    /// register, for devices that implement only those. Default false (FC05/FC06).
+    pub write_multiple: bool,
     pub points: Vec<Point>,
 }
 
@@ -551,6 +555,7 @@ pub(crate) fn validate(
         limits,
         backoff_min,
         backoff_max,
+        write_multiple: raw.write_multiple.as_ref().is_some_and(|w| *w.get_ref()),
         points,
     })
 }
