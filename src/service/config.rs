@@ -159,9 +159,16 @@ impl Config {
                 DriverConfig::Modbus(modbus) => (modbus.transport.describe(), modbus.points.len()),
                 DriverConfig::Serial(serial) => ("serial", serial.rules.len()),
             };
+            let requests = match &device.driver {
+                DriverConfig::Modbus(modbus) => format!(
+                    " in {} read request(s) per cycle",
+                    crate::drivers::modbus::planned_requests(modbus, device.poll)
+                ),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {}: {driver}, {points} point(s), poll {}",
+                "  {}: {driver}, {points} point(s){requests}, poll {}",
                 device.name,
                 humantime::format_duration(device.poll)
             );

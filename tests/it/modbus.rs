@@ -1204,6 +1204,171 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
     assert_eq!(sample(&gw.metrics, timeouts), Some(0.0), "{timeouts}");
 }
 
+/// The value a profile test gives point `index`: numbers whose raw register value is a
+/// whole number (so every scale and type holds it exactly), alternating booleans, text.
+fn profile_value(point: &fieldmq::drivers::modbus::Point, index: usize) -> fieldmq::model::Value {
+    use fieldmq::drivers::modbus::DataType;
+    use fieldmq::model::Value;
+    let raw = (index as i64 + 1) * 7;
+    match point.data_type {
+        DataType::Bool | DataType::Bit(_) => Value::Bool(index % 2 == 0),
+        DataType::String { .. } => Value::Text("AB".into()),
+        DataType::I16 | DataType::I32 | DataType::I64 if index % 3 == 0 => {
+            Value::Float(-(raw as f64) * point.scale + point.offset)
+        }
+        _ => Value::Float(raw as f64 * point.scale + point.offset),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_built_in_profile_reads_a_device_laid_out_from_its_own_table() {
+    use fieldmq::drivers::modbus::codec::{encode, Encoded};
+    use fieldmq::drivers::modbus::{profile, Table};
+    let names: Vec<String> = profile::list(None)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(names.len() >= 7, "{names:?}");
+    for name in names {
+        let found = profile::find(&name, None).unwrap_or_else(|e| panic!("{e}"));
+        // The device: every point's register(s) or bit holding its value.
+        let state = device_with(&[]);
+        let mut expected = Vec::new();
+        {
+            let mut s = state.lock().unwrap();
+            for (index, point) in found.points.iter().enumerate() {
+                let value = profile_value(point, index);
+                let encoded =
+                    encode(point, &value).unwrap_or_else(|e| panic!("{name} {}: {e}", point.name));
+                match (point.table, encoded) {
+                    (Table::Coil, Encoded::Coil(b)) => {
+                        s.coils.insert(point.address, b);
+                    }
+                    (Table::Discrete, Encoded::Coil(b)) => {
+                        s.discrete.insert(point.address, b);
+                    }
+                    (table, Encoded::Bit { bit, value: b }) => {
+                        let map = if table == Table::Input {
+                            &mut s.input
+                        } else {
+                            &mut s.holding
+                        };
+                        let word = map.entry(point.address).or_default();
+                        if b {
+                            *word |= 1 << bit;
+                        }
+                    }
+                    (table, Encoded::Registers(words)) => {
+                        let map = if table == Table::Input {
+                            &mut s.input
+                        } else {
+                            &mut s.holding
+                        };
+                        for (offset, word) in words.into_iter().enumerate() {
+                            map.insert(point.address + offset as u16, word);
+                        }
+                    }
+                    (table, other) => panic!("{name} {}: {other:?} in {table}", point.name),
+                }
+                expected.push((point.name.clone(), value));
+            }
+        }
+        let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut gw = start_gateway(&format!(
+            "[[devices]]\nname = \"m\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"200ms\"\nprofile = \"{name}\"\n"
+        ))
+        .await;
+        for (point, value) in expected {
+            let reading = gw.next_on(&format!("gw/m/{point}")).await;
+            assert_eq!(reading["quality"], "good", "{name} {point}: {reading}");
+            match value {
+                fieldmq::model::Value::Float(x) => {
+                    let got = reading["value"].as_f64().unwrap_or(f64::NAN);
+                    assert!(
+                        (got - x).abs() <= x.abs() * 1e-6 + 1e-9,
+                        "{name} {point}: {got} != {x}"
+                    );
+                }
+                other => assert_eq!(reading["value"], json!(other), "{name} {point}"),
+            }
+        }
+        gw.shutdown.cancel();
+    }
+}
+
+#[test]
+fn profiles_are_listed_shown_overridden_locally_and_their_mistakes_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fieldmq.toml");
+    let device = |profile: &str| {
+        format!("{HEADER}[[devices]]\nname = \"m\"\ndriver = \"modbus-tcp\"\naddress = \"10.0.0.1\"\nprofile = \"{profile}\"\n")
+    };
+    let run = |args: &[&str]| {
+        let mut full: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        full.extend([std::ffi::OsStr::new("-c"), config.as_os_str()]);
+        gateway::run_within(&full, &[], Duration::from_secs(20))
+    };
+
+    // Built in: listed, shown, usable; `check` says how many requests a cycle takes.
+    let (code, stdout, _) = run(&["profiles", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("eastron-sdm630 ") && l.contains("[built in]")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["profiles", "show", "eastron-sdm630"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("voltage_l1")
+            && stdout.contains("input")
+            && stdout.contains("f32:ABCD [V]"),
+        "{stdout}"
+    );
+    std::fs::write(&config, device("eastron-sdm630")).unwrap();
+    let (code, stdout, stderr) = run(&["check"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("m: modbus-tcp, 39 point(s) in 3 read request(s) per cycle"),
+        "{stdout}"
+    );
+
+    // A misspelt name is refused at its line with the closest profile.
+    std::fs::write(&config, device("eastron-sdm603")).unwrap();
+    let (code, _, stderr) = run(&["check"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("fieldmq.toml:9:") && stderr.contains("devices[0].profile: unknown profile \"eastron-sdm603\" (did you mean \"eastron-sdm630\"?)"), "{stderr}");
+
+    // A local profile next to the file replaces the built-in one of the same name.
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles/eastron-sdm630.toml"),
+        "description = \"local\"\nsource = \"test\"\npoints = [ { name = \"only\", table = \"holding\", address = 3 } ]\n",
+    )
+    .unwrap();
+    std::fs::write(&config, device("eastron-sdm630")).unwrap();
+    let (code, stdout, stderr) = run(&["check"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("m: modbus-tcp, 1 point(s)"), "{stdout}");
+    let (_, stdout, _) = run(&["profiles", "list"]);
+    assert!(stdout.lines().any(|l| l.starts_with("eastron-sdm630 ") && l.contains("profiles/eastron-sdm630.toml")), "{stdout}");
+
+    // A broken local profile names its own file, line and key.
+    std::fs::write(
+        dir.path().join("profiles/site.toml"),
+        "description = \"x\"\npoints = [\n  { name = \"a\", table = \"holding\", address = 70000 },\n]\n",
+    )
+    .unwrap();
+    std::fs::write(&config, device("site")).unwrap();
+    let (code, _, stderr) = run(&["check"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("profiles/site.toml:3:") && stderr.contains("points[0].address"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);

@@ -66,6 +66,8 @@ pub(crate) struct RawModbusDevice {
     pub(crate) backoff_min: Option<S<String>>,
     pub(crate) backoff_max: Option<S<String>>,
     pub(crate) write_multiple: Option<S<bool>>,
+    /// A register map from `profiles/` (see `profile.rs`).
+    pub(crate) profile: Option<S<String>>,
     pub(crate) points: Option<S<Vec<S<RawModbusPoint>>>>,
 }
 
@@ -388,8 +390,11 @@ pub(crate) fn validate(
     raw: &RawModbusDevice,
     span: Range<usize>,
     prefix: &str,
+    profile: Option<&super::profile::Profile>,
     mut v: DeviceCheck<'_, '_>,
 ) -> Option<ModbusConfig> {
+    // A profile's planning limits are the defaults of the devices that use it.
+    let profile_limits = profile.map(|p| p.limits.clone()).unwrap_or_default();
     let rtu = raw
         .driver
         .as_ref()
@@ -494,7 +499,9 @@ pub(crate) fn validate(
             &format!("{prefix}.max_registers_per_request"),
             1,
             MAX_REGISTERS_PER_REQUEST,
-            MAX_REGISTERS_PER_REQUEST,
+            profile_limits
+                .max_registers
+                .unwrap_or(MAX_REGISTERS_PER_REQUEST),
         ),
         max_bits: v.small(
             &raw.max_bits_per_request,
@@ -508,7 +515,7 @@ pub(crate) fn validate(
             &format!("{prefix}.max_gap"),
             0,
             MAX_REGISTERS_PER_REQUEST,
-            DEFAULT_MAX_GAP_REGISTERS,
+            profile_limits.max_gap.unwrap_or(DEFAULT_MAX_GAP_REGISTERS),
         ),
         max_gap_bits: v.small(
             &raw.max_bit_gap,
@@ -521,6 +528,7 @@ pub(crate) fn validate(
 
     let mut points = Vec::new();
     match &raw.points {
+        None if profile.is_some() => {}
         None => v.missing(
             span,
             format!("{prefix}.points"),
@@ -546,6 +554,9 @@ pub(crate) fn validate(
 
     if !v.ok {
         return None;
+    }
+    if let Some(profile) = profile {
+        points = super::profile::merge(&profile.points, points);
     }
     Some(ModbusConfig {
         transport: transport?,
@@ -650,7 +661,7 @@ impl DeviceCheck<'_, '_> {
         }
     }
 
-    fn point(
+    pub(crate) fn point(
         &mut self,
         raw: &S<RawModbusPoint>,
         prefix: &str,

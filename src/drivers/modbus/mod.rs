@@ -18,6 +18,7 @@ pub mod codec;
 pub mod config;
 pub mod plan;
 pub mod probe;
+pub mod profile;
 mod report;
 
 use std::collections::BTreeMap;
