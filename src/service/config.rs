@@ -227,6 +227,9 @@ impl Checker<'_> {
 
         let gateway = gateway??;
         let mut broker = broker??;
+        let devices: Vec<DeviceConfig> = devices.into_iter().collect::<Option<_>>()?;
+        let mut uplinks: Vec<UplinkConfig> = uplinks.into_iter().collect::<Option<_>>()?;
+        super::sparkplug::fill_devices(&mut uplinks, &devices, &gateway);
         // The broker's database lives in the data directory unless given an absolute path.
         if broker.store_path.is_relative() {
             broker.store_path = gateway.data_dir.join(&broker.store_path);
@@ -239,8 +242,8 @@ impl Checker<'_> {
                 Some(http) => Some(http?),
                 None => None,
             },
-            devices: devices.into_iter().collect::<Option<_>>()?,
-            uplinks: uplinks.into_iter().collect::<Option<_>>()?,
+            devices,
+            uplinks,
         })
     }
 }

@@ -28,6 +28,8 @@ pub(super) struct IngestContext {
     pub appended: watch::Sender<u64>,
     pub counters: Arc<SharedCounters>,
     pub stop: CancellationToken,
+    /// A Sparkplug node's latest values, updated with every message stored.
+    pub observe: Option<Arc<super::sparkplug::node::Latest>>,
 }
 
 pub(super) async fn run_ingest(mut cx: IngestContext) {
@@ -70,7 +72,11 @@ async fn store(cx: &IngestContext, batch: Vec<(Message, Option<AckShare>)>) {
     let now = Instant::now();
     let mut records = Vec::with_capacity(batch.len());
     let mut shares = Vec::new();
+    let wall = std::time::SystemTime::now();
     for (message, share) in batch {
+        if let Some(latest) = &cx.observe {
+            latest.record(&message.topic, &message.payload, wall);
+        }
         let routed = if message.is_expired(now) {
             None
         } else {
@@ -255,6 +261,7 @@ mod tests {
             appended: watch::channel(0).0,
             counters: Arc::default(),
             stop: stop.clone(),
+            observe: None,
         }));
         Setup {
             broker,

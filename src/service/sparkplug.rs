@@ -1,0 +1,123 @@
+//! The shape of the devices a Sparkplug uplink presents: each device's points with their
+//! local topics, Sparkplug datatypes (mapped from the point types) and units. Built here,
+//! where the whole configuration meets, so that the uplink knows no driver.
+
+use crate::config::GatewayConfig;
+use crate::drivers::config::{DeviceConfig, DriverConfig, PayloadFormat};
+use crate::drivers::modbus::config::DataType as ModbusType;
+use crate::drivers::simulated::config::Waveform;
+use crate::model::Value;
+use crate::uplink::config::UplinkConfig;
+use crate::uplink::sparkplug::proto::DataType;
+use crate::uplink::sparkplug::{SparkplugDevice, SparkplugPoint};
+
+/// Give every Sparkplug uplink the devices of the configuration.
+pub(crate) fn fill_devices(
+    uplinks: &mut [UplinkConfig],
+    devices: &[DeviceConfig],
+    gateway: &GatewayConfig,
+) {
+    let shaped: Vec<SparkplugDevice> = devices.iter().map(|d| device(d, gateway)).collect();
+    for uplink in uplinks {
+        if let Some(sparkplug) = uplink.sparkplug.as_mut() {
+            sparkplug.devices = shaped.clone();
+        }
+    }
+}
+
+fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
+    let topic = |point: &str| {
+        device
+            .topic
+            .replace("{gateway}", &gateway.id)
+            .replace("{device}", &device.name)
+            .replace("{point}", point)
+    };
+    let points = match &device.driver {
+        DriverConfig::Modbus(modbus) => modbus
+            .points
+            .iter()
+            .map(|p| SparkplugPoint {
+                name: p.name.clone(),
+                topic: topic(&p.name),
+                datatype: modbus_type(p.data_type, p.is_unscaled()),
+                unit: p.unit.clone(),
+                writable: p.writable,
+            })
+            .collect(),
+        DriverConfig::Simulated(sim) => sim
+            .points
+            .iter()
+            .map(|p| SparkplugPoint {
+                name: p.name.clone(),
+                topic: topic(&p.name),
+                datatype: match &p.waveform {
+                    Waveform::Constant { value } => match value {
+                        Value::Bool(_) => DataType::Boolean,
+                        Value::Int(_) => DataType::Int64,
+                        Value::Float(_) => DataType::Double,
+                        Value::Text(_) => DataType::String,
+                    },
+                    _ => DataType::Double,
+                },
+                unit: p.unit.clone(),
+                writable: p.writable,
+            })
+            .collect(),
+        // A frame's fields travel as one JSON text.
+        DriverConfig::Serial(serial) => serial
+            .rules
+            .iter()
+            .map(|rule| SparkplugPoint {
+                name: rule.topic.clone(),
+                topic: topic(&rule.topic),
+                datatype: DataType::String,
+                unit: None,
+                writable: false,
+            })
+            .collect(),
+    };
+    SparkplugDevice {
+        name: device.name.clone(),
+        status_topic: format!("{}/devices/{}", gateway.status_topic, device.name),
+        json: device.payload == PayloadFormat::Json,
+        points,
+    }
+}
+
+/// A Modbus point's datatype: its register type, or Double once a scale or offset makes
+/// the published value a fraction.
+fn modbus_type(data_type: ModbusType, unscaled: bool) -> DataType {
+    match data_type {
+        ModbusType::Bool | ModbusType::Bit(_) => DataType::Boolean,
+        ModbusType::String { .. } => DataType::String,
+        ModbusType::F32 if unscaled => DataType::Float,
+        _ if !unscaled => DataType::Double,
+        ModbusType::U16 => DataType::UInt16,
+        ModbusType::I16 => DataType::Int16,
+        ModbusType::U32 => DataType::UInt32,
+        ModbusType::I32 => DataType::Int32,
+        ModbusType::U64 => DataType::UInt64,
+        ModbusType::I64 => DataType::Int64,
+        ModbusType::F32 => DataType::Float,
+        ModbusType::F64 => DataType::Double,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modbus_types_map_to_sparkplug_datatypes() {
+        assert_eq!(modbus_type(ModbusType::U16, true), DataType::UInt16);
+        assert_eq!(modbus_type(ModbusType::I32, true), DataType::Int32);
+        assert_eq!(modbus_type(ModbusType::U16, false), DataType::Double);
+        assert_eq!(modbus_type(ModbusType::F32, true), DataType::Float);
+        assert_eq!(modbus_type(ModbusType::Bit(3), false), DataType::Boolean);
+        assert_eq!(
+            modbus_type(ModbusType::String { registers: 4 }, true),
+            DataType::String
+        );
+    }
+}
