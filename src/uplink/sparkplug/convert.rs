@@ -97,8 +97,10 @@ pub fn metric_value(datatype: DataType, value: &Json) -> Option<MetricValue> {
             .or_else(|| value.as_bool().map(u64::from))
     };
     Some(match datatype {
-        DataType::Int8 => MetricValue::IntValue(i8::try_from(as_i64()?).ok()? as i32 as u32),
-        DataType::Int16 => MetricValue::IntValue(i16::try_from(as_i64()?).ok()? as i32 as u32),
+        // Two's complement in the type's own width (Int16 -2 is 0xfffe), as the reference
+        // implementations write it; commands are read in either form.
+        DataType::Int8 => MetricValue::IntValue(u32::from(i8::try_from(as_i64()?).ok()? as u8)),
+        DataType::Int16 => MetricValue::IntValue(u32::from(i16::try_from(as_i64()?).ok()? as u16)),
         DataType::Int32 => MetricValue::IntValue(i32::try_from(as_i64()?).ok()? as u32),
         DataType::Int64 => MetricValue::LongValue(as_i64()? as u64),
         DataType::UInt8 => MetricValue::IntValue(u32::from(u8::try_from(as_u64()?).ok()?)),

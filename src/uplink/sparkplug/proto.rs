@@ -49,7 +49,7 @@ pub struct Metric {
 /// A metric's value (the scalar members of the schema's `oneof value`).
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum MetricValue {
-    /// Int8, Int16, Int32 (two's complement in 32 bits), UInt8, UInt16, UInt32.
+    /// Int8, Int16, Int32 (two's complement in the type's width), UInt8, UInt16, UInt32.
     #[prost(uint32, tag = "10")]
     IntValue(u32),
     /// Int64 (two's complement), UInt64, DateTime.
