@@ -19,6 +19,7 @@ targets=(
   "serial_framing 2048"
   "serial_parse 512"
   "store_rows 4096"
+  "sparkplug_command 4096"
 )
 
 if [ "${1:-}" = "--list" ]; then
