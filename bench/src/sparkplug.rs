@@ -2,7 +2,7 @@
 //! runs simulated devices (random walks, so every poll changes every point) behind a
 //! Sparkplug uplink to a loopback Mosquitto; a subscriber there decodes the DDATA. Prints
 //! DDATA messages and metrics per second and the gateway process's CPU time (utime + stime
-//! from /proc/<pid>/stat) per 1,000 metrics.
+//! from `/proc/<pid>/stat`) per 1,000 metrics.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -34,7 +34,12 @@ pub(crate) struct SparkplugArgs {
     duration: humantime::Duration,
 }
 
-fn config_text(dir: &std::path::Path, listen: SocketAddr, cloud: u16, args: &SparkplugArgs) -> String {
+fn config_text(
+    dir: &std::path::Path,
+    listen: SocketAddr,
+    cloud: u16,
+    args: &SparkplugArgs,
+) -> String {
     let mut text = format!(
         "[gateway]\nid = \"bench\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n\n\
          [broker]\nallow_anonymous = true\n\n[[broker.listeners]]\nbind = \"{listen}\"\n\n",
@@ -98,11 +103,18 @@ pub(crate) async fn run(args: &SparkplugArgs) -> Result<()> {
                     }
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
-                    let kind = publish.topic.split('/').nth(2).unwrap_or_default().to_owned();
+                    let kind = publish
+                        .topic
+                        .split('/')
+                        .nth(2)
+                        .unwrap_or_default()
+                        .to_owned();
                     let metrics = Payload::decode(publish.payload.as_ref())
                         .map(|p| p.metrics.len() as u64)
                         .unwrap_or(0);
-                    let mut counts = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut counts = shared
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match kind.as_str() {
                         "DDATA" => {
                             counts.ddata += 1;
@@ -132,14 +144,22 @@ pub(crate) async fn run(args: &SparkplugArgs) -> Result<()> {
     std::fs::write(&conf, config_text(&gateway_dir, listen, cloud.port(), args))?;
     let mut command = Command::new(&args.bins.fieldmq_bin);
     command.arg("run").arg("-c").arg(&conf);
-    let gateway = BrokerProcess::spawn("fieldmq", command, listen, gateway_dir.join("gateway.log"))?;
+    let gateway =
+        BrokerProcess::spawn("fieldmq", command, listen, gateway_dir.join("gateway.log"))?;
     let pid = gateway.pid().context("gateway pid")?;
 
-    let snapshot = || *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let snapshot = || {
+        *counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let births_by = Instant::now() + Duration::from_secs(15);
     while snapshot().births < 1 + args.devices as u64 {
         if Instant::now() > births_by {
-            bail!("no births from the gateway within 15 s (see {})", gateway_dir.display());
+            bail!(
+                "no births from the gateway within 15 s (see {})",
+                gateway_dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
