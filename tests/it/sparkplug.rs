@@ -179,8 +179,19 @@ fn metric<'a>(message: &'a Value, name: &str) -> &'a Value {
 }
 
 /// A gateway config: one simulated device polled every `poll`, a Sparkplug uplink to
-/// `cloud_port` (with `primary_host` when given).
+/// `cloud_port` over MQTT 3.1.1 (with `primary_host` when given).
 fn write_config(dir: &Path, cloud_port: u16, poll: &str, primary_host: Option<&str>) -> PathBuf {
+    write_config_with(dir, cloud_port, poll, primary_host, "3.1.1")
+}
+
+/// [`write_config`] with the uplink's MQTT `protocol` ("3.1.1" or "5").
+fn write_config_with(
+    dir: &Path,
+    cloud_port: u16,
+    poll: &str,
+    primary_host: Option<&str>,
+    protocol: &str,
+) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     let host_line = primary_host
@@ -214,7 +225,7 @@ points = [
 [[uplinks]]
 name = "scada"
 url = "mqtt://127.0.0.1:{cloud_port}"
-protocol = "3.1.1"
+protocol = "{protocol}"
 reconnect = {{ min = "100ms", max = "1s" }}
 
 [uplinks.sparkplug]
@@ -339,7 +350,9 @@ fn kill_9_delivers_the_ndeath_with_the_bdseq_of_the_nbirth_and_bdseq_goes_on_aft
     let cloud = Cloud::start(CloudOptions::default());
     let mut host = Host::start(cloud.port, None);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), cloud.port, "200ms", None);
+    // MQTT 5 here (clean start, no session expiry, the will with its properties); the
+    // other tests use 3.1.1.
+    let config = write_config_with(dir.path(), cloud.port, "200ms", None, "5");
     let mut gateway = GatewayProcess::start(&config);
     let nbirth = host.wait_for("NBIRTH", Duration::from_secs(15), is("NBIRTH"));
     let bdseq = metric(&nbirth, "bdSeq")["value"].as_u64().expect("bdSeq");
