@@ -260,7 +260,7 @@ fn births_decode_with_every_point_and_its_datatype_and_data_uses_aliases() {
         (json!("BOOLEAN"), json!(false))
     );
 
-    let dbirth = host.wait_for("DBIRTH", Duration::from_secs(5), is("DBIRTH"));
+    let dbirth = host.wait_for("DBIRTH", Duration::from_secs(10), is("DBIRTH"));
     assert_eq!(dbirth["device"], "sim");
     assert_eq!(dbirth["seq"], 1);
     let expected = [
@@ -287,7 +287,7 @@ fn births_decode_with_every_point_and_its_datatype_and_data_uses_aliases() {
     );
 
     // Data: by alias only (the host names it through the birth), with the birth's datatype.
-    let ddata = host.wait_for("DDATA of label", Duration::from_secs(5), |m| {
+    let ddata = host.wait_for("DDATA of label", Duration::from_secs(10), |m| {
         m["type"] == "DDATA" && m["metrics"][0]["name"] == "label"
     });
     let m = &ddata["metrics"][0];
@@ -298,11 +298,11 @@ fn births_decode_with_every_point_and_its_datatype_and_data_uses_aliases() {
     assert!(m["timestamp"]
         .as_u64()
         .is_some_and(|t| t > 1_600_000_000_000));
-    let count = host.wait_for("DDATA of count", Duration::from_secs(5), |m| {
+    let count = host.wait_for("DDATA of count", Duration::from_secs(10), |m| {
         m["type"] == "DDATA" && m["metrics"][0]["name"] == "count"
     });
     assert_eq!(count["metrics"][0]["value"], 3);
-    let running = host.wait_for("DDATA of running", Duration::from_secs(5), |m| {
+    let running = host.wait_for("DDATA of running", Duration::from_secs(10), |m| {
         m["type"] == "DDATA" && m["metrics"][0]["name"] == "running"
     });
     assert_eq!(running["metrics"][0]["value"], true);
@@ -389,18 +389,18 @@ fn ncmd_rebirth_republishes_every_birth() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _gateway = GatewayProcess::start(&write_config(dir.path(), cloud.port, "200ms", None));
     let first = host.wait_for("NBIRTH", Duration::from_secs(15), is("NBIRTH"));
-    host.wait_for("DBIRTH", Duration::from_secs(5), is("DBIRTH"));
-    host.wait_for("DDATA", Duration::from_secs(5), is("DDATA"));
+    host.wait_for("DBIRTH", Duration::from_secs(10), is("DBIRTH"));
+    host.wait_for("DDATA", Duration::from_secs(10), is("DDATA"));
 
     host.send(json!({"op": "rebirth", "node": NODE}));
-    let again = host.wait_for("NBIRTH after NCMD", Duration::from_secs(5), is("NBIRTH"));
+    let again = host.wait_for("NBIRTH after NCMD", Duration::from_secs(10), is("NBIRTH"));
     assert_eq!(again["seq"], 0);
     assert_eq!(
         metric(&again, "bdSeq")["value"],
         metric(&first, "bdSeq")["value"],
         "same session, same bdSeq"
     );
-    let dbirth = host.wait_for("DBIRTH after NCMD", Duration::from_secs(5), is("DBIRTH"));
+    let dbirth = host.wait_for("DBIRTH after NCMD", Duration::from_secs(10), is("DBIRTH"));
     assert_eq!(dbirth["seq"], 1);
     // The birth carries current values now.
     assert_eq!(metric(&dbirth, "label")["value"], "boiler");
@@ -423,14 +423,18 @@ fn dcmd_writes_the_point_through_set_and_the_new_value_comes_back_in_ddata() {
     host.send(json!({"op": "dcmd", "node": NODE, "device": "nosuch", "metric": "x", "datatype": "INT64", "value": 9}));
 
     host.send(json!({"op": "dcmd", "node": NODE, "device": "sim", "metric": "setpoint", "datatype": "DOUBLE", "value": 30.5}));
-    let ddata = host.wait_for("DDATA with the new setpoint", Duration::from_secs(5), |m| {
-        m["type"] == "DDATA"
-            && m["metrics"][0]["name"] == "setpoint"
-            && m["metrics"][0]["value"] == 30.5
-    });
+    let ddata = host.wait_for(
+        "DDATA with the new setpoint",
+        Duration::from_secs(10),
+        |m| {
+            m["type"] == "DDATA"
+                && m["metrics"][0]["name"] == "setpoint"
+                && m["metrics"][0]["value"] == 30.5
+        },
+    );
     assert_eq!(ddata["metrics"][0]["is_historical"], false);
     // count kept its value and the gateway still runs.
-    let count = host.wait_for("DDATA of count", Duration::from_secs(5), |m| {
+    let count = host.wait_for("DDATA of count", Duration::from_secs(10), |m| {
         m["type"] == "DDATA" && m["metrics"][0]["name"] == "count"
     });
     assert_eq!(count["metrics"][0]["value"], 3);
@@ -457,7 +461,7 @@ fn with_the_primary_host_offline_data_is_held_and_arrives_later_as_historical_in
     );
     host.send(json!({"op": "state", "online": true}));
     host.wait_for("NBIRTH", Duration::from_secs(10), is("NBIRTH"));
-    host.wait_for("live DDATA", Duration::from_secs(5), is("DDATA"));
+    host.wait_for("live DDATA", Duration::from_secs(10), is("DDATA"));
 
     // The host goes away: the node holds its data.
     host.send(json!({"op": "state", "online": false}));
