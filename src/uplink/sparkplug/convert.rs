@@ -253,7 +253,7 @@ mod tests {
     fn values_become_metrics_of_the_points_datatype() {
         assert_eq!(
             metric_value(DataType::Int16, &json!(-2)),
-            Some(MetricValue::IntValue(0xffff_fffe))
+            Some(MetricValue::IntValue(0xfffe))
         );
         assert_eq!(metric_value(DataType::UInt16, &json!(70000)), None);
         assert_eq!(
