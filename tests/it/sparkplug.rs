@@ -542,3 +542,221 @@ fn with_the_primary_host_offline_data_is_held_and_arrives_later_as_historical_in
         "the backlog starts where live data stopped: {last_live_before} then {first_historical}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A Modbus TCP device (tokio-modbus server) behind the node: its types, writes and outages.
+
+/// Registers and coils of the server, and a switch that makes it stop answering.
+#[derive(Default)]
+struct Registers {
+    holding: std::collections::HashMap<u16, u16>,
+    coils: std::collections::HashMap<u16, bool>,
+    mute: bool,
+}
+
+type SharedRegisters = std::sync::Arc<std::sync::Mutex<Registers>>;
+
+#[derive(Clone)]
+struct ModbusDevice {
+    registers: SharedRegisters,
+}
+
+impl tokio_modbus::server::Service for ModbusDevice {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = Option<tokio_modbus::Response>;
+    type Exception = tokio_modbus::ExceptionCode;
+    type Future = std::future::Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, request: Self::Request) -> Self::Future {
+        use tokio_modbus::{ExceptionCode, Request, Response};
+        let mut r = self
+            .registers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.mute {
+            return std::future::ready(Ok(None));
+        }
+        let answer = match request.request {
+            Request::ReadHoldingRegisters(start, count) => {
+                Ok(Some(Response::ReadHoldingRegisters(
+                    (start..start + count)
+                        .map(|a| r.holding.get(&a).copied().unwrap_or(0))
+                        .collect(),
+                )))
+            }
+            Request::ReadCoils(start, count) => Ok(Some(Response::ReadCoils(
+                (start..start + count)
+                    .map(|a| r.coils.get(&a).copied().unwrap_or(false))
+                    .collect(),
+            ))),
+            Request::WriteSingleRegister(address, value) => {
+                r.holding.insert(address, value);
+                Ok(Some(Response::WriteSingleRegister(address, value)))
+            }
+            Request::WriteSingleCoil(address, value) => {
+                r.coils.insert(address, value);
+                Ok(Some(Response::WriteSingleCoil(address, value)))
+            }
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        std::future::ready(answer)
+    }
+}
+
+/// A Modbus TCP server on a free loopback port, on a runtime of its own (the test itself
+/// is synchronous); stops with the returned runtime.
+fn serve_modbus(registers: SharedRegisters) -> (std::net::SocketAddr, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    runtime.spawn(async move {
+        let server = tokio_modbus::server::tcp::Server::new(listener);
+        let on_connected = move |stream, _peer| {
+            let service = ModbusDevice {
+                registers: registers.clone(),
+            };
+            async move { Ok(Some((service, stream))) }
+        };
+        let _ = server.serve(&on_connected, |_error| {}).await;
+    });
+    (addr, runtime)
+}
+
+#[test]
+fn a_modbus_device_maps_its_types_takes_dcmd_writes_and_goes_through_ddeath_and_dbirth() {
+    if !peers_available("sparkplug modbus") {
+        return;
+    }
+    let registers = SharedRegisters::default();
+    {
+        let mut r = registers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.holding.insert(0, 7);
+        r.holding.insert(1, 0xfffe);
+    }
+    let (modbus, _server) = serve_modbus(registers.clone());
+    let cloud = Cloud::start(CloudOptions::default());
+    let mut host = Host::start(cloud.port, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let config = dir.path().join("fieldmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[gateway]
+id = "{NODE}"
+data_dir = "{data}"
+
+[broker]
+allow_anonymous = true
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+
+[[devices]]
+name = "plc"
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "100ms"
+timeout = "200ms"
+backoff_min = "100ms"
+backoff_max = "200ms"
+points = [
+  {{ name = "level", table = "holding", address = 0, type = "u16", unit = "cm" }},
+  {{ name = "trim", table = "holding", address = 1, type = "i16", writable = true }},
+  {{ name = "pump", table = "coil", address = 3, writable = true }},
+  {{ name = "flow", table = "holding", address = 4, type = "u16", scale = 0.1 }},
+]
+
+[[uplinks]]
+name = "scada"
+url = "mqtt://127.0.0.1:{port}"
+protocol = "3.1.1"
+
+[uplinks.sparkplug]
+group_id = "{GROUP}"
+"#,
+            data = data.display(),
+            port = cloud.port
+        ),
+    )
+    .expect("write config");
+    let _gateway = GatewayProcess::start(&config);
+
+    let dbirth = host.wait_for("DBIRTH", Duration::from_secs(15), is("DBIRTH"));
+    assert_eq!(dbirth["device"], "plc");
+    for (name, datatype) in [
+        ("level", "UINT16"),
+        ("trim", "INT16"),
+        ("pump", "BOOLEAN"),
+        ("flow", "DOUBLE"),
+    ] {
+        assert_eq!(metric(&dbirth, name)["datatype"], datatype, "{name}");
+    }
+    assert_eq!(metric(&dbirth, "level")["properties"]["engUnit"], "cm");
+    let trim = host.wait_for("DDATA of trim", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA" && m["metrics"][0]["name"] == "trim"
+    });
+    assert_eq!(
+        trim["metrics"][0]["value"], -2,
+        "an Int16 decodes with its sign"
+    );
+
+    // DCMD: the write reaches the register, and the value read back comes as DDATA.
+    host.send(json!({"op": "dcmd", "node": NODE, "device": "plc", "metric": "trim", "datatype": "INT16", "value": -10}));
+    host.wait_for("DDATA with trim -10", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA" && m["metrics"][0]["name"] == "trim" && m["metrics"][0]["value"] == -10
+    });
+    let holding = registers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .holding
+        .get(&1)
+        .copied();
+    assert_eq!(holding, Some(0xfff6));
+    host.send(json!({"op": "dcmd", "node": NODE, "device": "plc", "metric": "pump", "datatype": "BOOLEAN", "value": true}));
+    host.wait_for("DDATA with the pump on", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA"
+            && m["metrics"][0]["name"] == "pump"
+            && m["metrics"][0]["value"] == true
+    });
+
+    // The device stops answering: its status goes offline, the host gets a DDEATH; it
+    // answers again: a DBIRTH (with what the node knows at that moment: the readings of
+    // the outage were bad), then its values as data.
+    registers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .mute = true;
+    let ddeath = host.wait_for("DDEATH", Duration::from_secs(10), is("DDEATH"));
+    assert_eq!(ddeath["device"], "plc");
+    registers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .mute = false;
+    let reborn = host.wait_for(
+        "DBIRTH after the outage",
+        Duration::from_secs(10),
+        is("DBIRTH"),
+    );
+    assert_eq!(reborn["device"], "plc");
+    assert_eq!(metric(&reborn, "trim")["datatype"], "INT16");
+    host.wait_for(
+        "DDATA of trim after the outage",
+        Duration::from_secs(10),
+        |m| {
+            m["type"] == "DDATA"
+                && m["metrics"][0]["name"] == "trim"
+                && m["metrics"][0]["value"] == -10
+        },
+    );
+}
