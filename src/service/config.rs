@@ -165,14 +165,34 @@ impl Config {
         }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
-            let _ = writeln!(
-                out,
-                "  {}: {}, {} out route(s), {} in route(s)",
-                uplink.name,
-                uplink.url,
-                uplink.routes_out.len(),
-                uplink.routes_in.len()
-            );
+            match &uplink.sparkplug {
+                Some(sparkplug) => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, Sparkplug B edge node {}/{}, {} device(s){}",
+                        uplink.name,
+                        uplink.url,
+                        sparkplug.group_id,
+                        sparkplug.edge_node_id,
+                        sparkplug.devices.len(),
+                        sparkplug
+                            .primary_host
+                            .as_ref()
+                            .map(|host| format!(", primary host {host}"))
+                            .unwrap_or_default()
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, {} out route(s), {} in route(s)",
+                        uplink.name,
+                        uplink.url,
+                        uplink.routes_out.len(),
+                        uplink.routes_in.len()
+                    );
+                }
+            }
         }
         out
     }
