@@ -760,3 +760,41 @@ group_id = "{GROUP}"
         },
     );
 }
+
+#[test]
+fn a_reload_that_adds_a_point_restarts_the_node_with_a_new_bdseq_and_the_point_in_its_dbirth() {
+    if !peers_available("sparkplug reload") {
+        return;
+    }
+    let cloud = Cloud::start(CloudOptions::default());
+    let mut host = Host::start(cloud.port, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), cloud.port, "200ms", None);
+    let gateway = GatewayProcess::start(&config);
+    let nbirth = host.wait_for("NBIRTH", Duration::from_secs(15), is("NBIRTH"));
+    let bdseq = metric(&nbirth, "bdSeq")["value"].as_u64().expect("bdSeq");
+    let dbirth = host.wait_for("DBIRTH", Duration::from_secs(10), is("DBIRTH"));
+    assert_eq!(dbirth["metrics"].as_array().map(Vec::len), Some(5));
+
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let added = text.replace(
+        "  { name = \"label\",",
+        "  { name = \"pressure\", waveform = \"constant\", value = 1.5, unit = \"bar\" },\n  { name = \"label\",",
+    );
+    assert_ne!(added, text);
+    std::fs::write(&config, added).expect("write config");
+    gateway.hangup();
+
+    // The node stops cleanly (its own NDEATH) and starts again on a new connection.
+    let ndeath = host.wait_for("NDEATH on reload", Duration::from_secs(15), is("NDEATH"));
+    assert_eq!(metric(&ndeath, "bdSeq")["value"].as_u64(), Some(bdseq));
+    let nbirth = host.wait_for("NBIRTH after reload", Duration::from_secs(15), is("NBIRTH"));
+    assert_eq!(
+        metric(&nbirth, "bdSeq")["value"].as_u64(),
+        Some((bdseq + 1) % 256)
+    );
+    let dbirth = host.wait_for("DBIRTH after reload", Duration::from_secs(10), is("DBIRTH"));
+    assert_eq!(dbirth["metrics"].as_array().map(Vec::len), Some(6));
+    assert_eq!(metric(&dbirth, "pressure")["datatype"], "DOUBLE");
+    assert_eq!(metric(&dbirth, "pressure")["properties"]["engUnit"], "bar");
+}
