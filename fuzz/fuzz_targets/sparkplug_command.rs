@@ -30,6 +30,7 @@ fn shape() -> &'static Shape {
                 name: "dev".into(),
                 status_topic: "gw/status/devices/dev".into(),
                 json: true,
+                points_filter: None,
                 points: vec![
                     point("i8", DataType::Int8),
                     point("i16", DataType::Int16),

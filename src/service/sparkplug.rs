@@ -33,7 +33,7 @@ fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
             .replace("{device}", &device.name)
             .replace("{point}", point)
     };
-    let points = match &device.driver {
+    let points: Vec<SparkplugPoint> = match &device.driver {
         DriverConfig::Modbus(modbus) => modbus
             .points
             .iter()
@@ -77,10 +77,14 @@ fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
             })
             .collect(),
     };
+    let whole_level = device.topic.split('/').any(|level| level == "{point}");
+    let single_level = points.iter().all(|p| !p.name.contains(['/', '+', '#']));
+    let points_filter = (whole_level && single_level).then(|| topic("+"));
     SparkplugDevice {
         name: device.name.clone(),
         status_topic: format!("{}/devices/{}", gateway.status_topic, device.name),
         json: device.payload == PayloadFormat::Json,
+        points_filter,
         points,
     }
 }

@@ -116,6 +116,10 @@ pub struct SparkplugDevice {
     pub status_topic: String,
     /// Its readings are JSON (`{"value":..,"ts":..,"quality":..}`); else plain values.
     pub json: bool,
+    /// One topic filter that matches every point topic of the device (its topic template
+    /// with `{point}` as `+`), when the template allows one: the node then subscribes to
+    /// it instead of to each point (fewer filters for the broker and the ingest to match).
+    pub points_filter: Option<String>,
     pub points: Vec<SparkplugPoint>,
 }
 

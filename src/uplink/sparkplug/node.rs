@@ -77,16 +77,27 @@ impl Shape {
         }
     }
 
-    /// The local topics the node takes from the bus: every point and every device status.
+    /// The local topic filters the node takes from the bus: each device's points (one
+    /// filter for all of them where the device has one, else each point's topic) and each
+    /// device's status, without repeats. A message that matches a filter and is no point's
+    /// reading is skipped when its row is sent.
     pub fn local_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .config
-            .devices
-            .iter()
-            .flat_map(|d| d.points.iter().map(|p| p.topic.clone()))
-            .collect();
-        topics.extend(self.config.devices.iter().map(|d| d.status_topic.clone()));
-        topics
+        let mut filters: Vec<String> = Vec::new();
+        let mut add = |filter: &str| {
+            if !filters.iter().any(|f| f == filter) {
+                filters.push(filter.to_owned());
+            }
+        };
+        for device in &self.config.devices {
+            match &device.points_filter {
+                Some(filter) => add(filter),
+                None => device.points.iter().for_each(|p| add(&p.topic)),
+            }
+        }
+        for device in &self.config.devices {
+            add(&device.status_topic);
+        }
+        filters
     }
 
     /// The cloud filters the node subscribes to: its commands and the primary host's
@@ -629,6 +640,7 @@ mod tests {
                 name: "dev".into(),
                 status_topic: "gw/status/devices/dev".into(),
                 json: true,
+                points_filter: Some("gw/dev/+".into()),
                 points: vec![
                     SparkplugPoint {
                         name: "temp".into(),
@@ -691,6 +703,22 @@ mod tests {
         assert_eq!(ddata.metrics[0].alias, Some(2));
         assert_eq!(ddata.metrics[0].name, None);
         assert_eq!(ddata.metrics[0].value, Some(MetricValue::DoubleValue(1.5)));
+    }
+
+    #[test]
+    fn the_node_subscribes_one_filter_per_device_and_its_status() {
+        let shape = shape(None);
+        assert_eq!(shape.local_topics(), ["gw/dev/+", "gw/status/devices/dev"]);
+        // A message under the filter that is no point's reading is skipped.
+        let mut session = session(&shape);
+        session.connected();
+        while session.next_control().is_some() {
+            session.control_sent();
+        }
+        assert_eq!(
+            session.row("gw/dev/other", br#"{"value":1}"#, SystemTime::now()),
+            RowMessage::Skip
+        );
     }
 
     #[test]
