@@ -722,6 +722,56 @@ mod tests {
     }
 
     #[test]
+    fn mangled_commands_are_errors_or_writes_of_writable_points_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let shape = shape(Some("scada"));
+        let valid = Payload {
+            timestamp: Some(1),
+            metrics: vec![
+                Metric {
+                    name: Some("setpoint".into()),
+                    datatype: Some(DataType::Int16.code()),
+                    value: Some(MetricValue::IntValue(5)),
+                    ..Metric::default()
+                },
+                Metric {
+                    alias: Some(3),
+                    value: Some(MetricValue::DoubleValue(1.5)),
+                    ..Metric::default()
+                },
+            ],
+            ..Payload::default()
+        }
+        .encode_to_vec();
+        let topics = [
+            "spBv1.0/g/DCMD/n/dev",
+            "spBv1.0/g/NCMD/n",
+            "spBv1.0/STATE/scada",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        for round in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                match rng.random_range(0..3) {
+                    0 if !bytes.is_empty() => {
+                        let i = rng.random_range(0..bytes.len());
+                        bytes[i] = rng.random();
+                    }
+                    1 => bytes.truncate(rng.random_range(0..=bytes.len())),
+                    _ => bytes.push(rng.random()),
+                }
+            }
+            let topic = topics[round % topics.len()];
+            if let Ok(Inbound::Writes(writes)) = decode_inbound(&shape, topic, &bytes) {
+                assert!(
+                    writes.iter().all(|w| w.topic == "gw/dev/setpoint/set"),
+                    "{writes:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn seq_wraps_after_255() {
         let shape = shape(None);
         let mut session = session(&shape);
