@@ -427,6 +427,11 @@ impl Session {
                 point,
                 sample,
             }) => {
+                // A dead device (DDEATH sent) has no data until its next DBIRTH, which carries
+                // the latest values; held (historical) readings are sent whatever its state.
+                if !historical && self.alive.get(device) == Some(&false) {
+                    return RowMessage::Skip;
+                }
                 let shape = self.shape.clone();
                 let Some(spec) = shape.config.devices[device].points.get(point) else {
                     return RowMessage::Skip;
@@ -836,6 +841,15 @@ mod tests {
         assert_eq!(topic, "spBv1.0/g/DDEATH/n/dev");
         assert_eq!(
             session.row("gw/status/devices/dev", offline, now),
+            RowMessage::Skip
+        );
+        // No live data for a dead device.
+        assert_eq!(
+            session.row(
+                "gw/dev/temp",
+                br#"{"value":null,"quality":"bad"}"#,
+                SystemTime::now()
+            ),
             RowMessage::Skip
         );
         let RowMessage::Send { topic, .. } = session.row("gw/status/devices/dev", online, now)
