@@ -111,6 +111,37 @@ fn modbus_type(data_type: ModbusType, unscaled: bool) -> DataType {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    fn shaped(devices: &str) -> SparkplugDevice {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n{devices}\n[[uplinks]]\nname = \"s\"\nurl = \"mqtt://127.0.0.1\"\n\
+             [uplinks.sparkplug]\ngroup_id = \"g\"\n"
+        );
+        let config = crate::service::config::parse(&text, Path::new("t.toml")).expect("valid");
+        config.uplinks[0]
+            .sparkplug
+            .as_ref()
+            .expect("sparkplug")
+            .devices[0]
+            .clone()
+    }
+
+    #[test]
+    fn a_device_gets_one_filter_only_where_point_is_a_whole_topic_level() {
+        let point = "points = [{ name = \"p\", waveform = \"constant\", value = 1 }]";
+        let whole = shaped(&format!(
+            "[[devices]]\nname = \"d\"\ndriver = \"simulated\"\ntopic = \"site/{{device}}/{{point}}/v\"\n{point}"
+        ));
+        assert_eq!(whole.points_filter.as_deref(), Some("site/d/+/v"));
+        assert_eq!(whole.points[0].topic, "site/d/p/v");
+        assert_eq!(whole.points[0].datatype, DataType::Int64);
+        let part = shaped(&format!(
+            "[[devices]]\nname = \"d\"\ndriver = \"simulated\"\ntopic = \"site/{{device}}/x_{{point}}\"\n{point}"
+        ));
+        assert_eq!(part.points_filter, None);
+        assert_eq!(part.points[0].topic, "site/d/x_p");
+    }
 
     #[test]
     fn modbus_types_map_to_sparkplug_datatypes() {
