@@ -7,7 +7,8 @@
 //! ```
 //!
 //! `broker`, `durable`, `memory` and `retained` start fieldmq's release binary and Mosquitto
-//! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process;
+//! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process
+//! (`sparkplug` starts the release binary behind a Mosquitto cloud);
 //! `uplink`, `modbus`, `metrics` and `reload` run the gateway's library in this process; `disk`
 //! and `wake` measure the machine alone. Method and current figures: docs/benchmarks.md.
 
@@ -26,6 +27,7 @@ mod proc;
 mod queue;
 mod reload;
 mod retained;
+mod sparkplug;
 mod stats;
 mod uplink;
 mod wake;
@@ -65,6 +67,9 @@ enum Cmd {
     Modbus(modbus::ModbusArgs),
     /// Live reload, request to report: a file that did not change, and one device changed.
     Reload(reload::ReloadArgs),
+    /// The Sparkplug B edge node: DDATA messages/s to a Mosquitto and the gateway's CPU time
+    /// per 1,000 metrics.
+    Sparkplug(sparkplug::SparkplugArgs),
 }
 
 fn main() -> Result<()> {
@@ -88,5 +93,6 @@ fn main() -> Result<()> {
         Cmd::Wake(args) => wake::run(&args),
         Cmd::Modbus(args) => modbus::run(&args),
         Cmd::Reload(args) => runtime()?.block_on(reload::run(&args)),
+        Cmd::Sparkplug(args) => runtime()?.block_on(sparkplug::run(&args)),
     }
 }

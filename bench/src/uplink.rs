@@ -554,10 +554,12 @@ mod product {
                 qos: QoS::AtLeastOnce,
                 retain: false,
                 durable: true,
+                payload: None,
             }],
             routes_in: Vec::new(),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(1),
+            sparkplug: None,
         }
     }
 

@@ -182,14 +182,34 @@ impl Config {
         }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
-            let _ = writeln!(
-                out,
-                "  {}: {}, {} out route(s), {} in route(s)",
-                uplink.name,
-                uplink.url,
-                uplink.routes_out.len(),
-                uplink.routes_in.len()
-            );
+            match &uplink.sparkplug {
+                Some(sparkplug) => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, Sparkplug B edge node {}/{}, {} device(s){}",
+                        uplink.name,
+                        uplink.url,
+                        sparkplug.group_id,
+                        sparkplug.edge_node_id,
+                        sparkplug.devices.len(),
+                        sparkplug
+                            .primary_host
+                            .as_ref()
+                            .map(|host| format!(", primary host {host}"))
+                            .unwrap_or_default()
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, {} out route(s), {} in route(s)",
+                        uplink.name,
+                        uplink.url,
+                        uplink.routes_out.len(),
+                        uplink.routes_in.len()
+                    );
+                }
+            }
         }
         out
     }
@@ -250,6 +270,9 @@ impl Checker<'_> {
 
         let gateway = gateway??;
         let mut broker = broker??;
+        let devices: Vec<DeviceConfig> = devices.into_iter().collect::<Option<_>>()?;
+        let mut uplinks: Vec<UplinkConfig> = uplinks.into_iter().collect::<Option<_>>()?;
+        super::sparkplug::fill_devices(&mut uplinks, &devices, &gateway);
         // The broker's database lives in the data directory unless given an absolute path.
         if broker.store_path.is_relative() {
             broker.store_path = gateway.data_dir.join(&broker.store_path);
@@ -262,8 +285,8 @@ impl Checker<'_> {
                 Some(http) => Some(http?),
                 None => None,
             },
-            devices: devices.into_iter().collect::<Option<_>>()?,
-            uplinks: uplinks.into_iter().collect::<Option<_>>()?,
+            devices,
+            uplinks,
             homeassistant: match homeassistant {
                 Some(homeassistant) => Some(homeassistant?),
                 None => None,
