@@ -101,8 +101,13 @@ pub fn internal_name(uplink: &str) -> String {
 /// The outbox file of an uplink: `<data_dir>/uplink-<name>.db` (characters other than
 /// letters, digits, `-`, `_` and `.` in the name become `_`).
 pub fn outbox_path(data_dir: &Path, uplink: &str) -> PathBuf {
-    let safe: String = uplink
-        .chars()
+    data_dir.join(format!("uplink-{}.db", file_safe(uplink)))
+}
+
+/// `name` as part of a file name: characters other than letters, digits, `-`, `_` and `.`
+/// become `_`.
+pub(crate) fn file_safe(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
@@ -110,8 +115,7 @@ pub fn outbox_path(data_dir: &Path, uplink: &str) -> PathBuf {
                 '_'
             }
         })
-        .collect();
-    data_dir.join(format!("uplink-{safe}.db"))
+        .collect()
 }
 
 /// The retained status topic of an uplink: `<gateway status topic>/uplinks/<name>`.

@@ -86,18 +86,7 @@ pub fn device_tasks(
                 let entry = tcp
                     .entry(key)
                     .or_insert_with(|| (Link::of(&transport), Vec::new()));
-                if let Some(other) = entry
-                    .1
-                    .iter()
-                    .find(|d| d.config.unit == bus_device.config.unit)
-                {
-                    tracing::warn!(
-                        device = %device.name,
-                        other = %other.context.device,
-                        unit = bus_device.config.unit,
-                        "two devices with the same unit id at one address"
-                    );
-                }
+                warn_shared_unit(&entry.1, &bus_device, "at one address");
                 entry.1.push(bus_device);
             }
             Transport::Rtu(settings) => {
@@ -111,18 +100,7 @@ pub fn device_tasks(
                         "serial settings differ from the first device on this port; the port uses the first device's"
                     );
                 }
-                if let Some(other) = entry
-                    .1
-                    .iter()
-                    .find(|d| d.config.unit == bus_device.config.unit)
-                {
-                    tracing::warn!(
-                        device = %device.name,
-                        other = %other.context.device,
-                        unit = bus_device.config.unit,
-                        "two devices with the same unit id on one serial port"
-                    );
-                }
+                warn_shared_unit(&entry.1, &bus_device, "on one serial port");
                 entry.1.push(bus_device);
             }
         }
@@ -135,6 +113,18 @@ pub fn device_tasks(
         tasks.push(bus.run(shutdown.clone()).boxed());
     }
     tasks
+}
+
+/// Warns when `new` has the unit id of a device already on its link (`place` says which).
+fn warn_shared_unit(on_link: &[BusDevice], new: &BusDevice, place: &str) {
+    if let Some(other) = on_link.iter().find(|d| d.config.unit == new.config.unit) {
+        tracing::warn!(
+            device = %new.context.device,
+            other = %other.context.device,
+            unit = new.config.unit,
+            "two devices with the same unit id {place}"
+        );
+    }
 }
 
 /// Read requests per poll cycle for one device, as planned at start.

@@ -13,17 +13,7 @@ use std::path::{Path, PathBuf};
 /// The file of one uplink's bdSeq: `<data_dir>/sparkplug-<uplink>.bdseq` (characters
 /// other than letters, digits, `-`, `_` and `.` in the name become `_`).
 pub fn bdseq_path(data_dir: &Path, uplink: &str) -> PathBuf {
-    let safe: String = uplink
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    data_dir.join(format!("sparkplug-{safe}.bdseq"))
+    data_dir.join(format!("sparkplug-{}.bdseq", crate::uplink::file_safe(uplink)))
 }
 
 /// The persisted counter.
