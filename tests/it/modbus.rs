@@ -601,6 +601,11 @@ points = [
             && error.contains("illegal data address"),
         "{error}"
     );
+    let exceptions = r#"fieldmq_device_exceptions_total{device="meter",code="2"}"#;
+    assert!(
+        sample(&gw.metrics, exceptions).is_some_and(|n| n >= 1.0),
+        "{exceptions}"
+    );
 
     // A timeout: every point bad, the device offline.
     state.lock().unwrap().mute = true;
@@ -621,6 +626,13 @@ points = [
         status["error"].as_str().unwrap().contains("holding 0"),
         "{status}"
     );
+    // Three timeouts in a row back the device off; the metrics say for how long.
+    let backoff = r#"fieldmq_device_backoff_seconds{device="meter"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sample(&gw.metrics, backoff).is_some_and(|s| s > 0.0) {
+        assert!(Instant::now() < deadline, "{backoff} stays 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The server stops: still offline (connection refused), nothing panics.
     server.abort();
@@ -647,6 +659,7 @@ points = [
     assert_eq!(reading["value"], 1);
     gw.next_matching(status_topic, |s| s["status"] == "online")
         .await;
+    assert_eq!(sample(&gw.metrics, backoff), Some(0.0), "{backoff}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

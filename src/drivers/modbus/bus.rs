@@ -684,7 +684,10 @@ impl Bus {
         match &result {
             Ok(_) => metrics.request_ok(finished - started),
             Err(Failure::Timeout(_)) => metrics.request_failed(ErrorKind::Timeout),
-            Err(Failure::Exception(_)) => metrics.request_failed(ErrorKind::Exception),
+            Err(Failure::Exception(code)) => {
+                metrics.request_failed(ErrorKind::Exception);
+                metrics.exception(u8::from(*code));
+            }
             Err(Failure::Link(_)) => metrics.request_failed(ErrorKind::Io),
             Err(Failure::Garbled { .. }) => metrics.request_failed(ErrorKind::Frame),
             Err(Failure::Unexpected(_)) => metrics.request_failed(ErrorKind::Decode),
@@ -1058,7 +1061,9 @@ impl Device {
         }
         self.failures = 0;
         self.last_failure = None;
-        self.retry_at = None;
+        if self.retry_at.take().is_some() {
+            self.context.metrics().backoff(Duration::ZERO);
+        }
         self.backoff.reset();
     }
 
@@ -1070,6 +1075,7 @@ impl Device {
             let wait = self.backoff.next_delay();
             tracing::warn!(device = %self.context.device, failures = self.failures, retry_in = ?wait, "device backed off");
             self.retry_at = Some(now.max(Instant::now()) + wait);
+            self.context.metrics().backoff(wait);
         }
         true
     }

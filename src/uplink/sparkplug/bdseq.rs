@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 /// The file of one uplink's bdSeq: `<data_dir>/sparkplug-<uplink>.bdseq` (characters
 /// other than letters, digits, `-`, `_` and `.` in the name become `_`).
 pub fn bdseq_path(data_dir: &Path, uplink: &str) -> PathBuf {
-    data_dir.join(format!("sparkplug-{}.bdseq", crate::uplink::file_safe(uplink)))
+    data_dir.join(format!(
+        "sparkplug-{}.bdseq",
+        crate::uplink::file_safe(uplink)
+    ))
 }
 
 /// The persisted counter.
