@@ -1409,6 +1409,7 @@ async fn probe_prints_every_interpretation() {
     );
     for expected in [
         "holding 40..=43 of unit 1",
+        "(0-based protocol addresses), answered in ",
         "     41  0x41C8   16840   16840     51265    -14271  A.",
         "     42  0x4142   16706   16706     16961     16961  AB",
         "     40  ABCD   0x000041C8       16840        16840  2.3598e-41",

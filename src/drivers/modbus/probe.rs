@@ -128,7 +128,10 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         start,
         count,
     };
-    let data = match call(&mut connection, args.unit, &read, args.timeout).await {
+    let asked = std::time::Instant::now();
+    let result = call(&mut connection, args.unit, &read, args.timeout).await;
+    let took = asked.elapsed();
+    let data = match result {
         Ok(Reply::Bits(bits)) => Data::Bits(bits),
         Ok(Reply::Words(words)) => Data::Words(words),
         Ok(Reply::Done) => Data::Words(Vec::new()),
@@ -143,9 +146,10 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         }
     };
     let mut out = format!(
-        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses)\n\n",
+        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses), answered in {:.1} ms\n\n",
         u32::from(start) + u32::from(count) - 1,
-        args.unit
+        args.unit,
+        took.as_secs_f64() * 1000.0
     );
     match data {
         Data::Words(words) => out.push_str(&render_words(start, &words)),
