@@ -234,7 +234,9 @@ for triple in "${targets[@]}"; do
     for page in target/generated/man/fieldmq-*.1.gz; do
         command=$(basename "$page" .1.gz)
         command=${command#fieldmq-}
-        "${qemu[@]}" "$bin" "$command" --help >/dev/null \
+        # fieldmq-profiles-list.1 is `fieldmq profiles list` (no command has a dash).
+        read -r -a words <<< "${command//-/ }"
+        "${qemu[@]}" "$bin" "${words[@]}" --help >/dev/null \
             || fail "$triple: the man page names '$command', which the binary does not have"
     done
     echo "    every command of the man pages is in the binary"

@@ -20,6 +20,7 @@ targets=(
   "serial_parse 512"
   "store_rows 4096"
   "payload 4096"
+  "sparkplug_command 4096"
 )
 
 if [ "${1:-}" = "--list" ]; then

@@ -75,9 +75,15 @@ pub async fn subscribe(
 ) -> Result<u64, ToolError> {
     let qos = qos(qos_level)?;
     let (client, mut eventloop) = AsyncClient::new(options(endpoint), 64);
-    for filter in filters {
-        client.subscribe(filter, qos).await?;
-    }
+    // One SUBSCRIBE for all filters: a retained message that arrives means every filter
+    // is in place.
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|filter| rumqttc::SubscribeFilter::new(filter.clone(), qos)),
+        )
+        .await?;
     let mut received = 0u64;
     let run = async {
         loop {

@@ -5,10 +5,51 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use fieldmq::cli::args::{Args, Command};
+use fieldmq::cli::args::{Args, Command, ProfilesAction};
 use fieldmq::cli::logging;
 use fieldmq::cli::{self, passwd};
 use fieldmq::service::config;
+
+/// `fieldmq profiles list | show NAME`.
+fn profiles(action: ProfilesAction) -> ExitCode {
+    use fieldmq::drivers::modbus::profile;
+    let local = |config: &std::path::Path| {
+        profile::local_dir(
+            config
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new(".")),
+        )
+    };
+    match action {
+        ProfilesAction::List { config } => {
+            let dir = local(&config);
+            for (name, origin) in profile::list(Some(&dir)) {
+                let about = match profile::find(&name, Some(&dir)) {
+                    Ok(found) => format!("{} ({} points)", found.description, found.points.len()),
+                    Err(error) => format!(
+                        "INVALID: {}",
+                        error.to_string().lines().next().unwrap_or_default()
+                    ),
+                };
+                println!("{name:<26} {about}  [{origin}]");
+            }
+            ExitCode::SUCCESS
+        }
+        ProfilesAction::Show { name, config } => {
+            match profile::find(&name, Some(&local(&config))) {
+                Ok(found) => {
+                    print!("{}", found.render());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -58,6 +99,7 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Profiles { action } => profiles(action),
         Command::Probe(args) => block_on(async move {
             let report = fieldmq::drivers::modbus::probe::probe(&args)
                 .await

@@ -128,7 +128,7 @@ impl BrokerProcess {
     }
 
     /// Run `command` with its output in `log_path` and wait until `addr` accepts.
-    fn spawn(
+    pub(crate) fn spawn(
         name: &str,
         mut command: Command,
         addr: SocketAddr,

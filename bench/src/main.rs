@@ -7,8 +7,10 @@
 //! ```
 //!
 //! `broker`, `durable`, `memory` and `retained` start fieldmq's release binary and Mosquitto
-//! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process;
-//! `uplink`, `modbus`, `modbus-server`, `metrics` and `reload` run the gateway's library in this process; `disk`
+//! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process
+//! (`sparkplug` starts the release binary behind a Mosquitto cloud);
+//! `uplink`, `modbus`, `modbus-server`, `metrics` and `reload` run the gateway's library in
+//! this process; `disk`
 //! and `wake` measure the machine alone. Method and current figures: docs/benchmarks.md.
 
 use anyhow::{Context, Result};
@@ -27,6 +29,7 @@ mod proc;
 mod queue;
 mod reload;
 mod retained;
+mod sparkplug;
 mod stats;
 mod uplink;
 mod wake;
@@ -68,6 +71,9 @@ enum Cmd {
     ModbusServer(modbus_server::ModbusServerArgs),
     /// Live reload, request to report: a file that did not change, and one device changed.
     Reload(reload::ReloadArgs),
+    /// The Sparkplug B edge node: DDATA messages/s to a Mosquitto and the gateway's CPU time
+    /// per 1,000 metrics.
+    Sparkplug(sparkplug::SparkplugArgs),
 }
 
 fn main() -> Result<()> {
@@ -92,5 +98,6 @@ fn main() -> Result<()> {
         Cmd::Modbus(args) => modbus::run(&args),
         Cmd::ModbusServer(args) => runtime()?.block_on(modbus_server::run(&args)),
         Cmd::Reload(args) => runtime()?.block_on(reload::run(&args)),
+        Cmd::Sparkplug(args) => runtime()?.block_on(sparkplug::run(&args)),
     }
 }

@@ -559,6 +559,7 @@ mod product {
             routes_in: Vec::new(),
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(1),
+            sparkplug: None,
         }
     }
 

@@ -116,9 +116,18 @@ fn every_shell_gets_a_script_that_offers_every_command() {
 fn a_man_page_per_command_and_the_main_page_lists_them() {
     let (out, _) = generate();
     let man = out.path().join("man");
-    let mut pages: Vec<String> = commands()
-        .iter()
-        .map(|c| format!("fieldmq-{c}.1.gz"))
+    // A page per command, and one per subcommand of a command that has them
+    // (`fieldmq-profiles-list.1`).
+    let mut pages: Vec<String> = Args::command()
+        .get_subcommands()
+        .flat_map(|c| {
+            std::iter::once(format!("fieldmq-{}.1.gz", c.get_name())).chain(
+                c.get_subcommands()
+                    .filter(|s| s.get_name() != "help")
+                    .map(|s| format!("fieldmq-{}-{}.1.gz", c.get_name(), s.get_name()))
+                    .collect::<Vec<_>>(),
+            )
+        })
         .collect();
     pages.push("fieldmq.1.gz".to_owned());
     pages.sort();

@@ -124,6 +124,11 @@ pub enum Command {
     },
     /// Read a Modbus register range and print it in every type and byte order.
     Probe(crate::drivers::modbus::probe::ProbeArgs),
+    /// Modbus device profiles: register maps a device uses with `profile = "NAME"`.
+    Profiles {
+        #[command(subcommand)]
+        action: ProfilesAction,
+    },
     /// Print a Mosquitto-compatible password file line (`$7$` PBKDF2-SHA512).
     ///
     /// The password comes from the argument, else FIELDMQ_NEW_PASSWORD, else a prompt on the
@@ -133,5 +138,23 @@ pub enum Command {
         /// The password (better left out: arguments show in `ps` and in shell history).
         #[arg(env = "FIELDMQ_NEW_PASSWORD", hide_env_values = true)]
         password: Option<String>,
+    },
+}
+
+/// What `fieldmq profiles` does.
+#[derive(Debug, Subcommand)]
+pub enum ProfilesAction {
+    /// List every profile: the built-in ones and those in profiles/ next to CONFIG.
+    List {
+        /// The configuration file whose profiles/ folder to read as well.
+        #[arg(short, long, default_value = "/etc/fieldmq/fieldmq.toml")]
+        config: PathBuf,
+    },
+    /// Print one profile's points (table, address, type, unit).
+    Show {
+        name: String,
+        /// The configuration file whose profiles/ folder to read as well.
+        #[arg(short, long, default_value = "/etc/fieldmq/fieldmq.toml")]
+        config: PathBuf,
     },
 }

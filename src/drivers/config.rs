@@ -359,7 +359,28 @@ impl Checker<'_> {
         let raw = raw.into_inner();
         let common = common_keys!(raw);
         self.device(common, span.clone(), prefix, names, |c| {
-            super::modbus::config::validate(&raw, span, prefix, c.device_check())
+            let profile = match &raw.profile {
+                Some(name) => {
+                    let local = super::modbus::profile::local_dir(&c.path("."));
+                    match super::modbus::profile::find(name.get_ref(), Some(&local)) {
+                        Ok(profile) => Some(profile),
+                        Err(error) => {
+                            let diagnostic = c.d.error(
+                                Some(name.span()),
+                                format!("{prefix}.profile"),
+                                error.to_string(),
+                            );
+                            diagnostic.hint = Some(
+                                "`fieldmq profiles list` shows the profiles; local ones go in profiles/ next to this file"
+                                    .into(),
+                            );
+                            return None;
+                        }
+                    }
+                }
+                None => None,
+            };
+            super::modbus::config::validate(&raw, span, prefix, profile.as_ref(), c.device_check())
                 .map(DriverConfig::Modbus)
         })
     }

@@ -83,6 +83,8 @@ struct DeviceFamilies {
     request_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     points: Family<Labels, Gauge>,
     payload_errors: Family<Labels, Counter>,
+    exceptions: Family<Labels, Counter>,
+    backoff_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +111,8 @@ impl Metrics {
             request_seconds: Family::new_with_constructor(request_histogram),
             points: Family::default(),
             payload_errors: Family::default(),
+            exceptions: Family::default(),
+            backoff_seconds: Family::default(),
         };
         registry.register(
             "device_polls",
@@ -139,6 +143,16 @@ impl Metrics {
             "device_payload_errors",
             "Readings the device's payload template failed on (nothing was published for them)",
             device.payload_errors.clone(),
+        );
+        registry.register(
+            "device_exceptions",
+            "Modbus exceptions a device answered with, by exception code",
+            device.exceptions.clone(),
+        );
+        registry.register(
+            "device_backoff_seconds",
+            "How long a failing device is backed off for (0 while it answers)",
+            device.backoff_seconds.clone(),
         );
         let rtu_bus = RtuBusFamilies {
             requests: Family::default(),
@@ -196,6 +210,8 @@ impl Metrics {
                 .get_or_create_owned(&with("quality", "good")),
             points_bad: families.points.get_or_create_owned(&with("quality", "bad")),
             payload_errors: families.payload_errors.get_or_create_owned(&labels),
+            exceptions: Some((families.exceptions.clone(), labels.clone())),
+            backoff_seconds: families.backoff_seconds.get_or_create_owned(&labels),
             last_good_unix_ms: last_good,
         }
     }
@@ -207,6 +223,13 @@ impl Metrics {
         families.polls.remove(&labels);
         families.timeouts.remove(&labels);
         families.payload_errors.remove(&labels);
+        families.backoff_seconds.remove(&labels);
+        // A code's series exists once seen; trying all 255 is cheap and needs no record.
+        for code in 1..=255u8 {
+            let mut with_code = labels.clone();
+            with_code.push(("code", code.to_string()));
+            families.exceptions.remove(&with_code);
+        }
         families.request_seconds.remove(&labels);
         for kind in ErrorKind::ALL {
             let mut with = labels.clone();
@@ -279,14 +302,17 @@ pub enum ErrorKind {
     Io,
     /// An answer that could not be decoded into the point's value.
     Decode,
+    /// RTU: bytes came back without a valid frame (a CRC error, noise).
+    Frame,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 4] = [
+    const ALL: [ErrorKind; 5] = [
         ErrorKind::Timeout,
         ErrorKind::Exception,
         ErrorKind::Io,
         ErrorKind::Decode,
+        ErrorKind::Frame,
     ];
 
     fn label(self) -> &'static str {
@@ -295,6 +321,7 @@ impl ErrorKind {
             ErrorKind::Exception => "exception",
             ErrorKind::Io => "io",
             ErrorKind::Decode => "decode",
+            ErrorKind::Frame => "crc",
         }
     }
 }
@@ -304,11 +331,14 @@ impl ErrorKind {
 pub struct DeviceMetrics {
     polls: Counter,
     timeouts: Counter,
-    errors: [Counter; 4],
+    errors: [Counter; 5],
     request_seconds: Histogram,
     points_good: Gauge,
     points_bad: Gauge,
     payload_errors: Counter,
+    /// Per exception code, created when first seen.
+    exceptions: Option<(Family<Labels, Counter>, Labels)>,
+    backoff_seconds: Gauge<f64, AtomicU64>,
     last_good_unix_ms: Arc<AtomicU64>,
 }
 
@@ -323,6 +353,8 @@ impl DeviceMetrics {
             points_good: Gauge::default(),
             points_bad: Gauge::default(),
             payload_errors: Counter::default(),
+            exceptions: None,
+            backoff_seconds: Gauge::default(),
             last_good_unix_ms: Arc::default(),
         }
     }
@@ -357,6 +389,21 @@ impl DeviceMetrics {
         if good > 0 {
             self.good_read_at(SystemTime::now());
         }
+    }
+
+    /// The device answered with Modbus exception `code` (also counted as an `exception`
+    /// error).
+    pub fn exception(&self, code: u8) {
+        if let Some((family, labels)) = &self.exceptions {
+            let mut labels = labels.clone();
+            labels.push(("code", code.to_string()));
+            family.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The device is backed off for `wait` (zero: it answers again).
+    pub fn backoff(&self, wait: Duration) {
+        self.backoff_seconds.set(wait.as_secs_f64());
     }
 
     /// The payload template failed on a reading.

@@ -12,7 +12,6 @@ use toml::Spanned;
 use crate::broker::config::{BrokerConfig, RawBroker};
 use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway, S};
 use crate::drivers::config::{DeviceConfig, DriverConfig};
-use crate::drivers::modbus::Transport;
 use crate::homeassistant::config::{HomeAssistantConfig, RawHomeAssistant};
 use crate::http::config::{HttpConfig, RawHttp};
 use crate::modbus_server::config::ModbusServerConfig;
@@ -162,18 +161,19 @@ impl Config {
         for device in &self.devices {
             let (driver, points) = match &device.driver {
                 DriverConfig::Simulated(sim) => ("simulated", sim.points.len()),
-                DriverConfig::Modbus(modbus) => (
-                    match modbus.transport {
-                        Transport::Tcp { .. } => "modbus-tcp",
-                        Transport::Rtu(_) => "modbus-rtu",
-                    },
-                    modbus.points.len(),
-                ),
+                DriverConfig::Modbus(modbus) => (modbus.transport.describe(), modbus.points.len()),
                 DriverConfig::Serial(serial) => ("serial", serial.rules.len()),
+            };
+            let requests = match &device.driver {
+                DriverConfig::Modbus(modbus) => format!(
+                    " in {} read request(s) per cycle",
+                    crate::drivers::modbus::planned_requests(modbus, device.poll)
+                ),
+                _ => String::new(),
             };
             let _ = writeln!(
                 out,
-                "  {}: {driver}, {points} point(s), poll {}",
+                "  {}: {driver}, {points} point(s){requests}, poll {}",
                 device.name,
                 humantime::format_duration(device.poll)
             );
@@ -197,14 +197,34 @@ impl Config {
         }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
-            let _ = writeln!(
-                out,
-                "  {}: {}, {} out route(s), {} in route(s)",
-                uplink.name,
-                uplink.url,
-                uplink.routes_out.len(),
-                uplink.routes_in.len()
-            );
+            match &uplink.sparkplug {
+                Some(sparkplug) => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, Sparkplug B edge node {}/{}, {} device(s){}",
+                        uplink.name,
+                        uplink.url,
+                        sparkplug.group_id,
+                        sparkplug.edge_node_id,
+                        sparkplug.devices.len(),
+                        sparkplug
+                            .primary_host
+                            .as_ref()
+                            .map(|host| format!(", primary host {host}"))
+                            .unwrap_or_default()
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {}, {} out route(s), {} in route(s)",
+                        uplink.name,
+                        uplink.url,
+                        uplink.routes_out.len(),
+                        uplink.routes_in.len()
+                    );
+                }
+            }
         }
         out
     }
@@ -273,6 +293,9 @@ impl Checker<'_> {
 
         let gateway = gateway??;
         let mut broker = broker??;
+        let devices: Vec<DeviceConfig> = devices.into_iter().collect::<Option<_>>()?;
+        let mut uplinks: Vec<UplinkConfig> = uplinks.into_iter().collect::<Option<_>>()?;
+        super::sparkplug::fill_devices(&mut uplinks, &devices, &gateway);
         // The broker's database lives in the data directory unless given an absolute path.
         if broker.store_path.is_relative() {
             broker.store_path = gateway.data_dir.join(&broker.store_path);
@@ -285,8 +308,8 @@ impl Checker<'_> {
                 Some(http) => Some(http?),
                 None => None,
             },
-            devices: devices.into_iter().collect::<Option<_>>()?,
-            uplinks: uplinks.into_iter().collect::<Option<_>>()?,
+            devices,
+            uplinks,
             homeassistant: match homeassistant {
                 Some(homeassistant) => Some(homeassistant?),
                 None => None,

@@ -14,6 +14,7 @@ mod notify;
 pub mod preflight;
 mod reload;
 mod running;
+mod sparkplug;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -125,7 +125,7 @@ pub fn preflight(config: &Config) -> Findings {
             DriverConfig::Serial(serial) => Some(&serial.port.path),
             DriverConfig::Modbus(modbus) => match &modbus.transport {
                 Transport::Rtu(settings) => Some(&settings.path),
-                Transport::Tcp { .. } => None,
+                Transport::Tcp { .. } | Transport::RtuOverTcp { .. } => None,
             },
             DriverConfig::Simulated(_) => None,
         };

@@ -32,6 +32,8 @@ const DEVICE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 enum TaskKey {
     Device(String),
     SerialLine(String),
+    /// An address, and whether it carries RTU frames.
+    TcpEndpoint(String, bool),
 }
 
 impl TaskKey {
@@ -39,7 +41,10 @@ impl TaskKey {
         match &device.driver {
             DriverConfig::Modbus(modbus) => match &modbus.transport {
                 Transport::Rtu(serial) => TaskKey::SerialLine(serial.path.clone()),
-                Transport::Tcp { .. } => TaskKey::Device(device.name.clone()),
+                // Devices behind one address (a Modbus TCP gateway, a serial device
+                // server) share its connection.
+                Transport::Tcp { address } => TaskKey::TcpEndpoint(address.clone(), false),
+                Transport::RtuOverTcp { address } => TaskKey::TcpEndpoint(address.clone(), true),
             },
             _ => TaskKey::Device(device.name.clone()),
         }
@@ -130,7 +135,7 @@ impl Devices {
                 let rtu_bus = match &device.driver {
                     DriverConfig::Modbus(modbus) => match &modbus.transport {
                         Transport::Rtu(settings) => Some(self.metrics.rtu_bus(&settings.path)),
-                        Transport::Tcp { .. } => None,
+                        Transport::Tcp { .. } | Transport::RtuOverTcp { .. } => None,
                     },
                     _ => None,
                 };
@@ -208,6 +213,9 @@ impl Devices {
                     Some(old) if old == device => match &key {
                         TaskKey::SerialLine(port) => {
                             format!("restarted (its serial line {port} restarted)")
+                        }
+                        TaskKey::TcpEndpoint(address, _) => {
+                            format!("restarted (its connection to {address} restarted)")
                         }
                         TaskKey::Device(_) => "restarted".to_owned(),
                     },

@@ -12,6 +12,8 @@ use toml::de::DeValue;
 use toml::Spanned;
 use url::{Host, Url};
 
+use super::sparkplug::config::RawSparkplug;
+pub use super::sparkplug::SparkplugConfig;
 use crate::config::{Checker, RawScalar, S};
 use crate::drivers::config::RawTemplate;
 use crate::drivers::payload::template::{PayloadTemplate, RouteVariables};
@@ -57,6 +59,8 @@ pub struct UplinkConfig {
     /// Reconnect backoff bounds. Default 1s..60s.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// `[uplinks.sparkplug]`: this uplink is a Sparkplug B edge node.
+    pub sparkplug: Option<SparkplugConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,6 +297,7 @@ pub(crate) struct RawUplink {
     pub(crate) reconnect: Option<S<RawReconnect>>,
     pub(crate) queue: Option<S<RawQueue>>,
     pub(crate) routes: Option<Vec<S<RawRoute>>>,
+    pub(crate) sparkplug: Option<S<RawSparkplug>>,
 }
 
 /// A will or birth message.
@@ -564,6 +569,14 @@ impl Checker<'_> {
             }
         }
 
+        let sparkplug = match &raw.sparkplug {
+            None => Some(None),
+            Some(table) => {
+                self.sparkplug_conflicts(&raw, prefix);
+                self.sparkplug(table, &key("sparkplug")).map(Some)
+            }
+        };
+
         Some(UplinkConfig {
             name: name?,
             url: url?,
@@ -573,8 +586,13 @@ impl Checker<'_> {
             username,
             password,
             tls,
-            clean_start: raw.clean_start.unwrap_or(false),
-            session_expiry,
+            // Sparkplug: clean session (3.1.1) / clean start with no session expiry (5).
+            clean_start: raw.clean_start.unwrap_or(false) || raw.sparkplug.is_some(),
+            session_expiry: if raw.sparkplug.is_some() {
+                Duration::ZERO
+            } else {
+                session_expiry
+            },
             will,
             birth,
             queue,
@@ -584,7 +602,50 @@ impl Checker<'_> {
             routes_in,
             reconnect_min,
             reconnect_max,
+            sparkplug: sparkplug?,
         })
+    }
+
+    /// Keys a Sparkplug uplink sets itself: its will is the NDEATH, its births are
+    /// Sparkplug's, its topics the Sparkplug layout, and its session clean.
+    fn sparkplug_conflicts(&mut self, raw: &RawUplink, prefix: &str) {
+        let spans = [
+            ("will", raw.will.as_ref().map(Spanned::span)),
+            ("birth", raw.birth.as_ref().map(Spanned::span)),
+            (
+                "routes",
+                raw.routes
+                    .as_ref()
+                    .and_then(|r| r.first())
+                    .map(Spanned::span),
+            ),
+            (
+                "session_expiry",
+                raw.session_expiry.as_ref().map(Spanned::span),
+            ),
+        ];
+        for (name, span) in spans {
+            if let Some(span) = span {
+                self.d
+                    .error(
+                        Some(span),
+                        format!("{prefix}.{name}"),
+                        format!("`{name}` does not apply to a Sparkplug uplink"),
+                    )
+                    .hint = Some(format!(
+                    "remove `{name}`: the Sparkplug node sets its will (NDEATH), births, topics and a clean session itself"
+                ));
+            }
+        }
+        if raw.clean_start == Some(false) {
+            self.d
+                .error(
+                    None,
+                    format!("{prefix}.clean_start"),
+                    "a Sparkplug uplink needs a clean session",
+                )
+                .hint = Some("remove `clean_start` (Sparkplug B requires clean sessions)".into());
+        }
     }
 
     fn tls(&mut self, raw: &RawUplink, url: Option<&UplinkUrl>, prefix: &str) -> Option<TlsConfig> {

@@ -35,6 +35,8 @@ pub(super) struct IngestContext {
     pub stop: CancellationToken,
     /// Whether a failing route template has been logged at warn.
     pub template_warned: std::sync::atomic::AtomicBool,
+    /// A Sparkplug node's latest values, updated with every message stored.
+    pub observe: Option<Arc<super::sparkplug::node::Latest>>,
 }
 
 pub(super) async fn run_ingest(mut cx: IngestContext) {
@@ -116,7 +118,11 @@ async fn store(cx: &IngestContext, batch: Vec<(Message, Option<AckShare>)>) {
     let now = Instant::now();
     let mut records = Vec::with_capacity(batch.len());
     let mut shares = Vec::new();
+    let wall = std::time::SystemTime::now();
     for (message, share) in batch {
+        if let Some(latest) = &cx.observe {
+            latest.record(&message.topic, &message.payload, wall);
+        }
         let routed = if message.is_expired(now) {
             None
         } else {
@@ -308,6 +314,7 @@ mod tests {
             counters: Arc::default(),
             stop: stop.clone(),
             template_warned: Default::default(),
+            observe: None,
         }));
         Setup {
             broker,

@@ -166,19 +166,31 @@ pub(super) struct PollContext {
     pub stop: CancellationToken,
 }
 
+/// Makes the will's payload for the next CONNECT (a Sparkplug NDEATH carries the bdSeq of
+/// its connection, which every CONNECT takes anew).
+pub(super) type WillPayload = Box<dyn FnMut() -> Bytes + Send>;
+
 /// Connection settings resolved at start (secrets read, TLS built).
 pub(super) struct LinkSettings {
     pub password: Option<String>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// When set, the will's payload is made by this for each CONNECT (instead of the
+    /// configured text).
+    pub will_payload: Option<WillPayload>,
 }
 
 /// Build the client and its poll task.
 pub(super) fn connect(
     config: &UplinkConfig,
-    settings: LinkSettings,
+    mut settings: LinkSettings,
     window: u16,
     context: PollContext,
 ) -> (Client, tokio::task::JoinHandle<()>) {
+    let will_payload: Option<Bytes> = match (&config.will, settings.will_payload.as_mut()) {
+        (Some(_), Some(make)) => Some(make()),
+        (Some(will), None) => Some(Bytes::from(will.payload.clone().into_bytes())),
+        (None, _) => None,
+    };
     let host = config.url.host.clone();
     let port = config.url.port;
     let transport = match (config.url.scheme, settings.tls) {
@@ -228,7 +240,7 @@ pub(super) fn connect(
                 };
                 options.set_last_will(m5::LastWill::new(
                     will.topic.clone(),
-                    will.payload.clone().into_bytes(),
+                    will_payload.clone().unwrap_or_default(),
                     will.qos.into(),
                     will.retain,
                     Some(properties),
@@ -255,7 +267,7 @@ pub(super) fn connect(
             if let Some(will) = &config.will {
                 options.set_last_will(rumqttc::LastWill::new(
                     will.topic.clone(),
-                    will.payload.clone().into_bytes(),
+                    will_payload.clone().unwrap_or_default(),
                     will.qos.into(),
                     will.retain,
                 ));
@@ -267,7 +279,9 @@ pub(super) fn connect(
             (Client::V311(client), EventLoop::V311(eventloop))
         }
     };
-    (client, tokio::spawn(PollTask::new(context).run(eventloop)))
+    let mut task = PollTask::new(context);
+    task.will_payload = settings.will_payload;
+    (client, tokio::spawn(task.run(eventloop)))
 }
 
 /// Logs connection errors once per change of error, not once per attempt.
@@ -394,6 +408,24 @@ impl EventLoop {
         }
     }
 
+    /// Give the will of the next CONNECT a new payload.
+    fn renew_will(&mut self, payload: Bytes) {
+        match self {
+            EventLoop::V311(eventloop) => {
+                if let Some(mut will) = eventloop.mqtt_options.last_will() {
+                    will.message = payload;
+                    eventloop.mqtt_options.set_last_will(will);
+                }
+            }
+            EventLoop::V5(eventloop) => {
+                if let Some(mut will) = eventloop.options.last_will() {
+                    will.message = payload;
+                    eventloop.options.set_last_will(will);
+                }
+            }
+        }
+    }
+
     /// Requests submitted before the sender's reset may still sit in rumqttc's channel:
     /// move them into `pending` and drop every publish (the outbox resends).
     fn drop_queued_publishes(&mut self) {
@@ -515,6 +547,8 @@ struct PollTask {
     context: PollContext,
     backoff: Backoff,
     log: ErrorLog,
+    /// Makes the will's payload of each new CONNECT.
+    will_payload: Option<WillPayload>,
 }
 
 impl PollTask {
@@ -529,6 +563,7 @@ impl PollTask {
                 name: context.name.clone(),
                 last: None,
             },
+            will_payload: None,
             context,
         }
     }
@@ -548,6 +583,9 @@ impl PollTask {
                         Flow::Continue => {
                             if self.after_error(error).await {
                                 eventloop.drop_queued_publishes();
+                                if let Some(make) = self.will_payload.as_mut() {
+                                    eventloop.renew_will(make());
+                                }
                                 Flow::Continue
                             } else {
                                 Flow::Stop

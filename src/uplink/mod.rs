@@ -27,11 +27,12 @@ mod ingest;
 mod link;
 pub mod route;
 mod sender;
+pub mod sparkplug;
 mod status;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,8 +101,13 @@ pub fn internal_name(uplink: &str) -> String {
 /// The outbox file of an uplink: `<data_dir>/uplink-<name>.db` (characters other than
 /// letters, digits, `-`, `_` and `.` in the name become `_`).
 pub fn outbox_path(data_dir: &Path, uplink: &str) -> PathBuf {
-    let safe: String = uplink
-        .chars()
+    data_dir.join(format!("uplink-{}.db", file_safe(uplink)))
+}
+
+/// `name` as part of a file name: characters other than letters, digits, `-`, `_` and `.`
+/// become `_`.
+pub(crate) fn file_safe(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
@@ -109,8 +115,7 @@ pub fn outbox_path(data_dir: &Path, uplink: &str) -> PathBuf {
                 '_'
             }
         })
-        .collect();
-    data_dir.join(format!("uplink-{safe}.db"))
+        .collect()
 }
 
 /// The retained status topic of an uplink: `<gateway status topic>/uplinks/<name>`.
@@ -258,6 +263,13 @@ pub async fn start_with_status(
 ) -> Result<RunningUplink, UplinkError> {
     let name = config.name.clone();
     transport_supported(&config)?;
+    let (config, node) = match config.sparkplug.clone() {
+        Some(sparkplug) => {
+            let (config, node) = sparkplug_node(config, sparkplug, &gateway.data_dir);
+            (config, Some(node))
+        }
+        None => (config, None),
+    };
     let tls = match (&config.url.scheme, &config.tls) {
         (UrlScheme::Mqtts | UrlScheme::Wss, Some(tls)) => Some(tls.clone()),
         (UrlScheme::Mqtts | UrlScheme::Wss, None) => Some(config::TlsConfig {
@@ -328,7 +340,11 @@ pub async fn start_with_status(
     let window = config.inflight.max(1);
     let (client, poll_task) = link::connect(
         &config,
-        link::LinkSettings { password, tls },
+        link::LinkSettings {
+            password,
+            tls,
+            will_payload: node.as_ref().map(|node| node.will_payload()),
+        },
         window,
         link::PollContext {
             name: Arc::from(name.as_str()),
@@ -354,19 +370,34 @@ pub async fn start_with_status(
                 counters: counters.clone(),
                 stop: shutdown.clone(),
                 template_warned: Default::default(),
+                observe: node.as_ref().map(|node| node.latest.clone()),
             }),
         )
     });
-    let inbound_task = crate::essential::spawn(
-        "uplink-inbound",
-        ingest::run_inbound(
-            name.clone(),
-            internal.clone(),
-            config.routes_in.clone(),
-            inbound_rx,
-            broker.clone(),
+    let (node_tx, node_rx) = mpsc::channel(EVENT_QUEUE);
+    let inbound_task = match &node {
+        Some(node) => crate::essential::spawn(
+            "uplink-inbound",
+            sparkplug_inbound(
+                name.clone(),
+                internal.clone(),
+                node.shape.clone(),
+                inbound_rx,
+                node_tx,
+                broker.clone(),
+            ),
         ),
-    );
+        None => crate::essential::spawn(
+            "uplink-inbound",
+            ingest::run_inbound(
+                name.clone(),
+                internal.clone(),
+                config.routes_in.clone(),
+                inbound_rx,
+                broker.clone(),
+            ),
+        ),
+    };
     let sender_stop = CancellationToken::new();
     let budget = (gateway.shutdown_timeout * 3 / 4).max(Duration::from_secs(1));
     let sender_task = crate::essential::spawn(
@@ -386,6 +417,10 @@ pub async fn start_with_status(
             stop: sender_stop.clone(),
             stop_budget: budget / 2,
             board,
+            node: node.map(|node| sender::SenderNode {
+                session: node.session(),
+                events: node_rx,
+            }),
         })
         .run(),
     );
@@ -432,6 +467,124 @@ pub async fn start_with_status(
         task,
         outbox: backup_handle,
     })
+}
+
+/// The parts of a Sparkplug edge node an uplink's tasks share.
+struct SparkplugParts {
+    shape: Arc<sparkplug::Shape>,
+    latest: Arc<sparkplug::node::Latest>,
+    bdseq_file: sparkplug::bdseq::BdSeqFile,
+    /// The bdSeq of the current CONNECT.
+    bdseq: Arc<AtomicU8>,
+}
+
+impl SparkplugParts {
+    /// The will payload maker: each CONNECT takes the next bdSeq from the file.
+    fn will_payload(&self) -> link::WillPayload {
+        let file = self.bdseq_file.clone();
+        let current = self.bdseq.clone();
+        Box::new(move || {
+            let value = file.take();
+            current.store(value, Ordering::SeqCst);
+            sparkplug::node::ndeath_payload(value)
+        })
+    }
+
+    fn session(&self) -> sparkplug::node::Session {
+        sparkplug::node::Session::new(self.shape.clone(), self.latest.clone(), self.bdseq.clone())
+    }
+}
+
+/// The uplink settings of a Sparkplug node: its will is the NDEATH (QoS 1, not retained),
+/// it has no birth of its own, its out-routes are the devices' points and status topics
+/// (stored as read, turned into Sparkplug messages by the sender), and its in-routes its
+/// commands and the primary host's state.
+fn sparkplug_node(
+    mut config: config::UplinkConfig,
+    sparkplug: sparkplug::SparkplugConfig,
+    data_dir: &Path,
+) -> (config::UplinkConfig, SparkplugParts) {
+    let shape = Arc::new(sparkplug::Shape::new(sparkplug));
+    config.will = Some(config::WillConfig {
+        topic: shape.ndeath_topic(),
+        payload: String::new(),
+        qos: crate::model::QoS::AtLeastOnce,
+        retain: false,
+        delay: Duration::ZERO,
+    });
+    config.birth = None;
+    config.routes_out = shape
+        .local_topics()
+        .into_iter()
+        .map(|filter| config::OutRoute {
+            filter,
+            remote_prefix: None,
+            remote_template: None,
+            qos: crate::model::QoS::AtLeastOnce,
+            retain: false,
+            durable: true,
+            payload: None,
+        })
+        .collect();
+    config.routes_in = shape
+        .cloud_filters()
+        .into_iter()
+        .map(|filter| config::InRoute {
+            filter,
+            local_prefix: None,
+            qos: crate::model::QoS::AtLeastOnce,
+        })
+        .collect();
+    let bdseq_file =
+        sparkplug::bdseq::BdSeqFile::new(sparkplug::bdseq::bdseq_path(data_dir, &config.name));
+    let parts = SparkplugParts {
+        latest: Arc::new(sparkplug::node::Latest::new(shape.clone())),
+        bdseq: Arc::new(AtomicU8::new(bdseq_file.peek())),
+        bdseq_file,
+        shape,
+    };
+    (config, parts)
+}
+
+/// Cloud messages of a Sparkplug node: the primary host's state and rebirth requests go to
+/// the sender; DCMD writes are published on the points' `/set` topics, where the owning
+/// driver checks and writes them like any other write. A message that does not decode is
+/// logged and dropped.
+async fn sparkplug_inbound(
+    name: String,
+    internal: String,
+    shape: Arc<sparkplug::Shape>,
+    mut inbound: mpsc::Receiver<link::Inbound>,
+    node: mpsc::Sender<sparkplug::Inbound>,
+    broker: BrokerHandle,
+) {
+    while let Some(message) = inbound.recv().await {
+        match sparkplug::decode_inbound(&shape, &message.topic, &message.payload) {
+            Ok(sparkplug::Inbound::Writes(writes)) => {
+                for write in writes {
+                    tracing::debug!(uplink = %name, topic = %write.topic, value = %write.payload, "DCMD write");
+                    let local = crate::model::Message::internal(
+                        &internal,
+                        write.topic,
+                        write.payload,
+                        crate::model::QoS::AtLeastOnce,
+                        false,
+                    );
+                    if let Err(e) = broker.publish(local).await {
+                        tracing::warn!(uplink = %name, error = %e, "cannot publish a DCMD write locally");
+                    }
+                }
+            }
+            Ok(event) => {
+                if node.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(uplink = %name, topic = %message.topic, %error, "Sparkplug command dropped");
+            }
+        }
+    }
 }
 
 /// Stop taking local messages, let the sender flush and say `offline`, close the outbox,

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{UplinkConfig, WillConfig};
 use super::inflight::{Inflight, Written};
 use super::link::{Client, LinkEvent, SubmitError};
+use super::sparkplug::{self, node::RowMessage, node::Session};
 use super::status::UplinkStatus;
 use super::{SharedCounters, UplinkError};
 use crate::broker::bus::BrokerHandle;
@@ -58,6 +60,15 @@ pub(super) struct SenderContext {
     pub stop_budget: Duration,
     /// Where the status API sees this uplink's state, errors and backlog.
     pub board: Option<UplinkBoard>,
+    /// A Sparkplug edge node: rows become Sparkplug messages as they are sent.
+    pub node: Option<SenderNode>,
+}
+
+/// The Sparkplug side of the sender: the node's session and what the cloud asks of it.
+pub(super) struct SenderNode {
+    pub session: Session,
+    /// The primary host's state and rebirth requests (decoded by the inbound task).
+    pub events: mpsc::Receiver<sparkplug::Inbound>,
 }
 
 /// Rows leaving the outbox, waiting for one delete transaction.
@@ -117,6 +128,10 @@ pub(super) struct Sender {
     /// messages will come.
     appended_closed: bool,
     direct_closed: bool,
+    /// A Sparkplug message made from the row with this seq whose submission found
+    /// rumqttc's channel full: sent as made (its Sparkplug `seq` is taken).
+    prepared: Option<(u64, String, Bytes)>,
+    node_closed: bool,
 }
 
 /// At most `per_second` publishes per second, with bursts of a tenth of a second.
@@ -178,6 +193,8 @@ impl Sender {
             link_stopped: false,
             appended_closed: false,
             direct_closed: false,
+            prepared: None,
+            node_closed: false,
         }
     }
 
@@ -231,6 +248,10 @@ impl Sender {
                     }
                 }
                 _ = status_tick.tick() => self.publish_status(true).await,
+                event = next_node_event(&mut self.cx.node), if !self.node_closed => match event {
+                    Some(event) => self.node_event(event),
+                    None => self.node_closed = true,
+                },
             }
             if self.link_stopped {
                 return Err(UplinkError::LinkStopped {
@@ -268,6 +289,10 @@ impl Sender {
                 // changed since the cloud stored the session.
                 self.need_subscribe = has_routes && (!session_present || !self.subscribed_once);
                 self.rewind = true;
+                self.prepared = None;
+                if let Some(node) = self.cx.node.as_mut() {
+                    node.session.connected();
+                }
                 if let Some(board) = &self.cx.board {
                     board.set_state(UplinkState::Connected);
                 }
@@ -288,6 +313,10 @@ impl Sender {
                 self.need_birth = false;
                 self.need_subscribe = false;
                 self.rewind = true;
+                self.prepared = None;
+                if let Some(node) = self.cx.node.as_mut() {
+                    node.session.disconnected();
+                }
                 self.last_error = Some(error);
                 let _ = reset.send(());
                 self.publish_status(false).await;
@@ -349,6 +378,27 @@ impl Sender {
                 }
             }
         }
+        if let Some(node) = self.cx.node.as_mut() {
+            // Births first (and, with a primary host, only once it is online); rows wait
+            // in the outbox until they are out.
+            while let Some((topic, payload)) = node.session.next_control().cloned() {
+                match self
+                    .cx
+                    .client
+                    .try_publish(&topic, QoS::AtMostOnce, false, payload, None)
+                {
+                    Ok(()) => {
+                        self.cx.metrics.sent(1);
+                        self.inflight.submit(None, QoS::AtMostOnce);
+                        node.session.control_sent();
+                    }
+                    Err(e) => return self.submit_failed(e).map(|()| rate_wait),
+                }
+            }
+            if !node.session.data_ready() {
+                return Ok(rate_wait);
+            }
+        }
         if rate_wait.is_some() || self.cx.stop.is_cancelled() {
             return Ok(rate_wait);
         }
@@ -396,14 +446,45 @@ impl Sender {
                     return Ok(Some(next));
                 }
             }
-            let qos = row.record.qos;
-            match self.cx.client.try_publish(
-                &row.record.topic,
-                qos,
-                row.record.retain,
-                row.record.payload.clone(),
-                properties.as_deref(),
-            ) {
+            let mut qos = row.record.qos;
+            let submitted = if let Some(node) = self.cx.node.as_mut() {
+                // Sparkplug data goes with QoS 0; the row is done once written.
+                qos = QoS::AtMostOnce;
+                let (topic, payload) = match self.prepared.take() {
+                    Some((prepared, topic, payload)) if prepared == seq => (topic, payload),
+                    _ => match node.session.row(
+                        &row.record.topic,
+                        &row.record.payload,
+                        row.enqueued_at,
+                    ) {
+                        RowMessage::Send { topic, payload } => (topic, payload),
+                        RowMessage::Skip => {
+                            self.settling.acked.push(seq);
+                            self.inflight.skip(seq);
+                            self.buffer.pop_front();
+                            self.cursor = seq;
+                            continue;
+                        }
+                    },
+                };
+                let result = self
+                    .cx
+                    .client
+                    .try_publish(&topic, qos, false, payload.clone(), None);
+                if result.is_err() {
+                    self.prepared = Some((seq, topic, payload));
+                }
+                result
+            } else {
+                self.cx.client.try_publish(
+                    &row.record.topic,
+                    qos,
+                    row.record.retain,
+                    row.record.payload.clone(),
+                    properties.as_deref(),
+                )
+            };
+            match submitted {
                 Ok(()) => {
                     self.cx.metrics.sent(1);
                     self.inflight.submit(Some(seq), qos);
@@ -652,14 +733,17 @@ impl Sender {
                 )],
                 ..MessageProperties::default()
             };
+            // Sparkplug: the NDEATH of this connection (its bdSeq), as the will would say.
+            let ndeath = self
+                .cx
+                .node
+                .as_ref()
+                .map(|node| node.session.ndeath().to_vec());
             if let Some((status, payload)) = offline {
+                let payload = ndeath.unwrap_or_else(|| payload.into_bytes());
                 let mut submitted = false;
                 while !submitted && self.connected && Instant::now() < deadline {
-                    match self.publish_status_message(
-                        &status,
-                        payload.clone().into_bytes(),
-                        Some(&reason),
-                    ) {
+                    match self.publish_status_message(&status, payload.clone(), Some(&reason)) {
                         Ok(()) => submitted = true,
                         Err(SubmitError::Full) => {
                             tokio::time::sleep(FULL_RETRY).await;
@@ -748,6 +832,42 @@ impl Sender {
             }
             _ = tokio::time::sleep_until(until) => false,
         }
+    }
+}
+
+impl Sender {
+    fn node_event(&mut self, event: sparkplug::Inbound) {
+        let Some(node) = self.cx.node.as_mut() else {
+            return;
+        };
+        match event {
+            sparkplug::Inbound::HostState(online) => {
+                if online {
+                    tracing::info!(uplink = %self.cx.config.name, "the primary host is online");
+                }
+                // Births may follow: a message made before them would carry an old seq.
+                self.prepared = None;
+                self.buffer.clear();
+                self.exhausted = false;
+                node.session.host_state(online);
+            }
+            sparkplug::Inbound::Rebirth => {
+                tracing::info!(uplink = %self.cx.config.name, "rebirth requested");
+                // Rows read but not sent are read again (after the cursor) after the births.
+                self.buffer.clear();
+                self.exhausted = false;
+                self.prepared = None;
+                node.session.rebirth();
+            }
+            sparkplug::Inbound::Writes(_) => {}
+        }
+    }
+}
+
+async fn next_node_event(node: &mut Option<SenderNode>) -> Option<sparkplug::Inbound> {
+    match node.as_mut() {
+        Some(node) => node.events.recv().await,
+        None => std::future::pending().await,
     }
 }
 

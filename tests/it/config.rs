@@ -896,6 +896,38 @@ fn cases() -> Vec<Case> {
             "unknown policy \"drop_olest\"",
             Some("did you mean `drop_oldest`?"),
         ),
+        case(
+            "a misspelt Sparkplug key",
+            format!("{HEAD}{UPLINK}[uplinks.sparkplug]\ngroup_id = \"g\"\nprimary_hots = \"scada\"\n"),
+            10,
+            "uplinks[0].sparkplug.primary_hots",
+            "unknown key `primary_hots`",
+            Some("did you mean `primary_host`?"),
+        ),
+        case(
+            "a Sparkplug table without group_id",
+            format!("{HEAD}{UPLINK}[uplinks.sparkplug]\nedge_node_id = \"n\"\n"),
+            8,
+            "uplinks[0].sparkplug.group_id",
+            "missing required key",
+            Some("group_id = "),
+        ),
+        case(
+            "a Sparkplug id with a topic separator",
+            format!("{HEAD}{UPLINK}[uplinks.sparkplug]\ngroup_id = \"plant/1\"\n"),
+            9,
+            "uplinks[0].sparkplug.group_id",
+            "\"plant/1\" is not a valid Sparkplug id",
+            Some("without `/`, `+` or `#`"),
+        ),
+        case(
+            "a will on a Sparkplug uplink",
+            format!("{HEAD}{UPLINK}will = {{ topic = \"gw/status\" }}\n[uplinks.sparkplug]\ngroup_id = \"g\"\n"),
+            8,
+            "uplinks[0].will",
+            "`will` does not apply to a Sparkplug uplink",
+            Some("NDEATH"),
+        ),
     ]
 }
 
@@ -1162,5 +1194,53 @@ map = [{{ table = "input", address = 0, topic = "plant/level", type = "i32", ord
     assert!(
         summary.contains("modbus server: 127.0.0.1:5020, 2 map entries, max 16 connections"),
         "{summary}"
+    );
+}
+
+#[test]
+fn a_sparkplug_uplink_gets_the_devices_points_with_their_datatypes_and_a_clean_session() {
+    use fieldmq::uplink::sparkplug::proto::DataType;
+    let text = format!(
+        "{}{UPLINK}[uplinks.sparkplug]\ngroup_id = \"plant1\"\nprimary_host = \"scada-1\"\n",
+        device(
+            "{ name = \"t\", waveform = \"sine\", min = 0.0, max = 1.0, unit = \"C\" },\n\
+             { name = \"on\", waveform = \"constant\", value = true, writable = true }",
+            "",
+        )
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = parse_in(dir.path(), &text).expect("valid");
+    let uplink = &config.uplinks[0];
+    assert!(uplink.clean_start);
+    assert_eq!(uplink.session_expiry, std::time::Duration::ZERO);
+    let sparkplug = uplink.sparkplug.as_ref().expect("sparkplug table");
+    assert_eq!(sparkplug.group_id, "plant1");
+    assert_eq!(sparkplug.edge_node_id, "gw", "the gateway id by default");
+    assert_eq!(sparkplug.primary_host.as_deref(), Some("scada-1"));
+    let device = &sparkplug.devices[0];
+    assert_eq!(device.name, "d");
+    assert_eq!(
+        device.status_topic,
+        format!("{}/devices/d", config.gateway.status_topic)
+    );
+    let points: Vec<(&str, &str, DataType, Option<&str>, bool)> = device
+        .points
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.topic.as_str(),
+                p.datatype,
+                p.unit.as_deref(),
+                p.writable,
+            )
+        })
+        .collect();
+    assert_eq!(
+        points,
+        [
+            ("t", "gw/d/t", DataType::Double, Some("C"), false),
+            ("on", "gw/d/on", DataType::Boolean, None, true),
+        ]
     );
 }

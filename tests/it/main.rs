@@ -34,6 +34,7 @@ mod protocol_strict;
 mod reload;
 mod retained;
 mod serial;
+mod sparkplug;
 mod status;
 mod tools;
 mod uplink;

@@ -37,6 +37,8 @@ struct DeviceState {
     /// (unit, table, start, count) of every read.
     reads: Vec<(u8, &'static str, u16, u16)>,
     writes: usize,
+    /// The function code of every write, in order.
+    write_functions: Vec<u8>,
     /// Reads that touch an address at or above this answer "illegal data address".
     exception_from: Option<u16>,
     /// No answer at all (the client times out).
@@ -44,6 +46,8 @@ struct DeviceState {
     /// Register reads answer one register fewer than asked (a well-formed, short answer).
     short: bool,
     dead_units: HashSet<u8>,
+    /// Addresses not in the map: a read that covers one answers "illegal data address".
+    holes: HashSet<u16>,
 }
 
 type Shared = Arc<Mutex<DeviceState>>;
@@ -83,6 +87,12 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         Some(from) if u32::from(start) + u32::from(count) > u32::from(from) => {
             Err(ExceptionCode::IllegalDataAddress)
         }
+        _ if s.holes.iter().any(|&hole| {
+            (u32::from(start)..u32::from(start) + u32::from(count)).contains(&u32::from(hole))
+        }) =>
+        {
+            Err(ExceptionCode::IllegalDataAddress)
+        }
         _ => Ok(()),
     };
     let short = s.short;
@@ -120,20 +130,31 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         }
         Request::WriteSingleCoil(address, value) => {
             s.writes += 1;
+            s.write_functions.push(5);
             s.coils.insert(address, value);
             Response::WriteSingleCoil(address, value)
         }
         Request::WriteSingleRegister(address, value) => {
             s.writes += 1;
+            s.write_functions.push(6);
             s.holding.insert(address, value);
             Response::WriteSingleRegister(address, value)
         }
         Request::WriteMultipleRegisters(address, values) => {
             s.writes += 1;
+            s.write_functions.push(16);
             for (i, value) in values.iter().enumerate() {
                 s.holding.insert(address + i as u16, *value);
             }
             Response::WriteMultipleRegisters(address, values.len() as u16)
+        }
+        Request::WriteMultipleCoils(address, values) => {
+            s.writes += 1;
+            s.write_functions.push(15);
+            for (i, value) in values.iter().enumerate() {
+                s.coils.insert(address + i as u16, *value);
+            }
+            Response::WriteMultipleCoils(address, values.len() as u16)
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     }))
@@ -580,6 +601,11 @@ points = [
             && error.contains("illegal data address"),
         "{error}"
     );
+    let exceptions = r#"fieldmq_device_exceptions_total{device="meter",code="2"}"#;
+    assert!(
+        sample(&gw.metrics, exceptions).is_some_and(|n| n >= 1.0),
+        "{exceptions}"
+    );
 
     // A timeout: every point bad, the device offline.
     state.lock().unwrap().mute = true;
@@ -600,6 +626,13 @@ points = [
         status["error"].as_str().unwrap().contains("holding 0"),
         "{status}"
     );
+    // Three timeouts in a row back the device off; the metrics say for how long.
+    let backoff = r#"fieldmq_device_backoff_seconds{device="meter"}"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sample(&gw.metrics, backoff).is_some_and(|s| s > 0.0) {
+        assert!(Instant::now() < deadline, "{backoff} stays 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The server stops: still offline (connection refused), nothing panics.
     server.abort();
@@ -626,6 +659,110 @@ points = [
     assert_eq!(reading["value"], 1);
     gw.next_matching(status_topic, |s| s["status"] == "online")
         .await;
+    assert_eq!(sample(&gw.metrics, backoff), Some(0.0), "{backoff}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_read_over_a_hole_is_split_and_the_hole_is_skipped_afterwards() {
+    let registers: Vec<(u16, u16)> = (0..12).map(|a| (a, 100 + a)).collect();
+    let state = device_with(&registers);
+    state.lock().unwrap().holes = HashSet::from([5, 9]);
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    // One read of 0..=11 by the plan (gaps of one register are merged); 9 is a point, 5 is not.
+    let points: Vec<String> = [0u16, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+        .iter()
+        .map(|a| format!("{{ name = \"r{a}\", table = \"holding\", address = {a} }}"))
+        .collect();
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+max_gap = 1
+backoff_max = "5s"
+points = [ {} ]
+"#,
+        points.join(", ")
+    ))
+    .await;
+    for a in [0u16, 4, 6, 8, 10, 11] {
+        let reading = gw.next_matching(&format!("gw/meter/r{a}"), is_good).await;
+        assert_eq!(reading["value"], 100 + a, "{reading}");
+    }
+    let hole = gw.next_on("gw/meter/r9").await;
+    assert_eq!(hole["quality"], "bad", "{hole}");
+    assert!(
+        hole["error"]
+            .as_str()
+            .unwrap()
+            .contains("illegal data address (exception 2) reading holding 9..=9"),
+        "{hole}"
+    );
+    // Steady state: the points around the holes keep being read, every cycle, and no
+    // request covers 5 again; 9 alone is asked at most once per backoff_max.
+    let settled = state.lock().unwrap().reads.len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reads: Vec<(u16, u16)> = state.lock().unwrap().reads[settled..]
+        .iter()
+        .map(|(_, _, start, count)| (*start, *count))
+        .collect();
+    let covers = |address: u16| {
+        reads
+            .iter()
+            .filter(|(start, count)| (*start..*start + *count).contains(&address))
+            .count()
+    };
+    assert_eq!(covers(5), 0, "{reads:?}");
+    assert!(covers(9) <= 1, "{reads:?}");
+    assert!(covers(0) >= 10 && covers(11) >= 10, "{reads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_functions_are_fc05_fc06_fc16_by_default_and_fc15_fc16_with_write_multiple() {
+    for (multiple, expected) in [(false, vec![5u8, 6, 16, 6]), (true, vec![15, 16, 16, 16])] {
+        let state = device_with(&[(10, 5), (40, 0b1000)]);
+        let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut gw = start_gateway(&format!(
+            r#"[[devices]]
+name = "plc"
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1h"
+write_multiple = {multiple}
+points = [
+  {{ name = "pump", table = "coil", address = 3, writable = true }},
+  {{ name = "setpoint", table = "holding", address = 10, writable = true }},
+  {{ name = "flow", table = "holding", address = 20, type = "f32", writable = true }},
+  {{ name = "valve", table = "holding", address = 40, type = "bit", bit = 0, writable = true }},
+]
+"#
+        ))
+        .await;
+        gw.next_on("gw/plc/valve").await;
+        for (point, value) in [
+            ("pump", "true"),
+            ("setpoint", "7"),
+            ("flow", "2.5"),
+            ("valve", "true"),
+        ] {
+            gw.publish(&format!("gw/plc/{point}/set"), value).await;
+            let result = gw.next_on(&format!("gw/plc/{point}/set/result")).await;
+            assert_eq!(result["status"], "ok", "{point}: {result}");
+        }
+        let s = state.lock().unwrap();
+        // The bit is a read-modify-write: its read is in `reads`, its write here.
+        let functions: Vec<u8> = s.write_functions.clone();
+        assert_eq!(functions, expected, "write_multiple = {multiple}");
+        assert_eq!(s.coils.get(&3), Some(&true));
+        assert_eq!(s.holding.get(&10), Some(&7));
+        assert_eq!(s.holding.get(&40), Some(&0b1001), "the other bits kept");
+        // The f32 went in one request, never two.
+        assert_eq!(
+            functions.iter().filter(|&&f| f == 16).count(),
+            if multiple { 3 } else { 1 }
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -907,6 +1044,344 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
     );
 }
 
+/// A serial device server in transparent mode: a TCP listener whose every connection is
+/// bridged byte for byte to the pty at `path`; returns its address and a count of the
+/// connections it accepted.
+async fn serve_device_server(path: String) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            use tokio_serial::SerialPortBuilderExt as _;
+            let Ok(mut port) = tokio_serial::new(&path, 115_200).open_native_async() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut socket, &mut port).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_over_tcp_reaches_two_units_behind_one_device_server_on_one_connection() {
+    let state = device_with(&[(0, 21), (1, 0xFFFE)]);
+    let (addr, accepted) = serve_device_server(serve_rtu(state.clone())).await;
+    let device = |name: &str, unit: u8| {
+        format!(
+            r#"[[devices]]
+name = "{name}"
+driver = "modbus-tcp"
+transport = "rtu-over-tcp"
+address = "{addr}"
+unit = {unit}
+poll = "100ms"
+timeout = "500ms"
+points = [ {{ name = "a", table = "holding", address = 0 }}, {{ name = "b", table = "holding", address = 1, type = "i16" }} ]
+"#
+        )
+    };
+    let mut gw = start_gateway(&format!("{}{}", device("left", 3), device("right", 4))).await;
+    let a = gw.next_on("gw/left/a").await;
+    assert_eq!(a["value"], 21, "{a}");
+    let b = gw.next_on("gw/right/b").await;
+    assert_eq!(b["value"], -2, "{b}");
+    // Both units answered, through RTU frames (CRC checked by both sides), over one
+    // connection: the units behind one address share it, one request at a time.
+    let units: HashSet<u8> = state
+        .lock()
+        .unwrap()
+        .reads
+        .iter()
+        .map(|(unit, ..)| *unit)
+        .collect();
+    assert_eq!(units, HashSet::from([3, 4]));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn rtu_over_tcp_is_a_transport_of_modbus_tcp_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "driver = \"modbus-tcp\"\naddress = \"10.0.0.1:4001\"\ntransport = \"rtu\"\n",
+            "devices[0].transport: unknown transport \"rtu\"",
+        ),
+        (
+            "driver = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\nunit = 1\ntransport = \"rtu-over-tcp\"\n",
+            "devices[0].transport: `transport` is not used by driver modbus-rtu",
+        ),
+    ];
+    for (keys, message) in cases {
+        let path = dir.path().join("fieldmq.toml");
+        std::fs::write(
+            &path,
+            format!("{HEADER}[[devices]]\nname = \"d\"\n{keys}points = [ {{ name = \"p\", table = \"holding\", address = 0 }} ]\n"),
+        )
+        .unwrap();
+        let error = config::load(&path).expect_err("refused");
+        assert!(error.to_string().contains(message), "{error}");
+    }
+}
+
+/// Modbus CRC-16 (polynomial 0xA001, initial 0xFFFF), sent low byte first.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc = 0xFFFFu16;
+    for &byte in data {
+        crc ^= u16::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xA001
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_rtu_answer_is_a_counted_crc_error_and_the_next_answer_decodes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_serial::SerialPort as _;
+    // A device written by hand on a pty: it answers every "read holding registers" with
+    // 0x1234 per register, the first answer with one data byte flipped (its CRC no longer
+    // fits).
+    let (a, b) = tokio_serial::SerialStream::pair().expect("pty pair");
+    let (mut device, path) = match (a.name(), b.name()) {
+        (_, Some(path)) => {
+            std::mem::forget(b);
+            (a, path)
+        }
+        (Some(path), None) => {
+            std::mem::forget(a);
+            (b, path)
+        }
+        (None, None) => panic!("pty without a name"),
+    };
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        let mut request = [0u8; 8];
+        while device.read_exact(&mut request).await.is_ok() {
+            if request[1] != 0x03 || crc16(&request[..6]).to_le_bytes() != request[6..8] {
+                continue;
+            }
+            let registers = u16::from_be_bytes([request[4], request[5]]);
+            let mut frame = vec![request[0], 0x03, (registers * 2) as u8];
+            for _ in 0..registers {
+                frame.extend_from_slice(&[0x12, 0x34]);
+            }
+            let crc = crc16(&frame);
+            frame.extend_from_slice(&crc.to_le_bytes());
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                frame[3] ^= 0x40;
+            }
+            if device.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut gw = start_gateway(&format!(
+        r#"[[devices]]
+name = "meter"
+driver = "modbus-rtu"
+port = "{path}"
+baud = 115200
+parity = "none"
+unit = 1
+poll = "200ms"
+timeout = "300ms"
+points = [ {{ name = "v", table = "holding", address = 0 }} ]
+"#
+    ))
+    .await;
+    let first = gw.next_on("gw/meter/v").await;
+    assert_eq!(first["quality"], "bad", "{first}");
+    let error = first["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("without a valid frame (CRC error or noise)"),
+        "{error}"
+    );
+    // The very next answer decodes: the garbled bytes did not stay in front of it.
+    let next = gw.next_on("gw/meter/v").await;
+    assert_eq!(next["value"], 0x1234, "{next}");
+    assert_eq!(next["quality"], "good", "{next}");
+    let crc = r#"fieldmq_device_errors_total{device="meter",kind="crc"}"#;
+    assert_eq!(sample(&gw.metrics, crc), Some(1.0), "{crc}");
+    let timeouts = r#"fieldmq_device_errors_total{device="meter",kind="timeout"}"#;
+    assert_eq!(sample(&gw.metrics, timeouts), Some(0.0), "{timeouts}");
+}
+
+/// The value a profile test gives point `index`: numbers whose raw register value is a
+/// whole number (so every scale and type holds it exactly), alternating booleans, text.
+fn profile_value(point: &fieldmq::drivers::modbus::Point, index: usize) -> fieldmq::model::Value {
+    use fieldmq::drivers::modbus::DataType;
+    use fieldmq::model::Value;
+    let raw = (index as i64 + 1) * 7;
+    match point.data_type {
+        DataType::Bool | DataType::Bit(_) => Value::Bool(index % 2 == 0),
+        DataType::String { .. } => Value::Text("AB".into()),
+        DataType::I16 | DataType::I32 | DataType::I64 if index % 3 == 0 => {
+            Value::Float(-(raw as f64) * point.scale + point.offset)
+        }
+        _ => Value::Float(raw as f64 * point.scale + point.offset),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_built_in_profile_reads_a_device_laid_out_from_its_own_table() {
+    use fieldmq::drivers::modbus::codec::{encode, Encoded};
+    use fieldmq::drivers::modbus::{profile, Table};
+    let names: Vec<String> = profile::list(None)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(names.len() >= 7, "{names:?}");
+    for name in names {
+        let found = profile::find(&name, None).unwrap_or_else(|e| panic!("{e}"));
+        // The device: every point's register(s) or bit holding its value.
+        let state = device_with(&[]);
+        let mut expected = Vec::new();
+        {
+            let mut s = state.lock().unwrap();
+            for (index, point) in found.points.iter().enumerate() {
+                let value = profile_value(point, index);
+                let encoded =
+                    encode(point, &value).unwrap_or_else(|e| panic!("{name} {}: {e}", point.name));
+                match (point.table, encoded) {
+                    (Table::Coil, Encoded::Coil(b)) => {
+                        s.coils.insert(point.address, b);
+                    }
+                    (Table::Discrete, Encoded::Coil(b)) => {
+                        s.discrete.insert(point.address, b);
+                    }
+                    (table, Encoded::Bit { bit, value: b }) => {
+                        let map = if table == Table::Input {
+                            &mut s.input
+                        } else {
+                            &mut s.holding
+                        };
+                        let word = map.entry(point.address).or_default();
+                        if b {
+                            *word |= 1 << bit;
+                        }
+                    }
+                    (table, Encoded::Registers(words)) => {
+                        let map = if table == Table::Input {
+                            &mut s.input
+                        } else {
+                            &mut s.holding
+                        };
+                        for (offset, word) in words.into_iter().enumerate() {
+                            map.insert(point.address + offset as u16, word);
+                        }
+                    }
+                    (table, other) => panic!("{name} {}: {other:?} in {table}", point.name),
+                }
+                expected.push((point.name.clone(), value));
+            }
+        }
+        let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+        let mut gw = start_gateway(&format!(
+            "[[devices]]\nname = \"m\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"200ms\"\nprofile = \"{name}\"\n"
+        ))
+        .await;
+        for (point, value) in expected {
+            let reading = gw.next_on(&format!("gw/m/{point}")).await;
+            assert_eq!(reading["quality"], "good", "{name} {point}: {reading}");
+            match value {
+                fieldmq::model::Value::Float(x) => {
+                    let got = reading["value"].as_f64().unwrap_or(f64::NAN);
+                    assert!(
+                        (got - x).abs() <= x.abs() * 1e-6 + 1e-9,
+                        "{name} {point}: {got} != {x}"
+                    );
+                }
+                other => assert_eq!(reading["value"], json!(other), "{name} {point}"),
+            }
+        }
+        gw.shutdown.cancel();
+    }
+}
+
+#[test]
+fn profiles_are_listed_shown_overridden_locally_and_their_mistakes_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fieldmq.toml");
+    let device = |profile: &str| {
+        format!("{HEADER}[[devices]]\nname = \"m\"\ndriver = \"modbus-tcp\"\naddress = \"10.0.0.1\"\nprofile = \"{profile}\"\n")
+    };
+    let run = |args: &[&str]| {
+        let mut full: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        full.extend([std::ffi::OsStr::new("-c"), config.as_os_str()]);
+        gateway::run_within(&full, &[], Duration::from_secs(20))
+    };
+
+    // Built in: listed, shown, usable; `check` says how many requests a cycle takes.
+    let (code, stdout, _) = run(&["profiles", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("eastron-sdm630 ") && l.contains("[built in]")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run(&["profiles", "show", "eastron-sdm630"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("voltage_l1")
+            && stdout.contains("input")
+            && stdout.contains("f32:ABCD [V]"),
+        "{stdout}"
+    );
+    std::fs::write(&config, device("eastron-sdm630")).unwrap();
+    let (code, stdout, stderr) = run(&["check"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("m: modbus-tcp, 39 point(s) in 3 read request(s) per cycle"),
+        "{stdout}"
+    );
+
+    // A misspelt name is refused at its line with the closest profile.
+    std::fs::write(&config, device("eastron-sdm603")).unwrap();
+    let (code, _, stderr) = run(&["check"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("fieldmq.toml:9:") && stderr.contains("devices[0].profile: unknown profile \"eastron-sdm603\" (did you mean \"eastron-sdm630\"?)"), "{stderr}");
+
+    // A local profile next to the file replaces the built-in one of the same name.
+    std::fs::create_dir(dir.path().join("profiles")).unwrap();
+    std::fs::write(
+        dir.path().join("profiles/eastron-sdm630.toml"),
+        "description = \"local\"\nsource = \"test\"\npoints = [ { name = \"only\", table = \"holding\", address = 3 } ]\n",
+    )
+    .unwrap();
+    std::fs::write(&config, device("eastron-sdm630")).unwrap();
+    let (code, stdout, stderr) = run(&["check"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("m: modbus-tcp, 1 point(s)"), "{stdout}");
+    let (_, stdout, _) = run(&["profiles", "list"]);
+    assert!(stdout.lines().any(|l| l.starts_with("eastron-sdm630 ") && l.contains("profiles/eastron-sdm630.toml")), "{stdout}");
+
+    // A broken local profile names its own file, line and key.
+    std::fs::write(
+        dir.path().join("profiles/site.toml"),
+        "description = \"x\"\npoints = [\n  { name = \"a\", table = \"holding\", address = 70000 },\n]\n",
+    )
+    .unwrap();
+    std::fs::write(&config, device("site")).unwrap();
+    let (code, _, stderr) = run(&["check"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("profiles/site.toml:3:") && stderr.contains("points[0].address"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_prints_every_interpretation() {
     let state = device_with(&[(40, 0x0000), (41, 0x41C8), (42, 0x4142), (43, 0x4344)]);
@@ -934,6 +1409,7 @@ async fn probe_prints_every_interpretation() {
     );
     for expected in [
         "holding 40..=43 of unit 1",
+        "(0-based protocol addresses), answered in ",
         "     41  0x41C8   16840   16840     51265    -14271  A.",
         "     42  0x4142   16706   16706     16961     16961  AB",
         "     40  ABCD   0x000041C8       16840        16840  2.3598e-41",

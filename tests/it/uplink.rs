@@ -91,6 +91,7 @@ fn uplink_config(name: &str, port: u16) -> UplinkConfig {
         }],
         reconnect_min: Duration::from_millis(200),
         reconnect_max: Duration::from_secs(1),
+        sparkplug: None,
     }
 }
 

@@ -17,9 +17,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_modbus::client::{Client, Context};
 use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
@@ -97,6 +103,10 @@ pub(super) enum Op {
         address: u16,
         values: Vec<u16>,
     },
+    WriteCoils {
+        address: u16,
+        values: Vec<bool>,
+    },
 }
 
 pub(super) enum Reply {
@@ -112,6 +122,13 @@ pub(super) enum Failure {
     Timeout(Duration),
     /// I/O or framing: the connection is reopened.
     Link(String),
+    /// RTU: bytes came back but never a valid frame (a CRC error, noise on the line, a
+    /// collision). The connection is reopened at once, so no leftover byte can join the
+    /// next answer.
+    Garbled {
+        bytes: usize,
+        after: Duration,
+    },
     /// A well-formed answer that does not fit the request (a write echoed with another
     /// address or value, another function's answer): the device answered, the link is fine.
     Unexpected(String),
@@ -125,6 +142,10 @@ impl Failure {
                 format!("no response within {}", humantime::format_duration(*after))
             }
             Failure::Link(error) | Failure::Unexpected(error) => error.clone(),
+            Failure::Garbled { bytes, after } => format!(
+                "no valid answer within {}: {bytes} byte(s) without a valid frame (CRC error or noise)",
+                humantime::format_duration(*after)
+            ),
         }
     }
 }
@@ -150,6 +171,7 @@ pub fn exception_name(code: ExceptionCode) -> String {
 #[derive(Debug, Clone)]
 pub(crate) enum Link {
     Tcp { address: String },
+    RtuOverTcp { address: String },
     Rtu(SerialSettings),
 }
 
@@ -159,6 +181,9 @@ impl Link {
             Transport::Tcp { address } => Link::Tcp {
                 address: address.clone(),
             },
+            Transport::RtuOverTcp { address } => Link::RtuOverTcp {
+                address: address.clone(),
+            },
             Transport::Rtu(settings) => Link::Rtu(settings.clone()),
         }
     }
@@ -166,54 +191,138 @@ impl Link {
     fn describe(&self) -> String {
         match self {
             Link::Tcp { address } => address.clone(),
+            Link::RtuOverTcp { address } => format!("{address} (rtu-over-tcp)"),
             Link::Rtu(settings) => settings.path.clone(),
         }
     }
 
     fn silent_interval(&self) -> Duration {
         match self {
-            Link::Tcp { .. } => Duration::ZERO,
+            // The device server keeps the serial line's timing.
+            Link::Tcp { .. } | Link::RtuOverTcp { .. } => Duration::ZERO,
             Link::Rtu(settings) => settings.silent_interval(),
         }
     }
 }
 
+/// An open link: the tokio-modbus client and, for RTU framing, the count of bytes received
+/// since the last request was sent.
+pub(crate) struct Connection {
+    context: Context,
+    /// tokio-modbus' RTU decoder skips a frame with a bad CRC byte by byte, silently: to the
+    /// caller a garbled answer looks like no answer. This count tells them apart.
+    received: Option<Arc<AtomicUsize>>,
+}
+
+/// A stream that counts the bytes read from it.
+#[derive(Debug)]
+struct Counted<S> {
+    inner: S,
+    received: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            self.received
+                .fetch_add(buf.filled().len() - before, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn rtu_connection<S>(stream: S) -> Connection
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Unpin + Send + 'static,
+{
+    let received = Arc::new(AtomicUsize::new(0));
+    let counted = Counted {
+        inner: stream,
+        received: received.clone(),
+    };
+    Connection {
+        context: tokio_modbus::client::rtu::attach(counted),
+        received: Some(received),
+    }
+}
+
 /// Opens the link. TCP connects (bounded by `limit`), RTU opens the serial port.
-pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Context, String> {
+pub(crate) async fn connect(link: &Link, limit: Duration) -> Result<Connection, String> {
     match link {
         Link::Tcp { address } => {
-            let addresses = timeout(limit, tokio::net::lookup_host(address.as_str()))
-                .await
-                .map_err(|_| format!("cannot resolve {address}: timed out"))?
-                .map_err(|e| format!("cannot resolve {address}: {e}"))?;
-            let mut last = format!("{address} resolves to no address");
-            for socket in addresses {
-                match timeout(limit, tokio::net::TcpStream::connect(socket)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = stream.set_nodelay(true);
-                        return Ok(tokio_modbus::client::tcp::attach(stream));
-                    }
-                    Ok(Err(e)) => last = format!("cannot connect to {address}: {e}"),
-                    Err(_) => last = format!("cannot connect to {address}: timed out"),
-                }
-            }
-            Err(last)
+            let stream = connect_tcp(address, limit).await?;
+            Ok(Connection {
+                context: tokio_modbus::client::tcp::attach(stream),
+                received: None,
+            })
         }
-        Link::Rtu(settings) => {
-            let stream = crate::drivers::serial::open_port(settings)?;
-            Ok(tokio_modbus::client::rtu::attach(stream))
+        Link::RtuOverTcp { address } => Ok(rtu_connection(connect_tcp(address, limit).await?)),
+        Link::Rtu(settings) => Ok(rtu_connection(crate::drivers::serial::open_port(settings)?)),
+    }
+}
+
+/// A TCP connection to `address` (each resolved address tried in turn), bounded by `limit`.
+async fn connect_tcp(address: &str, limit: Duration) -> Result<tokio::net::TcpStream, String> {
+    let addresses = timeout(limit, tokio::net::lookup_host(address))
+        .await
+        .map_err(|_| format!("cannot resolve {address}: timed out"))?
+        .map_err(|e| format!("cannot resolve {address}: {e}"))?;
+    let mut last = format!("{address} resolves to no address");
+    for socket in addresses {
+        match timeout(limit, tokio::net::TcpStream::connect(socket)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = format!("cannot connect to {address}: {e}"),
+            Err(_) => last = format!("cannot connect to {address}: timed out"),
         }
     }
+    Err(last)
 }
 
 /// Runs one transaction with a timeout.
 pub(super) async fn call(
-    connection: &mut Context,
+    connection: &mut Connection,
     unit: u8,
     op: &Op,
     limit: Duration,
 ) -> Result<Reply, Failure> {
-    connection.set_slave(Slave(unit));
+    let Connection { context, received } = connection;
+    context.set_slave(Slave(unit));
+    if let Some(received) = received {
+        received.store(0, Ordering::Relaxed);
+    }
     // Through `Client::call` rather than tokio-modbus' `Reader`/`Writer`: those check the
     // answer with debug assertions only (a short answer from a device would panic a debug
     // build and pass unnoticed in release); here every answer is checked the same way.
@@ -233,9 +342,18 @@ pub(super) async fn call(
         Op::WriteRegisters { address, values } => {
             Request::WriteMultipleRegisters(*address, std::borrow::Cow::Borrowed(values))
         }
+        Op::WriteCoils { address, values } => {
+            Request::WriteMultipleCoils(*address, std::borrow::Cow::Borrowed(values))
+        }
     };
-    match timeout(limit, connection.call(request)).await {
-        Err(_) => Err(Failure::Timeout(limit)),
+    match timeout(limit, context.call(request)).await {
+        Err(_) => match received.as_ref().map(|r| r.load(Ordering::Relaxed)) {
+            Some(bytes) if bytes > 0 => Err(Failure::Garbled {
+                bytes,
+                after: limit,
+            }),
+            _ => Err(Failure::Timeout(limit)),
+        },
         Ok(Err(error)) => Err(Failure::Link(error.to_string())),
         Ok(Ok(Err(code))) => Err(Failure::Exception(code)),
         Ok(Ok(Ok(response))) => reply_to(op, response),
@@ -293,6 +411,19 @@ fn reply_to(op: &Op, response: Response) -> Result<Reply, Failure> {
                 ))
             }
         }
+        (
+            Op::WriteCoils { address, values },
+            Response::WriteMultipleCoils(echo_address, echo_count),
+        ) => {
+            if echo_address == *address && usize::from(echo_count) == values.len() {
+                Ok(Reply::Done)
+            } else {
+                unexpected(format!(
+                    "the device confirmed {echo_count} coils at {echo_address} for {} at {address}",
+                    values.len()
+                ))
+            }
+        }
         (_, response) => unexpected(format!("an answer of another kind: {response:?}")),
     }
 }
@@ -301,7 +432,7 @@ fn reply_to(op: &Op, response: Response) -> Result<Reply, Failure> {
 pub(crate) struct Bus {
     link: Link,
     silent: Duration,
-    connection: Option<Context>,
+    connection: Option<Connection>,
     /// RTU: no frame before this (silent interval + turnaround).
     free_at: Instant,
     link_backoff: Backoff,
@@ -447,7 +578,7 @@ impl Bus {
         if let Some(mut connection) = self.connection.take() {
             let _ = timeout(
                 Duration::from_secs(1),
-                tokio_modbus::client::Client::disconnect(&mut connection),
+                tokio_modbus::client::Client::disconnect(&mut connection.context),
             )
             .await;
         }
@@ -553,8 +684,12 @@ impl Bus {
         match &result {
             Ok(_) => metrics.request_ok(finished - started),
             Err(Failure::Timeout(_)) => metrics.request_failed(ErrorKind::Timeout),
-            Err(Failure::Exception(_)) => metrics.request_failed(ErrorKind::Exception),
+            Err(Failure::Exception(code)) => {
+                metrics.request_failed(ErrorKind::Exception);
+                metrics.exception(u8::from(*code));
+            }
             Err(Failure::Link(_)) => metrics.request_failed(ErrorKind::Io),
+            Err(Failure::Garbled { .. }) => metrics.request_failed(ErrorKind::Frame),
             Err(Failure::Unexpected(_)) => metrics.request_failed(ErrorKind::Decode),
         }
         if !tcp {
@@ -567,6 +702,11 @@ impl Bus {
         match &result {
             // A late answer would be taken for the next one's: start a fresh connection.
             Err(Failure::Timeout(_)) if tcp => self.connection = None,
+            // Reopened at once (the link itself is fine): a fresh decoder for the next answer.
+            Err(Failure::Garbled { .. }) => {
+                tracing::debug!(link = %self.link.describe(), "garbled RTU answer, reopening the link");
+                self.connection = None;
+            }
             Err(Failure::Link(error)) => {
                 tracing::warn!(link = %self.link.describe(), %error, "modbus link failed, reopening");
                 self.connection = None;
@@ -652,8 +792,38 @@ impl Bus {
                     });
                 }
             }
+            Err(Failure::Exception(ExceptionCode::IllegalDataAddress))
+                if request.points.len() > 1 =>
+            {
+                // A merged read that covers an address the device does not have: read
+                // its halves on their own, now, until the address is found; the rest of
+                // the points keep working.
+                device.succeeded();
+                if let Some((first, second)) = plan::split(&request, &device.config.points) {
+                    tracing::info!(device = %device.context.device, unit, request = %request.describe(), into = %format!("{} and {}", first.describe(), second.describe()), "illegal data address on a merged read: splitting it");
+                    let now = Instant::now();
+                    if let Some(read) = device.reads.get_mut(r) {
+                        read.request = first;
+                        read.due = now;
+                    }
+                    device.reads.push(Scheduled {
+                        request: second,
+                        due: now,
+                        error: None,
+                        attempted: false,
+                    });
+                }
+            }
             Err(Failure::Exception(code)) => {
                 device.succeeded();
+                if code == ExceptionCode::IllegalDataAddress {
+                    // The address this point covers is not in the device's map: asked
+                    // again only every `backoff_max`, not every poll.
+                    let recheck = device.config.backoff_max.max(request.interval);
+                    if let Some(read) = device.reads.get_mut(r) {
+                        read.due = Instant::now() + recheck;
+                    }
+                }
                 let reason = format!("{} reading {}", exception_name(code), request.describe());
                 tracing::warn!(device = %device.context.device, unit, request = %request.describe(), exception = %exception_name(code), "modbus exception");
                 if let Some(read) = device.reads.get_mut(r) {
@@ -771,8 +941,24 @@ impl Bus {
                 return error(format!("device offline ({last})"));
             }
         }
-        tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded), "writing");
+        let multiple = device.config.write_multiple;
+        tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded, multiple), "writing");
+        // One register as FC06, or as FC16 for devices that only take that.
+        let one_register = |address: u16, value: u16| {
+            if multiple {
+                Op::WriteRegisters {
+                    address,
+                    values: vec![value],
+                }
+            } else {
+                Op::WriteRegister { address, value }
+            }
+        };
         let op = match encoded {
+            Encoded::Coil(value) if multiple => Op::WriteCoils {
+                address: point.address,
+                values: vec![value],
+            },
             Encoded::Coil(value) => Op::WriteCoil {
                 address: point.address,
                 value,
@@ -793,19 +979,16 @@ impl Bus {
                     Err(failure) => return self.write_failed(d, failure).await,
                 };
                 let mask = 1u16 << bit;
-                Op::WriteRegister {
-                    address: point.address,
-                    value: if value {
+                one_register(
+                    point.address,
+                    if value {
                         current | mask
                     } else {
                         current & !mask
                     },
-                }
+                )
             }
-            Encoded::Registers(words) if words.len() == 1 => Op::WriteRegister {
-                address: point.address,
-                value: words[0],
-            },
+            Encoded::Registers(words) if words.len() == 1 => one_register(point.address, words[0]),
             Encoded::Registers(words) => Op::WriteRegisters {
                 address: point.address,
                 values: words,
@@ -858,6 +1041,7 @@ impl Bus {
             Failure::Exception(code) => format!("device exception: {}", exception_name(*code)),
             Failure::Timeout(_) => format!("timeout: {}", failure.describe()),
             Failure::Link(error) => format!("link error: {error}"),
+            Failure::Garbled { .. } => format!("link error: {}", failure.describe()),
             Failure::Unexpected(error) => format!("unexpected answer: {error}"),
         };
         if !matches!(failure, Failure::Exception(_) | Failure::Unexpected(_)) {
@@ -877,7 +1061,9 @@ impl Device {
         }
         self.failures = 0;
         self.last_failure = None;
-        self.retry_at = None;
+        if self.retry_at.take().is_some() {
+            self.context.metrics().backoff(Duration::ZERO);
+        }
         self.backoff.reset();
     }
 
@@ -889,6 +1075,7 @@ impl Device {
             let wait = self.backoff.next_delay();
             tracing::warn!(device = %self.context.device, failures = self.failures, retry_in = ?wait, "device backed off");
             self.retry_at = Some(now.max(Instant::now()) + wait);
+            self.context.metrics().backoff(wait);
         }
         true
     }

@@ -355,12 +355,14 @@ fn as_bool(value: &Value) -> Result<bool, EncodeError> {
 }
 
 /// The function code a write uses, for logs and docs.
-pub fn write_function(encoded: &Encoded) -> &'static str {
-    match encoded {
-        Encoded::Coil(_) => "FC05 write single coil",
-        Encoded::Bit { .. } => "FC03 + FC06 read-modify-write",
-        Encoded::Registers(words) if words.len() == 1 => "FC06 write single register",
-        Encoded::Registers(_) => "FC16 write multiple registers",
+pub fn write_function(encoded: &Encoded, multiple: bool) -> &'static str {
+    match (encoded, multiple) {
+        (Encoded::Coil(_), false) => "FC05 write single coil",
+        (Encoded::Coil(_), true) => "FC15 write multiple coils",
+        (Encoded::Bit { .. }, false) => "FC03 + FC06 read-modify-write",
+        (Encoded::Bit { .. }, true) => "FC03 + FC16 read-modify-write",
+        (Encoded::Registers(words), false) if words.len() == 1 => "FC06 write single register",
+        (Encoded::Registers(_), _) => "FC16 write multiple registers",
     }
 }
 

@@ -48,6 +48,8 @@ pub(crate) struct RawModbusDevice {
     pub(crate) poll: Option<S<String>>,
     /// TCP: `host:port`.
     pub(crate) address: Option<S<String>>,
+    /// TCP: `tcp` (MBAP framing, the default) or `rtu-over-tcp`.
+    pub(crate) transport: Option<S<String>>,
     /// RTU: the serial port.
     pub(crate) port: Option<S<String>>,
     pub(crate) baud: Option<S<i64>>,
@@ -63,6 +65,9 @@ pub(crate) struct RawModbusDevice {
     pub(crate) max_bits_per_request: Option<S<i64>>,
     pub(crate) backoff_min: Option<S<String>>,
     pub(crate) backoff_max: Option<S<String>>,
+    pub(crate) write_multiple: Option<S<bool>>,
+    /// A register map from `profiles/` (see `profile.rs`).
+    pub(crate) profile: Option<S<String>>,
     pub(crate) points: Option<S<Vec<S<RawModbusPoint>>>>,
 }
 
@@ -104,6 +109,9 @@ pub struct ModbusConfig {
     /// Reconnect / retry backoff bounds. Default 1s..60s.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Write with FC15/FC16 (write multiple coils / registers) even for one coil or one
+    /// register, for devices that implement only those. Default false (FC05/FC06).
+    pub write_multiple: bool,
     pub points: Vec<Point>,
 }
 
@@ -113,7 +121,32 @@ pub enum Transport {
     Tcp {
         address: String,
     },
+    /// RTU frames (with CRC) over a TCP socket: a serial device server in transparent mode.
+    RtuOverTcp {
+        address: String,
+    },
     Rtu(SerialSettings),
+}
+
+impl Transport {
+    /// The TCP address a TCP transport connects to (devices at one address share a
+    /// connection); `None` for a serial line.
+    pub fn tcp_address(&self) -> Option<&str> {
+        match self {
+            Transport::Tcp { address } | Transport::RtuOverTcp { address } => Some(address),
+            Transport::Rtu(_) => None,
+        }
+    }
+
+    /// The driver name and framing, for summaries: `modbus-tcp`, `modbus-tcp (rtu-over-tcp)`,
+    /// `modbus-rtu`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Transport::Tcp { .. } => "modbus-tcp",
+            Transport::RtuOverTcp { .. } => "modbus-tcp (rtu-over-tcp)",
+            Transport::Rtu(_) => "modbus-rtu",
+        }
+    }
 }
 
 /// What a Modbus RTU line accepts: even parity by default (the Modbus serial line
@@ -357,8 +390,11 @@ pub(crate) fn validate(
     raw: &RawModbusDevice,
     span: Range<usize>,
     prefix: &str,
+    profile: Option<&super::profile::Profile>,
     mut v: DeviceCheck<'_, '_>,
 ) -> Option<ModbusConfig> {
+    // A profile's planning limits are the defaults of the devices that use it.
+    let profile_limits = profile.map(|p| p.limits.clone()).unwrap_or_default();
     let rtu = raw
         .driver
         .as_ref()
@@ -367,7 +403,10 @@ pub(crate) fn validate(
 
     // Keys of the other transport are mistakes worth naming.
     let foreign: Vec<(&str, Option<Range<usize>>)> = if rtu {
-        vec![("address", raw.address.as_ref().map(Spanned::span))]
+        vec![
+            ("address", raw.address.as_ref().map(Spanned::span)),
+            ("transport", raw.transport.as_ref().map(Spanned::span)),
+        ]
     } else {
         vec![
             ("port", raw.port.as_ref().map(Spanned::span)),
@@ -460,7 +499,9 @@ pub(crate) fn validate(
             &format!("{prefix}.max_registers_per_request"),
             1,
             MAX_REGISTERS_PER_REQUEST,
-            MAX_REGISTERS_PER_REQUEST,
+            profile_limits
+                .max_registers
+                .unwrap_or(MAX_REGISTERS_PER_REQUEST),
         ),
         max_bits: v.small(
             &raw.max_bits_per_request,
@@ -474,7 +515,7 @@ pub(crate) fn validate(
             &format!("{prefix}.max_gap"),
             0,
             MAX_REGISTERS_PER_REQUEST,
-            DEFAULT_MAX_GAP_REGISTERS,
+            profile_limits.max_gap.unwrap_or(DEFAULT_MAX_GAP_REGISTERS),
         ),
         max_gap_bits: v.small(
             &raw.max_bit_gap,
@@ -487,6 +528,7 @@ pub(crate) fn validate(
 
     let mut points = Vec::new();
     match &raw.points {
+        None if profile.is_some() => {}
         None => v.missing(
             span,
             format!("{prefix}.points"),
@@ -513,6 +555,9 @@ pub(crate) fn validate(
     if !v.ok {
         return None;
     }
+    if let Some(profile) = profile {
+        points = super::profile::merge(&profile.points, points);
+    }
     Some(ModbusConfig {
         transport: transport?,
         unit: unit?,
@@ -521,6 +566,7 @@ pub(crate) fn validate(
         limits,
         backoff_min,
         backoff_max,
+        write_multiple: raw.write_multiple.as_ref().is_some_and(|w| *w.get_ref()),
         points,
     })
 }
@@ -593,12 +639,29 @@ impl DeviceCheck<'_, '_> {
             .hint = Some("write address = \"host:port\", e.g. \"192.168.1.50:502\"".into());
             return None;
         }
-        Some(Transport::Tcp {
-            address: format!("{host}:{port}"),
-        })
+        let address = format!("{host}:{port}");
+        match raw
+            .transport
+            .as_ref()
+            .map(|t| (t.get_ref().as_str(), t.span()))
+        {
+            None | Some(("tcp", _)) => Some(Transport::Tcp { address }),
+            Some(("rtu-over-tcp", _)) => Some(Transport::RtuOverTcp { address }),
+            Some((other, span)) => {
+                self.error(
+                    Some(span),
+                    format!("{prefix}.transport"),
+                    format!("unknown transport {other:?}, expected \"tcp\" or \"rtu-over-tcp\""),
+                )
+                .hint = Some(
+                    "rtu-over-tcp is for serial device servers in transparent mode; a Modbus TCP gateway is \"tcp\"".into(),
+                );
+                None
+            }
+        }
     }
 
-    fn point(
+    pub(crate) fn point(
         &mut self,
         raw: &S<RawModbusPoint>,
         prefix: &str,

@@ -8,14 +8,17 @@
 //!   every RTU device on it), serialises its transactions and handles writes.
 //! - [`probe`]: `fieldmq probe`, every interpretation of a register range.
 //!
-//! Devices are grouped into buses with [`device_tasks`]: one bus per TCP device (so TCP
-//! devices poll concurrently) and one per serial port.
+//! Devices are grouped into buses with [`device_tasks`]: one bus per TCP address (devices
+//! at different addresses poll concurrently; the unit ids behind one Modbus TCP gateway or
+//! serial device server share its connection, one request at a time) and one per serial
+//! port.
 
 mod bus;
 pub mod codec;
 pub mod config;
 pub mod plan;
 pub mod probe;
+pub mod profile;
 mod report;
 
 use std::collections::BTreeMap;
@@ -55,13 +58,15 @@ pub async fn run_device(
 }
 
 /// The tasks that run every Modbus device in `devices` (others are ignored): one per TCP
-/// device, one per serial port with all its RTU devices. Spawn each, e.g. into the
-/// service's `JoinSet`; each ends after `shutdown` is cancelled.
+/// address (and framing) with all its devices, one per serial port with all its RTU
+/// devices. Spawn each, e.g. into the service's `JoinSet`; each ends after `shutdown` is
+/// cancelled.
 pub fn device_tasks(
     devices: Vec<(DeviceConfig, DeviceContext)>,
     shutdown: CancellationToken,
 ) -> Vec<BoxFuture<'static, ()>> {
     let mut serial: BTreeMap<String, (SerialSettings, Vec<BusDevice>)> = BTreeMap::new();
+    let mut tcp: BTreeMap<(&'static str, String), (Link, Vec<BusDevice>)> = BTreeMap::new();
     let mut tasks = Vec::new();
     for (device, context) in devices {
         let DriverConfig::Modbus(config) = device.driver else {
@@ -73,9 +78,16 @@ pub fn device_tasks(
             config,
         };
         match bus_device.config.transport.clone() {
-            Transport::Tcp { address } => {
-                let bus = Bus::new(Link::Tcp { address }, vec![bus_device]);
-                tasks.push(bus.run(shutdown.clone()).boxed());
+            transport @ (Transport::Tcp { .. } | Transport::RtuOverTcp { .. }) => {
+                let key = (
+                    transport.describe(),
+                    transport.tcp_address().unwrap_or_default().to_owned(),
+                );
+                let entry = tcp
+                    .entry(key)
+                    .or_insert_with(|| (Link::of(&transport), Vec::new()));
+                warn_shared_unit(&entry.1, &bus_device, "at one address");
+                entry.1.push(bus_device);
             }
             Transport::Rtu(settings) => {
                 let entry = serial
@@ -88,27 +100,31 @@ pub fn device_tasks(
                         "serial settings differ from the first device on this port; the port uses the first device's"
                     );
                 }
-                if let Some(other) = entry
-                    .1
-                    .iter()
-                    .find(|d| d.config.unit == bus_device.config.unit)
-                {
-                    tracing::warn!(
-                        device = %device.name,
-                        other = %other.context.device,
-                        unit = bus_device.config.unit,
-                        "two devices with the same unit id on one serial port"
-                    );
-                }
+                warn_shared_unit(&entry.1, &bus_device, "on one serial port");
                 entry.1.push(bus_device);
             }
         }
+    }
+    for (_, (link, devices)) in tcp {
+        tasks.push(Bus::new(link, devices).run(shutdown.clone()).boxed());
     }
     for (_, (settings, devices)) in serial {
         let bus = Bus::new(Link::Rtu(settings), devices);
         tasks.push(bus.run(shutdown.clone()).boxed());
     }
     tasks
+}
+
+/// Warns when `new` has the unit id of a device already on its link (`place` says which).
+fn warn_shared_unit(on_link: &[BusDevice], new: &BusDevice, place: &str) {
+    if let Some(other) = on_link.iter().find(|d| d.config.unit == new.config.unit) {
+        tracing::warn!(
+            device = %new.context.device,
+            other = %other.context.device,
+            unit = new.config.unit,
+            "two devices with the same unit id {place}"
+        );
+    }
 }
 
 /// Read requests per poll cycle for one device, as planned at start.

@@ -63,20 +63,51 @@ pub fn plan(points: &[Point], device_poll: Duration, limits: &PlanLimits) -> Vec
                 }
                 previous => {
                     if let Some(previous) = previous {
-                        requests.push(request(table, interval, previous));
+                        requests.push(request_of(table, interval, previous));
                     }
                     Some((start, end, vec![index]))
                 }
             };
         }
         if let Some(last) = current {
-            requests.push(request(table, interval, last));
+            requests.push(request_of(table, interval, last));
         }
     }
     requests
 }
 
-fn request(
+/// `request` cut in two, each half with its points (in address order) and just the range
+/// they cover; `None` for a request of one point. For a device that refuses a merged read
+/// because it covers an address it does not have: the halves are read on their own until
+/// the address is found.
+pub fn split(request: &ReadRequest, points: &[Point]) -> Option<(ReadRequest, ReadRequest)> {
+    if request.points.len() < 2 {
+        return None;
+    }
+    let mut members = request.points.clone();
+    members.sort_by_key(|&i| points.get(i).map(|p| (p.address, p.end())));
+    let second = members.split_off(members.len() / 2);
+    let half = |members: Vec<usize>| {
+        let start = members
+            .iter()
+            .filter_map(|&i| points.get(i))
+            .map(|p| u32::from(p.address))
+            .min()?;
+        let end = members
+            .iter()
+            .filter_map(|&i| points.get(i))
+            .map(Point::end)
+            .max()?;
+        Some(request_of(
+            request.table,
+            request.interval,
+            (start, end, members),
+        ))
+    };
+    Some((half(members)?, half(second)?))
+}
+
+fn request_of(
     table: Table,
     interval: Duration,
     (start, end, points): (u32, u32, Vec<usize>),
@@ -115,6 +146,26 @@ mod tests {
     }
 
     const POLL: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_request_splits_into_halves_that_cover_only_their_points() {
+        let points: Vec<Point> = [0u16, 1, 10, 11, 12]
+            .iter()
+            .map(|&a| point(Table::Holding, a, DataType::U16))
+            .collect();
+        let limits = PlanLimits {
+            max_gap_registers: 20,
+            ..PlanLimits::default()
+        };
+        let requests = plan(&points, Duration::from_secs(1), &limits);
+        assert_eq!(requests.len(), 1);
+        let (a, b) = split(&requests[0], &points).expect("five points split");
+        assert_eq!((a.start, a.count, a.points.clone()), (0, 2, vec![0, 1]));
+        assert_eq!((b.start, b.count, b.points.clone()), (10, 3, vec![2, 3, 4]));
+        let (c, d) = split(&a, &points).expect("two points split");
+        assert_eq!((c.start, c.count, d.start, d.count), (0, 1, 1, 1));
+        assert_eq!(split(&c, &points), None);
+    }
 
     #[test]
     fn adjacent_points_merge_and_a_gap_splits_unless_allowed() {

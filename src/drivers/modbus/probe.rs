@@ -11,7 +11,7 @@ use super::config::{Order, Parity, SerialSettings, Table};
 
 /// Arguments of `fieldmq probe`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(group(clap::ArgGroup::new("link").required(true).args(["tcp", "rtu"])))]
+#[command(group(clap::ArgGroup::new("link").required(true).args(["tcp", "rtu", "rtu_over_tcp"])))]
 pub struct ProbeArgs {
     /// Modbus TCP device, `host:port`.
     #[arg(long, value_name = "HOST:PORT")]
@@ -19,6 +19,9 @@ pub struct ProbeArgs {
     /// Modbus RTU serial port, e.g. /dev/ttyUSB0.
     #[arg(long, value_name = "PORT")]
     pub rtu: Option<String>,
+    /// RTU frames over TCP (a serial device server in transparent mode), `host:port`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub rtu_over_tcp: Option<String>,
     #[arg(long, default_value_t = 9600)]
     pub baud: u32,
     /// none, even or odd.
@@ -81,11 +84,14 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             "the range runs past address 65535".into(),
         ));
     }
-    let link = match (&args.tcp, &args.rtu) {
-        (Some(address), None) => Link::Tcp {
+    let link = match (&args.tcp, &args.rtu, &args.rtu_over_tcp) {
+        (Some(address), None, None) => Link::Tcp {
             address: address.clone(),
         },
-        (None, Some(port)) => Link::Rtu(SerialSettings {
+        (None, None, Some(address)) => Link::RtuOverTcp {
+            address: address.clone(),
+        },
+        (None, Some(port), None) => Link::Rtu(SerialSettings {
             path: port.clone(),
             baud: args.baud,
             parity: match args.parity.to_ascii_lowercase().as_str() {
@@ -104,12 +110,13 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         }),
         _ => {
             return Err(ProbeError::Usage(
-                "give exactly one of --tcp and --rtu".into(),
+                "give exactly one of --tcp, --rtu and --rtu-over-tcp".into(),
             ))
         }
     };
     let source = match &link {
         Link::Tcp { address } => address.clone(),
+        Link::RtuOverTcp { address } => format!("{address} (rtu-over-tcp)"),
         Link::Rtu(settings) => format!("{} at {} baud", settings.path, settings.baud),
     };
     let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
@@ -121,7 +128,10 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         start,
         count,
     };
-    let data = match call(&mut connection, args.unit, &read, args.timeout).await {
+    let asked = std::time::Instant::now();
+    let result = call(&mut connection, args.unit, &read, args.timeout).await;
+    let took = asked.elapsed();
+    let data = match result {
         Ok(Reply::Bits(bits)) => Data::Bits(bits),
         Ok(Reply::Words(words)) => Data::Words(words),
         Ok(Reply::Done) => Data::Words(Vec::new()),
@@ -131,14 +141,15 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
                 exception: exception_name(code),
             })
         }
-        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_))) => {
+        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_) | Failure::Garbled { .. })) => {
             return Err(ProbeError::Link(failure.describe()))
         }
     };
     let mut out = format!(
-        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses)\n\n",
+        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses), answered in {:.1} ms\n\n",
         u32::from(start) + u32::from(count) - 1,
-        args.unit
+        args.unit,
+        took.as_secs_f64() * 1000.0
     );
     match data {
         Data::Words(words) => out.push_str(&render_words(start, &words)),

@@ -1,0 +1,158 @@
+//! The shape of the devices a Sparkplug uplink presents: each device's points with their
+//! local topics, Sparkplug datatypes (mapped from the point types) and units. Built here,
+//! where the whole configuration meets, so that the uplink knows no driver.
+
+use crate::config::GatewayConfig;
+use crate::drivers::config::{DeviceConfig, DriverConfig, PayloadFormat};
+use crate::drivers::modbus::config::DataType as ModbusType;
+use crate::drivers::simulated::config::Waveform;
+use crate::model::Value;
+use crate::uplink::config::UplinkConfig;
+use crate::uplink::sparkplug::proto::DataType;
+use crate::uplink::sparkplug::{SparkplugDevice, SparkplugPoint};
+
+/// Give every Sparkplug uplink the devices of the configuration.
+pub(crate) fn fill_devices(
+    uplinks: &mut [UplinkConfig],
+    devices: &[DeviceConfig],
+    gateway: &GatewayConfig,
+) {
+    // The node reads the readings back from the local broker: only the payloads it can
+    // read (an `influx` line or a template's own shape are for other consumers).
+    let shaped: Vec<SparkplugDevice> = devices
+        .iter()
+        .filter(|d| matches!(d.payload, PayloadFormat::Json | PayloadFormat::Plain))
+        .map(|d| device(d, gateway))
+        .collect();
+    for uplink in uplinks {
+        if let Some(sparkplug) = uplink.sparkplug.as_mut() {
+            sparkplug.devices = shaped.clone();
+        }
+    }
+}
+
+fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
+    let topic = |point: &str| device.point_topic(&gateway.id, point);
+    let points: Vec<SparkplugPoint> = match &device.driver {
+        DriverConfig::Modbus(modbus) => modbus
+            .points
+            .iter()
+            .map(|p| SparkplugPoint {
+                name: p.name.clone(),
+                topic: topic(&p.name),
+                datatype: modbus_type(p.data_type, p.is_unscaled()),
+                unit: p.unit.clone(),
+                writable: p.writable,
+            })
+            .collect(),
+        DriverConfig::Simulated(sim) => sim
+            .points
+            .iter()
+            .map(|p| SparkplugPoint {
+                name: p.name.clone(),
+                topic: topic(&p.name),
+                datatype: match &p.waveform {
+                    Waveform::Constant { value } => match value {
+                        Value::Bool(_) => DataType::Boolean,
+                        Value::Int(_) => DataType::Int64,
+                        Value::Float(_) => DataType::Double,
+                        Value::Text(_) => DataType::String,
+                    },
+                    _ => DataType::Double,
+                },
+                unit: p.unit.clone(),
+                writable: p.writable,
+            })
+            .collect(),
+        // A frame's fields travel as one JSON text.
+        DriverConfig::Serial(serial) => serial
+            .rules
+            .iter()
+            .map(|rule| SparkplugPoint {
+                name: rule.topic.clone(),
+                topic: topic(&rule.topic),
+                datatype: DataType::String,
+                unit: None,
+                writable: false,
+            })
+            .collect(),
+    };
+    let whole_level = device.topic.split('/').any(|level| level == "{point}");
+    let single_level = points.iter().all(|p| !p.name.contains(['/', '+', '#']));
+    let points_filter = (whole_level && single_level).then(|| topic("+"));
+    SparkplugDevice {
+        name: device.name.clone(),
+        status_topic: device.status_topic(&gateway.status_topic),
+        json: device.payload == PayloadFormat::Json,
+        points_filter,
+        points,
+    }
+}
+
+/// A Modbus point's datatype: its register type, or Double once a scale or offset makes
+/// the published value a fraction.
+fn modbus_type(data_type: ModbusType, unscaled: bool) -> DataType {
+    match data_type {
+        ModbusType::Bool | ModbusType::Bit(_) => DataType::Boolean,
+        ModbusType::String { .. } => DataType::String,
+        ModbusType::F32 if unscaled => DataType::Float,
+        _ if !unscaled => DataType::Double,
+        ModbusType::U16 => DataType::UInt16,
+        ModbusType::I16 => DataType::Int16,
+        ModbusType::U32 => DataType::UInt32,
+        ModbusType::I32 => DataType::Int32,
+        ModbusType::U64 => DataType::UInt64,
+        ModbusType::I64 => DataType::Int64,
+        ModbusType::F32 => DataType::Float,
+        ModbusType::F64 => DataType::Double,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn shaped(devices: &str) -> SparkplugDevice {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n{devices}\n[[uplinks]]\nname = \"s\"\nurl = \"mqtt://127.0.0.1\"\n\
+             [uplinks.sparkplug]\ngroup_id = \"g\"\n"
+        );
+        let config = crate::service::config::parse(&text, Path::new("t.toml")).expect("valid");
+        config.uplinks[0]
+            .sparkplug
+            .as_ref()
+            .expect("sparkplug")
+            .devices[0]
+            .clone()
+    }
+
+    #[test]
+    fn a_device_gets_one_filter_only_where_point_is_a_whole_topic_level() {
+        let point = "points = [{ name = \"p\", waveform = \"constant\", value = 1 }]";
+        let whole = shaped(&format!(
+            "[[devices]]\nname = \"d\"\ndriver = \"simulated\"\ntopic = \"site/{{device}}/{{point}}/v\"\n{point}"
+        ));
+        assert_eq!(whole.points_filter.as_deref(), Some("site/d/+/v"));
+        assert_eq!(whole.points[0].topic, "site/d/p/v");
+        assert_eq!(whole.points[0].datatype, DataType::Int64);
+        let part = shaped(&format!(
+            "[[devices]]\nname = \"d\"\ndriver = \"simulated\"\ntopic = \"site/{{device}}/x_{{point}}\"\n{point}"
+        ));
+        assert_eq!(part.points_filter, None);
+        assert_eq!(part.points[0].topic, "site/d/x_p");
+    }
+
+    #[test]
+    fn modbus_types_map_to_sparkplug_datatypes() {
+        assert_eq!(modbus_type(ModbusType::U16, true), DataType::UInt16);
+        assert_eq!(modbus_type(ModbusType::I32, true), DataType::Int32);
+        assert_eq!(modbus_type(ModbusType::U16, false), DataType::Double);
+        assert_eq!(modbus_type(ModbusType::F32, true), DataType::Float);
+        assert_eq!(modbus_type(ModbusType::Bit(3), false), DataType::Boolean);
+        assert_eq!(
+            modbus_type(ModbusType::String { registers: 4 }, true),
+            DataType::String
+        );
+    }
+}
