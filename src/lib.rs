@@ -39,6 +39,7 @@ pub mod essential;
 pub mod homeassistant;
 pub mod http;
 pub mod metrics;
+pub mod modbus_server;
 pub mod model;
 pub mod mqtt;
 pub mod pem;

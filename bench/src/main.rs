@@ -9,7 +9,8 @@
 //! `broker`, `durable`, `memory` and `retained` start fieldmq's release binary and Mosquitto
 //! on free 127.0.0.1 ports and load both with the same rumqttc clients from this process
 //! (`sparkplug` starts the release binary behind a Mosquitto cloud);
-//! `uplink`, `modbus`, `metrics` and `reload` run the gateway's library in this process; `disk`
+//! `uplink`, `modbus`, `modbus-server`, `metrics` and `reload` run the gateway's library in
+//! this process; `disk`
 //! and `wake` measure the machine alone. Method and current figures: docs/benchmarks.md.
 
 use anyhow::{Context, Result};
@@ -23,6 +24,7 @@ mod launch;
 mod memory;
 mod metrics;
 mod modbus;
+mod modbus_server;
 mod proc;
 mod queue;
 mod reload;
@@ -65,6 +67,8 @@ enum Cmd {
     Metrics(metrics::MetricsArgs),
     /// The Modbus TCP driver polling a simulated device: values/s, delay to a subscriber, CPU.
     Modbus(modbus::ModbusArgs),
+    /// The Modbus TCP server for SCADA: requests/s and p99 latency with a tokio-modbus client.
+    ModbusServer(modbus_server::ModbusServerArgs),
     /// Live reload, request to report: a file that did not change, and one device changed.
     Reload(reload::ReloadArgs),
     /// The Sparkplug B edge node: DDATA messages/s to a Mosquitto and the gateway's CPU time
@@ -92,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::Disk(args) => disk::run(&args),
         Cmd::Wake(args) => wake::run(&args),
         Cmd::Modbus(args) => modbus::run(&args),
+        Cmd::ModbusServer(args) => runtime()?.block_on(modbus_server::run(&args)),
         Cmd::Reload(args) => runtime()?.block_on(reload::run(&args)),
         Cmd::Sparkplug(args) => runtime()?.block_on(sparkplug::run(&args)),
     }

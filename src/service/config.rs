@@ -1,5 +1,6 @@
 //! The whole configuration file: the [`Config`] assembled from each part's section
-//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`, `[homeassistant]`), and [`load`], [`parse`] and the
+//! (`[gateway]`, `[broker]`, `[http]`, `[[devices]]`, `[[uplinks]]`, `[homeassistant]`,
+//! `[[modbus_servers]]`), and [`load`], [`parse`] and the
 //! embedded [`demo`]. The parts validate their own sections; this is where they meet.
 
 use std::fmt::Write as _;
@@ -13,6 +14,7 @@ use crate::config::{parse_toml, Checker, ConfigError, GatewayConfig, RawGateway,
 use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::homeassistant::config::{HomeAssistantConfig, RawHomeAssistant};
 use crate::http::config::{HttpConfig, RawHttp};
+use crate::modbus_server::config::ModbusServerConfig;
 use crate::uplink::config::UplinkConfig;
 
 const TOP_LEVEL_KEYS: &[&str] = &[
@@ -22,6 +24,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "devices",
     "uplinks",
     "homeassistant",
+    "modbus_servers",
 ];
 
 /// The validated configuration of a whole gateway.
@@ -37,6 +40,8 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     /// Home Assistant MQTT discovery; `None` without a `[homeassistant]` table.
     pub homeassistant: Option<HomeAssistantConfig>,
+    /// Modbus TCP servers for SCADA systems and PLCs (`[[modbus_servers]]`).
+    pub modbus_servers: Vec<ModbusServerConfig>,
 }
 
 /// The demo configuration embedded in the binary: one simulated device, no uplinks.
@@ -180,6 +185,16 @@ impl Config {
                 homeassistant.discovery_prefix
             );
         }
+        for server in &self.modbus_servers {
+            let _ = writeln!(
+                out,
+                "modbus server: {}, {} map entr{}, max {} connections",
+                server.bind,
+                server.map.len(),
+                if server.map.len() == 1 { "y" } else { "ies" },
+                server.max_connections
+            );
+        }
         let _ = writeln!(out, "uplinks: {}", self.uplinks.len());
         for uplink in &self.uplinks {
             match &uplink.sparkplug {
@@ -227,6 +242,7 @@ impl Checker<'_> {
         let mut devices = None;
         let mut uplinks = None;
         let mut homeassistant = None;
+        let mut modbus_servers = None;
         for (key, value) in table {
             match key.get_ref().as_ref() {
                 "gateway" => gateway = Some(value),
@@ -235,6 +251,7 @@ impl Checker<'_> {
                 "devices" => devices = Some(value),
                 "uplinks" => uplinks = Some(value),
                 "homeassistant" => homeassistant = Some(value),
+                "modbus_servers" => modbus_servers = Some(value),
                 other => self.unknown_key(key.span(), other, other, TOP_LEVEL_KEYS),
             }
         }
@@ -268,6 +285,12 @@ impl Checker<'_> {
                 .map(|raw| self.homeassistant(raw))
         });
 
+        // Map entries name devices and points: checked against the valid devices.
+        let valid_devices: Vec<DeviceConfig> = devices.iter().flatten().cloned().collect();
+        let modbus_servers = modbus_servers
+            .map(|value| self.modbus_servers(value, &valid_devices))
+            .unwrap_or_default();
+
         let gateway = gateway??;
         let mut broker = broker??;
         let devices: Vec<DeviceConfig> = devices.into_iter().collect::<Option<_>>()?;
@@ -291,6 +314,7 @@ impl Checker<'_> {
                 Some(homeassistant) => Some(homeassistant?),
                 None => None,
             },
+            modbus_servers: modbus_servers.into_iter().collect::<Option<_>>()?,
         })
     }
 }

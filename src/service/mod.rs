@@ -47,6 +47,8 @@ pub enum ServiceError {
     Uplink(#[from] crate::uplink::UplinkError),
     #[error("{0}")]
     Http(#[from] HttpError),
+    #[error("Modbus server: {0}")]
+    ModbusServer(#[from] crate::modbus_server::ModbusServerError),
 }
 
 /// One address the gateway serves, as the start-up log and the status show it.
@@ -197,6 +199,33 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         None => None,
     };
 
+    // Modbus TCP servers: bound before the devices start, so that their first readings
+    // reach the register images; stopped with `shutdown`.
+    let modbus_servers = match running::ModbusServers::start(
+        &config.modbus_servers,
+        &config.devices,
+        &config.gateway.id,
+        handle.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
+        Ok(servers) => servers,
+        Err(error) => {
+            shutdown.cancel();
+            broker_shutdown.cancel();
+            broker.wait().await;
+            return Err(error.into());
+        }
+    };
+    for addr in modbus_servers.local_addrs() {
+        listeners.push(ListenerAddr {
+            service: "Modbus",
+            transport: "tcp",
+            addr,
+        });
+    }
+
     let status_topic = config.gateway.status_topic.clone();
     publish_status(&handle, &status_topic, "online").await;
 
@@ -280,6 +309,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 handle: handle.clone(),
                 devices,
                 uplinks,
+                modbus_servers,
                 stores,
             },
             reload_requests,
@@ -364,6 +394,7 @@ struct Running {
     handle: BrokerHandle,
     devices: running::Devices,
     uplinks: running::Uplinks,
+    modbus_servers: running::ModbusServers,
     stores: Arc<control::Stores>,
 }
 
@@ -404,6 +435,7 @@ async fn supervise(
     tracing::info!("stopping");
     let deadline = running.config.gateway.shutdown_timeout;
     let stopped = tokio::time::timeout(deadline, async {
+        running.modbus_servers.wait().await;
         running.devices.wait().await;
         stops.uplinks.cancel();
         running.uplinks.wait().await;

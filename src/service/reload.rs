@@ -56,6 +56,12 @@ pub(super) async fn reload(running: &mut Running) -> ReloadReport {
     // Uplinks first: an added uplink's out-routes then see an added device's first readings.
     changes.extend(running.uplinks.apply(&wanted.uplinks).await);
     changes.extend(running.devices.apply(&wanted.devices).await);
+    changes.extend(
+        running
+            .modbus_servers
+            .apply(&wanted.modbus_servers, &wanted.devices)
+            .await,
+    );
     if wanted.homeassistant.is_some() || running.config.homeassistant.is_some() {
         changes.extend(
             super::announce(

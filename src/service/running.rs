@@ -17,6 +17,8 @@ use crate::drivers::config::{DeviceConfig, DriverConfig};
 use crate::drivers::modbus::Transport;
 use crate::drivers::{self, DeviceContext};
 use crate::metrics::Metrics;
+use crate::modbus_server::config::ModbusServerConfig;
+use crate::modbus_server::{self, LastPayloads, ModbusServer, ModbusServerError};
 use crate::status::StatusBoard;
 use crate::store::Outbox;
 use crate::uplink::config::UplinkConfig;
@@ -410,6 +412,114 @@ impl Uplinks {
                 tracing::warn!(uplink = %name, %error, "uplink stopped with an error");
             }
         }
+    }
+}
+
+/// The Modbus TCP servers, all under one child token: a reload that changes them (or the
+/// devices their maps name) restarts them all.
+pub(crate) struct ModbusServers {
+    configs: Vec<ModbusServerConfig>,
+    devices: Vec<DeviceConfig>,
+    gateway: String,
+    broker: BrokerHandle,
+    parent: CancellationToken,
+    token: CancellationToken,
+    servers: Vec<ModbusServer>,
+}
+
+impl ModbusServers {
+    /// Starts every server; the first that cannot bind stops those started and is the error.
+    pub(crate) async fn start(
+        configs: &[ModbusServerConfig],
+        devices: &[DeviceConfig],
+        gateway: &str,
+        broker: BrokerHandle,
+        parent: CancellationToken,
+    ) -> Result<ModbusServers, ModbusServerError> {
+        let mut servers = ModbusServers {
+            configs: configs.to_vec(),
+            devices: devices.to_vec(),
+            gateway: gateway.to_owned(),
+            broker,
+            token: parent.child_token(),
+            parent,
+            servers: Vec::new(),
+        };
+        if let Err(error) = servers.start_all(&LastPayloads::new()).await {
+            servers.token.cancel();
+            servers.wait().await;
+            return Err(error);
+        }
+        Ok(servers)
+    }
+
+    /// Starts every configured server, their images filled from `seed` (the last payloads
+    /// of the servers they replace).
+    async fn start_all(&mut self, seed: &LastPayloads) -> Result<(), ModbusServerError> {
+        for (index, config) in self.configs.iter().enumerate() {
+            let server = modbus_server::start(
+                config,
+                index,
+                &self.devices,
+                &self.gateway,
+                self.broker.clone(),
+                seed,
+                self.token.clone(),
+            )
+            .await?;
+            self.servers.push(server);
+        }
+        Ok(())
+    }
+
+    /// The bound addresses, in the configuration's order.
+    pub(crate) fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.servers.iter().map(|s| s.local_addr).collect()
+    }
+
+    /// Restarts the servers when their tables or the devices changed.
+    pub(crate) async fn apply(
+        &mut self,
+        wanted: &[ModbusServerConfig],
+        devices: &[DeviceConfig],
+    ) -> Vec<String> {
+        if self.configs == wanted && (wanted.is_empty() || self.devices == devices) {
+            return Vec::new();
+        }
+        self.token.cancel();
+        // Readings are not retained: the new servers start from the old ones' last values
+        // (merged, so that an entry moved to another server keeps its value).
+        let mut last = LastPayloads::new();
+        for payloads in self.wait_last().await {
+            last.extend(payloads);
+        }
+        self.configs = wanted.to_vec();
+        self.devices = devices.to_vec();
+        self.token = self.parent.child_token();
+        match self.start_all(&last).await {
+            Ok(()) => vec![format!(
+                "modbus_servers: {} server(s) (re)started",
+                self.servers.len()
+            )],
+            Err(error) => {
+                tracing::error!(%error, "Modbus server not restarted");
+                vec![format!("modbus_servers: {error}")]
+            }
+        }
+    }
+
+    /// Waits for every server to stop (after a token was cancelled).
+    pub(crate) async fn wait(&mut self) {
+        self.wait_last().await;
+    }
+
+    /// [`ModbusServers::wait`], keeping each server's last payloads.
+    async fn wait_last(&mut self) -> Vec<LastPayloads> {
+        let mut last = Vec::new();
+        for server in self.servers.drain(..) {
+            last.push(server.wait().await);
+        }
+        last
     }
 }
 

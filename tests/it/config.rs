@@ -818,6 +818,77 @@ fn cases() -> Vec<Case> {
             Some("did you mean `max_handshakes`?"),
         ),
         case(
+            "modbus server: unknown key with a hint",
+            modbus_server("bnd = \"0.0.0.0:502\"\n", MAP_ENTRY),
+            10,
+            "modbus_servers[0].bnd",
+            "unknown key `bnd`",
+            Some("did you mean `bind`?"),
+        ),
+        case(
+            "modbus server: a map entry naming an unknown device",
+            modbus_server("", &MAP_ENTRY.replace("\"meter\"", "\"meterr\"")),
+            12,
+            "modbus_servers[0].map[0].device",
+            "no device named \"meterr\"",
+            Some("did you mean `meter`?"),
+        ),
+        case(
+            "modbus server: a map entry naming an unknown point",
+            modbus_server("", &MAP_ENTRY.replace("\"power\"", "\"powr\"")),
+            12,
+            "modbus_servers[0].map[0].point",
+            "device \"meter\" has no point named \"powr\"",
+            Some("did you mean `power`?"),
+        ),
+        case(
+            "modbus server: overlapping map entries",
+            modbus_server(
+                "",
+                &format!("{MAP_ENTRY},\n  {{ table = \"holding\", address = 1, topic = \"a/b\" }}"),
+            ),
+            13,
+            "modbus_servers[0].map[1]",
+            "holding 1..=1 overlaps modbus_servers[0].map[0] (holding 0..=1)",
+            None,
+        ),
+        case(
+            "modbus server: an entry past address 65535",
+            modbus_server("", &MAP_ENTRY.replace("address = 0", "address = 65535")),
+            12,
+            "modbus_servers[0].map[0]",
+            "runs past address 65535",
+            None,
+        ),
+        case(
+            "modbus server: a device whose payload it cannot read",
+            format!(
+                "{HEAD}[[devices]]\nname = \"meter\"\ndriver = \"simulated\"\npayload = \"influx\"\n\
+                 points = [{{ name = \"power\", waveform = \"constant\", value = 1.5 }}]\n\
+                 [[modbus_servers]]\nbind = \"127.0.0.1:0\"\nmap = [\n  {MAP_ENTRY}\n]\n"
+            ),
+            13,
+            "modbus_servers[0].map[0].device",
+            "reads json and plain payloads only",
+            Some("payload = \"json\""),
+        ),
+        case(
+            "modbus server: a sentinel without bad_quality = sentinel",
+            modbus_server("sentinel = -1\n", MAP_ENTRY),
+            10,
+            "modbus_servers[0].sentinel",
+            "only used with bad_quality = \"sentinel\"",
+            None,
+        ),
+        case(
+            "modbus server: an unknown type",
+            modbus_server("", &MAP_ENTRY.replace("\"f32\"", "\"f23\"")),
+            12,
+            "modbus_servers[0].map[0].type",
+            "unknown type \"f23\" for holding registers, expected one of u16",
+            None,
+        ),
+        case(
             "unknown when_full policy",
             format!("{HEAD}{UPLINK}queue = {{ when_full = \"drop_olest\" }}\n"),
             8,
@@ -858,6 +929,25 @@ fn cases() -> Vec<Case> {
             Some("NDEATH"),
         ),
     ]
+}
+
+/// One map entry of a Modbus server (to put on line 12 by [`modbus_server`]).
+const MAP_ENTRY: &str =
+    "{ table = \"holding\", address = 0, device = \"meter\", point = \"power\", type = \"f32\" }";
+
+/// A simulated device `meter` (lines 5 to 8), then a Modbus server: `keys` from line 10,
+/// its `bind` after them, and `entries` from line 12 when `keys` is empty.
+fn modbus_server(keys: &str, entries: &str) -> String {
+    format!(
+        "{HEAD}[[devices]]\nname = \"meter\"\ndriver = \"simulated\"\n\
+         points = [{{ name = \"power\", waveform = \"constant\", value = 1.5 }}]\n\
+         [[modbus_servers]]\n{keys}{}map = [\n  {entries}\n]\n",
+        if keys.is_empty() {
+            "bind = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        }
+    )
 }
 
 #[test]
@@ -1026,6 +1116,84 @@ fn http_mistakes_are_reported_with_their_key_paths() {
             .iter()
             .any(|d| d.key_path == "http.bind"),
         "{missing}"
+    );
+}
+
+#[test]
+fn modbus_server_keys_are_parsed_with_their_defaults() {
+    use fieldmq::drivers::modbus::config::{DataType, Order, Table};
+    use fieldmq::modbus_server::config::{BadQuality, Source};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        r#"{HEAD}[[devices]]
+name = "meter"
+driver = "simulated"
+points = [{{ name = "power", waveform = "constant", value = 1.5 }}]
+[[modbus_servers]]
+bind = "127.0.0.1:5020"
+map = [
+  {{ table = "holding", address = 4, device = "meter", point = "power", type = "f32:CDAB", scale = 0.5 }},
+  {{ table = "coil", address = 0, topic = "plant/relay", writable = true }},
+]
+[[modbus_servers]]
+bind = "127.0.0.1:5021"
+unit_ids = [1, 247]
+max_connections = 2
+idle_timeout = "5s"
+write_timeout = "1s"
+bad_quality = "sentinel"
+sentinel = -9999
+map = [{{ table = "input", address = 0, topic = "plant/level", type = "i32", order = "DCBA" }}]
+"#
+    );
+    let config = parse_in(dir.path(), &text).expect("valid");
+    let [first, second] = &config.modbus_servers[..] else {
+        panic!("two servers: {:?}", config.modbus_servers);
+    };
+    assert_eq!(first.bind.to_string(), "127.0.0.1:5020");
+    assert!(first.unit_ids.is_empty(), "every unit id by default");
+    assert_eq!(first.max_connections, 16);
+    assert_eq!(first.idle_timeout, Duration::from_secs(60));
+    assert_eq!(first.write_timeout, Duration::from_secs(5));
+    assert_eq!(first.bad_quality, BadQuality::Exception);
+    let float = &first.map[0];
+    assert_eq!(
+        (
+            float.table,
+            float.address,
+            float.data_type,
+            float.order,
+            float.scale,
+            float.writable
+        ),
+        (Table::Holding, 4, DataType::F32, Order::Cdab, 0.5, false)
+    );
+    assert_eq!(
+        float.source,
+        Source::Point {
+            device: "meter".into(),
+            point: "power".into()
+        }
+    );
+    let coil = &first.map[1];
+    assert_eq!(
+        (coil.table, coil.data_type, coil.writable),
+        (Table::Coil, DataType::Bool, true)
+    );
+    assert_eq!(coil.source, Source::Topic("plant/relay".into()));
+    assert_eq!(second.unit_ids, vec![1, 247]);
+    assert_eq!(second.max_connections, 2);
+    assert_eq!(second.idle_timeout, Duration::from_secs(5));
+    assert_eq!(second.write_timeout, Duration::from_secs(1));
+    assert_eq!(second.bad_quality, BadQuality::Sentinel(-9999.0));
+    assert_eq!(
+        (second.map[0].data_type, second.map[0].order),
+        (DataType::I32, Order::Dcba)
+    );
+    let summary = config.summary();
+    assert!(
+        summary.contains("modbus server: 127.0.0.1:5020, 2 map entries, max 16 connections"),
+        "{summary}"
     );
 }
 

@@ -26,6 +26,7 @@ mod idle_memory;
 mod listener_limits;
 mod metrics;
 mod modbus;
+mod modbus_server;
 mod mqtt5;
 mod mqttjs;
 mod payloads;

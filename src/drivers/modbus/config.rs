@@ -319,7 +319,7 @@ impl Order {
         matches!(self, Order::Badc | Order::Dcba)
     }
 
-    fn parse(text: &str) -> Option<Order> {
+    pub(crate) fn parse(text: &str) -> Option<Order> {
         match text.to_ascii_uppercase().as_str() {
             "ABCD" => Some(Order::Abcd),
             "CDAB" => Some(Order::Cdab),
