@@ -70,9 +70,40 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Result<Arc<ServerConfig>, TlsE
 /// for any other.
 pub(crate) fn peer_common_name(conn: &rustls::ServerConnection) -> Option<String> {
     let cert = conn.peer_certificates()?.first()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let name = parsed.subject().iter_common_name().next()?.as_str().ok()?;
-    (!name.is_empty()).then(|| name.to_owned())
+    common_name(cert.as_ref())
+}
+
+/// The first CN of a DER certificate's subject (UTF8String, PrintableString or IA5String).
+fn common_name(der: &[u8]) -> Option<String> {
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    use x509_cert::der::oid::ObjectIdentifier;
+    use x509_cert::der::Decode as _;
+    const CN: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let value = cert
+        .tbs_certificate
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|attribute| attribute.oid == CN)?
+        .value
+        .clone();
+    let name = value
+        .decode_as::<Utf8StringRef<'_>>()
+        .map(|s| s.as_str().to_owned())
+        .or_else(|_| {
+            value
+                .decode_as::<PrintableStringRef<'_>>()
+                .map(|s| s.as_str().to_owned())
+        })
+        .or_else(|_| {
+            value
+                .decode_as::<Ia5StringRef<'_>>()
+                .map(|s| s.as_str().to_owned())
+        })
+        .ok()?;
+    (!name.is_empty()).then_some(name)
 }
 
 #[cfg(test)]
@@ -203,6 +234,13 @@ mod tests {
         assert!(handshake(optional.clone(), bad).is_err());
         let server = handshake(optional, good).expect("accepted");
         assert_eq!(peer_common_name(&server).as_deref(), Some("sensor-7"));
+    }
+
+    #[test]
+    fn bytes_that_are_no_certificate_have_no_common_name() {
+        assert_eq!(common_name(&[]), None);
+        assert_eq!(common_name(b"\x30\x03\x02\x01\x00"), None);
+        assert_eq!(common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
     }
 
     #[test]
