@@ -28,6 +28,8 @@ pub(crate) const DEFAULT_TCP_UNIT: u8 = 1;
 pub(crate) const DEFAULT_TCP_PORT: u16 = 502;
 pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 0;
 pub(crate) const DEFAULT_MAX_GAP_BITS: u16 = 0;
+/// `profile = "sunspec"`: the points come from the device's SunSpec models at run time.
+pub const SUNSPEC_PROFILE: &str = "sunspec";
 
 const TABLES: &[&str] = &["coil", "discrete", "holding", "input"];
 const TYPES: &[&str] = &[
@@ -112,6 +114,9 @@ pub struct ModbusConfig {
     /// Write with FC15/FC16 (write multiple coils / registers) even for one coil or one
     /// register, for devices that implement only those. Default false (FC05/FC06).
     pub write_multiple: bool,
+    /// `profile = "sunspec"`: after connecting, the driver reads the device's SunSpec
+    /// model chain and adds a point per mapped SunSpec point (`sunspec.rs`).
+    pub sunspec: bool,
     pub points: Vec<Point>,
 }
 
@@ -391,6 +396,7 @@ pub(crate) fn validate(
     span: Range<usize>,
     prefix: &str,
     profile: Option<&super::profile::Profile>,
+    sunspec: bool,
     mut v: DeviceCheck<'_, '_>,
 ) -> Option<ModbusConfig> {
     // A profile's planning limits are the defaults of the devices that use it.
@@ -528,7 +534,7 @@ pub(crate) fn validate(
 
     let mut points = Vec::new();
     match &raw.points {
-        None if profile.is_some() => {}
+        None if profile.is_some() || sunspec => {}
         None => v.missing(
             span,
             format!("{prefix}.points"),
@@ -567,6 +573,7 @@ pub(crate) fn validate(
         backoff_min,
         backoff_max,
         write_multiple: raw.write_multiple.as_ref().is_some_and(|w| *w.get_ref()),
+        sunspec,
         points,
     })
 }
