@@ -35,6 +35,7 @@ mod retained;
 mod serial;
 mod sparkplug;
 mod status;
+mod sunspec;
 mod tools;
 mod uplink;
 mod writes;

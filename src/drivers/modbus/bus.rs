@@ -1238,6 +1238,15 @@ impl Device {
         }
         state.discovered = true;
         state.error = None;
+        let units: Vec<(String, String)> = self
+            .config
+            .points
+            .iter()
+            .zip(&state.sources)
+            .filter(|(_, source)| source.is_some())
+            .filter_map(|(point, _)| Some((point.name.clone(), point.unit.clone()?)))
+            .collect();
+        self.context.add_units(units);
         tracing::info!(device = %self.context.device, base, models = %ids.join(", "), points = added, "SunSpec models found");
     }
 
