@@ -386,3 +386,19 @@ async fn probe_sunspec_lists_the_models_and_their_scaled_points() {
     );
     assert!(line("meter_TotWhImp").ends_with("1234.567 Wh"), "{out}");
 }
+
+#[test]
+fn a_sunspec_device_needs_no_points_and_may_add_its_own() {
+    let text = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n\
+        [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nprofile = \"sunspec\"\n\
+        [[devices]]\nname = \"meter\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:503\"\nprofile = \"sunspec\"\n\
+        points = [ { name = \"export_limit\", table = \"holding\", address = 40500, writable = true } ]\n";
+    let config = config::parse(text, Path::new("sunspec.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let modbus = |i: usize| match &config.devices[i].driver {
+        drivers::config::DriverConfig::Modbus(modbus) => modbus.clone(),
+        other => panic!("not modbus: {other:?}"),
+    };
+    assert!(modbus(0).sunspec && modbus(0).points.is_empty());
+    assert!(modbus(1).sunspec);
+    assert_eq!(modbus(1).points.len(), 1);
+}

@@ -8,7 +8,7 @@
 //! chain that runs past register 65535, holds more than [`MAX_MODELS`] models, or never
 //! ends: whatever the device answers, discovery ends.
 //!
-//! The models fieldmq knows ([`models`]) become points named `<prefix>_<SunSpec point>`
+//! The models fieldmq knows ([`known_models`]) become points named `<prefix>_<SunSpec point>`
 //! (`inverter_W`, `meter_TotWhImp`, `common_SN`); a second model with the same prefix gets
 //! `<prefix>2_...`. Each model is read as one block, so a value and its scale factor come
 //! from the same answer; [`decode`] applies the scale factor (value × 10^sf) and reports
@@ -591,6 +591,39 @@ mod tests {
         let mut walk = Walk::new(50000);
         assert_eq!(walk.feed(1, 15_531), Ok(()));
         assert_eq!(walk.next_header(), Err(ChainError::NoEnd));
+    }
+
+    #[test]
+    fn random_register_images_end_in_models_or_an_error() {
+        // A small xorshift: many chains of short models, some with the end marker.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..500 {
+            let mut words = MARKER.to_vec();
+            let len = (next() % 600) as usize;
+            words.extend((0..len).map(|_| match next() % 4 {
+                0 => 0xFFFF,
+                1 => (next() % 8) as u16,
+                2 => [1, 101, 103, 113, 120, 160, 203, 713][(next() % 8) as usize],
+                _ => next() as u16,
+            }));
+            if let Ok((base, found)) = walk_image(&words, 40000) {
+                assert_eq!(base, 40000);
+                for block in blocks(&found) {
+                    let start = block.found.data_start();
+                    let from = usize::from(start - base).min(words.len());
+                    let end = (from + usize::from(block.count)).min(words.len());
+                    for (_, source) in &block.points {
+                        let _ = decode(source, &words[from..end], start);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
