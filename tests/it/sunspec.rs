@@ -22,6 +22,8 @@ use tokio::time::{timeout, Instant};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
+use crate::util::gateway;
+
 /// Holding registers; a read that covers an address not in the map is refused with
 /// "illegal data address", as real devices do. Every read is logged (start, count).
 #[derive(Debug, Default)]
@@ -401,4 +403,66 @@ fn a_sunspec_device_needs_no_points_and_may_add_its_own() {
     assert!(modbus(0).sunspec && modbus(0).points.is_empty());
     assert!(modbus(1).sunspec);
     assert_eq!(modbus(1).points.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_shows_the_sunspec_profile_checks_a_device_and_probes_one() {
+    let address = serve(inverter()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fieldmq.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n\
+         [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"10.0.0.1\"\nprofile = \"sunspec\"\n",
+    )
+    .unwrap();
+    let config = config.into_os_string();
+    let probe_address = address.to_string();
+    let (list, show, check, probe) = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let mut full: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+            if args[0] != "probe" {
+                full.extend([std::ffi::OsStr::new("-c"), config.as_os_str()]);
+            }
+            gateway::run_within(&full, &[], Duration::from_secs(20))
+        };
+        (
+            run(&["profiles", "list"]),
+            run(&["profiles", "show", "sunspec"]),
+            run(&["check"]),
+            run(&["probe", "--sunspec", "--tcp", &probe_address]),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(list.0, Some(0));
+    assert!(
+        list.1
+            .lines()
+            .any(|l| l.starts_with("sunspec ") && l.contains("[built in]")),
+        "{}",
+        list.1
+    );
+    assert_eq!(show.0, Some(0));
+    assert!(
+        show.1.contains("model 203 meter, three phase wye"),
+        "{}",
+        show.1
+    );
+    assert!(show.1.contains("meter_TotWhImp"), "{}", show.1);
+    assert!(show.1.contains("acc32 × 10^TotWh_SF [Wh]"), "{}", show.1);
+    assert_eq!(check.0, Some(0), "{}", check.2);
+    assert!(
+        check.1.contains("SunSpec models found at run time"),
+        "{}",
+        check.1
+    );
+    assert_eq!(probe.0, Some(0), "{}", probe.2);
+    assert!(
+        probe
+            .1
+            .contains("model 103 inverter, three phase at 40070, length 50"),
+        "{}",
+        probe.1
+    );
 }

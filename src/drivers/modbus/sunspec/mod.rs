@@ -64,6 +64,25 @@ impl Kind {
         }
     }
 
+    /// The SunSpec type name: `uint16`, `acc32`, `sunssf`, `string(16)`.
+    pub fn name(self) -> String {
+        match self {
+            Kind::U16 => "uint16".into(),
+            Kind::I16 => "int16".into(),
+            Kind::U32 => "uint32".into(),
+            Kind::I32 => "int32".into(),
+            Kind::U64 => "uint64".into(),
+            Kind::Acc32 => "acc32".into(),
+            Kind::Acc64 => "acc64".into(),
+            Kind::Enum16 => "enum16".into(),
+            Kind::Bits16 => "bitfield16".into(),
+            Kind::Bits32 => "bitfield32".into(),
+            Kind::F32 => "float32".into(),
+            Kind::Sf => "sunssf".into(),
+            Kind::Str(registers) => format!("string({registers})"),
+        }
+    }
+
     fn data_type(self) -> DataType {
         match self {
             Kind::U16 | Kind::Enum16 | Kind::Bits16 => DataType::U16,
@@ -112,6 +131,40 @@ pub fn model(id: u16) -> Option<&'static Model> {
 /// Every model fieldmq maps.
 pub fn known_models() -> &'static [Model] {
     models::MODELS
+}
+
+/// The mapped models and their points, as `fieldmq profiles show sunspec` prints them.
+pub fn render_models() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "sunspec: SunSpec devices; the points come from the models the device holds\n\
+         points are named <prefix>_<point>, registers count from the model's first register after ID and L\n",
+    );
+    for model in known_models() {
+        let _ = writeln!(
+            out,
+            "model {} {} (prefix {}, {} registers):",
+            model.id, model.name, model.prefix, model.fixed
+        );
+        for def in model.points.iter().filter(|p| p.kind != Kind::Sf) {
+            let unit = unit(def.unit)
+                .map(|u| format!(" [{u}]"))
+                .unwrap_or_default();
+            let sf = if def.sf.is_empty() {
+                String::new()
+            } else {
+                format!(" × 10^{}", def.sf)
+            };
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>3}  {}{sf}{unit}",
+                format!("{}_{}", model.prefix, def.name),
+                def.offset,
+                def.kind.name()
+            );
+        }
+    }
+    out
 }
 
 /// A model found on a device.
