@@ -168,10 +168,16 @@ struct Gateway {
 }
 
 async fn start_gateway(address: std::net::SocketAddr) -> Gateway {
+    start_gateway_with(address, "").await
+}
+
+/// A gateway with one `profile = "sunspec"` device `inv` at `address`, polled every 200 ms,
+/// with `extra` device keys.
+async fn start_gateway_with(address: std::net::SocketAddr, extra: &str) -> Gateway {
     let text = format!(
         "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n\
          [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"{address}\"\n\
-         poll = \"200ms\"\nbackoff_max = \"1s\"\nprofile = \"sunspec\"\n"
+         poll = \"200ms\"\nbackoff_max = \"1s\"\nprofile = \"sunspec\"\n{extra}\n"
     );
     let config = config::parse(&text, Path::new("sunspec-test.toml"))
         .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
@@ -403,6 +409,69 @@ fn a_sunspec_device_needs_no_points_and_may_add_its_own() {
     assert!(modbus(0).sunspec && modbus(0).points.is_empty());
     assert!(modbus(1).sunspec);
     assert_eq!(modbus(1).points.len(), 1);
+
+    // A point without table and address sets how a SunSpec point reports; keys that
+    // describe registers are refused.
+    let device = |points: &str| {
+        format!(
+            "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n\
+             [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\n\
+             profile = \"sunspec\"\npoints = [ {points} ]\n"
+        )
+    };
+    let config = config::parse(
+        &device(r#"{ name = "inverter_W", deadband = 50.0, max_interval = "1m" }"#),
+        Path::new("sunspec.toml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let drivers::config::DriverConfig::Modbus(modbus) = &config.devices[0].driver else {
+        panic!("not modbus");
+    };
+    assert!(modbus.points.is_empty());
+    assert_eq!(modbus.sunspec_settings.len(), 1);
+    assert_eq!(
+        modbus.sunspec_settings[0].max_interval,
+        Some(Duration::from_secs(60))
+    );
+    let error = config::parse(
+        &device(r#"{ name = "inverter_W", type = "f32" }"#),
+        Path::new("sunspec.toml"),
+    )
+    .expect_err("type on a SunSpec point")
+    .to_string();
+    assert!(
+        error.contains("points[0].type") && error.contains("does not apply to a SunSpec point"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sunspec_points_report_by_the_settings_given_for_their_names() {
+    let address = serve(inverter()).await;
+    let mut gw = start_gateway_with(
+        address,
+        r#"points = [ { name = "common_SN", report = "change" }, { name = "inverter_PhVphA", unit = "volt" } ]"#,
+    )
+    .await;
+    // Every poll (200 ms) publishes inverter_A; common_SN, on change only, once.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut units: HashMap<String, Json> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counts.get("gw/inv/inverter_A").copied().unwrap_or(0) < 5 {
+        let message = timeout(deadline - Instant::now(), gw.messages.recv())
+            .await
+            .expect("five polls within 10s")
+            .expect("broker running");
+        let json: Json = serde_json::from_slice(&message.payload).unwrap_or_default();
+        units.insert(message.topic.to_string(), json["unit"].clone());
+        *counts.entry(message.topic.to_string()).or_default() += 1;
+    }
+    assert_eq!(counts.get("gw/inv/common_SN"), Some(&1), "{counts:?}");
+    assert!(
+        counts.get("gw/inv/common_Mn").copied().unwrap_or(0) >= 4,
+        "{counts:?}"
+    );
+    assert_eq!(units["gw/inv/inverter_PhVphA"], "volt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

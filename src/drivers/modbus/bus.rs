@@ -1207,10 +1207,23 @@ impl Device {
         let mut added = 0;
         for block in blocks {
             let mut indices = Vec::new();
-            for (point, source) in block.points {
+            for (mut point, source) in block.points {
                 // A configured point of the same name wins.
                 if self.config.points.iter().any(|p| p.name == point.name) {
                     continue;
+                }
+                if let Some(settings) = self
+                    .config
+                    .sunspec_settings
+                    .iter()
+                    .find(|s| s.name == point.name)
+                {
+                    point.report = settings.report;
+                    point.min_interval = settings.min_interval;
+                    point.max_interval = settings.max_interval;
+                    if settings.unit.is_some() {
+                        point.unit.clone_from(&settings.unit);
+                    }
                 }
                 indices.push(self.config.points.len());
                 self.reporters.push(Reporter::new(&point));
@@ -1238,6 +1251,11 @@ impl Device {
         }
         state.discovered = true;
         state.error = None;
+        for settings in &self.config.sunspec_settings {
+            if !self.config.points.iter().any(|p| p.name == settings.name) {
+                tracing::warn!(device = %self.context.device, point = %settings.name, "no SunSpec point of this name on the device: its settings are unused");
+            }
+        }
         let units: Vec<(String, String)> = self
             .config
             .points
