@@ -5,7 +5,9 @@
 #![no_main]
 
 use fieldmq::model::Value;
-use fieldmq::drivers::modbus::sunspec::{blocks, decode, walk_image, Walk, MARKER, MAX_MODELS};
+use fieldmq::drivers::modbus::sunspec::{
+    blocks, chunks, decode, walk_image, Walk, MARKER, MAX_MODELS,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -51,8 +53,18 @@ fuzz_target!(|data: &[u8]| {
         previous = Some(model.address);
     }
     for block in blocks(&found) {
-        assert!(block.count <= 125);
         let start = block.found.data_start();
+        let ranges = chunks(
+            start,
+            block.count,
+            block.points.iter().map(|(_, s)| (s.address, s.kind.width())),
+        );
+        let mut next = start;
+        for &(from, count) in &ranges {
+            assert!(from == next && (1..=125).contains(&count), "{ranges:?}");
+            next = from + count;
+        }
+        assert_eq!(u32::from(next), u32::from(start) + u32::from(block.count));
         let from = usize::from(start - base);
         let end = (from + usize::from(block.count)).min(image.len());
         let registers = image.get(from.min(end)..end).unwrap_or_default();

@@ -104,7 +104,7 @@ fn text(s: &str, registers: u16) -> Vec<u16> {
 
 /// A SunSpec inverter with a meter, chain at 40000:
 /// 40002 model 1 (66), 40070 model 103 (50), 40122 model 203 (105), 40229 model 64001 (4),
-/// end at 40235.
+/// 40235 model 701 (153), end at 40390.
 fn inverter() -> Shared {
     let mut map = HashMap::new();
     map.insert(40000, 0x5375);
@@ -154,6 +154,20 @@ fn inverter() -> Shared {
         ],
     );
     let next = model(&mut map, next, 64001, 4, &[]);
+    // Model 701 (153 registers): more than one request holds.
+    let mut der = vec![
+        (8, 1234), // W = 12340 W with W_SF = 1
+        (17, 0),   // TotWhInj (u64) = 5000 Wh with TotWh_SF = 0
+        (18, 0),
+        (19, 0),
+        (20, 5000),
+        (114, 1), // W_SF
+        (118, 0), // TotWh_SF
+    ];
+    for (i, w) in text("GRID FAULT", 32).into_iter().enumerate() {
+        der.push((121 + i as u16, w)); // MnAlrmInfo, after the cut
+    }
+    let next = model(&mut map, next, 701, 153, &der);
     map.insert(next, 0xFFFF);
     map.insert(next + 1, 0);
     Arc::new(Mutex::new(Registers {
@@ -265,6 +279,9 @@ async fn sunspec_models_are_discovered_and_published_with_their_scale_factors() 
         "gw/inv/inverter_St",
         "gw/inv/meter_W",
         "gw/inv/meter_TotWhImp",
+        "gw/inv/der_ac_W",
+        "gw/inv/der_ac_TotWhInj",
+        "gw/inv/der_ac_MnAlrmInfo",
         "fieldmq/gw/status/devices/inv",
     ];
     let seen = gw.collect(&topics).await;
@@ -282,6 +299,9 @@ async fn sunspec_models_are_discovered_and_published_with_their_scale_factors() 
     assert_eq!(value("gw/inv/inverter_WH"), 123456);
     assert_eq!(value("gw/inv/inverter_St"), 4);
     assert_eq!(value("gw/inv/meter_TotWhImp"), 1234.567);
+    assert_eq!(value("gw/inv/der_ac_W"), 12340.0);
+    assert_eq!(value("gw/inv/der_ac_TotWhInj"), 5000);
+    assert_eq!(value("gw/inv/der_ac_MnAlrmInfo"), "GRID FAULT");
     assert_eq!(
         seen["gw/inv/inverter_PhVphA"]["unit"], "V",
         "{}",
@@ -306,7 +326,14 @@ async fn sunspec_models_are_discovered_and_published_with_their_scale_factors() 
 
     // Each model block is one read: the value and its scale factor come from one answer.
     let reads = state.lock().unwrap().reads.clone();
-    for block in [(40004, 66), (40072, 50), (40124, 105)] {
+    // Model 701 takes two, cut before the string that would not fit the first.
+    for block in [
+        (40004, 66),
+        (40072, 50),
+        (40124, 105),
+        (40237, 121),
+        (40358, 32),
+    ] {
         assert!(
             reads.contains(&block),
             "{block:?} not read as one block: {reads:?}"
@@ -380,7 +407,7 @@ async fn probe_sunspec_lists_the_models_and_their_scaled_points() {
         out.contains("model 64001 not mapped at 40229, length 4"),
         "{out}"
     );
-    assert!(out.contains("end marker at 40235"), "{out}");
+    assert!(out.contains("end marker at 40390"), "{out}");
     let line = |name: &str| {
         out.lines()
             .find(|l| l.trim_start().starts_with(&format!("{name} ")))
@@ -393,6 +420,7 @@ async fn probe_sunspec_lists_the_models_and_their_scaled_points() {
         "{out}"
     );
     assert!(line("meter_TotWhImp").ends_with("1234.567 Wh"), "{out}");
+    assert!(line("der_ac_MnAlrmInfo").ends_with("GRID FAULT"), "{out}");
 }
 
 #[test]

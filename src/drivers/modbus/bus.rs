@@ -32,7 +32,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, Encoded};
-use super::config::{ModbusConfig, SerialSettings, Table, Transport};
+use super::config::{ModbusConfig, SerialSettings, Table, Transport, MAX_REGISTERS_PER_REQUEST};
 use super::plan::{self, ReadRequest};
 use super::report::Reporter;
 use super::sunspec::{self, Found};
@@ -847,7 +847,32 @@ impl Bus {
             start: request.start,
             count: request.count,
         };
-        let result = self.transact(d, &op).await;
+        let result = if request.count > MAX_REGISTERS_PER_REQUEST {
+            // A SunSpec model block longer than one request (only those are): consecutive
+            // requests cut between points.
+            let ranges = match self.devices.get(d) {
+                Some(device) => sunspec::chunks(
+                    request.start,
+                    request.count,
+                    request.points.iter().filter_map(|&i| {
+                        let point = device.config.points.get(i)?;
+                        Some((point.address, point.data_type.width()))
+                    }),
+                ),
+                None => Vec::new(),
+            };
+            sunspec::read_chunks(
+                &mut BusRegisters {
+                    bus: self,
+                    device: d,
+                },
+                &ranges,
+            )
+            .await
+            .map(Reply::Words)
+        } else {
+            self.transact(d, &op).await
+        };
         let Some(device) = self.devices.get_mut(d) else {
             return true;
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::bus::{call, connect, exception_name, Failure, Link, Op, Reply};
 use super::codec::{f32_to_f64, ordered_bytes};
 use super::config::{Order, Parity, SerialSettings, Table};
-use super::sunspec::{self, Registers as _};
+use super::sunspec;
 
 /// Arguments of `fieldmq probe`.
 #[derive(Debug, Clone, clap::Args)]
@@ -240,10 +240,9 @@ async fn probe_sunspec(
     let blocks = sunspec::blocks(&found);
     for f in &found {
         let block = blocks.iter().find(|b| b.found == *f);
-        let name = match (block, sunspec::model(f.id)) {
-            (Some(block), _) => block.model.name.to_owned(),
-            (None, Some(model)) => format!("{} (longer than one request: not mapped)", model.name),
-            (None, None) => "not mapped".to_owned(),
+        let name = match block {
+            Some(block) => block.model.name,
+            None => "not mapped",
         };
         let _ = writeln!(
             out,
@@ -254,7 +253,15 @@ async fn probe_sunspec(
             continue;
         };
         let start = f.data_start();
-        let words = match registers.read(start, block.count).await {
+        let ranges = sunspec::chunks(
+            start,
+            block.count,
+            block
+                .points
+                .iter()
+                .map(|(_, source)| (source.address, source.kind.width())),
+        );
+        let words = match sunspec::read_chunks(&mut registers, &ranges).await {
             Ok(words) => words,
             Err(failure) => {
                 let _ = writeln!(out, "  cannot read the model: {}", failure.describe());

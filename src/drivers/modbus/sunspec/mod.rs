@@ -10,8 +10,9 @@
 //!
 //! The models fieldmq knows ([`known_models`]) become points named `<prefix>_<SunSpec point>`
 //! (`inverter_W`, `meter_TotWhImp`, `common_SN`); a second model with the same prefix gets
-//! `<prefix>2_...`. Each model is read as one block, so a value and its scale factor come
-//! from the same answer; [`decode`] applies the scale factor (value × 10^sf) and reports
+//! `<prefix>2_...`. Each model is read as one block (a block longer than one request, as
+//! model 701's, in consecutive requests cut between points, see [`chunks`]), so a value
+//! and its scale factor come from the same poll; [`decode`] applies the scale factor (value × 10^sf) and reports
 //! the SunSpec "not implemented" values (0x8000, 0xFFFF, ...) as an error, which the
 //! driver publishes as bad quality.
 
@@ -184,12 +185,11 @@ impl Found {
     }
 
     /// The registers to read for the mapped part of the model: its fixed block, or less
-    /// when the device's model is shorter. `None` for a model fieldmq does not map, or
-    /// one whose fixed block does not fit one request.
+    /// when the device's model is shorter. `None` for a model fieldmq does not map.
     pub fn block(&self) -> Option<(&'static Model, u16)> {
         let model = model(self.id)?;
         let count = model.fixed.min(self.length);
-        (count > 0 && count <= MAX_REGISTERS_PER_REQUEST).then_some((model, count))
+        (count > 0).then_some((model, count))
     }
 }
 
@@ -361,6 +361,61 @@ pub(super) async fn discover<R: Registers>(
         walk.feed(id, length).map_err(refused)?;
     }
     Ok((base, walk.models))
+}
+
+/// The requests that read `count` registers from `start` when that is more than one
+/// request holds: consecutive `(start, count)` ranges of at most 125 registers, cut before
+/// a point (`(address, width)`) that would not fit, so no value is torn across two.
+pub fn chunks(
+    start: u16,
+    count: u16,
+    points: impl IntoIterator<Item = (u16, u16)>,
+) -> Vec<(u16, u16)> {
+    let max = u32::from(MAX_REGISTERS_PER_REQUEST);
+    let end = u32::from(start) + u32::from(count);
+    let mut cuts = Vec::new();
+    let mut begin = u32::from(start);
+    let mut points: Vec<(u32, u32)> = points
+        .into_iter()
+        .map(|(address, width)| (u32::from(address), u32::from(address) + u32::from(width)))
+        .filter(|&(address, point_end)| address >= begin && point_end <= end)
+        .collect();
+    points.sort_unstable();
+    for (address, point_end) in points {
+        if point_end - begin > max && address > begin {
+            cuts.push((begin, address - begin));
+            begin = address;
+        }
+    }
+    while end - begin > max {
+        cuts.push((begin, max));
+        begin += max;
+    }
+    if end > begin {
+        cuts.push((begin, end - begin));
+    }
+    cuts.into_iter()
+        .filter_map(|(a, n)| Some((u16::try_from(a).ok()?, u16::try_from(n).ok()?)))
+        .collect()
+}
+
+/// Reads the ranges of [`chunks`] one after the other; the registers of all of them. A
+/// short answer ends the read there: the points after it are short.
+pub(super) async fn read_chunks<R: Registers>(
+    registers: &mut R,
+    ranges: &[(u16, u16)],
+) -> Result<Vec<u16>, Failure> {
+    let mut words = Vec::new();
+    for &(start, count) in ranges {
+        let mut part = registers.read(start, count).await?;
+        let short = part.len() < usize::from(count);
+        part.truncate(usize::from(count));
+        words.extend(part);
+        if short {
+            break;
+        }
+    }
+    Ok(words)
 }
 
 /// How the driver decodes one SunSpec point: where it and its scale factor are.
@@ -581,11 +636,6 @@ mod tests {
                 "model {} runs past its fixed block",
                 model.id
             );
-            assert!(
-                model.fixed <= MAX_REGISTERS_PER_REQUEST,
-                "model {}",
-                model.id
-            );
         }
         for id in [
             1, 101, 102, 103, 111, 112, 113, 120, 121, 122, 123, 124, 160, 201, 202, 203, 204,
@@ -644,6 +694,42 @@ mod tests {
         let mut walk = Walk::new(50000);
         assert_eq!(walk.feed(1, 15_531), Ok(()));
         assert_eq!(walk.next_header(), Err(ChainError::NoEnd));
+    }
+
+    #[test]
+    fn a_long_block_is_read_in_requests_cut_between_points() {
+        // Model 701: 153 registers, u32 and u64 values near the cut.
+        let found = Found {
+            id: 701,
+            address: 40002,
+            length: 153,
+        };
+        let block = blocks(&[found]).pop().expect("701 is mapped");
+        assert_eq!(block.count, 153);
+        let ranges = chunks(
+            found.data_start(),
+            block.count,
+            block
+                .points
+                .iter()
+                .map(|(p, s)| (p.address, s.kind.width())),
+        );
+        assert_eq!(ranges.len(), 2);
+        assert_eq!(ranges[0].0, 40004);
+        assert_eq!(ranges[0].0 + ranges[0].1, ranges[1].0, "consecutive");
+        assert_eq!(ranges[1].0 + ranges[1].1, 40004 + 153, "the whole block");
+        assert!(ranges.iter().all(|r| r.1 <= 125));
+        for (point, source) in &block.points {
+            let (a, e) = (point.address, point.address + source.kind.width());
+            assert!(
+                ranges.iter().any(|r| a >= r.0 && e <= r.0 + r.1),
+                "{} torn",
+                point.name
+            );
+        }
+        // Without points: plain cuts of 125.
+        assert_eq!(chunks(0, 300, []), [(0, 125), (125, 125), (250, 50)]);
+        assert_eq!(chunks(10, 5, [(10, 2)]), [(10, 5)]);
     }
 
     #[test]
