@@ -74,7 +74,8 @@ struct Device {
 
 /// A SunSpec device's discovery state. Until the model chain has been read the device has
 /// only its configured points; then each mapped model adds its points and one read of its
-/// block (never split: a value and its scale factor must come from one answer).
+/// block, never split on an exception: a value and its scale factor must come from one
+/// poll (a block longer than one request is read in consecutive requests).
 struct SunSpec {
     discovered: bool,
     /// The next discovery attempt.
