@@ -59,12 +59,13 @@ fuzz_target!(|data: &[u8]| {
             block.count,
             block.points.iter().map(|(_, s)| (s.address, s.kind.width())),
         );
-        let mut next = start;
+        // In u32: a block may end at register 65535, one past it is 65536.
+        let mut next = u32::from(start);
         for &(from, count) in &ranges {
-            assert!(from == next && (1..=125).contains(&count), "{ranges:?}");
-            next = from + count;
+            assert!(u32::from(from) == next && (1..=125).contains(&count), "{ranges:?}");
+            next = u32::from(from) + u32::from(count);
         }
-        assert_eq!(u32::from(next), u32::from(start) + u32::from(block.count));
+        assert_eq!(next, u32::from(start) + u32::from(block.count));
         let from = usize::from(start - base);
         let end = (from + usize::from(block.count)).min(image.len());
         let registers = image.get(from.min(end)..end).unwrap_or_default();
