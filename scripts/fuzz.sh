@@ -21,6 +21,7 @@ targets=(
   "store_rows 4096"
   "payload 4096"
   "sparkplug_command 4096"
+  "sunspec_chain 4096"
 )
 
 if [ "${1:-}" = "--list" ]; then

@@ -12,7 +12,8 @@ use fieldmq::service::config;
 
 /// `fieldmq profiles list | show NAME`.
 fn profiles(action: ProfilesAction) -> ExitCode {
-    use fieldmq::drivers::modbus::profile;
+    use fieldmq::drivers::modbus::config::SUNSPEC_PROFILE;
+    use fieldmq::drivers::modbus::{profile, sunspec};
     let local = |config: &std::path::Path| {
         profile::local_dir(
             config
@@ -24,6 +25,14 @@ fn profiles(action: ProfilesAction) -> ExitCode {
     match action {
         ProfilesAction::List { config } => {
             let dir = local(&config);
+            let mut rows = vec![(
+                SUNSPEC_PROFILE.to_owned(),
+                format!(
+                    "SunSpec inverters and meters: points from the device's models ({} models mapped)",
+                    sunspec::known_models().len()
+                ),
+                "built in".to_owned(),
+            )];
             for (name, origin) in profile::list(Some(&dir)) {
                 let about = match profile::find(&name, Some(&dir)) {
                     Ok(found) => format!("{} ({} points)", found.description, found.points.len()),
@@ -32,8 +41,16 @@ fn profiles(action: ProfilesAction) -> ExitCode {
                         error.to_string().lines().next().unwrap_or_default()
                     ),
                 };
+                rows.push((name, about, origin));
+            }
+            rows.sort();
+            for (name, about, origin) in rows {
                 println!("{name:<26} {about}  [{origin}]");
             }
+            ExitCode::SUCCESS
+        }
+        ProfilesAction::Show { name, .. } if name == SUNSPEC_PROFILE => {
+            print!("{}", sunspec::render_models());
             ExitCode::SUCCESS
         }
         ProfilesAction::Show { name, config } => {

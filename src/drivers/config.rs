@@ -359,7 +359,12 @@ impl Checker<'_> {
         let raw = raw.into_inner();
         let common = common_keys!(raw);
         self.device(common, span.clone(), prefix, names, |c| {
+            let sunspec = raw
+                .profile
+                .as_ref()
+                .is_some_and(|name| name.get_ref() == super::modbus::config::SUNSPEC_PROFILE);
             let profile = match &raw.profile {
+                Some(_) if sunspec => None,
                 Some(name) => {
                     let local = super::modbus::profile::local_dir(&c.path("."));
                     match super::modbus::profile::find(name.get_ref(), Some(&local)) {
@@ -380,7 +385,14 @@ impl Checker<'_> {
                 }
                 None => None,
             };
-            super::modbus::config::validate(&raw, span, prefix, profile.as_ref(), c.device_check())
+            super::modbus::config::validate(
+                &raw,
+                span,
+                prefix,
+                profile.as_ref(),
+                sunspec,
+                c.device_check(),
+            )
                 .map(DriverConfig::Modbus)
         })
     }

@@ -245,6 +245,19 @@ impl DeviceContext {
         self.broker.publish(message).await
     }
 
+    /// Adds the units of points a driver finds at run time (a SunSpec device's models),
+    /// for their payloads and MQTT 5 `unit` property.
+    pub fn add_units(&mut self, units: impl IntoIterator<Item = (String, String)>) {
+        let known = Arc::make_mut(&mut self.units);
+        let properties = Arc::make_mut(&mut self.point_properties);
+        for (point, unit) in units {
+            let mut with_unit = (*self.readings).clone();
+            with_unit.user_properties = vec![("unit".to_owned(), unit.clone())];
+            properties.insert(point.clone(), Arc::new(with_unit));
+            known.insert(point, unit);
+        }
+    }
+
     /// The unit of `point`, if its configuration gives one.
     pub fn unit(&self, point: &str) -> Option<&str> {
         self.units.get(point).map(String::as_str)

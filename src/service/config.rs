@@ -166,8 +166,13 @@ impl Config {
             };
             let requests = match &device.driver {
                 DriverConfig::Modbus(modbus) => format!(
-                    " in {} read request(s) per cycle",
-                    crate::drivers::modbus::planned_requests(modbus, device.poll)
+                    " in {} read request(s) per cycle{}",
+                    crate::drivers::modbus::planned_requests(modbus, device.poll),
+                    if modbus.sunspec {
+                        ", and the points of the SunSpec models found at run time (one request per model)"
+                    } else {
+                        ""
+                    }
                 ),
                 _ => String::new(),
             };

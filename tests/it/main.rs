@@ -36,6 +36,7 @@ mod retained;
 mod serial;
 mod sparkplug;
 mod status;
+mod sunspec;
 mod tools;
 mod uplink;
 mod writes;

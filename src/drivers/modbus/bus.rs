@@ -32,9 +32,10 @@ use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{self, Encoded};
-use super::config::{ModbusConfig, SerialSettings, Table, Transport};
+use super::config::{ModbusConfig, SerialSettings, Table, Transport, MAX_REGISTERS_PER_REQUEST};
 use super::plan::{self, ReadRequest};
 use super::report::Reporter;
+use super::sunspec::{self, Found};
 use crate::backoff::{Backoff, Jitter};
 use crate::drivers::{DeviceContext, DeviceStatus, PointAccess, SortedWrite};
 use crate::metrics::ErrorKind;
@@ -55,6 +56,9 @@ pub(crate) struct BusDevice {
 struct Device {
     config: ModbusConfig,
     context: DeviceContext,
+    poll: Duration,
+    /// `profile = "sunspec"`: the model discovery and how the SunSpec points decode.
+    sunspec: Option<SunSpec>,
     reads: Vec<Scheduled>,
     reporters: Vec<Reporter>,
     /// Whether each point's last reading was good (`None`: not read yet), for the metrics.
@@ -66,6 +70,20 @@ struct Device {
     /// While backed off: no request before this.
     retry_at: Option<Instant>,
     published_status: Option<DeviceStatus>,
+}
+
+/// A SunSpec device's discovery state. Until the model chain has been read the device has
+/// only its configured points; then each mapped model adds its points and one read of its
+/// block, never split on an exception: a value and its scale factor must come from one
+/// poll (a block longer than one request is read in consecutive requests).
+struct SunSpec {
+    discovered: bool,
+    /// The next discovery attempt.
+    due: Instant,
+    /// Why the last attempt failed, when the device answered (no marker, a broken chain).
+    error: Option<String>,
+    /// Per point of the device, parallel to `config.points`: how a SunSpec point decodes.
+    sources: Vec<Option<sunspec::Source>>,
 }
 
 struct Scheduled {
@@ -472,6 +490,13 @@ impl Bus {
                     "modbus read plan"
                 );
                 Device {
+                    sunspec: device.config.sunspec.then(|| SunSpec {
+                        discovered: false,
+                        due: now,
+                        error: None,
+                        sources: vec![None; device.config.points.len()],
+                    }),
+                    poll: device.poll,
                     reporters: device.config.points.iter().map(Reporter::new).collect(),
                     point_good: vec![None; device.config.points.len()],
                     reads: requests
@@ -555,6 +580,14 @@ impl Bus {
                 continue;
             }
             let next = self.next_read();
+            // A discovery goes before the reads due at the same time.
+            let discovery = self
+                .next_discovery()
+                .filter(|(_, due)| next.is_none_or(|(_, _, read_due)| *due <= read_due));
+            let wake = match (discovery, next) {
+                (Some((_, due)), _) | (None, Some((_, _, due))) => due,
+                (None, None) => far_future(),
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -562,8 +595,12 @@ impl Bus {
                     Some(command) => self.write(command).await,
                     None => writes_open = false,
                 },
-                _ = sleep_until(next.map_or_else(far_future, |(_, _, due)| due)) => {
-                    if let Some((device, read, due)) = next {
+                _ = sleep_until(wake) => {
+                    if let Some((device, _)) = discovery {
+                        if !self.discover(device).await {
+                            break;
+                        }
+                    } else if let Some((device, read, due)) = next {
                         if !self.read(device, read, due).await {
                             break;
                         }
@@ -661,6 +698,78 @@ impl Bus {
         best
     }
 
+    /// The next SunSpec discovery: a device whose model chain has not been read yet, a
+    /// backed-off one not before its retry.
+    fn next_discovery(&self) -> Option<(usize, Instant)> {
+        self.devices
+            .iter()
+            .enumerate()
+            .filter_map(|(d, device)| {
+                let state = device.sunspec.as_ref().filter(|s| !s.discovered)?;
+                Some((d, device.retry_at.map_or(state.due, |r| state.due.max(r))))
+            })
+            .min_by_key(|(_, due)| *due)
+    }
+
+    /// Reads device `d`'s SunSpec model chain and adds the points of its models. `false`
+    /// when the broker is gone (shutdown).
+    async fn discover(&mut self, d: usize) -> bool {
+        let result = sunspec::discover(&mut BusRegisters {
+            bus: self,
+            device: d,
+        })
+        .await;
+        let Some(device) = self.devices.get_mut(d) else {
+            return true;
+        };
+        let now = Instant::now();
+        match result {
+            Ok((base, found)) => {
+                device.succeeded();
+                device.add_sunspec(base, &found, now);
+            }
+            Err(sunspec::DiscoveryError::Refused(reason)) => {
+                // The device answers but shows no usable chain: asked again every
+                // `backoff_max`.
+                device.succeeded();
+                tracing::warn!(device = %device.context.device, error = %reason, "SunSpec discovery failed");
+                if let Some(state) = device.sunspec.as_mut() {
+                    state.error = Some(format!(
+                        "{}: SunSpec discovery: {reason}",
+                        device.context.device
+                    ));
+                    state.due = now + device.config.backoff_max;
+                }
+            }
+            Err(sunspec::DiscoveryError::Link(failure)) => {
+                let reason = format!("SunSpec discovery: {}", failure.describe());
+                tracing::warn!(device = %device.context.device, error = %reason, "SunSpec discovery failed");
+                if let Some(state) = device.sunspec.as_mut() {
+                    state.due = now + device.poll;
+                }
+                if !device.failed(&reason, now).await {
+                    return false;
+                }
+                let points = device.config.points.len();
+                for index in 0..points {
+                    if !device
+                        .publish(
+                            index,
+                            None,
+                            Quality::Bad(reason.clone()),
+                            now,
+                            SystemTime::now(),
+                        )
+                        .await
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+        device.update_status().await
+    }
+
     /// Waits out the silent interval, runs one transaction for device `d` and updates the
     /// bus timing. A link failure closes the connection.
     async fn transact(&mut self, d: usize, op: &Op) -> Result<Reply, Failure> {
@@ -742,7 +851,32 @@ impl Bus {
             start: request.start,
             count: request.count,
         };
-        let result = self.transact(d, &op).await;
+        let result = if request.count > MAX_REGISTERS_PER_REQUEST {
+            // A SunSpec model block longer than one request (only those are): consecutive
+            // requests cut between points.
+            let ranges = match self.devices.get(d) {
+                Some(device) => sunspec::chunks(
+                    request.start,
+                    request.count,
+                    request.points.iter().filter_map(|&i| {
+                        let point = device.config.points.get(i)?;
+                        Some((point.address, point.data_type.width()))
+                    }),
+                ),
+                None => Vec::new(),
+            };
+            sunspec::read_chunks(
+                &mut BusRegisters {
+                    bus: self,
+                    device: d,
+                },
+                &ranges,
+            )
+            .await
+            .map(Reply::Words)
+        } else {
+            self.transact(d, &op).await
+        };
         let Some(device) = self.devices.get_mut(d) else {
             return true;
         };
@@ -760,19 +894,34 @@ impl Bus {
                     let Some(point) = device.config.points.get(index) else {
                         continue;
                     };
-                    let offset = usize::from(point.address.saturating_sub(request.start));
-                    let width = usize::from(point.data_type.width());
-                    let value = codec::decode_point(
-                        point,
-                        words.get(offset..offset + width).unwrap_or_default(),
-                        bits.get(offset..offset + width).unwrap_or_default(),
-                    );
-                    let quality = match &value {
-                        Some(_) => Quality::Good,
+                    let source = device
+                        .sunspec
+                        .as_ref()
+                        .and_then(|s| s.sources.get(index).copied().flatten());
+                    let value = match source {
+                        Some(source) => sunspec::decode(&source, &words, request.start),
                         None => {
-                            short = true;
-                            Quality::Bad(format!("short response to {}", request.describe()))
+                            let offset = usize::from(point.address.saturating_sub(request.start));
+                            let width = usize::from(point.data_type.width());
+                            codec::decode_point(
+                                point,
+                                words.get(offset..offset + width).unwrap_or_default(),
+                                bits.get(offset..offset + width).unwrap_or_default(),
+                            )
+                            .ok_or(sunspec::PointError::Short)
                         }
+                    };
+                    let (value, quality) = match value {
+                        Ok(value) => (Some(value), Quality::Good),
+                        Err(sunspec::PointError::Short) => {
+                            short = true;
+                            (
+                                None,
+                                Quality::Bad(format!("short response to {}", request.describe())),
+                            )
+                        }
+                        // SunSpec "not implemented" and bad scale factors.
+                        Err(error) => (None, Quality::Bad(error.to_string())),
                     };
                     if !device.publish(index, value, quality, due, timestamp).await {
                         return false;
@@ -793,7 +942,7 @@ impl Bus {
                 }
             }
             Err(Failure::Exception(ExceptionCode::IllegalDataAddress))
-                if request.points.len() > 1 =>
+                if request.points.len() > 1 && !device.is_sunspec_read(&request) =>
             {
                 // A merged read that covers an address the device does not have: read
                 // its halves on their own, now, until the address is found; the rest of
@@ -1054,7 +1203,110 @@ impl Bus {
     }
 }
 
+/// A bus seen as device `device`'s holding registers, for SunSpec discovery.
+struct BusRegisters<'a> {
+    bus: &'a mut Bus,
+    device: usize,
+}
+
+impl sunspec::Registers for BusRegisters<'_> {
+    async fn read(&mut self, start: u16, count: u16) -> Result<Vec<u16>, Failure> {
+        let op = Op::Read {
+            table: Table::Holding,
+            start,
+            count,
+        };
+        match self.bus.transact(self.device, &op).await? {
+            Reply::Words(words) => Ok(words),
+            Reply::Bits(_) | Reply::Done => Err(Failure::Unexpected(
+                "an answer of another kind to a register read".into(),
+            )),
+        }
+    }
+}
+
 impl Device {
+    /// Adds the points of the SunSpec models found at `base`, and a read per model.
+    fn add_sunspec(&mut self, base: u16, found: &[Found], now: Instant) {
+        let ids: Vec<String> = found.iter().map(|f| f.id.to_string()).collect();
+        let blocks = sunspec::blocks(found);
+        let Some(state) = self.sunspec.as_mut() else {
+            return;
+        };
+        let mut added = 0;
+        for block in blocks {
+            let mut indices = Vec::new();
+            for (mut point, source) in block.points {
+                // A configured point of the same name wins.
+                if self.config.points.iter().any(|p| p.name == point.name) {
+                    continue;
+                }
+                if let Some(settings) = self
+                    .config
+                    .sunspec_settings
+                    .iter()
+                    .find(|s| s.name == point.name)
+                {
+                    point.report = settings.report;
+                    point.min_interval = settings.min_interval;
+                    point.max_interval = settings.max_interval;
+                    if settings.unit.is_some() {
+                        point.unit.clone_from(&settings.unit);
+                    }
+                }
+                indices.push(self.config.points.len());
+                self.reporters.push(Reporter::new(&point));
+                self.point_good.push(None);
+                state.sources.resize(self.config.points.len(), None);
+                state.sources.push(Some(source));
+                self.config.points.push(point);
+            }
+            if indices.is_empty() {
+                continue;
+            }
+            added += indices.len();
+            self.reads.push(Scheduled {
+                request: ReadRequest {
+                    table: Table::Holding,
+                    start: block.found.data_start(),
+                    count: block.count,
+                    interval: self.poll,
+                    points: indices,
+                },
+                due: now,
+                error: None,
+                attempted: false,
+            });
+        }
+        state.discovered = true;
+        state.error = None;
+        for settings in &self.config.sunspec_settings {
+            if !self.config.points.iter().any(|p| p.name == settings.name) {
+                tracing::warn!(device = %self.context.device, point = %settings.name, "no SunSpec point of this name on the device: its settings are unused");
+            }
+        }
+        let units: Vec<(String, String)> = self
+            .config
+            .points
+            .iter()
+            .zip(&state.sources)
+            .filter(|(_, source)| source.is_some())
+            .filter_map(|(point, _)| Some((point.name.clone(), point.unit.clone()?)))
+            .collect();
+        self.context.add_units(units);
+        tracing::info!(device = %self.context.device, base, models = %ids.join(", "), points = added, "SunSpec models found");
+    }
+
+    /// Whether `request` reads a SunSpec model block (which is never split).
+    fn is_sunspec_read(&self, request: &ReadRequest) -> bool {
+        self.sunspec.as_ref().is_some_and(|s| {
+            request
+                .points
+                .iter()
+                .any(|&i| s.sources.get(i).is_some_and(Option::is_some))
+        })
+    }
+
     fn succeeded(&mut self) {
         if self.failures > 0 {
             tracing::info!(device = %self.context.device, "device answers again");
@@ -1124,8 +1376,15 @@ impl Device {
             DeviceStatus::Offline {
                 error: self.last_failure.clone().unwrap_or_default(),
             }
-        } else if let Some(error) = self.reads.iter().find_map(|r| r.error.clone()) {
+        } else if let Some(error) = self
+            .sunspec
+            .as_ref()
+            .and_then(|s| s.error.clone())
+            .or_else(|| self.reads.iter().find_map(|r| r.error.clone()))
+        {
             DeviceStatus::Error { error }
+        } else if self.sunspec.as_ref().is_some_and(|s| !s.discovered) {
+            return true; // the SunSpec points are not known yet
         } else if self.reads.iter().all(|r| r.attempted) {
             DeviceStatus::Online
         } else {

@@ -152,7 +152,7 @@ pub fn scaled(raw: Raw, point: &Point) -> Value {
 
 /// Rounds away binary noise of a scale such as 0.1 (215 * 0.1 = 21.500000000000004) by
 /// keeping 12 significant digits, far more than any field device measures.
-fn tidy(x: f64) -> f64 {
+pub(crate) fn tidy(x: f64) -> f64 {
     if !x.is_finite() || x == 0.0 {
         return x;
     }

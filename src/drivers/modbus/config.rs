@@ -28,6 +28,8 @@ pub(crate) const DEFAULT_TCP_UNIT: u8 = 1;
 pub(crate) const DEFAULT_TCP_PORT: u16 = 502;
 pub(crate) const DEFAULT_MAX_GAP_REGISTERS: u16 = 0;
 pub(crate) const DEFAULT_MAX_GAP_BITS: u16 = 0;
+/// `profile = "sunspec"`: the points come from the device's SunSpec models at run time.
+pub const SUNSPEC_PROFILE: &str = "sunspec";
 
 const TABLES: &[&str] = &["coil", "discrete", "holding", "input"];
 const TYPES: &[&str] = &[
@@ -112,6 +114,13 @@ pub struct ModbusConfig {
     /// Write with FC15/FC16 (write multiple coils / registers) even for one coil or one
     /// register, for devices that implement only those. Default false (FC05/FC06).
     pub write_multiple: bool,
+    /// `profile = "sunspec"`: after connecting, the driver reads the device's SunSpec
+    /// model chain and adds a point per mapped SunSpec point (`sunspec.rs`).
+    pub sunspec: bool,
+    /// Report settings (`report`, deadbands, `min_interval`, `max_interval`, `unit`) for
+    /// SunSpec points, by name: the entries of `points` without table and address of a
+    /// `profile = "sunspec"` device. Their table, address and type mean nothing.
+    pub sunspec_settings: Vec<Point>,
     pub points: Vec<Point>,
 }
 
@@ -391,6 +400,7 @@ pub(crate) fn validate(
     span: Range<usize>,
     prefix: &str,
     profile: Option<&super::profile::Profile>,
+    sunspec: bool,
     mut v: DeviceCheck<'_, '_>,
 ) -> Option<ModbusConfig> {
     // A profile's planning limits are the defaults of the devices that use it.
@@ -527,8 +537,9 @@ pub(crate) fn validate(
     };
 
     let mut points = Vec::new();
+    let mut sunspec_settings = Vec::new();
     match &raw.points {
-        None if profile.is_some() => {}
+        None if profile.is_some() || sunspec => {}
         None => v.missing(
             span,
             format!("{prefix}.points"),
@@ -545,7 +556,12 @@ pub(crate) fn validate(
             let mut names: HashMap<String, usize> = HashMap::new();
             for (index, point) in list.get_ref().iter().enumerate() {
                 let point_prefix = format!("{prefix}.points[{index}]");
-                if let Some(point) = v.point(point, &point_prefix, &limits, &mut names) {
+                let inner = point.get_ref();
+                if sunspec && inner.table.is_none() && inner.address.is_none() {
+                    if let Some(settings) = v.sunspec_settings(point, &point_prefix, &mut names) {
+                        sunspec_settings.push(settings);
+                    }
+                } else if let Some(point) = v.point(point, &point_prefix, &limits, &mut names) {
                     points.push(point);
                 }
             }
@@ -567,6 +583,8 @@ pub(crate) fn validate(
         backoff_min,
         backoff_max,
         write_multiple: raw.write_multiple.as_ref().is_some_and(|w| *w.get_ref()),
+        sunspec,
+        sunspec_settings,
         points,
     })
 }
@@ -659,6 +677,78 @@ impl DeviceCheck<'_, '_> {
                 None
             }
         }
+    }
+
+    /// A `points` entry without table and address of a `profile = "sunspec"` device: how a
+    /// SunSpec point of that name reports. Only the name, report keys and unit apply.
+    fn sunspec_settings(
+        &mut self,
+        raw: &S<RawModbusPoint>,
+        prefix: &str,
+        names: &mut HashMap<String, usize>,
+    ) -> Option<Point> {
+        let span = raw.span();
+        let raw = raw.get_ref();
+        let ok_before = self.ok;
+        self.ok = true;
+        let name = match &raw.name {
+            None => {
+                self.missing(span, format!("{prefix}.name"), None);
+                None
+            }
+            Some(name) => self.point_name(name, &format!("{prefix}.name"), names),
+        };
+        let foreign = [
+            ("type", raw.kind.as_ref().map(Spanned::span)),
+            ("bit", raw.bit.as_ref().map(Spanned::span)),
+            ("length", raw.length.as_ref().map(Spanned::span)),
+            ("order", raw.order.as_ref().map(Spanned::span)),
+            ("scale", raw.scale.as_ref().map(Spanned::span)),
+            ("offset", raw.offset.as_ref().map(Spanned::span)),
+            ("poll", raw.poll.as_ref().map(Spanned::span)),
+            ("writable", raw.writable.as_ref().map(Spanned::span)),
+        ];
+        for (key, key_span) in foreign {
+            if let Some(key_span) = key_span {
+                self.error(
+                    Some(key_span),
+                    format!("{prefix}.{key}"),
+                    format!("`{key}` does not apply to a SunSpec point"),
+                )
+                .hint = Some(
+                    "a point without table and address sets how a SunSpec point reports (report, deadband, min_interval, max_interval, unit); type and scale come from the device, and it is read with its model at the device's poll".into(),
+                );
+            }
+        }
+        let report = self.report(raw, prefix);
+        let min_interval = match &raw.min_interval {
+            Some(value) => self
+                .duration(value, &format!("{prefix}.min_interval"))
+                .unwrap_or_default(),
+            None => Duration::ZERO,
+        };
+        let max_interval =
+            self.positive_duration(&raw.max_interval, &format!("{prefix}.max_interval"));
+        let point_ok = self.ok;
+        self.ok = ok_before && point_ok;
+        if !point_ok {
+            return None;
+        }
+        Some(Point {
+            name: name?,
+            table: Table::Holding,
+            address: 0,
+            data_type: DataType::U16,
+            order: Order::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            unit: raw.unit.as_ref().map(|u| u.get_ref().clone()),
+            poll: None,
+            report,
+            min_interval,
+            max_interval,
+            writable: false,
+        })
     }
 
     pub(crate) fn point(

@@ -7,6 +7,7 @@
 //! - `bus`: the task that owns a connection (a TCP socket, or a serial port shared by
 //!   every RTU device on it), serialises its transactions and handles writes.
 //! - [`probe`]: `fieldmq probe`, every interpretation of a register range.
+//! - [`sunspec`]: SunSpec model discovery and decoding, for `profile = "sunspec"`.
 //!
 //! Devices are grouped into buses with [`device_tasks`]: one bus per TCP address (devices
 //! at different addresses poll concurrently; the unit ids behind one Modbus TCP gateway or
@@ -20,6 +21,7 @@ pub mod plan;
 pub mod probe;
 pub mod profile;
 mod report;
+pub mod sunspec;
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,8 @@
 //! `fieldmq probe`: reads a register range from a device named on the command line and
 //! prints the raw words in hex and every interpretation (u16/i16/u32/i32/f32/u64/i64/f64 in
 //! all four byte/word orders), so the right `type = "f32:CDAB"` can be picked by eye.
+//! With `--sunspec` it finds the device's SunSpec models instead and prints each with its
+//! points, decoded and scaled as `profile = "sunspec"` publishes them.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use super::bus::{call, connect, exception_name, Failure, Link, Op, Reply};
 use super::codec::{f32_to_f64, ordered_bytes};
 use super::config::{Order, Parity, SerialSettings, Table};
+use super::sunspec;
 
 /// Arguments of `fieldmq probe`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,14 +41,18 @@ pub struct ProbeArgs {
     #[arg(long, default_value = "holding")]
     pub table: String,
     /// First 0-based protocol address (register "40001" is address 0).
-    #[arg(long)]
-    pub address: u16,
+    #[arg(long, required_unless_present = "sunspec")]
+    pub address: Option<u16>,
     /// Registers (or bits) to read, at most 125 (2000).
     #[arg(long, default_value_t = 4)]
     pub count: u16,
     /// Response timeout, e.g. "1s".
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Find the SunSpec marker and models (holding registers at 40000, 0 or 50000) and
+    /// print every model with its points, decoded and scaled.
+    #[arg(long, conflicts_with_all = ["address", "count", "table"])]
+    pub sunspec: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +67,18 @@ pub enum ProbeError {
     Timeout(Duration),
 }
 
-/// Reads the range and returns the report to print.
+/// Reads the range (or, with `--sunspec`, the SunSpec models) and returns the report to
+/// print.
 pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
+    if args.sunspec {
+        let (link, source) = link_of(args)?;
+        return probe_sunspec(&link, &source, args.unit, args.timeout).await;
+    }
+    let Some(address) = args.address else {
+        return Err(ProbeError::Usage(
+            "give --address (or --sunspec to find SunSpec models)".into(),
+        ));
+    };
     let table = match args.table.to_ascii_lowercase().as_str() {
         "coil" | "coils" => Table::Coil,
         "discrete" => Table::Discrete,
@@ -79,11 +96,66 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             "--count must be 1 to {max} for {table}"
         )));
     }
-    if u32::from(args.address) + u32::from(args.count) > 65_536 {
+    if u32::from(address) + u32::from(args.count) > 65_536 {
         return Err(ProbeError::Usage(
             "the range runs past address 65535".into(),
         ));
     }
+    let (link, source) = link_of(args)?;
+    let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
+        .await
+        .map_err(ProbeError::Link)?;
+    let (start, count) = (address, args.count);
+    let read = Op::Read {
+        table,
+        start,
+        count,
+    };
+    let asked = std::time::Instant::now();
+    let result = call(&mut connection, args.unit, &read, args.timeout).await;
+    let took = asked.elapsed();
+    let data = match result {
+        Ok(Reply::Bits(bits)) => Data::Bits(bits),
+        Ok(Reply::Words(words)) => Data::Words(words),
+        Ok(Reply::Done) => Data::Words(Vec::new()),
+        Err(failure) => return Err(probe_error(failure)),
+    };
+    let mut out = format!(
+        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses), answered in {:.1} ms\n\n",
+        u32::from(start) + u32::from(count) - 1,
+        args.unit,
+        took.as_secs_f64() * 1000.0
+    );
+    match data {
+        Data::Words(words) => out.push_str(&render_words(start, &words)),
+        Data::Bits(bits) => {
+            for (i, bit) in bits.iter().take(usize::from(count)).enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{:>7}  {}",
+                    u32::from(start) + i as u32,
+                    u8::from(*bit)
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn probe_error(failure: Failure) -> ProbeError {
+    match failure {
+        Failure::Timeout(after) => ProbeError::Timeout(after),
+        Failure::Exception(code) => ProbeError::Exception {
+            exception: exception_name(code),
+        },
+        failure @ (Failure::Link(_) | Failure::Unexpected(_) | Failure::Garbled { .. }) => {
+            ProbeError::Link(failure.describe())
+        }
+    }
+}
+
+/// The link the arguments name, and how to name it in the report.
+fn link_of(args: &ProbeArgs) -> Result<(Link, String), ProbeError> {
     let link = match (&args.tcp, &args.rtu, &args.rtu_over_tcp) {
         (Some(address), None, None) => Link::Tcp {
             address: address.clone(),
@@ -119,51 +191,106 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         Link::RtuOverTcp { address } => format!("{address} (rtu-over-tcp)"),
         Link::Rtu(settings) => format!("{} at {} baud", settings.path, settings.baud),
     };
-    let mut connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
-        .await
-        .map_err(ProbeError::Link)?;
-    let (start, count) = (args.address, args.count);
-    let read = Op::Read {
-        table,
-        start,
-        count,
-    };
-    let asked = std::time::Instant::now();
-    let result = call(&mut connection, args.unit, &read, args.timeout).await;
-    let took = asked.elapsed();
-    let data = match result {
-        Ok(Reply::Bits(bits)) => Data::Bits(bits),
-        Ok(Reply::Words(words)) => Data::Words(words),
-        Ok(Reply::Done) => Data::Words(Vec::new()),
-        Err(Failure::Timeout(after)) => return Err(ProbeError::Timeout(after)),
-        Err(Failure::Exception(code)) => {
-            return Err(ProbeError::Exception {
-                exception: exception_name(code),
-            })
-        }
-        Err(failure @ (Failure::Link(_) | Failure::Unexpected(_) | Failure::Garbled { .. })) => {
-            return Err(ProbeError::Link(failure.describe()))
-        }
-    };
-    let mut out = format!(
-        "{table} {start}..={} of unit {} at {source} (0-based protocol addresses), answered in {:.1} ms\n\n",
-        u32::from(start) + u32::from(count) - 1,
-        args.unit,
-        took.as_secs_f64() * 1000.0
-    );
-    match data {
-        Data::Words(words) => out.push_str(&render_words(start, &words)),
-        Data::Bits(bits) => {
-            for (i, bit) in bits.iter().take(usize::from(count)).enumerate() {
-                let _ = writeln!(
-                    out,
-                    "{:>7}  {}",
-                    u32::from(start) + i as u32,
-                    u8::from(*bit)
-                );
-            }
+    Ok((link, source))
+}
+
+/// A probe connection seen as the device's holding registers, for SunSpec discovery.
+struct ProbeRegisters {
+    connection: super::bus::Connection,
+    unit: u8,
+    timeout: Duration,
+}
+
+impl sunspec::Registers for ProbeRegisters {
+    async fn read(&mut self, start: u16, count: u16) -> Result<Vec<u16>, Failure> {
+        let op = Op::Read {
+            table: Table::Holding,
+            start,
+            count,
+        };
+        match call(&mut self.connection, self.unit, &op, self.timeout).await? {
+            Reply::Words(words) => Ok(words),
+            Reply::Bits(_) | Reply::Done => Err(Failure::Unexpected(
+                "an answer of another kind to a register read".into(),
+            )),
         }
     }
+}
+
+/// `fieldmq probe --sunspec`: the base, then each model (id, name, address, length) with
+/// its points as `profile = "sunspec"` names, decodes and scales them.
+async fn probe_sunspec(
+    link: &Link,
+    source: &str,
+    unit: u8,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
+    let connection = connect(link, timeout.max(Duration::from_secs(3)))
+        .await
+        .map_err(ProbeError::Link)?;
+    let mut registers = ProbeRegisters {
+        connection,
+        unit,
+        timeout,
+    };
+    let (base, found) = match sunspec::discover(&mut registers).await {
+        Ok(chain) => chain,
+        Err(sunspec::DiscoveryError::Refused(reason)) => return Err(ProbeError::Link(reason)),
+        Err(sunspec::DiscoveryError::Link(failure)) => return Err(probe_error(failure)),
+    };
+    let mut out = format!(
+        "SunSpec marker at holding {base} of unit {unit} at {source} (0-based protocol addresses)\n\n"
+    );
+    let blocks = sunspec::blocks(&found);
+    for f in &found {
+        let block = blocks.iter().find(|b| b.found == *f);
+        let name = match block {
+            Some(block) => block.model.name,
+            None => "not mapped",
+        };
+        let _ = writeln!(
+            out,
+            "model {} {name} at {}, length {}",
+            f.id, f.address, f.length
+        );
+        let Some(block) = block else {
+            continue;
+        };
+        let start = f.data_start();
+        let ranges = sunspec::chunks(
+            start,
+            block.count,
+            block
+                .points
+                .iter()
+                .map(|(_, source)| (source.address, source.kind.width())),
+        );
+        let words = match sunspec::read_chunks(&mut registers, &ranges).await {
+            Ok(words) => words,
+            Err(failure) => {
+                let _ = writeln!(out, "  cannot read the model: {}", failure.describe());
+                continue;
+            }
+        };
+        for (point, point_source) in &block.points {
+            let value = match sunspec::decode(point_source, &words, start) {
+                Ok(value) => format!(
+                    "{value}{}",
+                    point
+                        .unit
+                        .as_deref()
+                        .map(|u| format!(" {u}"))
+                        .unwrap_or_default()
+                ),
+                Err(error) => format!("bad: {error}"),
+            };
+            let _ = writeln!(out, "  {:<28} {:>5}  {value}", point.name, point.address);
+        }
+    }
+    let end = found.last().map_or(u32::from(base) + 2, |f| {
+        u32::from(f.data_start()) + u32::from(f.length)
+    });
+    let _ = writeln!(out, "end marker at {end}");
     Ok(out)
 }
 
