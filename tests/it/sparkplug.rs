@@ -380,6 +380,47 @@ fn kill_9_delivers_the_ndeath_with_the_bdseq_of_the_nbirth_and_bdseq_goes_on_aft
 }
 
 #[test]
+fn a_sparkplug_uplink_to_the_gateways_own_listener_serves_lan_hosts_on_the_local_broker() {
+    if !peers_available("sparkplug on the local broker") {
+        return;
+    }
+    // The uplink's "cloud" is the gateway's own listener: LAN hosts find the edge node on
+    // the local broker, no other broker involved.
+    let port = crate::util::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), port, "200ms", None);
+    let text = std::fs::read_to_string(&config)
+        .expect("read config")
+        .replace(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"127.0.0.1:{port}\""),
+        );
+    std::fs::write(&config, text).expect("write config");
+    let gateway = GatewayProcess::start(&config);
+    assert_eq!(gateway.addr.port(), port);
+    let mut host = Host::start(port, None);
+    // The first births may have gone before the host subscribed: ask for them again.
+    host.send(json!({"op": "rebirth", "node": NODE}));
+    let nbirth = host.wait_for(
+        "NBIRTH on the local broker",
+        Duration::from_secs(15),
+        is("NBIRTH"),
+    );
+    assert_eq!(nbirth["node"], NODE);
+    let dbirth = host.wait_for(
+        "DBIRTH on the local broker",
+        Duration::from_secs(10),
+        is("DBIRTH"),
+    );
+    assert_eq!(metric(&dbirth, "label")["datatype"], "STRING");
+    host.wait_for(
+        "DDATA on the local broker",
+        Duration::from_secs(10),
+        is("DDATA"),
+    );
+}
+
+#[test]
 fn ncmd_rebirth_republishes_every_birth() {
     if !peers_available("sparkplug rebirth") {
         return;
