@@ -24,6 +24,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::util::gateway;
+use crate::util::modbus::Answer;
 
 // ---------------------------------------------------------------------------------------
 // The device: a tokio-modbus server with registers, a request log and failure switches.
@@ -56,8 +57,6 @@ type Shared = Arc<Mutex<DeviceState>>;
 struct FakeDevice {
     state: Shared,
 }
-
-type Answer = Result<Option<Response>, ExceptionCode>;
 
 impl tokio_modbus::server::Service for FakeDevice {
     type Request = SlaveRequest<'static>;
@@ -171,21 +170,9 @@ fn read_of(request: &Request<'_>) -> Option<(&'static str, u16, u16)> {
     }
 }
 
-/// A Modbus TCP server on `addr` (port 0 for a free one).
+/// The device as a Modbus TCP server on `addr` (port 0 for a free one).
 async fn serve_tcp(state: Shared, addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio_modbus::server::tcp::Server::new(listener);
-    let task = tokio::spawn(async move {
-        let on_connected = move |stream, _peer| {
-            let service = FakeDevice {
-                state: state.clone(),
-            };
-            async move { Ok(Some((service, stream))) }
-        };
-        let _ = server.serve(&on_connected, |_error| {}).await;
-    });
-    (addr, task)
+    crate::util::modbus::serve_tcp(FakeDevice { state }, addr).await
 }
 
 fn device_with(registers: &[(u16, u16)]) -> Shared {

@@ -21,6 +21,7 @@ use tokio_modbus::client::Reader as _;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
+use crate::util::modbus::Answer;
 use crate::util::skip::skip;
 
 // ---------------------------------------------------------------------------------------
@@ -38,8 +39,6 @@ type Shared = Arc<Mutex<DeviceState>>;
 struct FieldDevice {
     state: Shared,
 }
-
-type Answer = Result<Option<Response>, ExceptionCode>;
 
 impl tokio_modbus::server::Service for FieldDevice {
     type Request = SlaveRequest<'static>;
@@ -86,19 +85,10 @@ impl tokio_modbus::server::Service for FieldDevice {
 }
 
 async fn field_device(state: Shared) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio_modbus::server::tcp::Server::new(listener);
-    tokio::spawn(async move {
-        let on_connected = move |stream, _peer| {
-            let service = FieldDevice {
-                state: state.clone(),
-            };
-            async move { Ok(Some((service, stream))) }
-        };
-        let _ = server.serve(&on_connected, |_error| {}).await;
-    });
-    addr
+    let device = FieldDevice { state };
+    crate::util::modbus::serve_tcp(device, "127.0.0.1:0".parse().expect("address"))
+        .await
+        .0
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,12 +17,12 @@ use fieldmq::drivers::{self, DeviceContext};
 use fieldmq::model::QoS;
 use fieldmq::service::config;
 use serde_json::Value as Json;
-use tokio::net::TcpListener;
 use tokio::time::{timeout, Instant};
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::util::gateway;
+use crate::util::modbus::Answer;
 
 /// Holding registers; a read that covers an address not in the map is refused with
 /// "illegal data address", as real devices do. Every read is logged (start, count).
@@ -36,8 +36,6 @@ type Shared = Arc<Mutex<Registers>>;
 
 #[derive(Clone)]
 struct SunSpecDevice(Shared);
-
-type Answer = Result<Option<Response>, ExceptionCode>;
 
 impl tokio_modbus::server::Service for SunSpecDevice {
     type Request = SlaveRequest<'static>;
@@ -66,17 +64,10 @@ impl tokio_modbus::server::Service for SunSpecDevice {
 }
 
 async fn serve(state: Shared) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio_modbus::server::tcp::Server::new(listener);
-    tokio::spawn(async move {
-        let on_connected = move |stream, _peer| {
-            let service = SunSpecDevice(state.clone());
-            async move { Ok(Some((service, stream))) }
-        };
-        let _ = server.serve(&on_connected, |_error| {}).await;
-    });
-    addr
+    let device = SunSpecDevice(state);
+    crate::util::modbus::serve_tcp(device, "127.0.0.1:0".parse().expect("address"))
+        .await
+        .0
 }
 
 /// Writes a model: id, length, then `length` registers (zero unless set in `values`,

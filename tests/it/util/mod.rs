@@ -3,6 +3,7 @@
 //! - [`gateway`]: the real `fieldmq` binary as a child process (config in a temp dir,
 //!   readiness from its log, SIGTERM/SIGKILL/SIGSTOP);
 //! - [`http`]: a raw HTTP/1.1 client for the gateway's HTTP listener;
+//! - [`modbus`]: a tokio-modbus TCP server on loopback for a test device;
 //! - [`mqtt`]: the broker in-process, rumqttc clients of both versions, raw MQTT bytes;
 //! - [`cloud`]: Mosquitto on loopback as the cloud broker;
 //! - [`pki`]: one certificate authority builder (rcgen) for servers and clients;
@@ -13,6 +14,7 @@
 pub(crate) mod cloud;
 pub(crate) mod gateway;
 pub(crate) mod http;
+pub(crate) mod modbus;
 pub(crate) mod mqtt;
 pub(crate) mod pki;
 pub(crate) mod proxy;
