@@ -528,14 +528,7 @@ impl Checker<'_> {
         }
         let name = name.unwrap_or_else(|| "u16".to_owned());
         let data_type = match name.as_str() {
-            "u16" => DataType::U16,
-            "i16" => DataType::I16,
-            "u32" => DataType::U32,
-            "i32" => DataType::I32,
-            "u64" => DataType::U64,
-            "i64" => DataType::I64,
-            "f32" => DataType::F32,
-            "f64" => DataType::F64,
+            fixed if DataType::fixed(fixed).is_some() => DataType::fixed(fixed)?,
             "string" => match &r.length {
                 Some(length) => match u16::try_from(*length.get_ref()) {
                     Ok(n) if (1..=125).contains(&n) => DataType::String { registers: n },

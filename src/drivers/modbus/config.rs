@@ -265,6 +265,22 @@ pub enum DataType {
 }
 
 impl DataType {
+    /// The register types whose name says all there is: `u16`, `i16`, `u32`, `i32`, `u64`,
+    /// `i64`, `f32`, `f64` (not `bool`, `bit` or `string`, which need more keys).
+    pub(crate) fn fixed(name: &str) -> Option<DataType> {
+        Some(match name {
+            "u16" => DataType::U16,
+            "i16" => DataType::I16,
+            "u32" => DataType::U32,
+            "i32" => DataType::I32,
+            "u64" => DataType::U64,
+            "i64" => DataType::I64,
+            "f32" => DataType::F32,
+            "f64" => DataType::F64,
+            _ => return None,
+        })
+    }
+
     /// Registers (or bits, for `Bool`) the type occupies.
     pub fn width(self) -> u16 {
         match self {
@@ -1087,14 +1103,7 @@ impl DeviceCheck<'_, '_> {
                     }
                 }
             }
-            "u16" => DataType::U16,
-            "i16" => DataType::I16,
-            "u32" => DataType::U32,
-            "i32" => DataType::I32,
-            "u64" => DataType::U64,
-            "i64" => DataType::I64,
-            "f32" => DataType::F32,
-            "f64" => DataType::F64,
+            fixed if DataType::fixed(fixed).is_some() => DataType::fixed(fixed)?,
             "string" => {
                 let Some(length) = &raw.length else {
                     self.missing(
