@@ -164,13 +164,35 @@ impl DeviceConfig {
         format!("{gateway_status_topic}/devices/{}", self.name)
     }
 
+    /// The device's points, as [`DriverConfig::point_infos`] describes them.
+    pub fn point_infos(&self) -> Vec<PointInfo> {
+        self.driver.point_infos()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DriverConfig {
+    Simulated(SimulatedConfig),
+    Modbus(crate::drivers::modbus::ModbusConfig),
+    Serial(crate::drivers::serial::SerialConfig),
+}
+
+impl DriverConfig {
+    /// The points that have a `unit`, with it (serial fields have none).
+    pub fn point_units(&self) -> Vec<(String, String)> {
+        self.point_infos()
+            .into_iter()
+            .filter_map(|p| Some((p.name, p.unit?)))
+            .collect()
+    }
+
     /// The points of a device with registers or simulated values (a serial device's
     /// points are frames of named fields, not one value each: none here).
     pub fn point_infos(&self) -> Vec<PointInfo> {
         use crate::drivers::modbus::config::DataType;
         use crate::drivers::simulated::config::Waveform;
         use crate::model::Value;
-        match &self.driver {
+        match self {
             DriverConfig::Simulated(config) => config
                 .points
                 .iter()
@@ -207,32 +229,6 @@ impl DeviceConfig {
                         _ => PointKind::Float,
                     },
                 })
-                .collect(),
-            DriverConfig::Serial(_) => Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum DriverConfig {
-    Simulated(SimulatedConfig),
-    Modbus(crate::drivers::modbus::ModbusConfig),
-    Serial(crate::drivers::serial::SerialConfig),
-}
-
-impl DriverConfig {
-    /// The points that have a `unit`, with it (serial fields have none).
-    pub fn point_units(&self) -> Vec<(String, String)> {
-        match self {
-            DriverConfig::Simulated(sim) => sim
-                .points
-                .iter()
-                .filter_map(|p| Some((p.name.clone(), p.unit.clone()?)))
-                .collect(),
-            DriverConfig::Modbus(modbus) => modbus
-                .points
-                .iter()
-                .filter_map(|p| Some((p.name.clone(), p.unit.clone()?)))
                 .collect(),
             DriverConfig::Serial(_) => Vec::new(),
         }
