@@ -67,7 +67,8 @@ enum Cmd {
     Metrics(metrics::MetricsArgs),
     /// The Modbus TCP driver polling a simulated device: values/s, delay to a subscriber, CPU.
     Modbus(modbus::ModbusArgs),
-    /// The Modbus TCP server for SCADA: requests/s and p99 latency with a tokio-modbus client.
+    /// The Modbus TCP server for SCADA: requests/s and p99 latency beside a bare tokio-modbus
+    /// server, with a tokio-modbus or pymodbus client.
     ModbusServer(modbus_server::ModbusServerArgs),
     /// Live reload, request to report: a file that did not change, and one device changed.
     Reload(reload::ReloadArgs),
