@@ -56,6 +56,8 @@ pub enum Source {
 /// One run of registers or bits mapped to one value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MapEntry {
+    /// The one unit id it answers for; `None`: every unit id the server answers.
+    pub unit: Option<u8>,
     pub table: Table,
     pub address: u16,
     pub data_type: DataType,
@@ -134,6 +136,7 @@ pub(crate) struct RawModbusServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMapEntry {
+    pub(crate) unit: Option<S<i64>>,
     pub(crate) table: Option<S<String>>,
     pub(crate) address: Option<S<i64>>,
     #[serde(rename = "type")]
@@ -297,7 +300,7 @@ impl Checker<'_> {
                 .hint = Some("add bad_quality = \"sentinel\", or remove `sentinel`".into());
         }
         let map = match &raw.map {
-            Some(map) => self.server_map(map, prefix, devices, bad_quality),
+            Some(map) => self.server_map(map, prefix, devices, bad_quality, &unit_ids),
             None => {
                 self.missing(
                     span,
@@ -325,39 +328,54 @@ impl Checker<'_> {
         prefix: &str,
         devices: &[DeviceConfig],
         bad_quality: Option<BadQuality>,
+        unit_ids: &[u8],
     ) -> Option<Vec<MapEntry>> {
         let mut entries = Vec::new();
         let mut ok = true;
         for (index, raw) in map.get_ref().iter().enumerate() {
             let entry_prefix = format!("{prefix}.map[{index}]");
-            match self.map_entry(raw, &entry_prefix, devices, bad_quality) {
+            match self.map_entry(raw, &entry_prefix, devices, bad_quality, unit_ids) {
                 Some(entry) => entries.push((entry, index, raw.span())),
                 None => ok = false,
             }
         }
-        // Overlaps: sorted by table and address, each entry must end before the next.
+        // Overlaps: per table, sorted by address, an entry must end before any later one
+        // that shares a unit with it (an entry without `unit` shares every unit). Bounded
+        // by the entries after it that start inside it.
         let mut sorted: Vec<&(MapEntry, usize, std::ops::Range<usize>)> = entries.iter().collect();
         sorted.sort_by_key(|(entry, _, _)| (entry.table.name(), entry.address));
-        for pair in sorted.windows(2) {
-            let [(a, a_index, _), (b, b_index, b_span)] = pair else {
-                continue;
-            };
-            if a.table == b.table && a.end() > u32::from(b.address) {
-                self.d.error(
-                    Some(b_span.clone()),
-                    format!("{prefix}.map[{b_index}]"),
-                    format!(
-                        "{} {}..={} overlaps {prefix}.map[{a_index}] ({} {}..={})",
-                        b.table,
-                        b.address,
-                        b.end() - 1,
-                        a.table,
-                        a.address,
-                        a.end() - 1
-                    ),
-                );
-                ok = false;
+        let shares_unit =
+            |a: &MapEntry, b: &MapEntry| a.unit.is_none() || b.unit.is_none() || a.unit == b.unit;
+        let mut overlaps = Vec::new();
+        for (i, (a, a_index, _)) in sorted.iter().enumerate() {
+            for (b, b_index, b_span) in sorted[i + 1..]
+                .iter()
+                .take_while(|(b, _, _)| b.table == a.table && a.end() > u32::from(b.address))
+            {
+                if shares_unit(a, b) {
+                    overlaps.push((a, *a_index, b, *b_index, b_span.clone()));
+                }
             }
+        }
+        for (a, a_index, b, b_index, b_span) in overlaps {
+            self.d.error(
+                Some(b_span),
+                format!("{prefix}.map[{b_index}]"),
+                format!(
+                    "{} {}..={} overlaps {prefix}.map[{a_index}] ({} {}..={}){}",
+                    b.table,
+                    b.address,
+                    b.end() - 1,
+                    a.table,
+                    a.address,
+                    a.end() - 1,
+                    match (a.unit, b.unit) {
+                        (Some(unit), Some(_)) => format!(" on unit {unit}"),
+                        (None, _) | (_, None) => String::new(),
+                    }
+                ),
+            );
+            ok = false;
         }
         ok.then(|| entries.into_iter().map(|(entry, _, _)| entry).collect())
     }
@@ -368,6 +386,7 @@ impl Checker<'_> {
         prefix: &str,
         devices: &[DeviceConfig],
         bad_quality: Option<BadQuality>,
+        unit_ids: &[u8],
     ) -> Option<MapEntry> {
         let span = raw.span();
         let r = raw.get_ref();
@@ -431,9 +450,34 @@ impl Checker<'_> {
             }
             return None;
         }
+        let unit = match &r.unit {
+            None => None,
+            Some(unit) => match u8::try_from(*unit.get_ref()) {
+                Ok(id) if unit_ids.is_empty() || unit_ids.contains(&id) => Some(id),
+                Ok(id) => {
+                    self.d
+                        .error(
+                            Some(unit.span()),
+                            key("unit"),
+                            format!("unit {id} is not one of the server's unit_ids {unit_ids:?}"),
+                        )
+                        .hint = Some(format!("add {id} to unit_ids, or remove `unit`"));
+                    return None;
+                }
+                Err(_) => {
+                    self.d.error(
+                        Some(unit.span()),
+                        key("unit"),
+                        format!("{} is out of range, expected 0 to 255", unit.get_ref()),
+                    );
+                    return None;
+                }
+            },
+        };
         let source = self.entry_source(r, span.clone(), prefix, devices)?;
         let address = address?;
         let entry = MapEntry {
+            unit,
             table,
             address,
             data_type,

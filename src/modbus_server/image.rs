@@ -36,10 +36,18 @@ enum Slot {
 pub struct Image {
     entries: Vec<MapEntry>,
     slots: Vec<Slot>,
-    /// Per table, each covered address → (entry index, offset in the entry).
-    addresses: HashMap<(u8, u16), (usize, u16)>,
+    /// Per table and unit ([`ANY_UNIT`] for an entry of every unit), each covered address →
+    /// (entry index, offset in the entry).
+    addresses: HashMap<(u8, u16, u16), (usize, u16)>,
     /// The words a bad entry reads as, when the server answers bad values with a sentinel.
     sentinels: Vec<Option<Vec<u16>>>,
+}
+
+/// The unit key of an entry without `unit`: past every unit id.
+const ANY_UNIT: u16 = 256;
+
+fn unit_key(unit: Option<u8>) -> u16 {
+    unit.map_or(ANY_UNIT, u16::from)
 }
 
 fn table_key(table: Table) -> u8 {
@@ -66,7 +74,10 @@ impl Image {
             for offset in 0..entry.width() {
                 let address = u32::from(entry.address) + u32::from(offset);
                 if let Ok(address) = u16::try_from(address) {
-                    addresses.insert((table_key(entry.table), address), (index, offset));
+                    addresses.insert(
+                        (table_key(entry.table), unit_key(entry.unit), address),
+                        (index, offset),
+                    );
                 }
             }
         }
@@ -124,11 +135,23 @@ impl Image {
         result
     }
 
-    /// The entries that `start..start + count` of `table` touches, in address order, or
-    /// exception 2 when any address in it is unmapped or past 65535.
+    /// The entry (and offset in it) at `address` of `table` for `unit`: the unit's own
+    /// entry, else an entry of every unit.
+    fn locate(&self, table: Table, unit: u8, address: u16) -> Result<(usize, u16), ExceptionCode> {
+        let table = table_key(table);
+        self.addresses
+            .get(&(table, u16::from(unit), address))
+            .or_else(|| self.addresses.get(&(table, ANY_UNIT, address)))
+            .copied()
+            .ok_or(ExceptionCode::IllegalDataAddress)
+    }
+
+    /// The entries that `start..start + count` of `table` on `unit` touches, in address
+    /// order, or exception 2 when any address in it is unmapped or past 65535.
     pub fn covered(
         &self,
         table: Table,
+        unit: u8,
         start: u16,
         count: u16,
     ) -> Result<Vec<Covered>, ExceptionCode> {
@@ -141,10 +164,7 @@ impl Image {
         // Bounded: each round moves past at least one address.
         while address < end {
             let a = u16::try_from(address).map_err(|_| ExceptionCode::IllegalDataAddress)?;
-            let (index, offset) = *self
-                .addresses
-                .get(&(table_key(table), a))
-                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            let (index, offset) = self.locate(table, unit, a)?;
             let entry = &self.entries[index];
             let entry_end = entry.end();
             covered.push(Covered {
@@ -156,23 +176,21 @@ impl Image {
         Ok(covered)
     }
 
-    /// Registers `start..start + count` of a register table.
+    /// Registers `start..start + count` of a register table on `unit`.
     pub fn read_words(
         &self,
         table: Table,
+        unit: u8,
         start: u16,
         count: u16,
     ) -> Result<Vec<u16>, ExceptionCode> {
         if count == 0 || count > MAX_READ_REGISTERS {
             return Err(ExceptionCode::IllegalDataValue);
         }
-        self.covered(table, start, count)?;
+        self.covered(table, unit, start, count)?;
         let mut words = Vec::with_capacity(usize::from(count));
         for address in start..=start.saturating_add(count - 1) {
-            let (index, offset) = *self
-                .addresses
-                .get(&(table_key(table), address))
-                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            let (index, offset) = self.locate(table, unit, address)?;
             let word = match &self.slots[index] {
                 Slot::Words(words) => words.get(usize::from(offset)).copied(),
                 Slot::Bit(_) => None,
@@ -186,23 +204,21 @@ impl Image {
         Ok(words)
     }
 
-    /// Bits `start..start + count` of a bit table.
+    /// Bits `start..start + count` of a bit table on `unit`.
     pub fn read_bits(
         &self,
         table: Table,
+        unit: u8,
         start: u16,
         count: u16,
     ) -> Result<Vec<bool>, ExceptionCode> {
         if count == 0 || count > MAX_READ_BITS {
             return Err(ExceptionCode::IllegalDataValue);
         }
-        self.covered(table, start, count)?;
+        self.covered(table, unit, start, count)?;
         let mut bits = Vec::with_capacity(usize::from(count));
         for address in start..=start.saturating_add(count - 1) {
-            let (index, _) = *self
-                .addresses
-                .get(&(table_key(table), address))
-                .ok_or(ExceptionCode::IllegalDataAddress)?;
+            let (index, _) = self.locate(table, unit, address)?;
             bits.push(match &self.slots[index] {
                 Slot::Bit(bit) => *bit,
                 Slot::Words(_) => false,
@@ -240,6 +256,7 @@ mod tests {
 
     fn entry(table: Table, address: u16, data_type: DataType) -> MapEntry {
         MapEntry {
+            unit: None,
             table,
             address,
             data_type,
@@ -258,7 +275,7 @@ mod tests {
             BadQuality::Exception,
         );
         assert_eq!(
-            image.read_words(Table::Holding, 10, 2),
+            image.read_words(Table::Holding, 1, 10, 2),
             Err(ExceptionCode::ServerDeviceFailure)
         );
         image
@@ -266,15 +283,15 @@ mod tests {
             .unwrap();
         // 230.5 = 0x43668000, CDAB: low word first.
         assert_eq!(
-            image.read_words(Table::Holding, 10, 2),
+            image.read_words(Table::Holding, 1, 10, 2),
             Ok(vec![0x8000, 0x4366])
         );
-        assert_eq!(image.read_words(Table::Holding, 11, 1), Ok(vec![0x4366]));
+        assert_eq!(image.read_words(Table::Holding, 1, 11, 1), Ok(vec![0x4366]));
         image
             .update(0, br#"{"value":null,"ts":"x","quality":"bad","error":"e"}"#)
             .unwrap();
         assert_eq!(
-            image.read_words(Table::Holding, 10, 2),
+            image.read_words(Table::Holding, 1, 10, 2),
             Err(ExceptionCode::ServerDeviceFailure)
         );
     }
@@ -286,21 +303,49 @@ mod tests {
             BadQuality::Sentinel(-1.0),
         );
         assert_eq!(
-            image.read_words(Table::Holding, 65533, 2),
+            image.read_words(Table::Holding, 1, 65533, 2),
             Err(ExceptionCode::IllegalDataAddress)
         );
         assert_eq!(
-            image.read_words(Table::Holding, 65535, 2),
+            image.read_words(Table::Holding, 1, 65535, 2),
             Err(ExceptionCode::IllegalDataAddress)
         );
         assert_eq!(
-            image.read_words(Table::Holding, 0, 126),
+            image.read_words(Table::Holding, 1, 0, 126),
             Err(ExceptionCode::IllegalDataValue)
         );
         // The sentinel -1.0 as f32 CDAB.
         assert_eq!(
-            image.read_words(Table::Holding, 65534, 2),
+            image.read_words(Table::Holding, 1, 65534, 2),
             Ok(vec![0x0000, 0xBF80])
+        );
+    }
+
+    #[test]
+    fn a_unit_reads_its_own_entries_and_those_of_every_unit() {
+        let mut meter1 = entry(Table::Holding, 0, DataType::U16);
+        meter1.unit = Some(1);
+        let mut meter2 = entry(Table::Holding, 0, DataType::U16);
+        meter2.unit = Some(2);
+        let shared = entry(Table::Holding, 1, DataType::U16);
+        let mut image = Image::new(vec![meter1, meter2, shared], BadQuality::Exception);
+        image.update(0, b"11").unwrap();
+        image.update(1, b"22").unwrap();
+        image.update(2, b"33").unwrap();
+        assert_eq!(image.read_words(Table::Holding, 1, 0, 2), Ok(vec![11, 33]));
+        assert_eq!(image.read_words(Table::Holding, 2, 0, 2), Ok(vec![22, 33]));
+        assert_eq!(
+            image.read_words(Table::Holding, 3, 0, 2),
+            Err(ExceptionCode::IllegalDataAddress),
+            "unit 3 has no address 0"
+        );
+        assert_eq!(image.read_words(Table::Holding, 3, 1, 1), Ok(vec![33]));
+        assert_eq!(
+            image.covered(Table::Holding, 2, 0, 1),
+            Ok(vec![Covered {
+                entry: 1,
+                whole: true
+            }])
         );
     }
 
@@ -311,10 +356,10 @@ mod tests {
             BadQuality::Exception,
         );
         image.update(0, b"on").unwrap();
-        assert_eq!(image.read_bits(Table::Coil, 3, 1), Ok(vec![true]));
+        assert_eq!(image.read_bits(Table::Coil, 1, 3, 1), Ok(vec![true]));
         assert!(image.update(0, b"maybe").is_err());
         assert_eq!(
-            image.read_bits(Table::Coil, 3, 1),
+            image.read_bits(Table::Coil, 1, 3, 1),
             Err(ExceptionCode::ServerDeviceFailure)
         );
     }

@@ -356,28 +356,36 @@ impl tokio_modbus::server::Service for Service {
 
     fn call(&self, request: Self::Request) -> Self::Future {
         let shared = self.shared.clone();
-        if !shared.unit_ids.is_empty() && !shared.unit_ids.contains(&request.slave) {
+        let unit = request.slave;
+        if !shared.unit_ids.is_empty() && !shared.unit_ids.contains(&unit) {
             return Box::pin(std::future::ready(Err(ExceptionCode::GatewayTargetDevice)));
         }
         match request.request {
             Request::ReadHoldingRegisters(start, count) => Box::pin(std::future::ready(
-                read_words(&shared, Table::Holding, start, count)
+                read_words(&shared, Table::Holding, unit, start, count)
                     .map(|words| Some(Response::ReadHoldingRegisters(words))),
             )),
             Request::ReadInputRegisters(start, count) => Box::pin(std::future::ready(
-                read_words(&shared, Table::Input, start, count)
+                read_words(&shared, Table::Input, unit, start, count)
                     .map(|words| Some(Response::ReadInputRegisters(words))),
             )),
             Request::ReadCoils(start, count) => Box::pin(std::future::ready(
-                read_bits(&shared, Table::Coil, start, count)
+                read_bits(&shared, Table::Coil, unit, start, count)
                     .map(|bits| Some(Response::ReadCoils(bits))),
             )),
             Request::ReadDiscreteInputs(start, count) => Box::pin(std::future::ready(
-                read_bits(&shared, Table::Discrete, start, count)
+                read_bits(&shared, Table::Discrete, unit, start, count)
                     .map(|bits| Some(Response::ReadDiscreteInputs(bits))),
             )),
             Request::WriteSingleRegister(address, word) => Box::pin(async move {
-                write(&shared, Table::Holding, address, Data::Words(vec![word])).await?;
+                write(
+                    &shared,
+                    Table::Holding,
+                    unit,
+                    address,
+                    Data::Words(vec![word]),
+                )
+                .await?;
                 Ok(Some(Response::WriteSingleRegister(address, word)))
             }),
             Request::WriteMultipleRegisters(address, words) => {
@@ -387,12 +395,12 @@ impl tokio_modbus::server::Service for Service {
                         return Err(ExceptionCode::IllegalDataValue);
                     }
                     let count = words.len() as u16;
-                    write(&shared, Table::Holding, address, Data::Words(words)).await?;
+                    write(&shared, Table::Holding, unit, address, Data::Words(words)).await?;
                     Ok(Some(Response::WriteMultipleRegisters(address, count)))
                 })
             }
             Request::WriteSingleCoil(address, bit) => Box::pin(async move {
-                write(&shared, Table::Coil, address, Data::Bits(vec![bit])).await?;
+                write(&shared, Table::Coil, unit, address, Data::Bits(vec![bit])).await?;
                 Ok(Some(Response::WriteSingleCoil(address, bit)))
             }),
             Request::WriteMultipleCoils(address, bits) => {
@@ -402,7 +410,7 @@ impl tokio_modbus::server::Service for Service {
                         return Err(ExceptionCode::IllegalDataValue);
                     }
                     let count = bits.len() as u16;
-                    write(&shared, Table::Coil, address, Data::Bits(bits)).await?;
+                    write(&shared, Table::Coil, unit, address, Data::Bits(bits)).await?;
                     Ok(Some(Response::WriteMultipleCoils(address, count)))
                 })
             }
@@ -414,6 +422,7 @@ impl tokio_modbus::server::Service for Service {
 fn read_words(
     shared: &Shared,
     table: Table,
+    unit: u8,
     start: u16,
     count: u16,
 ) -> Result<Vec<u16>, ExceptionCode> {
@@ -421,12 +430,13 @@ fn read_words(
         .image
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .read_words(table, start, count)
+        .read_words(table, unit, start, count)
 }
 
 fn read_bits(
     shared: &Shared,
     table: Table,
+    unit: u8,
     start: u16,
     count: u16,
 ) -> Result<Vec<bool>, ExceptionCode> {
@@ -434,7 +444,7 @@ fn read_bits(
         .image
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .read_bits(table, start, count)
+        .read_bits(table, unit, start, count)
 }
 
 /// What a write request carries.
@@ -450,6 +460,7 @@ enum Data {
 async fn write(
     shared: &Arc<Shared>,
     table: Table,
+    unit: u8,
     address: u16,
     data: Data,
 ) -> Result<(), ExceptionCode> {
@@ -465,7 +476,7 @@ async fn write(
             .image
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let covered = image.covered(table, address, count)?;
+        let covered = image.covered(table, unit, address, count)?;
         for part in covered {
             let entry = &image.entries()[part.entry];
             if !part.whole {

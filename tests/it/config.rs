@@ -853,6 +853,42 @@ fn cases() -> Vec<Case> {
             None,
         ),
         case(
+            "modbus server: overlapping map entries of one unit",
+            modbus_server(
+                "",
+                &format!(
+                    "{},\n  {{ unit = 1, table = \"holding\", address = 1, topic = \"a/b\" }}",
+                    MAP_ENTRY.replace("{ table", "{ unit = 1, table")
+                ),
+            ),
+            13,
+            "modbus_servers[0].map[1]",
+            "holding 1..=1 overlaps modbus_servers[0].map[0] (holding 0..=1) on unit 1",
+            None,
+        ),
+        case(
+            "modbus server: a unit's entry overlapping an entry of every unit",
+            modbus_server(
+                "",
+                &format!("{MAP_ENTRY},\n  {{ unit = 4, table = \"holding\", address = 1, topic = \"a/b\" }}"),
+            ),
+            13,
+            "modbus_servers[0].map[1]",
+            "holding 1..=1 overlaps modbus_servers[0].map[0] (holding 0..=1)",
+            None,
+        ),
+        case(
+            "modbus server: an entry for a unit the server does not answer",
+            modbus_server(
+                "bind = \"127.0.0.1:0\"\nunit_ids = [1, 2]\n",
+                &MAP_ENTRY.replace("{ table", "{ unit = 5, table"),
+            ),
+            13,
+            "modbus_servers[0].map[0].unit",
+            "unit 5 is not one of the server's unit_ids [1, 2]",
+            Some("add 5 to unit_ids, or remove `unit`"),
+        ),
+        case(
             "modbus server: an entry past address 65535",
             modbus_server("", &MAP_ENTRY.replace("address = 0", "address = 65535")),
             12,

@@ -743,3 +743,111 @@ async fn modbus_server_serves_many_clients_at_once_while_the_broker_keeps_routin
     drop(silent);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn modbus_server_answers_each_unit_id_from_its_own_entries_and_the_shared_ones() {
+    let Some(python) = python() else {
+        return skip(
+            "modbus_server_answers_each_unit_id_from_its_own_entries_and_the_shared_ones",
+            "pymodbus venv missing (.ci/run creates target/pymodbus-venv)",
+        );
+    };
+    // Two meters behind one server, each at the same addresses under its own unit id, and
+    // one value every unit serves.
+    let gateway = Gateway::start(
+        r#"
+[[modbus_servers]]
+bind = "127.0.0.1:0"
+unit_ids = [1, 2]
+bad_quality = "sentinel"
+sentinel = 7
+map = [
+  { unit = 1, table = "holding", address = 0, topic = "site/meter1/power", type = "u16" },
+  { unit = 2, table = "holding", address = 0, topic = "site/meter2/power", type = "u16", writable = true },
+  { table = "holding", address = 10, topic = "site/common", type = "u16" },
+  { unit = 1, table = "holding", address = 20, topic = "site/meter1/only", type = "u16" },
+]
+"#,
+    )
+    .await;
+    let addr = gateway.modbus[0];
+    let broker = gateway.broker();
+    for (topic, value) in [
+        ("site/meter1/power", "11"),
+        ("site/meter2/power", "22"),
+        ("site/common", "33"),
+    ] {
+        broker
+            .publish(Message::internal(
+                "lan",
+                topic,
+                value,
+                QoS::AtLeastOnce,
+                true,
+            ))
+            .await
+            .unwrap();
+    }
+    let reads = json!([
+        {"op": "read_holding", "address": 0, "count": 1, "unit": 1},
+        {"op": "read_holding", "address": 0, "count": 1, "unit": 2},
+        {"op": "read_holding", "address": 10, "count": 1, "unit": 1},
+        {"op": "read_holding", "address": 10, "count": 1, "unit": 2},
+        // Mapped for unit 1 only, and not published yet: the sentinel on unit 1.
+        {"op": "read_holding", "address": 20, "count": 1, "unit": 1},
+        {"op": "read_holding", "address": 20, "count": 1, "unit": 2},
+        // Not one of the server's unit ids.
+        {"op": "read_holding", "address": 0, "count": 1, "unit": 3},
+    ]);
+    let results = pymodbus_until(&python, addr, &reads, |r| {
+        r[0] == json!({"registers": [11]}) && r[1] == json!({"registers": [22]})
+    })
+    .await;
+    assert_eq!(results[2], json!({"registers": [33]}), "{results:?}");
+    assert_eq!(results[3], json!({"registers": [33]}), "{results:?}");
+    assert_eq!(results[4], json!({"registers": [7]}), "{results:?}");
+    assert_eq!(
+        results[5],
+        json!({"exception": 2}),
+        "unit 2 has no address 20"
+    );
+    assert_eq!(results[6], json!({"exception": 11}), "unit 3 is not served");
+
+    // A write goes to the entry of the unit it names.
+    let mut meter2 = broker
+        .subscribe(
+            "test",
+            vec![("site/+/power".into(), QoS::AtMostOnce)],
+            InternalSubscribeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let results = pymodbus(
+        &python,
+        addr,
+        &json!([
+            {"op": "write_register", "address": 0, "value": 1, "unit": 1},
+            {"op": "write_register", "address": 0, "value": 44, "unit": 2},
+        ]),
+    )
+    .await;
+    assert_eq!(
+        results[0],
+        json!({"exception": 1}),
+        "unit 1's entry is read-only"
+    );
+    assert_eq!(results[1], json!({"ok": true}), "{results:?}");
+    // Subscribing sends the retained values first; the write follows them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let message = timeout(deadline - Instant::now(), meter2.recv())
+            .await
+            .expect("the write to unit 2 is published")
+            .expect("message");
+        if &message.payload[..] == b"44" {
+            assert_eq!(message.topic.as_ref(), "site/meter2/power");
+            break;
+        }
+    }
+    gateway.stop().await;
+}
