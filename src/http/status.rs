@@ -93,7 +93,9 @@ struct Page {
     reloads: String,
     devices_count: usize,
     devices: Vec<PageDevice>,
+    buses_count: usize,
     buses: Vec<PageBus>,
+    modbus_servers_count: usize,
     modbus_servers: Vec<PageModbusServer>,
     uplinks_count: usize,
     uplinks: Vec<PageUplink>,
@@ -217,7 +219,9 @@ fn page_model(snapshot: StatusSnapshot) -> Page {
         gateway,
         devices_count: devices.len(),
         devices: devices.into_iter().map(page_device).collect(),
+        buses_count: buses.len(),
         buses: buses.into_iter().map(page_bus).collect(),
+        modbus_servers_count: modbus_servers.len(),
         modbus_servers: modbus_servers.into_iter().map(page_modbus_server).collect(),
         uplinks_count: uplinks.len(),
         uplinks: uplinks.into_iter().map(page_uplink).collect(),
@@ -494,5 +498,48 @@ mod tests {
         assert_eq!(duration_text(3 * 60 + 3), "3m 3s");
         assert_eq!(duration_text(2 * 3600 + 5 * 60), "2h 5m");
         assert_eq!(duration_text(3 * 86_400 + 4 * 3600), "3d 4h");
+    }
+
+    #[tokio::test]
+    async fn the_page_shows_a_modbus_device_s_requests_its_link_and_the_servers() {
+        let board = board();
+        let metrics = crate::metrics::Metrics::new();
+        let meter = metrics.device("meter");
+        board
+            .register_device("meter", "modbus-tcp", &[])
+            .show_diagnostics(meter.clone());
+        meter.request_ok(std::time::Duration::from_micros(1500));
+        meter.request_failed(crate::metrics::ErrorKind::Exception);
+        meter.exception(2);
+        meter.backoff(std::time::Duration::from_secs(30));
+        let bus = metrics.bus("/dev/ttyUSB0", "rtu");
+        bus.request(std::time::Duration::from_millis(20), true);
+        board.register_bus("/dev/ttyUSB0", "rtu", vec![("meter".into(), 7)], bus);
+        let server = metrics.modbus_server("modbus-server-0");
+        let _open = server.connected();
+        server.request(3);
+        server.request(43);
+        server.exception(1);
+        board.set_modbus_servers(vec![(
+            "modbus-server-0".into(),
+            "127.0.0.1:5020".parse().expect("address"),
+            server,
+        )]);
+        let (status, _, html) = get_text(routes(board), "/").await;
+        assert_eq!(status, StatusCode::OK);
+        for expected in [
+            r#"<span class="diag-ok">1</span>"#,
+            r#"<span class="diag-failed">1</span>"#,
+            r#"<span class="diag-exceptions">2: 1</span>"#,
+            "last 1.5 ms, median 1.5 ms, max 1.5 ms (1 answers)",
+            "backed off for ",
+            r#"<td class="bus-devices">meter (unit 7)</td>"#,
+            r#"<td class="bus-errors num">1</td>"#,
+            r#"<td class="server-open num">1</td>"#,
+            r#"<td class="server-functions">3: 1, other: 1</td>"#,
+            r#"<td class="server-exceptions">1: 1</td>"#,
+        ] {
+            assert!(html.contains(expected), "no {expected:?} in\n{html}");
+        }
     }
 }

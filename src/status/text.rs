@@ -143,7 +143,7 @@ fn requests(out: &mut String, snapshot: &StatusSnapshot) {
         "CRC",
         "EXCEPTIONS",
         "LATENCY MS (LAST/MEDIAN/MAX)",
-        "BACKOFF",
+        "FAILING",
     ])];
     for device in &snapshot.devices {
         let Some(d) = &device.diagnostics else {
@@ -161,11 +161,11 @@ fn requests(out: &mut String, snapshot: &StatusSnapshot) {
             }),
             match &d.backoff {
                 Some(b) => format!(
-                    "{:.1}s left ({} failures)",
-                    b.remaining_s, d.consecutive_failures
+                    "{} in a row, backed off {:.1}s more",
+                    d.consecutive_failures, b.remaining_s
                 ),
                 None if d.consecutive_failures > 0 => {
-                    format!("{} failures", d.consecutive_failures)
+                    format!("{} in a row", d.consecutive_failures)
                 }
                 None => "-".into(),
             },
@@ -345,5 +345,64 @@ mod tests {
             "an escape character reached the terminal"
         );
         assert!(text.contains("\\u{1b}[31mred\\nline"), "{text}");
+    }
+
+    #[test]
+    fn the_modbus_tables_show_requests_links_and_servers() {
+        let board = StatusBoard::new(GatewayInfo {
+            id: "site-7".into(),
+            version: "1.0.0".into(),
+            config_file: "/etc/fieldmq/fieldmq.toml".into(),
+            data_dir: "/var/lib/fieldmq".into(),
+        });
+        let metrics = crate::metrics::Metrics::new();
+        let meter = metrics.device("meter");
+        board
+            .register_device("meter", "modbus-tcp", &[])
+            .show_diagnostics(meter.clone());
+        meter.request_ok(std::time::Duration::from_millis(4));
+        meter.request_ok(std::time::Duration::from_millis(2));
+        meter.request_failed(crate::metrics::ErrorKind::Exception);
+        meter.exception(2);
+        meter.request_failed(crate::metrics::ErrorKind::Timeout);
+        meter.consecutive_failures(1);
+        let bus = metrics.bus("10.0.0.5:502", "tcp");
+        bus.request(std::time::Duration::from_millis(4), false);
+        board.register_bus("10.0.0.5:502", "tcp", vec![("meter".into(), 3)], bus);
+        let server = metrics.modbus_server("modbus-server-0");
+        server.request(3);
+        server.exception(2);
+        server.write(true);
+        board.set_modbus_servers(vec![(
+            "modbus-server-0".into(),
+            "127.0.0.1:5020".parse().expect("address"),
+            server,
+        )]);
+        let text = render(&board.snapshot());
+        let line = |start: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(start))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        // The device table's row, then the requests table's.
+        assert_eq!(
+            line("meter")[1],
+            ["meter", "2", "2", "1", "0", "2:1", "2.0/2.0/4.0", "1", "in", "a", "row"],
+            "{text}"
+        );
+        // (How busy depends on the clock: a fresh link with a 4 ms request is near 100%.)
+        let link = &line("10.0.0.5:502")[0];
+        assert_eq!(
+            [&link[..4], &link[5..]].concat(),
+            ["10.0.0.5:502", "tcp", "1", "0", "meter@3"],
+            "{text}"
+        );
+        assert!(link[4].ends_with('%'), "{text}");
+        assert_eq!(
+            line("modbus-server-0")[0],
+            ["modbus-server-0", "127.0.0.1:5020", "0", "1", "2:1", "1/0"],
+            "{text}"
+        );
     }
 }
