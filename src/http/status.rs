@@ -271,7 +271,10 @@ fn page_diagnostics(d: DiagnosticsView) -> PageDiagnostics {
         }),
         consecutive_failures: d.consecutive_failures,
         backoff: d.backoff.map_or_else(String::new, |b| {
-            format!("backed off for {:.1} s more (until {})", b.remaining_s, b.until)
+            format!(
+                "backed off for {:.1} s more (until {})",
+                b.remaining_s, b.until
+            )
         }),
     }
 }

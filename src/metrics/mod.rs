@@ -371,7 +371,9 @@ impl Metrics {
         for function in SERVER_FUNCTIONS.iter().map(u8::to_string) {
             families.requests.remove(&with("function", function));
         }
-        families.requests.remove(&with("function", "other".to_owned()));
+        families
+            .requests
+            .remove(&with("function", "other".to_owned()));
         for code in SERVER_EXCEPTIONS {
             families.exceptions.remove(&with("code", code.to_string()));
         }

@@ -400,7 +400,10 @@ impl tokio_modbus::server::Service for Service {
 }
 
 impl Service {
-    fn answer(&self, request: SlaveRequest<'static>) -> Pin<Box<dyn Future<Output = Answer> + Send>> {
+    fn answer(
+        &self,
+        request: SlaveRequest<'static>,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send>> {
         let shared = self.shared.clone();
         if !shared.unit_ids.is_empty() && !shared.unit_ids.contains(&request.slave) {
             return Box::pin(std::future::ready(Err(ExceptionCode::GatewayTargetDevice)));

@@ -388,7 +388,19 @@ mod tests {
         // The device table's row, then the requests table's.
         assert_eq!(
             line("meter")[1],
-            ["meter", "2", "2", "1", "0", "2:1", "2.0/2.0/4.0", "1", "in", "a", "row"],
+            [
+                "meter",
+                "2",
+                "2",
+                "1",
+                "0",
+                "2:1",
+                "2.0/2.0/4.0",
+                "1",
+                "in",
+                "a",
+                "row"
+            ],
             "{text}"
         );
         // (How busy depends on the clock: a fresh link with a 4 ms request is near 100%.)

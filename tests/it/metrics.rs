@@ -103,7 +103,10 @@ fn promtool_check_metrics_accepts_the_output() {
         // The retained status messages were committed to the broker's store.
         "fieldmq_broker_store_commit_duration_seconds_bucket{le=\"+Inf\"}",
         // The Modbus link the meter is on, and the Modbus server.
-        &format!("fieldmq_bus_requests_total{{bus=\"{}\",transport=\"tcp\"}}", meter.addr),
+        &format!(
+            "fieldmq_bus_requests_total{{bus=\"{}\",transport=\"tcp\"}}",
+            meter.addr
+        ),
         "fieldmq_bus_errors_total{bus=",
         "fieldmq_bus_busy_seconds_total{bus=",
         "fieldmq_device_request_duration_seconds_count{device=\"meter\"}",

@@ -682,8 +682,14 @@ fn the_status_shows_exceptions_timeouts_backoff_latency_and_a_shared_tcp_link() 
         0.0 < ms("min_ms") && ms("min_ms") <= ms("p50_ms") && ms("p50_ms") <= ms("max_ms"),
         "{latency}"
     );
-    assert!(ms("max_ms") < 200.0, "an answer slower than the timeout: {latency}");
-    assert!(ms("min_ms") <= ms("mean_ms") && ms("mean_ms") <= ms("max_ms"), "{latency}");
+    assert!(
+        ms("max_ms") < 200.0,
+        "an answer slower than the timeout: {latency}"
+    );
+    assert!(
+        ms("min_ms") <= ms("mean_ms") && ms("mean_ms") <= ms("max_ms"),
+        "{latency}"
+    );
     // Every device here is Modbus: each has its own diagnostics.
     assert_eq!(
         diagnostics(&status, "meter-b")["exceptions"],
@@ -704,22 +710,21 @@ fn the_status_shows_exceptions_timeouts_backoff_latency_and_a_shared_tcp_link() 
     let utilisation = bus["utilisation"].as_f64().expect("utilisation");
     assert!(0.0 < utilisation && utilisation < 1.0, "{bus}");
     assert_eq!(bus["utilisation_window_s"], 60);
-    let answered = count(&a["requests_ok"]) + count(&diagnostics(&status, "meter-b")["requests_ok"]);
+    let answered =
+        count(&a["requests_ok"]) + count(&diagnostics(&status, "meter-b")["requests_ok"]);
     assert!(count(&bus["requests"]) >= answered, "{status:#}");
     assert!(count(&bus["errors"]) >= 1, "the exception answers: {bus}");
 
     // The device goes mute: timeouts, then three in a row back each unit off.
     meter.set(|r| r.mute = true);
-    let status = wait_for(
-        "timeouts and the backoff",
-        api,
-        |s| {
-            let a = diagnostics(s, "meter-a");
-            count(&a["timeouts"]) >= 3
-                && count(&a["consecutive_failures"]) >= 3
-                && a["backoff"]["remaining_s"].as_f64().is_some_and(|r| r > 0.0)
-        },
-    );
+    let status = wait_for("timeouts and the backoff", api, |s| {
+        let a = diagnostics(s, "meter-a");
+        count(&a["timeouts"]) >= 3
+            && count(&a["consecutive_failures"]) >= 3
+            && a["backoff"]["remaining_s"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+    });
     let a = diagnostics(&status, "meter-a");
     let backoff = &a["backoff"];
     assert!(
@@ -730,8 +735,14 @@ fn the_status_shows_exceptions_timeouts_backoff_latency_and_a_shared_tcp_link() 
         backoff["until"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{backoff}"
     );
-    assert!(count(&a["requests_failed"]) >= count(&a["timeouts"]), "{a:#}");
-    assert_eq!(device(&status, "meter-a").expect("meter-a")["state"], "offline");
+    assert!(
+        count(&a["requests_failed"]) >= count(&a["timeouts"]),
+        "{a:#}"
+    );
+    assert_eq!(
+        device(&status, "meter-a").expect("meter-a")["state"],
+        "offline"
+    );
 
     // `fieldmq status` shows the same for a person.
     let (code, text, stderr) = run_within(
@@ -748,7 +759,10 @@ fn the_status_shows_exceptions_timeouts_backoff_latency_and_a_shared_tcp_link() 
         .split_whitespace()
         .collect();
     // DEVICE OK FAILED TIMEOUTS CRC EXCEPTIONS ...: the timeouts and the exception code.
-    assert!(requests_row[3].parse::<u64>().is_ok_and(|t| t >= 3), "{text}");
+    assert!(
+        requests_row[3].parse::<u64>().is_ok_and(|t| t >= 3),
+        "{text}"
+    );
     assert_eq!(requests_row[4], "0", "{text}");
     assert!(requests_row[5].starts_with("2:"), "{text}");
     assert!(text.contains("in a row, backed off"), "{text}");
@@ -801,7 +815,9 @@ fn the_status_page_in_chromium_shows_the_modbus_diagnostics_and_the_link() {
         .select(&selector("#devices article.device[data-device=meter-a]"))
         .next()
         .unwrap_or_else(|| panic!("no device meter-a on the page:\n{dom}"));
-    let ok: u64 = text_of(meter, ".diag-ok").parse().expect("a count of answers");
+    let ok: u64 = text_of(meter, ".diag-ok")
+        .parse()
+        .expect("a count of answers");
     assert!(ok >= 1, "{}", meter.html());
     let exceptions = text_of(meter, ".diag-exceptions");
     assert!(exceptions.starts_with("2: "), "{exceptions}");
@@ -809,7 +825,9 @@ fn the_status_page_in_chromium_shows_the_modbus_diagnostics_and_the_link() {
     assert_eq!(text_of(meter, ".diag-crc"), "0");
     let latency = text_of(meter, ".diag-latency");
     assert!(
-        latency.starts_with("last ") && latency.contains(" ms, median ") && latency.ends_with(" answers)"),
+        latency.starts_with("last ")
+            && latency.contains(" ms, median ")
+            && latency.ends_with(" answers)"),
         "{latency}"
     );
 

@@ -1020,7 +1020,10 @@ impl Bus {
             return true;
         };
         device.failures = device.failures.max(1);
-        device.context.metrics().consecutive_failures(device.failures);
+        device
+            .context
+            .metrics()
+            .consecutive_failures(device.failures);
         device.last_failure = Some(format!("{}: {error}", device.context.device));
         let timestamp = SystemTime::now();
         for index in 0..device.config.points.len() {

@@ -536,7 +536,10 @@ mod tests {
             after: ms(500),
         };
         tally.count(&Err::<(), _>(garbled), ms(500));
-        for code in [ExceptionCode::IllegalDataAddress, ExceptionCode::IllegalDataAddress] {
+        for code in [
+            ExceptionCode::IllegalDataAddress,
+            ExceptionCode::IllegalDataAddress,
+        ] {
             tally.count(&Err::<(), _>(Failure::Exception(code)), ms(2));
         }
         tally.count(
