@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
-use crate::metrics::{DeviceMetrics, RtuBusMetrics};
+use crate::metrics::{BusMetrics, DeviceMetrics};
 use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
 use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
@@ -40,8 +40,8 @@ pub struct DeviceContext {
     /// that run a driver alone).
     board: Option<DeviceBoard>,
     metrics: DeviceMetrics,
-    /// The shared RTU line this device is on (Modbus RTU only).
-    rtu_bus_metrics: RtuBusMetrics,
+    /// The Modbus link this device is on (a serial line, or a TCP connection).
+    bus_metrics: BusMetrics,
     /// The MQTT 5 properties of each point's readings (content type, payload format, the
     /// `unit` user property), built once; `readings` for points without a unit.
     point_properties: Arc<HashMap<String, Arc<MessageProperties>>>,
@@ -137,7 +137,7 @@ impl DeviceContext {
             broker,
             board: None,
             metrics: DeviceMetrics::detached(),
-            rtu_bus_metrics: RtuBusMetrics::detached(),
+            bus_metrics: BusMetrics::detached(),
             point_properties: Arc::new(point_properties),
             readings: Arc::new(readings),
             units: Arc::new(units),
@@ -157,12 +157,13 @@ impl DeviceContext {
         self
     }
 
-    /// Record this device's polls, errors and latency into `metrics` (and, on a shared
-    /// RTU line, the line's into `rtu_bus`); without it they are recorded nowhere.
-    pub fn with_metrics(mut self, metrics: DeviceMetrics, rtu_bus: Option<RtuBusMetrics>) -> Self {
+    /// Record this device's polls, errors and latency into `metrics` (and, for a Modbus
+    /// device, its link's requests and busy time into `bus`); without it they are recorded
+    /// nowhere.
+    pub fn with_metrics(mut self, metrics: DeviceMetrics, bus: Option<BusMetrics>) -> Self {
         self.metrics = metrics;
-        if let Some(rtu_bus) = rtu_bus {
-            self.rtu_bus_metrics = rtu_bus;
+        if let Some(bus) = bus {
+            self.bus_metrics = bus;
         }
         self
     }
@@ -172,9 +173,9 @@ impl DeviceContext {
         &self.metrics
     }
 
-    /// Where a shared RTU line records its requests and busy time.
-    pub fn rtu_bus_metrics(&self) -> &RtuBusMetrics {
-        &self.rtu_bus_metrics
+    /// Where the device's Modbus link records its requests and busy time.
+    pub fn bus_metrics(&self) -> &BusMetrics {
+        &self.bus_metrics
     }
 
     /// The topic of one point: the device's template with `{gateway}`, `{device}` and

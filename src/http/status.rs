@@ -15,7 +15,8 @@ use minijinja::Environment;
 use serde::Serialize;
 
 use crate::status::{
-    ClientView, DeviceView, ErrorView, GatewayView, StatusBoard, StatusSnapshot, UplinkView,
+    BusView, ClientView, DeviceView, DiagnosticsView, ErrorView, GatewayView, ModbusServerView,
+    StatusBoard, StatusSnapshot, UplinkView,
 };
 
 /// The page's template; its `.html` name turns on HTML escaping of every value.
@@ -92,6 +93,10 @@ struct Page {
     reloads: String,
     devices_count: usize,
     devices: Vec<PageDevice>,
+    buses_count: usize,
+    buses: Vec<PageBus>,
+    modbus_servers_count: usize,
+    modbus_servers: Vec<PageModbusServer>,
     uplinks_count: usize,
     uplinks: Vec<PageUplink>,
     clients_total: usize,
@@ -108,7 +113,51 @@ struct PageDevice {
     state: String,
     last_error: String,
     last_error_at: String,
+    diagnostics: Option<PageDiagnostics>,
     points: Vec<PagePoint>,
+}
+
+/// A Modbus device's requests, as text.
+#[derive(Serialize)]
+struct PageDiagnostics {
+    requests_ok: u64,
+    requests_failed: u64,
+    timeouts: u64,
+    crc_errors: u64,
+    /// `2: 5, 4: 1`, or empty.
+    exceptions: String,
+    /// `last 1.2 ms, median 1.1 ms, max 3.0 ms (64 answers)`, or empty.
+    latency: String,
+    consecutive_failures: u32,
+    /// `backed off for 3.2 s more (until ...)`, or empty.
+    backoff: String,
+}
+
+#[derive(Serialize)]
+struct PageBus {
+    name: String,
+    transport: String,
+    /// `meter-a (unit 1), meter-b (unit 2)`
+    devices: String,
+    requests: u64,
+    errors: u64,
+    /// Percent, one decimal.
+    utilisation: String,
+    window_s: u64,
+}
+
+#[derive(Serialize)]
+struct PageModbusServer {
+    name: String,
+    bind: String,
+    connections_open: u64,
+    connections_accepted: u64,
+    connections_refused: u64,
+    requests: u64,
+    requests_by_function: String,
+    exceptions: String,
+    writes_ok: u64,
+    writes_failed: u64,
 }
 
 #[derive(Serialize)]
@@ -150,6 +199,8 @@ fn page_model(snapshot: StatusSnapshot) -> Page {
     let StatusSnapshot {
         gateway,
         devices,
+        buses,
+        modbus_servers,
         uplinks,
         mut clients,
         errors,
@@ -168,6 +219,10 @@ fn page_model(snapshot: StatusSnapshot) -> Page {
         gateway,
         devices_count: devices.len(),
         devices: devices.into_iter().map(page_device).collect(),
+        buses_count: buses.len(),
+        buses: buses.into_iter().map(page_bus).collect(),
+        modbus_servers_count: modbus_servers.len(),
+        modbus_servers: modbus_servers.into_iter().map(page_modbus_server).collect(),
         uplinks_count: uplinks.len(),
         uplinks: uplinks.into_iter().map(page_uplink).collect(),
         clients_hidden: clients_total - clients.len(),
@@ -185,6 +240,7 @@ fn page_device(device: DeviceView) -> PageDevice {
         state: device.state,
         last_error: device.last_error.unwrap_or_default(),
         last_error_at: device.last_error_at.unwrap_or_default(),
+        diagnostics: device.diagnostics.map(page_diagnostics),
         points: device
             .points
             .into_iter()
@@ -197,6 +253,70 @@ fn page_device(device: DeviceView) -> PageDevice {
                 timestamp: point.timestamp.unwrap_or_default(),
             })
             .collect(),
+    }
+}
+
+fn page_diagnostics(d: DiagnosticsView) -> PageDiagnostics {
+    PageDiagnostics {
+        requests_ok: d.requests_ok,
+        requests_failed: d.requests_failed,
+        timeouts: d.timeouts,
+        crc_errors: d.crc_errors,
+        exceptions: counts_text(&d.exceptions),
+        latency: d.latency.map_or_else(String::new, |l| {
+            format!(
+                "last {:.1} ms, median {:.1} ms, max {:.1} ms ({} answers)",
+                l.last_ms, l.p50_ms, l.max_ms, l.samples
+            )
+        }),
+        consecutive_failures: d.consecutive_failures,
+        backoff: d.backoff.map_or_else(String::new, |b| {
+            format!(
+                "backed off for {:.1} s more (until {})",
+                b.remaining_s, b.until
+            )
+        }),
+    }
+}
+
+/// `2: 5, 4: 1` (code or function: count).
+fn counts_text(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .map(|(code, count)| format!("{code}: {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn page_bus(bus: BusView) -> PageBus {
+    PageBus {
+        devices: bus
+            .devices
+            .iter()
+            .map(|d| format!("{} (unit {})", d.name, d.unit))
+            .collect::<Vec<_>>()
+            .join(", "),
+        name: bus.name,
+        transport: bus.transport,
+        requests: bus.requests,
+        errors: bus.errors,
+        utilisation: format!("{:.1} %", bus.utilisation * 100.0),
+        window_s: bus.utilisation_window_s,
+    }
+}
+
+fn page_modbus_server(server: ModbusServerView) -> PageModbusServer {
+    PageModbusServer {
+        requests_by_function: counts_text(&server.requests_by_function),
+        exceptions: counts_text(&server.exceptions),
+        name: server.name,
+        bind: server.bind,
+        connections_open: server.connections_open,
+        connections_accepted: server.connections_accepted,
+        connections_refused: server.connections_refused,
+        requests: server.requests,
+        writes_ok: server.writes_ok,
+        writes_failed: server.writes_failed,
     }
 }
 
@@ -381,5 +501,48 @@ mod tests {
         assert_eq!(duration_text(3 * 60 + 3), "3m 3s");
         assert_eq!(duration_text(2 * 3600 + 5 * 60), "2h 5m");
         assert_eq!(duration_text(3 * 86_400 + 4 * 3600), "3d 4h");
+    }
+
+    #[tokio::test]
+    async fn the_page_shows_a_modbus_device_s_requests_its_link_and_the_servers() {
+        let board = board();
+        let metrics = crate::metrics::Metrics::new();
+        let meter = metrics.device("meter");
+        board
+            .register_device("meter", "modbus-tcp", &[])
+            .show_diagnostics(meter.clone());
+        meter.request_ok(std::time::Duration::from_micros(1500));
+        meter.request_failed(crate::metrics::ErrorKind::Exception);
+        meter.exception(2);
+        meter.backoff(std::time::Duration::from_secs(30));
+        let bus = metrics.bus("/dev/ttyUSB0", "rtu");
+        bus.request(std::time::Duration::from_millis(20), true);
+        board.register_bus("/dev/ttyUSB0", "rtu", vec![("meter".into(), 7)], bus);
+        let server = metrics.modbus_server("modbus-server-0");
+        let _open = server.connected();
+        server.request(3);
+        server.request(43);
+        server.exception(1);
+        board.set_modbus_servers(vec![(
+            "modbus-server-0".into(),
+            "127.0.0.1:5020".parse().expect("address"),
+            server,
+        )]);
+        let (status, _, html) = get_text(routes(board), "/").await;
+        assert_eq!(status, StatusCode::OK);
+        for expected in [
+            r#"<span class="diag-ok">1</span>"#,
+            r#"<span class="diag-failed">1</span>"#,
+            r#"<span class="diag-exceptions">2: 1</span>"#,
+            "last 1.5 ms, median 1.5 ms, max 1.5 ms (1 answers)",
+            "backed off for ",
+            r#"<td class="bus-devices">meter (unit 7)</td>"#,
+            r#"<td class="bus-errors num">1</td>"#,
+            r#"<td class="server-open num">1</td>"#,
+            r#"<td class="server-functions">3: 1, other: 1</td>"#,
+            r#"<td class="server-exceptions">1: 1</td>"#,
+        ] {
+            assert!(html.contains(expected), "no {expected:?} in\n{html}");
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! The gateway's Prometheus metrics: the one registry and the metric families every part
 //! records into. A leaf: it knows no part. The service builds one [`Metrics`] and hands each
 //! part a small typed handle with its labels already bound ([`DeviceMetrics`],
-//! [`RtuBusMetrics`], [`UplinkMetrics`]); recording is an atomic add, no lock and no
-//! allocation. Values a part already counts elsewhere (the broker's router statistics,
+//! [`BusMetrics`], [`ModbusServerMetrics`], [`UplinkMetrics`]); recording is an atomic add,
+//! no lock and no allocation. The same handles are what the status board reads (through
+//! [`DeviceMetrics::diagnostics`] and the like): one recording serves both, with the
+//! recent windows a counter cannot hold kept beside the counters ([`diag`]). Values a part already counts elsewhere (the broker's router statistics,
 //! the reload history) are copied in at scrape time as snapshots ([`BrokerSnapshot`],
 //! [`Metrics::set_reloads`]) instead of being counted twice.
 //!
@@ -10,11 +12,13 @@
 //! bytes. `GET /metrics` (`src/http/`) encodes [`Metrics::encode`] as OpenMetrics text, or
 //! the Prometheus text format for a client that does not ask for OpenMetrics.
 
+pub mod diag;
 mod process;
 mod snapshot;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -71,7 +75,8 @@ fn request_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     device: DeviceFamilies,
-    rtu_bus: RtuBusFamilies,
+    bus: BusFamilies,
+    modbus_server: ModbusServerFamilies,
     scraped: Arc<snapshot::Scraped>,
 }
 
@@ -88,11 +93,28 @@ struct DeviceFamilies {
 }
 
 #[derive(Debug, Clone)]
-struct RtuBusFamilies {
+struct BusFamilies {
     requests: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     busy_seconds: Family<Labels, Counter<f64, AtomicU64>>,
 }
+
+#[derive(Debug, Clone, Default)]
+struct ModbusServerFamilies {
+    connections: Family<Labels, Gauge>,
+    connections_accepted: Family<Labels, Counter>,
+    connections_refused: Family<Labels, Counter>,
+    requests: Family<Labels, Counter>,
+    exceptions: Family<Labels, Counter>,
+    writes: Family<Labels, Counter>,
+}
+
+/// The function codes a Modbus server serves, one `function` label each; any other is
+/// counted as `other` (and answered with exception 1).
+const SERVER_FUNCTIONS: [u8; 8] = [1, 2, 3, 4, 5, 6, 15, 16];
+/// The exception codes a Modbus server answers with: illegal function, data address, data
+/// value, server device failure (a refused write), gateway target (a unit id not served).
+const SERVER_EXCEPTIONS: [u8; 5] = [1, 2, 3, 4, 11];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -154,25 +176,56 @@ impl Metrics {
             "How long a failing device is backed off for (0 while it answers)",
             device.backoff_seconds.clone(),
         );
-        let rtu_bus = RtuBusFamilies {
+        let bus = BusFamilies {
             requests: Family::default(),
             errors: Family::default(),
             busy_seconds: Family::default(),
         };
         registry.register(
-            "rtu_bus_requests",
-            "Requests sent on a shared Modbus RTU line",
-            rtu_bus.requests.clone(),
+            "bus_requests",
+            "Requests sent on a Modbus link (a serial line, or a TCP connection its units share)",
+            bus.requests.clone(),
         );
         registry.register(
-            "rtu_bus_errors",
-            "Failed requests on a shared Modbus RTU line",
-            rtu_bus.errors.clone(),
+            "bus_errors",
+            "Failed requests on a Modbus link",
+            bus.errors.clone(),
         );
         registry.register(
-            "rtu_bus_busy_seconds",
-            "Time the line was busy with a request; its rate is the line's utilisation (0 to 1)",
-            rtu_bus.busy_seconds.clone(),
+            "bus_busy_seconds",
+            "Time the link was busy with a request; its rate is the link's utilisation (0 to 1)",
+            bus.busy_seconds.clone(),
+        );
+        let modbus_server = ModbusServerFamilies::default();
+        registry.register(
+            "modbus_server_connections",
+            "Modbus TCP clients connected to a Modbus server now",
+            modbus_server.connections.clone(),
+        );
+        registry.register(
+            "modbus_server_connections_accepted",
+            "Modbus TCP client connections a Modbus server accepted",
+            modbus_server.connections_accepted.clone(),
+        );
+        registry.register(
+            "modbus_server_connections_refused",
+            "Modbus TCP client connections refused because max_connections were open",
+            modbus_server.connections_refused.clone(),
+        );
+        registry.register(
+            "modbus_server_requests",
+            "Requests a Modbus server received, by function code",
+            modbus_server.requests.clone(),
+        );
+        registry.register(
+            "modbus_server_exceptions",
+            "Exceptions a Modbus server answered with, by exception code",
+            modbus_server.exceptions.clone(),
+        );
+        registry.register(
+            "modbus_server_writes",
+            "Write requests a Modbus server carried out, by result (ok or failed)",
+            modbus_server.writes.clone(),
         );
         let scraped = Arc::new(snapshot::Scraped::default());
         registry.register_collector(Box::new(scraped.clone()));
@@ -180,7 +233,8 @@ impl Metrics {
         Metrics {
             registry,
             device,
-            rtu_bus,
+            bus,
+            modbus_server,
             scraped,
         }
     }
@@ -213,6 +267,7 @@ impl Metrics {
             exceptions: Some((families.exceptions.clone(), labels.clone())),
             backoff_seconds: families.backoff_seconds.get_or_create_owned(&labels),
             last_good_unix_ms: last_good,
+            diag: Arc::default(),
         }
     }
 
@@ -244,13 +299,86 @@ impl Metrics {
         self.scraped.remove_device(device);
     }
 
-    /// The handle one shared RTU line records into (`bus` label: its serial port).
-    pub fn rtu_bus(&self, port: &str) -> RtuBusMetrics {
-        let labels: Labels = vec![("bus", port.to_owned())];
-        RtuBusMetrics {
-            requests: self.rtu_bus.requests.get_or_create_owned(&labels),
-            errors: self.rtu_bus.errors.get_or_create_owned(&labels),
-            busy_seconds: self.rtu_bus.busy_seconds.get_or_create_owned(&labels),
+    /// The handle one Modbus link records into: `bus` is its serial port or TCP address,
+    /// `transport` one of `rtu`, `tcp`, `rtu-over-tcp`. Make one per link and give a clone
+    /// to each device on it (each call starts a fresh utilisation window).
+    pub fn bus(&self, bus: &str, transport: &str) -> BusMetrics {
+        let labels: Labels = vec![("bus", bus.to_owned()), ("transport", transport.to_owned())];
+        BusMetrics {
+            requests: self.bus.requests.get_or_create_owned(&labels),
+            errors: self.bus.errors.get_or_create_owned(&labels),
+            busy_seconds: self.bus.busy_seconds.get_or_create_owned(&labels),
+            window: Arc::default(),
+        }
+    }
+
+    /// Stop showing a link no device uses any more (a reload).
+    pub fn remove_bus(&self, bus: &str, transport: &str) {
+        let labels: Labels = vec![("bus", bus.to_owned()), ("transport", transport.to_owned())];
+        self.bus.requests.remove(&labels);
+        self.bus.errors.remove(&labels);
+        self.bus.busy_seconds.remove(&labels);
+    }
+
+    /// The handle one Modbus server records into (`server` label: its name). Every series
+    /// it can count exists from the start, so recording never takes the families' lock.
+    pub fn modbus_server(&self, server: &str) -> ModbusServerMetrics {
+        let labels: Labels = vec![("server", server.to_owned())];
+        let families = &self.modbus_server;
+        let with = |key: &'static str, value: String| {
+            let mut labels = labels.clone();
+            labels.push((key, value));
+            labels
+        };
+        ModbusServerMetrics {
+            open: families.connections.get_or_create_owned(&labels),
+            accepted: families.connections_accepted.get_or_create_owned(&labels),
+            refused: families.connections_refused.get_or_create_owned(&labels),
+            requests: std::array::from_fn(|i| {
+                let function = SERVER_FUNCTIONS
+                    .get(i)
+                    .map_or_else(|| "other".to_owned(), u8::to_string);
+                families
+                    .requests
+                    .get_or_create_owned(&with("function", function))
+            }),
+            exceptions: SERVER_EXCEPTIONS.map(|code| {
+                families
+                    .exceptions
+                    .get_or_create_owned(&with("code", code.to_string()))
+            }),
+            writes_ok: families
+                .writes
+                .get_or_create_owned(&with("result", "ok".to_owned())),
+            writes_failed: families
+                .writes
+                .get_or_create_owned(&with("result", "failed".to_owned())),
+        }
+    }
+
+    /// Stop showing a Modbus server that no longer runs (a reload).
+    pub fn remove_modbus_server(&self, server: &str) {
+        let labels: Labels = vec![("server", server.to_owned())];
+        let families = &self.modbus_server;
+        let with = |key: &'static str, value: String| {
+            let mut labels = labels.clone();
+            labels.push((key, value));
+            labels
+        };
+        families.connections.remove(&labels);
+        families.connections_accepted.remove(&labels);
+        families.connections_refused.remove(&labels);
+        for function in SERVER_FUNCTIONS.iter().map(u8::to_string) {
+            families.requests.remove(&with("function", function));
+        }
+        families
+            .requests
+            .remove(&with("function", "other".to_owned()));
+        for code in SERVER_EXCEPTIONS {
+            families.exceptions.remove(&with("code", code.to_string()));
+        }
+        for result in ["ok", "failed"] {
+            families.writes.remove(&with("result", result.to_owned()));
         }
     }
 
@@ -315,6 +443,13 @@ impl ErrorKind {
         ErrorKind::Frame,
     ];
 
+    fn index(self) -> usize {
+        ErrorKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .unwrap_or_default()
+    }
+
     fn label(self) -> &'static str {
         match self {
             ErrorKind::Timeout => "timeout",
@@ -340,6 +475,39 @@ pub struct DeviceMetrics {
     exceptions: Option<(Family<Labels, Counter>, Labels)>,
     backoff_seconds: Gauge<f64, AtomicU64>,
     last_good_unix_ms: Arc<AtomicU64>,
+    /// What the status shows beside the counters.
+    diag: Arc<DeviceDiag>,
+}
+
+/// A device's numbers that are not Prometheus series: answered requests and their recent
+/// latencies, exceptions by code, the backoff state.
+#[derive(Debug, Default)]
+struct DeviceDiag {
+    answered: AtomicU64,
+    latency: diag::LatencyRing,
+    /// Held only to bump or copy (an exception is rare, and the map stays small).
+    exceptions: Mutex<BTreeMap<u8, u64>>,
+    /// While backed off: until when, Unix milliseconds (0: not backed off).
+    backoff_until_unix_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+}
+
+/// A copy of one device's request diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceDiagnostics {
+    /// Requests answered (a Modbus exception is an answer, but counts as failed).
+    pub requests_ok: u64,
+    /// Failed requests of every kind (timeout, exception, io, decode, crc).
+    pub requests_failed: u64,
+    pub timeouts: u64,
+    pub crc_errors: u64,
+    pub exceptions: BTreeMap<u8, u64>,
+    /// The last answers' latencies (`None` before the first answer).
+    pub latency: Option<diag::LatencySummary>,
+    /// Link-level failures in a row (timeouts, broken frames, a link down).
+    pub consecutive_failures: u32,
+    /// While backed off: no request before this.
+    pub backoff_until: Option<SystemTime>,
 }
 
 impl DeviceMetrics {
@@ -356,6 +524,7 @@ impl DeviceMetrics {
             exceptions: None,
             backoff_seconds: Gauge::default(),
             last_good_unix_ms: Arc::default(),
+            diag: Arc::default(),
         }
     }
 
@@ -367,6 +536,8 @@ impl DeviceMetrics {
     /// A request answered after `took`.
     pub fn request_ok(&self, took: Duration) {
         self.request_seconds.observe(took.as_secs_f64());
+        self.diag.answered.fetch_add(1, Ordering::Relaxed);
+        self.diag.latency.record(took);
     }
 
     /// A request failed; a timeout also counts in `device_timeouts_total`.
@@ -374,11 +545,7 @@ impl DeviceMetrics {
         if kind == ErrorKind::Timeout {
             self.timeouts.inc();
         }
-        let index = ErrorKind::ALL
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or_default();
-        self.errors[index].inc();
+        self.errors[kind.index()].inc();
     }
 
     /// After a poll cycle: how many points read good and bad. Any good point makes this a
@@ -394,6 +561,7 @@ impl DeviceMetrics {
     /// The device answered with Modbus exception `code` (also counted as an `exception`
     /// error).
     pub fn exception(&self, code: u8) {
+        *lock(&self.diag.exceptions).entry(code).or_default() += 1;
         if let Some((family, labels)) = &self.exceptions {
             let mut labels = labels.clone();
             labels.push(("code", code.to_string()));
@@ -404,6 +572,38 @@ impl DeviceMetrics {
     /// The device is backed off for `wait` (zero: it answers again).
     pub fn backoff(&self, wait: Duration) {
         self.backoff_seconds.set(wait.as_secs_f64());
+        let until = if wait.is_zero() {
+            0
+        } else {
+            unix_millis(SystemTime::now() + wait)
+        };
+        self.diag
+            .backoff_until_unix_ms
+            .store(until, Ordering::Relaxed);
+    }
+
+    /// Link-level failures in a row now (0: the device answers).
+    pub fn consecutive_failures(&self, failures: u32) {
+        self.diag
+            .consecutive_failures
+            .store(failures, Ordering::Relaxed);
+    }
+
+    /// A copy of the device's request diagnostics, for the status.
+    pub fn diagnostics(&self) -> DeviceDiagnostics {
+        let diag = &self.diag;
+        let until = diag.backoff_until_unix_ms.load(Ordering::Relaxed);
+        DeviceDiagnostics {
+            requests_ok: diag.answered.load(Ordering::Relaxed),
+            requests_failed: self.errors.iter().map(Counter::get).sum(),
+            timeouts: self.timeouts.get(),
+            crc_errors: self.errors[ErrorKind::index(ErrorKind::Frame)].get(),
+            exceptions: lock(&diag.exceptions).clone(),
+            latency: diag.latency.summary(),
+            consecutive_failures: diag.consecutive_failures.load(Ordering::Relaxed),
+            backoff_until: (until > 0)
+                .then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(until)),
+        }
     }
 
     /// The payload template failed on a reading.
@@ -412,39 +612,193 @@ impl DeviceMetrics {
     }
 
     fn good_read_at(&self, at: SystemTime) {
-        let millis = at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|since| since.as_millis() as u64)
-            .unwrap_or(0);
-        self.last_good_unix_ms.store(millis, Ordering::Relaxed);
+        self.last_good_unix_ms
+            .store(unix_millis(at), Ordering::Relaxed);
     }
 }
 
-/// One shared RTU line's metrics.
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|since| since.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A std mutex a panicking holder left poisoned still holds usable counts.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One Modbus link's metrics (a serial line, or a TCP connection its units share). Cheap
+/// to clone; every clone is the same link.
 #[derive(Debug, Clone)]
-pub struct RtuBusMetrics {
+pub struct BusMetrics {
     requests: Counter,
     errors: Counter,
     busy_seconds: Counter<f64, AtomicU64>,
+    window: Arc<diag::BusyWindow>,
 }
 
-impl RtuBusMetrics {
+/// A copy of one link's counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BusDiagnostics {
+    pub requests: u64,
+    pub errors: u64,
+    pub busy_seconds: f64,
+    /// The fraction of the last minute the link was busy (0 to 1).
+    pub utilisation: f64,
+}
+
+impl BusMetrics {
     /// A handle that records into no registry.
-    pub fn detached() -> RtuBusMetrics {
-        RtuBusMetrics {
+    pub fn detached() -> BusMetrics {
+        BusMetrics {
             requests: Counter::default(),
             errors: Counter::default(),
             busy_seconds: Counter::default(),
+            window: Arc::default(),
         }
     }
 
-    /// One request on the line that kept it busy for `busy`, answered or not.
+    /// One request on the link that kept it busy for `busy`, answered or not.
     pub fn request(&self, busy: Duration, failed: bool) {
         self.requests.inc();
         if failed {
             self.errors.inc();
         }
         self.busy_seconds.inc_by(busy.as_secs_f64());
+        self.window.record(busy);
+    }
+
+    /// A copy of the link's counts and recent utilisation, for the status.
+    pub fn diagnostics(&self) -> BusDiagnostics {
+        BusDiagnostics {
+            requests: self.requests.get(),
+            errors: self.errors.get(),
+            busy_seconds: self.busy_seconds.get(),
+            utilisation: self.window.utilisation(),
+        }
+    }
+}
+
+/// One Modbus server's metrics: every series exists from the start, so recording is an
+/// atomic add (the request path takes no lock).
+#[derive(Debug, Clone)]
+pub struct ModbusServerMetrics {
+    open: Gauge,
+    accepted: Counter,
+    refused: Counter,
+    /// Per [`SERVER_FUNCTIONS`], then `other`.
+    requests: [Counter; SERVER_FUNCTIONS.len() + 1],
+    /// Per [`SERVER_EXCEPTIONS`].
+    exceptions: [Counter; SERVER_EXCEPTIONS.len()],
+    writes_ok: Counter,
+    writes_failed: Counter,
+}
+
+/// A copy of one Modbus server's counts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModbusServerDiagnostics {
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub requests: u64,
+    /// Requests by function code (`other` for one it does not serve); only those seen.
+    pub requests_by_function: BTreeMap<String, u64>,
+    /// Exceptions answered, by code; only those seen.
+    pub exceptions: BTreeMap<u8, u64>,
+    pub writes_ok: u64,
+    pub writes_failed: u64,
+}
+
+/// A client connection, counted as open until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ModbusServerMetrics {
+    /// A handle that records into no registry.
+    pub fn detached() -> ModbusServerMetrics {
+        ModbusServerMetrics {
+            open: Gauge::default(),
+            accepted: Counter::default(),
+            refused: Counter::default(),
+            requests: Default::default(),
+            exceptions: Default::default(),
+            writes_ok: Counter::default(),
+            writes_failed: Counter::default(),
+        }
+    }
+
+    /// A client connected; it counts as open until the returned guard is dropped.
+    pub fn connected(&self) -> OpenConnection {
+        self.accepted.inc();
+        self.open.inc();
+        OpenConnection(self.open.clone())
+    }
+
+    /// A client was refused (`max_connections` open).
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    /// A request with function code `function` arrived.
+    pub fn request(&self, function: u8) {
+        let index = SERVER_FUNCTIONS
+            .iter()
+            .position(|f| *f == function)
+            .unwrap_or(SERVER_FUNCTIONS.len());
+        self.requests[index].inc();
+    }
+
+    /// The server answered exception `code`.
+    pub fn exception(&self, code: u8) {
+        if let Some(index) = SERVER_EXCEPTIONS.iter().position(|c| *c == code) {
+            self.exceptions[index].inc();
+        }
+    }
+
+    /// A write request was carried out (`ok`) or refused.
+    pub fn write(&self, ok: bool) {
+        match ok {
+            true => self.writes_ok.inc(),
+            false => self.writes_failed.inc(),
+        };
+    }
+
+    /// A copy of the server's counts, for the status.
+    pub fn diagnostics(&self) -> ModbusServerDiagnostics {
+        let mut requests_by_function = BTreeMap::new();
+        for (index, counter) in self.requests.iter().enumerate() {
+            let count = counter.get();
+            if count > 0 {
+                let function = SERVER_FUNCTIONS
+                    .get(index)
+                    .map_or_else(|| "other".to_owned(), u8::to_string);
+                requests_by_function.insert(function, count);
+            }
+        }
+        ModbusServerDiagnostics {
+            connections_open: u64::try_from(self.open.get()).unwrap_or(0),
+            connections_accepted: self.accepted.get(),
+            connections_refused: self.refused.get(),
+            requests: requests_by_function.values().sum(),
+            requests_by_function,
+            exceptions: SERVER_EXCEPTIONS
+                .iter()
+                .zip(&self.exceptions)
+                .filter(|(_, counter)| counter.get() > 0)
+                .map(|(code, counter)| (*code, counter.get()))
+                .collect(),
+            writes_ok: self.writes_ok.get(),
+            writes_failed: self.writes_failed.get(),
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //! It owns the listener, one task per connection (tokio-modbus' TCP server, each
 //! connection capped by `max_connections` and closed after `idle_timeout` without
 //! progress) and the task that feeds the image and routes write results. A reply never
-//! waits on a device for a read; a write waits at most `write_timeout`.
+//! waits on a device for a read; a write waits at most `write_timeout`. Connections,
+//! requests by function, exceptions and writes are counted in its
+//! [`ModbusServerMetrics`] (atomics: the request path takes no lock for them).
 
 pub mod config;
 pub mod image;
@@ -37,6 +39,7 @@ use crate::broker::bus::{BrokerHandle, InternalSubscribeOptions};
 use crate::drivers::config::DeviceConfig;
 use crate::drivers::modbus::codec;
 use crate::drivers::modbus::config::Table;
+use crate::metrics::{ModbusServerMetrics, OpenConnection};
 use crate::model::{Message, MessageProperties, QoS, Value};
 
 pub use self::config::BadQuality;
@@ -116,6 +119,12 @@ struct Shared {
     broker: BrokerHandle,
     /// The last payload of each mapped topic.
     last: Mutex<LastPayloads>,
+    metrics: ModbusServerMetrics,
+}
+
+/// The name of server number `index` of the configuration (its metrics' `server` label).
+pub fn server_name(index: usize) -> String {
+    format!("modbus-server-{index}")
 }
 
 /// The topic entry `entry` takes its value from.
@@ -129,19 +138,32 @@ fn value_topic(entry: &MapEntry, devices: &[DeviceConfig], gateway: &str) -> Opt
     }
 }
 
-/// Starts server number `index` of the configuration, its image filled from `seed` (the
-/// last payloads of the server it replaces, or nothing). It runs until `shutdown` is
-/// cancelled.
+/// What a server is started with, beside its configuration.
+pub struct StartWith<'a> {
+    pub devices: &'a [DeviceConfig],
+    pub gateway: &'a str,
+    pub broker: BrokerHandle,
+    /// The last payloads of the server it replaces, or nothing.
+    pub seed: &'a LastPayloads,
+    pub metrics: ModbusServerMetrics,
+}
+
+/// Starts server number `index` of the configuration, its image filled from `with.seed`.
+/// It runs until `shutdown` is cancelled.
 pub async fn start(
     config: &ModbusServerConfig,
     index: usize,
-    devices: &[DeviceConfig],
-    gateway: &str,
-    broker: BrokerHandle,
-    seed: &LastPayloads,
+    with: StartWith<'_>,
     shutdown: CancellationToken,
 ) -> Result<ModbusServer, ModbusServerError> {
-    let name = format!("modbus-server-{index}");
+    let StartWith {
+        devices,
+        gateway,
+        broker,
+        seed,
+        metrics,
+    } = with;
+    let name = server_name(index);
     let listener =
         TcpListener::bind(config.bind)
             .await
@@ -208,6 +230,7 @@ pub async fn start(
         next_id: AtomicU64::new(1),
         broker,
         last: Mutex::new(last),
+        metrics,
     });
 
     // The image's feed and the write results.
@@ -267,14 +290,16 @@ pub async fn start(
                 Ok(permit) => {
                     tracing::debug!(server = %serve_shared.name, %peer, "Modbus client connected");
                     let _ = stream.set_nodelay(true);
+                    let open = serve_shared.metrics.connected();
                     Some((
                         Service {
                             shared: serve_shared.clone(),
                         },
-                        Connection::new(stream, permit, idle_timeout),
+                        Connection::new(stream, (permit, open), idle_timeout),
                     ))
                 }
                 Err(_) => {
+                    serve_shared.metrics.refused();
                     tracing::warn!(server = %serve_shared.name, %peer, max_connections, "Modbus client refused: max_connections reached");
                     None
                 }
@@ -355,6 +380,30 @@ impl tokio_modbus::server::Service for Service {
     type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
     fn call(&self, request: Self::Request) -> Self::Future {
+        let metrics = &self.shared.metrics;
+        let function = request.request.function_code().value();
+        metrics.request(function);
+        let write = matches!(function, 5 | 6 | 15 | 16);
+        let answer = self.answer(request);
+        let metrics = metrics.clone();
+        Box::pin(async move {
+            let answer = answer.await;
+            if let Err(code) = &answer {
+                metrics.exception(u8::from(*code));
+            }
+            if write {
+                metrics.write(answer.is_ok());
+            }
+            answer
+        })
+    }
+}
+
+impl Service {
+    fn answer(
+        &self,
+        request: SlaveRequest<'static>,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send>> {
         let shared = self.shared.clone();
         let unit = request.slave;
         if !shared.unit_ids.is_empty() && !shared.unit_ids.contains(&unit) {
@@ -583,13 +632,18 @@ async fn publish_value(shared: &Arc<Shared>, topic: String, value: &Value) -> Re
 /// ends the connection (a client that connects and never sends, or never reads).
 struct Connection {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    /// Its place among `max_connections`, and its count among the open connections.
+    _permit: (OwnedSemaphorePermit, OpenConnection),
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Connection {
+    fn new(
+        stream: TcpStream,
+        permit: (OwnedSemaphorePermit, OpenConnection),
+        idle: Duration,
+    ) -> Connection {
         Connection {
             stream,
             _permit: permit,

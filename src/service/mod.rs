@@ -206,6 +206,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         &config.devices,
         &config.gateway.id,
         handle.clone(),
+        (metrics.clone(), board.clone()),
         shutdown.clone(),
     )
     .await

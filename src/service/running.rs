@@ -37,6 +37,16 @@ enum TaskKey {
 }
 
 impl TaskKey {
+    /// The Modbus link a task owns, as (name, transport): its serial port or TCP address.
+    fn link(&self) -> Option<(&str, &'static str)> {
+        match self {
+            TaskKey::Device(_) => None,
+            TaskKey::SerialLine(port) => Some((port, "rtu")),
+            TaskKey::TcpEndpoint(address, false) => Some((address, "tcp")),
+            TaskKey::TcpEndpoint(address, true) => Some((address, "rtu-over-tcp")),
+        }
+    }
+
     fn of(device: &DeviceConfig) -> TaskKey {
         match &device.driver {
             DriverConfig::Modbus(modbus) => match &modbus.transport {
@@ -128,29 +138,41 @@ impl Devices {
 
     fn spawn(&mut self, key: TaskKey, devices: Vec<DeviceConfig>) {
         let stop = self.shutdown.child_token();
+        // One handle for the link, shared by every device on it.
+        let bus = key.link().map(|(name, transport)| {
+            let metrics = self.metrics.bus(name, transport);
+            let units = devices
+                .iter()
+                .filter_map(|device| match &device.driver {
+                    DriverConfig::Modbus(modbus) => Some((device.name.clone(), modbus.unit)),
+                    _ => None,
+                })
+                .collect();
+            self.board
+                .register_bus(name, transport, units, metrics.clone());
+            metrics
+        });
         let contexts: Vec<(DeviceConfig, DeviceContext)> = devices
             .iter()
             .cloned()
             .map(|device| {
-                let rtu_bus = match &device.driver {
-                    DriverConfig::Modbus(modbus) => match &modbus.transport {
-                        Transport::Rtu(settings) => Some(self.metrics.rtu_bus(&settings.path)),
-                        Transport::Tcp { .. } | Transport::RtuOverTcp { .. } => None,
-                    },
-                    _ => None,
-                };
+                let metrics = self.metrics.device(&device.name);
+                let board = self.board.register_device(
+                    &device.name,
+                    device.driver_name(),
+                    &device.points_and_units(),
+                );
+                if matches!(device.driver, DriverConfig::Modbus(_)) {
+                    board.show_diagnostics(metrics.clone());
+                }
                 let context = DeviceContext::new(
                     &self.gateway_id,
                     &self.status_topic,
                     &device,
                     self.broker.clone(),
                 )
-                .with_metrics(self.metrics.device(&device.name), rtu_bus)
-                .with_status(self.board.register_device(
-                    &device.name,
-                    device.driver_name(),
-                    &device.points_and_units(),
-                ));
+                .with_metrics(metrics, bus.clone())
+                .with_status(board);
                 (device, context)
             })
             .collect();
@@ -202,6 +224,12 @@ impl Devices {
         // Every task that does not stay stops before any starts: a serial port or a
         // device's connection is free again for its successor.
         for task in old {
+            if let Some((name, transport)) = task.key.link() {
+                self.board.remove_bus(name, transport);
+                if !start.iter().any(|(key, _)| *key == task.key) {
+                    self.metrics.remove_bus(name, transport);
+                }
+            }
             task.stop().await;
         }
         self.tasks = keep;
@@ -422,6 +450,8 @@ pub(crate) struct ModbusServers {
     devices: Vec<DeviceConfig>,
     gateway: String,
     broker: BrokerHandle,
+    metrics: Arc<Metrics>,
+    board: StatusBoard,
     parent: CancellationToken,
     token: CancellationToken,
     servers: Vec<ModbusServer>,
@@ -434,6 +464,7 @@ impl ModbusServers {
         devices: &[DeviceConfig],
         gateway: &str,
         broker: BrokerHandle,
+        (metrics, board): (Arc<Metrics>, StatusBoard),
         parent: CancellationToken,
     ) -> Result<ModbusServers, ModbusServerError> {
         let mut servers = ModbusServers {
@@ -441,6 +472,8 @@ impl ModbusServers {
             devices: devices.to_vec(),
             gateway: gateway.to_owned(),
             broker,
+            metrics,
+            board,
             token: parent.child_token(),
             parent,
             servers: Vec::new(),
@@ -456,20 +489,31 @@ impl ModbusServers {
     /// Starts every configured server, their images filled from `seed` (the last payloads
     /// of the servers they replace).
     async fn start_all(&mut self, seed: &LastPayloads) -> Result<(), ModbusServerError> {
+        let mut shown = Vec::new();
+        let mut result = Ok(());
         for (index, config) in self.configs.iter().enumerate() {
-            let server = modbus_server::start(
-                config,
-                index,
-                &self.devices,
-                &self.gateway,
-                self.broker.clone(),
+            let name = modbus_server::server_name(index);
+            let metrics = self.metrics.modbus_server(&name);
+            let with = modbus_server::StartWith {
+                devices: &self.devices,
+                gateway: &self.gateway,
+                broker: self.broker.clone(),
                 seed,
-                self.token.clone(),
-            )
-            .await?;
-            self.servers.push(server);
+                metrics: metrics.clone(),
+            };
+            match modbus_server::start(config, index, with, self.token.clone()).await {
+                Ok(server) => {
+                    shown.push((name, server.local_addr, metrics));
+                    self.servers.push(server);
+                }
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
         }
-        Ok(())
+        self.board.set_modbus_servers(shown);
+        result
     }
 
     /// The bound addresses, in the configuration's order.
@@ -492,6 +536,10 @@ impl ModbusServers {
         let mut last = LastPayloads::new();
         for payloads in self.wait_last().await {
             last.extend(payloads);
+        }
+        for index in wanted.len()..self.configs.len() {
+            self.metrics
+                .remove_modbus_server(&modbus_server::server_name(index));
         }
         self.configs = wanted.to_vec();
         self.devices = devices.to_vec();

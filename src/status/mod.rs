@@ -1,12 +1,15 @@
-//! The live picture of the gateway: every device and point, every uplink, the LAN clients,
-//! the recent errors and the gateway itself. The parts write into it through small handles
-//! the service passes in ([`DeviceBoard`], [`UplinkBoard`], [`ClientBoard`]); the status
-//! API, the status page and `fieldmq status` read a [`StatusSnapshot`] of it.
+//! The live picture of the gateway: every device and point, every uplink, the Modbus links
+//! and servers, the LAN clients, the recent errors and the gateway itself. The parts write
+//! into it through small handles the service passes in ([`DeviceBoard`], [`UplinkBoard`],
+//! [`ClientBoard`]); the status API, the status page and `fieldmq status` read a
+//! [`StatusSnapshot`] of it.
 //!
 //! Writers never wait long and never on the network: each device and each uplink has a
 //! mutex of its own, held only to copy a few values in or out, and a reader copies one
 //! device at a time. The broker records a client at connect and disconnect only, never per
-//! message.
+//! message. Request diagnostics (of a Modbus device, link or server) are not copied in:
+//! the board holds the part's metrics handle and reads its atomics when asked, so one
+//! recording feeds both `/metrics` and the status.
 
 mod text;
 mod view;
@@ -18,12 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime};
 
+use crate::metrics::{BusMetrics, DeviceMetrics, ModbusServerMetrics};
 use crate::model::{Quality, Value};
 use crate::reload::{ReloadHistory, Reloader};
 
 pub use text::{duration as duration_text, render as render_text};
 pub use view::{
-    ClientView, DeviceView, ErrorView, GatewayView, PointView, StatusSnapshot, UplinkView,
+    BackoffView, BusDeviceView, BusView, ClientView, DeviceView, DiagnosticsView, ErrorView,
+    GatewayView, ModbusServerView, PointView, StatusSnapshot, UplinkView,
 };
 
 /// How many recent errors are kept (the oldest go first).
@@ -51,6 +56,9 @@ struct Shared {
     started: Instant,
     devices: Mutex<BTreeMap<String, Arc<Mutex<DeviceEntry>>>>,
     uplinks: Mutex<BTreeMap<String, Arc<Mutex<UplinkEntry>>>>,
+    /// By (transport, link name).
+    buses: Mutex<BTreeMap<(String, String), BusEntry>>,
+    modbus_servers: Mutex<Vec<ModbusServerEntry>>,
     clients: Arc<Mutex<BTreeMap<u64, ClientEntry>>>,
     errors: Arc<ErrorLog>,
     reloader: OnceLock<Reloader>,
@@ -72,6 +80,8 @@ impl StatusBoard {
                 started: Instant::now(),
                 devices: Mutex::default(),
                 uplinks: Mutex::default(),
+                buses: Mutex::default(),
+                modbus_servers: Mutex::default(),
                 clients: Arc::default(),
                 errors: Arc::new(ErrorLog::default()),
                 reloader: OnceLock::new(),
@@ -98,6 +108,7 @@ impl StatusBoard {
             driver: driver.to_owned(),
             state: DeviceState::Starting,
             last_error: None,
+            diagnostics: None,
             points: points
                 .iter()
                 .map(|(point, unit)| {
@@ -157,11 +168,46 @@ impl StatusBoard {
         self.shared.errors.record(source, text);
     }
 
+    /// A Modbus link (`name`: its serial port or TCP address; `transport`: `rtu`, `tcp` or
+    /// `rtu-over-tcp`) and the devices on it, as (name, unit id). Registered again (its
+    /// task restarted), it replaces the old entry.
+    pub fn register_bus(
+        &self,
+        name: &str,
+        transport: &str,
+        devices: Vec<(String, u8)>,
+        metrics: BusMetrics,
+    ) {
+        lock(&self.shared.buses).insert(
+            (transport.to_owned(), name.to_owned()),
+            BusEntry { devices, metrics },
+        );
+    }
+
+    /// Forget a link whose task stopped (a reload).
+    pub fn remove_bus(&self, name: &str, transport: &str) {
+        lock(&self.shared.buses).remove(&(transport.to_owned(), name.to_owned()));
+    }
+
+    /// The Modbus servers that run now, as (name, bound address, metrics).
+    pub fn set_modbus_servers(&self, servers: Vec<(String, SocketAddr, ModbusServerMetrics)>) {
+        *lock(&self.shared.modbus_servers) = servers
+            .into_iter()
+            .map(|(name, bind, metrics)| ModbusServerEntry {
+                name,
+                bind,
+                metrics,
+            })
+            .collect();
+    }
+
     /// A copy of the whole picture.
     pub fn snapshot(&self) -> StatusSnapshot {
         StatusSnapshot {
             gateway: self.gateway(),
             devices: self.devices(),
+            buses: self.buses(),
+            modbus_servers: self.modbus_servers(),
             uplinks: self.uplinks(),
             clients: self.client_list(),
             errors: self.shared.errors.list(),
@@ -200,6 +246,23 @@ impl StatusBoard {
                 view::device(name, entry)
             })
             .collect()
+    }
+
+    /// Every Modbus link, its counts read from its metrics.
+    pub fn buses(&self) -> Vec<BusView> {
+        let buses: Vec<((String, String), BusEntry)> = lock(&self.shared.buses)
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.clone()))
+            .collect();
+        buses
+            .into_iter()
+            .map(|((transport, name), entry)| view::bus(name, transport, &entry))
+            .collect()
+    }
+
+    pub fn modbus_servers(&self) -> Vec<ModbusServerView> {
+        let servers = lock(&self.shared.modbus_servers).clone();
+        servers.iter().map(view::modbus_server).collect()
     }
 
     pub fn uplinks(&self) -> Vec<UplinkView> {
@@ -252,7 +315,22 @@ struct DeviceEntry {
     driver: String,
     state: DeviceState,
     last_error: Option<(String, SystemTime)>,
+    /// A Modbus device's request counts, read when the status is asked for.
+    diagnostics: Option<DeviceMetrics>,
     points: BTreeMap<String, PointEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct BusEntry {
+    devices: Vec<(String, u8)>,
+    metrics: BusMetrics,
+}
+
+#[derive(Debug, Clone)]
+struct ModbusServerEntry {
+    name: String,
+    bind: SocketAddr,
+    metrics: ModbusServerMetrics,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -274,6 +352,11 @@ pub struct DeviceBoard {
 }
 
 impl DeviceBoard {
+    /// Show the request diagnostics `metrics` records (a Modbus device's).
+    pub fn show_diagnostics(&self, metrics: DeviceMetrics) {
+        lock(&self.entry).diagnostics = Some(metrics);
+    }
+
     /// The last reading of `point`. A reading that turns bad (or bad for another reason) is
     /// also a recent error; a point that stays bad for the same reason is not repeated.
     pub fn record_reading(

@@ -1,5 +1,6 @@
 //! The status for a person at a terminal (`fieldmq status`): the gateway, a table of
-//! devices and one of uplinks, the number of clients and the recent errors. Names and
+//! devices (and one of the Modbus devices' requests), the Modbus links and servers, the
+//! uplinks, the number of clients and the recent errors. Names and
 //! error texts come from outside: control characters in them are shown escaped, so they
 //! cannot move the cursor or recolour the terminal.
 
@@ -60,7 +61,10 @@ pub fn render(snapshot: &StatusSnapshot) -> String {
             ]);
         }
         table(&mut out, &rows);
+        requests(&mut out, snapshot);
     }
+    links(&mut out, snapshot);
+    modbus_servers(&mut out, snapshot);
 
     out.push('\n');
     if snapshot.uplinks.is_empty() {
@@ -114,6 +118,120 @@ pub fn render(snapshot: &StatusSnapshot) -> String {
         }
     }
     out
+}
+
+/// `2:5 4:1`, or `-`.
+fn counts(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    if counts.is_empty() {
+        return "-".into();
+    }
+    counts
+        .iter()
+        .map(|(code, count)| format!("{}:{count}", clean(code)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The Modbus devices' requests: counts, latency (median/max of the recent answers, ms)
+/// and backoff.
+fn requests(out: &mut String, snapshot: &StatusSnapshot) {
+    let mut rows = vec![row(&[
+        "DEVICE",
+        "OK",
+        "FAILED",
+        "TIMEOUTS",
+        "CRC",
+        "EXCEPTIONS",
+        "LATENCY MS (LAST/MEDIAN/MAX)",
+        "FAILING",
+    ])];
+    for device in &snapshot.devices {
+        let Some(d) = &device.diagnostics else {
+            continue;
+        };
+        rows.push(vec![
+            clean(&device.name),
+            d.requests_ok.to_string(),
+            d.requests_failed.to_string(),
+            d.timeouts.to_string(),
+            d.crc_errors.to_string(),
+            counts(&d.exceptions),
+            d.latency.map_or("-".into(), |l| {
+                format!("{:.1}/{:.1}/{:.1}", l.last_ms, l.p50_ms, l.max_ms)
+            }),
+            match &d.backoff {
+                Some(b) => format!(
+                    "{} in a row, backed off {:.1}s more",
+                    d.consecutive_failures, b.remaining_s
+                ),
+                None if d.consecutive_failures > 0 => {
+                    format!("{} in a row", d.consecutive_failures)
+                }
+                None => "-".into(),
+            },
+        ]);
+    }
+    if rows.len() > 1 {
+        out.push('\n');
+        table(out, &rows);
+    }
+}
+
+/// The Modbus links and how busy each was over the last minute.
+fn links(out: &mut String, snapshot: &StatusSnapshot) {
+    if snapshot.buses.is_empty() {
+        return;
+    }
+    let mut rows = vec![row(&[
+        "MODBUS LINK",
+        "TRANSPORT",
+        "REQUESTS",
+        "ERRORS",
+        "BUSY",
+        "DEVICES",
+    ])];
+    for bus in &snapshot.buses {
+        rows.push(vec![
+            clean(&bus.name),
+            clean(&bus.transport),
+            bus.requests.to_string(),
+            bus.errors.to_string(),
+            format!("{:.1}%", bus.utilisation * 100.0),
+            bus.devices
+                .iter()
+                .map(|d| format!("{}@{}", clean(&d.name), d.unit))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ]);
+    }
+    out.push('\n');
+    table(out, &rows);
+}
+
+fn modbus_servers(out: &mut String, snapshot: &StatusSnapshot) {
+    if snapshot.modbus_servers.is_empty() {
+        return;
+    }
+    let mut rows = vec![row(&[
+        "MODBUS SERVER",
+        "ADDRESS",
+        "OPEN",
+        "REQUESTS",
+        "EXCEPTIONS",
+        "WRITES OK/FAILED",
+    ])];
+    for server in &snapshot.modbus_servers {
+        rows.push(vec![
+            clean(&server.name),
+            clean(&server.bind),
+            server.connections_open.to_string(),
+            server.requests.to_string(),
+            counts(&server.exceptions),
+            format!("{}/{}", server.writes_ok, server.writes_failed),
+        ]);
+    }
+    out.push('\n');
+    table(out, &rows);
 }
 
 fn row(cells: &[&str]) -> Vec<String> {
@@ -227,5 +345,76 @@ mod tests {
             "an escape character reached the terminal"
         );
         assert!(text.contains("\\u{1b}[31mred\\nline"), "{text}");
+    }
+
+    #[test]
+    fn the_modbus_tables_show_requests_links_and_servers() {
+        let board = StatusBoard::new(GatewayInfo {
+            id: "site-7".into(),
+            version: "1.0.0".into(),
+            config_file: "/etc/fieldmq/fieldmq.toml".into(),
+            data_dir: "/var/lib/fieldmq".into(),
+        });
+        let metrics = crate::metrics::Metrics::new();
+        let meter = metrics.device("meter");
+        board
+            .register_device("meter", "modbus-tcp", &[])
+            .show_diagnostics(meter.clone());
+        meter.request_ok(std::time::Duration::from_millis(4));
+        meter.request_ok(std::time::Duration::from_millis(2));
+        meter.request_failed(crate::metrics::ErrorKind::Exception);
+        meter.exception(2);
+        meter.request_failed(crate::metrics::ErrorKind::Timeout);
+        meter.consecutive_failures(1);
+        let bus = metrics.bus("10.0.0.5:502", "tcp");
+        bus.request(std::time::Duration::from_millis(4), false);
+        board.register_bus("10.0.0.5:502", "tcp", vec![("meter".into(), 3)], bus);
+        let server = metrics.modbus_server("modbus-server-0");
+        server.request(3);
+        server.exception(2);
+        server.write(true);
+        board.set_modbus_servers(vec![(
+            "modbus-server-0".into(),
+            "127.0.0.1:5020".parse().expect("address"),
+            server,
+        )]);
+        let text = render(&board.snapshot());
+        let line = |start: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(start))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        // The device table's row, then the requests table's.
+        assert_eq!(
+            line("meter")[1],
+            [
+                "meter",
+                "2",
+                "2",
+                "1",
+                "0",
+                "2:1",
+                "2.0/2.0/4.0",
+                "1",
+                "in",
+                "a",
+                "row"
+            ],
+            "{text}"
+        );
+        // (How busy depends on the clock: a fresh link with a 4 ms request is near 100%.)
+        let link = &line("10.0.0.5:502")[0];
+        assert_eq!(
+            [&link[..4], &link[5..]].concat(),
+            ["10.0.0.5:502", "tcp", "1", "0", "meter@3"],
+            "{text}"
+        );
+        assert!(link[4].ends_with('%'), "{text}");
+        assert_eq!(
+            line("modbus-server-0")[0],
+            ["modbus-server-0", "127.0.0.1:5020", "0", "1", "2:1", "1/0"],
+            "{text}"
+        );
     }
 }

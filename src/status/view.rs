@@ -5,13 +5,20 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClientEntry, DeviceEntry, ErrorEntry, UplinkEntry};
+use std::collections::BTreeMap;
+
+use super::{BusEntry, ClientEntry, DeviceEntry, ErrorEntry, ModbusServerEntry, UplinkEntry};
+use crate::metrics::diag::{LatencySummary, BUSY_WINDOW_S};
 
 /// Everything `GET /api/v1/status` and `fieldmq status --json` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusSnapshot {
     pub gateway: GatewayView,
     pub devices: Vec<DeviceView>,
+    /// Every Modbus link: a serial line, or a TCP address whose unit ids share one
+    /// connection.
+    pub buses: Vec<BusView>,
+    pub modbus_servers: Vec<ModbusServerView>,
     pub uplinks: Vec<UplinkView>,
     pub clients: Vec<ClientView>,
     /// Newest first.
@@ -39,7 +46,76 @@ pub struct DeviceView {
     pub state: String,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
+    /// A Modbus device's requests; `null` for other drivers.
+    pub diagnostics: Option<DiagnosticsView>,
     pub points: Vec<PointView>,
+}
+
+/// One Modbus device's (one unit's) requests since start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiagnosticsView {
+    /// Requests answered (an exception answer counts as failed instead).
+    pub requests_ok: u64,
+    /// Failed requests of every kind: timeouts, exceptions, I/O, CRC, undecodable answers.
+    pub requests_failed: u64,
+    pub timeouts: u64,
+    pub crc_errors: u64,
+    /// Exception answers by exception code (`"2": 5`).
+    pub exceptions: BTreeMap<String, u64>,
+    /// The last 64 answers' latencies; `null` before the first.
+    pub latency: Option<LatencySummary>,
+    /// Timeouts, broken frames or link failures in a row (0 while the device answers).
+    pub consecutive_failures: u32,
+    /// `null` unless the device is backed off now.
+    pub backoff: Option<BackoffView>,
+}
+
+/// A failing device gets no request before `until`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackoffView {
+    pub until: String,
+    pub remaining_s: f64,
+}
+
+/// One Modbus link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BusView {
+    /// The serial port or the TCP address.
+    pub name: String,
+    /// `rtu`, `tcp` or `rtu-over-tcp`.
+    pub transport: String,
+    pub devices: Vec<BusDeviceView>,
+    pub requests: u64,
+    pub errors: u64,
+    pub busy_seconds: f64,
+    /// The fraction of the last `utilisation_window_s` seconds (or of the time since the
+    /// link started, when shorter) it was busy with a request, 0 to 1.
+    pub utilisation: f64,
+    pub utilisation_window_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BusDeviceView {
+    pub name: String,
+    pub unit: u8,
+}
+
+/// One Modbus TCP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModbusServerView {
+    pub name: String,
+    /// The bound address.
+    pub bind: String,
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    pub requests: u64,
+    /// Requests by function code (`"3"`, or `"other"` for one it does not serve).
+    pub requests_by_function: BTreeMap<String, u64>,
+    /// Exceptions answered, by exception code.
+    pub exceptions: BTreeMap<String, u64>,
+    pub writes_ok: u64,
+    pub writes_failed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,12 +183,32 @@ pub(super) fn rfc3339(at: SystemTime) -> String {
 
 pub(super) fn device(name: String, entry: DeviceEntry) -> DeviceView {
     let (last_error, last_error_at) = split_error(entry.last_error);
+    let now = SystemTime::now();
     DeviceView {
         name,
         driver: entry.driver,
         state: entry.state.as_str().to_owned(),
         last_error,
         last_error_at,
+        diagnostics: entry.diagnostics.map(|metrics| {
+            let d = metrics.diagnostics();
+            DiagnosticsView {
+                requests_ok: d.requests_ok,
+                requests_failed: d.requests_failed,
+                timeouts: d.timeouts,
+                crc_errors: d.crc_errors,
+                exceptions: codes(&d.exceptions),
+                latency: d.latency,
+                consecutive_failures: d.consecutive_failures,
+                backoff: d.backoff_until.and_then(|until| {
+                    let remaining = until.duration_since(now).ok()?;
+                    Some(BackoffView {
+                        until: rfc3339(until),
+                        remaining_s: (remaining.as_secs_f64() * 1000.0).round() / 1000.0,
+                    })
+                }),
+            }
+        }),
         points: entry
             .points
             .into_iter()
@@ -132,6 +228,50 @@ pub(super) fn device(name: String, entry: DeviceEntry) -> DeviceView {
                 }
             })
             .collect(),
+    }
+}
+
+fn codes(counts: &BTreeMap<u8, u64>) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .map(|(code, count)| (code.to_string(), *count))
+        .collect()
+}
+
+pub(super) fn bus(name: String, transport: String, entry: &BusEntry) -> BusView {
+    let d = entry.metrics.diagnostics();
+    BusView {
+        name,
+        transport,
+        devices: entry
+            .devices
+            .iter()
+            .map(|(name, unit)| BusDeviceView {
+                name: name.clone(),
+                unit: *unit,
+            })
+            .collect(),
+        requests: d.requests,
+        errors: d.errors,
+        busy_seconds: (d.busy_seconds * 1000.0).round() / 1000.0,
+        utilisation: d.utilisation,
+        utilisation_window_s: BUSY_WINDOW_S,
+    }
+}
+
+pub(super) fn modbus_server(entry: &ModbusServerEntry) -> ModbusServerView {
+    let d = entry.metrics.diagnostics();
+    ModbusServerView {
+        name: entry.name.clone(),
+        bind: entry.bind.to_string(),
+        connections_open: d.connections_open,
+        connections_accepted: d.connections_accepted,
+        connections_refused: d.connections_refused,
+        requests: d.requests,
+        requests_by_function: d.requests_by_function,
+        exceptions: codes(&d.exceptions),
+        writes_ok: d.writes_ok,
+        writes_failed: d.writes_failed,
     }
 }
 

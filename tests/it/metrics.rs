@@ -1,6 +1,6 @@
 //! `GET /metrics` read by the real Prometheus tools: `promtool check metrics` accepts the
-//! output, and a Prometheus server scraping the gateway finds broker, uplink and device
-//! series through its query API.
+//! output, and a Prometheus server scraping the gateway finds broker, uplink, device,
+//! Modbus link and Modbus server series through its query API.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
 use crate::util::gateway::GatewayProcess;
 use crate::util::http::{self, get, metric_value, request};
+use crate::util::modbus::{BackgroundDevice, RegisterDevice};
 use crate::util::mqtt::{Client, Version};
 use crate::util::{free_port, skip};
 
 const PROMETHEUS_INSTALL: &str = "apt-get install -y prometheus";
 
-/// A gateway with a simulated device and an uplink to `cloud_port` (nothing need listen
-/// there), its HTTP listener on an ephemeral port.
-fn start_gateway(dir: &Path, cloud_port: u16) -> (GatewayProcess, SocketAddr) {
+/// A gateway with a simulated device, a Modbus TCP device (`meter`, on a
+/// test device that lives as long as the returned handle), a Modbus server and an uplink
+/// to `cloud_port` (nothing need listen there), its HTTP listener on an ephemeral port.
+fn start_gateway(dir: &Path, cloud_port: u16) -> (GatewayProcess, SocketAddr, BackgroundDevice) {
+    let meter = BackgroundDevice::start(RegisterDevice::with(&[(0, 230)]));
     let text = format!(
         r#"
 [gateway]
@@ -43,6 +46,17 @@ points = [
   {{ name = "u", waveform = "constant", value = 1.0 }},
 ]
 
+[[devices]]
+name = "meter"
+driver = "modbus-tcp"
+address = "{meter}"
+poll = "200ms"
+points = [ {{ name = "v", table = "holding", address = 0 }} ]
+
+[[modbus_servers]]
+bind = "127.0.0.1:0"
+map = [ {{ table = "holding", address = 0, device = "meter", point = "v" }} ]
+
 [[uplinks]]
 name = "cloud"
 url = "mqtt://127.0.0.1:{cloud_port}"
@@ -50,13 +64,14 @@ client_id = "metered-gw"
 reconnect = {{ min = "200ms", max = "1s" }}
 routes = [ {{ out = "metered/#", qos = 1 }} ]
 "#,
-        data = dir.join("data").display()
+        data = dir.join("data").display(),
+        meter = meter.addr,
     );
     let config = dir.join("fieldmq.toml");
     std::fs::write(&config, text).expect("write config");
     let gateway = GatewayProcess::start(&config);
     let addr = http::http_addr(&gateway);
-    (gateway, addr)
+    (gateway, addr, meter)
 }
 
 #[test]
@@ -66,7 +81,7 @@ fn promtool_check_metrics_accepts_the_output() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut gateway, addr) = start_gateway(dir.path(), free_port());
+    let (mut gateway, addr, meter) = start_gateway(dir.path(), free_port());
     // A socket in its MQTT handshake (nothing sent) shows on its listener.
     let _silent = std::net::TcpStream::connect(gateway.addr).expect("connect to MQTT");
     // Wait for a poll so that the device's histogram and gauges have samples.
@@ -87,6 +102,20 @@ fn promtool_check_metrics_accepts_the_output() {
         "fieldmq_process_resident_memory_bytes",
         // The retained status messages were committed to the broker's store.
         "fieldmq_broker_store_commit_duration_seconds_bucket{le=\"+Inf\"}",
+        // The Modbus link the meter is on, and the Modbus server.
+        &format!(
+            "fieldmq_bus_requests_total{{bus=\"{}\",transport=\"tcp\"}}",
+            meter.addr
+        ),
+        "fieldmq_bus_errors_total{bus=",
+        "fieldmq_bus_busy_seconds_total{bus=",
+        "fieldmq_device_request_duration_seconds_count{device=\"meter\"}",
+        "fieldmq_modbus_server_connections{server=\"modbus-server-0\"} 0",
+        "fieldmq_modbus_server_connections_accepted_total{server=\"modbus-server-0\"}",
+        "fieldmq_modbus_server_connections_refused_total{server=\"modbus-server-0\"}",
+        "fieldmq_modbus_server_requests_total{server=\"modbus-server-0\",function=\"3\"}",
+        "fieldmq_modbus_server_exceptions_total{server=\"modbus-server-0\",code=\"2\"}",
+        "fieldmq_modbus_server_writes_total{server=\"modbus-server-0\",result=\"ok\"}",
     ] {
         assert!(
             answer.body.contains(family),
@@ -219,7 +248,7 @@ fn prometheus_scrapes_broker_uplink_and_device_series() {
     }
     let cloud = Cloud::start(CloudOptions::default());
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut gateway, addr) = start_gateway(dir.path(), cloud.port);
+    let (mut gateway, addr, _meter) = start_gateway(dir.path(), cloud.port);
     let server = Prometheus::start(&prometheus, dir.path(), addr);
 
     let wanted = [
@@ -229,6 +258,14 @@ fn prometheus_scrapes_broker_uplink_and_device_series() {
         "fieldmq_uplink_connected{uplink=\"cloud\"} == 1",
         // The device: polled.
         "fieldmq_device_polls_total{device=\"sim\"} > 0",
+        // The Modbus device's link: requests that kept it busy, none failed.
+        "fieldmq_bus_requests_total{transport=\"tcp\"} > 0",
+        "fieldmq_bus_busy_seconds_total{transport=\"tcp\"} > 0",
+        "fieldmq_bus_errors_total{transport=\"tcp\"} == 0",
+        "fieldmq_device_request_duration_seconds_count{device=\"meter\"} > 0",
+        // The Modbus server: no client yet.
+        "fieldmq_modbus_server_connections{server=\"modbus-server-0\"} == 0",
+        "fieldmq_modbus_server_requests_total{function=\"3\"} == 0",
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut missing: Vec<&str> = wanted.to_vec();
@@ -309,9 +346,9 @@ async fn messages_and_payload_bytes_are_counted_by_qos_each_way() {
 }
 
 #[test]
-fn a_reload_takes_a_removed_device_and_uplink_off_the_metrics() {
+fn a_reload_takes_removed_devices_their_link_the_modbus_server_and_the_uplink_off_the_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut gateway, addr) = start_gateway(dir.path(), free_port());
+    let (mut gateway, addr, _meter) = start_gateway(dir.path(), free_port());
     // A second device, to be removed.
     let config = dir.path().join("fieldmq.toml");
     let text = std::fs::read_to_string(&config).expect("read config");
@@ -339,13 +376,17 @@ fn a_reload_takes_a_removed_device_and_uplink_off_the_metrics() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Without the second device and without the uplink.
-    let without = text[..text.find("[[uplinks]]").expect("uplink section")].to_owned();
+    // Without the second device, the Modbus device (its link), the server and the uplink.
+    let meter = "[[devices]]\nname = \"meter\"";
+    let without = text[..text.find(meter).expect("meter section")].to_owned();
     std::fs::write(&config, without).expect("write config");
     assert_eq!(request(addr, "POST", "/api/v1/reload", &[]).status, 200);
     let body = get(addr, "/metrics", &[]).body;
     assert!(!body.contains("device=\"gone\""), "{body}");
+    assert!(!body.contains("device=\"meter\""), "{body}");
     assert!(!body.contains("uplink=\"cloud\""), "{body}");
+    assert!(!body.contains("fieldmq_bus_requests_total{"), "{body}");
+    assert!(!body.contains("server=\"modbus-server-0\""), "{body}");
     assert!(metric_value(&body, &polls("sim")).is_some(), "{body}");
     gateway.terminate();
 }

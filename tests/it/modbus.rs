@@ -1409,6 +1409,33 @@ async fn probe_prints_every_interpretation() {
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
     }
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with(
+            "requests 1, failed 0 (timeouts 0, CRC errors 0, exceptions none), answer time min/avg/max "
+        ) && summary.ends_with(" ms"),
+        "{stdout}"
+    );
+
+    // Repeated, with the range running into an address the device refuses: every read
+    // is made and the refusals are counted by exception code.
+    state.lock().unwrap().exception_from = Some(43);
+    let reads_before = state.lock().unwrap().reads.len();
+    let output = tokio::process::Command::new(gateway::binary())
+        .args(["probe", "--tcp", &addr.to_string(), "--address", "40"])
+        .args(["--count", "4", "--repeat", "3"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "requests 3, failed 3 (timeouts 0, CRC errors 0, exceptions 2:3), answer time min/avg/max - (no answer)"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(state.lock().unwrap().reads.len(), reads_before + 3);
 
     // A read the device refuses (it answers with a Modbus exception) exits non-zero with
     // the exception by name.

@@ -744,6 +744,110 @@ async fn modbus_server_serves_many_clients_at_once_while_the_broker_keeps_routin
     gateway.stop().await;
 }
 
+/// The server's entry in the status, as JSON.
+fn server_status(gateway: &Gateway) -> Json {
+    let servers = gateway.running.as_ref().unwrap().status.modbus_servers();
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    serde_json::to_value(&servers[0]).unwrap()
+}
+
+#[tokio::test]
+async fn modbus_server_counts_connections_requests_exceptions_and_writes() {
+    let Some(python) = python() else {
+        return skip(
+            "modbus_server_counts_connections_requests_exceptions_and_writes",
+            "pymodbus venv missing (.ci/run creates target/pymodbus-venv)",
+        );
+    };
+    let state: Shared = Default::default();
+    state.lock().unwrap().holding.insert(5, 7);
+    let device = field_device(state.clone()).await;
+    let gateway = Gateway::start(&meter_config(device, "")).await;
+    let addr = gateway.modbus[0];
+    pymodbus_until(
+        &python,
+        addr,
+        &json!([{"op": "read_holding", "address": 200, "count": 1}]),
+        |r| r[0] == json!({"registers": [7]}),
+    )
+    .await;
+    let before = server_status(&gateway);
+    assert_eq!(before["name"], "modbus-server-0");
+    assert_eq!(before["bind"], addr.to_string());
+
+    // One connection: two good reads, an unmapped read, a write and a refused write.
+    let results = pymodbus(
+        &python,
+        addr,
+        &json!([
+            {"op": "read_holding", "address": 200, "count": 1},
+            {"op": "read_coils", "address": 0, "count": 1},
+            {"op": "read_holding", "address": 150, "count": 1},
+            {"op": "write_register", "address": 200, "value": 42},
+            {"op": "write_register", "address": 200, "value": 40000},
+        ]),
+    )
+    .await;
+    assert_eq!(results[2], json!({"exception": 2}), "{results:?}");
+    assert_eq!(results[3], json!({"ok": true}), "{results:?}");
+    assert_eq!(results[4], json!({"exception": 4}), "{results:?}");
+
+    // pymodbus has closed its connection; the server notices at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let after = server_status(&gateway);
+        if after["connections_open"] == 0 {
+            break after;
+        }
+        assert!(Instant::now() < deadline, "still open: {after}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let delta = |key: &str| after[key].as_u64().unwrap() - before[key].as_u64().unwrap();
+    let delta_in = |map: &str, key: &str| {
+        after[map][key].as_u64().unwrap_or(0) - before[map][key].as_u64().unwrap_or(0)
+    };
+    assert_eq!(delta("connections_accepted"), 1, "{after}");
+    assert_eq!(delta("connections_refused"), 0, "{after}");
+    assert_eq!(delta("requests"), 5, "{after}");
+    assert_eq!(delta_in("requests_by_function", "3"), 2, "{after}");
+    assert_eq!(delta_in("requests_by_function", "1"), 1, "{after}");
+    assert_eq!(delta_in("requests_by_function", "6"), 2, "{after}");
+    assert_eq!(delta_in("exceptions", "2"), 1, "{after}");
+    assert_eq!(delta_in("exceptions", "4"), 1, "{after}");
+    assert_eq!(delta("writes_ok"), 1, "{after}");
+    assert_eq!(delta("writes_failed"), 1, "{after}");
+
+    // The metrics are the same counts.
+    let text = gateway
+        .running
+        .as_ref()
+        .unwrap()
+        .metrics
+        .encode(fieldmq::metrics::Format::PrometheusText)
+        .unwrap();
+    let series = |name: &str, labels: &str| {
+        let series = format!("fieldmq_modbus_server_{name}{{server=\"modbus-server-0\"{labels}}}");
+        crate::util::http::metric_value(&text, &series)
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(series("connections", ""), 0.0);
+    assert_eq!(
+        series("connections_accepted_total", ""),
+        after["connections_accepted"].as_u64().unwrap() as f64
+    );
+    assert_eq!(
+        series("requests_total", ",function=\"6\""),
+        after["requests_by_function"]["6"].as_u64().unwrap() as f64
+    );
+    assert_eq!(
+        series("exceptions_total", ",code=\"2\""),
+        after["exceptions"]["2"].as_u64().unwrap() as f64
+    );
+    assert_eq!(series("writes_total", ",result=\"ok\""), 1.0);
+    assert_eq!(series("writes_total", ",result=\"failed\""), 1.0);
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn modbus_server_answers_each_unit_id_from_its_own_entries_and_the_shared_ones() {
     let Some(python) = python() else {

@@ -12,6 +12,7 @@ use serde_json::Value as Json;
 use crate::util::cloud::{mosquitto_available, Cloud, CloudOptions};
 use crate::util::gateway::{run_within, GatewayProcess};
 use crate::util::http::{self, http_addr};
+use crate::util::modbus::{BackgroundDevice, RegisterDevice};
 use crate::util::skip::skip;
 
 /// How long a test waits for the status to show what it expects.
@@ -570,4 +571,282 @@ fn remaining_length(buffer: &[u8]) -> Option<(usize, usize)> {
         }
     }
     None
+}
+
+/// Two Modbus TCP devices behind one address (unit ids 1 and 2 of one test device, one
+/// shared connection): `meter-a` also reads a range the device refuses. Backed off after
+/// three failures, for 2 s at first.
+fn start_modbus_gateway(dir: &Path, device: &RegisterDevice) -> (BackgroundDevice, PathBuf) {
+    let background = BackgroundDevice::start(device.clone());
+    let addr = background.addr;
+    let config = format!(
+        r#"
+[gateway]
+id = "diag-test"
+data_dir = "{data}"
+
+[broker]
+allow_anonymous = true
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+
+[http]
+bind = "127.0.0.1:0"
+
+[[devices]]
+name = "meter-a"
+driver = "modbus-tcp"
+address = "{addr}"
+unit = 1
+poll = "100ms"
+timeout = "200ms"
+backoff_min = "2s"
+backoff_max = "4s"
+points = [
+  {{ name = "ok", table = "holding", address = 0 }},
+  {{ name = "missing", table = "holding", address = 100 }},
+]
+
+[[devices]]
+name = "meter-b"
+driver = "modbus-tcp"
+address = "{addr}"
+unit = 2
+poll = "100ms"
+timeout = "200ms"
+backoff_min = "2s"
+backoff_max = "4s"
+points = [ {{ name = "ok", table = "holding", address = 0 }} ]
+"#,
+        data = dir.join("data").display(),
+    );
+    let path = dir.join("fieldmq.toml");
+    std::fs::write(&path, config).expect("write config");
+    (background, path)
+}
+
+fn diagnostics<'a>(status: &'a Json, device_name: &str) -> &'a Json {
+    device(status, device_name).map_or(&Json::Null, |d| &d["diagnostics"])
+}
+
+fn count(value: &Json) -> u64 {
+    value.as_u64().unwrap_or(0)
+}
+
+/// `meter-a` has had an exception answer and both units good answers on the shared link.
+fn exceptions_and_answers_shown(status: &Json) -> bool {
+    let a = diagnostics(status, "meter-a");
+    let b = diagnostics(status, "meter-b");
+    count(&a["exceptions"]["2"]) >= 1
+        && count(&a["requests_ok"]) >= 1
+        && count(&b["requests_ok"]) >= 1
+        && status["buses"][0]["utilisation"]
+            .as_f64()
+            .is_some_and(|u| u > 0.0)
+}
+
+#[test]
+fn the_status_shows_exceptions_timeouts_backoff_latency_and_a_shared_tcp_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meter = RegisterDevice::with(&[(0, 7), (100, 1)]);
+    meter.set(|r| r.refuse_from = Some(100));
+    let (background, config) = start_modbus_gateway(dir.path(), &meter);
+    let gateway = GatewayProcess::start(&config);
+    let http = http_addr(&gateway);
+    let api = || {
+        let (code, _, body) = http_get(http, "/api/v1/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Json>(&body).expect("JSON from /api/v1/status")
+    };
+
+    // The refused range: counted by exception code; the good reads have answer times.
+    let status = wait_for(
+        "an exception and answers on the shared link",
+        api,
+        exceptions_and_answers_shown,
+    );
+    let a = diagnostics(&status, "meter-a");
+    assert_eq!(count(&a["timeouts"]), 0, "{a:#}");
+    assert_eq!(count(&a["crc_errors"]), 0, "{a:#}");
+    assert!(
+        count(&a["requests_failed"]) >= count(&a["exceptions"]["2"]),
+        "{a:#}"
+    );
+    assert_eq!(a["backoff"], Json::Null, "an exception is an answer: {a:#}");
+    assert_eq!(a["consecutive_failures"], 0, "{a:#}");
+    let latency = &a["latency"];
+    let ms = |key: &str| latency[key].as_f64().unwrap_or(-1.0);
+    assert!(count(&latency["samples"]) >= 1, "{a:#}");
+    assert!(
+        0.0 < ms("min_ms") && ms("min_ms") <= ms("p50_ms") && ms("p50_ms") <= ms("max_ms"),
+        "{latency}"
+    );
+    assert!(
+        ms("max_ms") < 200.0,
+        "an answer slower than the timeout: {latency}"
+    );
+    assert!(
+        ms("min_ms") <= ms("mean_ms") && ms("mean_ms") <= ms("max_ms"),
+        "{latency}"
+    );
+    // Every device here is Modbus: each has its own diagnostics.
+    assert_eq!(
+        diagnostics(&status, "meter-b")["exceptions"],
+        serde_json::json!({}),
+        "{status:#}"
+    );
+
+    // One link for both unit ids, busy some of the time.
+    let buses = status["buses"].as_array().expect("buses");
+    assert_eq!(buses.len(), 1, "{status:#}");
+    let bus = &buses[0];
+    assert_eq!(bus["name"], background.addr.to_string());
+    assert_eq!(bus["transport"], "tcp");
+    assert_eq!(
+        bus["devices"],
+        serde_json::json!([{ "name": "meter-a", "unit": 1 }, { "name": "meter-b", "unit": 2 }])
+    );
+    let utilisation = bus["utilisation"].as_f64().expect("utilisation");
+    assert!(0.0 < utilisation && utilisation < 1.0, "{bus}");
+    assert_eq!(bus["utilisation_window_s"], 60);
+    let answered =
+        count(&a["requests_ok"]) + count(&diagnostics(&status, "meter-b")["requests_ok"]);
+    assert!(count(&bus["requests"]) >= answered, "{status:#}");
+    assert!(count(&bus["errors"]) >= 1, "the exception answers: {bus}");
+
+    // The device goes mute: timeouts, then three in a row back each unit off.
+    meter.set(|r| r.mute = true);
+    let status = wait_for("timeouts and the backoff", api, |s| {
+        let a = diagnostics(s, "meter-a");
+        count(&a["timeouts"]) >= 3
+            && count(&a["consecutive_failures"]) >= 3
+            && a["backoff"]["remaining_s"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+    });
+    let a = diagnostics(&status, "meter-a");
+    let backoff = &a["backoff"];
+    assert!(
+        backoff["remaining_s"].as_f64().is_some_and(|r| r <= 5.0),
+        "backoff_max is 4 s (plus a quarter of jitter): {backoff}"
+    );
+    assert!(
+        backoff["until"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{backoff}"
+    );
+    assert!(
+        count(&a["requests_failed"]) >= count(&a["timeouts"]),
+        "{a:#}"
+    );
+    assert_eq!(
+        device(&status, "meter-a").expect("meter-a")["state"],
+        "offline"
+    );
+
+    // `fieldmq status` shows the same for a person.
+    let (code, text, stderr) = run_within(
+        &["status".as_ref(), "-c".as_ref(), config.as_os_str()],
+        &[],
+        Duration::from_secs(15),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let requests_row: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("meter-a "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no requests row for meter-a:\n{text}"))
+        .split_whitespace()
+        .collect();
+    // DEVICE OK FAILED TIMEOUTS CRC EXCEPTIONS ...: the timeouts and the exception code.
+    assert!(
+        requests_row[3].parse::<u64>().is_ok_and(|t| t >= 3),
+        "{text}"
+    );
+    assert_eq!(requests_row[4], "0", "{text}");
+    assert!(requests_row[5].starts_with("2:"), "{text}");
+    assert!(text.contains("in a row, backed off"), "{text}");
+    let link_row = text
+        .lines()
+        .find(|l| l.starts_with(&background.addr.to_string()))
+        .unwrap_or_else(|| panic!("no row for the link:\n{text}"));
+    assert!(link_row.ends_with("meter-a@1 meter-b@2"), "{text}");
+
+    // It answers again: the backoff ends, the failures in a row are 0 again.
+    let before = count(&a["requests_ok"]);
+    meter.set(|r| r.mute = false);
+    wait_for("both units' recovery", api, |s| {
+        let a = diagnostics(s, "meter-a");
+        let b = diagnostics(s, "meter-b");
+        a["backoff"].is_null()
+            && a["consecutive_failures"] == 0
+            && count(&a["requests_ok"]) > before
+            && b["backoff"].is_null()
+            && b["consecutive_failures"] == 0
+            && device(s, "meter-b").is_some_and(|d| d["state"] == "online")
+    });
+}
+
+#[test]
+fn the_status_page_in_chromium_shows_the_modbus_diagnostics_and_the_link() {
+    let test = "the_status_page_in_chromium_shows_the_modbus_diagnostics_and_the_link";
+    let Some(chromium) = chromium(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meter = RegisterDevice::with(&[(0, 7)]);
+    meter.set(|r| r.refuse_from = Some(100));
+    let (background, config) = start_modbus_gateway(dir.path(), &meter);
+    let gateway = GatewayProcess::start(&config);
+    let http = http_addr(&gateway);
+    let status = wait_for(
+        "an exception and answers on the shared link",
+        || {
+            let (_, _, body) = http_get(http, "/api/v1/status");
+            serde_json::from_str(&body).unwrap_or(Json::Null)
+        },
+        exceptions_and_answers_shown,
+    );
+    assert!(status["buses"][0]["utilisation"].as_f64().is_some());
+
+    let dom = dump_dom(&chromium, &format!("http://{http}/"));
+    let page = Html::parse_document(&dom);
+    let meter = page
+        .select(&selector("#devices article.device[data-device=meter-a]"))
+        .next()
+        .unwrap_or_else(|| panic!("no device meter-a on the page:\n{dom}"));
+    let ok: u64 = text_of(meter, ".diag-ok")
+        .parse()
+        .expect("a count of answers");
+    assert!(ok >= 1, "{}", meter.html());
+    let exceptions = text_of(meter, ".diag-exceptions");
+    assert!(exceptions.starts_with("2: "), "{exceptions}");
+    assert_eq!(text_of(meter, ".diag-timeouts"), "0");
+    assert_eq!(text_of(meter, ".diag-crc"), "0");
+    let latency = text_of(meter, ".diag-latency");
+    assert!(
+        latency.starts_with("last ")
+            && latency.contains(" ms, median ")
+            && latency.ends_with(" answers)"),
+        "{latency}"
+    );
+
+    let link = page
+        .select(&selector("#buses tr.bus"))
+        .next()
+        .unwrap_or_else(|| panic!("no Modbus link on the page:\n{dom}"));
+    assert_eq!(link.value().attr("data-transport"), Some("tcp"));
+    assert_eq!(text_of(link, ".bus-name"), background.addr.to_string());
+    assert_eq!(
+        text_of(link, ".bus-devices"),
+        "meter-a (unit 1), meter-b (unit 2)"
+    );
+    let busy = text_of(link, ".bus-utilisation");
+    let percent: f64 = busy
+        .strip_suffix(" %")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("utilisation {busy:?}"));
+    assert!((0.0..=100.0).contains(&percent), "{busy}");
+    let requests: u64 = text_of(link, ".bus-requests").parse().expect("requests");
+    assert!(requests >= ok, "{}", link.html());
 }

@@ -384,6 +384,7 @@ async fn probe_sunspec_lists_the_models_and_their_scaled_points() {
         table: "holding".into(),
         address: None,
         count: 4,
+        repeat: 1,
         timeout: Duration::from_secs(1),
         sunspec: true,
     };
@@ -412,6 +413,12 @@ async fn probe_sunspec_lists_the_models_and_their_scaled_points() {
     );
     assert!(line("meter_TotWhImp").ends_with("1234.567 Wh"), "{out}");
     assert!(line("der_ac_MnAlrmInfo").ends_with("GRID FAULT"), "{out}");
+    let summary = out.lines().last().unwrap_or_default();
+    assert!(
+        summary.starts_with("requests ")
+            && summary.contains(", failed 0 (timeouts 0, CRC errors 0, exceptions none)"),
+        "{out}"
+    );
 }
 
 #[test]

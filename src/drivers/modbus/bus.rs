@@ -801,13 +801,11 @@ impl Bus {
             Err(Failure::Garbled { .. }) => metrics.request_failed(ErrorKind::Frame),
             Err(Failure::Unexpected(_)) => metrics.request_failed(ErrorKind::Decode),
         }
-        if !tcp {
-            // The line is busy from the request until the answer (or the timeout).
-            device
-                .context
-                .rtu_bus_metrics()
-                .request(finished - started, result.is_err());
-        }
+        // The link is busy from the request until the answer (or the timeout).
+        device
+            .context
+            .bus_metrics()
+            .request(finished - started, result.is_err());
         match &result {
             // A late answer would be taken for the next one's: start a fresh connection.
             Err(Failure::Timeout(_)) if tcp => self.connection = None,
@@ -1022,6 +1020,10 @@ impl Bus {
             return true;
         };
         device.failures = device.failures.max(1);
+        device
+            .context
+            .metrics()
+            .consecutive_failures(device.failures);
         device.last_failure = Some(format!("{}: {error}", device.context.device));
         let timestamp = SystemTime::now();
         for index in 0..device.config.points.len() {
@@ -1313,6 +1315,7 @@ impl Device {
         }
         self.failures = 0;
         self.last_failure = None;
+        self.context.metrics().consecutive_failures(0);
         if self.retry_at.take().is_some() {
             self.context.metrics().backoff(Duration::ZERO);
         }
@@ -1323,6 +1326,7 @@ impl Device {
     async fn failed(&mut self, reason: &str, now: Instant) -> bool {
         self.failures += 1;
         self.last_failure = Some(format!("{}: {reason}", self.context.device));
+        self.context.metrics().consecutive_failures(self.failures);
         if self.failures >= FAILURES_BEFORE_BACKOFF {
             let wait = self.backoff.next_delay();
             tracing::warn!(device = %self.context.device, failures = self.failures, retry_in = ?wait, "device backed off");

@@ -2,8 +2,11 @@
 //! prints the raw words in hex and every interpretation (u16/i16/u32/i32/f32/u64/i64/f64 in
 //! all four byte/word orders), so the right `type = "f32:CDAB"` can be picked by eye.
 //! With `--sunspec` it finds the device's SunSpec models instead and prints each with its
-//! points, decoded and scaled as `profile = "sunspec"` publishes them.
+//! points, decoded and scaled as `profile = "sunspec"` publishes them. `--repeat N` reads
+//! the range N times, to see how a device and its link behave. Every report ends with a
+//! summary of the requests it took: failures by kind and the answer times.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -46,6 +49,10 @@ pub struct ProbeArgs {
     /// Registers (or bits) to read, at most 125 (2000).
     #[arg(long, default_value_t = 4)]
     pub count: u16,
+    /// Read the range this many times, one request after another; the report shows the
+    /// last answer and counts every failure.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000), conflicts_with = "sunspec")]
+    pub repeat: u32,
     /// Response timeout, e.g. "1s".
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -65,6 +72,68 @@ pub enum ProbeError {
     Exception { exception: String },
     #[error("no response within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
+    /// `--repeat`: no request was answered.
+    #[error("{last}\n{summary}")]
+    NoAnswer { last: String, summary: String },
+}
+
+/// What the requests of one probe came to, for the summary line.
+#[derive(Debug, Default)]
+struct Tally {
+    requests: u32,
+    failed: u32,
+    timeouts: u32,
+    crc_errors: u32,
+    exceptions: BTreeMap<u8, u32>,
+    /// Of the answered requests.
+    latencies: Vec<Duration>,
+}
+
+impl Tally {
+    fn count<T>(&mut self, result: &Result<T, Failure>, took: Duration) {
+        self.requests += 1;
+        match result {
+            Ok(_) => self.latencies.push(took),
+            Err(failure) => {
+                self.failed += 1;
+                match failure {
+                    Failure::Timeout(_) => self.timeouts += 1,
+                    Failure::Garbled { .. } => self.crc_errors += 1,
+                    Failure::Exception(code) => {
+                        *self.exceptions.entry(u8::from(*code)).or_default() += 1
+                    }
+                    Failure::Link(_) | Failure::Unexpected(_) => {}
+                }
+            }
+        }
+    }
+
+    /// `requests 5, failed 2 (timeouts 1, CRC errors 0, exceptions 2:1), answer time
+    /// min/avg/max 1.0/1.5/2.0 ms`
+    fn summary(&self) -> String {
+        let exceptions = if self.exceptions.is_empty() {
+            "none".to_owned()
+        } else {
+            self.exceptions
+                .iter()
+                .map(|(code, count)| format!("{code}:{count}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let times = match (self.latencies.iter().min(), self.latencies.iter().max()) {
+            (Some(min), Some(max)) => {
+                let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+                let total: Duration = self.latencies.iter().sum();
+                let avg = ms(&total) / self.latencies.len() as f64;
+                format!("{:.1}/{avg:.1}/{:.1} ms", ms(min), ms(max))
+            }
+            _ => "- (no answer)".to_owned(),
+        };
+        format!(
+            "requests {}, failed {} (timeouts {}, CRC errors {}, exceptions {exceptions}), answer time min/avg/max {times}",
+            self.requests, self.failed, self.timeouts, self.crc_errors
+        )
+    }
 }
 
 /// Reads the range (or, with `--sunspec`, the SunSpec models) and returns the report to
@@ -111,14 +180,45 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
         start,
         count,
     };
-    let asked = std::time::Instant::now();
-    let result = call(&mut connection, args.unit, &read, args.timeout).await;
-    let took = asked.elapsed();
-    let data = match result {
-        Ok(Reply::Bits(bits)) => Data::Bits(bits),
-        Ok(Reply::Words(words)) => Data::Words(words),
-        Ok(Reply::Done) => Data::Words(Vec::new()),
-        Err(failure) => return Err(probe_error(failure)),
+    let mut tally = Tally::default();
+    let mut answer = None;
+    let mut last_failure = None;
+    for _ in 0..args.repeat {
+        let asked = std::time::Instant::now();
+        let result = call(&mut connection, args.unit, &read, args.timeout).await;
+        let took = asked.elapsed();
+        tally.count(&result, took);
+        match result {
+            Ok(reply) => answer = Some((reply, took)),
+            Err(failure) => {
+                // A late answer or leftover bytes would be taken for the next answer.
+                let reopen = matches!(
+                    failure,
+                    Failure::Timeout(_) | Failure::Garbled { .. } | Failure::Link(_)
+                );
+                last_failure = Some(failure);
+                if reopen && tally.requests < args.repeat {
+                    connection = connect(&link, args.timeout.max(Duration::from_secs(3)))
+                        .await
+                        .map_err(ProbeError::Link)?;
+                }
+            }
+        }
+    }
+    let Some((reply, took)) = answer else {
+        let failure = last_failure.unwrap_or(Failure::Link("no request made".into()));
+        if args.repeat == 1 {
+            return Err(probe_error(failure));
+        }
+        return Err(ProbeError::NoAnswer {
+            last: probe_error(failure).to_string(),
+            summary: tally.summary(),
+        });
+    };
+    let data = match reply {
+        Reply::Bits(bits) => Data::Bits(bits),
+        Reply::Words(words) => Data::Words(words),
+        Reply::Done => Data::Words(Vec::new()),
     };
     let mut out = format!(
         "{table} {start}..={} of unit {} at {source} (0-based protocol addresses), answered in {:.1} ms\n\n",
@@ -139,6 +239,7 @@ pub async fn probe(args: &ProbeArgs) -> Result<String, ProbeError> {
             }
         }
     }
+    let _ = writeln!(out, "\n{}", tally.summary());
     Ok(out)
 }
 
@@ -199,6 +300,7 @@ struct ProbeRegisters {
     connection: super::bus::Connection,
     unit: u8,
     timeout: Duration,
+    tally: Tally,
 }
 
 impl sunspec::Registers for ProbeRegisters {
@@ -208,7 +310,10 @@ impl sunspec::Registers for ProbeRegisters {
             start,
             count,
         };
-        match call(&mut self.connection, self.unit, &op, self.timeout).await? {
+        let asked = std::time::Instant::now();
+        let result = call(&mut self.connection, self.unit, &op, self.timeout).await;
+        self.tally.count(&result, asked.elapsed());
+        match result? {
             Reply::Words(words) => Ok(words),
             Reply::Bits(_) | Reply::Done => Err(Failure::Unexpected(
                 "an answer of another kind to a register read".into(),
@@ -232,6 +337,7 @@ async fn probe_sunspec(
         connection,
         unit,
         timeout,
+        tally: Tally::default(),
     };
     let (base, found) = match sunspec::discover(&mut registers).await {
         Ok(chain) => chain,
@@ -291,6 +397,7 @@ async fn probe_sunspec(
         u32::from(f.data_start()) + u32::from(f.length)
     });
     let _ = writeln!(out, "end marker at {end}");
+    let _ = writeln!(out, "\n{}", registers.tally.summary());
     Ok(out)
 }
 
@@ -399,6 +506,7 @@ fn show_float(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_modbus::ExceptionCode;
 
     #[test]
     fn every_order_of_a_float_is_shown() {
@@ -410,5 +518,37 @@ mod tests {
         );
         assert!(out.contains("     10  ABCD   0x000041C8"), "{out}");
         assert!(out.contains("     11  0x41C8   16840   16840"), "{out}");
+    }
+
+    #[test]
+    fn the_summary_counts_failures_by_kind_and_the_answer_times() {
+        let mut tally = Tally::default();
+        assert_eq!(
+            tally.summary(),
+            "requests 0, failed 0 (timeouts 0, CRC errors 0, exceptions none), answer time min/avg/max - (no answer)"
+        );
+        let ms = Duration::from_millis;
+        tally.count(&Ok::<(), Failure>(()), ms(1));
+        tally.count(&Ok::<(), Failure>(()), ms(4));
+        tally.count(&Err::<(), _>(Failure::Timeout(ms(500))), ms(500));
+        let garbled = Failure::Garbled {
+            bytes: 3,
+            after: ms(500),
+        };
+        tally.count(&Err::<(), _>(garbled), ms(500));
+        for code in [
+            ExceptionCode::IllegalDataAddress,
+            ExceptionCode::IllegalDataAddress,
+        ] {
+            tally.count(&Err::<(), _>(Failure::Exception(code)), ms(2));
+        }
+        tally.count(
+            &Err::<(), _>(Failure::Exception(ExceptionCode::ServerDeviceBusy)),
+            ms(2),
+        );
+        assert_eq!(
+            tally.summary(),
+            "requests 7, failed 5 (timeouts 1, CRC errors 1, exceptions 2:2 6:1), answer time min/avg/max 1.0/2.5/4.0 ms"
+        );
     }
 }

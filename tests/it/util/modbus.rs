@@ -40,3 +40,77 @@ where
     });
     (addr, task)
 }
+
+/// A device of holding registers for any unit id, with two switches: reads that reach
+/// `refuse_from` answer "illegal data address", and a `mute` device answers nothing (the
+/// client times out).
+#[derive(Debug, Default)]
+pub(crate) struct Registers {
+    pub(crate) holding: std::collections::HashMap<u16, u16>,
+    pub(crate) refuse_from: Option<u16>,
+    pub(crate) mute: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RegisterDevice(pub(crate) std::sync::Arc<std::sync::Mutex<Registers>>);
+
+impl RegisterDevice {
+    pub(crate) fn with(registers: &[(u16, u16)]) -> RegisterDevice {
+        let device = RegisterDevice::default();
+        device.set(|r| r.holding.extend(registers.iter().copied()));
+        device
+    }
+
+    pub(crate) fn set(&self, change: impl FnOnce(&mut Registers)) {
+        change(&mut self.0.lock().expect("device state"));
+    }
+}
+
+impl tokio_modbus::server::Service for RegisterDevice {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn call(&self, request: Self::Request) -> Self::Future {
+        let registers = self.0.lock().expect("device state");
+        let answer = match request.request {
+            _ if registers.mute => Ok(None),
+            tokio_modbus::Request::ReadHoldingRegisters(start, count) => {
+                let end = u32::from(start) + u32::from(count);
+                match registers.refuse_from {
+                    Some(from) if end > u32::from(from) => Err(ExceptionCode::IllegalDataAddress),
+                    _ => Ok(Some(Response::ReadHoldingRegisters(
+                        (start..start + count)
+                            .map(|a| registers.holding.get(&a).copied().unwrap_or(0))
+                            .collect(),
+                    ))),
+                }
+            }
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+/// A test device served on 127.0.0.1 by a runtime of its own, for tests that run the
+/// gateway as a child process; it stops when dropped.
+pub(crate) struct BackgroundDevice {
+    pub(crate) addr: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl BackgroundDevice {
+    pub(crate) fn start(device: RegisterDevice) -> BackgroundDevice {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the test device");
+        let (addr, _task) = runtime.block_on(serve_tcp(device, ([127, 0, 0, 1], 0).into()));
+        BackgroundDevice {
+            addr,
+            _runtime: runtime,
+        }
+    }
+}
