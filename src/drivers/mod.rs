@@ -57,6 +57,9 @@ pub struct DeviceContext {
     plain: Arc<MessageProperties>,
     /// Whether a failing payload template has been logged at warn.
     template_warned: Arc<std::sync::atomic::AtomicBool>,
+    /// `<device topic>/set`, for a driver that writes several points in one command
+    /// ([`DeviceConfig::device_write_topic`]).
+    device_write_topic: Option<Arc<str>>,
 }
 
 /// What a text payload a driver built itself is, for its MQTT 5 content type.
@@ -163,6 +166,7 @@ impl DeviceContext {
                 ..MessageProperties::default()
             }),
             template_warned: Arc::default(),
+            device_write_topic: device.device_write_topic(gateway).map(Arc::from),
         }
     }
 
@@ -384,41 +388,18 @@ impl DeviceContext {
     }
 
     /// Like [`DeviceContext::subscribe_writes`], and also `<device topic>/set` (see
-    /// [`DeviceContext::device_write_topic`]) for drivers that write several points in one
-    /// command. The device topic is left out when a point's own topic is the same (a point
-    /// named `set`): the device's readings would come back as commands.
+    /// [`DeviceConfig::device_write_topic`]) when the device has one.
     pub async fn subscribe_writes_and_device_writes(
         &self,
         points: &[&str],
     ) -> Result<InternalSubscription, BusError> {
         let mut filters = self.write_filters(points);
-        match self.device_write_topic() {
-            Some(topic) if points.iter().any(|p| self.point_topic(p) == topic) => {
-                tracing::warn!(device = %self.device, %topic, "a point's topic is the device-level write topic: device-level writes are off for this device");
-            }
-            Some(topic) => filters.push((topic, QoS::AtLeastOnce)),
-            None => {}
+        if let Some(topic) = &self.device_write_topic {
+            filters.push((topic.to_string(), QoS::AtLeastOnce));
         }
         self.broker
             .subscribe(&self.origin, filters, InternalSubscribeOptions::default())
             .await
-    }
-
-    /// `<device topic>/set`, where one JSON object writes several points: the topic template
-    /// up to the level that holds `{point}` (`gw/plc/set` for `{gateway}/{device}/{point}`).
-    /// `None` when that prefix does not name the device (no `{device}` in it).
-    pub fn device_write_topic(&self) -> Option<String> {
-        let levels: Vec<&str> = self.topic_template.split('/').collect();
-        let at = levels.iter().position(|l| l.contains("{point}"))?;
-        let prefix = levels.get(..at)?.join("/");
-        prefix.contains("{device}").then(|| {
-            format!(
-                "{}/set",
-                prefix
-                    .replace("{gateway}", &self.gateway)
-                    .replace("{device}", &self.device)
-            )
-        })
     }
 
     /// Sorts a message on `<device topic>/set`: `None` for any other topic, else the points
@@ -427,7 +408,7 @@ impl DeviceContext {
         &self,
         message: &Message,
     ) -> Option<Result<PointsWriteRequest, RefusedPointsWrite>> {
-        if Some(&*message.topic) != self.device_write_topic().as_deref() {
+        if Some(&*message.topic) != self.device_write_topic.as_deref() {
             return None;
         }
         let properties = message.properties.as_deref();
@@ -470,7 +451,7 @@ impl DeviceContext {
         request: &PointsWriteRequest,
         outcome: &PointsWriteOutcome,
     ) -> Result<(), BusError> {
-        let Some(topic) = self.device_write_topic() else {
+        let Some(topic) = &self.device_write_topic else {
             return Ok(());
         };
         let payload = serde_json::to_string(outcome)

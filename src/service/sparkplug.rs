@@ -85,6 +85,7 @@ fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
         status_topic: device.status_topic(&gateway.status_topic),
         json: device.payload == PayloadFormat::Json,
         points_filter,
+        write_topic: device.device_write_topic(&gateway.id),
         points,
     }
 }
