@@ -4,7 +4,8 @@
 //! A driver turns raw registers or frames into [`Reading`]s;
 //! [`DeviceContext::publish_reading`](crate::drivers::DeviceContext::publish_reading) turns
 //! a reading into a [`Message`] on the broker. A write arrives as a [`Message`] on
-//! `<point topic>/set` and is parsed into a [`WriteRequest`].
+//! `<point topic>/set` and is parsed into a [`WriteRequest`]; several points of one device
+//! in one command, on `<device topic>/set`, into a [`PointsWriteRequest`].
 
 use std::fmt;
 use std::sync::Arc;

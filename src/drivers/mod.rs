@@ -2,7 +2,9 @@
 //! device; what it reads becomes a [`Reading`] (or, for a serial frame, a set of fields),
 //! and [`DeviceContext::publish_sample`] turns it into an MQTT message on the embedded
 //! broker, in the device's [`payload`] format. Writes arrive as messages on
-//! `<point topic>/set` and are answered on `<point topic>/set/result`.
+//! `<point topic>/set` and are answered on `<point topic>/set/result`; a Modbus device also
+//! takes several points in one JSON object on `<device topic>/set`, answered on
+//! `<device topic>/set/result`.
 
 pub mod config;
 pub mod modbus;

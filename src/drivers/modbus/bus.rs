@@ -4,7 +4,8 @@
 //! Invariants:
 //! - Only this task touches the connection; writes arrive through a bounded channel (the
 //!   per-device write forwarders wait when it is full: a command is never dropped) and go
-//!   before any poll that is due.
+//!   before any poll that is due. A command that writes several points runs all of its
+//!   requests before anything else uses the bus.
 //! - Every request has a timeout (tokio-modbus has none).
 //! - RTU: between two frames the line stays silent for 3.5 character times plus the
 //!   turnaround of the device last addressed.
