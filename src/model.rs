@@ -4,7 +4,8 @@
 //! A driver turns raw registers or frames into [`Reading`]s;
 //! [`DeviceContext::publish_reading`](crate::drivers::DeviceContext::publish_reading) turns
 //! a reading into a [`Message`] on the broker. A write arrives as a [`Message`] on
-//! `<point topic>/set` and is parsed into a [`WriteRequest`].
+//! `<point topic>/set` and is parsed into a [`WriteRequest`]; several points of one device
+//! in one command, on `<device topic>/set`, into a [`PointsWriteRequest`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -189,6 +190,105 @@ pub struct WriteRequest {
     /// MQTT 5 request/response: where to send the result, and the data to echo.
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
+}
+
+/// A write to several points of one device in one command, parsed from a JSON object on
+/// `<device topic>/set`: the points in the order the object names them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointsWriteRequest {
+    pub device: String,
+    pub values: Vec<(String, Value)>,
+    /// MQTT 5 request/response, as for [`WriteRequest`].
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+/// The outcome of a [`PointsWriteRequest`], published to `<device topic>/set/result`:
+/// `ok` only when every point was written and read back; each point says what happened to
+/// it, so a command that fails part-way names what was written and what was not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PointsWriteOutcome {
+    pub status: OutcomeStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Per point, in the order of the command.
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "as_map")]
+    pub points: Vec<(String, PointOutcome)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeStatus {
+    Ok,
+    Error,
+}
+
+/// What happened to one point of a [`PointsWriteRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum PointOutcome {
+    /// Written, and read back with this value.
+    Ok { value: Value },
+    /// Refused or failed; `written` says whether the device took the value (a read-back
+    /// that failed after a good write).
+    Error { reason: String, written: bool },
+}
+
+fn as_map<S: serde::Serializer>(
+    points: &[(String, PointOutcome)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(points.iter().map(|(name, outcome)| (name, outcome)))
+}
+
+impl PointsWriteOutcome {
+    /// A command refused as a whole before any point was looked at.
+    pub fn refused(reason: String) -> PointsWriteOutcome {
+        PointsWriteOutcome {
+            status: OutcomeStatus::Error,
+            reason: Some(reason),
+            points: Vec::new(),
+        }
+    }
+
+    /// The outcome of the points: `ok` when every one is, else an error that counts them.
+    pub fn of(points: Vec<(String, PointOutcome)>) -> PointsWriteOutcome {
+        let failed = points
+            .iter()
+            .filter(|(_, o)| matches!(o, PointOutcome::Error { .. }))
+            .count();
+        let written = points
+            .iter()
+            .filter(|(_, o)| {
+                matches!(
+                    o,
+                    PointOutcome::Ok { .. } | PointOutcome::Error { written: true, .. }
+                )
+            })
+            .count();
+        if failed == 0 {
+            return PointsWriteOutcome {
+                status: OutcomeStatus::Ok,
+                reason: None,
+                points,
+            };
+        }
+        let reason = match written {
+            0 => format!(
+                "{failed} of {} point(s) failed; nothing written",
+                points.len()
+            ),
+            _ => format!(
+                "{failed} of {} point(s) failed; {written} written",
+                points.len()
+            ),
+        };
+        PointsWriteOutcome {
+            status: OutcomeStatus::Error,
+            reason: Some(reason),
+            points,
+        }
+    }
 }
 
 /// The outcome of a write, published to `<point topic>/set/result`.

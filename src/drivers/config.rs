@@ -168,6 +168,34 @@ impl DeviceConfig {
     pub fn point_infos(&self) -> Vec<PointInfo> {
         self.driver.point_infos()
     }
+
+    /// `<device topic>/set`, where one JSON object writes several points of a Modbus
+    /// device: the topic template up to the level that holds `{point}` (`gw/plc/set` for
+    /// `{gateway}/{device}/{point}`). `None` for other drivers, when that prefix does not
+    /// name the device (no `{device}` in it), or when a point's own topic is the same (a
+    /// point named `set`: the device's readings would come back as commands).
+    pub fn device_write_topic(&self, gateway: &str) -> Option<String> {
+        if !matches!(self.driver, DriverConfig::Modbus(_)) {
+            return None;
+        }
+        let levels: Vec<&str> = self.topic.split('/').collect();
+        let at = levels.iter().position(|l| l.contains("{point}"))?;
+        let prefix = levels.get(..at)?.join("/");
+        if !prefix.contains("{device}") {
+            return None;
+        }
+        let topic = format!(
+            "{}/set",
+            prefix
+                .replace("{gateway}", gateway)
+                .replace("{device}", &self.name)
+        );
+        let points = self.point_infos();
+        (!points
+            .iter()
+            .any(|p| self.point_topic(gateway, &p.name) == topic))
+        .then_some(topic)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

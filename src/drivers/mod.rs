@@ -2,7 +2,9 @@
 //! device; what it reads becomes a [`Reading`] (or, for a serial frame, a set of fields),
 //! and [`DeviceContext::publish_sample`] turns it into an MQTT message on the embedded
 //! broker, in the device's [`payload`] format. Writes arrive as messages on
-//! `<point topic>/set` and are answered on `<point topic>/set/result`.
+//! `<point topic>/set` and are answered on `<point topic>/set/result`; a Modbus device also
+//! takes several points in one JSON object on `<device topic>/set`, answered on
+//! `<device topic>/set/result`.
 
 pub mod config;
 pub mod modbus;
@@ -20,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions, InternalSubscription};
 use crate::metrics::{BusMetrics, DeviceMetrics};
-use crate::model::{Message, MessageProperties, QoS, Reading, Value, WriteOutcome, WriteRequest};
+use crate::model::{
+    Message, MessageProperties, PointsWriteOutcome, PointsWriteRequest, QoS, Reading, Value,
+    WriteOutcome, WriteRequest,
+};
 use crate::status::{DeviceBoard, DeviceState};
 use config::{DeviceConfig, DriverConfig, PayloadFormat};
 use payload::{Labels, Sample, TEXT_PLAIN};
@@ -54,6 +59,9 @@ pub struct DeviceContext {
     plain: Arc<MessageProperties>,
     /// Whether a failing payload template has been logged at warn.
     template_warned: Arc<std::sync::atomic::AtomicBool>,
+    /// `<device topic>/set`, for a driver that writes several points in one command
+    /// ([`DeviceConfig::device_write_topic`]).
+    device_write_topic: Option<Arc<str>>,
 }
 
 /// What a text payload a driver built itself is, for its MQTT 5 content type.
@@ -89,6 +97,18 @@ pub struct RefusedWrite {
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
 }
+
+/// A `<device topic>/set` refused as a whole (not an object, a duplicate point, too large),
+/// before any point is looked at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedPointsWrite {
+    pub reason: String,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+}
+
+/// Largest `<device topic>/set` payload: a JSON object of several points' values.
+pub const MAX_POINTS_WRITE_PAYLOAD: usize = 16 * 1024;
 
 /// Whether a device has a point, and whether it may be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +168,7 @@ impl DeviceContext {
                 ..MessageProperties::default()
             }),
             template_warned: Arc::default(),
+            device_write_topic: device.device_write_topic(gateway).map(Arc::from),
         }
     }
 
@@ -345,21 +366,106 @@ impl DeviceContext {
         &self,
         points: &[&str],
     ) -> Result<InternalSubscription, BusError> {
+        self.broker
+            .subscribe(
+                &self.origin,
+                self.write_filters(points),
+                InternalSubscribeOptions::default(),
+            )
+            .await
+    }
+
+    fn write_filters(&self, points: &[&str]) -> Vec<(String, QoS)> {
         let wildcard = self.point_topic("+");
         let whole_level = wildcard
             .split('/')
             .all(|level| level == "+" || !level.contains('+'));
-        let filters = if whole_level {
+        if whole_level {
             vec![(format!("{wildcard}/set"), QoS::AtLeastOnce)]
         } else {
             points
                 .iter()
                 .map(|p| (format!("{}/set", self.point_topic(p)), QoS::AtLeastOnce))
                 .collect()
-        };
+        }
+    }
+
+    /// Like [`DeviceContext::subscribe_writes`], and also `<device topic>/set` (see
+    /// [`DeviceConfig::device_write_topic`]) when the device has one.
+    pub async fn subscribe_writes_and_device_writes(
+        &self,
+        points: &[&str],
+    ) -> Result<InternalSubscription, BusError> {
+        let mut filters = self.write_filters(points);
+        if let Some(topic) = &self.device_write_topic {
+            filters.push((topic.to_string(), QoS::AtLeastOnce));
+        }
         self.broker
             .subscribe(&self.origin, filters, InternalSubscribeOptions::default())
             .await
+    }
+
+    /// Sorts a message on `<device topic>/set`: `None` for any other topic, else the points
+    /// and values of its JSON object, or why the command is refused as a whole.
+    pub fn sort_points_write(
+        &self,
+        message: &Message,
+    ) -> Option<Result<PointsWriteRequest, RefusedPointsWrite>> {
+        if Some(&*message.topic) != self.device_write_topic.as_deref() {
+            return None;
+        }
+        let properties = message.properties.as_deref();
+        let response_topic = properties.and_then(|p| p.response_topic.clone());
+        let correlation_data = properties.and_then(|p| p.correlation_data.clone());
+        Some(match parse_points_write(&message.payload) {
+            Ok(values) => Ok(PointsWriteRequest {
+                device: self.device.clone(),
+                values,
+                response_topic,
+                correlation_data,
+            }),
+            Err(reason) => Err(RefusedPointsWrite {
+                reason,
+                response_topic,
+                correlation_data,
+            }),
+        })
+    }
+
+    /// Answers a device-level write refused as a whole, with a warning.
+    pub async fn refuse_points_write(&self, refused: RefusedPointsWrite) {
+        tracing::warn!(device = %self.device, reason = %refused.reason, "device-level write refused");
+        let request = PointsWriteRequest {
+            device: self.device.clone(),
+            values: Vec::new(),
+            response_topic: refused.response_topic,
+            correlation_data: refused.correlation_data,
+        };
+        let outcome = PointsWriteOutcome::refused(refused.reason);
+        if let Err(error) = self.publish_points_write_result(&request, &outcome).await {
+            tracing::warn!(device = %self.device, %error, "cannot publish write result");
+        }
+    }
+
+    /// Publish the outcome of a device-level write to `<device topic>/set/result`, and to
+    /// the MQTT 5 response topic like [`DeviceContext::publish_write_result`].
+    pub async fn publish_points_write_result(
+        &self,
+        request: &PointsWriteRequest,
+        outcome: &PointsWriteOutcome,
+    ) -> Result<(), BusError> {
+        let Some(topic) = &self.device_write_topic else {
+            return Ok(());
+        };
+        let payload = serde_json::to_string(outcome)
+            .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
+        self.publish_result(
+            format!("{topic}/result"),
+            payload,
+            request.response_topic.as_ref(),
+            request.correlation_data.as_ref(),
+        )
+        .await
     }
 
     /// The point a `/set` topic names, when the topic has this device's shape.
@@ -458,6 +564,24 @@ impl DeviceContext {
         let payload = serde_json::to_string(outcome)
             .unwrap_or_else(|e| json!({"status": "error", "reason": e.to_string()}).to_string());
         let result_topic = format!("{}/set/result", self.point_topic(&request.point));
+        self.publish_result(
+            result_topic,
+            payload,
+            request.response_topic.as_ref(),
+            request.correlation_data.as_ref(),
+        )
+        .await
+    }
+
+    /// A write result on `result_topic`, and on the MQTT 5 response topic with the
+    /// correlation data when the request gave one.
+    async fn publish_result(
+        &self,
+        result_topic: String,
+        payload: String,
+        response_topic: Option<&String>,
+        correlation_data: Option<&Bytes>,
+    ) -> Result<(), BusError> {
         let mut result = Message::internal(
             &self.origin,
             result_topic,
@@ -467,7 +591,7 @@ impl DeviceContext {
         );
         result.properties = Some(self.json.clone());
         self.broker.publish(result).await?;
-        if let Some(response_topic) = &request.response_topic {
+        if let Some(response_topic) = response_topic {
             let mut message = Message::internal(
                 &self.origin,
                 response_topic.clone(),
@@ -476,7 +600,7 @@ impl DeviceContext {
                 false,
             );
             message.properties = Some(Arc::new(MessageProperties {
-                correlation_data: request.correlation_data.clone(),
+                correlation_data: correlation_data.cloned(),
                 ..json_properties()
             }));
             self.broker.publish(message).await?;
@@ -513,6 +637,11 @@ pub fn parse_write_value(payload: &[u8]) -> Result<Value, String> {
         Ok(value) => value,
         Err(_) => return Ok(Value::Text(text.to_owned())),
     };
+    value_of_json(json)
+}
+
+/// A write value given as JSON: a scalar, or `{"value": scalar}`.
+fn value_of_json(json: serde_json::Value) -> Result<Value, String> {
     let json = match json {
         serde_json::Value::Object(mut map) => map
             .remove("value")
@@ -530,6 +659,67 @@ pub fn parse_write_value(payload: &[u8]) -> Result<Value, String> {
         },
         serde_json::Value::String(s) => Ok(Value::Text(s)),
         other => Err(format!("unsupported write value {other}")),
+    }
+}
+
+/// A device-level write payload: a JSON object of point names and values (each as a point's
+/// `/set` takes it in JSON), at most [`MAX_POINTS_WRITE_PAYLOAD`] bytes, no point twice.
+pub fn parse_points_write(payload: &[u8]) -> Result<Vec<(String, Value)>, String> {
+    if payload.len() > MAX_POINTS_WRITE_PAYLOAD {
+        return Err(format!(
+            "write payload of {} bytes is larger than the limit of {MAX_POINTS_WRITE_PAYLOAD} bytes",
+            payload.len()
+        ));
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| "write payload is not UTF-8".to_owned())?;
+    let members = match serde_json::from_str::<Members>(text) {
+        Ok(Members(members)) => members,
+        Err(error) => {
+            return Err(match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(_) => "a device-level write takes a JSON object of point names and values, like {\"setpoint\": 21.5, \"pump\": true}".to_owned(),
+                Err(_) => format!("write payload is not JSON: {error}"),
+            })
+        }
+    };
+    if members.is_empty() {
+        return Err("empty write: the JSON object names no point".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut values = Vec::with_capacity(members.len());
+    for (name, json) in members {
+        if !seen.insert(name.clone()) {
+            return Err(format!("point {name:?} is named twice"));
+        }
+        let value = value_of_json(json).map_err(|reason| format!("point {name:?}: {reason}"))?;
+        values.push((name, value));
+    }
+    Ok(values)
+}
+
+/// The members of a JSON object in order, duplicates kept (a `serde_json` map keeps only the
+/// last of them, and a repeated point must be refused, not silently take one value).
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -581,5 +771,77 @@ mod tests {
         assert!(parse_write_value(b"").is_err());
         assert!(parse_write_value(br#"{"v": 3}"#).is_err());
         assert!(parse_write_value(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn a_device_write_is_an_object_of_distinct_points_and_anything_else_is_named() {
+        assert_eq!(
+            parse_points_write(br#"{"b": 21.5, "a": {"value": true}, "c": "on"}"#),
+            Ok(vec![
+                ("b".into(), Value::Float(21.5)),
+                ("a".into(), Value::Bool(true)),
+                ("c".into(), Value::Text("on".into())),
+            ])
+        );
+        let refused = |payload: &[u8]| parse_points_write(payload).unwrap_err();
+        assert_eq!(
+            refused(br#"{"a": 1, "a": 2}"#),
+            "point \"a\" is named twice"
+        );
+        assert_eq!(
+            refused(b"{}"),
+            "empty write: the JSON object names no point"
+        );
+        assert!(refused(b"[1, 2]").starts_with("a device-level write takes a JSON object"));
+        assert!(refused(b"21.5").starts_with("a device-level write takes a JSON object"));
+        assert!(refused(b"{\"a\": ").starts_with("write payload is not JSON"));
+        assert_eq!(refused(&[b'{', 0xff, b'}']), "write payload is not UTF-8");
+        assert_eq!(
+            refused(br#"{"a": [1]}"#),
+            "point \"a\": unsupported write value [1]"
+        );
+        let large = format!("{{\"a\": \"{}\"}}", "x".repeat(MAX_POINTS_WRITE_PAYLOAD));
+        assert!(refused(large.as_bytes()).contains("larger than the limit"));
+    }
+
+    #[test]
+    fn a_device_write_outcome_names_every_point_and_what_was_written() {
+        use crate::model::{PointOutcome, PointsWriteOutcome};
+        let outcome = PointsWriteOutcome::of(vec![
+            (
+                "a".into(),
+                PointOutcome::Ok {
+                    value: Value::Int(1),
+                },
+            ),
+            (
+                "b".into(),
+                PointOutcome::Error {
+                    reason: "device exception: illegal data value (exception 3)".into(),
+                    written: false,
+                },
+            ),
+        ]);
+        assert_eq!(
+            serde_json::to_value(&outcome).unwrap(),
+            json!({
+                "status": "error",
+                "reason": "1 of 2 point(s) failed; 1 written",
+                "points": {
+                    "a": {"status": "ok", "value": 1},
+                    "b": {"status": "error", "reason": "device exception: illegal data value (exception 3)", "written": false},
+                },
+            })
+        );
+        let ok = PointsWriteOutcome::of(vec![(
+            "a".into(),
+            PointOutcome::Ok {
+                value: Value::Bool(true),
+            },
+        )]);
+        assert_eq!(
+            serde_json::to_value(&ok).unwrap(),
+            json!({"status": "ok", "points": {"a": {"status": "ok", "value": true}}})
+        );
     }
 }

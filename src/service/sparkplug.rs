@@ -85,6 +85,7 @@ fn device(device: &DeviceConfig, gateway: &GatewayConfig) -> SparkplugDevice {
         status_topic: device.status_topic(&gateway.status_topic),
         json: device.payload == PayloadFormat::Json,
         points_filter,
+        write_topic: device.device_write_topic(&gateway.id),
         points,
     }
 }
@@ -141,6 +142,31 @@ mod tests {
         ));
         assert_eq!(part.points_filter, None);
         assert_eq!(part.points[0].topic, "site/d/x_p");
+    }
+
+    #[test]
+    fn only_a_modbus_device_named_by_its_topic_prefix_has_a_device_level_write_topic() {
+        let modbus = |topic: &str, point: &str| {
+            shaped(&format!(
+                "[[devices]]\nname = \"plc\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\n\
+                 topic = \"{topic}\"\npoints = [{{ name = \"{point}\", table = \"holding\", address = 0 }}]"
+            ))
+            .write_topic
+        };
+        let default = "{gateway}/{device}/{point}";
+        assert_eq!(modbus(default, "p").as_deref(), Some("gw/plc/set"));
+        assert_eq!(
+            modbus("site/{device}/{point}/v", "p").as_deref(),
+            Some("site/plc/set")
+        );
+        // Shared by every device, or the topic of a point's readings: none.
+        assert_eq!(modbus("site/{point}", "p"), None);
+        assert_eq!(modbus(default, "set"), None);
+        let simulated = shaped(
+            "[[devices]]\nname = \"d\"\ndriver = \"simulated\"\n\
+             points = [{ name = \"p\", waveform = \"constant\", value = 1, writable = true }]",
+        );
+        assert_eq!(simulated.write_topic, None);
     }
 
     #[test]

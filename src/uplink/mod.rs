@@ -547,8 +547,9 @@ fn sparkplug_node(
 }
 
 /// Cloud messages of a Sparkplug node: the primary host's state and rebirth requests go to
-/// the sender; DCMD writes are published on the points' `/set` topics, where the owning
-/// driver checks and writes them like any other write. A message that does not decode is
+/// the sender; DCMD writes are published on the points' `/set` topics (several metrics of a
+/// Modbus device on its device-level `/set`), where the owning driver checks and writes
+/// them like any other write. A message that does not decode is
 /// logged and dropped.
 async fn sparkplug_inbound(
     name: String,

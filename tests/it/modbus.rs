@@ -30,16 +30,21 @@ use crate::util::modbus::Answer;
 // The device: a tokio-modbus server with registers, a request log and failure switches.
 
 #[derive(Debug, Default)]
-struct DeviceState {
-    holding: HashMap<u16, u16>,
+pub(crate) struct DeviceState {
+    pub(crate) holding: HashMap<u16, u16>,
     input: HashMap<u16, u16>,
-    coils: HashMap<u16, bool>,
+    pub(crate) coils: HashMap<u16, bool>,
     discrete: HashMap<u16, bool>,
     /// (unit, table, start, count) of every read.
     reads: Vec<(u8, &'static str, u16, u16)>,
     writes: usize,
     /// The function code of every write, in order.
     write_functions: Vec<u8>,
+    /// Every write in order: function code, start address, and the registers (coils as
+    /// 0/1) it carried.
+    pub(crate) write_log: Vec<(u8, u16, Vec<u16>)>,
+    /// Writes that start at this address answer "illegal data value".
+    refuse_writes_at: Option<u16>,
     /// Reads that touch an address at or above this answer "illegal data address".
     exception_from: Option<u16>,
     /// No answer at all (the client times out).
@@ -51,7 +56,7 @@ struct DeviceState {
     holes: HashSet<u16>,
 }
 
-type Shared = Arc<Mutex<DeviceState>>;
+pub(crate) type Shared = Arc<Mutex<DeviceState>>;
 
 #[derive(Clone)]
 struct FakeDevice {
@@ -106,6 +111,16 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
             .map(|a| map.get(&a).copied().unwrap_or(false))
             .collect::<Vec<_>>()
     };
+    let write_start = match &request.request {
+        Request::WriteSingleCoil(address, _)
+        | Request::WriteSingleRegister(address, _)
+        | Request::WriteMultipleRegisters(address, _)
+        | Request::WriteMultipleCoils(address, _) => Some(*address),
+        _ => None,
+    };
+    if write_start.is_some() && write_start == s.refuse_writes_at {
+        return Err(ExceptionCode::IllegalDataValue);
+    }
     Ok(Some(match request.request {
         Request::ReadHoldingRegisters(start, count) => {
             s.reads.push((unit, "holding", start, count));
@@ -130,18 +145,21 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         Request::WriteSingleCoil(address, value) => {
             s.writes += 1;
             s.write_functions.push(5);
+            s.write_log.push((5, address, vec![u16::from(value)]));
             s.coils.insert(address, value);
             Response::WriteSingleCoil(address, value)
         }
         Request::WriteSingleRegister(address, value) => {
             s.writes += 1;
             s.write_functions.push(6);
+            s.write_log.push((6, address, vec![value]));
             s.holding.insert(address, value);
             Response::WriteSingleRegister(address, value)
         }
         Request::WriteMultipleRegisters(address, values) => {
             s.writes += 1;
             s.write_functions.push(16);
+            s.write_log.push((16, address, values.to_vec()));
             for (i, value) in values.iter().enumerate() {
                 s.holding.insert(address + i as u16, *value);
             }
@@ -150,6 +168,8 @@ fn answer(s: &mut DeviceState, request: SlaveRequest<'static>) -> Answer {
         Request::WriteMultipleCoils(address, values) => {
             s.writes += 1;
             s.write_functions.push(15);
+            s.write_log
+                .push((15, address, values.iter().map(|&v| u16::from(v)).collect()));
             for (i, value) in values.iter().enumerate() {
                 s.coils.insert(address + i as u16, *value);
             }
@@ -171,11 +191,11 @@ fn read_of(request: &Request<'_>) -> Option<(&'static str, u16, u16)> {
 }
 
 /// The device as a Modbus TCP server on `addr` (port 0 for a free one).
-async fn serve_tcp(state: Shared, addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
+pub(crate) async fn serve_tcp(state: Shared, addr: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
     crate::util::modbus::serve_tcp(FakeDevice { state }, addr).await
 }
 
-fn device_with(registers: &[(u16, u16)]) -> Shared {
+pub(crate) fn device_with(registers: &[(u16, u16)]) -> Shared {
     let state = DeviceState {
         holding: registers.iter().copied().collect(),
         ..DeviceState::default()
@@ -865,6 +885,220 @@ points = [
     let s = state.lock().unwrap();
     assert_eq!(s.writes, writes_before);
     assert_eq!(s.holding, holding_before);
+}
+
+// ---------------------------------------------------------------------------------------
+// Device-level writes: several points in one command on `<device topic>/set`.
+
+/// A device `plc` with `points` (TOML inline tables), polled once an hour, started and
+/// running (its first readings arrived, so its write subscription is in place).
+async fn plc_with(state: &Shared, points: &str, first: &str) -> Gateway {
+    let (addr, _server) = serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut gw = start_gateway(&format!(
+        "[[devices]]\nname = \"plc\"\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"1h\"\npoints = [\n{points}\n]\n"
+    ))
+    .await;
+    gw.next_on(&format!("gw/plc/{first}")).await;
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_adjacent_registers_written_in_one_command_are_one_fc16() {
+    let state = device_with(&[]);
+    let mut gw = plc_with(
+        &state,
+        r#"{ name = "low", table = "holding", address = 10, type = "u16", writable = true },
+  { name = "flow", table = "holding", address = 11, type = "f32", writable = true },
+  { name = "high", table = "holding", address = 13, type = "u16", writable = true },"#,
+        "high",
+    )
+    .await;
+    gw.publish("gw/plc/set", r#"{"high": 7, "flow": 21.5, "low": 2}"#)
+        .await;
+    assert_eq!(
+        gw.next_on("gw/plc/set/result").await,
+        json!({"status": "ok", "points": {
+            "high": {"status": "ok", "value": 7},
+            "flow": {"status": "ok", "value": 21.5},
+            "low": {"status": "ok", "value": 2},
+        }})
+    );
+    // One FC16 from register 10, four registers: 2, 21.5 as 0x41AC0000, 7.
+    assert_eq!(
+        state.lock().unwrap().write_log,
+        vec![(16, 10, vec![2, 0x41AC, 0x0000, 7])]
+    );
+    // Each point's new value is published on its own topic.
+    gw.next_matching("gw/plc/flow", |r| r["value"] == 21.5)
+        .await;
+    gw.next_matching("gw/plc/low", |r| r["value"] == 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjacent_coils_written_in_one_command_are_one_fc15() {
+    let state = device_with(&[]);
+    let mut gw = plc_with(
+        &state,
+        r#"{ name = "pump", table = "coil", address = 3, writable = true },
+  { name = "fan", table = "coil", address = 4, writable = true },
+  { name = "horn", table = "coil", address = 5, writable = true },"#,
+        "horn",
+    )
+    .await;
+    gw.publish(
+        "gw/plc/set",
+        r#"{"horn": true, "pump": true, "fan": false}"#,
+    )
+    .await;
+    let result = gw.next_on("gw/plc/set/result").await;
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(
+        result["points"]["fan"],
+        json!({"status": "ok", "value": false})
+    );
+    let s = state.lock().unwrap();
+    assert_eq!(s.write_log, vec![(15, 3, vec![1, 0, 1])]);
+    assert_eq!(
+        (s.coils.get(&3), s.coils.get(&5)),
+        (Some(&true), Some(&true))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_apart_are_written_in_address_order_and_a_failed_request_says_what_was_not() {
+    let state = device_with(&[(30, 99)]);
+    let mut gw = plc_with(
+        &state,
+        r#"{ name = "a", table = "holding", address = 20, writable = true },
+  { name = "b", table = "holding", address = 22, writable = true },
+  { name = "c", table = "holding", address = 30, writable = true },
+  { name = "valve", table = "holding", address = 25, type = "bit", bit = 2, writable = true },"#,
+        "c",
+    )
+    .await;
+    gw.publish("gw/plc/set", r#"{"b": 2, "a": 1}"#).await;
+    assert_eq!(gw.next_on("gw/plc/set/result").await["status"], "ok");
+    assert_eq!(
+        state.lock().unwrap().write_log,
+        vec![(6, 20, vec![1]), (6, 22, vec![2])]
+    );
+
+    // The device refuses the second request: the first point stays written and says so,
+    // the refused one and the ones after it were not written.
+    state.lock().unwrap().refuse_writes_at = Some(22);
+    gw.publish("gw/plc/set", r#"{"c": 9, "b": 5, "valve": true, "a": 4}"#)
+        .await;
+    let result = gw.next_on("gw/plc/set/result").await;
+    assert_eq!(result["status"], "error", "{result}");
+    assert_eq!(result["reason"], "3 of 4 point(s) failed; 1 written");
+    let points = &result["points"];
+    assert_eq!(points["a"], json!({"status": "ok", "value": 4}));
+    assert_eq!(
+        points["b"],
+        json!({"status": "error", "written": false,
+               "reason": "device exception: illegal data value (exception 3)"})
+    );
+    for later in ["valve", "c"] {
+        assert_eq!(points[later]["written"], false, "{result}");
+        assert!(
+            points[later]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("not written: an earlier request failed"),
+            "{result}"
+        );
+    }
+    let s = state.lock().unwrap();
+    assert_eq!(s.write_log[2..], [(6, 20, vec![4])]);
+    assert_eq!(s.holding.get(&30), Some(&99));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_with_any_bad_point_writes_nothing_and_names_each_bad_point() {
+    let state = device_with(&[(10, 5)]);
+    let mut gw = plc_with(
+        &state,
+        r#"{ name = "setpoint", table = "holding", address = 10, type = "u16", writable = true },
+  { name = "flow", table = "holding", address = 11, type = "f32", writable = true },
+  { name = "locked", table = "holding", address = 30 },"#,
+        "locked",
+    )
+    .await;
+    let writes_before = state.lock().unwrap().writes;
+    // Refused point by point: each bad point named with its reason, the good ones not written.
+    for (payload, bad, reason) in [
+        (
+            r#"{"flow": 1.5, "setpoint": 70000}"#,
+            "setpoint",
+            "70000 is out of range for u16",
+        ),
+        (
+            r#"{"setpoint": 1, "nosuch": 2}"#,
+            "nosuch",
+            "device plc has no point named \"nosuch\"",
+        ),
+        (
+            r#"{"setpoint": 1, "locked": 2}"#,
+            "locked",
+            "point locked is not writable",
+        ),
+        (
+            r#"{"setpoint": 1, "flow": "fast"}"#,
+            "flow",
+            "expected a number",
+        ),
+    ] {
+        gw.publish("gw/plc/set", payload).await;
+        let result = gw.next_on("gw/plc/set/result").await;
+        assert_eq!(result["status"], "error", "{payload}: {result}");
+        assert!(
+            result["reason"]
+                .as_str()
+                .unwrap()
+                .ends_with("nothing written"),
+            "{payload}: {result}"
+        );
+        let points = result["points"].as_object().unwrap();
+        assert_eq!(points.len(), 2, "{payload}: {result}");
+        for (name, outcome) in points {
+            assert_eq!(outcome["status"], "error", "{payload}: {result}");
+            assert_eq!(outcome["written"], false, "{payload}: {result}");
+            let got = outcome["reason"].as_str().unwrap();
+            if name == bad {
+                assert!(got.contains(reason), "{payload}: {got}");
+            } else {
+                assert!(
+                    got.contains("another point of the command was refused"),
+                    "{payload}: {got}"
+                );
+            }
+        }
+    }
+    // Refused as a whole: not an object of distinct points.
+    let oversized = format!(r#"{{"setpoint": "{}"}}"#, "x".repeat(20_000));
+    for (payload, reason) in [
+        (
+            r#"{"setpoint": 1, "setpoint": 2}"#,
+            "point \"setpoint\" is named twice",
+        ),
+        ("[1, 2]", "a device-level write takes a JSON object"),
+        ("21.5", "a device-level write takes a JSON object"),
+        ("{}", "empty write"),
+        ("{\"setpoint\": ", "write payload is not JSON"),
+        (oversized.as_str(), "larger than the limit of 16384 bytes"),
+    ] {
+        gw.publish("gw/plc/set", payload).await;
+        let result = gw.next_on("gw/plc/set/result").await;
+        assert_eq!(result["status"], "error", "{payload:.40}: {result}");
+        assert!(
+            result["reason"].as_str().unwrap().contains(reason),
+            "{payload:.40}: {result}"
+        );
+        assert!(result.get("points").is_none(), "{result}");
+    }
+    let s = state.lock().unwrap();
+    assert_eq!(s.writes, writes_before, "{:?}", s.write_log);
+    assert_eq!(s.holding.get(&10), Some(&5));
 }
 
 #[tokio::test(start_paused = true)]

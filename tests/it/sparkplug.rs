@@ -593,6 +593,8 @@ struct Registers {
     holding: std::collections::HashMap<u16, u16>,
     coils: std::collections::HashMap<u16, bool>,
     mute: bool,
+    /// Every write: function code, start address, count.
+    writes: Vec<(u8, u16, usize)>,
 }
 
 type SharedRegisters = std::sync::Arc<std::sync::Mutex<Registers>>;
@@ -631,12 +633,24 @@ impl tokio_modbus::server::Service for ModbusDevice {
                     .collect(),
             ))),
             Request::WriteSingleRegister(address, value) => {
+                r.writes.push((6, address, 1));
                 r.holding.insert(address, value);
                 Ok(Some(Response::WriteSingleRegister(address, value)))
             }
             Request::WriteSingleCoil(address, value) => {
+                r.writes.push((5, address, 1));
                 r.coils.insert(address, value);
                 Ok(Some(Response::WriteSingleCoil(address, value)))
+            }
+            Request::WriteMultipleRegisters(address, values) => {
+                r.writes.push((16, address, values.len()));
+                for (a, value) in (address..).zip(values.iter()) {
+                    r.holding.insert(a, *value);
+                }
+                Ok(Some(Response::WriteMultipleRegisters(
+                    address,
+                    values.len() as u16,
+                )))
             }
             _ => Err(ExceptionCode::IllegalFunction),
         };
@@ -714,6 +728,7 @@ backoff_max = "200ms"
 points = [
   {{ name = "level", table = "holding", address = 0, type = "u16", unit = "cm" }},
   {{ name = "trim", table = "holding", address = 1, type = "i16", writable = true }},
+  {{ name = "limit", table = "holding", address = 2, type = "u16", writable = true }},
   {{ name = "pump", table = "coil", address = 3, writable = true }},
   {{ name = "flow", table = "holding", address = 4, type = "u16", scale = 0.1 }},
 ]
@@ -770,6 +785,34 @@ group_id = "{GROUP}"
             && m["metrics"][0]["name"] == "pump"
             && m["metrics"][0]["value"] == true
     });
+    // Two metrics on adjacent registers in one DCMD: one FC16 request.
+    let before = registers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .writes
+        .len();
+    host.send(
+        json!({"op": "dcmd", "node": NODE, "device": "plc", "metrics": [
+            {"metric": "limit", "datatype": "UINT16", "value": 300},
+            {"metric": "trim", "datatype": "INT16", "value": -5},
+        ]}),
+    );
+    host.wait_for("DDATA with limit 300", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA"
+            && m["metrics"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|x| x["name"] == "limit" && x["value"] == 300))
+    });
+    {
+        let r = registers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert_eq!(r.writes[before..], [(16, 1, 2)]);
+        assert_eq!(
+            (r.holding.get(&1), r.holding.get(&2)),
+            (Some(&0xfffb), Some(&300))
+        );
+    }
 
     // The device stops answering: its status goes offline, the host gets a DDEATH; it
     // answers again: a DBIRTH (with what the node knows at that moment: the readings of
@@ -797,7 +840,7 @@ group_id = "{GROUP}"
         |m| {
             m["type"] == "DDATA"
                 && m["metrics"][0]["name"] == "trim"
-                && m["metrics"][0]["value"] == -10
+                && m["metrics"][0]["value"] == -5
         },
     );
 }

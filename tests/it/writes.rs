@@ -251,3 +251,93 @@ async fn after_a_clean_stop_every_retained_status_says_offline() {
     assert!(gateway_status.retain);
     assert_eq!(&gateway_status.payload[..], b"offline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_level_write_over_mqtt5_answers_its_response_topic_and_ok_means_the_device_holds_it(
+) {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+
+    let state = crate::modbus::device_with(&[]);
+    let (modbus, _server) =
+        crate::modbus::serve_tcp(state.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("fieldmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[gateway]
+id = "gw"
+data_dir = "{}"
+status_topic = "{STATUS}"
+[broker]
+allow_anonymous = true
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+
+[[devices]]
+name = "plc"
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "200ms"
+points = [
+  {{ name = "setpoint", table = "holding", address = 10, type = "u16", writable = true }},
+  {{ name = "flow", table = "holding", address = 11, type = "f32", writable = true }},
+  {{ name = "pump", table = "coil", address = 0, writable = true }},
+]
+"#,
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let mut gateway = GatewayProcess::start(&config);
+    let mut client = Client::connect(gateway.addr, "writer", &["gw/plc/#", "replies/#"]).await;
+    // A reading means the device runs (and has subscribed to its writes).
+    client.next_on("gw/plc/pump", |_| true).await;
+
+    let request = PublishProperties {
+        response_topic: Some("replies/writer".into()),
+        correlation_data: Some(Bytes::from_static(b"\x00cmd-7")),
+        ..PublishProperties::default()
+    };
+    client
+        .client
+        .publish_with_properties(
+            "gw/plc/set",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"setpoint": 1234, "flow": 2.5, "pump": true}"#,
+            request,
+        )
+        .await
+        .expect("publish");
+    let reply = client.next_on("replies/writer", |_| true).await;
+    let expected = json!({"status": "ok", "points": {
+        "setpoint": {"status": "ok", "value": 1234},
+        "flow": {"status": "ok", "value": 2.5},
+        "pump": {"status": "ok", "value": true},
+    }});
+    assert_eq!(json(&reply), expected);
+    assert_eq!(
+        properties(&reply).correlation_data,
+        Some(Bytes::from_static(b"\x00cmd-7"))
+    );
+    let result = client.next_on("gw/plc/set/result", |_| true).await;
+    assert_eq!(json(&result), expected);
+
+    // "ok" is a promise about the device, not about the gateway: killed at once, the
+    // gateway leaves the device holding every value it reported written.
+    gateway.kill9();
+    let s = state.lock().unwrap();
+    assert_eq!(
+        (
+            s.holding.get(&10),
+            s.holding.get(&11),
+            s.holding.get(&12),
+            s.coils.get(&0)
+        ),
+        (Some(&1234), Some(&0x4020), Some(&0), Some(&true))
+    );
+    // Registers in one FC16, the coil in its own FC05.
+    let functions: Vec<(u8, u16)> = s.write_log.iter().map(|(f, a, _)| (*f, *a)).collect();
+    assert_eq!(functions, vec![(5, 0), (16, 10)]);
+}

@@ -9,6 +9,7 @@ one JSON line per message on stdout. It reads commands as JSON lines on stdin:
     {"op": "state", "online": true}          publish spBv1.0/STATE/<host id> (retained)
     {"op": "rebirth", "node": "n"}           NCMD Node Control/Rebirth = true
     {"op": "dcmd", "node": "n", "device": "d", "metric": "m", "datatype": "INT16", "value": 5}
+    {"op": "dcmd", "node": "n", "device": "d", "metrics": [{"metric": "m", "datatype": "INT16", "value": 5}, ...]}
 
 Output lines: {"event": "ready"} once subscribed, {"event": "message", ...} per message,
 {"event": "error", "text": ...} for a message it cannot decode.
@@ -185,11 +186,15 @@ def main():
                     include_dtypes=True,
                 )
             elif op == "dcmd":
-                metric = psp.Metric(
-                    timestamp=psp.get_current_timestamp(),
-                    name=command["metric"],
-                    datatype=psp.DataType[command["datatype"]],
-                    value=command["value"],
+                # One metric, or several: "metrics": [{"metric":..,"datatype":..,"value":..}]
+                metrics = tuple(
+                    psp.Metric(
+                        timestamp=psp.get_current_timestamp(),
+                        name=spec["metric"],
+                        datatype=psp.DataType[spec["datatype"]],
+                        value=spec["value"],
+                    )
+                    for spec in command.get("metrics", [command])
                 )
                 client.publish(
                     psp.Message(
@@ -199,7 +204,7 @@ def main():
                             edge_node_id=command["node"],
                             device_id=command["device"],
                         ),
-                        payload=psp.DCmd(timestamp=psp.get_current_timestamp(), metrics=(metric,)),
+                        payload=psp.DCmd(timestamp=psp.get_current_timestamp(), metrics=metrics),
                         qos=psp.QoS.AT_MOST_ONCE,
                         retain=False,
                     ),

@@ -4,7 +4,8 @@
 //! Invariants:
 //! - Only this task touches the connection; writes arrive through a bounded channel (the
 //!   per-device write forwarders wait when it is full: a command is never dropped) and go
-//!   before any poll that is due.
+//!   before any poll that is due. A command that writes several points runs all of its
+//!   requests before anything else uses the bus.
 //! - Every request has a timeout (tokio-modbus has none).
 //! - RTU: between two frames the line stays silent for 3.5 character times plus the
 //!   turnaround of the device last addressed.
@@ -31,15 +32,18 @@ use tokio_modbus::slave::SlaveContext;
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{self, Encoded};
+use super::codec;
 use super::config::{ModbusConfig, SerialSettings, Table, Transport, MAX_REGISTERS_PER_REQUEST};
-use super::plan::{self, ReadRequest};
+use super::plan::{self, ReadRequest, WriteStep};
 use super::report::Reporter;
 use super::sunspec::{self, Found};
 use crate::backoff::{Backoff, Jitter};
 use crate::drivers::{DeviceContext, DeviceStatus, PointAccess, SortedWrite};
 use crate::metrics::ErrorKind;
-use crate::model::{Message, Quality, Reading, Value, WriteOutcome, WriteRequest};
+use crate::model::{
+    Message, PointOutcome, PointsWriteOutcome, PointsWriteRequest, Quality, Reading, Value,
+    WriteOutcome, WriteRequest,
+};
 
 /// Consecutive failures after which a device is backed off.
 const FAILURES_BEFORE_BACKOFF: u32 = 3;
@@ -98,11 +102,17 @@ struct Scheduled {
 
 struct WriteCommand {
     device: usize,
-    request: WriteRequest,
+    request: Command,
+}
+
+/// A write of one point (`<point topic>/set`) or of several (`<device topic>/set`).
+enum Command {
+    Point(WriteRequest),
+    Points(PointsWriteRequest),
 }
 
 /// What goes over the wire.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Op {
     Read {
         table: Table,
@@ -547,7 +557,11 @@ impl Bus {
             // Every point is covered, so a write to a read-only or unknown point is
             // answered rather than ignored.
             let names: Vec<&str> = points.iter().map(|(name, _)| name.as_str()).collect();
-            match device.context.subscribe_writes(&names).await {
+            match device
+                .context
+                .subscribe_writes_and_device_writes(&names)
+                .await
+            {
                 Ok(subscription) => {
                     forwarders.spawn(forward_writes(
                         device.context.clone(),
@@ -669,8 +683,7 @@ impl Bus {
                             _ = sleep_until(until) => break,
                             command = writes.recv(), if *writes_open => match command {
                                 Some(command) => {
-                                    let outcome = WriteOutcome::Error { reason: format!("device offline: {error}") };
-                                    self.answer(&command, &outcome).await;
+                                    self.refuse(&command, format!("device offline: {error}")).await;
                                 }
                                 None => *writes_open = false,
                             },
@@ -1039,34 +1052,75 @@ impl Bus {
 
     /// Carries out one write command and publishes its result.
     async fn write(&mut self, command: WriteCommand) {
-        let outcome = self.try_write(&command).await;
-        match &outcome {
-            WriteOutcome::Ok { value } => {
-                tracing::info!(device = %command.request.device, point = %command.request.point, %value, "point written")
+        let d = command.device;
+        match &command.request {
+            Command::Point(request) => {
+                let outcome = self.try_write(d, request).await;
+                match &outcome {
+                    WriteOutcome::Ok { value } => {
+                        tracing::info!(device = %request.device, point = %request.point, %value, "point written")
+                    }
+                    WriteOutcome::Error { reason } => {
+                        tracing::warn!(device = %request.device, point = %request.point, %reason, "write refused")
+                    }
+                }
+                self.answer(d, request, &outcome).await;
             }
-            WriteOutcome::Error { reason } => {
-                tracing::warn!(device = %command.request.device, point = %command.request.point, %reason, "write refused")
+            Command::Points(request) => {
+                let outcome = self.try_write_points(d, request).await;
+                match &outcome.reason {
+                    None => {
+                        tracing::info!(device = %request.device, points = request.values.len(), "points written")
+                    }
+                    Some(reason) => {
+                        tracing::warn!(device = %request.device, %reason, "device-level write failed")
+                    }
+                }
+                self.answer_points(d, request, &outcome).await;
             }
         }
-        self.answer(&command, &outcome).await;
+    }
+
+    /// Answers `command` with an error without trying it.
+    async fn refuse(&mut self, command: &WriteCommand, reason: String) {
+        match &command.request {
+            Command::Point(request) => {
+                let outcome = WriteOutcome::Error { reason };
+                self.answer(command.device, request, &outcome).await;
+            }
+            Command::Points(request) => {
+                let outcome = PointsWriteOutcome::refused(reason);
+                self.answer_points(command.device, request, &outcome).await;
+            }
+        }
     }
 
     /// Takes `&mut self` only so that the future stays `Send` (the connection is not `Sync`).
-    async fn answer(&mut self, command: &WriteCommand, outcome: &WriteOutcome) {
-        if let Some(device) = self.devices.get(command.device) {
+    async fn answer(&mut self, d: usize, request: &WriteRequest, outcome: &WriteOutcome) {
+        if let Some(device) = self.devices.get(d) {
             let context = device.context.clone();
-            if let Err(error) = context
-                .publish_write_result(&command.request, outcome)
-                .await
-            {
+            if let Err(error) = context.publish_write_result(request, outcome).await {
                 tracing::warn!(device = %context.device, %error, "cannot publish write result");
             }
         }
     }
 
-    async fn try_write(&mut self, command: &WriteCommand) -> WriteOutcome {
+    async fn answer_points(
+        &mut self,
+        d: usize,
+        request: &PointsWriteRequest,
+        outcome: &PointsWriteOutcome,
+    ) {
+        if let Some(device) = self.devices.get(d) {
+            let context = device.context.clone();
+            if let Err(error) = context.publish_points_write_result(request, outcome).await {
+                tracing::warn!(device = %context.device, %error, "cannot publish write result");
+            }
+        }
+    }
+
+    async fn try_write(&mut self, d: usize, request: &WriteRequest) -> WriteOutcome {
         let error = |reason: String| WriteOutcome::Error { reason };
-        let d = command.device;
         let Some(device) = self.devices.get(d) else {
             return error("unknown device".into());
         };
@@ -1074,120 +1128,272 @@ impl Bus {
             .config
             .points
             .iter()
-            .position(|p| p.name == command.request.point)
+            .position(|p| p.name == request.point)
         else {
-            return error(format!("no point named {:?}", command.request.point));
+            return error(format!("no point named {:?}", request.point));
         };
         let point = device.config.points[index].clone();
         if !point.writable {
             return error(format!("point {} is not writable", point.name));
         }
-        let encoded = match codec::encode(&point, &command.request.value) {
+        let encoded = match codec::encode(&point, &request.value) {
             Ok(encoded) => encoded,
             Err(e) => return error(e.0),
         };
-        if let Some(retry_at) = device.retry_at {
-            if retry_at > Instant::now() {
-                let last = device.last_failure.clone().unwrap_or_default();
-                return error(format!("device offline ({last})"));
-            }
+        if let Some(reason) = device.offline() {
+            return error(reason);
         }
         let multiple = device.config.write_multiple;
         tracing::debug!(device = %device.context.device, point = %point.name, function = codec::write_function(&encoded, multiple), "writing");
-        // One register as FC06, or as FC16 for devices that only take that.
-        let one_register = |address: u16, value: u16| {
-            if multiple {
-                Op::WriteRegisters {
-                    address,
-                    values: vec![value],
-                }
-            } else {
-                Op::WriteRegister { address, value }
-            }
+        // One point is a plan of one step.
+        let steps = match plan::plan_writes(&[(&point, encoded)], &device.config.limits, multiple) {
+            Ok(steps) => steps,
+            Err(reason) => return error(reason),
         };
-        let op = match encoded {
-            Encoded::Coil(value) if multiple => Op::WriteCoils {
-                address: point.address,
-                values: vec![value],
-            },
-            Encoded::Coil(value) => Op::WriteCoil {
-                address: point.address,
+        let Some(step) = steps.first() else {
+            return error("nothing to write".into());
+        };
+        if let Err(reason) = self.write_step(d, step).await {
+            return error(reason);
+        }
+        match self.read_back(d, step, &[index]).await.pop() {
+            Some(Ok(value)) => WriteOutcome::Ok { value },
+            Some(Err(reason)) => error(reason),
+            None => error("written, but not read back".into()),
+        }
+    }
+
+    /// Writes several points of device `d` in as few requests as their addresses allow.
+    /// Every point is checked first: when one is refused, nothing is written. A request that
+    /// fails stops the command; the points written before it stay written and say so.
+    async fn try_write_points(
+        &mut self,
+        d: usize,
+        request: &PointsWriteRequest,
+    ) -> PointsWriteOutcome {
+        let Some(device) = self.devices.get(d) else {
+            return PointsWriteOutcome::refused("unknown device".into());
+        };
+        let checked: Vec<Result<(usize, codec::Encoded), String>> = request
+            .values
+            .iter()
+            .map(|(name, value)| {
+                let index = device
+                    .config
+                    .points
+                    .iter()
+                    .position(|p| &p.name == name)
+                    .ok_or_else(|| {
+                        format!(
+                            "device {} has no point named {name:?}",
+                            device.context.device
+                        )
+                    })?;
+                let point = &device.config.points[index];
+                if !point.writable {
+                    return Err(format!("point {name} is not writable"));
+                }
+                codec::encode(point, value)
+                    .map(|encoded| (index, encoded))
+                    .map_err(|e| e.0)
+            })
+            .collect();
+        let not_written = |reason: String| PointOutcome::Error {
+            reason,
+            written: false,
+        };
+        let names = request.values.iter().map(|(name, _)| name.clone());
+        if checked.iter().any(Result::is_err) {
+            return PointsWriteOutcome::of(
+                names
+                    .zip(&checked)
+                    .map(|(name, check)| {
+                        let reason = match check {
+                            Err(reason) => reason.clone(),
+                            Ok(_) => "not written: another point of the command was refused".into(),
+                        };
+                        (name, not_written(reason))
+                    })
+                    .collect(),
+            );
+        }
+        let checked: Vec<(usize, codec::Encoded)> = checked.into_iter().flatten().collect();
+        if let Some(reason) = device.offline() {
+            return PointsWriteOutcome::refused(reason);
+        }
+        let pairs: Vec<(&super::config::Point, codec::Encoded)> = checked
+            .iter()
+            .filter_map(|(index, encoded)| {
+                Some((device.config.points.get(*index)?, encoded.clone()))
+            })
+            .collect();
+        let steps =
+            match plan::plan_writes(&pairs, &device.config.limits, device.config.write_multiple) {
+                Ok(steps) => steps,
+                Err(reason) => return PointsWriteOutcome::refused(reason),
+            };
+        tracing::debug!(device = %device.context.device, points = checked.len(), requests = steps.len(), "writing points");
+        let mut outcomes: Vec<Option<PointOutcome>> = vec![None; checked.len()];
+        let mut failed: Option<String> = None;
+        for step in &steps {
+            if let Some(reason) = &failed {
+                for &p in step.points() {
+                    outcomes[p] = Some(not_written(format!(
+                        "not written: an earlier request failed ({reason})"
+                    )));
+                }
+                continue;
+            }
+            if let Err(reason) = self.write_step(d, step).await {
+                for &p in step.points() {
+                    outcomes[p] = Some(not_written(reason.clone()));
+                }
+                failed = Some(reason);
+                continue;
+            }
+            let indices: Vec<usize> = step.points().iter().map(|&p| checked[p].0).collect();
+            let values = self.read_back(d, step, &indices).await;
+            for (&p, value) in step.points().iter().zip(values) {
+                outcomes[p] = Some(match value {
+                    Ok(value) => PointOutcome::Ok { value },
+                    Err(reason) => PointOutcome::Error {
+                        reason,
+                        written: true,
+                    },
+                });
+            }
+        }
+        PointsWriteOutcome::of(
+            names
+                .zip(outcomes)
+                .map(|(name, outcome)| {
+                    (
+                        name,
+                        outcome.unwrap_or_else(|| not_written("not planned".into())),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Carries out one planned write step (a bit's read-modify-write reads its register
+    /// first); the reason when it fails.
+    async fn write_step(&mut self, d: usize, step: &WriteStep) -> Result<(), String> {
+        let op = match step {
+            WriteStep::Write { op, .. } => op.clone(),
+            &WriteStep::Bit {
+                address,
+                bit,
                 value,
-            },
-            Encoded::Bit { bit, value } => {
-                // Read-modify-write of the register holding the bit.
+                ..
+            } => {
                 let read = Op::Read {
                     table: Table::Holding,
-                    start: point.address,
+                    start: address,
                     count: 1,
                 };
                 let current = match self.transact(d, &read).await {
                     Ok(Reply::Words(words)) => match words.first() {
                         Some(word) => *word,
-                        None => return error("short response reading the register".into()),
+                        None => return Err("short response reading the register".into()),
                     },
-                    Ok(_) => return error("unexpected response reading the register".into()),
-                    Err(failure) => return self.write_failed(d, failure).await,
+                    Ok(_) => return Err("unexpected response reading the register".into()),
+                    Err(failure) => return Err(self.write_failure(d, failure).await),
                 };
                 let mask = 1u16 << bit;
-                one_register(
-                    point.address,
-                    if value {
-                        current | mask
-                    } else {
-                        current & !mask
-                    },
-                )
-            }
-            Encoded::Registers(words) if words.len() == 1 => one_register(point.address, words[0]),
-            Encoded::Registers(words) => Op::WriteRegisters {
-                address: point.address,
-                values: words,
-            },
-        };
-        if let Err(failure) = self.transact(d, &op).await {
-            return self.write_failed(d, failure).await;
-        }
-        // Read back what the device now holds, and publish it.
-        let read = Op::Read {
-            table: point.table,
-            start: point.address,
-            count: point.data_type.width(),
-        };
-        let readback = self.transact(d, &read).await;
-        let Some(device) = self.devices.get_mut(d) else {
-            return error("unknown device".into());
-        };
-        let value = match readback {
-            Ok(Reply::Words(words)) => codec::decode_point(&point, &words, &[]),
-            Ok(Reply::Bits(bits)) => codec::decode_point(&point, &[], &bits),
-            Ok(Reply::Done) => None,
-            Err(failure) => {
-                return error(format!(
-                    "written, but the read-back failed: {}",
-                    failure.describe()
-                ));
+                let value = if value {
+                    current | mask
+                } else {
+                    current & !mask
+                };
+                let multiple = self
+                    .devices
+                    .get(d)
+                    .is_some_and(|device| device.config.write_multiple);
+                // One register as FC06, or as FC16 for devices that only take that.
+                if multiple {
+                    Op::WriteRegisters {
+                        address,
+                        values: vec![value],
+                    }
+                } else {
+                    Op::WriteRegister { address, value }
+                }
             }
         };
-        let Some(value) = value else {
-            return error("written, but the read-back was short".into());
-        };
-        let now = Instant::now();
-        if let Some(reporter) = device.reporters.get_mut(index) {
-            reporter.record(&Some(value.clone()), &Quality::Good, now);
+        match self.transact(d, &op).await {
+            Ok(_) => Ok(()),
+            Err(failure) => Err(self.write_failure(d, failure).await),
         }
-        let reading = Reading {
-            device: device.context.device.clone(),
-            point: point.name.clone(),
-            value: Some(value.clone()),
-            quality: Quality::Good,
-            timestamp: SystemTime::now(),
-        };
-        let _ = device.context.publish_reading(&reading).await;
-        WriteOutcome::Ok { value }
     }
 
-    async fn write_failed(&mut self, d: usize, failure: Failure) -> WriteOutcome {
+    /// Reads back what a write step covers and publishes the value of each of its points
+    /// (`indices` into the device's points); per point, the value the device now holds or
+    /// why it is not known.
+    async fn read_back(
+        &mut self,
+        d: usize,
+        step: &WriteStep,
+        indices: &[usize],
+    ) -> Vec<Result<Value, String>> {
+        let (table, start, count) = step.range();
+        let read = Op::Read {
+            table,
+            start,
+            count,
+        };
+        let readback = self.transact(d, &read).await;
+        let (words, bits) = match readback {
+            Ok(Reply::Words(words)) => (words, Vec::new()),
+            Ok(Reply::Bits(bits)) => (Vec::new(), bits),
+            Ok(Reply::Done) => (Vec::new(), Vec::new()),
+            Err(failure) => {
+                let reason = format!("written, but the read-back failed: {}", failure.describe());
+                return indices.iter().map(|_| Err(reason.clone())).collect();
+            }
+        };
+        let Some(device) = self.devices.get_mut(d) else {
+            return indices
+                .iter()
+                .map(|_| Err("unknown device".into()))
+                .collect();
+        };
+        let mut values = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let Some(point) = device.config.points.get(index) else {
+                values.push(Err("unknown point".into()));
+                continue;
+            };
+            let offset = usize::from(point.address.saturating_sub(start));
+            let width = usize::from(point.data_type.width());
+            let value = codec::decode_point(
+                point,
+                words.get(offset..offset + width).unwrap_or_default(),
+                bits.get(offset..offset + width).unwrap_or_default(),
+            );
+            let Some(value) = value else {
+                values.push(Err("written, but the read-back was short".into()));
+                continue;
+            };
+            let now = Instant::now();
+            if let Some(reporter) = device.reporters.get_mut(index) {
+                reporter.record(&Some(value.clone()), &Quality::Good, now);
+            }
+            let reading = Reading {
+                device: device.context.device.clone(),
+                point: point.name.clone(),
+                value: Some(value.clone()),
+                quality: Quality::Good,
+                timestamp: SystemTime::now(),
+            };
+            let _ = device.context.publish_reading(&reading).await;
+            values.push(Ok(value));
+        }
+        values
+    }
+
+    /// The reason a write request failed; a link-level failure counts against the device.
+    async fn write_failure(&mut self, d: usize, failure: Failure) -> String {
         let reason = match &failure {
             Failure::Exception(code) => format!("device exception: {}", exception_name(*code)),
             Failure::Timeout(_) => format!("timeout: {}", failure.describe()),
@@ -1201,7 +1407,7 @@ impl Bus {
                 let _ = device.update_status().await;
             }
         }
-        WriteOutcome::Error { reason }
+        reason
     }
 }
 
@@ -1306,6 +1512,15 @@ impl Device {
                 .points
                 .iter()
                 .any(|&i| s.sources.get(i).is_some_and(Option::is_some))
+        })
+    }
+
+    /// Why a write is refused at once: the device is backed off.
+    fn offline(&self) -> Option<String> {
+        let retry_at = self.retry_at?;
+        (retry_at > Instant::now()).then(|| {
+            let last = self.last_failure.clone().unwrap_or_default();
+            format!("device offline ({last})")
         })
     }
 
@@ -1439,17 +1654,27 @@ async fn forward_writes(
                 None => return,
             },
         };
-        match context.sort_write(&message, access) {
-            SortedWrite::Request(request) => {
-                // Waits when the bus is busy: a command is never dropped.
-                if tx.send(WriteCommand { device, request }).await.is_err() {
-                    return;
+        let request = match context.sort_points_write(&message) {
+            Some(Ok(request)) => Command::Points(request),
+            Some(Err(refused)) => {
+                context.refuse_points_write(refused).await;
+                continue;
+            }
+            None => match context.sort_write(&message, access) {
+                SortedWrite::Request(request) => Command::Point(request),
+                SortedWrite::Refused(refused) => {
+                    context.refuse_write(refused).await;
+                    continue;
                 }
-            }
-            SortedWrite::Refused(refused) => context.refuse_write(refused).await,
-            SortedWrite::NotMine => {
-                tracing::debug!(device = %context.device, topic = %message.topic, "write not for this device");
-            }
+                SortedWrite::NotMine => {
+                    tracing::debug!(device = %context.device, topic = %message.topic, "write not for this device");
+                    continue;
+                }
+            },
+        };
+        // Waits when the bus is busy: a command is never dropped.
+        if tx.send(WriteCommand { device, request }).await.is_err() {
+            return;
         }
     }
 }

@@ -120,6 +120,10 @@ pub struct SparkplugDevice {
     /// with `{point}` as `+`), when the template allows one: the node then subscribes to
     /// it instead of to each point (fewer filters for the broker and the ingest to match).
     pub points_filter: Option<String>,
+    /// `<device topic>/set`, where one JSON object writes several points in one command
+    /// (Modbus devices): a DCMD with several metrics goes there, so that adjacent registers
+    /// are written in one request.
+    pub write_topic: Option<String>,
     pub points: Vec<SparkplugPoint>,
 }
 

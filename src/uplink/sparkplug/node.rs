@@ -513,14 +513,15 @@ pub enum Inbound {
     HostState(bool),
     /// NCMD `Node Control/Rebirth`.
     Rebirth,
-    /// DCMD: write `payload` to `<topic>` (a point's `/set`).
+    /// DCMD: write `payload` to `<topic>` (a point's `/set`, or the device's `/set` for
+    /// several metrics at once).
     Writes(Vec<Write>),
 }
 
-/// One DCMD metric as a local write.
+/// One DCMD metric (or all of them) as a local write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
-    /// `<point topic>/set`.
+    /// `<point topic>/set`, or `<device topic>/set` with a JSON object of the metrics.
     pub topic: String,
     pub payload: String,
 }
@@ -588,6 +589,8 @@ pub fn decode_inbound(shape: &Shape, topic: &str, payload: &[u8]) -> Result<Inbo
                 .ok_or_else(|| InboundError::UnknownDevice(name.to_owned()))?;
             let device = &shape.config.devices[d];
             let mut writes = Vec::new();
+            // The same metrics as one JSON object for the device-level write.
+            let mut object = serde_json::Map::new();
             for metric in &decoded.metrics {
                 let label = metric
                     .name
@@ -621,12 +624,31 @@ pub fn decode_inbound(shape: &Shape, topic: &str, payload: &[u8]) -> Result<Inbo
                         metric: label,
                         error,
                     })?;
+                let value = match point.datatype {
+                    DataType::String => serde_json::Value::String(payload.clone()),
+                    _ => serde_json::from_str(&payload)
+                        .ok()
+                        .filter(|v: &serde_json::Value| v.is_number() || v.is_boolean())
+                        .unwrap_or_else(|| serde_json::Value::String(payload.clone())),
+                };
+                object.insert(point.name.clone(), value);
                 writes.push(Write {
                     topic: format!("{}/set", point.topic),
                     payload,
                 });
             }
-            Ok(Inbound::Writes(writes))
+            // Several metrics, each point once: one command, merged into as few requests
+            // as the device's addresses allow. A point named twice keeps today's order
+            // of separate writes (the last value wins).
+            match &device.write_topic {
+                Some(topic) if writes.len() > 1 && object.len() == writes.len() => {
+                    Ok(Inbound::Writes(vec![Write {
+                        topic: topic.clone(),
+                        payload: serde_json::Value::Object(object).to_string(),
+                    }]))
+                }
+                _ => Ok(Inbound::Writes(writes)),
+            }
         }
     }
 }
@@ -646,6 +668,7 @@ mod tests {
                 status_topic: "gw/status/devices/dev".into(),
                 json: true,
                 points_filter: Some("gw/dev/+".into()),
+                write_topic: Some("gw/dev/set".into()),
                 points: vec![
                     SparkplugPoint {
                         name: "temp".into(),
@@ -857,6 +880,60 @@ mod tests {
             panic!("DBIRTH");
         };
         assert_eq!(topic, "spBv1.0/g/DBIRTH/n/dev");
+    }
+
+    #[test]
+    fn a_dcmd_with_several_metrics_is_one_device_level_write() {
+        let mut config = shape(None).config.clone();
+        config.devices[0].points.push(SparkplugPoint {
+            name: "mode".into(),
+            topic: "gw/dev/mode".into(),
+            datatype: DataType::String,
+            unit: None,
+            writable: true,
+        });
+        let metric = |name: &str, value: MetricValue| Metric {
+            name: Some(name.into()),
+            value: Some(value),
+            ..Metric::default()
+        };
+        let dcmd = |metrics: Vec<Metric>| {
+            Payload {
+                metrics,
+                ..Payload::default()
+            }
+            .encode_to_vec()
+        };
+        let two = dcmd(vec![
+            metric("setpoint", MetricValue::IntValue(0xffff_fff6)),
+            metric("mode", MetricValue::StringValue("42".into())),
+        ]);
+        let shaped = Shape::new(config.clone());
+        assert_eq!(
+            decode_inbound(&shaped, "spBv1.0/g/DCMD/n/dev", &two),
+            Ok(Inbound::Writes(vec![Write {
+                topic: "gw/dev/set".into(),
+                payload: r#"{"setpoint":-10,"mode":"42"}"#.into()
+            }]))
+        );
+        // A point named twice, or a device without a device-level write: one write each.
+        let twice = dcmd(vec![
+            metric("setpoint", MetricValue::IntValue(1)),
+            metric("setpoint", MetricValue::IntValue(2)),
+        ]);
+        let Ok(Inbound::Writes(writes)) = decode_inbound(&shaped, "spBv1.0/g/DCMD/n/dev", &twice)
+        else {
+            panic!("writes");
+        };
+        assert_eq!(writes.len(), 2);
+        config.devices[0].write_topic = None;
+        let Ok(Inbound::Writes(writes)) =
+            decode_inbound(&Shape::new(config), "spBv1.0/g/DCMD/n/dev", &two)
+        else {
+            panic!("writes");
+        };
+        let topics: Vec<&str> = writes.iter().map(|w| w.topic.as_str()).collect();
+        assert_eq!(topics, ["gw/dev/setpoint/set", "gw/dev/mode/set"]);
     }
 
     #[test]
