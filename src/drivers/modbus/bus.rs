@@ -1235,6 +1235,9 @@ impl Device {
         };
         let mut added = 0;
         for block in blocks {
+            if block.leftover > 0 {
+                tracing::warn!(device = %self.context.device, model = block.model.id, address = block.found.address, repeats = block.repeats, unmapped_registers = block.leftover, "SunSpec model length is not a whole number of repeats (or more than {}): the rest is not read", sunspec::MAX_REPEATS);
+            }
             let mut indices = Vec::new();
             for (mut point, source) in block.points {
                 // A configured point of the same name wins.
