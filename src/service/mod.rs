@@ -240,17 +240,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown.clone(),
     );
 
-    if config.homeassistant.is_some() {
-        tokio::spawn(announce(
-            handle.clone(),
-            config.homeassistant.clone(),
-            None,
-            config.gateway.id.clone(),
-            status_topic.clone(),
-            config.devices.clone(),
-        ));
-    }
-
     // Uplinks stop after the devices, so the last readings still reach their outboxes.
     let uplink_shutdown = CancellationToken::new();
     let uplinks = match running::Uplinks::start(
@@ -379,6 +368,99 @@ pub(crate) async fn announce(
     }
 }
 
+/// Announces again when devices announce new point sets (a SunSpec device after
+/// discovery): a task drains the point-set topics of `config`'s devices into a watch, so
+/// that the router never waits on the supervisor while it syncs. `None` without
+/// `[homeassistant]`. With `retained`, the sets already announced trigger a sync too.
+async fn watch_point_sets(
+    broker: &BrokerHandle,
+    config: &Config,
+    retained: bool,
+) -> Option<(
+    tokio::sync::watch::Receiver<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    config.homeassistant.as_ref()?;
+    let filters: Vec<(String, QoS)> = config
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.points_topic(&config.gateway.status_topic),
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
+    if filters.is_empty() {
+        return None;
+    }
+    let options = broker::InternalSubscribeOptions {
+        capacity: 64,
+        send_retained: retained,
+        commit: false,
+    };
+    let mut subscription = match broker.subscribe("homeassistant", filters, options).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::warn!(%error, "Home Assistant discovery will not follow the points devices find at run time");
+            return None;
+        }
+    };
+    let (changed, watch) = tokio::sync::watch::channel(());
+    let task = tokio::spawn(async move {
+        while let Some(message) = subscription.recv().await {
+            if !message.payload.is_empty() {
+                changed.send_replace(());
+            }
+        }
+    });
+    Some((watch, task))
+}
+
+/// Waits for a point-set announcement, then for the announcements that follow within
+/// [`POINT_SETS_QUIET`] (devices on one line discover one after the other), at most
+/// [`POINT_SETS_MAX_WAIT`] in all. Pending forever without a watch.
+async fn point_sets_changed(
+    watch: &mut Option<(
+        tokio::sync::watch::Receiver<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    let Some((watch, _)) = watch.as_mut() else {
+        return std::future::pending().await;
+    };
+    if watch.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    let deadline = tokio::time::Instant::now() + POINT_SETS_MAX_WAIT;
+    while let Ok(Ok(())) = tokio::time::timeout_at(
+        (tokio::time::Instant::now() + POINT_SETS_QUIET).min(deadline),
+        watch.changed(),
+    )
+    .await
+    {}
+}
+
+const POINT_SETS_QUIET: Duration = Duration::from_millis(500);
+const POINT_SETS_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// [`announce`] for the configuration that runs, given up at shutdown.
+async fn announce_running(running: &Running, shutdown: &CancellationToken) {
+    let config = &running.config;
+    let announce = announce(
+        running.handle.clone(),
+        config.homeassistant.clone(),
+        None,
+        config.gateway.id.clone(),
+        config.gateway.status_topic.clone(),
+        config.devices.clone(),
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = announce => {}
+    }
+}
+
 async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
     let message = Message::internal("gateway", topic, status.to_owned(), QoS::AtLeastOnce, true);
     if let Err(error) = handle.publish_and_wait(message).await {
@@ -413,6 +495,13 @@ async fn supervise(
     mut reload_requests: mpsc::Receiver<ReloadRequest>,
     stops: Stops,
 ) {
+    // Every Home Assistant sync runs here, one at a time: two at once could clear each
+    // other's new config messages.
+    // Subscribed first: a set announced after the sync read the retained ones is not missed.
+    let mut point_sets = watch_point_sets(&running.handle, &running.config, false).await;
+    if running.config.homeassistant.is_some() {
+        announce_running(&running, &stops.shutdown).await;
+    }
     loop {
         tokio::select! {
             biased;
@@ -421,6 +510,12 @@ async fn supervise(
                 Some(request) => {
                     let report = reload::reload(&mut running).await;
                     request.answer(report);
+                    if let Some((_, task)) = point_sets.take() {
+                        task.abort();
+                    }
+                    // With the retained sets: a device started by the reload may have
+                    // announced its points after the reload's sync read them.
+                    point_sets = watch_point_sets(&running.handle, &running.config, true).await;
                 }
                 // Every trigger is gone: only shutdown is left to wait for.
                 None => {
@@ -428,7 +523,13 @@ async fn supervise(
                     break;
                 }
             },
+            () = point_sets_changed(&mut point_sets) => {
+                announce_running(&running, &stops.shutdown).await;
+            }
         }
+    }
+    if let Some((_, task)) = point_sets.take() {
+        task.abort();
     }
     // Requests waiting now, and any made later, are answered "the gateway is stopping".
     drop(reload_requests);

@@ -725,3 +725,67 @@ async fn a_model_block_refused_with_illegal_data_address_makes_the_chain_read_ag
     // The chain was read again: the header of model 160.
     assert!(reads.contains(&(40122, 2)), "{reads:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_follows_the_points_a_sunspec_device_finds() {
+    let state = shared(mppt_inverter(2, 0));
+    let address = serve(state.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[broker]\nallow_anonymous = true\n\
+         [homeassistant]\ndiscovery_prefix = \"ha\"\n\
+         [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"{address}\"\n\
+         poll = \"200ms\"\ntimeout = \"300ms\"\nprofile = \"sunspec\"\n",
+        dir.path().display()
+    );
+    let config = config::parse(&text, Path::new("sunspec-ha.toml"))
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let shutdown = CancellationToken::new();
+    let running = fieldmq::service::start(config, shutdown.clone())
+        .await
+        .expect("the gateway starts");
+    let mut configs = running
+        .broker
+        .subscribe(
+            "test",
+            vec![("ha/#".into(), QoS::AtLeastOnce)],
+            InternalSubscribeOptions {
+                send_retained: true,
+                ..InternalSubscribeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The config message of `topic` with a payload (10 s at most).
+    let mut seen: HashMap<String, Json> = HashMap::new();
+    let mut wait_config = async |topic: &str| -> Json {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.contains_key(topic) {
+            let message = timeout(deadline - Instant::now(), configs.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {topic} within 10s: {:?}", seen.keys()))
+                .expect("broker running");
+            if let Ok(json) = serde_json::from_slice::<Json>(&message.payload) {
+                seen.insert(message.topic.to_string(), json);
+            }
+        }
+        seen[topic].clone()
+    };
+    let w = wait_config("ha/sensor/gw/inv_inverter_W/config").await;
+    assert_eq!(w["state_topic"], "gw/inv/inverter_W", "{w}");
+    assert_eq!(w["unit_of_measurement"], "W", "{w}");
+    assert_eq!(w["device_class"], "power", "{w}");
+    let dca = wait_config("ha/sensor/gw/inv_mppt_2_DCA/config").await;
+    assert_eq!(dca["device_class"], "current", "{dca}");
+
+    // A third module after a reconnect: its points are announced too.
+    {
+        let mut s = state.lock().unwrap();
+        s.holding = mppt_inverter(3, 0);
+        s.stall = 1;
+    }
+    let dcv = wait_config("ha/sensor/gw/inv_mppt_3_DCV/config").await;
+    assert_eq!(dcv["state_topic"], "gw/inv/mppt_3_DCV", "{dcv}");
+    shutdown.cancel();
+    running.stop().await;
+}

@@ -744,7 +744,15 @@ impl Bus {
         match result {
             Ok((base, found)) => {
                 device.succeeded();
-                device.add_sunspec(base, &found, now);
+                if device.add_sunspec(base, &found, now)
+                    && device
+                        .context
+                        .publish_points(&device.point_infos())
+                        .await
+                        .is_err()
+                {
+                    return false;
+                }
             }
             Err(sunspec::DiscoveryError::Refused(reason)) => {
                 // The device answers but shows no usable chain: asked again every
@@ -1253,20 +1261,39 @@ impl sunspec::Registers for BusRegisters<'_> {
 }
 
 impl Device {
+    /// The device's points as they are now (a SunSpec point with a scale factor is a
+    /// float), for the announcement of its point set.
+    fn point_infos(&self) -> Vec<crate::drivers::config::PointInfo> {
+        let sources = self.sunspec.as_ref().map(|s| s.sources.as_slice());
+        self.config
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, point)| {
+                let mut info = crate::drivers::config::PointInfo::modbus(point);
+                let source = sources.and_then(|s| s.get(i).copied().flatten());
+                if source.is_some_and(|s| s.sf_address.is_some()) {
+                    info.kind = crate::drivers::config::PointKind::Float;
+                }
+                info
+            })
+            .collect()
+    }
+
     /// Adds the points of the SunSpec models found at `base`, and a read per model. When
     /// the points were built from another chain before, they are replaced; from the same
-    /// chain, they are kept.
-    fn add_sunspec(&mut self, base: u16, found: &[Found], now: Instant) {
+    /// chain, they are kept. Whether the points changed.
+    fn add_sunspec(&mut self, base: u16, found: &[Found], now: Instant) -> bool {
         let ids: Vec<String> = found.iter().map(|f| f.id.to_string()).collect();
         let Some(state) = self.sunspec.as_mut() else {
-            return;
+            return false;
         };
         let rebuild = !state.found.is_empty();
         if rebuild && state.found == found {
             tracing::debug!(device = %self.context.device, base, "SunSpec model chain unchanged");
             state.discovered = true;
             state.error = None;
-            return;
+            return false;
         }
         if rebuild {
             tracing::info!(device = %self.context.device, base, models = %ids.join(", "), "SunSpec model chain changed: rebuilding its points");
@@ -1345,6 +1372,7 @@ impl Device {
             .collect();
         self.context.add_units(units);
         tracing::info!(device = %self.context.device, base, models = %ids.join(", "), points = added, "SunSpec models found");
+        true
     }
 
     /// Whether `request` reads a SunSpec model block (which is never split).
