@@ -267,7 +267,7 @@ pub async fn sync(
     let mut summary = SyncSummary::default();
     let wanted: BTreeMap<String, Bytes> = match config {
         Some(config) => {
-            let discovered = point_sets(broker, gateway, devices).await?;
+            let discovered = point_sets(broker, gateway.status_topic, devices).await?;
             let (announcements, skipped) = announcements(config, gateway, devices, &discovered);
             summary.skipped_devices = skipped;
             announcements
@@ -320,15 +320,16 @@ pub async fn sync(
     Ok(summary)
 }
 
-/// The point sets `devices` announced (retained on their points topics), by device name.
-async fn point_sets(
+/// The point sets `devices` announced (retained on their points topics under
+/// `gateway_status_topic`), by device name.
+pub async fn point_sets(
     broker: &BrokerHandle,
-    gateway: Gateway<'_>,
+    gateway_status_topic: &str,
     devices: &[DeviceConfig],
 ) -> Result<HashMap<String, Vec<PointInfo>>, BusError> {
     let topics: HashMap<String, &str> = devices
         .iter()
-        .map(|d| (d.points_topic(gateway.status_topic), d.name.as_str()))
+        .map(|d| (d.points_topic(gateway_status_topic), d.name.as_str()))
         .collect();
     if topics.is_empty() {
         return Ok(HashMap::new());

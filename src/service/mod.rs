@@ -242,8 +242,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
 
     // Uplinks stop after the devices, so the last readings still reach their outboxes.
     let uplink_shutdown = CancellationToken::new();
+    // With the points devices announced before (retained): when they find the same ones
+    // again, the uplinks need no restart.
     let uplinks = match running::Uplinks::start(
-        &config.uplinks,
+        &sparkplug_uplinks(&handle, &config).await,
         &config.gateway,
         handle.clone(),
         metrics.clone(),
@@ -368,10 +370,10 @@ pub(crate) async fn announce(
     }
 }
 
-/// Announces again when devices announce new point sets (a SunSpec device after
-/// discovery): a task drains the point-set topics of `config`'s devices into a watch, so
-/// that the router never waits on the supervisor while it syncs. `None` without
-/// `[homeassistant]`. With `retained`, the sets already announced trigger a sync too.
+/// Follows the point sets devices announce (a SunSpec device after discovery), for
+/// [`point_sets_changed_apply`]: a task drains the point-set topics of `config`'s devices into a watch, so
+/// that the router never waits on the supervisor while it syncs. `None` when nothing
+/// follows them. With `retained`, the sets already announced trigger a sync too.
 async fn watch_point_sets(
     broker: &BrokerHandle,
     config: &Config,
@@ -380,7 +382,9 @@ async fn watch_point_sets(
     tokio::sync::watch::Receiver<()>,
     tokio::task::JoinHandle<()>,
 )> {
-    config.homeassistant.as_ref()?;
+    if !follows_point_sets(config) {
+        return None;
+    }
     let filters: Vec<(String, QoS)> = config
         .devices
         .iter()
@@ -402,7 +406,7 @@ async fn watch_point_sets(
     let mut subscription = match broker.subscribe("homeassistant", filters, options).await {
         Ok(subscription) => subscription,
         Err(error) => {
-            tracing::warn!(%error, "Home Assistant discovery will not follow the points devices find at run time");
+            tracing::warn!(%error, "Home Assistant discovery and Sparkplug will not follow the points devices find at run time");
             return None;
         }
     };
@@ -443,6 +447,47 @@ async fn point_sets_changed(
 
 const POINT_SETS_QUIET: Duration = Duration::from_millis(500);
 const POINT_SETS_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// `config`'s uplinks, the Sparkplug ones with the points their devices announced.
+pub(crate) async fn sparkplug_uplinks(
+    broker: &BrokerHandle,
+    config: &Config,
+) -> Vec<crate::uplink::config::UplinkConfig> {
+    let mut uplinks = config.uplinks.clone();
+    if uplinks.iter().all(|u| u.sparkplug.is_none()) {
+        return uplinks;
+    }
+    let status_topic = &config.gateway.status_topic;
+    match crate::homeassistant::point_sets(broker, status_topic, &config.devices).await {
+        Ok(discovered) => {
+            sparkplug::add_point_sets(&mut uplinks, &config.devices, &config.gateway, &discovered)
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the devices' point sets"),
+    }
+    uplinks
+}
+
+/// What follows the point sets devices announce: Home Assistant discovery and the
+/// Sparkplug uplinks.
+fn follows_point_sets(config: &Config) -> bool {
+    config.homeassistant.is_some() || config.uplinks.iter().any(|u| u.sparkplug.is_some())
+}
+
+/// A device announced a new point set: Home Assistant discovery is synced, and a Sparkplug
+/// uplink whose devices' points changed restarts (its new session births them).
+async fn point_sets_changed_apply(running: &mut Running, shutdown: &CancellationToken) {
+    if running.config.homeassistant.is_some() {
+        announce_running(running, shutdown).await;
+    }
+    if running.config.uplinks.iter().any(|u| u.sparkplug.is_some()) {
+        let uplinks = sparkplug_uplinks(&running.handle, &running.config).await;
+        let changes = running.uplinks.apply(&uplinks).await;
+        if !changes.is_empty() {
+            tracing::info!(changes = %changes.join("; "), "devices announced new points");
+            running.stores.replace_outboxes(running.uplinks.outboxes());
+        }
+    }
+}
 
 /// [`announce`] for the configuration that runs, given up at shutdown.
 async fn announce_running(running: &Running, shutdown: &CancellationToken) {
@@ -524,7 +569,7 @@ async fn supervise(
                 }
             },
             () = point_sets_changed(&mut point_sets) => {
-                announce_running(&running, &stops.shutdown).await;
+                point_sets_changed_apply(&mut running, &stops.shutdown).await;
             }
         }
     }
