@@ -53,6 +53,8 @@ fuzz_target!(|data: &[u8]| {
         previous = Some(model.address);
     }
     for block in blocks(&found) {
+        // The block (fixed part and whole repeats) lies within the model's length.
+        assert!(block.count <= block.found.length);
         let start = block.found.data_start();
         let ranges = chunks(
             start,

@@ -135,6 +135,28 @@ pub enum PointKind {
     Text,
 }
 
+impl PointKind {
+    fn name(self) -> &'static str {
+        match self {
+            PointKind::Bool => "bool",
+            PointKind::Integer => "integer",
+            PointKind::Float => "float",
+            PointKind::Text => "text",
+        }
+    }
+
+    fn parse(name: &str) -> Option<PointKind> {
+        [
+            PointKind::Bool,
+            PointKind::Integer,
+            PointKind::Float,
+            PointKind::Text,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
+}
+
 /// One point as its configuration describes it, for those who announce points (Home
 /// Assistant discovery).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +165,63 @@ pub struct PointInfo {
     pub unit: Option<String>,
     pub writable: bool,
     pub kind: PointKind,
+}
+
+impl PointInfo {
+    /// A Modbus point's description: its register type, or a float once a scale or offset
+    /// makes the value a fraction.
+    pub(crate) fn modbus(p: &crate::drivers::modbus::config::Point) -> PointInfo {
+        use crate::drivers::modbus::config::DataType;
+        PointInfo {
+            name: p.name.clone(),
+            unit: p.unit.clone(),
+            writable: p.writable,
+            kind: match p.data_type {
+                DataType::Bool | DataType::Bit(_) => PointKind::Bool,
+                DataType::String { .. } => PointKind::Text,
+                DataType::F32 | DataType::F64 => PointKind::Float,
+                _ if p.is_unscaled() => PointKind::Integer,
+                _ => PointKind::Float,
+            },
+        }
+    }
+}
+
+/// The payload of a device's point set announcement (see [`DeviceConfig::points_topic`]):
+/// `{"points": [{"name": "inverter_W", "unit": "W", "kind": "float", "writable": false}]}`.
+pub fn point_set_payload(points: &[PointInfo]) -> String {
+    let points: Vec<serde_json::Value> = points
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "unit": p.unit,
+                "kind": p.kind.name(),
+                "writable": p.writable,
+            })
+        })
+        .collect();
+    serde_json::json!({ "points": points }).to_string()
+}
+
+/// The points of a point set announcement; `None` when it is not one. Entries that are
+/// not points are left out.
+pub fn parse_point_set(payload: &[u8]) -> Option<Vec<PointInfo>> {
+    let json: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let points = json.get("points")?.as_array()?;
+    Some(
+        points
+            .iter()
+            .filter_map(|p| {
+                Some(PointInfo {
+                    name: p.get("name")?.as_str()?.to_owned(),
+                    unit: p.get("unit").and_then(|u| u.as_str()).map(str::to_owned),
+                    writable: p.get("writable")?.as_bool()?,
+                    kind: PointKind::parse(p.get("kind")?.as_str()?)?,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The topic of one point: `template` with `{gateway}`, `{device}` and `{point}` filled in.
@@ -162,6 +241,13 @@ impl DeviceConfig {
     /// The device's retained status topic under the gateway's status topic.
     pub fn status_topic(&self, gateway_status_topic: &str) -> String {
         format!("{gateway_status_topic}/devices/{}", self.name)
+    }
+
+    /// The retained topic where a driver announces the device's points when it finds them
+    /// at run time (a SunSpec device after discovery), for the parts that describe the
+    /// device's points to others (Home Assistant discovery): [`point_set_payload`].
+    pub fn points_topic(&self, gateway_status_topic: &str) -> String {
+        format!("{}/points", self.status_topic(gateway_status_topic))
     }
 
     /// The device's points, as [`DriverConfig::point_infos`] describes them.
@@ -217,7 +303,6 @@ impl DriverConfig {
     /// The points of a device with registers or simulated values (a serial device's
     /// points are frames of named fields, not one value each: none here).
     pub fn point_infos(&self) -> Vec<PointInfo> {
-        use crate::drivers::modbus::config::DataType;
         use crate::drivers::simulated::config::Waveform;
         use crate::model::Value;
         match self {
@@ -242,22 +327,7 @@ impl DriverConfig {
                     },
                 })
                 .collect(),
-            DriverConfig::Modbus(config) => config
-                .points
-                .iter()
-                .map(|p| PointInfo {
-                    name: p.name.clone(),
-                    unit: p.unit.clone(),
-                    writable: p.writable,
-                    kind: match p.data_type {
-                        DataType::Bool | DataType::Bit(_) => PointKind::Bool,
-                        DataType::String { .. } => PointKind::Text,
-                        DataType::F32 | DataType::F64 => PointKind::Float,
-                        _ if p.is_unscaled() => PointKind::Integer,
-                        _ => PointKind::Float,
-                    },
-                })
-                .collect(),
+            DriverConfig::Modbus(config) => config.points.iter().map(PointInfo::modbus).collect(),
             DriverConfig::Serial(_) => Vec::new(),
         }
     }

@@ -27,7 +27,7 @@ use crate::model::{
     WriteOutcome, WriteRequest,
 };
 use crate::status::{DeviceBoard, DeviceState};
-use config::{DeviceConfig, DriverConfig, PayloadFormat};
+use config::{DeviceConfig, DriverConfig, PayloadFormat, PointInfo};
 use payload::{Labels, Sample, TEXT_PLAIN};
 
 /// Everything a driver needs to talk to the bus for one device.
@@ -299,6 +299,20 @@ impl DeviceContext {
             TextKind::Json => self.json.clone(),
             TextKind::Plain => self.plain.clone(),
         });
+        self.broker.publish(message).await
+    }
+
+    /// Announce the device's points (retained, on the status topic's `/points`): a driver
+    /// that finds its points at run time tells Home Assistant discovery about them.
+    pub async fn publish_points(&self, points: &[PointInfo]) -> Result<(), BusError> {
+        let mut message = Message::internal(
+            &self.origin,
+            format!("{}/points", self.status_topic),
+            config::point_set_payload(points),
+            QoS::AtLeastOnce,
+            true,
+        );
+        message.properties = Some(self.json.clone());
         self.broker.publish(message).await
     }
 

@@ -6,10 +6,13 @@
 //! the point's state topic, how to read its value, its unit, the device it belongs to, the
 //! device's status topic for availability and, for a writable point, its `/set` topic.
 //!
-//! [`sync`] runs when the gateway starts and on every reload: it reads the retained config
-//! messages under this gateway's node id, publishes what is new or changed, and clears
-//! (empty retained message) what no longer has a point, so a removed point or device, or
-//! one removed while the gateway was stopped, leaves Home Assistant too.
+//! [`sync`] runs when the gateway starts, on every reload and when a device announces a new
+//! point set: it reads the retained config messages under this gateway's node id, publishes
+//! what is new or changed, and clears (empty retained message) what no longer has a point,
+//! so a removed point or device, or one removed while the gateway was stopped, leaves Home
+//! Assistant too. A device's points are those of its configuration and those its driver
+//! found at run time and announced, retained, on its points topic (a SunSpec device's
+//! models: [`DeviceConfig::points_topic`]).
 
 pub mod config;
 
@@ -20,7 +23,7 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value as Json};
 
 use crate::broker::bus::{BrokerHandle, BusError, InternalSubscribeOptions};
-use crate::drivers::config::{DeviceConfig, PayloadFormat, PointInfo, PointKind};
+use crate::drivers::config::{parse_point_set, DeviceConfig, PayloadFormat, PointInfo, PointKind};
 use crate::model::{Message, MessageProperties, QoS};
 pub use config::HomeAssistantConfig;
 
@@ -75,11 +78,13 @@ fn own_filter(prefix: &str, gateway: &str) -> String {
     format!("{prefix}/+/{}/+/config", id_part(gateway))
 }
 
-/// The discovery messages of `devices`, and how many devices were left out.
+/// The discovery messages of `devices` (with the points their drivers announced,
+/// `discovered` by device name), and how many devices were left out.
 pub fn announcements(
     config: &HomeAssistantConfig,
     gateway: Gateway<'_>,
     devices: &[DeviceConfig],
+    discovered: &HashMap<String, Vec<PointInfo>>,
 ) -> (Vec<Announcement>, usize) {
     let node = id_part(gateway.id);
     let mut out = Vec::new();
@@ -95,7 +100,12 @@ pub fn announcements(
                 continue;
             }
         };
-        let points = device.point_infos();
+        let mut points = device.point_infos();
+        for point in discovered.get(&device.name).into_iter().flatten() {
+            if !points.iter().any(|p| p.name == point.name) {
+                points.push(point.clone());
+            }
+        }
         if points.is_empty() {
             skipped += 1;
             continue;
@@ -257,7 +267,8 @@ pub async fn sync(
     let mut summary = SyncSummary::default();
     let wanted: BTreeMap<String, Bytes> = match config {
         Some(config) => {
-            let (announcements, skipped) = announcements(config, gateway, devices);
+            let discovered = point_sets(broker, gateway.status_topic, devices).await?;
+            let (announcements, skipped) = announcements(config, gateway, devices, &discovered);
             summary.skipped_devices = skipped;
             announcements
                 .into_iter()
@@ -307,6 +318,34 @@ pub async fn sync(
         summary.removed += 1;
     }
     Ok(summary)
+}
+
+/// The point sets `devices` announced (retained on their points topics under
+/// `gateway_status_topic`), by device name.
+pub async fn point_sets(
+    broker: &BrokerHandle,
+    gateway_status_topic: &str,
+    devices: &[DeviceConfig],
+) -> Result<HashMap<String, Vec<PointInfo>>, BusError> {
+    let topics: HashMap<String, &str> = devices
+        .iter()
+        .map(|d| (d.points_topic(gateway_status_topic), d.name.as_str()))
+        .collect();
+    if topics.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let filters = topics
+        .keys()
+        .map(|t| (t.clone(), QoS::AtLeastOnce))
+        .collect();
+    let retained = retained(broker, filters, topics.len()).await?;
+    Ok(retained
+        .iter()
+        .filter_map(|(topic, payload)| {
+            let device = topics.get(topic)?;
+            Some(((*device).to_owned(), parse_point_set(payload)?))
+        })
+        .collect())
 }
 
 /// The retained messages under `filters` (empty ones are not retained, so not here).
@@ -376,7 +415,7 @@ points = [
 ]
 "#,
         );
-        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices);
+        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices, &HashMap::new());
         assert_eq!(skipped, 0);
         let topics: Vec<&str> = all.iter().map(|a| a.topic.as_str()).collect();
         assert_eq!(
@@ -428,7 +467,7 @@ payload = { template = "{{ value }}" }
 points = [ { name = "x", waveform = "sine", min = 1.0, max = 2.0 } ]
 "#,
         );
-        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices);
+        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices, &HashMap::new());
         assert_eq!(skipped, 2);
         assert_eq!(all.len(), 2);
         assert!(all[0].payload.get("value_template").is_none());
@@ -448,9 +487,54 @@ driver = "simulated"
 points = [ { name = "a.b", waveform = "constant", value = 1.5 }, { name = "a_b", waveform = "constant", value = 2.5 } ]
 "#,
         );
-        let (all, _) = announcements(&prefix(), GATEWAY, &devices);
+        let (all, _) = announcements(&prefix(), GATEWAY, &devices, &HashMap::new());
         assert_eq!(all[0].topic, "homeassistant/sensor/gw_1/m_a_b/config");
         assert_eq!(all[1].topic, "homeassistant/sensor/gw_1/m_a_b_2/config");
         assert_ne!(all[0].payload["unique_id"], all[1].payload["unique_id"]);
+    }
+
+    #[test]
+    fn points_a_driver_announced_are_announced_beside_the_configured_ones() {
+        let devices = devices(
+            r#"
+[[devices]]
+name = "inv"
+driver = "modbus-tcp"
+address = "127.0.0.1:502"
+profile = "sunspec"
+"#,
+        );
+        // Before discovery a SunSpec device has no points: left out.
+        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices, &HashMap::new());
+        assert_eq!((all.len(), skipped), (0, 1));
+        let payload = crate::drivers::config::point_set_payload(&[
+            PointInfo {
+                name: "inverter_W".into(),
+                unit: Some("W".into()),
+                writable: false,
+                kind: PointKind::Float,
+            },
+            PointInfo {
+                name: "mppt_1_IDStr".into(),
+                unit: None,
+                writable: false,
+                kind: PointKind::Text,
+            },
+        ]);
+        let points = parse_point_set(payload.as_bytes()).expect("a point set");
+        let discovered = HashMap::from([("inv".to_owned(), points)]);
+        let (all, skipped) = announcements(&prefix(), GATEWAY, &devices, &discovered);
+        assert_eq!(skipped, 0);
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[0].topic,
+            "homeassistant/sensor/gw_1/inv_inverter_W/config"
+        );
+        assert_eq!(all[0].payload["state_topic"], "gw.1/inv/inverter_W");
+        assert_eq!(all[0].payload["device_class"], "power");
+        assert_eq!(all[0].payload["unit_of_measurement"], "W");
+        assert_eq!(all[1].payload["name"], "mppt_1_IDStr");
+        assert!(all[1].payload.get("state_class").is_none());
+        assert_eq!(parse_point_set(b"{\"status\": \"online\"}"), None);
     }
 }

@@ -241,21 +241,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         shutdown.clone(),
     );
 
-    if config.homeassistant.is_some() {
-        tokio::spawn(announce(
-            handle.clone(),
-            config.homeassistant.clone(),
-            None,
-            config.gateway.id.clone(),
-            status_topic.clone(),
-            config.devices.clone(),
-        ));
-    }
-
     // Uplinks stop after the devices, so the last readings still reach their outboxes.
     let uplink_shutdown = CancellationToken::new();
+    // With the points devices announced before (retained): when they find the same ones
+    // again, the uplinks need no restart.
     let uplinks = match running::Uplinks::start(
-        &config.uplinks,
+        &sparkplug_uplinks(&handle, &config).await,
         &config.gateway,
         handle.clone(),
         metrics.clone(),
@@ -380,6 +371,142 @@ pub(crate) async fn announce(
     }
 }
 
+/// Follows the point sets devices announce (a SunSpec device after discovery), for
+/// [`point_sets_changed_apply`]: a task drains the point-set topics of `config`'s devices into a watch, so
+/// that the router never waits on the supervisor while it syncs. `None` when nothing
+/// follows them. With `retained`, the sets already announced trigger a sync too.
+async fn watch_point_sets(
+    broker: &BrokerHandle,
+    config: &Config,
+    retained: bool,
+) -> Option<(
+    tokio::sync::watch::Receiver<()>,
+    tokio::task::JoinHandle<()>,
+)> {
+    if !follows_point_sets(config) {
+        return None;
+    }
+    let filters: Vec<(String, QoS)> = config
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.points_topic(&config.gateway.status_topic),
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
+    if filters.is_empty() {
+        return None;
+    }
+    let options = broker::InternalSubscribeOptions {
+        capacity: 64,
+        send_retained: retained,
+        commit: false,
+    };
+    let mut subscription = match broker.subscribe("homeassistant", filters, options).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::warn!(%error, "Home Assistant discovery and Sparkplug will not follow the points devices find at run time");
+            return None;
+        }
+    };
+    let (changed, watch) = tokio::sync::watch::channel(());
+    let task = tokio::spawn(async move {
+        while let Some(message) = subscription.recv().await {
+            if !message.payload.is_empty() {
+                changed.send_replace(());
+            }
+        }
+    });
+    Some((watch, task))
+}
+
+/// Waits for a point-set announcement, then for the announcements that follow within
+/// [`POINT_SETS_QUIET`] (devices on one line discover one after the other), at most
+/// [`POINT_SETS_MAX_WAIT`] in all. Pending forever without a watch.
+async fn point_sets_changed(
+    watch: &mut Option<(
+        tokio::sync::watch::Receiver<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    let Some((watch, _)) = watch.as_mut() else {
+        return std::future::pending().await;
+    };
+    if watch.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    let deadline = tokio::time::Instant::now() + POINT_SETS_MAX_WAIT;
+    while let Ok(Ok(())) = tokio::time::timeout_at(
+        (tokio::time::Instant::now() + POINT_SETS_QUIET).min(deadline),
+        watch.changed(),
+    )
+    .await
+    {}
+}
+
+const POINT_SETS_QUIET: Duration = Duration::from_millis(500);
+const POINT_SETS_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// `config`'s uplinks, the Sparkplug ones with the points their devices announced.
+pub(crate) async fn sparkplug_uplinks(
+    broker: &BrokerHandle,
+    config: &Config,
+) -> Vec<crate::uplink::config::UplinkConfig> {
+    let mut uplinks = config.uplinks.clone();
+    if uplinks.iter().all(|u| u.sparkplug.is_none()) {
+        return uplinks;
+    }
+    let status_topic = &config.gateway.status_topic;
+    match crate::homeassistant::point_sets(broker, status_topic, &config.devices).await {
+        Ok(discovered) => {
+            sparkplug::add_point_sets(&mut uplinks, &config.devices, &config.gateway, &discovered)
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the devices' point sets"),
+    }
+    uplinks
+}
+
+/// What follows the point sets devices announce: Home Assistant discovery and the
+/// Sparkplug uplinks.
+fn follows_point_sets(config: &Config) -> bool {
+    config.homeassistant.is_some() || config.uplinks.iter().any(|u| u.sparkplug.is_some())
+}
+
+/// A device announced a new point set: Home Assistant discovery is synced, and a Sparkplug
+/// uplink whose devices' points changed restarts (its new session births them).
+async fn point_sets_changed_apply(running: &mut Running, shutdown: &CancellationToken) {
+    if running.config.homeassistant.is_some() {
+        announce_running(running, shutdown).await;
+    }
+    if running.config.uplinks.iter().any(|u| u.sparkplug.is_some()) {
+        let uplinks = sparkplug_uplinks(&running.handle, &running.config).await;
+        let changes = running.uplinks.apply(&uplinks).await;
+        if !changes.is_empty() {
+            tracing::info!(changes = %changes.join("; "), "devices announced new points");
+            running.stores.replace_outboxes(running.uplinks.outboxes());
+        }
+    }
+}
+
+/// [`announce`] for the configuration that runs, given up at shutdown.
+async fn announce_running(running: &Running, shutdown: &CancellationToken) {
+    let config = &running.config;
+    let announce = announce(
+        running.handle.clone(),
+        config.homeassistant.clone(),
+        None,
+        config.gateway.id.clone(),
+        config.gateway.status_topic.clone(),
+        config.devices.clone(),
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = announce => {}
+    }
+}
+
 async fn publish_status(handle: &BrokerHandle, topic: &str, status: &str) {
     let message = Message::internal("gateway", topic, status.to_owned(), QoS::AtLeastOnce, true);
     if let Err(error) = handle.publish_and_wait(message).await {
@@ -414,6 +541,13 @@ async fn supervise(
     mut reload_requests: mpsc::Receiver<ReloadRequest>,
     stops: Stops,
 ) {
+    // Every Home Assistant sync runs here, one at a time: two at once could clear each
+    // other's new config messages.
+    // Subscribed first: a set announced after the sync read the retained ones is not missed.
+    let mut point_sets = watch_point_sets(&running.handle, &running.config, false).await;
+    if running.config.homeassistant.is_some() {
+        announce_running(&running, &stops.shutdown).await;
+    }
     loop {
         tokio::select! {
             biased;
@@ -422,6 +556,12 @@ async fn supervise(
                 Some(request) => {
                     let report = reload::reload(&mut running).await;
                     request.answer(report);
+                    if let Some((_, task)) = point_sets.take() {
+                        task.abort();
+                    }
+                    // With the retained sets: a device started by the reload may have
+                    // announced its points after the reload's sync read them.
+                    point_sets = watch_point_sets(&running.handle, &running.config, true).await;
                 }
                 // Every trigger is gone: only shutdown is left to wait for.
                 None => {
@@ -429,7 +569,13 @@ async fn supervise(
                     break;
                 }
             },
+            () = point_sets_changed(&mut point_sets) => {
+                point_sets_changed_apply(&mut running, &stops.shutdown).await;
+            }
         }
+    }
+    if let Some((_, task)) = point_sets.take() {
+        task.abort();
     }
     // Requests waiting now, and any made later, are answered "the gateway is stopping".
     drop(reload_requests);

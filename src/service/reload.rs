@@ -54,7 +54,8 @@ pub(super) async fn reload(running: &mut Running) -> ReloadReport {
 
     let mut changes = running.broker.apply_reload(prepared).await;
     // Uplinks first: an added uplink's out-routes then see an added device's first readings.
-    changes.extend(running.uplinks.apply(&wanted.uplinks).await);
+    let uplinks = super::sparkplug_uplinks(&running.handle, &wanted).await;
+    changes.extend(running.uplinks.apply(&uplinks).await);
     changes.extend(running.devices.apply(&wanted.devices).await);
     changes.extend(
         running

@@ -1,9 +1,14 @@
 //! The shape of the devices a Sparkplug uplink presents: each device's points with their
 //! local topics, Sparkplug datatypes (mapped from the point types) and units. Built here,
-//! where the whole configuration meets, so that the uplink knows no driver.
+//! where the whole configuration meets, so that the uplink knows no driver. The points a
+//! driver finds at run time (a SunSpec device's models) and announces on the bus are added
+//! by [`add_point_sets`]; an uplink whose shape changes that way restarts, and its new
+//! session births the node and its devices with them.
+
+use std::collections::HashMap;
 
 use crate::config::GatewayConfig;
-use crate::drivers::config::{DeviceConfig, DriverConfig, PayloadFormat};
+use crate::drivers::config::{DeviceConfig, DriverConfig, PayloadFormat, PointInfo, PointKind};
 use crate::drivers::modbus::config::DataType as ModbusType;
 use crate::drivers::simulated::config::Waveform;
 use crate::model::Value;
@@ -27,6 +32,48 @@ pub(crate) fn fill_devices(
     for uplink in uplinks {
         if let Some(sparkplug) = uplink.sparkplug.as_mut() {
             sparkplug.devices = shaped.clone();
+        }
+    }
+}
+
+/// Adds to every Sparkplug uplink's devices the points their drivers announced
+/// (`discovered`, by device name) that the configuration does not give.
+pub(crate) fn add_point_sets(
+    uplinks: &mut [UplinkConfig],
+    devices: &[DeviceConfig],
+    gateway: &GatewayConfig,
+    discovered: &HashMap<String, Vec<PointInfo>>,
+) {
+    for sparkplug in uplinks.iter_mut().filter_map(|u| u.sparkplug.as_mut()) {
+        for shaped in &mut sparkplug.devices {
+            let Some(device) = devices.iter().find(|d| d.name == shaped.name) else {
+                continue;
+            };
+            for point in discovered.get(&device.name).into_iter().flatten() {
+                if shaped.points.iter().any(|p| p.name == point.name) {
+                    continue;
+                }
+                shaped.points.push(SparkplugPoint {
+                    name: point.name.clone(),
+                    topic: device.point_topic(&gateway.id, &point.name),
+                    datatype: match point.kind {
+                        PointKind::Bool => DataType::Boolean,
+                        PointKind::Integer => DataType::Int64,
+                        PointKind::Float => DataType::Double,
+                        PointKind::Text => DataType::String,
+                    },
+                    unit: point.unit.clone(),
+                    writable: point.writable,
+                });
+            }
+            if shaped.points_filter.is_some()
+                && shaped
+                    .points
+                    .iter()
+                    .any(|p| p.name.contains(['/', '+', '#']))
+            {
+                shaped.points_filter = None;
+            }
         }
     }
 }
@@ -180,5 +227,50 @@ mod tests {
             modbus_type(ModbusType::String { registers: 4 }, true),
             DataType::String
         );
+    }
+
+    #[test]
+    fn announced_points_join_a_devices_shape_once_with_datatypes_from_their_kinds() {
+        let text = "[gateway]\nid = \"gw\"\n[broker]\nallow_anonymous = true\n\
+            [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nprofile = \"sunspec\"\n\
+            points = [ { name = \"limit\", table = \"holding\", address = 40500, writable = true } ]\n\
+            [[uplinks]]\nname = \"s\"\nurl = \"mqtt://127.0.0.1\"\n[uplinks.sparkplug]\ngroup_id = \"g\"\n";
+        let config = crate::service::config::parse(text, Path::new("t.toml")).expect("valid");
+        let point = |name: &str, kind, unit: Option<&str>| PointInfo {
+            name: name.into(),
+            unit: unit.map(str::to_owned),
+            writable: false,
+            kind,
+        };
+        let discovered = HashMap::from([(
+            "inv".to_owned(),
+            vec![
+                point("limit", PointKind::Float, None),
+                point("inverter_W", PointKind::Float, Some("W")),
+                point("inverter_St", PointKind::Integer, None),
+                point("common_SN", PointKind::Text, None),
+            ],
+        )]);
+        let mut uplinks = config.uplinks.clone();
+        add_point_sets(&mut uplinks, &config.devices, &config.gateway, &discovered);
+        add_point_sets(&mut uplinks, &config.devices, &config.gateway, &discovered);
+        let device = &uplinks[0].sparkplug.as_ref().expect("sparkplug").devices[0];
+        let shaped: Vec<(&str, DataType)> = device
+            .points
+            .iter()
+            .map(|p| (p.name.as_str(), p.datatype))
+            .collect();
+        assert_eq!(
+            shaped,
+            [
+                ("limit", DataType::UInt16),
+                ("inverter_W", DataType::Double),
+                ("inverter_St", DataType::Int64),
+                ("common_SN", DataType::String),
+            ]
+        );
+        assert_eq!(device.points[1].topic, "gw/inv/inverter_W");
+        assert_eq!(device.points[1].unit.as_deref(), Some("W"));
+        assert!(device.points[0].writable);
     }
 }

@@ -882,3 +882,89 @@ fn a_reload_that_adds_a_point_restarts_the_node_with_a_new_bdseq_and_the_point_i
     assert_eq!(metric(&dbirth, "pressure")["datatype"], "DOUBLE");
     assert_eq!(metric(&dbirth, "pressure")["properties"]["engUnit"], "bar");
 }
+
+#[test]
+fn a_sunspec_device_is_born_again_with_the_points_its_discovery_found() {
+    if !peers_available("sparkplug sunspec") {
+        return;
+    }
+    // SunSpec at 40000: model 103 (W = 1500 W, W_SF = 0, Hz = 5001, Hz_SF = -2), then
+    // the end marker.
+    let registers = SharedRegisters::default();
+    {
+        let mut r = registers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (address, value) in [
+            (40000, 0x5375),
+            (40001, 0x6E53),
+            (40002, 103),
+            (40003, 50),
+            (40004 + 12, 1500),
+            (40004 + 14, 5001),
+            (40004 + 15, 0xFFFE),
+            (40054, 0xFFFF),
+        ] {
+            r.holding.insert(address, value);
+        }
+    }
+    let (modbus, _server) = serve_modbus(registers);
+    let cloud = Cloud::start(CloudOptions::default());
+    let mut host = Host::start(cloud.port, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let config = dir.path().join("fieldmq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[gateway]
+id = "{NODE}"
+data_dir = "{data}"
+
+[broker]
+allow_anonymous = true
+
+[[broker.listeners]]
+bind = "127.0.0.1:0"
+
+[[devices]]
+name = "inv"
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "200ms"
+profile = "sunspec"
+
+[[uplinks]]
+name = "scada"
+url = "mqtt://127.0.0.1:{port}"
+protocol = "3.1.1"
+
+[uplinks.sparkplug]
+group_id = "{GROUP}"
+"#,
+            data = data.display(),
+            port = cloud.port
+        ),
+    )
+    .expect("write config");
+    let _gateway = GatewayProcess::start(&config);
+
+    let has = |m: &Value, name: &str| {
+        m["metrics"]
+            .as_array()
+            .is_some_and(|metrics| metrics.iter().any(|x| x["name"] == name))
+    };
+    let dbirth = host.wait_for("DBIRTH with inverter_W", Duration::from_secs(20), |m| {
+        m["type"] == "DBIRTH" && m["device"] == "inv" && has(m, "inverter_W")
+    });
+    assert_eq!(metric(&dbirth, "inverter_W")["datatype"], "DOUBLE");
+    assert_eq!(metric(&dbirth, "inverter_W")["properties"]["engUnit"], "W");
+    assert!(has(&dbirth, "inverter_Hz"), "{dbirth}");
+    host.wait_for("DDATA of inverter_Hz", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA"
+            && m["metrics"][0]["name"] == "inverter_Hz"
+            && m["metrics"][0]["value"] == 50.01
+    });
+}

@@ -30,6 +30,8 @@ use crate::util::modbus::Answer;
 struct Registers {
     holding: HashMap<u16, u16>,
     reads: Vec<(u16, u16)>,
+    /// The next this many reads get no answer (the gateway times out and reconnects).
+    stall: u32,
 }
 
 type Shared = Arc<Mutex<Registers>>;
@@ -46,6 +48,13 @@ impl tokio_modbus::server::Service for SunSpecDevice {
     fn call(&self, request: Self::Request) -> Self::Future {
         let mut s = self.0.lock().unwrap();
         let answer = match request.request {
+            Request::ReadHoldingRegisters(_, _) if s.stall > 0 => {
+                s.stall -= 1;
+                return Box::pin(async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Err(ExceptionCode::ServerDeviceBusy)
+                });
+            }
             Request::ReadHoldingRegisters(start, count) => {
                 s.reads.push((start, count));
                 let words: Option<Vec<u16>> = (u32::from(start)
@@ -164,6 +173,7 @@ fn inverter() -> Shared {
     Arc::new(Mutex::new(Registers {
         holding: map,
         reads: Vec::new(),
+        stall: 0,
     }))
 }
 
@@ -339,6 +349,7 @@ async fn a_device_without_a_sunspec_marker_reports_why_in_its_status() {
     let state = Arc::new(Mutex::new(Registers {
         holding: (0..10).map(|a| (a, 0)).collect(),
         reads: Vec::new(),
+        stall: 0,
     }));
     let address = serve(state).await;
     let mut gw = start_gateway(address).await;
@@ -359,6 +370,7 @@ async fn a_chain_that_runs_past_the_last_register_ends_discovery_with_an_error()
     let state = Arc::new(Mutex::new(Registers {
         holding: map,
         reads: Vec::new(),
+        stall: 0,
     }));
     let address = serve(state).await;
     let mut gw = start_gateway(address).await;
@@ -560,4 +572,227 @@ async fn the_command_line_shows_the_sunspec_profile_checks_a_device_and_probes_o
         "{}",
         probe.1
     );
+}
+
+/// Model 160 with `modules` modules at `at` (and `extra` registers of a partial module):
+/// DCA_SF = -2, DCV_SF = -1, DCW_SF = 0, DCWH_SF = 0; module n has DCA = 10.0 × n A,
+/// DCV = 400.0 + n V, DCW = 4000 × n W, IDStr "PV<n>". Returns the address after it.
+fn mppt(map: &mut HashMap<u16, u16>, at: u16, modules: u16, extra: u16) -> u16 {
+    let mut values = vec![(0, 0xFFFE), (1, 0xFFFF), (2, 0), (3, 0), (6, modules)];
+    for n in 1..=modules {
+        let m = 8 + (n - 1) * 20;
+        values.push((m, n)); // ID
+        for (i, w) in text(&format!("PV{n}"), 8).into_iter().enumerate() {
+            values.push((m + 1 + i as u16, w));
+        }
+        values.extend([(m + 9, 1000 * n), (m + 10, 4000 + n), (m + 11, 4000 * n)]);
+        values.extend([(m + 12, 0), (m + 13, 500 * n)]); // DCWH
+        values.push((m + 16, 25)); // Tmp
+    }
+    model(map, at, 160, 8 + 20 * modules + extra, &values)
+}
+
+/// A SunSpec inverter with multiple MPPT: model 1 at 40002, model 103 at 40070 (W = 6000
+/// W), model 160 at 40122 with `modules` modules (+ `extra` registers), then the end.
+fn mppt_inverter(modules: u16, extra: u16) -> HashMap<u16, u16> {
+    let mut map = HashMap::new();
+    map.insert(40000, 0x5375);
+    map.insert(40001, 0x6E53);
+    let next = model(
+        &mut map,
+        40002,
+        1,
+        66,
+        &text("SMA", 16)
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| (i as u16, w))
+            .collect::<Vec<_>>(),
+    );
+    let next = model(&mut map, next, 103, 50, &[(12, 6000), (13, 0)]);
+    let next = mppt(&mut map, next, modules, extra);
+    map.insert(next, 0xFFFF);
+    map.insert(next + 1, 0);
+    map
+}
+
+fn shared(holding: HashMap<u16, u16>) -> Shared {
+    Arc::new(Mutex::new(Registers {
+        holding,
+        reads: Vec::new(),
+        stall: 0,
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mppt_modules_are_published_per_module_and_a_partial_module_is_ignored() {
+    // Two modules and 7 registers of a third, which is not read.
+    let mut holding = mppt_inverter(2, 7);
+    holding.insert(40124 + 8 + 20 + 10, 0xFFFF); // module 2 DCV: not implemented
+    let state = shared(holding);
+    let address = serve(state.clone()).await;
+    let mut gw = start_gateway(address).await;
+    let topics = [
+        "gw/inv/mppt_N",
+        "gw/inv/mppt_1_IDStr",
+        "gw/inv/mppt_1_DCA",
+        "gw/inv/mppt_1_DCV",
+        "gw/inv/mppt_1_DCW",
+        "gw/inv/mppt_1_DCWH",
+        "gw/inv/mppt_2_DCA",
+        "gw/inv/mppt_2_DCV",
+        "gw/inv/mppt_2_DCW",
+        "fieldmq/gw/status/devices/inv",
+    ];
+    let seen = gw.collect(&topics).await;
+    let value = |topic: &str| {
+        let reading = &seen[topic];
+        assert_eq!(reading["quality"], "good", "{topic}: {reading}");
+        reading["value"].clone()
+    };
+    assert_eq!(value("gw/inv/mppt_N"), 2);
+    assert_eq!(value("gw/inv/mppt_1_IDStr"), "PV1");
+    assert_eq!(value("gw/inv/mppt_1_DCA"), 10.0);
+    assert_eq!(value("gw/inv/mppt_1_DCV"), 400.1);
+    assert_eq!(value("gw/inv/mppt_1_DCW"), 4000);
+    assert_eq!(value("gw/inv/mppt_1_DCWH"), 500);
+    assert_eq!(value("gw/inv/mppt_2_DCA"), 20.0);
+    assert_eq!(value("gw/inv/mppt_2_DCW"), 8000);
+    assert_eq!(seen["gw/inv/mppt_1_DCV"]["unit"], "V");
+    let dcv = &seen["gw/inv/mppt_2_DCV"];
+    assert_eq!(dcv["quality"], "bad", "{dcv}");
+    assert_eq!(dcv["error"], "not implemented by the device", "{dcv}");
+    assert_eq!(seen["fieldmq/gw/status/devices/inv"]["status"], "online");
+    assert!(
+        !seen.keys().any(|t| t.starts_with("gw/inv/mppt_3_")),
+        "{:?}",
+        seen.keys()
+    );
+    // The model block: the fixed block and two modules, not the partial third.
+    let reads = state.lock().unwrap().reads.clone();
+    assert!(reads.contains(&(40124, 48)), "{reads:?}");
+}
+
+/// Waits for a good reading on `topic` that `check` accepts (10 s at most).
+async fn wait_for(gw: &mut Gateway, topic: &str, check: impl Fn(&Json) -> bool) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = timeout(deadline - Instant::now(), gw.messages.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no matching reading on {topic} within 10s"))
+            .expect("broker running");
+        if message.topic.as_ref() != topic {
+            continue;
+        }
+        let json: Json = serde_json::from_slice(&message.payload).unwrap_or_default();
+        if json["quality"] == "good" && check(&json["value"]) {
+            return json;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_added_while_the_link_was_down_is_found_after_the_reconnect() {
+    let state = shared(mppt_inverter(2, 0));
+    let address = serve(state.clone()).await;
+    let mut gw = start_gateway_with(address, "timeout = \"300ms\"").await;
+    wait_for(&mut gw, "gw/inv/mppt_2_DCA", |v| *v == 20.0).await;
+    {
+        // A third module (the device was updated); the next answer never comes, so the
+        // gateway drops the connection and opens a new one.
+        let mut s = state.lock().unwrap();
+        s.holding = mppt_inverter(3, 0);
+        s.stall = 1;
+    }
+    let dca = wait_for(&mut gw, "gw/inv/mppt_3_DCA", |v| *v == 30.0).await;
+    assert_eq!(dca["unit"], "A");
+    wait_for(&mut gw, "gw/inv/mppt_3_IDStr", |v| *v == "PV3").await;
+    let reads = state.lock().unwrap().reads.clone();
+    assert!(reads.contains(&(40124, 68)), "{reads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_block_refused_with_illegal_data_address_makes_the_chain_read_again() {
+    let state = shared(mppt_inverter(2, 0));
+    let address = serve(state.clone()).await;
+    let mut gw = start_gateway(address).await;
+    wait_for(&mut gw, "gw/inv/mppt_2_DCA", |v| *v == 20.0).await;
+    {
+        // One module left: the old block's registers past the new end are gone, and
+        // module 1 reads 12.5 A.
+        let mut holding = mppt_inverter(1, 0);
+        holding.insert(40124 + 8 + 9, 1250);
+        let mut s = state.lock().unwrap();
+        s.holding = holding;
+        s.reads.clear();
+    }
+    wait_for(&mut gw, "gw/inv/mppt_1_DCA", |v| *v == 12.5).await;
+    let reads = state.lock().unwrap().reads.clone();
+    assert!(reads.contains(&(40124, 28)), "{reads:?}");
+    // The chain was read again: the header of model 160.
+    assert!(reads.contains(&(40122, 2)), "{reads:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_follows_the_points_a_sunspec_device_finds() {
+    let state = shared(mppt_inverter(2, 0));
+    let address = serve(state.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n[broker]\nallow_anonymous = true\n\
+         [homeassistant]\ndiscovery_prefix = \"ha\"\n\
+         [[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"{address}\"\n\
+         poll = \"200ms\"\ntimeout = \"300ms\"\nprofile = \"sunspec\"\n",
+        dir.path().display()
+    );
+    let config = config::parse(&text, Path::new("sunspec-ha.toml"))
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let shutdown = CancellationToken::new();
+    let running = fieldmq::service::start(config, shutdown.clone())
+        .await
+        .expect("the gateway starts");
+    let mut configs = running
+        .broker
+        .subscribe(
+            "test",
+            vec![("ha/#".into(), QoS::AtLeastOnce)],
+            InternalSubscribeOptions {
+                send_retained: true,
+                ..InternalSubscribeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    // The config message of `topic` with a payload (10 s at most).
+    let mut seen: HashMap<String, Json> = HashMap::new();
+    let mut wait_config = async |topic: &str| -> Json {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.contains_key(topic) {
+            let message = timeout(deadline - Instant::now(), configs.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {topic} within 10s: {:?}", seen.keys()))
+                .expect("broker running");
+            if let Ok(json) = serde_json::from_slice::<Json>(&message.payload) {
+                seen.insert(message.topic.to_string(), json);
+            }
+        }
+        seen[topic].clone()
+    };
+    let w = wait_config("ha/sensor/gw/inv_inverter_W/config").await;
+    assert_eq!(w["state_topic"], "gw/inv/inverter_W", "{w}");
+    assert_eq!(w["unit_of_measurement"], "W", "{w}");
+    assert_eq!(w["device_class"], "power", "{w}");
+    let dca = wait_config("ha/sensor/gw/inv_mppt_2_DCA/config").await;
+    assert_eq!(dca["device_class"], "current", "{dca}");
+
+    // A third module after a reconnect: its points are announced too.
+    {
+        let mut s = state.lock().unwrap();
+        s.holding = mppt_inverter(3, 0);
+        s.stall = 1;
+    }
+    let dcv = wait_config("ha/sensor/gw/inv_mppt_3_DCV/config").await;
+    assert_eq!(dcv["state_topic"], "gw/inv/mppt_3_DCV", "{dcv}");
+    shutdown.cancel();
+    running.stop().await;
 }

@@ -80,8 +80,18 @@ struct Device {
 /// only its configured points; then each mapped model adds its points and one read of its
 /// block, never split on an exception: a value and its scale factor must come from one
 /// poll (a block longer than one request is read in consecutive requests).
+///
+/// The chain is read again whenever the device may have changed its models: after the
+/// link was reopened, and when a model block's read is refused with illegal data address
+/// (which the block's read then retries only every `backoff_max`, so a device that keeps
+/// refusing costs one chain read per `backoff_max`). A chain that reads the same keeps
+/// the points as they are; a changed one replaces every SunSpec point.
 struct SunSpec {
     discovered: bool,
+    /// The device's points before discovery added any: the configured ones.
+    configured: usize,
+    /// The models the points were built from.
+    found: Vec<Found>,
     /// The next discovery attempt.
     due: Instant,
     /// Why the last attempt failed, when the device answered (no marker, a broken chain).
@@ -502,6 +512,8 @@ impl Bus {
                 Device {
                     sunspec: device.config.sunspec.then(|| SunSpec {
                         discovered: false,
+                        configured: device.config.points.len(),
+                        found: Vec::new(),
                         due: now,
                         error: None,
                         sources: vec![None; device.config.points.len()],
@@ -662,6 +674,12 @@ impl Bus {
                     }
                     self.connection = Some(connection);
                     self.link_backoff.reset();
+                    // The device may have restarted with other models (a firmware update,
+                    // a module added): read the chains again.
+                    for state in self.devices.iter_mut().filter_map(|d| d.sunspec.as_mut()) {
+                        state.discovered = false;
+                        state.due = Instant::now();
+                    }
                     self.free_at = Instant::now() + self.silent;
                     return true;
                 }
@@ -739,7 +757,15 @@ impl Bus {
         match result {
             Ok((base, found)) => {
                 device.succeeded();
-                device.add_sunspec(base, &found, now);
+                if device.add_sunspec(base, &found, now)
+                    && device
+                        .context
+                        .publish_points(&device.point_infos())
+                        .await
+                        .is_err()
+                {
+                    return false;
+                }
             }
             Err(sunspec::DiscoveryError::Refused(reason)) => {
                 // The device answers but shows no usable chain: asked again every
@@ -976,7 +1002,16 @@ impl Bus {
             }
             Err(Failure::Exception(code)) => {
                 device.succeeded();
+                let sunspec_block = device.is_sunspec_read(&request);
                 if code == ExceptionCode::IllegalDataAddress {
+                    if sunspec_block {
+                        // The model is no longer where the chain said: it may have changed.
+                        if let Some(state) = device.sunspec.as_mut() {
+                            tracing::info!(device = %device.context.device, request = %request.describe(), "illegal data address on a SunSpec model block: reading the model chain again");
+                            state.discovered = false;
+                            state.due = Instant::now();
+                        }
+                    }
                     // The address this point covers is not in the device's map: asked
                     // again only every `backoff_max`, not every poll.
                     let recheck = device.config.backoff_max.max(request.interval);
@@ -1434,15 +1469,57 @@ impl sunspec::Registers for BusRegisters<'_> {
 }
 
 impl Device {
-    /// Adds the points of the SunSpec models found at `base`, and a read per model.
-    fn add_sunspec(&mut self, base: u16, found: &[Found], now: Instant) {
+    /// The device's points as they are now (a SunSpec point with a scale factor is a
+    /// float), for the announcement of its point set.
+    fn point_infos(&self) -> Vec<crate::drivers::config::PointInfo> {
+        let sources = self.sunspec.as_ref().map(|s| s.sources.as_slice());
+        self.config
+            .points
+            .iter()
+            .enumerate()
+            .map(|(i, point)| {
+                let mut info = crate::drivers::config::PointInfo::modbus(point);
+                let source = sources.and_then(|s| s.get(i).copied().flatten());
+                if source.is_some_and(|s| s.sf_address.is_some()) {
+                    info.kind = crate::drivers::config::PointKind::Float;
+                }
+                info
+            })
+            .collect()
+    }
+
+    /// Adds the points of the SunSpec models found at `base`, and a read per model. When
+    /// the points were built from another chain before, they are replaced; from the same
+    /// chain, they are kept. Whether the points changed.
+    fn add_sunspec(&mut self, base: u16, found: &[Found], now: Instant) -> bool {
         let ids: Vec<String> = found.iter().map(|f| f.id.to_string()).collect();
-        let blocks = sunspec::blocks(found);
         let Some(state) = self.sunspec.as_mut() else {
-            return;
+            return false;
         };
+        let rebuild = !state.found.is_empty();
+        if rebuild && state.found == found {
+            tracing::debug!(device = %self.context.device, base, "SunSpec model chain unchanged");
+            state.discovered = true;
+            state.error = None;
+            return false;
+        }
+        if rebuild {
+            tracing::info!(device = %self.context.device, base, models = %ids.join(", "), "SunSpec model chain changed: rebuilding its points");
+            let configured = state.configured;
+            self.reads
+                .retain(|r| r.request.points.iter().all(|&i| i < configured));
+            self.config.points.truncate(configured);
+            self.reporters.truncate(configured);
+            self.point_good.truncate(configured);
+            state.sources.truncate(configured);
+        }
+        state.found = found.to_vec();
+        let blocks = sunspec::blocks(found);
         let mut added = 0;
         for block in blocks {
+            if block.leftover > 0 {
+                tracing::warn!(device = %self.context.device, model = block.model.id, address = block.found.address, repeats = block.repeats, unmapped_registers = block.leftover, "SunSpec model length is not a whole number of repeats (or more than {}): the rest is not read", sunspec::MAX_REPEATS);
+            }
             let mut indices = Vec::new();
             for (mut point, source) in block.points {
                 // A configured point of the same name wins.
@@ -1503,6 +1580,7 @@ impl Device {
             .collect();
         self.context.add_units(units);
         tracing::info!(device = %self.context.device, base, models = %ids.join(", "), points = added, "SunSpec models found");
+        true
     }
 
     /// Whether `request` reads a SunSpec model block (which is never split).

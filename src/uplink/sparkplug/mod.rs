@@ -17,7 +17,8 @@
 //! outbox and sender carry it: the outbox holds what the bus gave, the sender turns each
 //! row into a Sparkplug message as it sends it, and holds rows back while the primary host
 //! is offline (store and forward). The uplink sees the devices only through the bus: the
-//! shape of each device (its points, datatypes and units) comes from the configuration.
+//! shape of each device (its points, datatypes and units) comes from the configuration and
+//! the point sets devices announced (`service/sparkplug.rs`); a new shape is a new uplink.
 
 pub mod bdseq;
 pub mod config;

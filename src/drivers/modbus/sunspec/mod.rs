@@ -10,7 +10,10 @@
 //!
 //! The models fieldmq knows ([`known_models`]) become points named `<prefix>_<SunSpec point>`
 //! (`inverter_W`, `meter_TotWhImp`, `common_SN`); a second model with the same prefix gets
-//! `<prefix>2_...`. Each model is read as one block (a block longer than one request, as
+//! `<prefix>2_...`. A model's repeating group ([`Repeat`]: 160's MPPT modules, 711's
+//! controls, 714's DC ports) is mapped as many times as the model's length holds whole
+//! repeats (at most [`MAX_REPEATS`]), as `<prefix>_<n>_<point>` (`mppt_1_DCV`); a partial
+//! last repeat is not read. Each model is read as one block (a block longer than one request, as
 //! model 701's, in consecutive requests cut between points, see [`chunks`]), so a value
 //! and its scale factor come from the same poll; [`decode`] applies the scale factor (value × 10^sf) and reports
 //! the SunSpec "not implemented" values (0x8000, 0xFFFF, ...) as an error, which the
@@ -32,6 +35,9 @@ pub const MARKER: [u16; 2] = [0x5375, 0x6E53];
 pub const END: u16 = 0xFFFF;
 /// More models than any device holds: a longer chain is taken for garbage.
 pub const MAX_MODELS: usize = 256;
+/// At most this many repeats of a model's repeating group are mapped (MPPT modules, DC
+/// ports); a model whose length says more gets this many, and a warning.
+pub const MAX_REPEATS: u16 = 64;
 
 /// The type of a SunSpec point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +128,19 @@ pub struct Model {
     /// Registers of its fixed block (after ID and L).
     pub fixed: u16,
     pub points: &'static [PointDef],
+    /// The group repeated after the fixed block, when fieldmq maps it.
+    pub repeat: Option<Repeat>,
+}
+
+/// A model's repeating group (model 160's MPPT modules): as many repeats follow the fixed
+/// block as the model's length holds, `(L - fixed) / length`. Its points are named
+/// `<prefix>_<n>_<point>` (`mppt_1_DCA`), n from 1; their offsets count from the start of
+/// the repeat and their scale factors are points of the fixed block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeat {
+    /// Registers of one repeat.
+    pub length: u16,
+    pub points: &'static [PointDef],
 }
 
 /// The model with this id, when fieldmq maps it.
@@ -147,7 +166,18 @@ pub fn render_models() -> String {
             "model {} {} (prefix {}, {} registers):",
             model.id, model.name, model.prefix, model.fixed
         );
-        for def in model.points.iter().filter(|p| p.kind != Kind::Sf) {
+        let repeated = model.repeat.iter().flat_map(|r| {
+            r.points
+                .iter()
+                .map(move |def| (format!("{}_<n>_{}", model.prefix, def.name), def))
+        });
+        let points = model
+            .points
+            .iter()
+            .filter(|p| p.kind != Kind::Sf)
+            .map(|def| (format!("{}_{}", model.prefix, def.name), def))
+            .chain(repeated);
+        for (name, def) in points {
             let unit = unit(def.unit)
                 .map(|u| format!(" [{u}]"))
                 .unwrap_or_default();
@@ -158,10 +188,16 @@ pub fn render_models() -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<28} {:>3}  {}{sf}{unit}",
-                format!("{}_{}", model.prefix, def.name),
+                "  {name:<28} {:>3}  {}{sf}{unit}",
                 def.offset,
                 def.kind.name()
+            );
+        }
+        if let Some(repeat) = model.repeat {
+            let _ = writeln!(
+                out,
+                "  <n> = 1, 2, ...: one per {} registers after the fixed block (offsets within each)",
+                repeat.length
             );
         }
     }
@@ -184,13 +220,42 @@ impl Found {
         self.address.saturating_add(2)
     }
 
-    /// The registers to read for the mapped part of the model: its fixed block, or less
-    /// when the device's model is shorter. `None` for a model fieldmq does not map.
-    pub fn block(&self) -> Option<(&'static Model, u16)> {
+    /// The mapped part of the model: its fixed block (or less, when the device's model is
+    /// shorter) and the whole repeats of its repeating group that its length holds.
+    /// `None` for a model fieldmq does not map.
+    pub fn layout(&self) -> Option<Layout> {
         let model = model(self.id)?;
-        let count = model.fixed.min(self.length);
-        (count > 0).then_some((model, count))
+        let fixed = model.fixed.min(self.length);
+        let rest = self.length - fixed;
+        let (repeats, leftover) = match model.repeat {
+            Some(repeat) if repeat.length > 0 => {
+                let whole = rest / repeat.length;
+                let repeats = whole.min(MAX_REPEATS);
+                (repeats, rest - repeats * repeat.length)
+            }
+            _ => (0, 0),
+        };
+        let count = fixed + model.repeat.map_or(0, |r| repeats * r.length);
+        (count > 0).then_some(Layout {
+            model,
+            count,
+            repeats,
+            leftover,
+        })
     }
+}
+
+/// What of a found model fieldmq reads, see [`Found::layout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub model: &'static Model,
+    /// Registers read from the model's first register after ID and L.
+    pub count: u16,
+    /// Whole repeats of the repeating group mapped.
+    pub repeats: u16,
+    /// Registers of the repeating part not mapped: a partial last repeat, or the repeats
+    /// past [`MAX_REPEATS`]. 0 for a model without a mapped repeating group.
+    pub leftover: u16,
 }
 
 /// Why a model chain cannot be followed.
@@ -434,19 +499,25 @@ pub struct Block {
     pub model: &'static Model,
     /// Registers read: `found.data_start()` onwards.
     pub count: u16,
+    /// Repeats of the model's repeating group mapped, and the registers after them that
+    /// are not (see [`Layout`]).
+    pub repeats: u16,
+    pub leftover: u16,
     pub points: Vec<(Point, Source)>,
 }
 
-/// The blocks of the mapped models in `found`, with their points (named
-/// `<prefix>_<point>`; the n-th model of a prefix `<prefix><n>_<point>`). Scale factors are not points of their own; nor are points past the model's
-/// length on this device.
+/// The blocks of the mapped models in `found`, with their points: `<prefix>_<point>` for
+/// the fixed block, `<prefix>_<n>_<point>` for the n-th repeat of its repeating group; the
+/// n-th model of a prefix gets `<prefix><n>` (`meter2_W`, `mppt2_1_DCA`). Scale factors are
+/// not points of their own; nor are points past the model's length on this device.
 pub fn blocks(found: &[Found]) -> Vec<Block> {
     let mut seen: Vec<&str> = Vec::new();
     let mut out = Vec::new();
     for f in found {
-        let Some((model, count)) = f.block() else {
+        let Some(layout) = f.layout() else {
             continue;
         };
+        let model = layout.model;
         let nth = seen.iter().filter(|p| **p == model.prefix).count() + 1;
         seen.push(model.prefix);
         let prefix = if nth == 1 {
@@ -454,28 +525,39 @@ pub fn blocks(found: &[Found]) -> Vec<Block> {
         } else {
             format!("{}{nth}", model.prefix)
         };
-        let start = f.data_start();
-        let address_of = |offset: u16| start.checked_add(offset);
+        let fixed = model.points.iter().map(|def| (0, 0, def));
+        let repeated = model.repeat.iter().flat_map(|repeat| {
+            (1..=layout.repeats).flat_map(move |n| {
+                let at = model.fixed + (n - 1) * repeat.length;
+                repeat.points.iter().map(move |def| (n, at, def))
+            })
+        });
         let mut points = Vec::new();
-        for def in model.points {
-            if def.kind == Kind::Sf || def.offset + def.kind.width() > count {
+        for (n, at, def) in fixed.chain(repeated) {
+            let offset = at + def.offset;
+            if def.kind == Kind::Sf || offset + def.kind.width() > layout.count {
                 continue;
             }
-            let Some(address) = address_of(def.offset) else {
+            let Some(address) = f.data_start().checked_add(offset) else {
                 continue;
             };
+            // Scale factors are in the fixed block, for the repeats too.
             let sf_address = match model
                 .points
                 .iter()
                 .find(|p| !def.sf.is_empty() && p.name == def.sf)
             {
-                Some(sf) if sf.offset < count => address_of(sf.offset),
+                Some(sf) if sf.offset < layout.count => f.data_start().checked_add(sf.offset),
                 // A scale factor outside the device's block: the value cannot be scaled.
                 Some(_) => continue,
                 None => None,
             };
+            let name = match n {
+                0 => format!("{prefix}_{}", def.name),
+                n => format!("{prefix}_{n}_{}", def.name),
+            };
             let point = Point {
-                name: format!("{prefix}_{}", def.name),
+                name,
                 table: Table::Holding,
                 address,
                 data_type: def.kind.data_type(),
@@ -499,7 +581,9 @@ pub fn blocks(found: &[Found]) -> Vec<Block> {
         out.push(Block {
             found: *f,
             model,
-            count,
+            count: layout.count,
+            repeats: layout.repeats,
+            leftover: layout.leftover,
             points,
         });
     }
@@ -636,7 +720,38 @@ mod tests {
                 "model {} runs past its fixed block",
                 model.id
             );
+            let Some(repeat) = model.repeat else {
+                continue;
+            };
+            let mut end = 0;
+            for def in repeat.points {
+                assert!(
+                    def.offset >= end,
+                    "model {} {} overlaps",
+                    model.id,
+                    def.name
+                );
+                assert_ne!(def.kind, Kind::Sf, "model {} {}", model.id, def.name);
+                end = def.offset + def.kind.width();
+                if !def.sf.is_empty() {
+                    let sf = model.points.iter().find(|p| p.name == def.sf);
+                    assert_eq!(sf.map(|p| p.kind), Some(Kind::Sf), "{}", def.name);
+                }
+            }
+            assert_eq!(end, repeat.length, "model {} repeat length", model.id);
         }
+        assert_eq!(
+            model(160).and_then(|m| m.repeat).map(|r| r.length),
+            Some(20)
+        );
+        assert_eq!(
+            model(711).and_then(|m| m.repeat).map(|r| r.length),
+            Some(10)
+        );
+        assert_eq!(
+            model(714).and_then(|m| m.repeat).map(|r| r.length),
+            Some(25)
+        );
         for id in [
             1, 101, 102, 103, 111, 112, 113, 120, 121, 122, 123, 124, 160, 201, 202, 203, 204,
         ] {
@@ -882,5 +997,168 @@ mod tests {
         // W is register 16 of model 203's block, W_SF register 20.
         assert_eq!((point.address, source.address), (40072 + 16, 40072 + 16));
         assert_eq!(source.sf_address, Some(40072 + 20));
+    }
+
+    /// Model 160 at 40002 with `modules` modules: the fixed block's scale factors, then
+    /// each module's ID, IDStr, DCA, DCV, DCW, DCWH, Tms, Tmp, DCSt, DCEvt.
+    fn mppt_image(modules: u16, extra: u16) -> (Found, Vec<u16>) {
+        let length = 8 + 20 * modules + extra;
+        let found = Found {
+            id: 160,
+            address: 40002,
+            length,
+        };
+        // DCA_SF -2, DCV_SF -1, DCW_SF 0, DCWH_SF 1, Evt, N, TmsPer.
+        let mut words = vec![0xFFFE, 0xFFFF, 0, 1, 0, 0, modules, 0];
+        for n in 1..=modules {
+            words.push(n);
+            words.extend([0x5354, 0x5200 + (0x30 + n), 0, 0, 0, 0, 0, 0]); // "STR1"
+            words.extend([1234 * n, 3500 + n, 400 * n]);
+            words.extend([0, 1000 * n]);
+            words.extend([0, 60]);
+            words.push(0xFFFF - n + 1); // Tmp: -1, -2, ...
+            words.push(4);
+            words.extend([0, 0]);
+        }
+        words.extend(std::iter::repeat_n(0, usize::from(extra)));
+        (found, words)
+    }
+
+    fn values(block: &Block, words: &[u16]) -> Vec<(String, Result<Value, PointError>)> {
+        block
+            .points
+            .iter()
+            .map(|(p, s)| (p.name.clone(), decode(s, words, block.found.data_start())))
+            .collect()
+    }
+
+    #[test]
+    fn model_160_maps_each_module_with_the_fixed_blocks_scale_factors() {
+        for modules in [2u16, 3] {
+            let (found, words) = mppt_image(modules, 0);
+            let block = blocks(&[found]).pop().expect("160 is mapped");
+            assert_eq!(block.count, 8 + 20 * modules);
+            assert_eq!((block.repeats, block.leftover), (modules, 0));
+            // Evt, N, TmsPer and ten points per module.
+            assert_eq!(block.points.len(), usize::from(3 + 10 * modules));
+            let got = values(&block, &words);
+            let get = |name: &str| {
+                got.iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_else(|| panic!("no point {name}"))
+            };
+            assert_eq!(get("mppt_N"), Ok(Value::Int(i64::from(modules))));
+            assert_eq!(get("mppt_1_ID"), Ok(Value::Int(1)));
+            assert_eq!(get("mppt_1_IDStr"), Ok(Value::Text("STR1".into())));
+            assert_eq!(get("mppt_1_DCA"), Ok(Value::Float(12.34)));
+            assert_eq!(get("mppt_1_DCV"), Ok(Value::Float(350.1)));
+            assert_eq!(get("mppt_1_DCW"), Ok(Value::Int(400)));
+            assert_eq!(get("mppt_1_DCWH"), Ok(Value::Float(10000.0)));
+            assert_eq!(get("mppt_1_Tms"), Ok(Value::Int(60)));
+            assert_eq!(get("mppt_1_Tmp"), Ok(Value::Int(-1)));
+            assert_eq!(get("mppt_1_DCSt"), Ok(Value::Int(4)));
+            assert_eq!(get("mppt_1_DCEvt"), Ok(Value::Int(0)));
+            assert_eq!(get("mppt_2_IDStr"), Ok(Value::Text("STR2".into())));
+            assert_eq!(get("mppt_2_DCA"), Ok(Value::Float(24.68)));
+            assert_eq!(get("mppt_2_DCV"), Ok(Value::Float(350.2)));
+            assert_eq!(get("mppt_2_DCWH"), Ok(Value::Float(20000.0)));
+            let last = format!("mppt_{modules}_DCW");
+            assert_eq!(get(&last), Ok(Value::Int(400 * i64::from(modules))));
+            let (point, source) = &block.points[block.points.len() - 1];
+            assert_eq!(point.name, format!("mppt_{modules}_DCEvt"));
+            // The last module's DCEvt: its last two registers of the block.
+            assert_eq!(source.address, 40004 + 8 + 20 * modules - 2);
+            let (_, dca) = &block.points[3 + 2];
+            assert_eq!(dca.sf_address, Some(40004), "DCA_SF of the fixed block");
+            assert_eq!(block.points[3 + 2].0.unit.as_deref(), Some("A"));
+        }
+    }
+
+    #[test]
+    fn an_unimplemented_module_value_is_an_error_for_that_point_only() {
+        let (found, mut words) = mppt_image(2, 0);
+        words[8 + 20 + 9] = 0xFFFF; // module 2 DCA
+        words[8 + 20 + 12] = 0; // module 2 DCWH, acc32 0
+        words[8 + 20 + 13] = 0;
+        let block = blocks(&[found]).pop().expect("160");
+        let got = values(&block, &words);
+        let get = |name: &str| got.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(get("mppt_2_DCA"), Some(Err(PointError::NotImplemented)));
+        assert_eq!(get("mppt_2_DCWH"), Some(Err(PointError::NotImplemented)));
+        assert_eq!(get("mppt_1_DCA"), Some(Ok(Value::Float(12.34))));
+        assert_eq!(get("mppt_2_DCV"), Some(Ok(Value::Float(350.2))));
+    }
+
+    #[test]
+    fn a_partial_module_is_left_out_and_counted_as_leftover() {
+        let (found, _) = mppt_image(2, 7);
+        let layout = found.layout().expect("160");
+        assert_eq!((layout.count, layout.repeats, layout.leftover), (48, 2, 7));
+        let block = blocks(&[found]).pop().expect("160");
+        assert!(block
+            .points
+            .iter()
+            .all(|(p, _)| !p.name.starts_with("mppt_3_")));
+        assert_eq!(block.points.len(), 23);
+        // Too many modules: MAX_REPEATS of them.
+        let many = Found {
+            id: 160,
+            address: 0,
+            length: 8 + 20 * 100,
+        };
+        let layout = many.layout().expect("160");
+        assert_eq!(layout.repeats, MAX_REPEATS);
+        assert_eq!(layout.leftover, 20 * (100 - MAX_REPEATS));
+        assert_eq!(layout.count, 8 + 20 * MAX_REPEATS);
+        // Shorter than its fixed block: no modules.
+        let short = Found {
+            id: 160,
+            address: 0,
+            length: 5,
+        };
+        assert_eq!(short.layout().map(|l| (l.count, l.repeats)), Some((5, 0)));
+        // A model without a repeating group ignores what follows its fixed block.
+        let long = Found {
+            id: 103,
+            address: 0,
+            length: 70,
+        };
+        assert_eq!(long.layout().map(|l| (l.count, l.leftover)), Some((50, 0)));
+    }
+
+    #[test]
+    fn a_second_mppt_model_and_the_ports_of_714_are_named_by_repeat() {
+        let found = [
+            Found {
+                id: 160,
+                address: 40002,
+                length: 48,
+            },
+            Found {
+                id: 160,
+                address: 40052,
+                length: 28,
+            },
+            Found {
+                id: 714,
+                address: 40082,
+                length: 18 + 25,
+            },
+        ];
+        let blocks = blocks(&found);
+        let names =
+            |b: &Block| -> Vec<String> { b.points.iter().map(|(p, _)| p.name.clone()).collect() };
+        assert!(names(&blocks[1]).contains(&"mppt2_1_DCV".to_owned()));
+        let ports = names(&blocks[2]);
+        assert!(ports.contains(&"der_dc_1_DCV".to_owned()), "{ports:?}");
+        let (point, source) = blocks[2]
+            .points
+            .iter()
+            .find(|(p, _)| p.name == "der_dc_1_Tmp")
+            .expect("port Tmp");
+        // Port 1 starts after the 18 registers of the fixed block; Tmp is its 21st.
+        assert_eq!(point.address, 40084 + 18 + 21);
+        assert_eq!(source.sf_address, Some(40084 + 17), "Tmp_SF");
     }
 }

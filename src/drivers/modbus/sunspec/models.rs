@@ -2,9 +2,14 @@
 //! written from the SunSpec model definitions (sunspec/models, `json/model_<id>.json`).
 //! Offsets count from the first register after the model's ID and L registers; `pad`
 //! registers are left out, scale factors (`Sf`) are kept so that points can name them.
-//! Repeating groups (160's modules, the curves of 705 to 712, 714's ports) are not mapped.
+//!
+//! A model may have one repeating group after its fixed block ([`Repeat`]): 160's MPPT
+//! modules, 711's controls and 714's DC ports; its points' offsets count from the start of
+//! each repeat, and their scale factors are points of the fixed block. The curves of 705
+//! to 710 and 712 are not mapped, only their fixed blocks: each curve is a group with a
+//! group of curve points nested in it, which one flat repeat cannot describe.
 
-use super::{Kind, Kind::*, Model, PointDef};
+use super::{Kind, Kind::*, Model, PointDef, Repeat};
 
 const fn p(
     offset: u16,
@@ -28,6 +33,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "common",
         prefix: "common",
         fixed: 66,
+        repeat: None,
         points: &[
             p(0, "Mn", Str(16), "", ""),
             p(16, "Md", Str(16), "", ""),
@@ -42,6 +48,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, single phase",
         prefix: "inverter",
         fixed: 50,
+        repeat: None,
         points: &[
             p(0, "A", U16, "A", "A_SF"),
             p(1, "AphA", U16, "A", "A_SF"),
@@ -93,6 +100,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, split phase",
         prefix: "inverter",
         fixed: 50,
+        repeat: None,
         points: &[
             p(0, "A", U16, "A", "A_SF"),
             p(1, "AphA", U16, "A", "A_SF"),
@@ -144,6 +152,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, three phase",
         prefix: "inverter",
         fixed: 50,
+        repeat: None,
         points: &[
             p(0, "A", U16, "A", "A_SF"),
             p(1, "AphA", U16, "A", "A_SF"),
@@ -195,6 +204,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, single phase, float",
         prefix: "inverter",
         fixed: 60,
+        repeat: None,
         points: &[
             p(0, "A", F32, "A", ""),
             p(2, "AphA", F32, "A", ""),
@@ -234,6 +244,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, split phase, float",
         prefix: "inverter",
         fixed: 60,
+        repeat: None,
         points: &[
             p(0, "A", F32, "A", ""),
             p(2, "AphA", F32, "A", ""),
@@ -273,6 +284,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "inverter, three phase, float",
         prefix: "inverter",
         fixed: 60,
+        repeat: None,
         points: &[
             p(0, "A", F32, "A", ""),
             p(2, "AphA", F32, "A", ""),
@@ -312,6 +324,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "nameplate ratings",
         prefix: "nameplate",
         fixed: 26,
+        repeat: None,
         points: &[
             p(0, "DERTyp", Enum16, "", ""),
             p(1, "WRtg", U16, "W", "WRtg_SF"),
@@ -345,6 +358,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "basic settings",
         prefix: "settings",
         fixed: 30,
+        repeat: None,
         points: &[
             p(0, "WMax", U16, "W", "WMax_SF"),
             p(1, "VRef", U16, "V", "VRef_SF"),
@@ -383,6 +397,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "measurements and status",
         prefix: "status",
         fixed: 44,
+        repeat: None,
         points: &[
             p(0, "PVConn", Bits16, "", ""),
             p(1, "StorConn", Bits16, "", ""),
@@ -411,6 +426,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "immediate controls",
         prefix: "controls",
         fixed: 24,
+        repeat: None,
         points: &[
             p(0, "Conn_WinTms", U16, "Secs", ""),
             p(1, "Conn_RvrtTms", U16, "Secs", ""),
@@ -443,6 +459,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "storage",
         prefix: "storage",
         fixed: 24,
+        repeat: None,
         points: &[
             p(0, "WChaMax", U16, "W", "WChaMax_SF"),
             p(1, "WChaGra", U16, "% WChaMax/sec", "WChaDisChaGra_SF"),
@@ -472,9 +489,24 @@ pub(super) const MODELS: &[Model] = &[
     },
     Model {
         id: 160,
-        name: "multiple MPPT (fixed block)",
+        name: "multiple MPPT",
         prefix: "mppt",
         fixed: 8,
+        repeat: Some(Repeat {
+            length: 20,
+            points: &[
+                p(0, "ID", U16, "", ""),
+                p(1, "IDStr", Str(8), "", ""),
+                p(9, "DCA", U16, "A", "DCA_SF"),
+                p(10, "DCV", U16, "V", "DCV_SF"),
+                p(11, "DCW", U16, "W", "DCW_SF"),
+                p(12, "DCWH", Acc32, "Wh", "DCWH_SF"),
+                p(14, "Tms", U32, "Secs", ""),
+                p(16, "Tmp", I16, "C", ""),
+                p(17, "DCSt", Enum16, "", ""),
+                p(18, "DCEvt", Bits32, "", ""),
+            ],
+        }),
         points: &[
             p(0, "DCA_SF", Sf, "", ""),
             p(1, "DCV_SF", Sf, "", ""),
@@ -490,6 +522,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "meter, single phase",
         prefix: "meter",
         fixed: 105,
+        repeat: None,
         points: &[
             p(0, "A", I16, "A", "A_SF"),
             p(1, "AphA", I16, "A", "A_SF"),
@@ -570,6 +603,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "meter, split phase",
         prefix: "meter",
         fixed: 105,
+        repeat: None,
         points: &[
             p(0, "A", I16, "A", "A_SF"),
             p(1, "AphA", I16, "A", "A_SF"),
@@ -650,6 +684,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "meter, three phase wye",
         prefix: "meter",
         fixed: 105,
+        repeat: None,
         points: &[
             p(0, "A", I16, "A", "A_SF"),
             p(1, "AphA", I16, "A", "A_SF"),
@@ -730,6 +765,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "meter, three phase delta",
         prefix: "meter",
         fixed: 105,
+        repeat: None,
         points: &[
             p(0, "A", I16, "A", "A_SF"),
             p(1, "AphA", I16, "A", "A_SF"),
@@ -810,6 +846,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER AC measurement",
         prefix: "der_ac",
         fixed: 153,
+        repeat: None,
         points: &[
             p(0, "ACType", Enum16, "", ""),
             p(1, "St", Enum16, "", ""),
@@ -888,6 +925,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER capacity",
         prefix: "der_capacity",
         fixed: 50,
+        repeat: None,
         points: &[
             p(0, "WMaxRtg", U16, "W", "W_SF"),
             p(1, "WOvrExtRtg", U16, "W", "W_SF"),
@@ -945,6 +983,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER enter service",
         prefix: "der_enter_service",
         fixed: 17,
+        repeat: None,
         points: &[
             p(0, "ES", Enum16, "", ""),
             p(1, "ESVHi", U16, "Pct", "V_SF"),
@@ -964,6 +1003,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER AC controls",
         prefix: "der_ctl_ac",
         fixed: 65,
+        repeat: None,
         points: &[
             p(0, "PFWInjEna", Enum16, "", ""),
             p(1, "PFWInjEnaRvrt", Enum16, "", ""),
@@ -1023,6 +1063,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER volt-var (fixed block)",
         prefix: "der_volt_var",
         fixed: 13,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1042,6 +1083,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER volt-watt (fixed block)",
         prefix: "der_volt_watt",
         fixed: 13,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1061,6 +1103,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER trip LV (fixed block)",
         prefix: "der_trip_lv",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1076,6 +1119,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER trip HV (fixed block)",
         prefix: "der_trip_hv",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1091,6 +1135,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER trip LF (fixed block)",
         prefix: "der_trip_lf",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1106,6 +1151,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER trip HF (fixed block)",
         prefix: "der_trip_hf",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1118,9 +1164,21 @@ pub(super) const MODELS: &[Model] = &[
     },
     Model {
         id: 711,
-        name: "DER frequency droop (fixed block)",
+        name: "DER frequency droop",
         prefix: "der_freq_droop",
         fixed: 12,
+        repeat: Some(Repeat {
+            length: 10,
+            points: &[
+                p(0, "DbOf", U32, "Hz", "Db_SF"),
+                p(2, "DbUf", U32, "Hz", "Db_SF"),
+                p(4, "KOf", U16, "", "K_SF"),
+                p(5, "KUf", U16, "", "K_SF"),
+                p(6, "RspTms", U32, "Secs", "RspTms_SF"),
+                p(8, "PMin", I16, "Pct", ""),
+                p(9, "ReadOnly", Enum16, "", ""),
+            ],
+        }),
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCtlReq", U16, "", ""),
@@ -1139,6 +1197,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER watt-var (fixed block)",
         prefix: "der_watt_var",
         fixed: 12,
+        repeat: None,
         points: &[
             p(0, "Ena", Enum16, "", ""),
             p(1, "AdptCrvReq", U16, "", ""),
@@ -1157,6 +1216,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER storage capacity",
         prefix: "der_storage",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "WHRtg", U16, "WH", "WH_SF"),
             p(1, "WHAvail", U16, "WH", "WH_SF"),
@@ -1169,9 +1229,25 @@ pub(super) const MODELS: &[Model] = &[
     },
     Model {
         id: 714,
-        name: "DER DC measurement (fixed block)",
+        name: "DER DC measurement",
         prefix: "der_dc",
         fixed: 18,
+        repeat: Some(Repeat {
+            length: 25,
+            points: &[
+                p(0, "PrtTyp", Enum16, "", ""),
+                p(1, "ID", U16, "", ""),
+                p(2, "IDStr", Str(8), "", ""),
+                p(10, "DCA", I16, "A", "DCA_SF"),
+                p(11, "DCV", U16, "V", "DCV_SF"),
+                p(12, "DCW", I16, "W", "DCW_SF"),
+                p(13, "DCWhInj", U64, "Wh", "DCWH_SF"),
+                p(17, "DCWhAbs", U64, "Wh", "DCWH_SF"),
+                p(21, "Tmp", I16, "C", "Tmp_SF"),
+                p(22, "DCSta", Enum16, "", ""),
+                p(23, "DCAlrm", Bits32, "", ""),
+            ],
+        }),
         points: &[
             p(0, "PrtAlrms", Bits32, "", ""),
             p(2, "NPrt", U16, "", ""),
@@ -1191,6 +1267,7 @@ pub(super) const MODELS: &[Model] = &[
         name: "DER control",
         prefix: "der_ctl",
         fixed: 7,
+        repeat: None,
         points: &[
             p(0, "LocRemCtl", Enum16, "", ""),
             p(1, "DERHb", U32, "", ""),
