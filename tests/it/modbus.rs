@@ -1237,9 +1237,11 @@ points = [ {{ name = "v", table = "holding", address = 0 }} ]
             _ => {}
         }
     }
-    // Polled every 100ms, it would publish 40 times in 4s. Without the dead unit's
-    // backoff each cycle would wait out a 500ms timeout: about 8.
-    assert!(alive >= 25, "alive unit published only {alive} times in 4s");
+    // Polled every 100ms, it would publish 40 times in 4s; the dead unit's first three
+    // timeouts (1.5 s) and its retries after each backoff take some of that. Without the
+    // backoff each cycle would wait out a 500ms timeout: about 8. The bound sits at twice
+    // that, so a busy test machine's slower polls do not fail it.
+    assert!(alive >= 16, "alive unit published only {alive} times in 4s");
     let status = dead_status.expect("status of the dead unit");
     assert_eq!(status["status"], "offline", "{status}");
     assert!(
