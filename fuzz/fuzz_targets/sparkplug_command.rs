@@ -31,6 +31,8 @@ fn shape() -> &'static Shape {
                 status_topic: "gw/status/devices/dev".into(),
                 json: true,
                 points_filter: None,
+                // A DCMD with several metrics takes the device-level write.
+                write_topic: Some("gw/dev/set".into()),
                 points: vec![
                     point("i8", DataType::Int8),
                     point("i16", DataType::Int16),
