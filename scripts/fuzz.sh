@@ -22,6 +22,7 @@ targets=(
   "payload 4096"
   "sparkplug_command 4096"
   "sunspec_chain 4096"
+  "write_payload 16384"
 )
 
 if [ "${1:-}" = "--list" ]; then
