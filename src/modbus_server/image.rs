@@ -176,7 +176,9 @@ impl Image {
         Ok(covered)
     }
 
-    /// Registers `start..start + count` of a register table on `unit`.
+    /// Registers `start..start + count` of a register table on `unit`: exception 2 when
+    /// any address is unmapped, else exception 4 when any value in it is bad (without a
+    /// sentinel). One lookup per entry covered, not per register.
     pub fn read_words(
         &self,
         table: Table,
@@ -187,19 +189,39 @@ impl Image {
         if count == 0 || count > MAX_READ_REGISTERS {
             return Err(ExceptionCode::IllegalDataValue);
         }
-        self.covered(table, unit, start, count)?;
+        let end = u32::from(start) + u32::from(count);
+        if end > 0x1_0000 {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
         let mut words = Vec::with_capacity(usize::from(count));
-        for address in start..=start.saturating_add(count - 1) {
-            let (index, offset) = self.locate(table, unit, address)?;
-            let word = match &self.slots[index] {
-                Slot::Words(words) => words.get(usize::from(offset)).copied(),
+        let mut bad = false;
+        let mut address = u32::from(start);
+        // Bounded: each round moves past at least one address.
+        while address < end {
+            let a = u16::try_from(address).map_err(|_| ExceptionCode::IllegalDataAddress)?;
+            let (index, offset) = self.locate(table, unit, a)?;
+            let take = self.entries[index].end().min(end) - address;
+            let from = usize::from(offset);
+            let to = from + take as usize;
+            let source = match &self.slots[index] {
+                Slot::Words(held) => Some(held.as_slice()),
                 Slot::Bit(_) => None,
                 Slot::Bad => match &self.sentinels[index] {
-                    Some(words) => words.get(usize::from(offset)).copied(),
-                    None => return Err(ExceptionCode::ServerDeviceFailure),
+                    Some(sentinel) => Some(sentinel.as_slice()),
+                    None => {
+                        bad = true;
+                        None
+                    }
                 },
             };
-            words.push(word.unwrap_or(0));
+            match source.and_then(|held| held.get(from..to)) {
+                Some(part) => words.extend_from_slice(part),
+                None => words.resize(words.len() + (to - from), 0),
+            }
+            address += take;
+        }
+        if bad {
+            return Err(ExceptionCode::ServerDeviceFailure);
         }
         Ok(words)
     }
@@ -347,6 +369,34 @@ mod tests {
                 whole: true
             }])
         );
+    }
+
+    #[test]
+    fn an_unmapped_address_outranks_a_bad_value_and_parts_of_entries_read_their_words() {
+        let mut image = Image::new(
+            vec![
+                entry(Table::Holding, 0, DataType::U16),
+                entry(Table::Holding, 1, DataType::U32),
+            ],
+            BadQuality::Exception,
+        );
+        // Entry 0 is bad (never received); address 3 is unmapped.
+        assert_eq!(
+            image.read_words(Table::Holding, 1, 0, 4),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(
+            image.read_words(Table::Holding, 1, 0, 3),
+            Err(ExceptionCode::ServerDeviceFailure)
+        );
+        image.update(0, b"5").unwrap();
+        image.update(1, b"65539").unwrap();
+        // 65539 = 0x0001_0003, CDAB: low word first.
+        assert_eq!(
+            image.read_words(Table::Holding, 1, 0, 3),
+            Ok(vec![5, 0x0003, 0x0001])
+        );
+        assert_eq!(image.read_words(Table::Holding, 1, 2, 1), Ok(vec![0x0001]));
     }
 
     #[test]

@@ -635,6 +635,11 @@ struct Connection {
     /// Its place among `max_connections`, and its count among the open connections.
     _permit: (OwnedSemaphorePermit, OpenConnection),
     idle: Duration,
+    /// The last read or write that moved bytes.
+    last_progress: Instant,
+    /// Fires at `idle` after some earlier progress; when it does, it is moved on to
+    /// `last_progress + idle` unless that has passed. The timer is touched once per idle
+    /// period, not once per request.
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -648,17 +653,29 @@ impl Connection {
             stream,
             _permit: permit,
             idle,
+            last_progress: Instant::now(),
             deadline: Box::pin(tokio::time::sleep(idle)),
         }
     }
 
     fn progress(&mut self) {
-        let next = Instant::now() + self.idle;
-        self.deadline.as_mut().reset(next);
+        self.last_progress = Instant::now();
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline.as_mut().poll(cx).is_ready()
+        // Bounded: after a reset the deadline lies in the future, so the second poll
+        // registers the timer and returns pending.
+        for _ in 0..2 {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last_progress + self.idle;
+            if due <= Instant::now() {
+                return true;
+            }
+            self.deadline.as_mut().reset(due);
+        }
+        false
     }
 }
 
