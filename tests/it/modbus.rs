@@ -322,16 +322,7 @@ impl Gateway {
     }
 
     async fn publish(&self, topic: &str, payload: &str) {
-        self.broker
-            .publish(Message::internal(
-                "test",
-                topic.to_owned(),
-                payload.to_owned(),
-                QoS::AtLeastOnce,
-                false,
-            ))
-            .await
-            .unwrap();
+        crate::util::mqtt::publish_in_process(&self.broker, topic, payload).await;
     }
 }
 

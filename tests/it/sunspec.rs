@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fieldmq::broker::config::BrokerConfig;
-use fieldmq::broker::{self, InternalSubscribeOptions, InternalSubscription};
+use fieldmq::broker::{self, BrokerHandle, InternalSubscribeOptions, InternalSubscription};
 use fieldmq::drivers::modbus::probe::{probe, ProbeArgs};
 use fieldmq::drivers::{self, DeviceContext};
 use fieldmq::model::QoS;
@@ -30,8 +30,28 @@ use crate::util::modbus::Answer;
 struct Registers {
     holding: HashMap<u16, u16>,
     reads: Vec<(u16, u16)>,
+    /// Every write (FC06 and FC16) taken: its address and the registers written.
+    writes: Vec<(u16, Vec<u16>)>,
     /// The next this many reads get no answer (the gateway times out and reconnects).
     stall: u32,
+}
+
+impl Registers {
+    /// Writes `values` from `address` when every register exists, as a device does.
+    fn write(&mut self, address: u16, values: &[u16]) -> Result<(), ExceptionCode> {
+        let addresses = (0..values.len() as u16).map(|i| address.checked_add(i));
+        if !addresses
+            .clone()
+            .all(|a| a.is_some_and(|a| self.holding.contains_key(&a)))
+        {
+            return Err(ExceptionCode::IllegalDataAddress);
+        }
+        for (a, value) in addresses.flatten().zip(values) {
+            self.holding.insert(a, *value);
+        }
+        self.writes.push((address, values.to_vec()));
+        Ok(())
+    }
 }
 
 type Shared = Arc<Mutex<Registers>>;
@@ -65,6 +85,14 @@ impl tokio_modbus::server::Service for SunSpecDevice {
                     Some(words) => Ok(Some(Response::ReadHoldingRegisters(words))),
                     None => Err(ExceptionCode::IllegalDataAddress),
                 }
+            }
+            Request::WriteSingleRegister(address, value) => s
+                .write(address, &[value])
+                .map(|()| Some(Response::WriteSingleRegister(address, value))),
+            Request::WriteMultipleRegisters(address, ref values) => {
+                let count = values.len() as u16;
+                s.write(address, values)
+                    .map(|()| Some(Response::WriteMultipleRegisters(address, count)))
             }
             _ => Err(ExceptionCode::IllegalFunction),
         };
@@ -173,11 +201,13 @@ fn inverter() -> Shared {
     Arc::new(Mutex::new(Registers {
         holding: map,
         reads: Vec::new(),
+        writes: Vec::new(),
         stall: 0,
     }))
 }
 
 struct Gateway {
+    broker: BrokerHandle,
     messages: InternalSubscription,
     _shutdown: CancellationToken,
 }
@@ -238,12 +268,40 @@ async fn start_gateway_with(address: std::net::SocketAddr, extra: &str) -> Gatew
     }
     std::mem::forget(running); // lives as long as the test
     Gateway {
+        broker: handle,
         messages,
         _shutdown: shutdown,
     }
 }
 
 impl Gateway {
+    async fn publish(&self, topic: &str, payload: &str) {
+        crate::util::mqtt::publish_in_process(&self.broker, topic, payload).await;
+    }
+
+    /// The next message on `topic`, others skipped (10 s at most).
+    async fn next_on(&mut self, topic: &str) -> Json {
+        self.next_matching(topic, |_| true).await
+    }
+
+    /// The next message on `topic` that `accept`s, others skipped (10 s at most).
+    async fn next_matching(&mut self, topic: &str, accept: impl Fn(&Json) -> bool) -> Json {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let message = timeout(deadline - Instant::now(), self.messages.recv())
+                .await
+                .unwrap_or_else(|_| panic!("nothing matching on {topic} within 10s"))
+                .expect("broker running");
+            if message.topic.as_ref() != topic {
+                continue;
+            }
+            let json: Json = serde_json::from_slice(&message.payload).unwrap_or_default();
+            if accept(&json) {
+                return json;
+            }
+        }
+    }
+
     /// The latest payload of every topic seen until each of `topics` has one (10 s at most).
     async fn collect(&mut self, topics: &[&str]) -> HashMap<String, Json> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -349,6 +407,7 @@ async fn a_device_without_a_sunspec_marker_reports_why_in_its_status() {
     let state = Arc::new(Mutex::new(Registers {
         holding: (0..10).map(|a| (a, 0)).collect(),
         reads: Vec::new(),
+        writes: Vec::new(),
         stall: 0,
     }));
     let address = serve(state).await;
@@ -370,6 +429,7 @@ async fn a_chain_that_runs_past_the_last_register_ends_discovery_with_an_error()
     let state = Arc::new(Mutex::new(Registers {
         holding: map,
         reads: Vec::new(),
+        writes: Vec::new(),
         stall: 0,
     }));
     let address = serve(state).await;
@@ -620,6 +680,7 @@ fn shared(holding: HashMap<u16, u16>) -> Shared {
     Arc::new(Mutex::new(Registers {
         holding,
         reads: Vec::new(),
+        writes: Vec::new(),
         stall: 0,
     }))
 }
@@ -675,20 +736,10 @@ async fn mppt_modules_are_published_per_module_and_a_partial_module_is_ignored()
 
 /// Waits for a good reading on `topic` that `check` accepts (10 s at most).
 async fn wait_for(gw: &mut Gateway, topic: &str, check: impl Fn(&Json) -> bool) -> Json {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let message = timeout(deadline - Instant::now(), gw.messages.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no matching reading on {topic} within 10s"))
-            .expect("broker running");
-        if message.topic.as_ref() != topic {
-            continue;
-        }
-        let json: Json = serde_json::from_slice(&message.payload).unwrap_or_default();
-        if json["quality"] == "good" && check(&json["value"]) {
-            return json;
-        }
-    }
+    gw.next_matching(topic, |json| {
+        json["quality"] == "good" && check(&json["value"])
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -795,4 +846,157 @@ async fn home_assistant_discovery_follows_the_points_a_sunspec_device_finds() {
     assert_eq!(dcv["state_topic"], "gw/inv/mppt_3_DCV", "{dcv}");
     shutdown.cancel();
     running.stop().await;
+}
+
+/// An inverter with the immediate controls (model 123) after its common model:
+/// 40002 model 1 (66), 40070 model 123 (24), end at 40096. WMaxLimPct is register 40075
+/// (100.0 % with WMaxLimPct_SF = -1 at 40093), WMaxLim_Ena 40079, OutPFSet 40080 (0.95
+/// with OutPFSet_SF = -3 at 40094), VArWMaxPct 40085 (its VArPct_SF at 40095 is not
+/// implemented).
+fn inverter_with_controls() -> Shared {
+    let mut map = HashMap::new();
+    map.insert(40000, 0x5375);
+    map.insert(40001, 0x6E53);
+    let common: Vec<(u16, u16)> = text("SMA", 16)
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| (i as u16, w))
+        .collect();
+    let next = model(&mut map, 40002, 1, 66, &common);
+    let next = model(
+        &mut map,
+        next,
+        123,
+        24,
+        &[
+            (2, 1),       // Conn
+            (3, 1000),    // WMaxLimPct = 100.0 %
+            (8, 950),     // OutPFSet = 0.950
+            (21, 0xFFFF), // WMaxLimPct_SF = -1
+            (22, 0xFFFD), // OutPFSet_SF = -3
+            (23, 0x8000), // VArPct_SF: not implemented
+        ],
+    );
+    map.insert(next, 0xFFFF);
+    map.insert(next + 1, 0);
+    shared(map)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sunspec_controls_made_writable_are_written_through_their_scale_factor() {
+    let state = inverter_with_controls();
+    let address = serve(state.clone()).await;
+    let mut gw = start_gateway_with(
+        address,
+        "points = [\n\
+           { name = \"controls_WMaxLimPct\", writable = true },\n\
+           { name = \"controls_WMaxLim_Ena\", writable = true },\n\
+           { name = \"controls_VArWMaxPct\", writable = true },\n\
+           { name = \"common_Mn\", writable = true },\n\
+         ]",
+    )
+    .await;
+    // The announced point set says which points take writes (Home Assistant makes them
+    // numbers, Sparkplug accepts DCMDs for them).
+    let announced = gw.next_on("fieldmq/gw/status/devices/inv/points").await;
+    let writable = |name: &str| {
+        announced["points"]
+            .as_array()
+            .and_then(|points| points.iter().find(|p| p["name"] == name))
+            .map(|p| p["writable"].clone())
+    };
+    assert_eq!(
+        writable("controls_WMaxLimPct"),
+        Some(Json::Bool(true)),
+        "{announced}"
+    );
+    assert_eq!(
+        writable("controls_OutPFSet"),
+        Some(Json::Bool(false)),
+        "{announced}"
+    );
+    assert_eq!(
+        writable("common_Mn"),
+        Some(Json::Bool(false)),
+        "{announced}"
+    );
+    // Read once: the scale factors are known.
+    wait_for(&mut gw, "gw/inv/controls_WMaxLimPct", |v| *v == 100.0).await;
+    wait_for(&mut gw, "gw/inv/controls_OutPFSet", |v| *v == 0.95).await;
+
+    // 55.5 % with WMaxLimPct_SF = -1 is 555 in the register, one FC06, read back.
+    gw.publish("gw/inv/controls_WMaxLimPct/set", "55.5").await;
+    let result = gw.next_on("gw/inv/controls_WMaxLimPct/set/result").await;
+    assert_eq!(result, serde_json::json!({"status": "ok", "value": 55.5}));
+    gw.publish("gw/inv/controls_WMaxLim_Ena/set", "1").await;
+    let result = gw.next_on("gw/inv/controls_WMaxLim_Ena/set/result").await;
+    assert_eq!(result, serde_json::json!({"status": "ok", "value": 1}));
+    {
+        let device = state.lock().unwrap();
+        assert_eq!(device.holding[&40075], 555);
+        assert_eq!(device.holding[&40079], 1);
+        assert_eq!(
+            device.writes,
+            vec![(40075, vec![555]), (40079, vec![1])],
+            "one single-register write each"
+        );
+    }
+
+    // Refused before the device: the reserved value, out of range, a scale factor the
+    // device does not implement, a point not made writable, a read-only SunSpec point.
+    for (point, payload, reason) in [
+        (
+            "controls_WMaxLimPct",
+            "6553.5",
+            "reserves for \"not implemented\"",
+        ),
+        ("controls_WMaxLimPct", "7000", "out of range for u16"),
+        ("controls_WMaxLimPct", "-1", "out of range for u16"),
+        ("controls_WMaxLimPct", "lots", "expected a number"),
+        (
+            "controls_VArWMaxPct",
+            "10",
+            "scale factor of controls_VArWMaxPct has not been read",
+        ),
+        (
+            "controls_OutPFSet",
+            "0.9",
+            "point controls_OutPFSet is not writable",
+        ),
+        ("common_Mn", "\"ACME\"", "point common_Mn is not writable"),
+    ] {
+        gw.publish(&format!("gw/inv/{point}/set"), payload).await;
+        let result = gw.next_on(&format!("gw/inv/{point}/set/result")).await;
+        assert_eq!(result["status"], "error", "{point} {payload}: {result}");
+        let said = result["reason"].as_str().unwrap_or_default();
+        assert!(said.contains(reason), "{point} {payload}: {result}");
+    }
+
+    // Several controls in one command: checked together, then written in address order.
+    gw.publish(
+        "gw/inv/set",
+        r#"{"controls_WMaxLimPct": 80, "controls_WMaxLim_Ena": 0}"#,
+    )
+    .await;
+    let result = gw.next_on("gw/inv/set/result").await;
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(
+        result["points"]["controls_WMaxLimPct"]["value"], 80.0,
+        "{result}"
+    );
+    {
+        let device = state.lock().unwrap();
+        assert_eq!(device.holding[&40075], 800);
+        assert_eq!(device.holding[&40079], 0);
+        assert_eq!(device.holding[&40080], 950, "OutPFSet untouched");
+        assert_eq!(device.holding[&40085], 0, "VArWMaxPct untouched");
+        assert_eq!(
+            device.holding[&40004],
+            text("SMA", 16)[0],
+            "common_Mn untouched"
+        );
+        assert_eq!(device.writes.len(), 4, "{:?}", device.writes);
+    }
+    // The next poll publishes what the device now holds.
+    wait_for(&mut gw, "gw/inv/controls_WMaxLimPct", |v| *v == 80.0).await;
 }

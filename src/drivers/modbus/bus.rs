@@ -18,6 +18,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -98,6 +99,9 @@ struct SunSpec {
     error: Option<String>,
     /// Per point of the device, parallel to `config.points`: how a SunSpec point decodes.
     sources: Vec<Option<sunspec::Source>>,
+    /// The scale factor last read at each scale-factor register (valid ones only): a
+    /// write to a scaled point is encoded with it, and its read-back decoded.
+    scale_factors: HashMap<u16, i16>,
 }
 
 struct Scheduled {
@@ -517,6 +521,7 @@ impl Bus {
                         due: now,
                         error: None,
                         sources: vec![None; device.config.points.len()],
+                        scale_factors: HashMap::new(),
                     }),
                     poll: device.poll,
                     reporters: device.config.points.iter().map(Reporter::new).collect(),
@@ -578,6 +583,7 @@ impl Bus {
                     forwarders.spawn(forward_writes(
                         device.context.clone(),
                         points,
+                        device.sunspec.is_some(),
                         index,
                         subscription,
                         tx.clone(),
@@ -936,7 +942,14 @@ impl Bus {
                         .as_ref()
                         .and_then(|s| s.sources.get(index).copied().flatten());
                     let value = match source {
-                        Some(source) => sunspec::decode(&source, &words, request.start),
+                        Some(source) => {
+                            if let (Some(address), Some(state)) =
+                                (source.sf_address, device.sunspec.as_mut())
+                            {
+                                remember_scale_factor(state, &words, request.start, address);
+                            }
+                            sunspec::decode(&source, &words, request.start)
+                        }
                         None => {
                             let offset = usize::from(point.address.saturating_sub(request.start));
                             let width = usize::from(point.data_type.width());
@@ -1165,15 +1178,15 @@ impl Bus {
             .iter()
             .position(|p| p.name == request.point)
         else {
-            return error(format!("no point named {:?}", request.point));
+            return error(format!(
+                "device {} has no point named {:?}",
+                device.context.device, request.point
+            ));
         };
         let point = device.config.points[index].clone();
-        if !point.writable {
-            return error(format!("point {} is not writable", point.name));
-        }
-        let encoded = match codec::encode(&point, &request.value) {
+        let encoded = match device.encode_write(index, &request.value) {
             Ok(encoded) => encoded,
-            Err(e) => return error(e.0),
+            Err(reason) => return error(reason),
         };
         if let Some(reason) = device.offline() {
             return error(reason);
@@ -1224,13 +1237,9 @@ impl Bus {
                             device.context.device
                         )
                     })?;
-                let point = &device.config.points[index];
-                if !point.writable {
-                    return Err(format!("point {name} is not writable"));
-                }
-                codec::encode(point, value)
+                device
+                    .encode_write(index, value)
                     .map(|encoded| (index, encoded))
-                    .map_err(|e| e.0)
             })
             .collect();
         let not_written = |reason: String| PointOutcome::Error {
@@ -1399,16 +1408,31 @@ impl Bus {
                 values.push(Err("unknown point".into()));
                 continue;
             };
-            let offset = usize::from(point.address.saturating_sub(start));
-            let width = usize::from(point.data_type.width());
-            let value = codec::decode_point(
-                point,
-                words.get(offset..offset + width).unwrap_or_default(),
-                bits.get(offset..offset + width).unwrap_or_default(),
-            );
-            let Some(value) = value else {
-                values.push(Err("written, but the read-back was short".into()));
-                continue;
+            let value = match device.sunspec_source(index) {
+                Some(source) => {
+                    let sf = source.sf_address.and_then(|a| device.scale_factor(a));
+                    sunspec::decode_with_scale(&source, &words, start, sf).map_err(|e| match e {
+                        sunspec::PointError::Short => "written, but the read-back was short".into(),
+                        e => format!("written, but the read-back is {e}"),
+                    })
+                }
+                None => {
+                    let offset = usize::from(point.address.saturating_sub(start));
+                    let width = usize::from(point.data_type.width());
+                    codec::decode_point(
+                        point,
+                        words.get(offset..offset + width).unwrap_or_default(),
+                        bits.get(offset..offset + width).unwrap_or_default(),
+                    )
+                    .ok_or_else(|| "written, but the read-back was short".to_owned())
+                }
+            };
+            let value = match value {
+                Ok(value) => value,
+                Err(reason) => {
+                    values.push(Err(reason));
+                    continue;
+                }
             };
             let now = Instant::now();
             if let Some(reporter) = device.reporters.get_mut(index) {
@@ -1469,6 +1493,55 @@ impl sunspec::Registers for BusRegisters<'_> {
 }
 
 impl Device {
+    /// How SunSpec point `index` decodes; `None` for a configured point.
+    fn sunspec_source(&self, index: usize) -> Option<sunspec::Source> {
+        self.sunspec.as_ref()?.sources.get(index).copied().flatten()
+    }
+
+    /// The scale factor last read at register `address`.
+    fn scale_factor(&self, address: u16) -> Option<i16> {
+        self.sunspec.as_ref()?.scale_factors.get(&address).copied()
+    }
+
+    /// The registers or coil that write `value` to point `index`, after the checks a
+    /// write must pass: the point is writable, the value fits its type (and range, after
+    /// scale), and for a SunSpec point, is scaled by the scale factor last read and is not
+    /// the value SunSpec reserves for "not implemented".
+    fn encode_write(&self, index: usize, value: &Value) -> Result<codec::Encoded, String> {
+        let point = self
+            .config
+            .points
+            .get(index)
+            .ok_or_else(|| "unknown point".to_owned())?;
+        if !point.writable {
+            return Err(format!("point {} is not writable", point.name));
+        }
+        let Some(source) = self.sunspec_source(index) else {
+            return codec::encode(point, value).map_err(|e| e.0);
+        };
+        let mut scaled = point.clone();
+        if let Some(address) = source.sf_address {
+            let sf = self.scale_factor(address).ok_or_else(|| {
+                format!(
+                    "the scale factor of {} has not been read from the device yet",
+                    point.name
+                )
+            })?;
+            scaled.scale = 10f64.powi(i32::from(sf));
+        }
+        let encoded = codec::encode(&scaled, value).map_err(|e| e.0)?;
+        if let (codec::Encoded::Registers(words), Some(reserved)) =
+            (&encoded, sunspec::reserved(source.kind))
+        {
+            if words.as_slice() == [reserved] {
+                return Err(format!(
+                    "{value} would be register value {reserved:#06X}, which SunSpec reserves for \"not implemented\""
+                ));
+            }
+        }
+        Ok(encoded)
+    }
+
     /// The device's points as they are now (a SunSpec point with a scale factor is a
     /// float), for the announcement of its point set.
     fn point_infos(&self) -> Vec<crate::drivers::config::PointInfo> {
@@ -1512,6 +1585,7 @@ impl Device {
             self.reporters.truncate(configured);
             self.point_good.truncate(configured);
             state.sources.truncate(configured);
+            state.scale_factors.clear();
         }
         state.found = found.to_vec();
         let blocks = sunspec::blocks(found);
@@ -1535,6 +1609,10 @@ impl Device {
                     point.report = settings.report;
                     point.min_interval = settings.min_interval;
                     point.max_interval = settings.max_interval;
+                    if settings.writable && !source.read_write {
+                        tracing::warn!(device = %self.context.device, point = %point.name, "writable is set, but SunSpec defines this point read-only: it stays read-only");
+                    }
+                    point.writable = settings.writable && source.read_write;
                     if settings.unit.is_some() {
                         point.unit.clone_from(&settings.unit);
                     }
@@ -1700,6 +1778,23 @@ impl Device {
     }
 }
 
+/// Keeps the scale factor at register `address` from a block read for writes; forgets it
+/// when the device no longer gives a valid one.
+fn remember_scale_factor(state: &mut SunSpec, words: &[u16], start: u16, address: u16) {
+    let word = address
+        .checked_sub(start)
+        .and_then(|from| words.get(usize::from(from)));
+    match word.map(|w| sunspec::scale_factor(*w)) {
+        Some(Ok(sf)) => {
+            state.scale_factors.insert(address, sf);
+        }
+        Some(Err(_)) => {
+            state.scale_factors.remove(&address);
+        }
+        None => {}
+    }
+}
+
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
@@ -1707,22 +1802,26 @@ fn far_future() -> Instant {
 /// Turns `<point topic>/set` messages of one device into commands for its bus. A message
 /// that cannot be parsed, or names a read-only or unknown point, is answered here, without
 /// reaching the device.
+/// Sorts the write commands of device `device` and sends them to the bus. `points` are
+/// the device's configured points; a SunSpec device (`found_later`) finds more at run
+/// time, so a name it was not configured with goes to the bus, which knows them.
 async fn forward_writes(
     context: DeviceContext,
     points: Vec<(String, bool)>,
+    found_later: bool,
     device: usize,
     mut subscription: crate::broker::bus::InternalSubscription,
     tx: mpsc::Sender<WriteCommand>,
     shutdown: CancellationToken,
 ) {
     let access = |name: &str| {
-        points
-            .iter()
-            .find(|(point, _)| point == name)
-            .map(|(_, writable)| match writable {
-                true => PointAccess::Writable,
-                false => PointAccess::ReadOnly,
-            })
+        let configured = points.iter().find(|(point, _)| point == name);
+        match configured {
+            Some((_, true)) => Some(PointAccess::Writable),
+            Some((_, false)) => Some(PointAccess::ReadOnly),
+            None if found_later => Some(PointAccess::Writable),
+            None => None,
+        }
     };
     loop {
         let message: Message = tokio::select! {

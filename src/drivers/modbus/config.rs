@@ -722,7 +722,6 @@ impl DeviceCheck<'_, '_> {
             ("scale", raw.scale.as_ref().map(Spanned::span)),
             ("offset", raw.offset.as_ref().map(Spanned::span)),
             ("poll", raw.poll.as_ref().map(Spanned::span)),
-            ("writable", raw.writable.as_ref().map(Spanned::span)),
         ];
         for (key, key_span) in foreign {
             if let Some(key_span) = key_span {
@@ -732,7 +731,7 @@ impl DeviceCheck<'_, '_> {
                     format!("`{key}` does not apply to a SunSpec point"),
                 )
                 .hint = Some(
-                    "a point without table and address sets how a SunSpec point reports (report, deadband, min_interval, max_interval, unit); type and scale come from the device, and it is read with its model at the device's poll".into(),
+                    "a point without table and address sets how a SunSpec point reports (report, deadband, min_interval, max_interval, unit) and whether it is writable; type and scale come from the device, and it is read with its model at the device's poll".into(),
                 );
             }
         }
@@ -763,7 +762,7 @@ impl DeviceCheck<'_, '_> {
             report,
             min_interval,
             max_interval,
-            writable: false,
+            writable: raw.writable.as_ref().is_some_and(|w| *w.get_ref()),
         })
     }
 

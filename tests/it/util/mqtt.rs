@@ -1077,3 +1077,18 @@ pub(crate) mod packet {
         frame(0xE0, &[reason, 0])
     }
 }
+
+/// Publishes `payload` on `topic` at QoS 1, not retained, from inside the process, as a
+/// client of the embedded broker `broker` would.
+pub(crate) async fn publish_in_process(broker: &BrokerHandle, topic: &str, payload: &str) {
+    broker
+        .publish(fieldmq::model::Message::internal(
+            "test",
+            topic.to_owned(),
+            payload.to_owned(),
+            fieldmq::model::QoS::AtLeastOnce,
+            false,
+        ))
+        .await
+        .expect("the embedded broker takes the message");
+}

@@ -115,6 +115,9 @@ pub struct PointDef {
     pub unit: &'static str,
     /// The scale-factor point of the same model; empty when none.
     pub sf: &'static str,
+    /// The model defines it read-write (a setting or a control): the driver writes it
+    /// when the configuration makes it `writable`.
+    pub read_write: bool,
 }
 
 /// A SunSpec information model, as far as fieldmq maps it.
@@ -158,7 +161,8 @@ pub fn render_models() -> String {
     use std::fmt::Write as _;
     let mut out = String::from(
         "sunspec: SunSpec devices; the points come from the models the device holds\n\
-         points are named <prefix>_<point>, registers count from the model's first register after ID and L\n",
+         points are named <prefix>_<point>, registers count from the model's first register after ID and L\n\
+         read-write points are written when the device's points make them writable\n",
     );
     for model in known_models() {
         let _ = writeln!(
@@ -186,9 +190,10 @@ pub fn render_models() -> String {
             } else {
                 format!(" × 10^{}", def.sf)
             };
+            let access = if def.read_write { "  read-write" } else { "" };
             let _ = writeln!(
                 out,
-                "  {name:<28} {:>3}  {}{sf}{unit}",
+                "  {name:<28} {:>3}  {}{sf}{unit}{access}",
                 def.offset,
                 def.kind.name()
             );
@@ -490,6 +495,8 @@ pub struct Source {
     pub address: u16,
     /// The scale factor's register.
     pub sf_address: Option<u16>,
+    /// The model defines the point read-write.
+    pub read_write: bool,
 }
 
 /// The points of one model found on a device, read together as one block.
@@ -575,6 +582,7 @@ pub fn blocks(found: &[Found]) -> Vec<Block> {
                 kind: def.kind,
                 address,
                 sf_address,
+                read_write: def.read_write,
             };
             points.push((point, source));
         }
@@ -616,11 +624,72 @@ pub enum PointError {
 /// Decodes a point from the registers of its block read (`words[i]` is register
 /// `start + i`): the raw value, "not implemented" markers, then the scale factor.
 pub fn decode(source: &Source, words: &[u16], start: u16) -> Result<Value, PointError> {
-    let slice = |address: u16, width: u16| {
-        let from = usize::from(address.checked_sub(start)?);
-        words.get(from..from + usize::from(width))
+    let raw = match decode_raw(source, words, start)? {
+        Raw::Value(value) => return Ok(value),
+        Raw::Integer(raw) => raw,
     };
-    let registers = slice(source.address, source.kind.width()).ok_or(PointError::Short)?;
+    let Some(sf_address) = source.sf_address else {
+        return Ok(integer(raw));
+    };
+    let sf_word = register(words, start, sf_address, 1)
+        .and_then(|w| w.first().copied())
+        .ok_or(PointError::Short)?;
+    Ok(scaled(raw, scale_factor(sf_word)?))
+}
+
+/// Decodes a point whose scale factor is known already (`sf`: the one last read, for the
+/// read-back of a write that read only the point's own registers).
+pub fn decode_with_scale(
+    source: &Source,
+    words: &[u16],
+    start: u16,
+    sf: Option<i16>,
+) -> Result<Value, PointError> {
+    match (decode_raw(source, words, start)?, sf) {
+        (Raw::Value(value), _) => Ok(value),
+        (Raw::Integer(raw), Some(sf)) => Ok(scaled(raw, sf)),
+        (Raw::Integer(raw), None) => Ok(integer(raw)),
+    }
+}
+
+/// A scale-factor register's value, when it can scale: 0x8000 is "not implemented", and
+/// one outside -10..=10 is taken for garbage.
+pub fn scale_factor(word: u16) -> Result<i16, PointError> {
+    if word == 0x8000 {
+        return Err(PointError::ScaleNotImplemented);
+    }
+    let sf = word as i16;
+    if !(-10..=10).contains(&sf) {
+        return Err(PointError::ScaleOutOfRange(sf));
+    }
+    Ok(sf)
+}
+
+/// The register value SunSpec reserves for "not implemented" in a one-register point of
+/// `kind`: a write never sets it.
+pub fn reserved(kind: Kind) -> Option<u16> {
+    match kind {
+        Kind::U16 | Kind::Enum16 | Kind::Bits16 => Some(0xFFFF),
+        Kind::I16 | Kind::Sf => Some(0x8000),
+        _ => None,
+    }
+}
+
+/// A point's registers as read, before its scale factor.
+enum Raw {
+    /// Text and floats: no scale factor applies.
+    Value(Value),
+    Integer(i128),
+}
+
+fn register(words: &[u16], start: u16, address: u16, width: u16) -> Option<&[u16]> {
+    let from = usize::from(address.checked_sub(start)?);
+    words.get(from..from + usize::from(width))
+}
+
+fn decode_raw(source: &Source, words: &[u16], start: u16) -> Result<Raw, PointError> {
+    let registers =
+        register(words, start, source.address, source.kind.width()).ok_or(PointError::Short)?;
     let mut wide: u64 = 0;
     for word in registers.iter().take(4) {
         wide = wide << 16 | u64::from(*word);
@@ -639,14 +708,14 @@ pub fn decode(source: &Source, words: &[u16], start: u16) -> Result<Value, Point
                     }
                 })
                 .collect();
-            return Ok(Value::Text(text.trim_end().to_owned()));
+            return Ok(Raw::Value(Value::Text(text.trim_end().to_owned())));
         }
         Kind::F32 => {
             let x = f32::from_bits(wide as u32);
             if x.is_nan() {
                 return Err(PointError::NotImplemented);
             }
-            return Ok(Value::Float(super::codec::f32_to_f64(x)));
+            return Ok(Raw::Value(Value::Float(super::codec::f32_to_f64(x))));
         }
         Kind::U16 | Kind::Enum16 | Kind::Bits16 if wide == 0xFFFF => {
             return Err(PointError::NotImplemented)
@@ -660,25 +729,15 @@ pub fn decode(source: &Source, words: &[u16], start: u16) -> Result<Value, Point
         Kind::I32 => i128::from(wide as u32 as i32),
         _ => i128::from(wide),
     };
-    let Some(sf_address) = source.sf_address else {
-        return Ok(integer(raw));
-    };
-    let sf_word = slice(sf_address, 1)
-        .and_then(|w| w.first().copied())
-        .ok_or(PointError::Short)?;
-    if sf_word == 0x8000 {
-        return Err(PointError::ScaleNotImplemented);
-    }
-    let sf = sf_word as i16;
-    if !(-10..=10).contains(&sf) {
-        return Err(PointError::ScaleOutOfRange(sf));
-    }
+    Ok(Raw::Integer(raw))
+}
+
+/// raw × 10^sf: an integer for 0, a float otherwise.
+fn scaled(raw: i128, sf: i16) -> Value {
     if sf == 0 {
-        return Ok(integer(raw));
+        return integer(raw);
     }
-    Ok(Value::Float(super::codec::tidy(
-        raw as f64 * 10f64.powi(i32::from(sf)),
-    )))
+    Value::Float(super::codec::tidy(raw as f64 * 10f64.powi(i32::from(sf))))
 }
 
 fn integer(raw: i128) -> Value {
@@ -881,11 +940,80 @@ mod tests {
     }
 
     #[test]
+    fn read_write_points_are_the_settings_and_controls_and_each_has_a_reserved_value() {
+        for model in known_models() {
+            for def in model
+                .points
+                .iter()
+                .chain(model.repeat.iter().flat_map(|r| r.points))
+            {
+                if def.read_write {
+                    // A write is one register, and never the "not implemented" value.
+                    assert!(
+                        [121, 123, 124].contains(&model.id),
+                        "model {} {}",
+                        model.id,
+                        def.name
+                    );
+                    assert_ne!(def.kind, Kind::Sf, "model {} {}", model.id, def.name);
+                    assert!(
+                        reserved(def.kind).is_some(),
+                        "model {} {}",
+                        model.id,
+                        def.name
+                    );
+                }
+            }
+        }
+        let access = |id: u16, name: &str| {
+            model(id)
+                .and_then(|m| m.points.iter().find(|p| p.name == name))
+                .map(|p| p.read_write)
+        };
+        assert_eq!(access(123, "WMaxLimPct"), Some(true));
+        assert_eq!(access(123, "WMaxLimPct_SF"), Some(false));
+        assert_eq!(access(121, "WMax"), Some(true));
+        assert_eq!(access(124, "ChaState"), Some(false));
+        assert_eq!(access(124, "InWRte"), Some(true));
+        assert_eq!(access(103, "W"), Some(false));
+    }
+
+    #[test]
+    fn a_read_back_decodes_with_the_scale_factor_last_read() {
+        let source = Source {
+            kind: Kind::U16,
+            address: 10,
+            sf_address: Some(30),
+            read_write: true,
+        };
+        assert_eq!(
+            decode_with_scale(&source, &[555], 10, Some(-1)),
+            Ok(Value::Float(55.5))
+        );
+        assert_eq!(
+            decode_with_scale(&source, &[555], 10, Some(0)),
+            Ok(Value::Int(555))
+        );
+        assert_eq!(
+            decode_with_scale(&source, &[0xFFFF], 10, Some(-1)),
+            Err(PointError::NotImplemented)
+        );
+        assert_eq!(
+            decode_with_scale(&source, &[], 10, Some(-1)),
+            Err(PointError::Short)
+        );
+        assert_eq!(scale_factor(0xFFFF), Ok(-1));
+        assert_eq!(scale_factor(0x8000), Err(PointError::ScaleNotImplemented));
+        assert_eq!(scale_factor(11), Err(PointError::ScaleOutOfRange(11)));
+    }
+
+    #[test]
     fn scale_factors_apply_and_unimplemented_values_are_errors() {
         let source = |kind, sf| Source {
             kind,
             address: 10,
             sf_address: sf,
+            read_write: false,
         };
         // W = 2305, W_SF = -1 -> 230.5
         assert_eq!(
