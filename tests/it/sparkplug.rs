@@ -888,8 +888,8 @@ fn a_sunspec_device_is_born_again_with_the_points_its_discovery_found() {
     if !peers_available("sparkplug sunspec") {
         return;
     }
-    // SunSpec at 40000: model 103 (W = 1500 W, W_SF = 0, Hz = 5001, Hz_SF = -2), then
-    // the end marker.
+    // SunSpec at 40000: model 103 (W = 1500 W, W_SF = 0, Hz = 5001, Hz_SF = -2), model 123
+    // (WMaxLimPct = 100.0 % at 40059 with WMaxLimPct_SF = -1 at 40077), then the end marker.
     let registers = SharedRegisters::default();
     {
         let mut r = registers
@@ -903,12 +903,19 @@ fn a_sunspec_device_is_born_again_with_the_points_its_discovery_found() {
             (40004 + 12, 1500),
             (40004 + 14, 5001),
             (40004 + 15, 0xFFFE),
-            (40054, 0xFFFF),
+            (40054, 123),
+            (40055, 24),
+            (40056 + 3, 1000),
+            (40056 + 21, 0xFFFF),
+            (40080, 0xFFFF),
         ] {
             r.holding.insert(address, value);
         }
+        for address in 40004..40080 {
+            r.holding.entry(address).or_insert(0);
+        }
     }
-    let (modbus, _server) = serve_modbus(registers);
+    let (modbus, _server) = serve_modbus(registers.clone());
     let cloud = Cloud::start(CloudOptions::default());
     let mut host = Host::start(cloud.port, None);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -935,6 +942,7 @@ driver = "modbus-tcp"
 address = "{modbus}"
 poll = "200ms"
 profile = "sunspec"
+points = [ {{ name = "controls_WMaxLimPct", writable = true }} ]
 
 [[uplinks]]
 name = "scada"
@@ -967,4 +975,22 @@ group_id = "{GROUP}"
             && m["metrics"][0]["name"] == "inverter_Hz"
             && m["metrics"][0]["value"] == 50.01
     });
+
+    // A SunSpec control made writable takes a DCMD, through its scale factor.
+    assert_eq!(metric(&dbirth, "controls_WMaxLimPct")["datatype"], "DOUBLE");
+    host.send(json!({"op": "dcmd", "node": NODE, "device": "inv", "metric": "controls_WMaxLimPct", "datatype": "DOUBLE", "value": 42.5}));
+    host.wait_for("DDATA with the limit 42.5", Duration::from_secs(10), |m| {
+        m["type"] == "DDATA"
+            && m["metrics"].as_array().is_some_and(|ms| {
+                ms.iter()
+                    .any(|x| x["name"] == "controls_WMaxLimPct" && x["value"] == 42.5)
+            })
+    });
+    let written = registers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .holding
+        .get(&40059)
+        .copied();
+    assert_eq!(written, Some(425));
 }
