@@ -255,6 +255,19 @@ impl DeviceConfig {
         self.driver.point_infos()
     }
 
+    /// Whether the device has a point `name`, or can find one of that name at run time
+    /// (a SunSpec device's models: `inverter_W`).
+    pub fn may_have_point(&self, name: &str) -> bool {
+        self.point_infos().iter().any(|p| p.name == name)
+            || self.finds_points_at_run_time()
+                && crate::drivers::modbus::sunspec::is_point_name(name)
+    }
+
+    /// Whether discovery adds points to the configured ones (`profile = "sunspec"`).
+    pub fn finds_points_at_run_time(&self) -> bool {
+        matches!(&self.driver, DriverConfig::Modbus(config) if config.sunspec)
+    }
+
     /// `<device topic>/set`, where one JSON object writes several points of a Modbus
     /// device: the topic template up to the level that holds `{point}` (`gw/plc/set` for
     /// `{gateway}/{device}/{point}`). `None` for other drivers, when that prefix does not

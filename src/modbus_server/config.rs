@@ -675,9 +675,13 @@ impl Checker<'_> {
                         .hint = Some("set payload = \"json\" (the default) on the device".into());
                     return None;
                 }
-                let points = found.point_infos();
-                if !points.iter().any(|p| &p.name == point.get_ref()) {
-                    let names: Vec<&str> = points.iter().map(|p| p.name.as_str()).collect();
+                if !found.may_have_point(point.get_ref()) {
+                    let mut names: Vec<String> =
+                        found.point_infos().into_iter().map(|p| p.name).collect();
+                    if found.finds_points_at_run_time() {
+                        names.extend(crate::drivers::modbus::sunspec::point_names());
+                    }
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
                     let diagnostic = self.d.error(
                         Some(point.span()),
                         key("point"),
@@ -689,6 +693,9 @@ impl Checker<'_> {
                     );
                     diagnostic.hint = match closest(point.get_ref(), &names) {
                         Some(close) => Some(format!("did you mean `{close}`?")),
+                        None if found.finds_points_at_run_time() => Some(
+                            "a SunSpec device's points are named <prefix>_<point>, as `fieldmq profiles show sunspec` lists them".into(),
+                        ),
                         None => Some(format!("its points: {}", names.join(", "))),
                     };
                     return None;

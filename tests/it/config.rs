@@ -842,6 +842,19 @@ fn cases() -> Vec<Case> {
             Some("did you mean `power`?"),
         ),
         case(
+            "modbus server: a map entry naming a point no SunSpec model has",
+            format!(
+                "{HEAD}[[devices]]\nname = \"inv\"\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\n\
+                 profile = \"sunspec\"\n[[modbus_servers]]\nbind = \"127.0.0.1:0\"\nmap = [\n  \
+                 {{ table = \"holding\", address = 0, device = \"inv\", point = \"inverter_Hzz\" }},\n  \
+                 {{ table = \"holding\", address = 1, device = \"inv\", point = \"mppt_2_DCV\" }},\n]\n"
+            ),
+            13,
+            "modbus_servers[0].map[0].point",
+            "device \"inv\" has no point named \"inverter_Hzz\"",
+            Some("did you mean `inverter_Hz`?"),
+        ),
+        case(
             "modbus server: overlapping map entries",
             modbus_server(
                 "",

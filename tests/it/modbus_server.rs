@@ -365,6 +365,95 @@ async fn modbus_server_serves_device_values_to_pymodbus_in_the_chosen_type_and_o
 }
 
 #[tokio::test]
+async fn modbus_server_serves_and_writes_the_points_a_sunspec_device_finds() {
+    let Some(python) = python() else {
+        return skip(
+            "modbus_server_serves_and_writes_the_points_a_sunspec_device_finds",
+            "pymodbus venv missing (.ci/run creates target/pymodbus-venv)",
+        );
+    };
+    let state: Shared = Default::default();
+    // Hz = 50.01 at 40018, WMaxLimPct = 100.0 % at 40059 (WMaxLimPct_SF = -1).
+    state
+        .lock()
+        .unwrap()
+        .holding
+        .extend(crate::util::modbus::sunspec_inverter_registers());
+    let device = field_device(state.clone()).await;
+    // The map names points that exist only once discovery has read the device's models.
+    let gateway = Gateway::start(&format!(
+        r#"
+[[devices]]
+name = "inv"
+driver = "modbus-tcp"
+address = "{device}"
+poll = "100ms"
+timeout = "500ms"
+profile = "sunspec"
+points = [ {{ name = "controls_WMaxLimPct", writable = true }} ]
+
+[[modbus_servers]]
+bind = "127.0.0.1:0"
+write_timeout = "2s"
+map = [
+  {{ table = "input", address = 0, device = "inv", point = "inverter_Hz", type = "u16", scale = 0.01 }},
+  {{ table = "holding", address = 10, device = "inv", point = "controls_WMaxLimPct", type = "u16", scale = 0.1, writable = true }},
+  {{ table = "holding", address = 20, device = "inv", point = "inverter_W", type = "i16" }},
+  {{ table = "holding", address = 21, device = "inv", point = "inverter_Hz", type = "u16", scale = 0.01, writable = true }},
+]
+"#
+    ))
+    .await;
+    let addr = gateway.modbus[0];
+    let ops = json!([
+        {"op": "read_input", "address": 0, "count": 1},
+        {"op": "read_holding", "address": 10, "count": 1},
+        {"op": "read_holding", "address": 20, "count": 1},
+    ]);
+    let results = pymodbus_until(&python, addr, &ops, |r| {
+        r[0].get("registers").is_some() && r[1].get("registers").is_some()
+    })
+    .await;
+    assert_eq!(results[0], json!({"registers": [5001]}), "50.01 Hz");
+    assert_eq!(results[1], json!({"registers": [1000]}), "100.0 %");
+    assert_eq!(results[2], json!({"registers": [1500]}), "1500 W");
+
+    // The SCADA sets the export limit to 60.0 %: the driver writes 600 with WMaxLimPct_SF
+    // = -1 to the inverter's register and reads it back.
+    // A measurement is read-only in SunSpec: the driver refuses what the map lets through.
+    let results = pymodbus(
+        &python,
+        addr,
+        &json!([
+            {"op": "write_register", "address": 10, "value": 600},
+            {"op": "write_register", "address": 21, "value": 4000},
+        ]),
+    )
+    .await;
+    assert_eq!(results[0], json!({"ok": true}), "{results:?}");
+    assert_eq!(results[1], json!({"exception": 4}), "{results:?}");
+    assert_eq!(state.lock().unwrap().holding.get(&40059), Some(&600));
+    assert_eq!(state.lock().unwrap().holding.get(&40018), Some(&5001));
+    // A value the device reports as not implemented (W = 0x8000) answers exception 4.
+    state.lock().unwrap().holding.insert(40004 + 12, 0x8000);
+    pymodbus_until(
+        &python,
+        addr,
+        &json!([{"op": "read_holding", "address": 20, "count": 1}]),
+        |r| r[0] == json!({"exception": 4}),
+    )
+    .await;
+    pymodbus_until(
+        &python,
+        addr,
+        &json!([{"op": "read_holding", "address": 10, "count": 1}]),
+        |r| r[0] == json!({"registers": [600]}),
+    )
+    .await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn modbus_server_answers_bad_values_with_exception_4_or_the_configured_sentinel() {
     let Some(python) = python() else {
         return skip(

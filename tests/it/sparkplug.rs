@@ -888,32 +888,15 @@ fn a_sunspec_device_is_born_again_with_the_points_its_discovery_found() {
     if !peers_available("sparkplug sunspec") {
         return;
     }
-    // SunSpec at 40000: model 103 (W = 1500 W, W_SF = 0, Hz = 5001, Hz_SF = -2), model 123
-    // (WMaxLimPct = 100.0 % at 40059 with WMaxLimPct_SF = -1 at 40077), then the end marker.
+    // SunSpec at 40000: model 103 (W = 1500 W, Hz = 50.01), model 123 (WMaxLimPct = 100.0 %
+    // at 40059 with WMaxLimPct_SF = -1), then the end marker.
     let registers = SharedRegisters::default();
     {
         let mut r = registers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (address, value) in [
-            (40000, 0x5375),
-            (40001, 0x6E53),
-            (40002, 103),
-            (40003, 50),
-            (40004 + 12, 1500),
-            (40004 + 14, 5001),
-            (40004 + 15, 0xFFFE),
-            (40054, 123),
-            (40055, 24),
-            (40056 + 3, 1000),
-            (40056 + 21, 0xFFFF),
-            (40080, 0xFFFF),
-        ] {
-            r.holding.insert(address, value);
-        }
-        for address in 40004..40080 {
-            r.holding.entry(address).or_insert(0);
-        }
+        r.holding
+            .extend(crate::util::modbus::sunspec_inverter_registers());
     }
     let (modbus, _server) = serve_modbus(registers.clone());
     let cloud = Cloud::start(CloudOptions::default());

@@ -114,3 +114,28 @@ impl BackgroundDevice {
         }
     }
 }
+
+/// A small SunSpec inverter's holding registers, every register of the chain present:
+/// `SunS` at 40000, model 103 at 40002 (W = 1500 W at 40016 with W_SF = 0, Hz = 50.01 at
+/// 40018 with Hz_SF = -2), model 123 at 40054 (WMaxLimPct = 100.0 % at 40059 with
+/// WMaxLimPct_SF = -1 at 40077), and the end marker at 40080.
+pub(crate) fn sunspec_inverter_registers() -> Vec<(u16, u16)> {
+    let mut registers: Vec<(u16, u16)> = (40000..=40081).map(|a| (a, 0)).collect();
+    for (address, value) in [
+        (40000, 0x5375),
+        (40001, 0x6E53),
+        (40002, 103),
+        (40003, 50),
+        (40004 + 12, 1500),
+        (40004 + 14, 5001),
+        (40004 + 15, 0xFFFE),
+        (40054, 123),
+        (40055, 24),
+        (40056 + 3, 1000),
+        (40056 + 21, 0xFFFF),
+        (40080, 0xFFFF),
+    ] {
+        registers[usize::from(address - 40000)] = (address, value);
+    }
+    registers
+}

@@ -156,6 +156,61 @@ pub fn known_models() -> &'static [Model] {
     models::MODELS
 }
 
+/// Whether `name` is a point name that discovery can give a SunSpec device: the
+/// `<prefix>_<point>` of a mapped model's point (`inverter_W`), of its n-th model of that
+/// prefix (`meter2_W`), or of the n-th repeat of its repeating group (`mppt_1_DCV`,
+/// `mppt2_3_DCA`). Scale factors are not points.
+pub fn is_point_name(name: &str) -> bool {
+    known_models().iter().any(|model| {
+        let Some(rest) = name.strip_prefix(model.prefix) else {
+            return false;
+        };
+        // `<prefix><nth>_`: the second and later models of a prefix.
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (nth, rest) = rest.split_at(digits);
+        if !nth.is_empty() && !is_count_from(nth, 2) {
+            return false;
+        }
+        let Some(rest) = rest.strip_prefix('_') else {
+            return false;
+        };
+        let named = |points: &[PointDef], point: &str| {
+            points.iter().any(|p| p.kind != Kind::Sf && p.name == point)
+        };
+        if named(model.points, rest) {
+            return true;
+        }
+        // `<n>_<point>` of a repeat, n from 1.
+        let (Some(repeat), Some((n, point))) = (model.repeat, rest.split_once('_')) else {
+            return false;
+        };
+        is_count_from(n, 1) && named(repeat.points, point)
+    })
+}
+
+/// Whether `digits` is a number of at least `first`, written without leading zeros (as
+/// point names count models and repeats).
+fn is_count_from(digits: &str, first: u16) -> bool {
+    !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && digits.parse::<u16>().is_ok_and(|n| n >= first)
+}
+
+/// A name for each point a SunSpec device can have, its first model's and first repeat's
+/// (`inverter_W`, `mppt_1_DCV`), for the suggestions of a configuration error.
+pub fn point_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for model in known_models() {
+        for def in model.points.iter().filter(|p| p.kind != Kind::Sf) {
+            names.push(format!("{}_{}", model.prefix, def.name));
+        }
+        for def in model.repeat.iter().flat_map(|r| r.points) {
+            names.push(format!("{}_1_{}", model.prefix, def.name));
+        }
+    }
+    names
+}
+
 /// The mapped models and their points, as `fieldmq profiles show sunspec` prints them.
 pub fn render_models() -> String {
     use std::fmt::Write as _;
@@ -976,6 +1031,43 @@ mod tests {
         assert_eq!(access(124, "ChaState"), Some(false));
         assert_eq!(access(124, "InWRte"), Some(true));
         assert_eq!(access(103, "W"), Some(false));
+    }
+
+    #[test]
+    fn point_names_are_recognised_as_discovery_would_name_them() {
+        for name in [
+            "inverter_W",
+            "common_SN",
+            "meter2_TotWhImp",
+            "mppt_1_DCV",
+            "mppt2_12_DCA",
+            "der_ctl_ac_WMaxLimPct",
+            "controls_WMaxLimPct",
+        ] {
+            assert!(is_point_name(name), "{name}");
+        }
+        for name in [
+            "inverter_W_SF",
+            "inverter_w",
+            "inverter",
+            "inverter_",
+            "inverter1_W",
+            "inverter02_W",
+            "meter0_W",
+            "mppt_0_DCV",
+            "mppt_01_DCV",
+            "mppt_DCV",
+            "mppt_1_",
+            "inverter_1_W",
+            "nosuch_W",
+            "wattmeter_W",
+            "ínverter_W",
+        ] {
+            assert!(!is_point_name(name), "{name}");
+        }
+        let names = point_names();
+        assert!(names.iter().all(|n| is_point_name(n)), "{names:?}");
+        assert!(names.contains(&"mppt_1_DCV".to_owned()));
     }
 
     #[test]
