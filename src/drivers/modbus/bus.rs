@@ -1801,10 +1801,9 @@ fn far_future() -> Instant {
 
 /// Turns `<point topic>/set` messages of one device into commands for its bus. A message
 /// that cannot be parsed, or names a read-only or unknown point, is answered here, without
-/// reaching the device.
-/// Sorts the write commands of device `device` and sends them to the bus. `points` are
-/// the device's configured points; a SunSpec device (`found_later`) finds more at run
-/// time, so a name it was not configured with goes to the bus, which knows them.
+/// reaching the device. `points` are the device's configured points; a SunSpec device
+/// (`found_later`) finds more at run time, so a name it was not configured with goes to
+/// the bus, which knows them.
 async fn forward_writes(
     context: DeviceContext,
     points: Vec<(String, bool)>,
