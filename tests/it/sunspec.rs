@@ -848,11 +848,12 @@ async fn home_assistant_discovery_follows_the_points_a_sunspec_device_finds() {
     running.stop().await;
 }
 
-/// An inverter with the immediate controls (model 123) after its common model:
-/// 40002 model 1 (66), 40070 model 123 (24), end at 40096. WMaxLimPct is register 40075
-/// (100.0 % with WMaxLimPct_SF = -1 at 40093), WMaxLim_Ena 40079, OutPFSet 40080 (0.95
-/// with OutPFSet_SF = -3 at 40094), VArWMaxPct 40085 (its VArPct_SF at 40095 is not
-/// implemented).
+/// An inverter with the immediate controls (model 123) and the DER AC controls (704)
+/// after its common model: 40002 model 1 (66), 40070 model 123 (24), 40096 model 704 (65),
+/// end at 40163. WMaxLimPct is register 40075 (100.0 % with WMaxLimPct_SF = -1 at 40093),
+/// WMaxLim_Ena 40079, OutPFSet 40080 (0.95 with OutPFSet_SF = -3 at 40094), VArWMaxPct
+/// 40085 (its VArPct_SF at 40095 is not implemented); 704's WSet (int32) is 40120-40121,
+/// with WSet_SF = 1 at 40151.
 fn inverter_with_controls() -> Shared {
     let mut map = HashMap::new();
     map.insert(40000, 0x5375);
@@ -877,6 +878,7 @@ fn inverter_with_controls() -> Shared {
             (23, 0x8000), // VArPct_SF: not implemented
         ],
     );
+    let next = model(&mut map, next, 704, 65, &[(53, 1)]); // WSet_SF = 1
     map.insert(next, 0xFFFF);
     map.insert(next + 1, 0);
     shared(map)
@@ -893,6 +895,7 @@ async fn sunspec_controls_made_writable_are_written_through_their_scale_factor()
            { name = \"controls_WMaxLim_Ena\", writable = true },\n\
            { name = \"controls_VArWMaxPct\", writable = true },\n\
            { name = \"common_Mn\", writable = true },\n\
+           { name = \"der_ctl_ac_WSet\", writable = true },\n\
          ]",
     )
     .await;
@@ -996,6 +999,33 @@ async fn sunspec_controls_made_writable_are_written_through_their_scale_factor()
             "common_Mn untouched"
         );
         assert_eq!(device.writes.len(), 4, "{:?}", device.writes);
+    }
+    // A 32-bit control is one FC16 of both registers: -2500 W with WSet_SF = 1 is -250.
+    wait_for(&mut gw, "gw/inv/der_ctl_ac_WSet", |v| *v == 0.0).await;
+    gw.publish("gw/inv/der_ctl_ac_WSet/set", "-2500").await;
+    let result = gw.next_on("gw/inv/der_ctl_ac_WSet/set/result").await;
+    assert_eq!(result, serde_json::json!({"status": "ok", "value": -2500.0}));
+    // i32::MIN × 10 would be 0x8000 0x0000, "not implemented" for an int32.
+    gw.publish("gw/inv/der_ctl_ac_WSet/set", "-21474836480")
+        .await;
+    let result = gw.next_on("gw/inv/der_ctl_ac_WSet/set/result").await;
+    assert_eq!(result["status"], "error", "{result}");
+    assert!(
+        result["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("0x8000 0x0000"),
+        "{result}"
+    );
+    {
+        let device = state.lock().unwrap();
+        assert_eq!(
+            device.writes.last(),
+            Some(&(40120, vec![0xFFFF, 0xFF06])),
+            "{:?}",
+            device.writes
+        );
+        assert_eq!(device.writes.len(), 5, "{:?}", device.writes);
     }
     // The next poll publishes what the device now holds.
     wait_for(&mut gw, "gw/inv/controls_WMaxLimPct", |v| *v == 80.0).await;

@@ -1533,9 +1533,11 @@ impl Device {
         if let (codec::Encoded::Registers(words), Some(reserved)) =
             (&encoded, sunspec::reserved(source.kind))
         {
-            if words.as_slice() == [reserved] {
+            if words.as_slice() == reserved {
+                let hex: Vec<String> = reserved.iter().map(|w| format!("{w:#06X}")).collect();
                 return Err(format!(
-                    "{value} would be register value {reserved:#06X}, which SunSpec reserves for \"not implemented\""
+                    "{value} would be register value {}, which SunSpec reserves for \"not implemented\"",
+                    hex.join(" ")
                 ));
             }
         }

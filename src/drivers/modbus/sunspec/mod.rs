@@ -720,13 +720,17 @@ pub fn scale_factor(word: u16) -> Result<i16, PointError> {
     Ok(sf)
 }
 
-/// The register value SunSpec reserves for "not implemented" in a one-register point of
-/// `kind`: a write never sets it.
-pub fn reserved(kind: Kind) -> Option<u16> {
+/// The registers SunSpec reserves for "not implemented" in a point of `kind`: a write
+/// never sets them. `None` for the kinds a write cannot hold them in (float NaN is
+/// refused as not finite; text; accumulators, which are never written).
+pub fn reserved(kind: Kind) -> Option<&'static [u16]> {
     match kind {
-        Kind::U16 | Kind::Enum16 | Kind::Bits16 => Some(0xFFFF),
-        Kind::I16 | Kind::Sf => Some(0x8000),
-        _ => None,
+        Kind::U16 | Kind::Enum16 | Kind::Bits16 => Some(&[0xFFFF]),
+        Kind::I16 | Kind::Sf => Some(&[0x8000]),
+        Kind::U32 | Kind::Bits32 => Some(&[0xFFFF, 0xFFFF]),
+        Kind::I32 => Some(&[0x8000, 0x0000]),
+        Kind::U64 => Some(&[0xFFFF; 4]),
+        Kind::Acc32 | Kind::Acc64 | Kind::F32 | Kind::Str(_) => None,
     }
 }
 
@@ -1003,9 +1007,9 @@ mod tests {
                 .chain(model.repeat.iter().flat_map(|r| r.points))
             {
                 if def.read_write {
-                    // A write is one register, and never the "not implemented" value.
+                    // Settings and controls only, never the "not implemented" value.
                     assert!(
-                        [121, 123, 124].contains(&model.id),
+                        [121, 123, 124].contains(&model.id) || (702..=715).contains(&model.id),
                         "model {} {}",
                         model.id,
                         def.name
@@ -1031,6 +1035,11 @@ mod tests {
         assert_eq!(access(124, "ChaState"), Some(false));
         assert_eq!(access(124, "InWRte"), Some(true));
         assert_eq!(access(103, "W"), Some(false));
+        assert_eq!(access(704, "WSet"), Some(true));
+        assert_eq!(access(704, "WSetRvrtRem"), Some(false));
+        assert_eq!(access(701, "W"), Some(false));
+        let droop = model(711).and_then(|m| m.repeat).expect("711 repeats");
+        assert!(droop.points.iter().any(|p| p.name == "KOf" && p.read_write));
     }
 
     #[test]
