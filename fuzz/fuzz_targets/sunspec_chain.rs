@@ -1,12 +1,14 @@
 //! SunSpec discovery and decoding on registers taken from the input: the model chain in a
 //! register image (`walk_image`), the chain walker fed arbitrary headers, and every mapped
 //! point of the models found decoded from the image. Discovery must end with models or an
-//! error, never a panic or an endless walk.
+//! error, never a panic or an endless walk; every point name it gives is one the
+//! configuration check accepts for a SunSpec device, and an arbitrary name never panics it.
 #![no_main]
 
 use fieldmq::model::Value;
 use fieldmq::drivers::modbus::sunspec::{
-    blocks, chunks, decode, walk_image, Walk, MARKER, MAX_MODELS,
+    blocks, chunks, decode, decode_with_scale, is_point_name, walk_image, Walk, MARKER,
+    MAX_MODELS,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -14,6 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
+    // The input as a point name, as a Modbus server map entry gives it.
+    let _ = is_point_name(&String::from_utf8_lossy(rest));
     let words: Vec<u16> = rest
         .chunks_exact(2)
         .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
@@ -73,7 +77,12 @@ fuzz_target!(|data: &[u8]| {
         let registers = image.get(from.min(end)..end).unwrap_or_default();
         for (point, source) in &block.points {
             assert_eq!(point.address, source.address);
+            assert!(is_point_name(&point.name), "{}", point.name);
             if let Ok(Value::Float(x)) = decode(source, registers, start) {
+                assert!(x.is_finite() || source.sf_address.is_none());
+            }
+            let sf = i16::from(selector as i8) % 11;
+            if let Ok(Value::Float(x)) = decode_with_scale(source, registers, start, Some(sf)) {
                 assert!(x.is_finite() || source.sf_address.is_none());
             }
         }
