@@ -1004,7 +1004,10 @@ async fn sunspec_controls_made_writable_are_written_through_their_scale_factor()
     wait_for(&mut gw, "gw/inv/der_ctl_ac_WSet", |v| *v == 0.0).await;
     gw.publish("gw/inv/der_ctl_ac_WSet/set", "-2500").await;
     let result = gw.next_on("gw/inv/der_ctl_ac_WSet/set/result").await;
-    assert_eq!(result, serde_json::json!({"status": "ok", "value": -2500.0}));
+    assert_eq!(
+        result,
+        serde_json::json!({"status": "ok", "value": -2500.0})
+    );
     // i32::MIN × 10 would be 0x8000 0x0000, "not implemented" for an int32.
     gw.publish("gw/inv/der_ctl_ac_WSet/set", "-21474836480")
         .await;
