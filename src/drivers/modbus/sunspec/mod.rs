@@ -720,9 +720,9 @@ pub fn scale_factor(word: u16) -> Result<i16, PointError> {
     Ok(sf)
 }
 
-/// The registers SunSpec reserves for "not implemented" in a point of `kind`: a write
-/// never sets them. `None` for the kinds a write cannot hold them in (float NaN is
-/// refused as not finite; text; accumulators, which are never written).
+/// The registers SunSpec reserves for "not implemented" in a point of `kind`: decoding
+/// reports them as such, and a write never sets them. `None` for the kinds that mark it
+/// otherwise (float NaN, accumulator 0) or not at all (text).
 pub fn reserved(kind: Kind) -> Option<&'static [u16]> {
     match kind {
         Kind::U16 | Kind::Enum16 | Kind::Bits16 => Some(&[0xFFFF]),
@@ -776,13 +776,9 @@ fn decode_raw(source: &Source, words: &[u16], start: u16) -> Result<Raw, PointEr
             }
             return Ok(Raw::Value(Value::Float(super::codec::f32_to_f64(x))));
         }
-        Kind::U16 | Kind::Enum16 | Kind::Bits16 if wide == 0xFFFF => {
+        kind if reserved(kind).is_some_and(|r| registers == r) => {
             return Err(PointError::NotImplemented)
         }
-        Kind::I16 | Kind::Sf if wide == 0x8000 => return Err(PointError::NotImplemented),
-        Kind::U32 | Kind::Bits32 if wide == 0xFFFF_FFFF => return Err(PointError::NotImplemented),
-        Kind::I32 if wide == 0x8000_0000 => return Err(PointError::NotImplemented),
-        Kind::U64 if wide == u64::MAX => return Err(PointError::NotImplemented),
         Kind::Acc32 | Kind::Acc64 if wide == 0 => return Err(PointError::NotImplemented),
         Kind::I16 | Kind::Sf => i128::from(wide as u16 as i16),
         Kind::I32 => i128::from(wide as u32 as i32),
